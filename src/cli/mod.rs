@@ -1,0 +1,124 @@
+//! The command line: parse, run the command on this thread, report errors as one line.
+//!
+//! Exit codes: 0 success, 2 invalid input or usage (bad image, bad model folder, bad
+//! arguments), 1 any other failure. Errors are one line on stderr starting with `error:`.
+
+mod args;
+mod commands;
+mod recipe;
+
+use std::panic::{self, AssertUnwindSafe};
+
+use clap::Parser;
+use clap::error::ErrorKind;
+
+pub use args::{Cli, Command};
+pub use recipe::Recipe;
+
+use crate::engine::EngineError;
+use crate::imaging::ImagingError;
+use crate::model_files::ModelFilesError;
+
+/// A mistake in how the program was called (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_FAILURE: i32 = 1;
+pub const EXIT_INVALID_INPUT: i32 = 2;
+
+/// Runs the program with the process's arguments and returns its exit code.
+pub fn main_with_exit_code() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return report_clap_error(error),
+    };
+    // A panic is a bug, but the user still gets one line, not a backtrace.
+    panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        let location = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        eprintln!("error: internal error ({message}{location}); please report this");
+    }));
+    match panic::catch_unwind(AssertUnwindSafe(|| run(&cli))) {
+        Ok(Ok(())) => EXIT_OK,
+        Ok(Err(error)) => {
+            eprintln!("error: {}", one_line(&error));
+            exit_code(&error)
+        }
+        Err(_) => EXIT_FAILURE,
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Generate(args) => commands::generate(&cli.global, args),
+        Command::Edit(args) => commands::edit(&cli.global, args),
+    }
+}
+
+/// clap's multi-line usage errors become one `error:` line; help and version print as usual.
+fn report_clap_error(error: clap::Error) -> i32 {
+    match error.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = error.print();
+            if error.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                EXIT_INVALID_INPUT
+            } else {
+                EXIT_OK
+            }
+        }
+        _ => {
+            let rendered = error.render().to_string();
+            let first = rendered
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ")
+                .to_string();
+            eprintln!("error: {first} (see `unitune --help`)");
+            EXIT_INVALID_INPUT
+        }
+    }
+}
+
+/// The error and its causes on one line, without repeating a cause already quoted.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace(['\n', '\r'], " ")
+}
+
+/// 2 when any error in the chain blames the input, else 1.
+pub fn exit_code(error: &anyhow::Error) -> i32 {
+    let invalid = error.chain().any(|cause| {
+        if cause.is::<UsageError>() {
+            return true;
+        }
+        if let Some(e) = cause.downcast_ref::<EngineError>() {
+            return e.is_invalid_input();
+        }
+        if let Some(e) = cause.downcast_ref::<ImagingError>() {
+            return e.is_invalid_input();
+        }
+        if let Some(e) = cause.downcast_ref::<ModelFilesError>() {
+            return e.is_invalid_input();
+        }
+        false
+    });
+    if invalid { EXIT_INVALID_INPUT } else { EXIT_FAILURE }
+}

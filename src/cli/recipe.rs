@@ -1,0 +1,70 @@
+//! The recipe written into every exported image: everything needed to make it again.
+//!
+//! Two text chunks: `unitune` holds the full recipe as JSON; `parameters` holds the same in
+//! AUTOMATIC1111's format, which most image tools (and the A1111/InvokeAI UIs) display.
+
+use serde::Serialize;
+
+use crate::build_info;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Recipe {
+    pub mode: &'static str,
+    pub prompt: String,
+    /// The prompt guidance pushes away from ("" = classifier-free guidance).
+    pub baseline_prompt: String,
+    pub seed: u64,
+    pub sampling_steps: usize,
+    pub sampler: &'static str,
+    pub guidance_weight: f64,
+    /// SDEdit start; absent for text-to-image.
+    pub t0: Option<f64>,
+    pub tune_steps: usize,
+    pub width: u32,
+    pub height: u32,
+    pub working_width: u32,
+    pub working_height: u32,
+    pub model: String,
+    pub prediction_type: &'static str,
+    pub source_image: Option<String>,
+    pub program: String,
+    pub revision: &'static str,
+}
+
+impl Recipe {
+    pub fn text_chunks(&self) -> Vec<(String, String)> {
+        let json = serde_json::to_string(self).unwrap_or_default();
+        vec![
+            ("unitune".to_string(), json),
+            ("parameters".to_string(), self.a1111_parameters()),
+        ]
+    }
+
+    /// `prompt\nNegative prompt: ...\nSteps: ..., Sampler: ..., ...` as A1111 writes it.
+    fn a1111_parameters(&self) -> String {
+        let mut fields = vec![
+            format!("Steps: {}", self.sampling_steps),
+            format!("Sampler: {}", self.sampler),
+            format!("CFG scale: {}", self.guidance_weight),
+            format!("Seed: {}", self.seed),
+            format!("Size: {}x{}", self.width, self.height),
+            format!("Model: {}", self.model.replace(',', " ")),
+        ];
+        if let Some(t0) = self.t0 {
+            fields.push(format!("Denoising strength: {t0}"));
+        }
+        fields.push(format!("UniTune fine-tuning steps: {}", self.tune_steps));
+        fields.push(format!("Version: {}", build_info::describe().replace(',', "")));
+        let mut text = self.prompt.clone();
+        if !self.baseline_prompt.is_empty() {
+            text.push_str(&format!("\nNegative prompt: {}", self.baseline_prompt));
+        }
+        text.push('\n');
+        text.push_str(&fields.join(", "));
+        text
+    }
+}
+
+pub fn program() -> String {
+    build_info::describe()
+}

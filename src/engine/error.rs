@@ -1,0 +1,70 @@
+//! The engine's errors: each says in one sentence what went wrong and what to do.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A `config.json` field the engine does not understand or cannot support.
+    #[error("{file}: field `{field}` {problem}")]
+    Config {
+        file: PathBuf,
+        field: String,
+        problem: String,
+    },
+
+    /// A config file that is not valid JSON or lacks a required field.
+    #[error("{file} could not be read as a model config ({reason}); the model folder may be damaged, download it again")]
+    ConfigUnreadable { file: PathBuf, reason: String },
+
+    /// Weights that are missing, truncated or do not match the config.
+    #[error("the {component} weights in {file} are damaged or do not match its config.json ({reason}); download the model again")]
+    Weights {
+        component: &'static str,
+        file: PathBuf,
+        reason: String,
+    },
+
+    #[error("the tokenizer files in {folder} could not be loaded ({reason}); download the model again")]
+    Tokenizer { folder: PathBuf, reason: String },
+
+    /// Something the caller asked for that cannot be done, e.g. 0 sampling steps.
+    #[error("{0}")]
+    InvalidRequest(String),
+
+    /// The requested device is not available in this build or on this machine.
+    #[error("{0}")]
+    Device(String),
+
+    /// The step observer asked to stop.
+    #[error("cancelled")]
+    Cancelled,
+
+    /// A tensor operation failed inside candle.
+    #[error("the model computation failed: {0}")]
+    Compute(#[from] candle_core::Error),
+}
+
+impl EngineError {
+    /// True when the user's input (model folder, arguments) is at fault, not the machine.
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(
+            self,
+            EngineError::Config { .. }
+                | EngineError::ConfigUnreadable { .. }
+                | EngineError::Weights { .. }
+                | EngineError::Tokenizer { .. }
+                | EngineError::InvalidRequest(_)
+                | EngineError::Device(_)
+        )
+    }
+
+    pub(crate) fn config(file: &std::path::Path, field: &str, problem: impl Into<String>) -> Self {
+        EngineError::Config {
+            file: file.to_path_buf(),
+            field: field.to_string(),
+            problem: problem.into(),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;

@@ -1,0 +1,21 @@
+//! The diffusion engine: candle only. Model configs and loading, the project's own
+//! differentiable UNet, the VAE and text encoder, the noise schedule and sampling.
+//! No threads, no channels, no GUI types.
+
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod layers;
+pub mod model;
+pub mod noise;
+pub mod sampling;
+pub mod scheduler;
+pub mod text_encoder;
+pub mod tokenizer;
+pub mod training;
+pub mod transformer;
+pub mod unet;
+pub mod vae;
+
+pub use error::{EngineError, Result};
+pub use model::StableDiffusion;

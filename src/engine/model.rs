@@ -1,0 +1,176 @@
+//! A whole Stable Diffusion pipeline loaded from a diffusers folder: configs, tokenizer, text
+//! encoder, UNet, VAE and noise schedule, plus the conversions between photos and latents.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use image::RgbImage;
+
+use super::config::{PipelineConfig, SchedulerConfig, TextEncoderConfig, UnetConfig, VaeConfig};
+use super::error::{EngineError, Result};
+use super::noise::NoiseSource;
+use super::scheduler::DdimScheduler;
+use super::text_encoder::TextEncoder;
+use super::tokenizer::{ClipTokenizer, TokenizedPrompt, TokenizerFiles};
+use super::unet::UNet;
+use super::vae::Vae;
+use crate::model_files::ModelFiles;
+
+pub struct StableDiffusion {
+    pub config: PipelineConfig,
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: TextEncoder,
+    pub unet: UNet,
+    pub vae: Vae,
+    pub scheduler: DdimScheduler,
+    device: Device,
+    dtype: DType,
+}
+
+/// A prompt's text-encoder output `[1, 77, hidden]` and how it was tokenized.
+pub struct EncodedPrompt {
+    pub embedding: Tensor,
+    pub tokens: TokenizedPrompt,
+}
+
+/// Memory-maps one safetensors file; `dtype` converts on load (fp16 files become f32 on CPU).
+fn open_weights<'a>(component: &'static str, file: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'a>> {
+    // SAFETY: the file is mapped read-only and is not modified while the model lives; a model
+    // folder being rewritten underneath a running program is outside what we can defend.
+    unsafe { VarBuilder::from_mmaped_safetensors(&[file], dtype, device) }.map_err(|e| EngineError::Weights {
+        component,
+        file: file.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+fn weights_error<'a>(component: &'static str, file: &'a Path) -> impl Fn(candle_core::Error) -> EngineError + 'a {
+    move |e| EngineError::Weights {
+        component,
+        file: file.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+impl StableDiffusion {
+    /// Loads every component; `dtype` is the compute precision (F32 on the CPU).
+    pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Self> {
+        let config = PipelineConfig {
+            unet: UnetConfig::load(&files.unet_config)?,
+            vae: VaeConfig::load(&files.vae_config)?,
+            text_encoder: TextEncoderConfig::load(&files.text_encoder_config)?,
+            scheduler: SchedulerConfig::load(&files.scheduler_config)?,
+        };
+        if config.unet.cross_attention_dim != config.text_encoder.hidden_size {
+            return Err(EngineError::config(
+                &files.unet_config,
+                "cross_attention_dim",
+                format!(
+                    "({}) does not match the text encoder's hidden_size ({})",
+                    config.unet.cross_attention_dim, config.text_encoder.hidden_size
+                ),
+            ));
+        }
+        let special: Vec<&Path> = [&files.special_tokens_map, &files.tokenizer_config]
+            .into_iter()
+            .flatten()
+            .map(|p| p.as_path())
+            .collect();
+        let tokenizer = ClipTokenizer::load(
+            &TokenizerFiles {
+                vocab: &files.tokenizer_vocab,
+                merges: &files.tokenizer_merges,
+                special_tokens: &special,
+            },
+            config.text_encoder.max_position_embeddings,
+        )?;
+
+        let text_vb = open_weights("text encoder", &files.text_encoder_weights, dtype, device)?;
+        let text_encoder = TextEncoder::new(&config.text_encoder, text_vb)
+            .map_err(weights_error("text encoder", &files.text_encoder_weights))?;
+        let unet_vb = open_weights("UNet", &files.unet_weights, dtype, device)?;
+        let unet = UNet::new(&config.unet, unet_vb).map_err(weights_error("UNet", &files.unet_weights))?;
+        let vae_vb = open_weights("VAE", &files.vae_weights, dtype, device)?;
+        let vae = Vae::new(&config.vae, vae_vb).map_err(weights_error("VAE", &files.vae_weights))?;
+        let scheduler = DdimScheduler::new(&config.scheduler);
+        Ok(Self {
+            config,
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The latent shape `(channels, h, w)` for an image of `width` x `height` pixels.
+    pub fn latent_dims(&self, width: usize, height: usize) -> Result<(usize, usize, usize)> {
+        let multiple = self.config.pixel_multiple();
+        if width == 0 || height == 0 || width % multiple != 0 || height % multiple != 0 {
+            return Err(EngineError::InvalidRequest(format!(
+                "image size {width}x{height} must be a non-zero multiple of {multiple} pixels for this model"
+            )));
+        }
+        let factor = self.config.vae.downscale_factor();
+        Ok((self.config.vae.latent_channels, height / factor, width / factor))
+    }
+
+    /// Tokenizes and encodes one prompt.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<EncodedPrompt> {
+        let tokens = self.tokenizer.encode(prompt)?;
+        let ids = Tensor::new(tokens.ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        let embedding = self.text_encoder.forward(&ids)?;
+        Ok(EncodedPrompt { embedding, tokens })
+    }
+
+    /// A photo as a `[1, 3, H, W]` tensor in [-1, 1].
+    pub fn image_to_tensor(&self, image: &RgbImage) -> Result<Tensor> {
+        let (w, h) = (image.width() as usize, image.height() as usize);
+        let data: Vec<f32> = image.as_raw().iter().map(|&v| v as f32 / 127.5 - 1.0).collect();
+        Ok(Tensor::from_vec(data, (h, w, 3), &Device::Cpu)?
+            .permute((2, 0, 1))?
+            .unsqueeze(0)?
+            .to_device(&self.device)?
+            .to_dtype(self.dtype)?)
+    }
+
+    /// A `[1, 3, H, W]` tensor in about [-1, 1] back to 8-bit pixels, rounded as diffusers does.
+    pub fn tensor_to_image(&self, tensor: &Tensor) -> Result<RgbImage> {
+        let (_, _, h, w) = tensor.dims4()?;
+        let pixels = ((tensor.to_dtype(DType::F32)?.to_device(&Device::Cpu)? / 2.0)? + 0.5)?
+            .clamp(0f32, 1f32)?
+            .squeeze(0)?
+            .permute((1, 2, 0))?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let bytes = pixels.iter().map(|v| (v * 255.0).round() as u8).collect();
+        RgbImage::from_raw(w as u32, h as u32, bytes)
+            .ok_or_else(|| EngineError::InvalidRequest("decoded image has an unexpected size".into()))
+    }
+
+    /// Encodes a photo into scaled latents, sampling the latent distribution with `noise`.
+    pub fn encode_image(&self, image: &RgbImage, noise: &mut NoiseSource) -> Result<Tensor> {
+        let distribution = self.vae.encode(&self.image_to_tensor(image)?)?;
+        let sample_noise = noise
+            .normal(distribution.mean.shape(), &self.device)?
+            .to_dtype(distribution.mean.dtype())?;
+        Ok((distribution.sample(&sample_noise)? * self.config.vae.scaling_factor)?)
+    }
+
+    /// Decodes scaled latents `[1, c, h, w]` into a photo.
+    pub fn decode_latents(&self, latents: &Tensor) -> Result<RgbImage> {
+        let decoded = self.vae.decode(&(latents / self.config.vae.scaling_factor)?)?;
+        self.tensor_to_image(&decoded)
+    }
+}

@@ -1,0 +1,221 @@
+//! Sampling an image: classifier-free (or prompt) guidance, an optional SDEdit start from the
+//! noised photo, DDIM steps, and one observer that sees each step and may stop the loop.
+//!
+//! The stages read in order: check the request, encode the prompts, set the timesteps,
+//! prepare the latents, denoise, decode.
+
+use std::ops::ControlFlow;
+
+use candle_core::Tensor;
+use image::RgbImage;
+
+use super::error::{EngineError, Result};
+use super::model::StableDiffusion;
+use super::noise::NoiseSource;
+
+/// Where sampling starts.
+#[derive(Debug, Clone, Copy)]
+pub enum Start<'a> {
+    /// Pure noise at the top of the schedule (text-to-image).
+    Noise { width: usize, height: usize },
+    /// SDEdit: the photo (already at the working size), noised to `t0_fraction` of the
+    /// schedule. 0 returns the photo through the VAE, 1 is the same as starting from noise.
+    Photo { image: &'a RgbImage, t0_fraction: f64 },
+}
+
+#[derive(Debug, Clone)]
+pub struct SampleRequest<'a> {
+    pub prompt: &'a str,
+    /// What guidance pushes away from: the empty prompt for classifier-free guidance, or a
+    /// description of the photo for the paper's prompt guidance.
+    pub baseline_prompt: &'a str,
+    /// 1 disables guidance (one model call per step); the paper uses up to 32.
+    pub guidance_weight: f64,
+    pub sampling_steps: usize,
+    pub seed: u64,
+    pub start: Start<'a>,
+}
+
+/// What the observer sees after each denoising step.
+pub struct StepView<'a> {
+    /// 1-based index of the step just finished.
+    pub step: usize,
+    pub total_steps: usize,
+    pub timestep: usize,
+    /// The latents after this step.
+    pub latents: &'a Tensor,
+    /// The model's current guess of the final latents (the better preview).
+    pub predicted_x0: &'a Tensor,
+}
+
+/// Sees every step; returning `Break` stops sampling with [`EngineError::Cancelled`].
+pub trait StepObserver {
+    fn observe(&mut self, view: &StepView) -> ControlFlow<()>;
+}
+
+impl<F: FnMut(&StepView) -> ControlFlow<()>> StepObserver for F {
+    fn observe(&mut self, view: &StepView) -> ControlFlow<()> {
+        self(view)
+    }
+}
+
+/// An observer that never stops anything.
+pub fn no_observer() -> impl StepObserver {
+    |_: &StepView| ControlFlow::Continue(())
+}
+
+#[derive(Debug)]
+pub struct SampleOutput {
+    pub image: RgbImage,
+    pub latents: Tensor,
+    /// The timesteps actually run (empty when t0 = 0).
+    pub timesteps: Vec<usize>,
+    pub prompt_tokens_dropped: usize,
+}
+
+/// The text conditioning for every step: the prompt, and the baseline it is guided away from.
+pub struct Guidance {
+    /// `[baseline; prompt]` when guiding, just `[prompt]` when the weight is 1.
+    context: Tensor,
+    weight: f64,
+    /// How many prompt tokens did not fit the text encoder.
+    pub prompt_tokens_dropped: usize,
+}
+
+impl Guidance {
+    /// Encodes the prompt (and the baseline, unless the weight is exactly 1).
+    pub fn new(model: &StableDiffusion, prompt: &str, baseline_prompt: &str, weight: f64) -> Result<Self> {
+        if !weight.is_finite() || weight < 0.0 {
+            return Err(EngineError::InvalidRequest(format!(
+                "guidance weight must be a number of at least 0, got {weight}"
+            )));
+        }
+        let encoded = model.encode_prompt(prompt)?;
+        let context = if weight != 1.0 {
+            let baseline = model.encode_prompt(baseline_prompt)?;
+            Tensor::cat(&[&baseline.embedding, &encoded.embedding], 0)?
+        } else {
+            encoded.embedding
+        };
+        Ok(Self {
+            context,
+            weight,
+            prompt_tokens_dropped: encoded.tokens.dropped_tokens,
+        })
+    }
+
+    fn guided(&self) -> bool {
+        self.weight != 1.0
+    }
+
+    /// The guided model output at one timestep: `eps_base + w * (eps_prompt - eps_base)`.
+    pub fn predict(&self, model: &StableDiffusion, latents: &Tensor, timestep: usize) -> Result<Tensor> {
+        let device = model.device();
+        if !self.guided() {
+            let t = Tensor::new(&[timestep as f32], device)?;
+            return Ok(model.unet.forward(latents, &t, &self.context)?);
+        }
+        // One UNet call on a batch of two, as diffusers does.
+        let input = Tensor::cat(&[latents, latents], 0)?;
+        let t = Tensor::new(&[timestep as f32, timestep as f32], device)?;
+        let both = model.unet.forward(&input, &t, &self.context)?;
+        let baseline = both.narrow(0, 0, 1)?;
+        let prompted = both.narrow(0, 1, 1)?;
+        Ok((&baseline + ((prompted - &baseline)? * self.weight)?)?)
+    }
+}
+
+/// Runs DDIM over `timesteps` (a tail of a `steps`-step schedule) from `latents`.
+pub fn denoise(
+    model: &StableDiffusion,
+    mut latents: Tensor,
+    timesteps: &[usize],
+    steps: usize,
+    guidance: &Guidance,
+    observer: &mut dyn StepObserver,
+) -> Result<Tensor> {
+    let total_steps = timesteps.len();
+    for (index, &timestep) in timesteps.iter().enumerate() {
+        let model_output = guidance.predict(model, &latents, timestep)?;
+        let out = model.scheduler.step(&model_output, timestep, &latents, steps)?;
+        latents = out.prev_sample;
+        let view = StepView {
+            step: index + 1,
+            total_steps,
+            timestep,
+            latents: &latents,
+            predicted_x0: &out.predicted_x0,
+        };
+        if observer.observe(&view).is_break() {
+            return Err(EngineError::Cancelled);
+        }
+    }
+    Ok(latents)
+}
+
+/// Samples one image. Noise is drawn from the request's seed in a fixed order: the photo's
+/// latent sample first (SDEdit only), then the starting noise.
+pub fn sample(model: &StableDiffusion, request: &SampleRequest, observer: &mut dyn StepObserver) -> Result<SampleOutput> {
+    // 1. Check the request.
+    if request.prompt.trim().is_empty() {
+        return Err(EngineError::InvalidRequest(
+            "the prompt is empty; describe what the image should show".into(),
+        ));
+    }
+    let (width, height) = match request.start {
+        Start::Noise { width, height } => (width, height),
+        Start::Photo { image, t0_fraction } => {
+            if !(0.0..=1.0).contains(&t0_fraction) {
+                return Err(EngineError::InvalidRequest(format!(
+                    "t0 must be between 0 and 1, got {t0_fraction}"
+                )));
+            }
+            (image.width() as usize, image.height() as usize)
+        }
+    };
+    let (channels, latent_h, latent_w) = model.latent_dims(width, height)?;
+    let shape = (1, channels, latent_h, latent_w);
+    let device = model.device();
+    let dtype = model.dtype();
+    let mut noise = NoiseSource::from_seed(request.seed);
+
+    // 2. Encode the prompts.
+    let guidance = Guidance::new(
+        model,
+        request.prompt,
+        request.baseline_prompt,
+        request.guidance_weight,
+    )?;
+
+    // 3. Set the timesteps; 4. prepare the starting latents.
+    let steps = request.sampling_steps;
+    let (timesteps, latents) = match request.start {
+        Start::Photo { image, t0_fraction } if t0_fraction < 1.0 => {
+            let timesteps = model.scheduler.sdedit_timesteps(steps, t0_fraction)?;
+            let photo_latents = model.encode_image(image, &mut noise)?;
+            let latents = match timesteps.first() {
+                Some(&t_start) => {
+                    let start_noise = noise.normal(shape, device)?.to_dtype(dtype)?;
+                    model.scheduler.add_noise(&photo_latents, &start_noise, &[t_start])?
+                }
+                None => photo_latents,
+            };
+            (timesteps, latents)
+        }
+        _ => {
+            let timesteps = model.scheduler.timesteps(steps)?;
+            // DDIM's initial noise sigma is 1: the noise is used as it is.
+            (timesteps, noise.normal(shape, device)?.to_dtype(dtype)?)
+        }
+    };
+
+    // 5. Denoise; 6. decode.
+    let latents = denoise(model, latents, &timesteps, steps, &guidance, observer)?;
+    let image = model.decode_latents(&latents)?;
+    Ok(SampleOutput {
+        image,
+        latents,
+        timesteps,
+        prompt_tokens_dropped: guidance.prompt_tokens_dropped,
+    })
+}

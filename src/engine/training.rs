@@ -1,0 +1,33 @@
+//! The fine-tuning objective: the denoising loss of the model's own prediction type.
+
+use candle_core::Tensor;
+
+use super::error::Result;
+use super::scheduler::DdimScheduler;
+use super::unet::UNet;
+
+/// Mean squared error between the UNet's prediction for `latents` noised to `timesteps`
+/// (one per batch element) and what it should predict (noise, velocity or sample).
+///
+/// `conditioning` holds extra input channels appended after the noisy latents, for UNets
+/// with more than 4 inputs (in-painting: mask + masked-image latents).
+pub fn denoising_loss(
+    unet: &UNet,
+    scheduler: &DdimScheduler,
+    latents: &Tensor,
+    noise: &Tensor,
+    timesteps: &[usize],
+    context: &Tensor,
+    conditioning: Option<&Tensor>,
+) -> Result<Tensor> {
+    let noisy = scheduler.add_noise(latents, noise, timesteps)?;
+    let noisy = match conditioning {
+        Some(extra) => Tensor::cat(&[&noisy, extra], 1)?,
+        None => noisy,
+    };
+    let target = scheduler.training_target(latents, noise, timesteps)?;
+    let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
+    let t = Tensor::new(t.as_slice(), latents.device())?;
+    let prediction = unet.forward(&noisy, &t, context)?;
+    Ok((prediction - target)?.sqr()?.mean_all()?)
+}

@@ -1,0 +1,25 @@
+//! Imaging: everything between a file on disk and the model's pixels.
+//!
+//! - [`load_photo`] / [`load_photo_from_bytes`]: decode PNG, JPEG, WebP or GIF (found from the
+//!   content) within [`DecodeLimits`], apply EXIF orientation, and give 8-bit RGB composited
+//!   over white with the alpha kept aside ([`Photo`]).
+//! - [`working_size`], [`parse_size`], [`resize_rgb`]: fit a photo to the model's resolution
+//!   (multiples of 64, aspect kept) and bring results back to the photo's own size.
+//! - [`load_mask`]: an in-painting mask as luminance, at the photo's size.
+//! - [`export_image`], [`next_free_path`], [`read_png_text`]: atomic export as PNG (with text
+//!   metadata), JPEG or WebP, and reading the metadata back.
+//!
+//! Errors are [`ImagingError`]: one sentence naming the file and saying what to do.
+//! This module knows nothing of the engine, the jobs or the GUI.
+
+mod decode;
+mod error;
+mod export;
+mod mask;
+mod size;
+
+pub use decode::{DecodeLimits, Photo, SourceFormat, load_photo, load_photo_from_bytes};
+pub use error::ImagingError;
+pub use export::{ExistingFile, JPEG_QUALITY, export_image, next_free_path, read_png_text};
+pub use mask::load_mask;
+pub use size::{SIZE_STEP, parse_size, resize_gray, resize_rgb, working_size};

@@ -1,0 +1,13 @@
+//! unitune: edit a photo by typing what it should become.
+//!
+//! Layers, each pointing only downwards:
+//! - [`cli`]: the command line (the GUI will sit beside it).
+//! - [`engine`]: candle only: the models, the noise schedule, sampling.
+//! - [`model_files`]: where a model's files come from (local folder, Hugging Face cache, download).
+//! - [`imaging`]: decoding with limits, fitting to the model's resolution, atomic export.
+
+pub mod build_info;
+pub mod cli;
+pub mod engine;
+pub mod imaging;
+pub mod model_files;

@@ -1,0 +1,3 @@
+fn main() {
+    std::process::exit(unitune::cli::main_with_exit_code());
+}

@@ -1,0 +1,184 @@
+//! The one error type of this module: each variant reads as a sentence that says what went
+//! wrong and what to do.
+
+use std::path::PathBuf;
+
+use super::layout::required_files;
+use super::spec::DEFAULT_MODEL;
+
+/// Why a model's files could not be found, checked or downloaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelFilesError {
+    /// The `--model` argument is neither an existing path nor a hub id.
+    #[error(
+        "'{arg}' is not a usable model: {reason}. Pass a folder holding a diffusers model (an \
+         absolute path, or one starting with ./, ../ or ~/), or a Hugging Face id of the form \
+         owner/name or owner/name@revision, such as {DEFAULT_MODEL}."
+    )]
+    InvalidModelArg { arg: String, reason: String },
+
+    /// A path was given that does not exist.
+    #[error(
+        "the model folder {} does not exist. Pass a folder holding a diffusers model (with \
+         unet/, vae/, text_encoder/, tokenizer/ and scheduler/), or a Hugging Face id such as \
+         {DEFAULT_MODEL}.",
+        path.display()
+    )]
+    FolderNotFound { path: PathBuf },
+
+    /// A path was given that is a file, but not a checkpoint file.
+    #[error(
+        "{} is a file, not a model folder. Pass the folder that holds unet/, vae/, \
+         text_encoder/, tokenizer/ and scheduler/.",
+        path.display()
+    )]
+    NotAFolder { path: PathBuf },
+
+    /// A single-file checkpoint (`*.safetensors`, `*.ckpt`) was given instead of a folder.
+    #[error(
+        "{} is a single-file checkpoint, which unitune does not support yet. Give a \
+         diffusers-format folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a \
+         Hugging Face id such as {DEFAULT_MODEL}; diffusers converts a single file with \
+         `StableDiffusionPipeline.from_single_file(path).save_pretrained(folder, \
+         safe_serialization=True)`.",
+        path.display()
+    )]
+    SingleFileCheckpoint { path: PathBuf },
+
+    /// A config or tokenizer file the engine needs is absent.
+    #[error(
+        "{location} has no {file}, so it is not a complete diffusers-format Stable Diffusion \
+         model."
+    )]
+    MissingFile { location: String, file: String },
+
+    /// A component has no weights file in any form unitune knows.
+    #[error("{location} has no {component} weights: looked for {looked_for}{found}.")]
+    MissingWeights {
+        location: String,
+        component: String,
+        looked_for: String,
+        /// Empty, or a clause naming the other weights-like files that are there.
+        found: String,
+    },
+
+    /// A component has weights only as pickle files.
+    #[error(
+        "{location} has {component} weights only as pickle files ({files}). Pickle files can \
+         run arbitrary code when they are loaded, so unitune only loads .safetensors. Convert \
+         the model with diffusers (`DiffusionPipeline.from_pretrained(folder)\
+         .save_pretrained(folder, safe_serialization=True)`) or download its safetensors \
+         version."
+    )]
+    PickleOnly {
+        location: String,
+        component: String,
+        files: String,
+    },
+
+    /// The hub answered 404 for the repo or revision.
+    #[error(
+        "the model {repo_id} (revision {revision}) was not found on {endpoint} (HTTP 404). \
+         Check the id and the revision; for a local folder, start its path with ./ or give \
+         it in full."
+    )]
+    RepoNotFound {
+        repo_id: String,
+        revision: String,
+        endpoint: String,
+    },
+
+    /// The hub answered 401 or 403: missing repo (hidden as 401), private or gated.
+    #[error(
+        "{endpoint} refused access to {repo_id} (HTTP {status}): the repo does not exist, or \
+         it is private or gated. Check the id; for a gated model, accept its licence at \
+         {endpoint}/{repo_id} while logged in, then set HF_TOKEN (or run `hf auth login`) \
+         with a token of that account."
+    )]
+    AccessDenied {
+        repo_id: String,
+        endpoint: String,
+        status: u16,
+    },
+
+    /// Offline or the hub unreachable, and the cache does not hold the model.
+    #[error(
+        "{cause}, and {repo_id} (revision {revision}) is not complete in the Hugging Face \
+         cache: looked in {} for {} ({detail}). Download it once while online, or pass a \
+         diffusers folder with --model.",
+        repo_cache_dir.display(),
+        required_files().join(", ")
+    )]
+    NotCached {
+        /// Why the hub was not asked: offline, or the error that reaching it gave.
+        cause: String,
+        repo_id: String,
+        revision: String,
+        /// The repo's folder in the cache (`.../hub/models--owner--name`).
+        repo_cache_dir: PathBuf,
+        /// What was missing there (the files looked for are in the message).
+        detail: String,
+    },
+
+    /// A download started but did not finish.
+    #[error(
+        "downloading {file} of {repo_id} failed: {detail}. Check the network and run again; \
+         finished files stay in the cache and a partial one resumes."
+    )]
+    Download {
+        repo_id: String,
+        file: String,
+        detail: String,
+    },
+
+    /// The endpoint answered something that is not the Hugging Face hub's API.
+    #[error(
+        "{endpoint} gave an answer unitune cannot use ({detail}). Check HF_ENDPOINT, or \
+         unset it to use https://huggingface.co."
+    )]
+    HubResponse { endpoint: String, detail: String },
+
+    /// No cache folder could be chosen (no home folder and no HF_HUB_CACHE / HF_HOME).
+    #[error(
+        "cannot tell where the Hugging Face cache is: there is no home folder. Set \
+         HF_HUB_CACHE or HF_HOME, or pass a diffusers folder with --model."
+    )]
+    NoCacheDir,
+
+    /// Reading or writing the local file system failed.
+    #[error("cannot read or write {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    /// The caller's progress observer asked to stop.
+    #[error("the model download was cancelled; files finished so far stay in the cache")]
+    Cancelled,
+}
+
+impl ModelFilesError {
+    /// Whether the user gave something unusable (a bad or missing folder, pickle-only
+    /// weights, a wrong or inaccessible id): exit code 2. Network, disk and cancellation
+    /// are not: exit code 1.
+    pub fn is_invalid_input(&self) -> bool {
+        match self {
+            Self::InvalidModelArg { .. }
+            | Self::FolderNotFound { .. }
+            | Self::NotAFolder { .. }
+            | Self::SingleFileCheckpoint { .. }
+            | Self::MissingFile { .. }
+            | Self::MissingWeights { .. }
+            | Self::PickleOnly { .. }
+            | Self::RepoNotFound { .. }
+            | Self::AccessDenied { .. } => true,
+            Self::NotCached { .. }
+            | Self::Download { .. }
+            | Self::HubResponse { .. }
+            | Self::NoCacheDir
+            | Self::Io { .. }
+            | Self::Cancelled => false,
+        }
+    }
+}

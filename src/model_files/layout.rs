@@ -1,0 +1,498 @@
+//! The diffusers folder layout: which files a Stable Diffusion model needs, and which of the
+//! files present to take. The same choice serves a folder on disk and a hub repo's file list.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use super::error::ModelFilesError;
+
+/// Which weights file to take when a component has both full-precision and fp16 weights.
+/// Whichever is present is taken when only one is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WeightsPreference {
+    /// `*.safetensors` (usually float32).
+    #[default]
+    Full,
+    /// `*.fp16.safetensors` (half the download and the memory).
+    Fp16,
+}
+
+/// Where a [`ModelFiles`] came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A folder given by the user.
+    LocalFolder,
+    /// Found complete in the Hugging Face cache; nothing was downloaded.
+    HubCache {
+        repo_id: String,
+        revision: String,
+        commit: String,
+        /// The cache root (`.../huggingface/hub`).
+        cache_dir: PathBuf,
+    },
+    /// Some or all files were downloaded by this call into the Hugging Face cache.
+    Downloaded {
+        repo_id: String,
+        revision: String,
+        commit: String,
+        cache_dir: PathBuf,
+        files_downloaded: usize,
+    },
+}
+
+impl fmt::Display for ModelSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::LocalFolder => write!(f, "local folder"),
+            Self::HubCache {
+                repo_id,
+                revision,
+                commit,
+                cache_dir,
+            } => write!(
+                f,
+                "{repo_id}@{revision} (commit {commit}) from the Hugging Face cache in {}",
+                cache_dir.display()
+            ),
+            Self::Downloaded {
+                repo_id,
+                revision,
+                commit,
+                cache_dir,
+                files_downloaded,
+            } => write!(
+                f,
+                "{repo_id}@{revision} (commit {commit}), {files_downloaded} file(s) just \
+                 downloaded into the Hugging Face cache in {}",
+                cache_dir.display()
+            ),
+        }
+    }
+}
+
+/// Every file the engine reads for one Stable Diffusion model. All paths exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelFiles {
+    /// The model folder (for a hub model, its snapshot folder in the cache).
+    pub root: PathBuf,
+    pub unet_config: PathBuf,
+    pub unet_weights: PathBuf,
+    pub vae_config: PathBuf,
+    pub vae_weights: PathBuf,
+    pub text_encoder_config: PathBuf,
+    pub text_encoder_weights: PathBuf,
+    pub tokenizer_vocab: PathBuf,
+    pub tokenizer_merges: PathBuf,
+    pub tokenizer_config: Option<PathBuf>,
+    pub special_tokens_map: Option<PathBuf>,
+    pub scheduler_config: PathBuf,
+    pub source: ModelSource,
+}
+
+/// Checks a diffusers-format folder and returns its files, preferring full-precision
+/// weights where a component has both kinds.
+pub fn locate_in_folder(root: &Path) -> Result<ModelFiles, ModelFilesError> {
+    locate_in_folder_with(root, WeightsPreference::Full)
+}
+
+/// [`locate_in_folder`] with a choice of weights where a component has both kinds.
+pub fn locate_in_folder_with(
+    root: &Path,
+    preference: WeightsPreference,
+) -> Result<ModelFiles, ModelFilesError> {
+    if root.is_file() {
+        return Err(if is_checkpoint_file(root) {
+            ModelFilesError::SingleFileCheckpoint {
+                path: root.to_path_buf(),
+            }
+        } else {
+            ModelFilesError::NotAFolder {
+                path: root.to_path_buf(),
+            }
+        });
+    }
+    if !root.is_dir() {
+        return Err(ModelFilesError::FolderNotFound {
+            path: root.to_path_buf(),
+        });
+    }
+    let files = FolderFiles(root);
+    // A folder holding only a single-file checkpoint (no unet/) gets the clearer error.
+    if !root.join(UNET.dir).is_dir()
+        && let Some(checkpoint) = files
+            .files_in("")
+            .into_iter()
+            .map(|name| root.join(name))
+            .find(|path| is_checkpoint_file(path))
+    {
+        return Err(ModelFilesError::SingleFileCheckpoint { path: checkpoint });
+    }
+    let location = format!("the model folder {}", root.display());
+    let plan = plan(&files, preference, &location)?;
+    Ok(plan.into_model_files(root, ModelSource::LocalFolder))
+}
+
+/// One model component with its own config and weights.
+struct Component {
+    name: &'static str,
+    dir: &'static str,
+    config: &'static str,
+    /// Weights path without `.safetensors` / `.fp16.safetensors`.
+    weights_stem: &'static str,
+}
+
+const UNET: Component = Component {
+    name: "UNet",
+    dir: "unet",
+    config: "unet/config.json",
+    weights_stem: "unet/diffusion_pytorch_model",
+};
+const VAE: Component = Component {
+    name: "VAE",
+    dir: "vae",
+    config: "vae/config.json",
+    weights_stem: "vae/diffusion_pytorch_model",
+};
+const TEXT_ENCODER: Component = Component {
+    name: "text encoder",
+    dir: "text_encoder",
+    config: "text_encoder/config.json",
+    weights_stem: "text_encoder/model",
+};
+
+const MODEL_INDEX: &str = "model_index.json";
+const TOKENIZER_VOCAB: &str = "tokenizer/vocab.json";
+const TOKENIZER_MERGES: &str = "tokenizer/merges.txt";
+const TOKENIZER_CONFIG: &str = "tokenizer/tokenizer_config.json";
+const SPECIAL_TOKENS_MAP: &str = "tokenizer/special_tokens_map.json";
+const SCHEDULER_CONFIG: &str = "scheduler/scheduler_config.json";
+
+/// Extensions of PyTorch pickle files, which can run code when loaded.
+const PICKLE_EXTENSIONS: [&str; 5] = ["bin", "ckpt", "pt", "pth", "pkl"];
+
+/// Extensions of single-file checkpoints people pass by mistake for a folder.
+const CHECKPOINT_EXTENSIONS: [&str; 5] = ["safetensors", "ckpt", "pt", "pth", "bin"];
+
+fn extension_of(name: &str) -> Option<String> {
+    Path::new(name)
+        .extension()
+        .and_then(|ext| ext.to_str())
+        .map(str::to_ascii_lowercase)
+}
+
+fn is_checkpoint_file(path: &Path) -> bool {
+    path.is_file()
+        && path
+            .to_str()
+            .and_then(extension_of)
+            .is_some_and(|ext| CHECKPOINT_EXTENSIONS.contains(&ext.as_str()))
+}
+
+/// The files the engine needs, described for a person (used when a cache lookup fails).
+pub(crate) fn required_files() -> Vec<String> {
+    let mut files = Vec::new();
+    for component in [&UNET, &VAE, &TEXT_ENCODER] {
+        files.push(component.config.to_owned());
+        files.push(format!("{}[.fp16].safetensors", component.weights_stem));
+    }
+    files.extend([TOKENIZER_VOCAB, TOKENIZER_MERGES, SCHEDULER_CONFIG].map(str::to_owned));
+    files
+}
+
+/// What files exist, in a folder or in a hub repo's listing. Paths are relative and use '/'.
+pub(crate) trait FileSet {
+    fn has_file(&self, relative: &str) -> bool;
+    /// Names of the files directly inside `dir` ("" for the top level).
+    fn files_in(&self, dir: &str) -> Vec<String>;
+}
+
+struct FolderFiles<'a>(&'a Path);
+
+impl FileSet for FolderFiles<'_> {
+    fn has_file(&self, relative: &str) -> bool {
+        self.0.join(relative).is_file()
+    }
+
+    fn files_in(&self, dir: &str) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(self.0.join(dir)) else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter(|entry| entry.path().is_file())
+            .filter_map(|entry| entry.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+/// A hub repo's file list (`siblings[].rfilename`).
+pub(crate) struct HubFiles {
+    files: BTreeSet<String>,
+}
+
+impl HubFiles {
+    pub(crate) fn new(files: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            files: files.into_iter().collect(),
+        }
+    }
+}
+
+impl FileSet for HubFiles {
+    fn has_file(&self, relative: &str) -> bool {
+        self.files.contains(relative)
+    }
+
+    fn files_in(&self, dir: &str) -> Vec<String> {
+        let prefix = if dir.is_empty() {
+            String::new()
+        } else {
+            format!("{dir}/")
+        };
+        self.files
+            .iter()
+            .filter_map(|file| file.strip_prefix(&prefix))
+            .filter(|name| !name.contains('/'))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// The chosen files, relative to the model root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Plan {
+    pub(crate) unet_config: String,
+    pub(crate) unet_weights: String,
+    pub(crate) vae_config: String,
+    pub(crate) vae_weights: String,
+    pub(crate) text_encoder_config: String,
+    pub(crate) text_encoder_weights: String,
+    pub(crate) tokenizer_vocab: String,
+    pub(crate) tokenizer_merges: String,
+    pub(crate) tokenizer_config: Option<String>,
+    pub(crate) special_tokens_map: Option<String>,
+    pub(crate) scheduler_config: String,
+    /// Not read by the engine; fetched from the hub so the cached copy is a valid
+    /// diffusers folder for other tools.
+    pub(crate) model_index: Option<String>,
+}
+
+impl Plan {
+    /// Every chosen file, small ones first so a broken repo fails before a big download.
+    pub(crate) fn files(&self) -> Vec<&str> {
+        let mut files: Vec<&str> = [
+            self.model_index.as_deref(),
+            Some(&self.scheduler_config),
+            Some(&self.tokenizer_vocab),
+            Some(&self.tokenizer_merges),
+            self.tokenizer_config.as_deref(),
+            self.special_tokens_map.as_deref(),
+            Some(&self.text_encoder_config),
+            Some(&self.vae_config),
+            Some(&self.unet_config),
+            Some(&self.text_encoder_weights),
+            Some(&self.vae_weights),
+            Some(&self.unet_weights),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        files.dedup();
+        files
+    }
+
+    pub(crate) fn into_model_files(self, root: &Path, source: ModelSource) -> ModelFiles {
+        let at = |relative: &str| root.join(relative);
+        ModelFiles {
+            root: root.to_path_buf(),
+            unet_config: at(&self.unet_config),
+            unet_weights: at(&self.unet_weights),
+            vae_config: at(&self.vae_config),
+            vae_weights: at(&self.vae_weights),
+            text_encoder_config: at(&self.text_encoder_config),
+            text_encoder_weights: at(&self.text_encoder_weights),
+            tokenizer_vocab: at(&self.tokenizer_vocab),
+            tokenizer_merges: at(&self.tokenizer_merges),
+            tokenizer_config: self.tokenizer_config.as_deref().map(at),
+            special_tokens_map: self.special_tokens_map.as_deref().map(at),
+            scheduler_config: at(&self.scheduler_config),
+            source,
+        }
+    }
+}
+
+/// Chooses the files of a model from what `files` holds; `location` names it in errors.
+pub(crate) fn plan(
+    files: &dyn FileSet,
+    preference: WeightsPreference,
+    location: &str,
+) -> Result<Plan, ModelFilesError> {
+    let required = |file: &str| {
+        if files.has_file(file) {
+            Ok(file.to_owned())
+        } else {
+            Err(ModelFilesError::MissingFile {
+                location: location.to_owned(),
+                file: file.to_owned(),
+            })
+        }
+    };
+    let optional = |file: &str| files.has_file(file).then(|| file.to_owned());
+    let component = |component: &Component| -> Result<(String, String), ModelFilesError> {
+        let config = required(component.config)?;
+        let weights = choose_weights(files, component, preference, location)?;
+        Ok((config, weights))
+    };
+
+    let (unet_config, unet_weights) = component(&UNET)?;
+    let (vae_config, vae_weights) = component(&VAE)?;
+    let (text_encoder_config, text_encoder_weights) = component(&TEXT_ENCODER)?;
+    Ok(Plan {
+        unet_config,
+        unet_weights,
+        vae_config,
+        vae_weights,
+        text_encoder_config,
+        text_encoder_weights,
+        tokenizer_vocab: required(TOKENIZER_VOCAB)?,
+        tokenizer_merges: required(TOKENIZER_MERGES)?,
+        tokenizer_config: optional(TOKENIZER_CONFIG),
+        special_tokens_map: optional(SPECIAL_TOKENS_MAP),
+        scheduler_config: required(SCHEDULER_CONFIG)?,
+        model_index: optional(MODEL_INDEX),
+    })
+}
+
+fn choose_weights(
+    files: &dyn FileSet,
+    component: &Component,
+    preference: WeightsPreference,
+    location: &str,
+) -> Result<String, ModelFilesError> {
+    let full = format!("{}.safetensors", component.weights_stem);
+    let fp16 = format!("{}.fp16.safetensors", component.weights_stem);
+    let candidates = match preference {
+        WeightsPreference::Full => [&full, &fp16],
+        WeightsPreference::Fp16 => [&fp16, &full],
+    };
+    if let Some(found) = candidates.into_iter().find(|file| files.has_file(file)) {
+        return Ok(found.clone());
+    }
+
+    let present = files.files_in(component.dir);
+    let pickles: Vec<String> = present
+        .iter()
+        .filter(|name| {
+            extension_of(name).is_some_and(|ext| PICKLE_EXTENSIONS.contains(&ext.as_str()))
+        })
+        .map(|name| format!("{}/{name}", component.dir))
+        .collect();
+    if !pickles.is_empty() {
+        return Err(ModelFilesError::PickleOnly {
+            location: location.to_owned(),
+            component: component.name.to_owned(),
+            files: pickles.join(", "),
+        });
+    }
+    let other_weights: Vec<String> = present
+        .iter()
+        .filter(|name| name.ends_with(".safetensors") || name.ends_with(".safetensors.index.json"))
+        .map(|name| format!("{}/{name}", component.dir))
+        .collect();
+    let found = if other_weights.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (found only {}, which unitune does not read)",
+            other_weights.join(", ")
+        )
+    };
+    Err(ModelFilesError::MissingWeights {
+        location: location.to_owned(),
+        component: component.name.to_owned(),
+        looked_for: format!("{full} or {fp16}"),
+        found,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo(extra: &[&str]) -> HubFiles {
+        let base = [
+            "model_index.json",
+            "unet/config.json",
+            "vae/config.json",
+            "text_encoder/config.json",
+            "tokenizer/vocab.json",
+            "tokenizer/merges.txt",
+            "scheduler/scheduler_config.json",
+        ];
+        HubFiles::new(base.iter().chain(extra).map(|s| (*s).to_owned()))
+    }
+
+    #[test]
+    fn hub_listing_prefers_the_requested_weights_and_skips_the_rest() {
+        let files = repo(&[
+            "unet/diffusion_pytorch_model.safetensors",
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+            "unet/diffusion_pytorch_model.bin",
+            "vae/diffusion_pytorch_model.safetensors",
+            "text_encoder/model.fp16.safetensors",
+            "safety_checker/model.safetensors",
+        ]);
+        let plan = plan(&files, WeightsPreference::Fp16, "repo").expect("complete repo");
+        assert_eq!(
+            plan.unet_weights,
+            "unet/diffusion_pytorch_model.fp16.safetensors"
+        );
+        assert_eq!(plan.vae_weights, "vae/diffusion_pytorch_model.safetensors");
+        assert_eq!(
+            plan.text_encoder_weights,
+            "text_encoder/model.fp16.safetensors"
+        );
+        assert_eq!(plan.tokenizer_config, None);
+        assert_eq!(plan.files().len(), 10);
+        assert!(!plan.files().iter().any(|f| f.starts_with("safety_checker")));
+    }
+
+    #[test]
+    fn nested_files_are_not_taken_for_a_components_own() {
+        let files = repo(&["unet/sub/diffusion_pytorch_model.bin"]);
+        assert_eq!(files.files_in("unet"), vec!["config.json".to_owned()]);
+        let err = plan(&files, WeightsPreference::Full, "repo").expect_err("no unet weights");
+        assert!(
+            matches!(err, ModelFilesError::MissingWeights { .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn other_safetensors_are_named_when_weights_are_missing() {
+        let files = repo(&["unet/diffusion_pytorch_model.non_ema.safetensors"]);
+        let err = plan(&files, WeightsPreference::Full, "repo").expect_err("no unet weights");
+        let message = err.to_string();
+        assert!(message.contains("non_ema"), "{message}");
+    }
+
+    #[test]
+    fn required_files_name_every_component() {
+        let described = required_files().join(" ");
+        for needed in [
+            "unet/config.json",
+            "vae/",
+            "text_encoder/",
+            "vocab.json",
+            "scheduler",
+        ] {
+            assert!(
+                described.contains(needed),
+                "{needed} missing from {described}"
+            );
+        }
+    }
+}

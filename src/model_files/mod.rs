@@ -1,0 +1,29 @@
+//! Where a model's files come from: a local diffusers folder, the Hugging Face cache, or a
+//! download from the hub into that cache.
+//!
+//! The one entry point is [`resolve`]: it takes a [`ModelSpec`] (from [`parse_model_arg`]) and
+//! returns [`ModelFiles`], the paths of every file the engine reads. Nothing here loads a
+//! tensor; the engine opens the paths it is given.
+//!
+//! - A folder is checked for the diffusers layout ([`locate_in_folder`]): one config and one
+//!   `.safetensors` weights file per component, the CLIP tokenizer files and the scheduler
+//!   config. Pickle weights (`.bin`, `.ckpt`, `.pt`, `.pth`) are refused: loading them can run
+//!   arbitrary code.
+//! - A hub id is looked up in the local Hugging Face cache first (no network call, so it works
+//!   offline). On a miss, unless offline, the repo's file list is fetched and only the needed
+//!   files are downloaded (the `.fp16.safetensors` weights when the repo has them) into the
+//!   same cache layout Python's `huggingface_hub` uses, so both share one copy.
+
+mod error;
+mod hub;
+mod layout;
+mod progress;
+mod spec;
+
+pub use error::ModelFilesError;
+pub use hub::{HubOptions, default_cache_dir, repo_cache_dir, resolve};
+pub use layout::{
+    ModelFiles, ModelSource, WeightsPreference, locate_in_folder, locate_in_folder_with,
+};
+pub use progress::{DownloadProgress, NoProgress, TerminalProgress};
+pub use spec::{DEFAULT_MODEL, DEFAULT_REVISION, ModelSpec, parse_model_arg};

@@ -1,0 +1,105 @@
+//! Helpers shared by the integration tests: fixture paths, reference data, comparisons.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use unitune::engine::StableDiffusion;
+use unitune::model_files::{ModelFiles, locate_in_folder};
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn model_dir(name: &str) -> PathBuf {
+    fixtures().join("models").join(name)
+}
+
+pub fn model_files(name: &str) -> ModelFiles {
+    locate_in_folder(&model_dir(name)).expect("fixture model folder is complete")
+}
+
+pub fn load_model(name: &str) -> StableDiffusion {
+    StableDiffusion::load(&model_files(name), &Device::Cpu, DType::F32).expect("fixture model loads")
+}
+
+/// Reference tensors and JSON recorded by tests/fixtures/make_fixtures.py with diffusers.
+pub struct Reference {
+    pub tensors: HashMap<String, Tensor>,
+    pub json: serde_json::Value,
+}
+
+impl Reference {
+    pub fn load(name: &str) -> Self {
+        let dir = fixtures().join("reference");
+        let tensors = candle_core::safetensors::load(dir.join(format!("{name}.safetensors")), &Device::Cpu)
+            .expect("reference tensors load");
+        let text = std::fs::read_to_string(dir.join(format!("{name}.json"))).expect("reference json");
+        Self {
+            tensors,
+            json: serde_json::from_str(&text).expect("reference json parses"),
+        }
+    }
+
+    pub fn tensor(&self, key: &str) -> Tensor {
+        self.tensors
+            .get(key)
+            .unwrap_or_else(|| panic!("reference has no tensor {key}"))
+            .clone()
+    }
+
+    /// A reference tensor as f32 (integer tensors are converted).
+    pub fn f32(&self, key: &str) -> Tensor {
+        self.tensor(key).to_dtype(DType::F32).unwrap()
+    }
+
+    pub fn usize_list(&self, key: &str) -> Vec<usize> {
+        self.json[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("reference json has no list {key}"))
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect()
+    }
+}
+
+/// Largest absolute elementwise difference.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+pub fn max_abs(a: &Tensor) -> f32 {
+    a.to_dtype(DType::F32)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Asserts `actual` matches `expected` within `tolerance` (absolute), naming what differs.
+pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tolerance: f32) {
+    let diff = max_abs_diff(actual, expected);
+    assert!(
+        diff <= tolerance,
+        "{what}: max abs difference {diff:e} exceeds {tolerance:e} (reference magnitude {:e})",
+        max_abs(expected)
+    );
+}
+
+pub const MODELS: [&str; 2] = ["sd15-tiny", "sd2-tiny"];

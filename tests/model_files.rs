@@ -1,0 +1,1207 @@
+//! Model files: reading a diffusers folder, finding a model in the Hugging Face cache, and
+//! real downloads from a fake hub served on loopback in the hub's URL layout.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use unitune::model_files::{
+    DEFAULT_MODEL, DownloadProgress, HubOptions, ModelFiles, ModelFilesError, ModelSource,
+    ModelSpec, NoProgress, WeightsPreference, locate_in_folder, locate_in_folder_with,
+    parse_model_arg, repo_cache_dir, resolve,
+};
+
+// ---------------------------------------------------------------------------------------
+// A model in diffusers layout, written by the tests
+
+const SMALL_FILES: [&str; 9] = [
+    "model_index.json",
+    "unet/config.json",
+    "vae/config.json",
+    "text_encoder/config.json",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/special_tokens_map.json",
+    "scheduler/scheduler_config.json",
+];
+const FULL_WEIGHTS: [&str; 3] = [
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/model.safetensors",
+];
+const FP16_WEIGHTS: [&str; 3] = [
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "vae/diffusion_pytorch_model.fp16.safetensors",
+    "text_encoder/model.fp16.safetensors",
+];
+/// Files real SD repos hold that unitune must never fetch.
+const UNWANTED: [&str; 11] = [
+    "unet/diffusion_pytorch_model.bin",
+    "unet/diffusion_pytorch_model.fp16.bin",
+    "vae/diffusion_pytorch_model.bin",
+    "text_encoder/pytorch_model.bin",
+    "safety_checker/config.json",
+    "safety_checker/model.safetensors",
+    "safety_checker/pytorch_model.bin",
+    "feature_extractor/preprocessor_config.json",
+    "v1-5-pruned.ckpt",
+    "v1-5-pruned-emaonly.safetensors",
+    "README.md",
+];
+
+/// Distinct, non-empty contents per file (weights a little bigger, so progress shows).
+fn contents(name: &str) -> Vec<u8> {
+    let mut bytes = format!("contents of {name}\n").into_bytes();
+    if name.ends_with("safetensors") || name.ends_with(".bin") || name.ends_with(".ckpt") {
+        bytes.extend((0..3000u32).map(|i| (i % 251) as u8));
+    }
+    bytes
+}
+
+fn write_file(root: &Path, relative: &str, bytes: &[u8]) {
+    let path = root.join(relative);
+    std::fs::create_dir_all(path.parent().expect("file has a parent")).expect("create dirs");
+    std::fs::write(&path, bytes).expect("write file");
+}
+
+fn write_model(root: &Path, files: &[&str]) {
+    for file in files {
+        write_file(root, file, &contents(file));
+    }
+}
+
+fn model_files_list(weights: &[&'static str]) -> Vec<&'static str> {
+    SMALL_FILES.iter().chain(weights).copied().collect()
+}
+
+fn temp_dir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+fn assert_mentions(err: &ModelFilesError, needles: &[&str]) {
+    let message = err.to_string();
+    for needle in needles {
+        assert!(message.contains(needle), "'{needle}' not in: {message}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Folders
+
+#[test]
+fn full_precision_folder_is_located() {
+    let dir = temp_dir();
+    let root = dir.path();
+    write_model(root, &model_files_list(&FULL_WEIGHTS));
+    let files = locate_in_folder(root).expect("complete model folder");
+    let expected = ModelFiles {
+        root: root.to_path_buf(),
+        unet_config: root.join("unet/config.json"),
+        unet_weights: root.join("unet/diffusion_pytorch_model.safetensors"),
+        vae_config: root.join("vae/config.json"),
+        vae_weights: root.join("vae/diffusion_pytorch_model.safetensors"),
+        text_encoder_config: root.join("text_encoder/config.json"),
+        text_encoder_weights: root.join("text_encoder/model.safetensors"),
+        tokenizer_vocab: root.join("tokenizer/vocab.json"),
+        tokenizer_merges: root.join("tokenizer/merges.txt"),
+        tokenizer_config: Some(root.join("tokenizer/tokenizer_config.json")),
+        special_tokens_map: Some(root.join("tokenizer/special_tokens_map.json")),
+        scheduler_config: root.join("scheduler/scheduler_config.json"),
+        source: ModelSource::LocalFolder,
+    };
+    assert_eq!(files, expected);
+}
+
+#[test]
+fn fp16_only_folder_is_located_whatever_the_preference() {
+    let dir = temp_dir();
+    write_model(dir.path(), &model_files_list(&FP16_WEIGHTS));
+    for preference in [WeightsPreference::Full, WeightsPreference::Fp16] {
+        let files = locate_in_folder_with(dir.path(), preference).expect("fp16-only folder");
+        assert!(
+            files
+                .unet_weights
+                .ends_with("unet/diffusion_pytorch_model.fp16.safetensors")
+        );
+        assert!(
+            files
+                .vae_weights
+                .ends_with("vae/diffusion_pytorch_model.fp16.safetensors")
+        );
+        assert!(
+            files
+                .text_encoder_weights
+                .ends_with("text_encoder/model.fp16.safetensors")
+        );
+    }
+}
+
+#[test]
+fn both_kinds_of_weights_follow_the_preference() {
+    let dir = temp_dir();
+    let all: Vec<&str> = FULL_WEIGHTS.iter().chain(&FP16_WEIGHTS).copied().collect();
+    write_model(dir.path(), &model_files_list(&all));
+
+    let full = locate_in_folder_with(dir.path(), WeightsPreference::Full).expect("full");
+    assert!(
+        full.unet_weights
+            .ends_with("unet/diffusion_pytorch_model.safetensors")
+    );
+    assert!(
+        full.text_encoder_weights
+            .ends_with("text_encoder/model.safetensors")
+    );
+
+    let half = locate_in_folder_with(dir.path(), WeightsPreference::Fp16).expect("fp16");
+    assert!(
+        half.unet_weights
+            .ends_with("unet/diffusion_pytorch_model.fp16.safetensors")
+    );
+    assert!(
+        half.vae_weights
+            .ends_with("vae/diffusion_pytorch_model.fp16.safetensors")
+    );
+    assert!(
+        half.text_encoder_weights
+            .ends_with("text_encoder/model.fp16.safetensors")
+    );
+
+    assert_eq!(locate_in_folder(dir.path()).expect("default"), full);
+}
+
+#[test]
+fn optional_tokenizer_files_may_be_absent() {
+    let dir = temp_dir();
+    let files: Vec<&str> = model_files_list(&FULL_WEIGHTS)
+        .into_iter()
+        .filter(|f| {
+            !f.ends_with("tokenizer_config.json") && !f.ends_with("special_tokens_map.json")
+        })
+        .collect();
+    write_model(dir.path(), &files);
+    let located = locate_in_folder(dir.path()).expect("tokenizer without optional files");
+    assert_eq!(located.tokenizer_config, None);
+    assert_eq!(located.special_tokens_map, None);
+}
+
+#[test]
+fn pickle_only_component_is_refused_with_the_reason() {
+    let dir = temp_dir();
+    let files: Vec<&str> = model_files_list(&FULL_WEIGHTS)
+        .into_iter()
+        .filter(|f| !f.starts_with("vae/diffusion"))
+        .chain(["vae/diffusion_pytorch_model.bin"])
+        .collect();
+    write_model(dir.path(), &files);
+    let err = locate_in_folder(dir.path()).expect_err("pickle weights must be refused");
+    assert!(matches!(err, ModelFilesError::PickleOnly { .. }), "{err:?}");
+    assert!(err.is_invalid_input());
+    assert_mentions(
+        &err,
+        &[
+            "vae/diffusion_pytorch_model.bin",
+            "arbitrary code",
+            "only loads .safetensors",
+            "save_pretrained",
+            "safe_serialization=True",
+        ],
+    );
+}
+
+#[test]
+fn missing_component_config_or_weights_is_named() {
+    let dir = temp_dir();
+    let no_vae: Vec<&str> = model_files_list(&FULL_WEIGHTS)
+        .into_iter()
+        .filter(|f| !f.starts_with("vae/"))
+        .collect();
+    write_model(dir.path(), &no_vae);
+    let err = locate_in_folder(dir.path()).expect_err("no vae");
+    assert!(
+        matches!(err, ModelFilesError::MissingFile { .. }),
+        "{err:?}"
+    );
+    assert!(err.is_invalid_input());
+    assert_mentions(&err, &["vae/config.json"]);
+
+    write_model(dir.path(), &["vae/config.json"]);
+    let err = locate_in_folder(dir.path()).expect_err("no vae weights");
+    assert!(
+        matches!(err, ModelFilesError::MissingWeights { .. }),
+        "{err:?}"
+    );
+    assert_mentions(
+        &err,
+        &[
+            "VAE",
+            "vae/diffusion_pytorch_model.safetensors",
+            "vae/diffusion_pytorch_model.fp16.safetensors",
+        ],
+    );
+
+    write_model(dir.path(), &["vae/diffusion_pytorch_model.safetensors"]);
+    std::fs::remove_file(dir.path().join("tokenizer/merges.txt")).expect("remove merges");
+    let err = locate_in_folder(dir.path()).expect_err("no merges");
+    assert_mentions(&err, &["tokenizer/merges.txt"]);
+}
+
+#[test]
+fn single_file_checkpoint_is_refused() {
+    let dir = temp_dir();
+    for name in ["model.safetensors", "v1-5-pruned.ckpt"] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, b"not really weights").expect("write checkpoint");
+        let err = locate_in_folder(&path).expect_err("single file");
+        assert!(
+            matches!(err, ModelFilesError::SingleFileCheckpoint { .. }),
+            "{err:?}"
+        );
+        assert!(err.is_invalid_input());
+        assert_mentions(&err, &[name, "not support", "diffusers"]);
+    }
+    // A folder that holds only a checkpoint says the same about that file.
+    let err = locate_in_folder(dir.path()).expect_err("folder with only checkpoints");
+    assert!(
+        matches!(err, ModelFilesError::SingleFileCheckpoint { .. }),
+        "{err:?}"
+    );
+
+    let notes = dir.path().join("notes.txt");
+    std::fs::write(&notes, b"hello").expect("write notes");
+    let err = locate_in_folder(&notes).expect_err("plain file");
+    assert!(matches!(err, ModelFilesError::NotAFolder { .. }), "{err:?}");
+}
+
+#[test]
+fn missing_folder_is_an_input_error_naming_it() {
+    let dir = temp_dir();
+    let missing = dir.path().join("no-such-model");
+    let err = locate_in_folder(&missing).expect_err("missing folder");
+    assert!(err.is_invalid_input());
+    assert_mentions(&err, &["no-such-model", "does not exist"]);
+}
+
+#[test]
+fn generated_fixture_models_are_located() {
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+    if !models.join("sd15-tiny").is_dir() {
+        eprintln!("skipped: {} is not there", models.display());
+        return;
+    }
+    let sd15 = locate_in_folder(&models.join("sd15-tiny")).expect("sd15-tiny");
+    assert!(
+        sd15.unet_weights
+            .ends_with("unet/diffusion_pytorch_model.safetensors")
+    );
+    assert!(sd15.tokenizer_config.is_some());
+    let sd2 = locate_in_folder(&models.join("sd2-tiny")).expect("sd2-tiny");
+    assert!(
+        sd2.unet_weights
+            .ends_with("unet/diffusion_pytorch_model.fp16.safetensors")
+    );
+    assert!(
+        sd2.text_encoder_weights
+            .ends_with("text_encoder/model.fp16.safetensors")
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The --model argument
+
+#[test]
+fn paths_parse_as_folders_and_must_exist() {
+    let dir = temp_dir();
+    let absolute = dir.path().to_str().expect("utf-8 temp path");
+    assert_eq!(
+        parse_model_arg(absolute).expect("existing absolute path"),
+        ModelSpec::Folder(dir.path().to_path_buf())
+    );
+    // An existing relative folder is a folder even without ./ (tests run in the crate root).
+    assert_eq!(
+        parse_model_arg("src").expect("existing relative folder"),
+        ModelSpec::Folder(PathBuf::from("src"))
+    );
+    for missing in [
+        "./unitune-no-such-model",
+        "../unitune-no-such-model",
+        "~/unitune-no-such-model",
+        "/unitune-no-such-model/sd15",
+    ] {
+        let err = parse_model_arg(missing).expect_err("missing path");
+        assert!(
+            matches!(err, ModelFilesError::FolderNotFound { .. }),
+            "{err:?}"
+        );
+        assert!(err.is_invalid_input());
+        assert_mentions(&err, &["unitune-no-such-model", "does not exist"]);
+    }
+}
+
+#[test]
+fn hub_ids_parse_with_an_optional_revision() {
+    assert_eq!(
+        parse_model_arg("owner/name").expect("hub id"),
+        ModelSpec::hub("owner/name")
+    );
+    assert_eq!(
+        parse_model_arg("owner/name@v1.0").expect("hub id with revision"),
+        ModelSpec::Hub {
+            repo_id: "owner/name".to_owned(),
+            revision: "v1.0".to_owned(),
+        }
+    );
+    assert_eq!(
+        parse_model_arg(DEFAULT_MODEL).expect("default model"),
+        ModelSpec::default()
+    );
+}
+
+#[test]
+fn garbage_is_refused_explaining_both_forms() {
+    for garbage in ["", "garbage", "a/b/c", "owner/name@", "bad id/x", "owner/"] {
+        let err = parse_model_arg(garbage).expect_err("garbage");
+        assert!(
+            matches!(err, ModelFilesError::InvalidModelArg { .. }),
+            "{err:?}"
+        );
+        assert!(err.is_invalid_input());
+        assert_mentions(&err, &["folder", "./", "owner/name", "owner/name@revision"]);
+    }
+}
+
+#[test]
+fn resolving_a_folder_spec_locates_it() {
+    let dir = temp_dir();
+    write_model(dir.path(), &model_files_list(&FULL_WEIGHTS));
+    let spec = ModelSpec::Folder(dir.path().to_path_buf());
+    let files = resolve(&spec, &HubOptions::default(), &mut NoProgress).expect("folder");
+    assert_eq!(files, locate_in_folder(dir.path()).expect("folder"));
+}
+
+// ---------------------------------------------------------------------------------------
+// The Hugging Face cache, offline
+
+const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+const OTHER_SHA: &str = "89abcdef0123456789abcdef0123456789abcdef";
+
+/// Writes a repo into a cache the way huggingface_hub does: blobs, snapshot links, a ref.
+fn write_cached_repo(cache: &Path, repo_id: &str, commit: &str, files: &[&str]) -> PathBuf {
+    let repo_dir = repo_cache_dir(cache, repo_id);
+    let snapshot = repo_dir.join("snapshots").join(commit);
+    for (i, file) in files.iter().enumerate() {
+        let blob = repo_dir.join("blobs").join(format!("blob{i:04}"));
+        write_file(&repo_dir, &format!("blobs/blob{i:04}"), &contents(file));
+        let link = snapshot.join(file);
+        std::fs::create_dir_all(link.parent().expect("parent")).expect("snapshot dirs");
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(&blob, &link).expect("snapshot link");
+        #[cfg(not(unix))]
+        std::fs::copy(&blob, &link).expect("snapshot copy");
+    }
+    write_file(&repo_dir, "refs/main", commit.as_bytes());
+    snapshot
+}
+
+fn offline_options(cache: &Path) -> HubOptions {
+    HubOptions {
+        // Nothing listens there: any network use would fail the test.
+        endpoint: Some(format!("http://{}", closed_loopback_port())),
+        cache_dir: Some(cache.to_path_buf()),
+        offline: true,
+        token: None,
+    }
+}
+
+fn closed_loopback_port() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let addr = listener.local_addr().expect("local addr");
+    drop(listener);
+    addr.to_string()
+}
+
+#[test]
+fn cached_model_is_found_offline() {
+    let cache = temp_dir();
+    let all: Vec<&str> = FULL_WEIGHTS.iter().chain(&FP16_WEIGHTS).copied().collect();
+    let snapshot = write_cached_repo(cache.path(), "o/n", SHA, &model_files_list(&all));
+    let files = resolve(
+        &ModelSpec::hub("o/n"),
+        &offline_options(cache.path()),
+        &mut NoProgress,
+    )
+    .expect("model is in the cache");
+    assert_eq!(files.root, snapshot);
+    // A hub model prefers fp16 weights.
+    assert_eq!(
+        files.unet_weights,
+        snapshot.join("unet/diffusion_pytorch_model.fp16.safetensors")
+    );
+    assert_eq!(
+        std::fs::read(&files.vae_weights).expect("read through the link"),
+        contents("vae/diffusion_pytorch_model.fp16.safetensors")
+    );
+    assert_eq!(
+        files.source,
+        ModelSource::HubCache {
+            repo_id: "o/n".to_owned(),
+            revision: "main".to_owned(),
+            commit: SHA.to_owned(),
+            cache_dir: cache.path().to_path_buf(),
+        }
+    );
+}
+
+#[test]
+fn cached_model_is_found_by_commit_without_a_ref() {
+    let cache = temp_dir();
+    let snapshot = write_cached_repo(
+        cache.path(),
+        "o/n",
+        OTHER_SHA,
+        &model_files_list(&FULL_WEIGHTS),
+    );
+    std::fs::remove_file(repo_cache_dir(cache.path(), "o/n").join("refs/main")).expect("rm ref");
+    let spec = ModelSpec::Hub {
+        repo_id: "o/n".to_owned(),
+        revision: OTHER_SHA.to_owned(),
+    };
+    let files = resolve(&spec, &offline_options(cache.path()), &mut NoProgress)
+        .expect("snapshot by commit");
+    assert_eq!(files.root, snapshot);
+    assert!(
+        files
+            .unet_weights
+            .ends_with("unet/diffusion_pytorch_model.safetensors")
+    );
+}
+
+#[test]
+fn offline_miss_names_the_cache_folder_and_the_files() {
+    let cache = temp_dir();
+    let err = resolve(
+        &ModelSpec::hub("o/n"),
+        &offline_options(cache.path()),
+        &mut NoProgress,
+    )
+    .expect_err("empty cache, offline");
+    assert!(matches!(err, ModelFilesError::NotCached { .. }), "{err:?}");
+    assert!(!err.is_invalid_input());
+    let repo_dir = repo_cache_dir(cache.path(), "o/n");
+    assert_mentions(
+        &err,
+        &[
+            "offline",
+            repo_dir.to_str().expect("utf-8"),
+            "unet/config.json",
+            "unet/diffusion_pytorch_model[.fp16].safetensors",
+            "tokenizer/vocab.json",
+            "scheduler/scheduler_config.json",
+            "online",
+            "--model",
+        ],
+    );
+
+    // A snapshot without the VAE weights says what it lacks.
+    let partial: Vec<&str> = model_files_list(&FULL_WEIGHTS)
+        .into_iter()
+        .filter(|f| !f.starts_with("vae/diffusion"))
+        .collect();
+    write_cached_repo(cache.path(), "o/n", SHA, &partial);
+    let err = resolve(
+        &ModelSpec::hub("o/n"),
+        &offline_options(cache.path()),
+        &mut NoProgress,
+    )
+    .expect_err("partial cache, offline");
+    assert_mentions(&err, &[SHA, "VAE weights"]);
+}
+
+// ---------------------------------------------------------------------------------------
+// A fake hub on loopback, in the URL layout of huggingface.co
+
+#[derive(Clone)]
+struct FakeRepo {
+    id: &'static str,
+    sha: &'static str,
+    files: BTreeMap<String, Vec<u8>>,
+    /// Files answer 403, as for a gated model whose licence was not accepted.
+    gated: bool,
+}
+
+impl FakeRepo {
+    fn new(id: &'static str, files: &[&str]) -> Self {
+        Self {
+            id,
+            sha: SHA,
+            files: files
+                .iter()
+                .map(|f| ((*f).to_owned(), contents(f)))
+                .collect(),
+            gated: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Logged {
+    path: String,
+    range: Option<String>,
+    authorization: Option<String>,
+}
+
+struct FakeHub {
+    url: String,
+    log: Arc<Mutex<Vec<Logged>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A stable, content-derived etag (stands in for the sha256 the hub uses for LFS files).
+fn etag_of(bytes: &[u8]) -> String {
+    let hash = |seed: u64| {
+        bytes.iter().fold(seed, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    };
+    format!(
+        "{:016x}{:016x}",
+        hash(0xcbf2_9ce4_8422_2325),
+        hash(0x8422_2325_cbf2_9ce4)
+    )
+}
+
+fn is_lfs(file: &str) -> bool {
+    [".safetensors", ".bin", ".ckpt"]
+        .iter()
+        .any(|ext| file.ends_with(ext))
+}
+
+type HttpResponse = tiny_http::Response<std::io::Cursor<Vec<u8>>>;
+
+fn header(name: &str, value: &str) -> tiny_http::Header {
+    tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("valid header")
+}
+
+fn status(code: u16, body: &str) -> HttpResponse {
+    tiny_http::Response::from_string(body).with_status_code(code)
+}
+
+/// Serves bytes, honouring `Range: bytes=a-b` / `bytes=a-` as the hub's storage does.
+fn serve_bytes(bytes: &[u8], range: Option<&str>) -> HttpResponse {
+    let total = bytes.len();
+    let Some(spec) = range.and_then(|r| r.strip_prefix("bytes=")) else {
+        return tiny_http::Response::from_data(bytes.to_vec())
+            .with_header(header("Accept-Ranges", "bytes"));
+    };
+    let (start, end) = spec.split_once('-').unwrap_or((spec, ""));
+    let start: usize = start.parse().unwrap_or(0);
+    let end: usize = end.parse().map_or(total.saturating_sub(1), |e: usize| {
+        e.min(total.saturating_sub(1))
+    });
+    if start >= total || start > end {
+        return status(416, "range not satisfiable")
+            .with_header(header("Content-Range", &format!("bytes */{total}")));
+    }
+    tiny_http::Response::from_data(bytes[start..=end].to_vec())
+        .with_status_code(206)
+        .with_header(header("Accept-Ranges", "bytes"))
+        .with_header(header(
+            "Content-Range",
+            &format!("bytes {start}-{end}/{total}"),
+        ))
+}
+
+fn handle(request: &tiny_http::Request, repos: &[FakeRepo], base_url: &str) -> HttpResponse {
+    let path = request.url().split('?').next().unwrap_or("");
+    let range = request
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv("Range"))
+        .map(|h| h.value.as_str().to_owned());
+    let find_repo = |owner: &str, name: &str| {
+        repos
+            .iter()
+            .find(|repo| repo.id == format!("{owner}/{name}"))
+    };
+
+    // GET /api/models/{owner}/{name}/revision/{revision}
+    if let Some(rest) = path.strip_prefix("/api/models/") {
+        let parts: Vec<&str> = rest.split('/').collect();
+        let (owner, name, revision) = match parts.as_slice() {
+            [owner, name, "revision", revision] => (*owner, *name, *revision),
+            _ => return status(404, "{\"error\":\"not found\"}"),
+        };
+        return match find_repo(owner, name) {
+            Some(repo) if revision == "main" || revision == repo.sha => {
+                let siblings: Vec<serde_json::Value> = repo
+                    .files
+                    .keys()
+                    .map(|f| serde_json::json!({ "rfilename": f }))
+                    .collect();
+                let info = serde_json::json!({
+                    "id": repo.id,
+                    "sha": repo.sha,
+                    "gated": repo.gated,
+                    "siblings": siblings,
+                });
+                tiny_http::Response::from_string(info.to_string())
+                    .with_header(header("Content-Type", "application/json"))
+            }
+            Some(_) => status(404, "{\"error\":\"Invalid rev id\"}")
+                .with_header(header("X-Error-Code", "RevisionNotFound")),
+            None => status(404, "{\"error\":\"Repository not found\"}")
+                .with_header(header("X-Error-Code", "RepoNotFound")),
+        };
+    }
+
+    // GET /cdn/{etag}: where LFS files are redirected to.
+    if let Some(etag) = path.strip_prefix("/cdn/") {
+        let blob = repos
+            .iter()
+            .flat_map(|repo| repo.files.values())
+            .find(|bytes| etag_of(bytes) == etag);
+        return match blob {
+            Some(bytes) => serve_bytes(bytes, range.as_deref()),
+            None => status(404, "no such blob"),
+        };
+    }
+
+    // GET /{owner}/{name}/resolve/{revision}/{file...}
+    let parts: Vec<&str> = path.trim_start_matches('/').splitn(5, '/').collect();
+    let [owner, name, "resolve", revision, file] = parts.as_slice() else {
+        return status(404, "not found");
+    };
+    let Some(repo) = find_repo(owner, name) else {
+        return status(404, "Repository not found")
+            .with_header(header("X-Error-Code", "RepoNotFound"));
+    };
+    if *revision != "main" && *revision != repo.sha {
+        return status(404, "Invalid rev id")
+            .with_header(header("X-Error-Code", "RevisionNotFound"));
+    }
+    if repo.gated {
+        return status(403, "Access to this model is restricted")
+            .with_header(header("X-Error-Code", "GatedRepo"));
+    }
+    let Some(bytes) = repo.files.get(*file) else {
+        return status(404, "Entry not found").with_header(header("X-Error-Code", "EntryNotFound"));
+    };
+    let etag = etag_of(bytes);
+    if is_lfs(file) {
+        // LFS files: a redirect to storage, with the file's etag in X-Linked-Etag.
+        status(302, "")
+            .with_header(header("Location", &format!("{base_url}/cdn/{etag}")))
+            .with_header(header("X-Repo-Commit", repo.sha))
+            .with_header(header("X-Linked-Etag", &format!("\"{etag}\"")))
+            .with_header(header("X-Linked-Size", &bytes.len().to_string()))
+            .with_header(header("ETag", "\"git-pointer-etag\""))
+    } else {
+        serve_bytes(bytes, range.as_deref())
+            .with_header(header("X-Repo-Commit", repo.sha))
+            .with_header(header("ETag", &format!("\"{etag}\"")))
+    }
+}
+
+impl FakeHub {
+    fn start(repos: Vec<FakeRepo>) -> Self {
+        let server = tiny_http::Server::http("127.0.0.1:0").expect("bind loopback");
+        let addr = server.server_addr().to_ip().expect("an IP address");
+        let url = format!("http://{addr}");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (log, stop, base_url) = (Arc::clone(&log), Arc::clone(&stop), url.clone());
+            std::thread::Builder::new()
+                .name("fake-hub".to_owned())
+                .spawn(move || {
+                    let deadline = Instant::now() + Duration::from_secs(120);
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        let request = match server.recv_timeout(Duration::from_millis(20)) {
+                            Ok(Some(request)) => request,
+                            Ok(None) => continue,
+                            Err(_) => break,
+                        };
+                        let value_of = |name: &'static str| {
+                            request
+                                .headers()
+                                .iter()
+                                .find(|h| h.field.equiv(name))
+                                .map(|h| h.value.as_str().to_owned())
+                        };
+                        let logged = Logged {
+                            path: request.url().to_owned(),
+                            range: value_of("Range"),
+                            authorization: value_of("Authorization"),
+                        };
+                        if let Ok(mut log) = log.lock() {
+                            log.push(logged);
+                        }
+                        let response = handle(&request, &repos, &base_url);
+                        // The client may have hung up; the test sees that on its side.
+                        let _ = request.respond(response);
+                    }
+                })
+                .expect("spawn fake hub")
+        };
+        Self {
+            url,
+            log,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn log(&self) -> MutexGuard<'_, Vec<Logged>> {
+        self.log
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The files whose contents were requested from `/{repo}/resolve/...`, in order. hf-hub
+    /// first asks for `Range: bytes=0-0` of each file (for its etag, commit and size); those
+    /// probes are left out.
+    fn resolved_files(&self, repo_id: &str) -> Vec<String> {
+        let prefix = format!("/{repo_id}/resolve/");
+        self.log()
+            .iter()
+            .filter(|l| l.range.as_deref() != Some("bytes=0-0"))
+            .filter_map(|l| l.path.strip_prefix(&prefix))
+            .filter_map(|rest| rest.split_once('/').map(|(_, file)| file.to_owned()))
+            .collect()
+    }
+
+    /// Every file named in any `/{repo}/resolve/...` request, probes included.
+    fn touched_files(&self, repo_id: &str) -> BTreeSet<String> {
+        let prefix = format!("/{repo_id}/resolve/");
+        self.log()
+            .iter()
+            .filter_map(|l| l.path.strip_prefix(&prefix))
+            .filter_map(|rest| rest.split_once('/').map(|(_, file)| file.to_owned()))
+            .collect()
+    }
+
+    fn options(&self, cache: &Path) -> HubOptions {
+        HubOptions {
+            endpoint: Some(self.url.clone()),
+            cache_dir: Some(cache.to_path_buf()),
+            offline: false,
+            token: None,
+        }
+    }
+}
+
+impl Drop for FakeHub {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Records what `resolve` reports; can cancel after some files.
+#[derive(Default)]
+struct Recorder {
+    /// (name, total, bytes advanced, finished)
+    files: Vec<(String, Option<u64>, u64, bool)>,
+    cancel_after_files: Option<usize>,
+}
+
+impl DownloadProgress for Recorder {
+    fn start_file(&mut self, name: &str, total_bytes: Option<u64>) {
+        self.files.push((name.to_owned(), total_bytes, 0, false));
+    }
+    fn advance(&mut self, bytes: u64) {
+        if let Some(file) = self.files.last_mut() {
+            file.2 += bytes;
+        }
+    }
+    fn finish_file(&mut self) {
+        if let Some(file) = self.files.last_mut() {
+            file.3 = true;
+        }
+    }
+    fn cancelled(&self) -> bool {
+        self.cancel_after_files
+            .is_some_and(|limit| self.files.len() >= limit)
+    }
+}
+
+/// Downloads need the hub allowed: HF_HUB_OFFLINE in the environment forbids it.
+fn online_allowed() -> bool {
+    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "1" | "true" | "yes" | "on"
+        )
+    });
+    if offline {
+        eprintln!("skipped: HF_HUB_OFFLINE is set, so no download may happen");
+    }
+    !offline
+}
+
+fn sd15_like_repo() -> FakeRepo {
+    let files: Vec<&str> = SMALL_FILES
+        .iter()
+        .chain(&FULL_WEIGHTS)
+        .chain(&FP16_WEIGHTS)
+        .chain(&UNWANTED)
+        .chain(&[".gitattributes"])
+        .copied()
+        .collect();
+    FakeRepo::new("tiny/sd15", &files)
+}
+
+#[test]
+fn download_fetches_only_the_needed_files_into_the_standard_cache() {
+    if !online_allowed() {
+        return;
+    }
+    let hub = FakeHub::start(vec![sd15_like_repo()]);
+    let cache = temp_dir();
+    let opts = HubOptions {
+        token: Some("hf_test_token".to_owned()),
+        ..hub.options(cache.path())
+    };
+    let spec = ModelSpec::hub("tiny/sd15");
+    let mut progress = Recorder::default();
+    let files = resolve(&spec, &opts, &mut progress).expect("download from the fake hub");
+
+    // Only the needed files, fp16 weights, nothing from UNWANTED.
+    let wanted: BTreeSet<String> = SMALL_FILES
+        .iter()
+        .chain(&FP16_WEIGHTS)
+        .map(|f| (*f).to_owned())
+        .collect();
+    let fetched = hub.resolved_files("tiny/sd15");
+    assert_eq!(
+        fetched.len(),
+        wanted.len(),
+        "each file downloaded once: {fetched:?}"
+    );
+    assert_eq!(fetched.iter().cloned().collect::<BTreeSet<_>>(), wanted);
+    let touched = hub.touched_files("tiny/sd15");
+    assert_eq!(touched, wanted);
+    for unwanted in UNWANTED.iter().chain(&FULL_WEIGHTS) {
+        assert!(!touched.contains(*unwanted), "{unwanted} was requested");
+    }
+    let api_calls = hub
+        .log()
+        .iter()
+        .filter(|l| l.path.starts_with("/api/models/tiny/sd15/revision/main"))
+        .count();
+    assert_eq!(api_calls, 1);
+    assert!(
+        hub.log()
+            .iter()
+            .filter(|l| !l.path.starts_with("/cdn/"))
+            .all(|l| l.authorization.as_deref() == Some("Bearer hf_test_token")),
+        "the token goes with every hub request"
+    );
+    assert!(
+        hub.log().iter().any(|l| l.range.is_some()),
+        "ranges were used"
+    );
+
+    // The standard cache layout: snapshots/<commit>/<file> linking into blobs/.
+    let repo_dir = cache.path().join("models--tiny--sd15");
+    let snapshot = repo_dir.join("snapshots").join(SHA);
+    assert_eq!(files.root, snapshot);
+    assert_eq!(
+        files.unet_weights,
+        snapshot.join("unet/diffusion_pytorch_model.fp16.safetensors")
+    );
+    assert_eq!(
+        files.text_encoder_weights,
+        snapshot.join("text_encoder/model.fp16.safetensors")
+    );
+    assert_eq!(
+        std::fs::read_to_string(repo_dir.join("refs/main")).expect("refs/main"),
+        SHA
+    );
+    let blobs = repo_dir.join("blobs").canonicalize().expect("blobs folder");
+    for file in &wanted {
+        let path = snapshot.join(file);
+        assert_eq!(
+            std::fs::read(&path).expect("cached file"),
+            contents(file),
+            "{file}"
+        );
+        #[cfg(unix)]
+        {
+            let meta = std::fs::symlink_metadata(&path).expect("metadata");
+            assert!(
+                meta.file_type().is_symlink(),
+                "{file} is a link, as in Python's cache"
+            );
+        }
+        let target = path.canonicalize().expect("link resolves");
+        assert!(target.starts_with(&blobs), "{file} -> {}", target.display());
+    }
+    assert_eq!(
+        files.source,
+        ModelSource::Downloaded {
+            repo_id: "tiny/sd15".to_owned(),
+            revision: "main".to_owned(),
+            commit: SHA.to_owned(),
+            cache_dir: cache.path().to_path_buf(),
+            files_downloaded: wanted.len(),
+        }
+    );
+
+    // Progress: one start and one finish per file, bytes adding up to its size.
+    let reported: BTreeSet<String> = progress.files.iter().map(|f| f.0.clone()).collect();
+    assert_eq!(reported, wanted);
+    for (name, total, advanced, finished) in &progress.files {
+        let size = contents(name).len() as u64;
+        assert_eq!(*total, Some(size), "{name}");
+        assert_eq!(*advanced, size, "{name}");
+        assert!(finished, "{name}");
+    }
+
+    // A second resolve is served by the cache: no request at all.
+    let requests_before = hub.log().len();
+    let again = resolve(&spec, &opts, &mut NoProgress).expect("from the cache");
+    assert_eq!(hub.log().len(), requests_before);
+    assert_eq!(again.unet_weights, files.unet_weights);
+    assert!(
+        matches!(again.source, ModelSource::HubCache { .. }),
+        "{:?}",
+        again.source
+    );
+
+    // Also with the hub gone and offline.
+    drop(hub);
+    let offline = HubOptions {
+        offline: true,
+        ..opts
+    };
+    let cached = resolve(&spec, &offline, &mut NoProgress).expect("offline from the cache");
+    assert_eq!(cached.vae_weights, files.vae_weights);
+}
+
+#[test]
+fn full_weights_are_downloaded_when_the_repo_has_no_fp16() {
+    if !online_allowed() {
+        return;
+    }
+    let files: Vec<&str> = model_files_list(&FULL_WEIGHTS)
+        .into_iter()
+        .chain(["unet/diffusion_pytorch_model.bin"])
+        .collect();
+    let hub = FakeHub::start(vec![FakeRepo::new("tiny/plain", &files)]);
+    let cache = temp_dir();
+    let located = resolve(
+        &ModelSpec::hub("tiny/plain"),
+        &hub.options(cache.path()),
+        &mut NoProgress,
+    )
+    .expect("download");
+    assert!(
+        located
+            .unet_weights
+            .ends_with("unet/diffusion_pytorch_model.safetensors")
+    );
+    let fetched: BTreeSet<String> = hub.resolved_files("tiny/plain").into_iter().collect();
+    let wanted: BTreeSet<String> = model_files_list(&FULL_WEIGHTS)
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(fetched, wanted);
+}
+
+#[test]
+fn a_partial_cache_downloads_only_what_it_lacks() {
+    if !online_allowed() {
+        return;
+    }
+    let hub = FakeHub::start(vec![sd15_like_repo()]);
+    let cache = temp_dir();
+    let have: Vec<&str> = model_files_list(&FP16_WEIGHTS)
+        .into_iter()
+        .filter(|f| !f.starts_with("vae/diffusion"))
+        .collect();
+    write_cached_repo(cache.path(), "tiny/sd15", SHA, &have);
+
+    let files = resolve(
+        &ModelSpec::hub("tiny/sd15"),
+        &hub.options(cache.path()),
+        &mut NoProgress,
+    )
+    .expect("completes the cache");
+    assert_eq!(
+        hub.resolved_files("tiny/sd15"),
+        ["vae/diffusion_pytorch_model.fp16.safetensors"]
+    );
+    assert_eq!(
+        std::fs::read(&files.vae_weights).expect("downloaded vae"),
+        contents("vae/diffusion_pytorch_model.fp16.safetensors")
+    );
+    assert!(matches!(
+        files.source,
+        ModelSource::Downloaded {
+            files_downloaded: 1,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn pickle_only_repo_is_refused_before_any_download() {
+    if !online_allowed() {
+        return;
+    }
+    let files: Vec<&str> = SMALL_FILES
+        .iter()
+        .copied()
+        .chain([
+            "unet/diffusion_pytorch_model.bin",
+            "vae/diffusion_pytorch_model.safetensors",
+            "text_encoder/model.safetensors",
+        ])
+        .collect();
+    let hub = FakeHub::start(vec![FakeRepo::new("tiny/pickles", &files)]);
+    let cache = temp_dir();
+    let err = resolve(
+        &ModelSpec::hub("tiny/pickles"),
+        &hub.options(cache.path()),
+        &mut NoProgress,
+    )
+    .expect_err("pickle-only unet");
+    assert!(matches!(err, ModelFilesError::PickleOnly { .. }), "{err:?}");
+    assert!(err.is_invalid_input());
+    assert_mentions(
+        &err,
+        &[
+            "tiny/pickles",
+            "unet/diffusion_pytorch_model.bin",
+            "arbitrary code",
+        ],
+    );
+    assert!(hub.touched_files("tiny/pickles").is_empty());
+}
+
+#[test]
+fn unknown_repo_says_it_was_not_found() {
+    if !online_allowed() {
+        return;
+    }
+    let hub = FakeHub::start(vec![sd15_like_repo()]);
+    let cache = temp_dir();
+    let err = resolve(
+        &ModelSpec::hub("nobody/nothing"),
+        &hub.options(cache.path()),
+        &mut NoProgress,
+    )
+    .expect_err("no such repo");
+    assert!(
+        matches!(err, ModelFilesError::RepoNotFound { .. }),
+        "{err:?}"
+    );
+    assert!(err.is_invalid_input());
+    assert_mentions(&err, &["nobody/nothing", "not found", "404"]);
+}
+
+#[test]
+fn gated_repo_says_how_to_get_access() {
+    if !online_allowed() {
+        return;
+    }
+    let repo = FakeRepo {
+        gated: true,
+        ..FakeRepo::new("tiny/gated", &model_files_list(&FULL_WEIGHTS))
+    };
+    let hub = FakeHub::start(vec![repo]);
+    let cache = temp_dir();
+    let err = resolve(
+        &ModelSpec::hub("tiny/gated"),
+        &hub.options(cache.path()),
+        &mut NoProgress,
+    )
+    .expect_err("gated repo");
+    assert!(
+        matches!(err, ModelFilesError::AccessDenied { status: 403, .. }),
+        "{err:?}"
+    );
+    assert!(err.is_invalid_input());
+    assert_mentions(&err, &["tiny/gated", "gated", "licence", "HF_TOKEN"]);
+}
+
+#[test]
+fn unreachable_hub_names_the_cache_it_looked_in() {
+    if !online_allowed() {
+        return;
+    }
+    let cache = temp_dir();
+    let opts = HubOptions {
+        endpoint: Some(format!("http://{}", closed_loopback_port())),
+        cache_dir: Some(cache.path().to_path_buf()),
+        offline: false,
+        token: None,
+    };
+    let started = Instant::now();
+    let err = resolve(&ModelSpec::hub("o/n"), &opts, &mut NoProgress).expect_err("no hub");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(matches!(err, ModelFilesError::NotCached { .. }), "{err:?}");
+    assert!(!err.is_invalid_input());
+    let repo_dir = repo_cache_dir(cache.path(), "o/n");
+    assert_mentions(
+        &err,
+        &[
+            "could not reach",
+            repo_dir.to_str().expect("utf-8"),
+            "unet/config.json",
+            "--model",
+        ],
+    );
+}
+
+#[test]
+fn cancelling_stops_between_files_and_a_later_run_finishes() {
+    if !online_allowed() {
+        return;
+    }
+    let hub = FakeHub::start(vec![sd15_like_repo()]);
+    let cache = temp_dir();
+    let spec = ModelSpec::hub("tiny/sd15");
+    let mut progress = Recorder {
+        cancel_after_files: Some(2),
+        ..Recorder::default()
+    };
+    let err = resolve(&spec, &hub.options(cache.path()), &mut progress).expect_err("cancelled");
+    assert!(matches!(err, ModelFilesError::Cancelled), "{err:?}");
+    assert!(!err.is_invalid_input());
+    let first_run = hub.resolved_files("tiny/sd15");
+    assert_eq!(first_run.len(), 2, "{first_run:?}");
+    assert!(progress.files.iter().all(|f| f.3), "started files finished");
+
+    let files = resolve(&spec, &hub.options(cache.path()), &mut NoProgress).expect("finishes");
+    let all_runs = hub.resolved_files("tiny/sd15");
+    assert_eq!(all_runs.len(), SMALL_FILES.len() + FP16_WEIGHTS.len());
+    assert!(
+        all_runs[2..].iter().all(|f| !first_run.contains(f)),
+        "nothing fetched twice: {all_runs:?}"
+    );
+    assert!(files.unet_weights.is_file());
+}
+
+#[test]
+fn hub_specs_built_by_hand_are_checked_before_touching_the_cache() {
+    let cache = temp_dir();
+    let spec = ModelSpec::Hub {
+        repo_id: "o/n".to_owned(),
+        revision: "../../escape".to_owned(),
+    };
+    let err = resolve(&spec, &offline_options(cache.path()), &mut NoProgress)
+        .expect_err("a revision that climbs out of the cache");
+    assert!(
+        matches!(err, ModelFilesError::InvalidModelArg { .. }),
+        "{err:?}"
+    );
+    assert!(err.is_invalid_input());
+}
