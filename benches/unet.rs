@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use candle_transformers::models::stable_diffusion::unet_2d::{BlockConfig, UNet2DConditionModel, UNet2DConditionModelConfig};
+use candle_transformers::models::stable_diffusion::unet_2d::{
+    BlockConfig, UNet2DConditionModel, UNet2DConditionModelConfig,
+};
 use unitune::engine::config::UnetConfig;
 use unitune::engine::unet::UNet;
 
@@ -46,8 +48,24 @@ const CONFIGS: &[BenchConfig] = &[
 
 fn our_config(c: &BenchConfig) -> UnetConfig {
     let n = c.channels.len();
-    let down: Vec<&str> = (0..n).map(|i| if i + 1 < n { "CrossAttnDownBlock2D" } else { "DownBlock2D" }).collect();
-    let up: Vec<&str> = (0..n).map(|i| if i == 0 { "UpBlock2D" } else { "CrossAttnUpBlock2D" }).collect();
+    let down: Vec<&str> = (0..n)
+        .map(|i| {
+            if i + 1 < n {
+                "CrossAttnDownBlock2D"
+            } else {
+                "DownBlock2D"
+            }
+        })
+        .collect();
+    let up: Vec<&str> = (0..n)
+        .map(|i| {
+            if i == 0 {
+                "UpBlock2D"
+            } else {
+                "CrossAttnUpBlock2D"
+            }
+        })
+        .collect();
     let json = serde_json::json!({
         "block_out_channels": c.channels,
         "down_block_types": down,
@@ -58,7 +76,8 @@ fn our_config(c: &BenchConfig) -> UnetConfig {
         "norm_num_groups": 32,
         "sample_size": c.latent_side,
     });
-    UnetConfig::from_json(&json.to_string(), "bench config".as_ref()).expect("bench config is valid")
+    UnetConfig::from_json(&json.to_string(), "bench config".as_ref())
+        .expect("bench config is valid")
 }
 
 fn baseline_config(c: &BenchConfig) -> UNet2DConditionModelConfig {
@@ -93,7 +112,10 @@ fn median(mut times: Vec<Duration>) -> Duration {
     times[times.len() / 2]
 }
 
-fn time<F: FnMut() -> candle_core::Result<()>>(iterations: usize, mut f: F) -> candle_core::Result<Duration> {
+fn time<F: FnMut() -> candle_core::Result<()>>(
+    iterations: usize,
+    mut f: F,
+) -> candle_core::Result<Duration> {
     f()?; // warm-up
     let mut times = Vec::with_capacity(iterations);
     for _ in 0..iterations {
@@ -112,7 +134,10 @@ fn main() -> candle_core::Result<()> {
         // Random weights with diffusers' names, shared by both models.
         let varmap = VarMap::new();
         let config = our_config(c);
-        let ours = UNet::new(&config, VarBuilder::from_varmap(&varmap, DType::F32, &device))?;
+        let ours = UNet::new(
+            &config,
+            VarBuilder::from_varmap(&varmap, DType::F32, &device),
+        )?;
         let tensors = varmap
             .data()
             .lock()
@@ -133,13 +158,20 @@ fn main() -> candle_core::Result<()> {
         let context = Tensor::randn(0f32, 1.0, (2, 77, c.cross_attention_dim), &device)?;
         let timesteps = Tensor::new(&[501f32, 501.0], &device)?;
 
-        let baseline_forward = time(c.iterations, || baseline.forward(&sample, 501.0, &context).map(|_| ()))?;
-        let our_forward = time(c.iterations, || ours.forward(&sample, &timesteps, &context).map(|_| ()))?;
+        let baseline_forward = time(c.iterations, || {
+            baseline.forward(&sample, 501.0, &context).map(|_| ())
+        })?;
+        let our_forward = time(c.iterations, || {
+            ours.forward(&sample, &timesteps, &context).map(|_| ())
+        })?;
 
         // Forward + backward with every weight trainable (the paper's full fine-tune).
         let vars: Vec<Var> = varmap.all_vars();
         let our_train = time(c.iterations, || {
-            let loss = ours.forward(&sample, &timesteps, &context)?.sqr()?.mean_all()?;
+            let loss = ours
+                .forward(&sample, &timesteps, &context)?
+                .sqr()?
+                .mean_all()?;
             let grads = loss.backward()?;
             debug_assert!(grads.get(vars[0].as_tensor()).is_some());
             Ok(())

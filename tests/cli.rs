@@ -33,11 +33,28 @@ fn unitune(args: &[&str], cache: &Path) -> Run {
 
 /// Asserts a failure with `code`, exactly one `error:` line containing `needle`, no panic.
 fn assert_fails(run: &Run, code: i32, needle: &str) {
-    let errors: Vec<&str> = run.stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    let errors: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("error:"))
+        .collect();
     assert_eq!(run.code, code, "exit code; stderr:\n{}", run.stderr);
-    assert_eq!(errors.len(), 1, "exactly one error line; stderr:\n{}", run.stderr);
-    assert!(errors[0].to_lowercase().contains(&needle.to_lowercase()), "error line lacks {needle:?}: {}", errors[0]);
-    assert!(!run.stderr.contains("panicked") && !run.stderr.contains("stack backtrace"), "{}", run.stderr);
+    assert_eq!(
+        errors.len(),
+        1,
+        "exactly one error line; stderr:\n{}",
+        run.stderr
+    );
+    assert!(
+        errors[0].to_lowercase().contains(&needle.to_lowercase()),
+        "error line lacks {needle:?}: {}",
+        errors[0]
+    );
+    assert!(
+        !run.stderr.contains("panicked") && !run.stderr.contains("stack backtrace"),
+        "{}",
+        run.stderr
+    );
 }
 
 fn model() -> String {
@@ -65,7 +82,14 @@ fn help_documents_the_commands() {
         assert!(run.stdout.contains(word), "--help lacks {word}");
     }
     let run = unitune(&["edit", "--help"], dir.path());
-    for word in ["--tune-steps", "--t0", "--guidance", "--seed", "--sampling-steps", "--out"] {
+    for word in [
+        "--tune-steps",
+        "--t0",
+        "--guidance",
+        "--seed",
+        "--sampling-steps",
+        "--out",
+    ] {
         assert!(run.stdout.contains(word), "edit --help lacks {word}");
     }
 }
@@ -76,14 +100,27 @@ fn generate_writes_a_png_with_its_recipe_and_reproduces_by_seed() {
     let out = |n: &str| dir.path().join(n);
     let args = |o: &PathBuf| {
         vec![
-            "generate".to_string(), "--prompt".into(), "a photo of a cat".into(), "--model".into(), model(),
-            "--seed".into(), "42".into(), "--sampling-steps".into(), "3".into(), "--device".into(), "cpu".into(),
-            "--out".into(), path_str(o),
+            "generate".to_string(),
+            "--prompt".into(),
+            "a photo of a cat".into(),
+            "--model".into(),
+            model(),
+            "--seed".into(),
+            "42".into(),
+            "--sampling-steps".into(),
+            "3".into(),
+            "--device".into(),
+            "cpu".into(),
+            "--out".into(),
+            path_str(o),
         ]
     };
     for name in ["a.png", "b.png"] {
         let a: Vec<String> = args(&out(name));
-        let run = unitune(&a.iter().map(String::as_str).collect::<Vec<_>>(), dir.path());
+        let run = unitune(
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+            dir.path(),
+        );
         assert_eq!(run.code, 0, "{}", run.stderr);
         assert!(run.stdout.contains(name));
     }
@@ -93,13 +130,22 @@ fn generate_writes_a_png_with_its_recipe_and_reproduces_by_seed() {
     assert_eq!(a.as_raw(), b.as_raw(), "same seed, same pixels");
 
     let text = read_png_text(&out("a.png")).unwrap();
-    let get = |k: &str| text.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).unwrap_or_default();
+    let get = |k: &str| {
+        text.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
     let recipe: serde_json::Value = serde_json::from_str(&get("unitune")).unwrap();
     assert_eq!(recipe["seed"], 42);
     assert_eq!(recipe["prompt"], "a photo of a cat");
     assert_eq!(recipe["sampling_steps"], 3);
-    assert!(recipe["revision"].is_string() && recipe["program"].as_str().unwrap().contains("unitune"));
-    assert!(get("parameters").contains("Seed: 42") && get("parameters").starts_with("a photo of a cat"));
+    assert!(
+        recipe["revision"].is_string() && recipe["program"].as_str().unwrap().contains("unitune")
+    );
+    assert!(
+        get("parameters").contains("Seed: 42") && get("parameters").starts_with("a photo of a cat")
+    );
 }
 
 #[test]
@@ -107,15 +153,40 @@ fn edit_without_fine_tuning_returns_the_photo_size() {
     let dir = temp();
     let out = dir.path().join("edited.png");
     let run = unitune(
-        &["edit", &photo(), "--prompt", "a cat wearing sunglasses", "--tune-steps", "0", "--t0", "0.5", "--model", &model(),
-          "--seed", "1", "--sampling-steps", "4", "--device", "cpu", "--out", &path_str(&out)],
+        &[
+            "edit",
+            &photo(),
+            "--prompt",
+            "a cat wearing sunglasses",
+            "--tune-steps",
+            "0",
+            "--t0",
+            "0.5",
+            "--model",
+            &model(),
+            "--seed",
+            "1",
+            "--sampling-steps",
+            "4",
+            "--device",
+            "cpu",
+            "--out",
+            &path_str(&out),
+        ],
         dir.path(),
     );
     assert_eq!(run.code, 0, "{}", run.stderr);
     let edited = image::open(&out).unwrap();
-    assert_eq!((edited.width(), edited.height()), (451, 300), "result at the photo's own size");
+    assert_eq!(
+        (edited.width(), edited.height()),
+        (451, 300),
+        "result at the photo's own size"
+    );
     let text = read_png_text(&out).unwrap();
-    assert!(text.iter().any(|(k, v)| k == "unitune" && v.contains("\"t0\":0.5")));
+    assert!(
+        text.iter()
+            .any(|(k, v)| k == "unitune" && v.contains("\"t0\":0.5"))
+    );
 }
 
 #[test]
@@ -123,7 +194,19 @@ fn an_existing_output_is_never_clobbered_silently() {
     let dir = temp();
     let out = dir.path().join("keep.png");
     std::fs::write(&out, b"precious").unwrap();
-    let base = ["generate", "--prompt", "x", "--model", &model(), "--seed", "1", "--sampling-steps", "1", "--device", "cpu"];
+    let base = [
+        "generate",
+        "--prompt",
+        "x",
+        "--model",
+        &model(),
+        "--seed",
+        "1",
+        "--sampling-steps",
+        "1",
+        "--device",
+        "cpu",
+    ];
     let mut args = base.to_vec();
     let out_str = path_str(&out);
     args.extend(["--out", &out_str]);
@@ -133,7 +216,16 @@ fn an_existing_output_is_never_clobbered_silently() {
     args.push("--overwrite");
     assert_eq!(unitune(&args, dir.path()).code, 0);
     assert!(image::open(&out).is_ok());
-    let leftovers = std::fs::read_dir(dir.path()).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(".part")).count();
+    let leftovers = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains(".part")
+        })
+        .count();
     assert_eq!(leftovers, 0, "no temp files left");
 }
 
@@ -153,7 +245,22 @@ fn copy_dir(from: &Path, to: &Path) {
 fn edit_with_model(model: &str, dir: &Path) -> Run {
     let out = path_str(&dir.join("out.png"));
     unitune(
-        &["edit", &photo(), "--prompt", "x", "--tune-steps", "0", "--model", model, "--sampling-steps", "1", "--device", "cpu", "--out", &out],
+        &[
+            "edit",
+            &photo(),
+            "--prompt",
+            "x",
+            "--tune-steps",
+            "0",
+            "--model",
+            model,
+            "--sampling-steps",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            &out,
+        ],
         dir,
     )
 }
@@ -162,13 +269,25 @@ fn edit_with_model(model: &str, dir: &Path) -> Run {
 fn bad_model_folders_are_input_errors() {
     let dir = temp();
     // A path that does not exist.
-    assert_fails(&edit_with_model("./no/such/model", dir.path()), 2, "no/such/model");
+    assert_fails(
+        &edit_with_model("./no/such/model", dir.path()),
+        2,
+        "no/such/model",
+    );
 
     // Pickle weights only: refused, with the reason.
     let pickled = dir.path().join("pickled");
     copy_dir(&model_dir("sd15-tiny"), &pickled);
-    std::fs::rename(pickled.join("unet/diffusion_pytorch_model.safetensors"), pickled.join("unet/diffusion_pytorch_model.bin")).unwrap();
-    assert_fails(&edit_with_model(&path_str(&pickled), dir.path()), 2, "safetensors");
+    std::fs::rename(
+        pickled.join("unet/diffusion_pytorch_model.safetensors"),
+        pickled.join("unet/diffusion_pytorch_model.bin"),
+    )
+    .unwrap();
+    assert_fails(
+        &edit_with_model(&path_str(&pickled), dir.path()),
+        2,
+        "safetensors",
+    );
 
     // Truncated weights.
     let damaged = dir.path().join("damaged");
@@ -176,28 +295,49 @@ fn bad_model_folders_are_input_errors() {
     let weights = damaged.join("unet/diffusion_pytorch_model.safetensors");
     let bytes = std::fs::read(&weights).unwrap();
     std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
-    assert_fails(&edit_with_model(&path_str(&damaged), dir.path()), 2, "damaged");
+    assert_fails(
+        &edit_with_model(&path_str(&damaged), dir.path()),
+        2,
+        "damaged",
+    );
 
     // Weights that do not match the config.
     let mismatched = dir.path().join("mismatched");
     copy_dir(&model_dir("sd15-tiny"), &mismatched);
-    std::fs::copy(model_dir("sd2-tiny").join("unet/config.json"), mismatched.join("unet/config.json")).unwrap();
-    assert_fails(&edit_with_model(&path_str(&mismatched), dir.path()), 2, "do not match");
+    std::fs::copy(
+        model_dir("sd2-tiny").join("unet/config.json"),
+        mismatched.join("unet/config.json"),
+    )
+    .unwrap();
+    assert_fails(
+        &edit_with_model(&path_str(&mismatched), dir.path()),
+        2,
+        "do not match",
+    );
 
     // An architecture we do not run, named by its field.
     let unsupported = dir.path().join("unsupported");
     copy_dir(&model_dir("sd15-tiny"), &unsupported);
     let config_path = unsupported.join("unet/config.json");
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
     config["addition_embed_type"] = "text_time".into();
     std::fs::write(&config_path, config.to_string()).unwrap();
-    assert_fails(&edit_with_model(&path_str(&unsupported), dir.path()), 2, "addition_embed_type");
+    assert_fails(
+        &edit_with_model(&path_str(&unsupported), dir.path()),
+        2,
+        "addition_embed_type",
+    );
 
     // A missing config.
     let missing = dir.path().join("missing");
     copy_dir(&model_dir("sd15-tiny"), &missing);
     std::fs::remove_file(missing.join("vae/config.json")).unwrap();
-    assert_fails(&edit_with_model(&path_str(&missing), dir.path()), 2, "config.json");
+    assert_fails(
+        &edit_with_model(&path_str(&missing), dir.path()),
+        2,
+        "config.json",
+    );
 }
 
 #[test]
@@ -213,12 +353,29 @@ fn bad_images_and_arguments_are_input_errors() {
     let d = dir.path();
     let model = model();
     let run_edit = |image: &str, extra: &[&str]| {
-        let mut args = vec!["edit", image, "--prompt", "x", "--tune-steps", "0", "--model", &model, "--sampling-steps", "1", "--device", "cpu"];
+        let mut args = vec![
+            "edit",
+            image,
+            "--prompt",
+            "x",
+            "--tune-steps",
+            "0",
+            "--model",
+            &model,
+            "--sampling-steps",
+            "1",
+            "--device",
+            "cpu",
+        ];
         args.extend_from_slice(extra);
         unitune(&args, d)
     };
 
-    assert_fails(&run_edit(&path_str(&d.join("missing.png")), &[]), 2, "missing.png");
+    assert_fails(
+        &run_edit(&path_str(&d.join("missing.png")), &[]),
+        2,
+        "missing.png",
+    );
     let corrupt = d.join("corrupt.png");
     let mut bytes = std::fs::read(fixtures().join("photos/chelsea.png")).unwrap();
     bytes.truncate(bytes.len() / 3);
@@ -231,13 +388,52 @@ fn bad_images_and_arguments_are_input_errors() {
     let p = photo();
     assert_fails(&run_edit(&p, &["--size", "500x300"]), 2, "64");
     assert_fails(&run_edit(&p, &["--t0", "1.5"]), 2, "t0");
-    assert_fails(&run_edit(&p, &["--sampling-steps", "0"]), 2, "sampling-steps");
-    assert_fails(&run_edit(&p, &["--out", &path_str(&d.join("x.bmp"))]), 2, ".png");
-    assert_fails(&unitune(&["edit", &p, "--prompt", "", "--tune-steps", "0"], d), 2, "prompt");
-    assert_fails(&unitune(&["edit", &p, "--prompt", "x", "--tune-steps", "8"], d), 2, "tune-steps");
-    assert_fails(&unitune(&["edit", &p, "--prompt", "x", "--tune-steps", "0", "--frobnicate"], d), 2, "frobnicate");
-    assert_fails(&unitune(&["edit", &p, "--tune-steps", "0"], d), 2, "--prompt");
-    assert_fails(&unitune(&["generate", "--prompt", "x", "--device", "quantum"], d), 2, "quantum");
+    assert_fails(
+        &run_edit(&p, &["--sampling-steps", "0"]),
+        2,
+        "sampling-steps",
+    );
+    assert_fails(
+        &run_edit(&p, &["--out", &path_str(&d.join("x.bmp"))]),
+        2,
+        ".png",
+    );
+    assert_fails(
+        &unitune(&["edit", &p, "--prompt", "", "--tune-steps", "0"], d),
+        2,
+        "prompt",
+    );
+    assert_fails(
+        &unitune(&["edit", &p, "--prompt", "x", "--tune-steps", "8"], d),
+        2,
+        "tune-steps",
+    );
+    assert_fails(
+        &unitune(
+            &[
+                "edit",
+                &p,
+                "--prompt",
+                "x",
+                "--tune-steps",
+                "0",
+                "--frobnicate",
+            ],
+            d,
+        ),
+        2,
+        "frobnicate",
+    );
+    assert_fails(
+        &unitune(&["edit", &p, "--tune-steps", "0"], d),
+        2,
+        "--prompt",
+    );
+    assert_fails(
+        &unitune(&["generate", "--prompt", "x", "--device", "quantum"], d),
+        2,
+        "quantum",
+    );
 }
 
 #[test]
@@ -246,7 +442,18 @@ fn an_unavailable_device_is_a_clear_error() {
         return;
     }
     let dir = temp();
-    let run = unitune(&["generate", "--prompt", "x", "--model", &model(), "--device", "cuda"], dir.path());
+    let run = unitune(
+        &[
+            "generate",
+            "--prompt",
+            "x",
+            "--model",
+            &model(),
+            "--device",
+            "cuda",
+        ],
+        dir.path(),
+    );
     assert_fails(&run, 2, "cuda");
 }
 
@@ -256,10 +463,30 @@ fn export_to_a_read_only_place_fails_without_leftovers() {
     // Root ignores file permissions, so use a read-only filesystem when there is one.
     let target = Path::new("/proc/unitune-test-out.png");
     let run = unitune(
-        &["generate", "--prompt", "x", "--model", &model(), "--sampling-steps", "1", "--device", "cpu", "--out", &path_str(target)],
+        &[
+            "generate",
+            "--prompt",
+            "x",
+            "--model",
+            &model(),
+            "--sampling-steps",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            &path_str(target),
+        ],
         dir.path(),
     );
     assert_ne!(run.code, 0);
-    assert_eq!(run.stderr.lines().filter(|l| l.starts_with("error:")).count(), 1, "{}", run.stderr);
+    assert_eq!(
+        run.stderr
+            .lines()
+            .filter(|l| l.starts_with("error:"))
+            .count(),
+        1,
+        "{}",
+        run.stderr
+    );
     assert!(!target.exists());
 }

@@ -40,11 +40,25 @@ fn trainable_unet(name: &str, dtype: DType) -> Trainable {
         vars.push((key, var));
     }
     vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let unet = UNet::new(&config, VarBuilder::from_tensors(tensors, dtype, &Device::Cpu)).unwrap();
+    let unet = UNet::new(
+        &config,
+        VarBuilder::from_tensors(tensors, dtype, &Device::Cpu),
+    )
+    .unwrap();
     // The in-painting fixture is a UNet alone; it was trained against SD 1.5's schedule.
-    let scheduler_dir = if dir.join("scheduler").exists() { dir.clone() } else { model_dir("sd15-tiny") };
-    let scheduler = DdimScheduler::new(&SchedulerConfig::load(&scheduler_dir.join("scheduler/scheduler_config.json")).unwrap());
-    Trainable { unet, vars, scheduler }
+    let scheduler_dir = if dir.join("scheduler").exists() {
+        dir.clone()
+    } else {
+        model_dir("sd15-tiny")
+    };
+    let scheduler = DdimScheduler::new(
+        &SchedulerConfig::load(&scheduler_dir.join("scheduler/scheduler_config.json")).unwrap(),
+    );
+    Trainable {
+        unet,
+        vars,
+        scheduler,
+    }
 }
 
 struct Batch {
@@ -68,12 +82,24 @@ fn batch(reference: &Reference, dtype: DType) -> Batch {
             .map(|v| v as usize)
             .collect(),
         context: t("train_encoder_hidden_states"),
-        conditioning: reference.tensors.contains_key("train_inpaint_cond").then(|| t("train_inpaint_cond")),
+        conditioning: reference
+            .tensors
+            .contains_key("train_inpaint_cond")
+            .then(|| t("train_inpaint_cond")),
     }
 }
 
 fn loss(model: &Trainable, b: &Batch) -> Tensor {
-    denoising_loss(&model.unet, &model.scheduler, &b.latents, &b.noise, &b.timesteps, &b.context, b.conditioning.as_ref()).unwrap()
+    denoising_loss(
+        &model.unet,
+        &model.scheduler,
+        &b.latents,
+        &b.noise,
+        &b.timesteps,
+        &b.context,
+        b.conditioning.as_ref(),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -83,9 +109,17 @@ fn gradients_match_pytorch_for_every_unet_parameter() {
         let reference = Reference::load(name);
         let b = batch(&reference, DType::F32);
         let loss = loss(&model, &b);
-        let expected_loss = reference.f32("train_loss").flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
+        let expected_loss = reference
+            .f32("train_loss")
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0];
         let got_loss = loss.to_scalar::<f32>().unwrap();
-        assert!((got_loss - expected_loss).abs() <= 1e-5 * expected_loss.abs().max(1.0), "{name}: loss {got_loss} vs {expected_loss}");
+        assert!(
+            (got_loss - expected_loss).abs() <= 1e-5 * expected_loss.abs().max(1.0),
+            "{name}: loss {got_loss} vs {expected_loss}"
+        );
 
         let grads = loss.backward().unwrap();
         let mut checked = 0;
@@ -96,16 +130,27 @@ fn gradients_match_pytorch_for_every_unet_parameter() {
                 .unwrap_or_else(|| panic!("{name}: no gradient reached {key}"));
             let scale = max_abs(&expected);
             let diff = max_abs_diff(got, &expected);
-            assert!(diff <= 1e-5 + 2e-3 * scale, "{name}: gradient of {key} off by {diff:e} (magnitude {scale:e})");
+            assert!(
+                diff <= 1e-5 + 2e-3 * scale,
+                "{name}: gradient of {key} off by {diff:e} (magnitude {scale:e})"
+            );
             checked += 1;
         }
         let recorded = reference.json["train_grad_params"].as_u64().unwrap() as usize;
-        assert_eq!(checked, recorded, "{name}: every parameter with a recorded gradient was checked");
+        assert_eq!(
+            checked, recorded,
+            "{name}: every parameter with a recorded gradient was checked"
+        );
     }
 }
 
 fn set_element(var: &Var, index: usize, value: f64) {
-    let mut values = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let mut values = var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
     values[index] = value;
     let tensor = Tensor::from_vec(values, var.as_tensor().shape(), &Device::Cpu).unwrap();
     var.set(&tensor).unwrap();
@@ -115,8 +160,25 @@ fn set_element(var: &Var, index: usize, value: f64) {
 fn gradients_match_finite_differences_in_f64() {
     let name = "sd15-tiny";
     let model = trainable_unet(name, DType::F64);
+    // An 8x8 latent keeps the 600 extra forwards quick; two samples, two timesteps.
+    let normal = |seed: u64| {
+        unitune::engine::noise::NoiseSource::from_seed(seed)
+            .normal((2, 4, 8, 8), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+    };
     let reference = Reference::load(name);
-    let b = batch(&reference, DType::F64);
+    let b = Batch {
+        latents: normal(1),
+        noise: normal(2),
+        timesteps: vec![750, 42],
+        context: reference
+            .f32("train_encoder_hidden_states")
+            .to_dtype(DType::F64)
+            .unwrap(),
+        conditioning: None,
+    };
     let grads = loss(&model, &b).backward().unwrap();
 
     // One coordinate per parameter tensor: the one with the largest gradient, so the check is
@@ -124,7 +186,9 @@ fn gradients_match_finite_differences_in_f64() {
     let step = 1e-4;
     let mut worst: (f64, String) = (0.0, String::new());
     for (key, var) in &model.vars {
-        let grad = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient reached {key}"));
+        let grad = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient reached {key}"));
         let grad: Vec<f64> = grad.flatten_all().unwrap().to_vec1().unwrap();
         let (index, analytic) = grad
             .iter()
@@ -132,7 +196,12 @@ fn gradients_match_finite_differences_in_f64() {
             .enumerate()
             .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
             .unwrap();
-        let original = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap()[index];
+        let original = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()[index];
         set_element(var, index, original + step);
         let up = loss(&model, &b).to_scalar::<f64>().unwrap();
         set_element(var, index, original - step);
@@ -143,7 +212,13 @@ fn gradients_match_finite_differences_in_f64() {
         if relative > worst.0 {
             worst = (relative, key.clone());
         }
-        assert!(relative <= 1e-4, "{key}[{index}]: analytic {analytic:e} vs finite difference {numeric:e}");
+        assert!(
+            relative <= 1e-4,
+            "{key}[{index}]: analytic {analytic:e} vs finite difference {numeric:e}"
+        );
     }
-    eprintln!("worst relative finite-difference error: {:e} ({})", worst.0, worst.1);
+    eprintln!(
+        "worst relative finite-difference error: {:e} ({})",
+        worst.0, worst.1
+    );
 }

@@ -11,7 +11,9 @@ use std::ops::ControlFlow;
 use candle_core::Tensor;
 use common::{MODELS, Reference, assert_close, load_model};
 use unitune::engine::EngineError;
-use unitune::engine::sampling::{Guidance, SampleRequest, Start, StepObserver, StepView, denoise, no_observer, sample};
+use unitune::engine::sampling::{
+    Guidance, SampleRequest, Start, StepObserver, StepView, denoise, no_observer, sample,
+};
 
 const TOLERANCE: f32 = 1e-3;
 
@@ -45,28 +47,75 @@ fn img2img_loop_matches_diffusers_step_by_step() {
         let model = load_model(name);
         let reference = Reference::load(name);
         let (prompt, guidance_weight, steps) = params(&reference, "img2img_params");
-        let strength = reference.json["img2img_params"]["strength"].as_f64().unwrap();
+        let strength = reference.json["img2img_params"]["strength"]
+            .as_f64()
+            .unwrap();
 
         let timesteps = model.scheduler.sdedit_timesteps(steps, strength).unwrap();
-        assert_eq!(timesteps, reference.usize_list("img2img_timesteps"), "{name}");
+        assert_eq!(
+            timesteps,
+            reference.usize_list("img2img_timesteps"),
+            "{name}"
+        );
 
         let dist = model.vae.encode(&reference.f32("img2img_image")).unwrap();
-        let init = (dist.sample(&reference.f32("img2img_encode_noise")).unwrap() * model.config.vae.scaling_factor).unwrap();
-        assert_close(&format!("{name} init latents"), &init, &reference.f32("img2img_init_latents"), 1e-4);
-        let start = model.scheduler.add_noise(&init, &reference.f32("img2img_noise"), &timesteps[..1]).unwrap();
-        assert_close(&format!("{name} start latents"), &start, &reference.f32("img2img_latents_start"), 1e-4);
+        let init = (dist.sample(&reference.f32("img2img_encode_noise")).unwrap()
+            * model.config.vae.scaling_factor)
+            .unwrap();
+        assert_close(
+            &format!("{name} init latents"),
+            &init,
+            &reference.f32("img2img_init_latents"),
+            1e-4,
+        );
+        let start = model
+            .scheduler
+            .add_noise(&init, &reference.f32("img2img_noise"), &timesteps[..1])
+            .unwrap();
+        assert_close(
+            &format!("{name} start latents"),
+            &start,
+            &reference.f32("img2img_latents_start"),
+            1e-4,
+        );
 
         let guidance = Guidance::new(&model, &prompt, "", guidance_weight).unwrap();
         let mut observer = Recorder::default();
-        let last = denoise(&model, reference.f32("img2img_latents_start"), &timesteps, steps, &guidance, &mut observer).unwrap();
+        let last = denoise(
+            &model,
+            reference.f32("img2img_latents_start"),
+            &timesteps,
+            steps,
+            &guidance,
+            &mut observer,
+        )
+        .unwrap();
         let Recorder { latents, x0 } = observer;
         assert_eq!(latents.len(), timesteps.len());
         for i in 0..timesteps.len() {
-            assert_close(&format!("{name} step {i} latents"), &latents[i], &reference.f32(&format!("img2img_latents_{i}")), TOLERANCE);
-            assert_close(&format!("{name} step {i} x0"), &x0[i], &reference.f32(&format!("img2img_x0_{i}")), TOLERANCE);
+            assert_close(
+                &format!("{name} step {i} latents"),
+                &latents[i],
+                &reference.f32(&format!("img2img_latents_{i}")),
+                TOLERANCE,
+            );
+            assert_close(
+                &format!("{name} step {i} x0"),
+                &x0[i],
+                &reference.f32(&format!("img2img_x0_{i}")),
+                TOLERANCE,
+            );
         }
-        let decoded = model.vae.decode(&(last / model.config.vae.scaling_factor).unwrap()).unwrap();
-        assert_close(&format!("{name} decoded"), &decoded, &reference.f32("img2img_decoded"), TOLERANCE);
+        let decoded = model
+            .vae
+            .decode(&(last / model.config.vae.scaling_factor).unwrap())
+            .unwrap();
+        assert_close(
+            &format!("{name} decoded"),
+            &decoded,
+            &reference.f32("img2img_decoded"),
+            TOLERANCE,
+        );
     }
 }
 
@@ -77,22 +126,54 @@ fn txt2img_loop_matches_diffusers_step_by_step() {
         let reference = Reference::load(name);
         let (prompt, guidance_weight, steps) = params(&reference, "txt2img_params");
         let timesteps = model.scheduler.timesteps(steps).unwrap();
-        assert_eq!(timesteps, reference.usize_list("txt2img_timesteps"), "{name}");
+        assert_eq!(
+            timesteps,
+            reference.usize_list("txt2img_timesteps"),
+            "{name}"
+        );
         let guidance = Guidance::new(&model, &prompt, "", guidance_weight).unwrap();
         let mut observer = Recorder::default();
-        let last = denoise(&model, reference.f32("txt2img_init_noise"), &timesteps, steps, &guidance, &mut observer).unwrap();
+        let last = denoise(
+            &model,
+            reference.f32("txt2img_init_noise"),
+            &timesteps,
+            steps,
+            &guidance,
+            &mut observer,
+        )
+        .unwrap();
         let Recorder { latents, x0 } = observer;
         for i in 0..timesteps.len() {
-            assert_close(&format!("{name} step {i} latents"), &latents[i], &reference.f32(&format!("txt2img_latents_{i}")), TOLERANCE);
-            assert_close(&format!("{name} step {i} x0"), &x0[i], &reference.f32(&format!("txt2img_x0_{i}")), TOLERANCE);
+            assert_close(
+                &format!("{name} step {i} latents"),
+                &latents[i],
+                &reference.f32(&format!("txt2img_latents_{i}")),
+                TOLERANCE,
+            );
+            assert_close(
+                &format!("{name} step {i} x0"),
+                &x0[i],
+                &reference.f32(&format!("txt2img_x0_{i}")),
+                TOLERANCE,
+            );
         }
-        let decoded = model.vae.decode(&(last / model.config.vae.scaling_factor).unwrap()).unwrap();
-        assert_close(&format!("{name} decoded"), &decoded, &reference.f32("txt2img_decoded"), TOLERANCE);
+        let decoded = model
+            .vae
+            .decode(&(last / model.config.vae.scaling_factor).unwrap())
+            .unwrap();
+        assert_close(
+            &format!("{name} decoded"),
+            &decoded,
+            &reference.f32("txt2img_decoded"),
+            TOLERANCE,
+        );
     }
 }
 
 fn photo() -> image::RgbImage {
-    image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([(x * 4) as u8, (y * 4) as u8, ((x + y) * 2) as u8]))
+    image::RgbImage::from_fn(64, 64, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 4) as u8, ((x + y) * 2) as u8])
+    })
 }
 
 fn edit_request<'a>(photo: &'a image::RgbImage, seed: u64, t0_fraction: f64) -> SampleRequest<'a> {
@@ -102,7 +183,10 @@ fn edit_request<'a>(photo: &'a image::RgbImage, seed: u64, t0_fraction: f64) -> 
         guidance_weight: 7.5,
         sampling_steps: 8,
         seed,
-        start: Start::Photo { image: photo, t0_fraction },
+        start: Start::Photo {
+            image: photo,
+            t0_fraction,
+        },
     }
 }
 
@@ -114,12 +198,22 @@ fn the_same_seed_gives_the_same_image_bit_for_bit() {
     let b = sample(&model, &edit_request(&photo, 11, 0.7), &mut no_observer()).unwrap();
     let c = sample(&model, &edit_request(&photo, 12, 0.7), &mut no_observer()).unwrap();
     assert_eq!(a.image.as_raw(), b.image.as_raw(), "same seed, same pixels");
-    let (la, lb) = (a.latents.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.latents.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    let (la, lb) = (
+        a.latents.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        b.latents.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+    );
     assert_eq!(la, lb, "same seed, same latents bit for bit");
-    assert_ne!(a.image.as_raw(), c.image.as_raw(), "another seed, another image");
+    assert_ne!(
+        a.image.as_raw(),
+        c.image.as_raw(),
+        "another seed, another image"
+    );
 
     let generate = |seed| SampleRequest {
-        start: Start::Noise { width: 64, height: 64 },
+        start: Start::Noise {
+            width: 64,
+            height: 64,
+        },
         ..edit_request(&photo, seed, 1.0)
     };
     let g1 = sample(&model, &generate(5), &mut no_observer()).unwrap();
@@ -140,7 +234,9 @@ fn t0_zero_returns_the_photo_through_the_vae() {
     assert!(out.timesteps.is_empty());
     assert_eq!(steps_seen, 0, "no denoising step runs at t0 = 0");
     let mut noise = unitune::engine::noise::NoiseSource::from_seed(3);
-    let expected = model.decode_latents(&model.encode_image(&photo, &mut noise).unwrap()).unwrap();
+    let expected = model
+        .decode_latents(&model.encode_image(&photo, &mut noise).unwrap())
+        .unwrap();
     assert_eq!(out.image.as_raw(), expected.as_raw());
 }
 
@@ -152,7 +248,11 @@ fn the_observer_stops_sampling_within_one_step() {
     let mut stop_after_two = |view: &StepView| {
         calls += 1;
         assert_eq!(view.total_steps, 8);
-        if view.step == 2 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+        if view.step == 2 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
     };
     let result = sample(&model, &edit_request(&photo, 1, 1.0), &mut stop_after_two);
     assert!(matches!(result, Err(EngineError::Cancelled)));
@@ -163,13 +263,43 @@ fn the_observer_stops_sampling_within_one_step() {
 fn bad_requests_are_refused_with_a_reason() {
     let model = load_model("sd15-tiny");
     let photo = photo();
-    let empty = SampleRequest { prompt: "  ", ..edit_request(&photo, 1, 0.5) };
+    let empty = SampleRequest {
+        prompt: "  ",
+        ..edit_request(&photo, 1, 0.5)
+    };
     let err = sample(&model, &empty, &mut no_observer()).unwrap_err();
-    assert!(err.is_invalid_input() && err.to_string().contains("prompt is empty"), "{err}");
-    let zero_steps = SampleRequest { sampling_steps: 0, ..edit_request(&photo, 1, 0.5) };
-    assert!(sample(&model, &zero_steps, &mut no_observer()).unwrap_err().to_string().contains("at least 1"));
-    let odd = SampleRequest { start: Start::Noise { width: 50, height: 64 }, ..edit_request(&photo, 1, 0.5) };
-    assert!(sample(&model, &odd, &mut no_observer()).unwrap_err().to_string().contains("multiple"));
+    assert!(
+        err.is_invalid_input() && err.to_string().contains("prompt is empty"),
+        "{err}"
+    );
+    let zero_steps = SampleRequest {
+        sampling_steps: 0,
+        ..edit_request(&photo, 1, 0.5)
+    };
+    assert!(
+        sample(&model, &zero_steps, &mut no_observer())
+            .unwrap_err()
+            .to_string()
+            .contains("at least 1")
+    );
+    let odd = SampleRequest {
+        start: Start::Noise {
+            width: 50,
+            height: 64,
+        },
+        ..edit_request(&photo, 1, 0.5)
+    };
+    assert!(
+        sample(&model, &odd, &mut no_observer())
+            .unwrap_err()
+            .to_string()
+            .contains("multiple")
+    );
     let bad_t0 = edit_request(&photo, 1, 1.5);
-    assert!(sample(&model, &bad_t0, &mut no_observer()).unwrap_err().to_string().contains("t0"));
+    assert!(
+        sample(&model, &bad_t0, &mut no_observer())
+            .unwrap_err()
+            .to_string()
+            .contains("t0")
+    );
 }

@@ -14,7 +14,8 @@ use unitune::engine::scheduler::DdimScheduler;
 
 fn config_with(name: &str, overrides: &[(&str, serde_json::Value)]) -> SchedulerConfig {
     let file = model_dir(name).join("scheduler/scheduler_config.json");
-    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
     for (key, value) in overrides {
         json[*key] = value.clone();
     }
@@ -22,7 +23,12 @@ fn config_with(name: &str, overrides: &[(&str, serde_json::Value)]) -> Scheduler
 }
 
 fn assert_schedule_close(what: &str, ours: &[f32], theirs: &serde_json::Value) {
-    let theirs: Vec<f64> = theirs.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let theirs: Vec<f64> = theirs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
     assert_eq!(ours.len(), theirs.len(), "{what}: length");
     let worst = ours
         .iter()
@@ -37,9 +43,14 @@ fn alphas_cumprod_match_for_every_beta_schedule() {
     for name in MODELS {
         let reference = Reference::load(name);
         let scheduler = DdimScheduler::new(&config_with(name, &[]));
-        assert_schedule_close(&format!("{name} alphas_cumprod"), scheduler.alphas_cumprod(), &reference.json["alphas_cumprod"]);
+        assert_schedule_close(
+            &format!("{name} alphas_cumprod"),
+            scheduler.alphas_cumprod(),
+            &reference.json["alphas_cumprod"],
+        );
         for schedule in ["linear", "scaled_linear", "squaredcos_cap_v2"] {
-            let scheduler = DdimScheduler::new(&config_with(name, &[("beta_schedule", schedule.into())]));
+            let scheduler =
+                DdimScheduler::new(&config_with(name, &[("beta_schedule", schedule.into())]));
             assert_schedule_close(
                 &format!("{name} {schedule}"),
                 scheduler.alphas_cumprod(),
@@ -56,9 +67,17 @@ fn timesteps_match_for_every_spacing_and_step_count() {
         let by_spacing = reference.json["ddim_timesteps"].as_object().unwrap();
         assert_eq!(by_spacing.len(), 3);
         for (spacing, by_count) in by_spacing {
-            let scheduler = DdimScheduler::new(&config_with(name, &[("timestep_spacing", spacing.as_str().into())]));
+            let scheduler = DdimScheduler::new(&config_with(
+                name,
+                &[("timestep_spacing", spacing.as_str().into())],
+            ));
             for (count, expected) in by_count.as_object().unwrap() {
-                let expected: Vec<usize> = expected.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+                let expected: Vec<usize> = expected
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap() as usize)
+                    .collect();
                 let got = scheduler.timesteps(count.parse().unwrap()).unwrap();
                 assert_eq!(got, expected, "{name} {spacing} {count} steps");
             }
@@ -79,9 +98,18 @@ fn zero_or_too_many_steps_are_refused() {
 fn sdedit_start_selects_the_tail_of_the_schedule() {
     let reference = Reference::load("sd15-tiny");
     let scheduler = DdimScheduler::new(&config_with("sd15-tiny", &[]));
-    assert_eq!(scheduler.sdedit_timesteps(10, 0.6).unwrap(), reference.usize_list("img2img_timesteps"));
-    assert!(scheduler.sdedit_timesteps(10, 0.0).unwrap().is_empty(), "t0 = 0 runs no step");
-    assert_eq!(scheduler.sdedit_timesteps(10, 1.0).unwrap(), scheduler.timesteps(10).unwrap());
+    assert_eq!(
+        scheduler.sdedit_timesteps(10, 0.6).unwrap(),
+        reference.usize_list("img2img_timesteps")
+    );
+    assert!(
+        scheduler.sdedit_timesteps(10, 0.0).unwrap().is_empty(),
+        "t0 = 0 runs no step"
+    );
+    assert_eq!(
+        scheduler.sdedit_timesteps(10, 1.0).unwrap(),
+        scheduler.timesteps(10).unwrap()
+    );
 }
 
 #[test]
@@ -99,10 +127,20 @@ fn add_noise_and_velocity_match() {
         let original = reference.f32("add_noise_original");
         let noise = reference.f32("add_noise_noise");
         let noised = scheduler.add_noise(&original, &noise, &timesteps).unwrap();
-        assert_close(&format!("{name} add_noise"), &noised, &reference.f32("add_noise_out"), 1e-5);
+        assert_close(
+            &format!("{name} add_noise"),
+            &noised,
+            &reference.f32("add_noise_out"),
+            1e-5,
+        );
         if reference.tensors.contains_key("velocity_out") {
             let velocity = scheduler.velocity(&original, &noise, &timesteps).unwrap();
-            assert_close(&format!("{name} velocity"), &velocity, &reference.f32("velocity_out"), 1e-5);
+            assert_close(
+                &format!("{name} velocity"),
+                &velocity,
+                &reference.f32("velocity_out"),
+                1e-5,
+            );
         }
     }
 }
@@ -112,9 +150,13 @@ fn ddim_steps_match_including_the_last_one() {
     for name in MODELS {
         let reference = Reference::load(name);
         let scheduler = DdimScheduler::new(&config_with(name, &[]));
-        let steps = reference.json["ddim_step_num_inference_steps"].as_u64().unwrap() as usize;
+        let steps = reference.json["ddim_step_num_inference_steps"]
+            .as_u64()
+            .unwrap() as usize;
         for prefix in ["ddim_step", "ddim_last"] {
-            let timestep = reference.json[format!("{prefix}_timestep")].as_u64().unwrap() as usize;
+            let timestep = reference.json[format!("{prefix}_timestep")]
+                .as_u64()
+                .unwrap() as usize;
             let out = scheduler
                 .step(
                     &reference.f32(&format!("{prefix}_model_output")),

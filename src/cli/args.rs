@@ -65,8 +65,8 @@ pub struct SamplingOptions {
     #[arg(long, value_name = "W", default_value_t = 7.5)]
     pub guidance: f64,
 
-    /// Output file (.png, .jpg or .webp). Default: a new numbered name that never
-    /// overwrites anything.
+    /// Output file (.png, .jpg or .webp). Default: `unitune-SEED.png` or `PHOTO-edit.png` in
+    /// the current folder, numbered so that it never overwrites anything.
     #[arg(long, short, value_name = "FILE")]
     pub out: Option<PathBuf>,
 

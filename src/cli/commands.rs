@@ -51,7 +51,11 @@ fn check_common(options: &SamplingOptions) -> Result<()> {
         return Err(UsageError("--sampling-steps must be at least 1".into()).into());
     }
     if !options.guidance.is_finite() || options.guidance < 0.0 {
-        return Err(UsageError(format!("--guidance must be a number of at least 0, got {}", options.guidance)).into());
+        return Err(UsageError(format!(
+            "--guidance must be a number of at least 0, got {}",
+            options.guidance
+        ))
+        .into());
     }
     if let Some(out) = &options.out {
         check_output_extension(out)?;
@@ -77,7 +81,9 @@ fn check_output_extension(out: &Path) -> Result<()> {
 
 fn check_prompt(prompt: &str) -> Result<()> {
     if prompt.trim().is_empty() {
-        return Err(UsageError("--prompt is empty; describe what the image should show".into()).into());
+        return Err(
+            UsageError("--prompt is empty; describe what the image should show".into()).into(),
+        );
     }
     Ok(())
 }
@@ -93,7 +99,11 @@ fn step_bar(label: &str) -> ProgressBar {
     bar
 }
 
-fn run_sampling(model: &StableDiffusion, request: &SampleRequest, label: &str) -> Result<SampleOutput> {
+fn run_sampling(
+    model: &StableDiffusion,
+    request: &SampleRequest,
+    label: &str,
+) -> Result<SampleOutput> {
     let bar = step_bar(label);
     let mut observer = |view: &StepView| {
         bar.set_length(view.total_steps as u64);
@@ -167,7 +177,8 @@ pub fn generate(global: &GlobalOptions, args: &GenerateArgs) -> Result<()> {
         program: program(),
         revision: crate::build_info::GIT_REVISION,
     };
-    let (path, existing) = output_path(&args.sampling, PathBuf::from(format!("unitune-{seed}.png")));
+    let (path, existing) =
+        output_path(&args.sampling, PathBuf::from(format!("unitune-{seed}.png")));
     imaging::export_image(&path, &output.image, None, &recipe.text_chunks(), existing)?;
     println!("{}", path.display());
     Ok(())
@@ -230,23 +241,33 @@ pub fn edit(global: &GlobalOptions, args: &EditArgs) -> Result<()> {
         working_height: height,
         model: loaded.name.clone(),
         prediction_type: model.config.scheduler.prediction_type.as_str(),
-        source_image: args.image.file_name().map(|n| n.to_string_lossy().into_owned()),
+        source_image: args
+            .image
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned()),
         program: program(),
         revision: crate::build_info::GIT_REVISION,
     };
     let default = default_edit_path(&args.image);
     let (path, existing) = output_path(&args.sampling, default);
-    imaging::export_image(&path, &result, photo.alpha.as_ref(), &recipe.text_chunks(), existing)
-        .with_context(|| format!("the edit was not saved to {}", path.display()))?;
+    imaging::export_image(
+        &path,
+        &result,
+        photo.alpha.as_ref(),
+        &recipe.text_chunks(),
+        existing,
+    )
+    .with_context(|| format!("the edit was not saved to {}", path.display()))?;
     println!("{}", path.display());
     Ok(())
 }
 
-/// `photo.jpg` -> `photo-edit.png` beside it.
+/// `some/where/photo.jpg` -> `photo-edit.png` in the current folder, like every other output
+/// (the photo's own folder may be read-only, e.g. a camera card).
 fn default_edit_path(image: &Path) -> PathBuf {
     let stem = image
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "photo".into());
-    image.with_file_name(format!("{stem}-edit.png"))
+    PathBuf::from(format!("{stem}-edit.png"))
 }

@@ -42,7 +42,10 @@ pub fn main_with_exit_code() -> i32 {
             .map(|s| s.to_string())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".into());
-        let location = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        let location = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
         eprintln!("error: internal error ({message}{location}); please report this");
     }));
     match panic::catch_unwind(AssertUnwindSafe(|| run(&cli))) {
@@ -65,7 +68,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
 /// clap's multi-line usage errors become one `error:` line; help and version print as usual.
 fn report_clap_error(error: clap::Error) -> i32 {
     match error.kind() {
-        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
             let _ = error.print();
             if error.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
                 EXIT_INVALID_INPUT
@@ -74,14 +79,18 @@ fn report_clap_error(error: clap::Error) -> i32 {
             }
         }
         _ => {
+            // clap's first paragraph is the message (a missing argument is named on the
+            // line after the message); usage and tips follow after a blank line.
             let rendered = error.render().to_string();
-            let first = rendered
+            let message: Vec<&str> = rendered
                 .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ")
-                .to_string();
-            eprintln!("error: {first} (see `unitune --help`)");
+                .skip_while(|l| l.trim().is_empty())
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let message = message.join(" ");
+            let message = message.trim_start_matches("error: ");
+            eprintln!("error: {message} (see `unitune --help`)");
             EXIT_INVALID_INPUT
         }
     }
@@ -120,5 +129,9 @@ pub fn exit_code(error: &anyhow::Error) -> i32 {
         }
         false
     });
-    if invalid { EXIT_INVALID_INPUT } else { EXIT_FAILURE }
+    if invalid {
+        EXIT_INVALID_INPUT
+    } else {
+        EXIT_FAILURE
+    }
 }

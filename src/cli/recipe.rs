@@ -54,7 +54,10 @@ impl Recipe {
             fields.push(format!("Denoising strength: {t0}"));
         }
         fields.push(format!("UniTune fine-tuning steps: {}", self.tune_steps));
-        fields.push(format!("Version: {}", build_info::describe().replace(',', "")));
+        fields.push(format!(
+            "Version: {}",
+            build_info::describe().replace(',', "")
+        ));
         let mut text = self.prompt.clone();
         if !self.baseline_prompt.is_empty() {
             text.push_str(&format!("\nNegative prompt: {}", self.baseline_prompt));

@@ -220,7 +220,9 @@ impl UnetConfig {
             EngineError::config(
                 file,
                 field,
-                format!("= {value:?} is not supported (unitune runs Stable Diffusion 1.x/2.x UNets)"),
+                format!(
+                    "= {value:?} is not supported (unitune runs Stable Diffusion 1.x/2.x UNets)"
+                ),
             )
         };
         let n = raw.block_out_channels.len();
@@ -231,14 +233,20 @@ impl UnetConfig {
             return Err(EngineError::config(
                 file,
                 "down_block_types",
-                format!("has {} entries but block_out_channels has {n}", raw.down_block_types.len()),
+                format!(
+                    "has {} entries but block_out_channels has {n}",
+                    raw.down_block_types.len()
+                ),
             ));
         }
         if raw.up_block_types.len() != n {
             return Err(EngineError::config(
                 file,
                 "up_block_types",
-                format!("has {} entries but block_out_channels has {n}", raw.up_block_types.len()),
+                format!(
+                    "has {} entries but block_out_channels has {n}",
+                    raw.up_block_types.len()
+                ),
             ));
         }
         if let Some(v) = &raw.class_embed_type {
@@ -256,14 +264,23 @@ impl UnetConfig {
         if raw.dual_cross_attention {
             return Err(unsupported("dual_cross_attention", &true));
         }
-        if !matches!(raw.only_cross_attention, serde_json::Value::Null | serde_json::Value::Bool(false)) {
-            return Err(unsupported("only_cross_attention", &raw.only_cross_attention));
+        if !matches!(
+            raw.only_cross_attention,
+            serde_json::Value::Null | serde_json::Value::Bool(false)
+        ) {
+            return Err(unsupported(
+                "only_cross_attention",
+                &raw.only_cross_attention,
+            ));
         }
         if raw.act_fn != "silu" {
             return Err(unsupported("act_fn", &raw.act_fn));
         }
         if raw.resnet_time_scale_shift != "default" {
-            return Err(unsupported("resnet_time_scale_shift", &raw.resnet_time_scale_shift));
+            return Err(unsupported(
+                "resnet_time_scale_shift",
+                &raw.resnet_time_scale_shift,
+            ));
         }
         if raw.time_embedding_type != "positional" {
             return Err(unsupported("time_embedding_type", &raw.time_embedding_type));
@@ -271,9 +288,16 @@ impl UnetConfig {
         if raw.center_input_sample {
             return Err(unsupported("center_input_sample", &true));
         }
-        for (field, k) in [("conv_in_kernel", raw.conv_in_kernel), ("conv_out_kernel", raw.conv_out_kernel)] {
+        for (field, k) in [
+            ("conv_in_kernel", raw.conv_in_kernel),
+            ("conv_out_kernel", raw.conv_out_kernel),
+        ] {
             if k % 2 == 0 {
-                return Err(EngineError::config(file, field, format!("= {k} must be odd")));
+                return Err(EngineError::config(
+                    file,
+                    field,
+                    format!("= {k} must be odd"),
+                ));
             }
         }
         for (i, c) in raw.block_out_channels.iter().enumerate() {
@@ -281,7 +305,10 @@ impl UnetConfig {
                 return Err(EngineError::config(
                     file,
                     "block_out_channels",
-                    format!("entry {i} ({c}) is not a multiple of norm_num_groups ({})", raw.norm_num_groups),
+                    format!(
+                        "entry {i} ({c}) is not a multiple of norm_num_groups ({})",
+                        raw.norm_num_groups
+                    ),
                 ));
             }
         }
@@ -308,15 +335,21 @@ impl UnetConfig {
             raw.transformer_layers_per_block
                 .expand(n, file, "transformer_layers_per_block")?;
 
-        let block_attention = |i: usize, field: &str, kind: &str| -> Result<Option<BlockAttention>> {
+        let block_attention = |i: usize,
+                               field: &str,
+                               kind: &str|
+         -> Result<Option<BlockAttention>> {
             let channels = raw.block_out_channels[i];
             match kind {
                 "CrossAttnDownBlock2D" | "CrossAttnUpBlock2D" => {
-                    if heads[i] == 0 || channels % heads[i] != 0 {
+                    if heads[i] == 0 || !channels.is_multiple_of(heads[i]) {
                         return Err(EngineError::config(
                             file,
                             heads_field,
-                            format!("entry {i} ({}) does not divide the block's {channels} channels", heads[i]),
+                            format!(
+                                "entry {i} ({}) does not divide the block's {channels} channels",
+                                heads[i]
+                            ),
                         ));
                     }
                     Ok(Some(BlockAttention {
@@ -328,7 +361,9 @@ impl UnetConfig {
                 other => Err(EngineError::config(
                     file,
                     field,
-                    format!("contains `{other}`, which is not supported (expected CrossAttn/plain 2D blocks)"),
+                    format!(
+                        "contains `{other}`, which is not supported (expected CrossAttn/plain 2D blocks)"
+                    ),
                 )),
             }
         };
@@ -484,7 +519,10 @@ impl VaeConfig {
                 return Err(EngineError::config(
                     file,
                     "block_out_channels",
-                    format!("entry {c} is not a multiple of norm_num_groups ({})", raw.norm_num_groups),
+                    format!(
+                        "entry {c} is not a multiple of norm_num_groups ({})",
+                        raw.norm_num_groups
+                    ),
                 ));
             }
         }
@@ -573,11 +611,15 @@ impl TextEncoderConfig {
                 ));
             }
         };
-        if raw.num_attention_heads == 0 || raw.hidden_size % raw.num_attention_heads != 0 {
+        if raw.num_attention_heads == 0 || !raw.hidden_size.is_multiple_of(raw.num_attention_heads)
+        {
             return Err(EngineError::config(
                 file,
                 "num_attention_heads",
-                format!("({}) does not divide hidden_size ({})", raw.num_attention_heads, raw.hidden_size),
+                format!(
+                    "({}) does not divide hidden_size ({})",
+                    raw.num_attention_heads, raw.hidden_size
+                ),
             ));
         }
         Ok(TextEncoderConfig {
@@ -719,7 +761,9 @@ impl SchedulerConfig {
                 return Err(EngineError::config(
                     file,
                     "beta_schedule",
-                    format!("= {other:?} is not supported (linear, scaled_linear, squaredcos_cap_v2)"),
+                    format!(
+                        "= {other:?} is not supported (linear, scaled_linear, squaredcos_cap_v2)"
+                    ),
                 ));
             }
         };
@@ -763,7 +807,11 @@ impl SchedulerConfig {
             return Err(EngineError::config(
                 file,
                 "trained_betas",
-                format!("has {} values but num_train_timesteps is {}", betas.len(), raw.num_train_timesteps),
+                format!(
+                    "has {} values but num_train_timesteps is {}",
+                    betas.len(),
+                    raw.num_train_timesteps
+                ),
             ));
         }
         Ok(SchedulerConfig {

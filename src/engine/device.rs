@@ -22,7 +22,9 @@ impl std::str::FromStr for DeviceChoice {
             "cpu" => Ok(Self::Cpu),
             "cuda" => Ok(Self::Cuda),
             "metal" => Ok(Self::Metal),
-            other => Err(format!("unknown device `{other}` (use auto, cpu, cuda or metal)")),
+            other => Err(format!(
+                "unknown device `{other}` (use auto, cpu, cuda or metal)"
+            )),
         }
     }
 }
@@ -37,7 +39,11 @@ pub fn open_device(choice: DeviceChoice) -> Result<Device> {
                     "CUDA was requested but this build of unitune has no CUDA support; rebuild with `--features cuda` or use --device cpu".into(),
                 ));
             }
-            Device::new_cuda(0).map_err(|e| EngineError::Device(format!("no usable CUDA GPU was found ({e}); use --device cpu")))
+            Device::new_cuda(0).map_err(|e| {
+                EngineError::Device(format!(
+                    "no usable CUDA GPU was found ({e}); use --device cpu"
+                ))
+            })
         }
         DeviceChoice::Metal => {
             if !candle_core::utils::metal_is_available() {
@@ -45,7 +51,11 @@ pub fn open_device(choice: DeviceChoice) -> Result<Device> {
                     "Metal was requested but this build of unitune has no Metal support; rebuild on macOS with `--features metal` or use --device cpu".into(),
                 ));
             }
-            Device::new_metal(0).map_err(|e| EngineError::Device(format!("no usable Metal GPU was found ({e}); use --device cpu")))
+            Device::new_metal(0).map_err(|e| {
+                EngineError::Device(format!(
+                    "no usable Metal GPU was found ({e}); use --device cpu"
+                ))
+            })
         }
         DeviceChoice::Auto => {
             if candle_core::utils::cuda_is_available()

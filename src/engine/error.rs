@@ -13,18 +13,24 @@ pub enum EngineError {
     },
 
     /// A config file that is not valid JSON or lacks a required field.
-    #[error("{file} could not be read as a model config ({reason}); the model folder may be damaged, download it again")]
+    #[error(
+        "{file} could not be read as a model config ({reason}); the model folder may be damaged, download it again"
+    )]
     ConfigUnreadable { file: PathBuf, reason: String },
 
     /// Weights that are missing, truncated or do not match the config.
-    #[error("the {component} weights in {file} are damaged or do not match its config.json ({reason}); download the model again")]
+    #[error(
+        "the {component} weights in {file} are damaged or do not match its config.json ({reason}); download the model again"
+    )]
     Weights {
         component: &'static str,
         file: PathBuf,
         reason: String,
     },
 
-    #[error("the tokenizer files in {folder} could not be loaded ({reason}); download the model again")]
+    #[error(
+        "the tokenizer files in {folder} could not be loaded ({reason}); download the model again"
+    )]
     Tokenizer { folder: PathBuf, reason: String },
 
     /// Something the caller asked for that cannot be done, e.g. 0 sampling steps.

@@ -14,6 +14,14 @@ pub fn tracks_gradient(tensors: &[&Tensor]) -> bool {
     tensors.iter().any(|t| t.track_op())
 }
 
+/// The dtype to accumulate in: f32 for half precision, the dtype itself otherwise.
+pub fn wide(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
+}
+
 /// LayerNorm over the last dimension, with elementwise affine weights.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
@@ -35,11 +43,16 @@ impl LayerNorm {
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if !tracks_gradient(&[x, &self.weight, &self.bias]) {
-            return candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32);
+            return candle_nn::ops::layer_norm(
+                &x.contiguous()?,
+                &self.weight,
+                &self.bias,
+                self.eps as f32,
+            );
         }
-        // Differentiable path from primitive ops, computed in f32 like PyTorch does for halves.
+        // Differentiable path from primitive ops; halves are computed in f32 like PyTorch.
         let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
+        let x = x.to_dtype(wide(dtype))?;
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         let variance = centered.sqr()?.mean_keepdim(D::Minus1)?;
@@ -76,7 +89,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, upcast: bool)
             .contiguous()
     };
     let dtype = q.dtype();
-    let compute = if upcast { DType::F32 } else { dtype };
+    let compute = if upcast { wide(dtype) } else { dtype };
     let q = (split(q, queries)?.to_dtype(compute)? * scale)?;
     let k = split(k, keys)?.to_dtype(compute)?;
     let v = split(v, keys)?;
@@ -143,7 +156,14 @@ impl ResnetBlock {
             None => None,
         };
         let conv_shortcut = if in_channels != out_channels {
-            Some(conv2d(in_channels, out_channels, 1, 1, 0, vb.pp("conv_shortcut"))?)
+            Some(conv2d(
+                in_channels,
+                out_channels,
+                1,
+                1,
+                0,
+                vb.pp("conv_shortcut"),
+            )?)
         } else {
             None
         };
@@ -199,7 +219,9 @@ impl Downsample {
 impl Module for Downsample {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if self.pad_right_bottom {
-            let x = x.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?;
+            let x = x
+                .pad_with_zeros(D::Minus1, 0, 1)?
+                .pad_with_zeros(D::Minus2, 0, 1)?;
             self.conv.forward(&x)
         } else {
             self.conv.forward(x)

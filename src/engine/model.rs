@@ -35,17 +35,27 @@ pub struct EncodedPrompt {
 }
 
 /// Memory-maps one safetensors file; `dtype` converts on load (fp16 files become f32 on CPU).
-fn open_weights<'a>(component: &'static str, file: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'a>> {
+fn open_weights<'a>(
+    component: &'static str,
+    file: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'a>> {
     // SAFETY: the file is mapped read-only and is not modified while the model lives; a model
     // folder being rewritten underneath a running program is outside what we can defend.
-    unsafe { VarBuilder::from_mmaped_safetensors(&[file], dtype, device) }.map_err(|e| EngineError::Weights {
-        component,
-        file: file.to_path_buf(),
-        reason: e.to_string(),
+    unsafe { VarBuilder::from_mmaped_safetensors(&[file], dtype, device) }.map_err(|e| {
+        EngineError::Weights {
+            component,
+            file: file.to_path_buf(),
+            reason: e.to_string(),
+        }
     })
 }
 
-fn weights_error<'a>(component: &'static str, file: &'a Path) -> impl Fn(candle_core::Error) -> EngineError + 'a {
+fn weights_error<'a>(
+    component: &'static str,
+    file: &'a Path,
+) -> impl Fn(candle_core::Error) -> EngineError + 'a {
     move |e| EngineError::Weights {
         component,
         file: file.to_path_buf(),
@@ -90,9 +100,11 @@ impl StableDiffusion {
         let text_encoder = TextEncoder::new(&config.text_encoder, text_vb)
             .map_err(weights_error("text encoder", &files.text_encoder_weights))?;
         let unet_vb = open_weights("UNet", &files.unet_weights, dtype, device)?;
-        let unet = UNet::new(&config.unet, unet_vb).map_err(weights_error("UNet", &files.unet_weights))?;
+        let unet =
+            UNet::new(&config.unet, unet_vb).map_err(weights_error("UNet", &files.unet_weights))?;
         let vae_vb = open_weights("VAE", &files.vae_weights, dtype, device)?;
-        let vae = Vae::new(&config.vae, vae_vb).map_err(weights_error("VAE", &files.vae_weights))?;
+        let vae =
+            Vae::new(&config.vae, vae_vb).map_err(weights_error("VAE", &files.vae_weights))?;
         let scheduler = DdimScheduler::new(&config.scheduler);
         Ok(Self {
             config,
@@ -117,13 +129,21 @@ impl StableDiffusion {
     /// The latent shape `(channels, h, w)` for an image of `width` x `height` pixels.
     pub fn latent_dims(&self, width: usize, height: usize) -> Result<(usize, usize, usize)> {
         let multiple = self.config.pixel_multiple();
-        if width == 0 || height == 0 || width % multiple != 0 || height % multiple != 0 {
+        if width == 0
+            || height == 0
+            || !width.is_multiple_of(multiple)
+            || !height.is_multiple_of(multiple)
+        {
             return Err(EngineError::InvalidRequest(format!(
                 "image size {width}x{height} must be a non-zero multiple of {multiple} pixels for this model"
             )));
         }
         let factor = self.config.vae.downscale_factor();
-        Ok((self.config.vae.latent_channels, height / factor, width / factor))
+        Ok((
+            self.config.vae.latent_channels,
+            height / factor,
+            width / factor,
+        ))
     }
 
     /// Tokenizes and encodes one prompt.
@@ -137,7 +157,11 @@ impl StableDiffusion {
     /// A photo as a `[1, 3, H, W]` tensor in [-1, 1].
     pub fn image_to_tensor(&self, image: &RgbImage) -> Result<Tensor> {
         let (w, h) = (image.width() as usize, image.height() as usize);
-        let data: Vec<f32> = image.as_raw().iter().map(|&v| v as f32 / 127.5 - 1.0).collect();
+        let data: Vec<f32> = image
+            .as_raw()
+            .iter()
+            .map(|&v| v as f32 / 127.5 - 1.0)
+            .collect();
         Ok(Tensor::from_vec(data, (h, w, 3), &Device::Cpu)?
             .permute((2, 0, 1))?
             .unsqueeze(0)?
@@ -155,8 +179,9 @@ impl StableDiffusion {
             .flatten_all()?
             .to_vec1::<f32>()?;
         let bytes = pixels.iter().map(|v| (v * 255.0).round() as u8).collect();
-        RgbImage::from_raw(w as u32, h as u32, bytes)
-            .ok_or_else(|| EngineError::InvalidRequest("decoded image has an unexpected size".into()))
+        RgbImage::from_raw(w as u32, h as u32, bytes).ok_or_else(|| {
+            EngineError::InvalidRequest("decoded image has an unexpected size".into())
+        })
     }
 
     /// Encodes a photo into scaled latents, sampling the latent distribution with `noise`.
@@ -170,7 +195,9 @@ impl StableDiffusion {
 
     /// Decodes scaled latents `[1, c, h, w]` into a photo.
     pub fn decode_latents(&self, latents: &Tensor) -> Result<RgbImage> {
-        let decoded = self.vae.decode(&(latents / self.config.vae.scaling_factor)?)?;
+        let decoded = self
+            .vae
+            .decode(&(latents / self.config.vae.scaling_factor)?)?;
         self.tensor_to_image(&decoded)
     }
 }

@@ -20,7 +20,10 @@ pub enum Start<'a> {
     Noise { width: usize, height: usize },
     /// SDEdit: the photo (already at the working size), noised to `t0_fraction` of the
     /// schedule. 0 returns the photo through the VAE, 1 is the same as starting from noise.
-    Photo { image: &'a RgbImage, t0_fraction: f64 },
+    Photo {
+        image: &'a RgbImage,
+        t0_fraction: f64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -84,7 +87,12 @@ pub struct Guidance {
 
 impl Guidance {
     /// Encodes the prompt (and the baseline, unless the weight is exactly 1).
-    pub fn new(model: &StableDiffusion, prompt: &str, baseline_prompt: &str, weight: f64) -> Result<Self> {
+    pub fn new(
+        model: &StableDiffusion,
+        prompt: &str,
+        baseline_prompt: &str,
+        weight: f64,
+    ) -> Result<Self> {
         if !weight.is_finite() || weight < 0.0 {
             return Err(EngineError::InvalidRequest(format!(
                 "guidance weight must be a number of at least 0, got {weight}"
@@ -109,7 +117,12 @@ impl Guidance {
     }
 
     /// The guided model output at one timestep: `eps_base + w * (eps_prompt - eps_base)`.
-    pub fn predict(&self, model: &StableDiffusion, latents: &Tensor, timestep: usize) -> Result<Tensor> {
+    pub fn predict(
+        &self,
+        model: &StableDiffusion,
+        latents: &Tensor,
+        timestep: usize,
+    ) -> Result<Tensor> {
         let device = model.device();
         if !self.guided() {
             let t = Tensor::new(&[timestep as f32], device)?;
@@ -137,7 +150,9 @@ pub fn denoise(
     let total_steps = timesteps.len();
     for (index, &timestep) in timesteps.iter().enumerate() {
         let model_output = guidance.predict(model, &latents, timestep)?;
-        let out = model.scheduler.step(&model_output, timestep, &latents, steps)?;
+        let out = model
+            .scheduler
+            .step(&model_output, timestep, &latents, steps)?;
         latents = out.prev_sample;
         let view = StepView {
             step: index + 1,
@@ -155,7 +170,11 @@ pub fn denoise(
 
 /// Samples one image. Noise is drawn from the request's seed in a fixed order: the photo's
 /// latent sample first (SDEdit only), then the starting noise.
-pub fn sample(model: &StableDiffusion, request: &SampleRequest, observer: &mut dyn StepObserver) -> Result<SampleOutput> {
+pub fn sample(
+    model: &StableDiffusion,
+    request: &SampleRequest,
+    observer: &mut dyn StepObserver,
+) -> Result<SampleOutput> {
     // 1. Check the request.
     if request.prompt.trim().is_empty() {
         return Err(EngineError::InvalidRequest(
@@ -196,7 +215,9 @@ pub fn sample(model: &StableDiffusion, request: &SampleRequest, observer: &mut d
             let latents = match timesteps.first() {
                 Some(&t_start) => {
                     let start_noise = noise.normal(shape, device)?.to_dtype(dtype)?;
-                    model.scheduler.add_noise(&photo_latents, &start_noise, &[t_start])?
+                    model
+                        .scheduler
+                        .add_noise(&photo_latents, &start_noise, &[t_start])?
                 }
                 None => photo_latents,
             };

@@ -169,7 +169,12 @@ impl DdimScheduler {
     }
 
     /// What the model should have predicted for noised `x0`, per the prediction type.
-    pub fn training_target(&self, x0: &Tensor, noise: &Tensor, timesteps: &[usize]) -> Result<Tensor> {
+    pub fn training_target(
+        &self,
+        x0: &Tensor,
+        noise: &Tensor,
+        timesteps: &[usize],
+    ) -> Result<Tensor> {
         match self.config.prediction_type {
             PredictionType::Epsilon => Ok(noise.clone()),
             PredictionType::VPrediction => self.velocity(x0, noise, timesteps),
@@ -200,7 +205,13 @@ impl DdimScheduler {
     }
 
     /// One DDIM step (eta = 0) from `timestep` in a `steps`-step schedule.
-    pub fn step(&self, model_output: &Tensor, timestep: usize, sample: &Tensor, steps: usize) -> Result<StepOutput> {
+    pub fn step(
+        &self,
+        model_output: &Tensor,
+        timestep: usize,
+        sample: &Tensor,
+        steps: usize,
+    ) -> Result<StepOutput> {
         let ratio = self.config.num_train_timesteps / steps.max(1);
         let alpha_t = self.alpha_at(timestep)?;
         let alpha_prev = match timestep.checked_sub(ratio) {
@@ -274,7 +285,11 @@ fn betas(config: &SchedulerConfig) -> Vec<f32> {
             })
             .collect(),
         BetaSchedule::SquaredCosCapV2 => {
-            let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
+            let alpha_bar = |t: f64| {
+                ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
+                    .cos()
+                    .powi(2)
+            };
             (0..n)
                 .map(|i| {
                     let t1 = i as f64 / n as f64;

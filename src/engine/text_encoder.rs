@@ -55,7 +55,11 @@ impl TextEncoder {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             config: c.clone(),
-            token_embedding: candle_nn::embedding(c.vocab_size, h, vb.pp("embeddings.token_embedding"))?,
+            token_embedding: candle_nn::embedding(
+                c.vocab_size,
+                h,
+                vb.pp("embeddings.token_embedding"),
+            )?,
             position_embedding: vb
                 .pp("embeddings.position_embedding")
                 .get((c.max_position_embeddings, h), "weight")?,
@@ -111,7 +115,14 @@ fn causal_mask(seq: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     Tensor::from_vec(values, (seq, seq), device)?.to_dtype(dtype)
 }
 
-fn masked_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: &Tensor, batch: usize) -> Result<Tensor> {
+fn masked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: &Tensor,
+    batch: usize,
+) -> Result<Tensor> {
     let (_, seq, inner) = q.dims3()?;
     let head_dim = inner / heads;
     let split = |t: &Tensor| -> Result<Tensor> {

@@ -18,7 +18,8 @@ use super::error::{EngineError, Result};
 const START_OF_TEXT: &str = "<|startoftext|>";
 const END_OF_TEXT: &str = "<|endoftext|>";
 /// CLIP's word pattern (transformers' `CLIPTokenizer.pat`).
-const CLIP_WORD_PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const CLIP_WORD_PATTERN: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 /// A prompt turned into exactly `max_length` token ids.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,8 +71,11 @@ impl ClipTokenizer {
             .map_err(|e| fail(e.to_string()))?;
 
         let mut inner = Tokenizer::new(bpe);
-        let collapse_whitespace = Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
-            .map_err(|e| fail(e.to_string()))?;
+        let collapse_whitespace = Replace::new(
+            tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
+            " ",
+        )
+        .map_err(|e| fail(e.to_string()))?;
         inner.with_normalizer(Some(NormalizerSequence::new(vec![
             NFC.into(),
             collapse_whitespace.into(),
@@ -92,7 +96,8 @@ impl ClipTokenizer {
             AddedToken::from(END_OF_TEXT, true),
         ]);
 
-        let pad_token = read_pad_token(files.special_tokens).unwrap_or_else(|| END_OF_TEXT.to_string());
+        let pad_token =
+            read_pad_token(files.special_tokens).unwrap_or_else(|| END_OF_TEXT.to_string());
         // transformers treats the pad token as a special token that splits any text it occurs
         // in: with SD 2.x's pad token "!", "wow!!" tokenizes as "wow", "!", "!". Match it.
         if pad_token != START_OF_TEXT && pad_token != END_OF_TEXT {
@@ -108,7 +113,9 @@ impl ClipTokenizer {
         let end_id = id(END_OF_TEXT)?;
         let pad_id = id(&pad_token)?;
         if max_length < 2 {
-            return Err(fail(format!("max length {max_length} leaves no room for a prompt")));
+            return Err(fail(format!(
+                "max length {max_length} leaves no room for a prompt"
+            )));
         }
         Ok(Self {
             inner,

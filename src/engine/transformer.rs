@@ -88,13 +88,26 @@ struct TransformerBlock {
 }
 
 impl TransformerBlock {
-    fn new(dim: usize, heads: usize, context_dim: usize, upcast: bool, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        dim: usize,
+        heads: usize,
+        context_dim: usize,
+        upcast: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let head_dim = dim / heads;
         Ok(Self {
             norm1: LayerNorm::new(dim, 1e-5, vb.pp("norm1"))?,
             attn1: CrossAttention::new(dim, None, heads, head_dim, upcast, vb.pp("attn1"))?,
             norm2: LayerNorm::new(dim, 1e-5, vb.pp("norm2"))?,
-            attn2: CrossAttention::new(dim, Some(context_dim), heads, head_dim, upcast, vb.pp("attn2"))?,
+            attn2: CrossAttention::new(
+                dim,
+                Some(context_dim),
+                heads,
+                head_dim,
+                upcast,
+                vb.pp("attn2"),
+            )?,
             norm3: LayerNorm::new(dim, 1e-5, vb.pp("norm3"))?,
             ff: FeedForward::new(dim, vb.pp("ff"))?,
         })
@@ -102,7 +115,10 @@ impl TransformerBlock {
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + x)?;
+        let x = (self
+            .attn2
+            .forward(&self.norm2.forward(&x)?, Some(context))?
+            + x)?;
         self.ff.forward(&self.norm3.forward(&x)?)? + x
     }
 }

@@ -15,7 +15,12 @@ use super::transformer::{SpatialTransformer, SpatialTransformerSpec};
 /// Sinusoidal timestep features, one row per batch element (diffusers `get_timestep_embedding`).
 ///
 /// Computed in f32 exactly as diffusers orders the operations, so large timesteps match.
-pub fn timestep_features(timesteps: &Tensor, dim: usize, flip_sin_to_cos: bool, freq_shift: f64) -> Result<Tensor> {
+pub fn timestep_features(
+    timesteps: &Tensor,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+) -> Result<Tensor> {
     let half = dim / 2;
     let ln_max_period = (10000f64).ln() as f32;
     let divisor = (half as f64 - freq_shift) as f32;
@@ -91,7 +96,11 @@ impl UNet {
         let time_dim = c.time_embed_dim();
         let first_channels = c.block_out_channels[0];
         let time_embedding = TimeEmbedding {
-            linear_1: candle_nn::linear(first_channels, time_dim, vb.pp("time_embedding.linear_1"))?,
+            linear_1: candle_nn::linear(
+                first_channels,
+                time_dim,
+                vb.pp("time_embedding.linear_1"),
+            )?,
             linear_2: candle_nn::linear(time_dim, time_dim, vb.pp("time_embedding.linear_2"))?,
         };
         let conv_in = conv2d(
@@ -140,14 +149,30 @@ impl UNet {
             let mut resnets = Vec::with_capacity(block.layers);
             let mut attentions = Vec::new();
             for layer in 0..block.layers {
-                let resnet_in = if layer == 0 { in_channels } else { out_channels };
-                resnets.push(resnet(resnet_in, out_channels, vb.pp(format!("resnets.{layer}")))?);
+                let resnet_in = if layer == 0 {
+                    in_channels
+                } else {
+                    out_channels
+                };
+                resnets.push(resnet(
+                    resnet_in,
+                    out_channels,
+                    vb.pp(format!("resnets.{layer}")),
+                )?);
                 if let Some(attention) = &block.attention {
-                    attentions.push(transformer(out_channels, attention, vb.pp(format!("attentions.{layer}")))?);
+                    attentions.push(transformer(
+                        out_channels,
+                        attention,
+                        vb.pp(format!("attentions.{layer}")),
+                    )?);
                 }
             }
             let downsampler = if i + 1 < n {
-                Some(Downsample::new(out_channels, c.downsample_padding, vb.pp("downsamplers.0"))?)
+                Some(Downsample::new(
+                    out_channels,
+                    c.downsample_padding,
+                    vb.pp("downsamplers.0"),
+                )?)
             } else {
                 None
             };
@@ -198,11 +223,23 @@ impl UNet {
             let mut resnets = Vec::with_capacity(block.layers);
             let mut attentions = Vec::new();
             for layer in 0..block.layers {
-                let skip = if layer + 1 == block.layers { in_channels } else { out_channels };
+                let skip = if layer + 1 == block.layers {
+                    in_channels
+                } else {
+                    out_channels
+                };
                 let resnet_in = if layer == 0 { prev_out } else { out_channels };
-                resnets.push(resnet(resnet_in + skip, out_channels, vb.pp(format!("resnets.{layer}")))?);
+                resnets.push(resnet(
+                    resnet_in + skip,
+                    out_channels,
+                    vb.pp(format!("resnets.{layer}")),
+                )?);
                 if let Some(attention) = &block.attention {
-                    attentions.push(transformer(out_channels, attention, vb.pp(format!("attentions.{layer}")))?);
+                    attentions.push(transformer(
+                        out_channels,
+                        attention,
+                        vb.pp(format!("attentions.{layer}")),
+                    )?);
                 }
             }
             let upsampler = if i + 1 < n {
@@ -224,7 +261,12 @@ impl UNet {
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: group_norm(c.norm_num_groups, first_channels, c.norm_eps, vb.pp("conv_norm_out"))?,
+            conv_norm_out: group_norm(
+                c.norm_num_groups,
+                first_channels,
+                c.norm_eps,
+                vb.pp("conv_norm_out"),
+            )?,
             conv_out: conv2d(
                 first_channels,
                 c.out_channels,
@@ -299,9 +341,9 @@ impl UNet {
 
         for block in &self.up_blocks {
             for (i, resnet) in block.resnets.iter().enumerate() {
-                let skip = skips
-                    .pop()
-                    .ok_or_else(|| candle_core::Error::Msg("UNet skip connections ran out".into()))?;
+                let skip = skips.pop().ok_or_else(|| {
+                    candle_core::Error::Msg("UNet skip connections ran out".into())
+                })?;
                 h = resnet.forward(&Tensor::cat(&[&h, &skip], 1)?, Some(&temb))?;
                 if let Some(attention) = block.attentions.get(i) {
                     h = attention.forward(&h, context)?;

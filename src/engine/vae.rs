@@ -70,7 +70,11 @@ impl MidBlock {
         Ok(Self {
             first: ResnetBlock::new(&spec, vb.pp("resnets.0"))?,
             attention: if with_attention {
-                Some(AttentionBlock::new(channels, groups, vb.pp("attentions.0"))?)
+                Some(AttentionBlock::new(
+                    channels,
+                    groups,
+                    vb.pp("attentions.0"),
+                )?)
             } else {
                 None
             },
@@ -176,11 +180,18 @@ impl Vae {
             let resnets = (0..c.layers_per_block)
                 .map(|l| {
                     let resnet_in = if l == 0 { in_channels } else { out_channels };
-                    ResnetBlock::new(&resnet_spec(resnet_in, out_channels, groups), vb.pp(format!("resnets.{l}")))
+                    ResnetBlock::new(
+                        &resnet_spec(resnet_in, out_channels, groups),
+                        vb.pp(format!("resnets.{l}")),
+                    )
                 })
                 .collect::<Result<Vec<_>>>()?;
             let resample = if i + 1 < n {
-                Some(Resample::Down(Downsample::new(out_channels, 0, vb.pp("downsamplers.0"))?))
+                Some(Resample::Down(Downsample::new(
+                    out_channels,
+                    0,
+                    vb.pp("downsamplers.0"),
+                )?))
             } else {
                 None
             };
@@ -198,11 +209,17 @@ impl Vae {
             let resnets = (0..c.layers_per_block + 1)
                 .map(|l| {
                     let resnet_in = if l == 0 { in_channels } else { out_channels };
-                    ResnetBlock::new(&resnet_spec(resnet_in, out_channels, groups), vb.pp(format!("resnets.{l}")))
+                    ResnetBlock::new(
+                        &resnet_spec(resnet_in, out_channels, groups),
+                        vb.pp(format!("resnets.{l}")),
+                    )
                 })
                 .collect::<Result<Vec<_>>>()?;
             let resample = if i + 1 < n {
-                Some(Resample::Up(Upsample::new(out_channels, vb.pp("upsamplers.0"))?))
+                Some(Resample::Up(Upsample::new(
+                    out_channels,
+                    vb.pp("upsamplers.0"),
+                )?))
             } else {
                 None
             };
@@ -217,7 +234,14 @@ impl Vae {
             encoder_norm_out: group_norm(groups, last, VAE_EPS, enc.pp("conv_norm_out"))?,
             encoder_conv_out: conv2d(last, 2 * latent, 3, 1, 1, enc.pp("conv_out"))?,
             quant_conv: if c.use_quant_conv {
-                Some(conv2d(2 * latent, 2 * latent, 1, 1, 0, vb.pp("quant_conv"))?)
+                Some(conv2d(
+                    2 * latent,
+                    2 * latent,
+                    1,
+                    1,
+                    0,
+                    vb.pp("quant_conv"),
+                )?)
             } else {
                 None
             },

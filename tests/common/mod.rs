@@ -21,7 +21,8 @@ pub fn model_files(name: &str) -> ModelFiles {
 }
 
 pub fn load_model(name: &str) -> StableDiffusion {
-    StableDiffusion::load(&model_files(name), &Device::Cpu, DType::F32).expect("fixture model loads")
+    StableDiffusion::load(&model_files(name), &Device::Cpu, DType::F32)
+        .expect("fixture model loads")
 }
 
 /// Reference tensors and JSON recorded by tests/fixtures/make_fixtures.py with diffusers.
@@ -33,9 +34,11 @@ pub struct Reference {
 impl Reference {
     pub fn load(name: &str) -> Self {
         let dir = fixtures().join("reference");
-        let tensors = candle_core::safetensors::load(dir.join(format!("{name}.safetensors")), &Device::Cpu)
-            .expect("reference tensors load");
-        let text = std::fs::read_to_string(dir.join(format!("{name}.json"))).expect("reference json");
+        let tensors =
+            candle_core::safetensors::load(dir.join(format!("{name}.safetensors")), &Device::Cpu)
+                .expect("reference tensors load");
+        let text =
+            std::fs::read_to_string(dir.join(format!("{name}.json"))).expect("reference json");
         Self {
             tensors,
             json: serde_json::from_str(&text).expect("reference json parses"),
