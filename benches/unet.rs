@@ -42,7 +42,7 @@ const CONFIGS: &[BenchConfig] = &[
         heads: 8,
         cross_attention_dim: 768,
         latent_side: 32,
-        iterations: 5,
+        iterations: 9,
     },
 ];
 

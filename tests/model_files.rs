@@ -1,12 +1,14 @@
 //! Model files: reading a diffusers folder, finding a model in the Hugging Face cache, and
 //! real downloads from a fake hub served on loopback in the hub's URL layout.
 
-use std::collections::{BTreeMap, BTreeSet};
+#[path = "common/fake_hub.rs"]
+mod fake_hub;
+
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use fake_hub::{FakeHub, FakeRepo};
 
 use unitune::model_files::{
     DEFAULT_MODEL, DownloadProgress, HubOptions, ModelFiles, ModelFilesError, ModelSource,
@@ -521,286 +523,15 @@ fn offline_miss_names_the_cache_folder_and_the_files() {
 }
 
 // ---------------------------------------------------------------------------------------
-// A fake hub on loopback, in the URL layout of huggingface.co
+// Downloads from a fake hub on loopback (tests/common/fake_hub.rs)
 
-#[derive(Clone)]
-struct FakeRepo {
-    id: &'static str,
-    sha: &'static str,
-    files: BTreeMap<String, Vec<u8>>,
-    /// Files answer 403, as for a gated model whose licence was not accepted.
-    gated: bool,
-}
-
-impl FakeRepo {
-    fn new(id: &'static str, files: &[&str]) -> Self {
-        Self {
-            id,
-            sha: SHA,
-            files: files
-                .iter()
-                .map(|f| ((*f).to_owned(), contents(f)))
-                .collect(),
-            gated: false,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Logged {
-    path: String,
-    range: Option<String>,
-    authorization: Option<String>,
-}
-
-struct FakeHub {
-    url: String,
-    log: Arc<Mutex<Vec<Logged>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-/// A stable, content-derived etag (stands in for the sha256 the hub uses for LFS files).
-fn etag_of(bytes: &[u8]) -> String {
-    let hash = |seed: u64| {
-        bytes.iter().fold(seed, |h, b| {
-            (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-        })
-    };
-    format!(
-        "{:016x}{:016x}",
-        hash(0xcbf2_9ce4_8422_2325),
-        hash(0x8422_2325_cbf2_9ce4)
+/// A fake hub repo at commit [`SHA`] holding `files`, each with [`contents`].
+fn fake_repo(id: &str, files: &[&str]) -> FakeRepo {
+    FakeRepo::new(
+        id,
+        SHA,
+        files.iter().map(|f| ((*f).to_owned(), contents(f))),
     )
-}
-
-fn is_lfs(file: &str) -> bool {
-    [".safetensors", ".bin", ".ckpt"]
-        .iter()
-        .any(|ext| file.ends_with(ext))
-}
-
-type HttpResponse = tiny_http::Response<std::io::Cursor<Vec<u8>>>;
-
-fn header(name: &str, value: &str) -> tiny_http::Header {
-    tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("valid header")
-}
-
-fn status(code: u16, body: &str) -> HttpResponse {
-    tiny_http::Response::from_string(body).with_status_code(code)
-}
-
-/// Serves bytes, honouring `Range: bytes=a-b` / `bytes=a-` as the hub's storage does.
-fn serve_bytes(bytes: &[u8], range: Option<&str>) -> HttpResponse {
-    let total = bytes.len();
-    let Some(spec) = range.and_then(|r| r.strip_prefix("bytes=")) else {
-        return tiny_http::Response::from_data(bytes.to_vec())
-            .with_header(header("Accept-Ranges", "bytes"));
-    };
-    let (start, end) = spec.split_once('-').unwrap_or((spec, ""));
-    let start: usize = start.parse().unwrap_or(0);
-    let end: usize = end.parse().map_or(total.saturating_sub(1), |e: usize| {
-        e.min(total.saturating_sub(1))
-    });
-    if start >= total || start > end {
-        return status(416, "range not satisfiable")
-            .with_header(header("Content-Range", &format!("bytes */{total}")));
-    }
-    tiny_http::Response::from_data(bytes[start..=end].to_vec())
-        .with_status_code(206)
-        .with_header(header("Accept-Ranges", "bytes"))
-        .with_header(header(
-            "Content-Range",
-            &format!("bytes {start}-{end}/{total}"),
-        ))
-}
-
-fn handle(request: &tiny_http::Request, repos: &[FakeRepo], base_url: &str) -> HttpResponse {
-    let path = request.url().split('?').next().unwrap_or("");
-    let range = request
-        .headers()
-        .iter()
-        .find(|h| h.field.equiv("Range"))
-        .map(|h| h.value.as_str().to_owned());
-    let find_repo = |owner: &str, name: &str| {
-        repos
-            .iter()
-            .find(|repo| repo.id == format!("{owner}/{name}"))
-    };
-
-    // GET /api/models/{owner}/{name}/revision/{revision}
-    if let Some(rest) = path.strip_prefix("/api/models/") {
-        let parts: Vec<&str> = rest.split('/').collect();
-        let (owner, name, revision) = match parts.as_slice() {
-            [owner, name, "revision", revision] => (*owner, *name, *revision),
-            _ => return status(404, "{\"error\":\"not found\"}"),
-        };
-        return match find_repo(owner, name) {
-            Some(repo) if revision == "main" || revision == repo.sha => {
-                let siblings: Vec<serde_json::Value> = repo
-                    .files
-                    .keys()
-                    .map(|f| serde_json::json!({ "rfilename": f }))
-                    .collect();
-                let info = serde_json::json!({
-                    "id": repo.id,
-                    "sha": repo.sha,
-                    "gated": repo.gated,
-                    "siblings": siblings,
-                });
-                tiny_http::Response::from_string(info.to_string())
-                    .with_header(header("Content-Type", "application/json"))
-            }
-            Some(_) => status(404, "{\"error\":\"Invalid rev id\"}")
-                .with_header(header("X-Error-Code", "RevisionNotFound")),
-            None => status(404, "{\"error\":\"Repository not found\"}")
-                .with_header(header("X-Error-Code", "RepoNotFound")),
-        };
-    }
-
-    // GET /cdn/{etag}: where LFS files are redirected to.
-    if let Some(etag) = path.strip_prefix("/cdn/") {
-        let blob = repos
-            .iter()
-            .flat_map(|repo| repo.files.values())
-            .find(|bytes| etag_of(bytes) == etag);
-        return match blob {
-            Some(bytes) => serve_bytes(bytes, range.as_deref()),
-            None => status(404, "no such blob"),
-        };
-    }
-
-    // GET /{owner}/{name}/resolve/{revision}/{file...}
-    let parts: Vec<&str> = path.trim_start_matches('/').splitn(5, '/').collect();
-    let [owner, name, "resolve", revision, file] = parts.as_slice() else {
-        return status(404, "not found");
-    };
-    let Some(repo) = find_repo(owner, name) else {
-        return status(404, "Repository not found")
-            .with_header(header("X-Error-Code", "RepoNotFound"));
-    };
-    if *revision != "main" && *revision != repo.sha {
-        return status(404, "Invalid rev id")
-            .with_header(header("X-Error-Code", "RevisionNotFound"));
-    }
-    if repo.gated {
-        return status(403, "Access to this model is restricted")
-            .with_header(header("X-Error-Code", "GatedRepo"));
-    }
-    let Some(bytes) = repo.files.get(*file) else {
-        return status(404, "Entry not found").with_header(header("X-Error-Code", "EntryNotFound"));
-    };
-    let etag = etag_of(bytes);
-    if is_lfs(file) {
-        // LFS files: a redirect to storage, with the file's etag in X-Linked-Etag.
-        status(302, "")
-            .with_header(header("Location", &format!("{base_url}/cdn/{etag}")))
-            .with_header(header("X-Repo-Commit", repo.sha))
-            .with_header(header("X-Linked-Etag", &format!("\"{etag}\"")))
-            .with_header(header("X-Linked-Size", &bytes.len().to_string()))
-            .with_header(header("ETag", "\"git-pointer-etag\""))
-    } else {
-        serve_bytes(bytes, range.as_deref())
-            .with_header(header("X-Repo-Commit", repo.sha))
-            .with_header(header("ETag", &format!("\"{etag}\"")))
-    }
-}
-
-impl FakeHub {
-    fn start(repos: Vec<FakeRepo>) -> Self {
-        let server = tiny_http::Server::http("127.0.0.1:0").expect("bind loopback");
-        let addr = server.server_addr().to_ip().expect("an IP address");
-        let url = format!("http://{addr}");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (log, stop, base_url) = (Arc::clone(&log), Arc::clone(&stop), url.clone());
-            std::thread::Builder::new()
-                .name("fake-hub".to_owned())
-                .spawn(move || {
-                    let deadline = Instant::now() + Duration::from_secs(120);
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        let request = match server.recv_timeout(Duration::from_millis(20)) {
-                            Ok(Some(request)) => request,
-                            Ok(None) => continue,
-                            Err(_) => break,
-                        };
-                        let value_of = |name: &'static str| {
-                            request
-                                .headers()
-                                .iter()
-                                .find(|h| h.field.equiv(name))
-                                .map(|h| h.value.as_str().to_owned())
-                        };
-                        let logged = Logged {
-                            path: request.url().to_owned(),
-                            range: value_of("Range"),
-                            authorization: value_of("Authorization"),
-                        };
-                        if let Ok(mut log) = log.lock() {
-                            log.push(logged);
-                        }
-                        let response = handle(&request, &repos, &base_url);
-                        // The client may have hung up; the test sees that on its side.
-                        let _ = request.respond(response);
-                    }
-                })
-                .expect("spawn fake hub")
-        };
-        Self {
-            url,
-            log,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn log(&self) -> MutexGuard<'_, Vec<Logged>> {
-        self.log
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// The files whose contents were requested from `/{repo}/resolve/...`, in order. hf-hub
-    /// first asks for `Range: bytes=0-0` of each file (for its etag, commit and size); those
-    /// probes are left out.
-    fn resolved_files(&self, repo_id: &str) -> Vec<String> {
-        let prefix = format!("/{repo_id}/resolve/");
-        self.log()
-            .iter()
-            .filter(|l| l.range.as_deref() != Some("bytes=0-0"))
-            .filter_map(|l| l.path.strip_prefix(&prefix))
-            .filter_map(|rest| rest.split_once('/').map(|(_, file)| file.to_owned()))
-            .collect()
-    }
-
-    /// Every file named in any `/{repo}/resolve/...` request, probes included.
-    fn touched_files(&self, repo_id: &str) -> BTreeSet<String> {
-        let prefix = format!("/{repo_id}/resolve/");
-        self.log()
-            .iter()
-            .filter_map(|l| l.path.strip_prefix(&prefix))
-            .filter_map(|rest| rest.split_once('/').map(|(_, file)| file.to_owned()))
-            .collect()
-    }
-
-    fn options(&self, cache: &Path) -> HubOptions {
-        HubOptions {
-            endpoint: Some(self.url.clone()),
-            cache_dir: Some(cache.to_path_buf()),
-            offline: false,
-            token: None,
-        }
-    }
-}
-
-impl Drop for FakeHub {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 /// Records what `resolve` reports; can cancel after some files.
@@ -854,7 +585,7 @@ fn sd15_like_repo() -> FakeRepo {
         .chain(&[".gitattributes"])
         .copied()
         .collect();
-    FakeRepo::new("tiny/sd15", &files)
+    fake_repo("tiny/sd15", &files)
 }
 
 #[test]
@@ -994,7 +725,7 @@ fn full_weights_are_downloaded_when_the_repo_has_no_fp16() {
         .into_iter()
         .chain(["unet/diffusion_pytorch_model.bin"])
         .collect();
-    let hub = FakeHub::start(vec![FakeRepo::new("tiny/plain", &files)]);
+    let hub = FakeHub::start(vec![fake_repo("tiny/plain", &files)]);
     let cache = temp_dir();
     let located = resolve(
         &ModelSpec::hub("tiny/plain"),
@@ -1065,7 +796,7 @@ fn pickle_only_repo_is_refused_before_any_download() {
             "text_encoder/model.safetensors",
         ])
         .collect();
-    let hub = FakeHub::start(vec![FakeRepo::new("tiny/pickles", &files)]);
+    let hub = FakeHub::start(vec![fake_repo("tiny/pickles", &files)]);
     let cache = temp_dir();
     let err = resolve(
         &ModelSpec::hub("tiny/pickles"),
@@ -1114,7 +845,7 @@ fn gated_repo_says_how_to_get_access() {
     }
     let repo = FakeRepo {
         gated: true,
-        ..FakeRepo::new("tiny/gated", &model_files_list(&FULL_WEIGHTS))
+        ..fake_repo("tiny/gated", &model_files_list(&FULL_WEIGHTS))
     };
     let hub = FakeHub::start(vec![repo]);
     let cache = temp_dir();

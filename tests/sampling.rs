@@ -295,6 +295,20 @@ fn bad_requests_are_refused_with_a_reason() {
             .to_string()
             .contains("multiple")
     );
+    // sd15-tiny's native size is 32x32: 4x its area is the most it will sample.
+    let huge = SampleRequest {
+        start: Start::Noise {
+            width: 128,
+            height: 128,
+        },
+        ..edit_request(&photo, 1, 0.5)
+    };
+    assert!(
+        sample(&model, &huge, &mut no_observer())
+            .unwrap_err()
+            .to_string()
+            .contains("too large")
+    );
     let bad_t0 = edit_request(&photo, 1, 1.5);
     assert!(
         sample(&model, &bad_t0, &mut no_observer())

@@ -14,7 +14,7 @@ use crate::engine::StableDiffusion;
 use crate::engine::device::{device_name, open_device};
 use crate::engine::sampling::{SampleOutput, SampleRequest, Start, StepView, sample};
 use crate::imaging::{self, DecodeLimits, ExistingFile};
-use crate::model_files::{self, HubOptions, ModelSpec, TerminalProgress};
+use crate::model_files::{self, DownloadProgress, HubOptions, ModelSpec, TerminalProgress};
 
 /// A loaded model and a name for it in recipes.
 struct LoadedModel {
@@ -28,7 +28,11 @@ fn load_model(global: &GlobalOptions) -> Result<LoadedModel> {
         offline: global.offline,
         ..HubOptions::default()
     };
-    let files = model_files::resolve(&spec, &options, &mut TerminalProgress::new())?;
+    let mut progress = NoticeBeforeDownload {
+        notice: license_notice(&spec),
+        inner: TerminalProgress::new(),
+    };
+    let files = model_files::resolve(&spec, &options, &mut progress)?;
     let device = open_device(global.device)?;
     eprintln!("using device: {}", device_name(&device));
     eprintln!("loading model {} ({})", spec, files.source);
@@ -39,6 +43,43 @@ fn load_model(global: &GlobalOptions) -> Result<LoadedModel> {
         ModelSpec::Hub { .. } => spec.to_string(),
     };
     Ok(LoadedModel { model, name })
+}
+
+/// The license a user accepts by downloading this model, when we know it.
+fn license_notice(spec: &ModelSpec) -> Option<&'static str> {
+    match spec {
+        ModelSpec::Hub { repo_id, .. } if repo_id == model_files::DEFAULT_MODEL => Some(
+            include_str!("../../assets/notices/stable-diffusion-v1-5.txt"),
+        ),
+        ModelSpec::Hub { .. } => Some(
+            "This model comes with its own license; read its model card on the hub before use.\n",
+        ),
+        ModelSpec::Folder(_) => None,
+    }
+}
+
+/// Prints the model's license notice once, before the first file downloads.
+struct NoticeBeforeDownload<P> {
+    notice: Option<&'static str>,
+    inner: P,
+}
+
+impl<P: DownloadProgress> DownloadProgress for NoticeBeforeDownload<P> {
+    fn start_file(&mut self, name: &str, total_bytes: Option<u64>) {
+        if let Some(notice) = self.notice.take() {
+            eprint!("{notice}");
+        }
+        self.inner.start_file(name, total_bytes);
+    }
+    fn advance(&mut self, bytes: u64) {
+        self.inner.advance(bytes);
+    }
+    fn finish_file(&mut self) {
+        self.inner.finish_file();
+    }
+    fn cancelled(&self) -> bool {
+        self.inner.cancelled()
+    }
 }
 
 fn choose_seed(options: &SamplingOptions) -> u64 {

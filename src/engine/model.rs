@@ -138,6 +138,19 @@ impl StableDiffusion {
                 "image size {width}x{height} must be a non-zero multiple of {multiple} pixels for this model"
             )));
         }
+        if let Some(side) = self.config.native_image_side() {
+            // Self-attention memory grows with the square of the pixel count: 4x the native
+            // area already needs ~16x its attention memory. Refuse before allocating.
+            let max_area = 4 * side * side;
+            if width * height > max_area {
+                return Err(EngineError::InvalidRequest(format!(
+                    "image size {width}x{height} is too large for this model, whose native size is {side}x{side}; use at most {} pixels, e.g. --size {}x{}",
+                    max_area,
+                    2 * side,
+                    2 * side
+                )));
+            }
+        }
         let factor = self.config.vae.downscale_factor();
         Ok((
             self.config.vae.latent_channels,
