@@ -1,0 +1,149 @@
+//! Model architecture read from the diffusers `config.json` files.
+//!
+//! Every number the models are built from comes from here, never from a per-version table, so
+//! SD 1.x, SD 2.x and any tiny model of the same structure load alike. Fields we cannot
+//! support are refused by name instead of being silently ignored.
+
+mod scheduler;
+mod text_encoder;
+mod unet;
+mod vae;
+
+use std::path::Path;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+pub use scheduler::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
+pub use text_encoder::{TextActivation, TextEncoderConfig};
+pub use unet::{BlockAttention, UnetBlockConfig, UnetConfig};
+pub use vae::VaeConfig;
+
+use super::error::{EngineError, Result};
+
+/// A config value that diffusers allows either as one number for every block or as a list.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum PerBlock {
+    One(usize),
+    Each(Vec<usize>),
+}
+
+impl PerBlock {
+    /// The value for each of `blocks` blocks; a list must have exactly one entry per block.
+    fn expand(&self, blocks: usize, file: &Path, field: &str) -> Result<Vec<usize>> {
+        match self {
+            PerBlock::One(v) => Ok(vec![*v; blocks]),
+            PerBlock::Each(list) if list.len() == blocks => Ok(list.clone()),
+            PerBlock::Each(list) => Err(EngineError::config(
+                file,
+                field,
+                format!(
+                    "has {} entries but the model has {blocks} blocks",
+                    list.len()
+                ),
+            )),
+        }
+    }
+}
+
+pub(crate) fn read_json<T: DeserializeOwned>(file: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(file).map_err(|e| EngineError::ConfigUnreadable {
+        file: file.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    serde_json::from_str(&text).map_err(|e| EngineError::ConfigUnreadable {
+        file: file.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+// Defaults diffusers and transformers assume when a field is absent.
+
+pub(super) fn three() -> usize {
+    3
+}
+
+pub(super) fn one_f64() -> f64 {
+    1.0
+}
+
+pub(super) fn default_eps() -> f64 {
+    1e-5
+}
+
+pub(super) fn default_act() -> String {
+    "silu".into()
+}
+
+pub(super) fn four() -> usize {
+    4
+}
+
+pub(super) fn one() -> usize {
+    1
+}
+
+pub(super) fn thirty_two() -> usize {
+    32
+}
+
+pub(super) fn one_per_block() -> PerBlock {
+    PerBlock::One(1)
+}
+
+pub(super) fn default_true() -> bool {
+    true
+}
+
+pub(super) fn default_time_shift() -> String {
+    "default".into()
+}
+
+pub(super) fn default_mid_block() -> Option<String> {
+    Some("UNetMidBlock2DCrossAttn".into())
+}
+
+pub(super) fn default_scaling() -> f64 {
+    0.18215
+}
+
+pub(super) fn seventy_seven() -> usize {
+    77
+}
+
+pub(super) fn thousand() -> usize {
+    1000
+}
+
+pub(super) fn default_beta_end() -> f64 {
+    0.02
+}
+
+pub(super) fn default_prediction() -> String {
+    "epsilon".into()
+}
+
+/// All four architecture configs of one pipeline.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub unet: UnetConfig,
+    pub vae: VaeConfig,
+    pub text_encoder: TextEncoderConfig,
+    pub scheduler: SchedulerConfig,
+}
+
+impl PipelineConfig {
+    /// The model's native image side in pixels (UNet sample size x VAE factor), if stated.
+    pub fn native_image_side(&self) -> Option<usize> {
+        self.unet
+            .sample_size
+            .map(|s| s * self.vae.downscale_factor())
+            .or(self.vae.sample_size)
+    }
+
+    /// Latent sides must be multiples of this many pixels for the UNet's down/up sampling.
+    pub fn pixel_multiple(&self) -> usize {
+        self.vae.downscale_factor() << self.unet.downsample_count()
+    }
+}
