@@ -490,3 +490,34 @@ fn export_to_a_read_only_place_fails_without_leftovers() {
     );
     assert!(!target.exists());
 }
+
+#[test]
+fn a_prompt_over_77_tokens_is_truncated_with_a_warning() {
+    let dir = temp();
+    let long = "a very detailed photo of a small cat ".repeat(12);
+    let out = path_str(&dir.path().join("long.png"));
+    let run = unitune(
+        &[
+            "generate",
+            "--prompt",
+            &long,
+            "--model",
+            &model(),
+            "--seed",
+            "1",
+            "--sampling-steps",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            &out,
+        ],
+        dir.path(),
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("warning: the prompt is too long"),
+        "{}",
+        run.stderr
+    );
+}

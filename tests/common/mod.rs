@@ -96,8 +96,12 @@ pub fn max_abs(a: &Tensor) -> f32 {
 }
 
 /// Asserts `actual` matches `expected` within `tolerance` (absolute), naming what differs.
+/// Set `UNITUNE_PRINT_DIFFS=1` to print every measured difference (to see the margins).
 pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tolerance: f32) {
     let diff = max_abs_diff(actual, expected);
+    if std::env::var_os("UNITUNE_PRINT_DIFFS").is_some() {
+        eprintln!("{what}: max abs diff {diff:e} (tolerance {tolerance:e})");
+    }
     assert!(
         diff <= tolerance,
         "{what}: max abs difference {diff:e} exceeds {tolerance:e} (reference magnitude {:e})",
