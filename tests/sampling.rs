@@ -87,6 +87,7 @@ fn img2img_loop_matches_diffusers_step_by_step() {
             &timesteps,
             steps,
             &guidance,
+            None,
             &mut observer,
         )
         .unwrap();
@@ -139,6 +140,7 @@ fn txt2img_loop_matches_diffusers_step_by_step() {
             &timesteps,
             steps,
             &guidance,
+            None,
             &mut observer,
         )
         .unwrap();
@@ -186,6 +188,7 @@ fn edit_request<'a>(photo: &'a image::RgbImage, seed: u64, t0_fraction: f64) -> 
         start: Start::Photo {
             image: photo,
             t0_fraction,
+            mask: None,
         },
     }
 }

@@ -261,6 +261,7 @@ pub fn edit(global: &GlobalOptions, args: &EditArgs) -> Result<()> {
         start: Start::Photo {
             image: &working,
             t0_fraction: args.t0,
+            mask: None,
         },
     };
     let output = run_sampling(model, &request, "editing")?;

@@ -41,6 +41,10 @@ pub enum EngineError {
     #[error("{0}")]
     Device(String),
 
+    /// The snapshot cache could not be written.
+    #[error("{0}")]
+    Cache(String),
+
     /// The step observer asked to stop.
     #[error("cancelled")]
     Cancelled,

@@ -5,9 +5,12 @@
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod fidelity;
+pub mod finetune;
 pub mod layers;
 pub mod model;
 pub mod noise;
+pub mod optim;
 pub mod sampling;
 pub mod scheduler;
 pub mod text_encoder;

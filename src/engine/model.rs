@@ -1,6 +1,7 @@
 //! A whole Stable Diffusion pipeline loaded from a diffusers folder: configs, tokenizer, text
 //! encoder, UNet, VAE and noise schedule, plus the conversions between photos and latents.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -21,7 +22,11 @@ pub struct StableDiffusion {
     pub config: PipelineConfig,
     pub tokenizer: ClipTokenizer,
     pub text_encoder: TextEncoder,
+    /// The UNet used for sampling. Fine-tuning swaps in one whose trainable weights are
+    /// variables (see `finetune::Adapter`).
     pub unet: UNet,
+    /// The UNet's weights by diffusers name, as loaded (shared storage, not a copy).
+    unet_weights: HashMap<String, Tensor>,
     pub vae: Vae,
     pub scheduler: DdimScheduler,
     device: Device,
@@ -63,6 +68,24 @@ fn weights_error<'a>(
     }
 }
 
+/// Reads every tensor of one safetensors file, converted to `dtype` on `device`.
+fn read_weights(
+    component: &'static str,
+    file: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let tensors =
+        candle_core::safetensors::load(file, device).map_err(weights_error(component, file))?;
+    tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let t = t.to_dtype(dtype).map_err(weights_error(component, file))?;
+            Ok((name, t))
+        })
+        .collect()
+}
+
 impl StableDiffusion {
     /// Loads every component; `dtype` is the compute precision (F32 on the CPU).
     pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Self> {
@@ -99,9 +122,13 @@ impl StableDiffusion {
         let text_vb = open_weights("text encoder", &files.text_encoder_weights, dtype, device)?;
         let text_encoder = TextEncoder::new(&config.text_encoder, text_vb)
             .map_err(weights_error("text encoder", &files.text_encoder_weights))?;
-        let unet_vb = open_weights("UNet", &files.unet_weights, dtype, device)?;
-        let unet =
-            UNet::new(&config.unet, unet_vb).map_err(weights_error("UNet", &files.unet_weights))?;
+        // The UNet's tensors are kept by name: fine-tuning rebuilds the UNet around them.
+        let unet_weights = read_weights("UNet", &files.unet_weights, dtype, device)?;
+        let unet = UNet::new(
+            &config.unet,
+            VarBuilder::from_tensors(unet_weights.clone(), dtype, device),
+        )
+        .map_err(weights_error("UNet", &files.unet_weights))?;
         let vae_vb = open_weights("VAE", &files.vae_weights, dtype, device)?;
         let vae =
             Vae::new(&config.vae, vae_vb).map_err(weights_error("VAE", &files.vae_weights))?;
@@ -111,11 +138,17 @@ impl StableDiffusion {
             tokenizer,
             text_encoder,
             unet,
+            unet_weights,
             vae,
             scheduler,
             device: device.clone(),
             dtype,
         })
+    }
+
+    /// The UNet's weights as loaded, by diffusers name.
+    pub fn unet_weights(&self) -> &HashMap<String, Tensor> {
+        &self.unet_weights
     }
 
     pub fn device(&self) -> &Device {

@@ -7,7 +7,7 @@
 use std::ops::ControlFlow;
 
 use candle_core::Tensor;
-use image::RgbImage;
+use image::{GrayImage, RgbImage};
 
 use super::error::{EngineError, Result};
 use super::model::StableDiffusion;
@@ -23,6 +23,9 @@ pub enum Start<'a> {
     Photo {
         image: &'a RgbImage,
         t0_fraction: f64,
+        /// In-painting (paper A.1): white may change; elsewhere the latents are replaced at
+        /// every step by the photo's latents noised to that step. Same size as `image`.
+        mask: Option<&'a GrayImage>,
     },
 }
 
@@ -138,13 +141,64 @@ impl Guidance {
     }
 }
 
-/// Runs DDIM over `timesteps` (a tail of a `steps`-step schedule) from `latents`.
+/// The part of the photo that must not change, for masked editing.
+pub struct KnownRegion {
+    /// The photo's (scaled) latents.
+    pub photo_latents: Tensor,
+    /// Latent-resolution mask `[1, 1, h, w]` in [0, 1]: 1 may change.
+    pub mask: Tensor,
+    /// The noise the photo is re-noised with at every step.
+    pub noise: Tensor,
+}
+
+impl KnownRegion {
+    /// Puts the photo back outside the mask, at the noise level the latents just reached.
+    fn apply(
+        &self,
+        model: &StableDiffusion,
+        latents: &Tensor,
+        reached: Option<usize>,
+    ) -> Result<Tensor> {
+        let known = match reached {
+            Some(t) => model
+                .scheduler
+                .add_noise(&self.photo_latents, &self.noise, &[t])?,
+            None => self.photo_latents.clone(),
+        };
+        let keep = (1.0 - &self.mask)?;
+        Ok((latents.broadcast_mul(&self.mask)? + known.broadcast_mul(&keep)?)?)
+    }
+}
+
+/// A pixel mask as a latent-resolution mask `[1, 1, h, w]` in [0, 1] (area-averaged).
+pub fn latent_mask(
+    model: &StableDiffusion,
+    mask: &GrayImage,
+    latent_w: usize,
+    latent_h: usize,
+) -> Result<Tensor> {
+    let small = image::imageops::resize(
+        mask,
+        latent_w as u32,
+        latent_h as u32,
+        image::imageops::FilterType::Triangle,
+    );
+    let values: Vec<f32> = small.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
+    Ok(
+        Tensor::from_vec(values, (1, 1, latent_h, latent_w), model.device())?
+            .to_dtype(model.dtype())?,
+    )
+}
+
+/// Runs DDIM over `timesteps` (a tail of a `steps`-step schedule) from `latents`, holding
+/// `known` (if any) to the photo.
 pub fn denoise(
     model: &StableDiffusion,
     mut latents: Tensor,
     timesteps: &[usize],
     steps: usize,
     guidance: &Guidance,
+    known: Option<&KnownRegion>,
     observer: &mut dyn StepObserver,
 ) -> Result<Tensor> {
     let total_steps = timesteps.len();
@@ -153,7 +207,13 @@ pub fn denoise(
         let out = model
             .scheduler
             .step(&model_output, timestep, &latents, steps)?;
-        latents = out.prev_sample;
+        latents = match known {
+            Some(region) => {
+                let reached = model.scheduler.previous_timestep(timestep, steps);
+                region.apply(model, &out.prev_sample, reached)?
+            }
+            None => out.prev_sample,
+        };
         let view = StepView {
             step: index + 1,
             total_steps,
@@ -181,15 +241,30 @@ pub fn sample(
             "the prompt is empty; describe what the image should show".into(),
         ));
     }
-    let (width, height) = match request.start {
-        Start::Noise { width, height } => (width, height),
-        Start::Photo { image, t0_fraction } => {
+    let (width, height, mask) = match request.start {
+        Start::Noise { width, height } => (width, height, None),
+        Start::Photo {
+            image,
+            t0_fraction,
+            mask,
+        } => {
             if !(0.0..=1.0).contains(&t0_fraction) {
                 return Err(EngineError::InvalidRequest(format!(
                     "t0 must be between 0 and 1, got {t0_fraction}"
                 )));
             }
-            (image.width() as usize, image.height() as usize)
+            if let Some(mask) = mask
+                && mask.dimensions() != image.dimensions()
+            {
+                return Err(EngineError::InvalidRequest(format!(
+                    "the mask is {}x{} but the photo is {}x{}",
+                    mask.width(),
+                    mask.height(),
+                    image.width(),
+                    image.height()
+                )));
+            }
+            (image.width() as usize, image.height() as usize, mask)
         }
     };
     let (channels, latent_h, latent_w) = model.latent_dims(width, height)?;
@@ -206,32 +281,50 @@ pub fn sample(
         request.guidance_weight,
     )?;
 
-    // 3. Set the timesteps; 4. prepare the starting latents.
+    // 3. Set the timesteps; 4. prepare the starting latents. The photo's latents are drawn
+    // first, then the starting noise, always in that order.
     let steps = request.sampling_steps;
-    let (timesteps, latents) = match request.start {
-        Start::Photo { image, t0_fraction } if t0_fraction < 1.0 => {
+    let (t0_fraction, photo_latents) = match request.start {
+        Start::Photo {
+            image, t0_fraction, ..
+        } if t0_fraction < 1.0 || mask.is_some() => {
+            (t0_fraction, Some(model.encode_image(image, &mut noise)?))
+        }
+        Start::Photo { t0_fraction, .. } => (t0_fraction, None),
+        Start::Noise { .. } => (1.0, None),
+    };
+    let start_noise = noise.normal(shape, device)?.to_dtype(dtype)?;
+    let (timesteps, latents) = match &photo_latents {
+        Some(photo) if t0_fraction < 1.0 => {
             let timesteps = model.scheduler.sdedit_timesteps(steps, t0_fraction)?;
-            let photo_latents = model.encode_image(image, &mut noise)?;
             let latents = match timesteps.first() {
-                Some(&t_start) => {
-                    let start_noise = noise.normal(shape, device)?.to_dtype(dtype)?;
-                    model
-                        .scheduler
-                        .add_noise(&photo_latents, &start_noise, &[t_start])?
-                }
-                None => photo_latents,
+                Some(&t_start) => model.scheduler.add_noise(photo, &start_noise, &[t_start])?,
+                None => photo.clone(),
             };
             (timesteps, latents)
         }
-        _ => {
-            let timesteps = model.scheduler.timesteps(steps)?;
-            // DDIM's initial noise sigma is 1: the noise is used as it is.
-            (timesteps, noise.normal(shape, device)?.to_dtype(dtype)?)
-        }
+        // DDIM's initial noise sigma is 1: the noise is used as it is.
+        _ => (model.scheduler.timesteps(steps)?, start_noise.clone()),
+    };
+    let known = match (mask, photo_latents) {
+        (Some(mask), Some(photo_latents)) => Some(KnownRegion {
+            photo_latents,
+            mask: latent_mask(model, mask, latent_w, latent_h)?,
+            noise: start_noise,
+        }),
+        _ => None,
     };
 
     // 5. Denoise; 6. decode.
-    let latents = denoise(model, latents, &timesteps, steps, &guidance, observer)?;
+    let latents = denoise(
+        model,
+        latents,
+        &timesteps,
+        steps,
+        &guidance,
+        known.as_ref(),
+        observer,
+    )?;
     let image = model.decode_latents(&latents)?;
     Ok(SampleOutput {
         image,

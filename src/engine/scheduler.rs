@@ -204,6 +204,12 @@ impl DdimScheduler {
         ))
     }
 
+    /// The timestep a DDIM step from `timestep` lands on in a `steps`-step schedule, or `None`
+    /// past the end (diffusers: `t - train_timesteps // steps`, negative at the end).
+    pub fn previous_timestep(&self, timestep: usize, steps: usize) -> Option<usize> {
+        timestep.checked_sub(self.config.num_train_timesteps / steps.max(1))
+    }
+
     /// One DDIM step (eta = 0) from `timestep` in a `steps`-step schedule.
     pub fn step(
         &self,
@@ -212,9 +218,8 @@ impl DdimScheduler {
         sample: &Tensor,
         steps: usize,
     ) -> Result<StepOutput> {
-        let ratio = self.config.num_train_timesteps / steps.max(1);
         let alpha_t = self.alpha_at(timestep)?;
-        let alpha_prev = match timestep.checked_sub(ratio) {
+        let alpha_prev = match self.previous_timestep(timestep, steps) {
             Some(prev) => self.alpha_at(prev)?,
             None => self.final_alpha_cumprod,
         };

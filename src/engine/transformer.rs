@@ -6,13 +6,58 @@ use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
 
 use super::layers::{LayerNorm, attention, conv2d, group_norm};
 
+/// A linear layer with an optional low-rank adapter (LoRA, PEFT names `lora_A`/`lora_B`):
+/// `y = W x + b + B (A x)`. The adapter is present when the weights provide it, which is how
+/// fine-tuning in `lora` mode plugs in without the UNet knowing about training.
+#[derive(Debug, Clone)]
+pub struct AdaptedLinear {
+    base: Linear,
+    /// `(A [rank, in], B [out, rank])`.
+    lora: Option<(Tensor, Tensor)>,
+}
+
+impl AdaptedLinear {
+    fn new(base: Linear, vb: &VarBuilder) -> Result<Self> {
+        let lora = if vb.contains_tensor("lora_A.weight") {
+            Some((
+                vb.get_unchecked("lora_A.weight")?,
+                vb.get_unchecked("lora_B.weight")?,
+            ))
+        } else {
+            None
+        };
+        Ok(Self { base, lora })
+    }
+
+    fn no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Self::new(candle_nn::linear_no_bias(in_dim, out_dim, vb.clone())?, &vb)
+    }
+
+    fn with_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Self::new(candle_nn::linear(in_dim, out_dim, vb.clone())?, &vb)
+    }
+}
+
+impl Module for AdaptedLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.base.forward(x)?;
+        match &self.lora {
+            None => Ok(y),
+            Some((a, b)) => {
+                let low = x.broadcast_matmul(&a.t()?)?;
+                y + low.broadcast_matmul(&b.t()?)?
+            }
+        }
+    }
+}
+
 /// diffusers `Attention` as used in the UNet: no bias on q/k/v, bias on the output.
 #[derive(Debug, Clone)]
 pub struct CrossAttention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
+    to_q: AdaptedLinear,
+    to_k: AdaptedLinear,
+    to_v: AdaptedLinear,
+    to_out: AdaptedLinear,
     heads: usize,
     upcast: bool,
 }
@@ -30,10 +75,10 @@ impl CrossAttention {
         let inner = heads * head_dim;
         let context_dim = context_dim.unwrap_or(query_dim);
         Ok(Self {
-            to_q: candle_nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out.0"))?,
+            to_q: AdaptedLinear::no_bias(query_dim, inner, vb.pp("to_q"))?,
+            to_k: AdaptedLinear::no_bias(context_dim, inner, vb.pp("to_k"))?,
+            to_v: AdaptedLinear::no_bias(context_dim, inner, vb.pp("to_v"))?,
+            to_out: AdaptedLinear::with_bias(inner, query_dim, vb.pp("to_out.0"))?,
             heads,
             upcast,
         })

@@ -1,0 +1,344 @@
+//! Optimisers for fine-tuning the UNet on one photo: Adafactor (the UniTune paper's choice,
+//! learning rate 1e-4) and AdamW.
+//!
+//! Hand-written rather than taken from candle-nn: candle-nn has AdamW but no Adafactor, and
+//! its `Optimizer::backward_step` takes the `GradStore` of a single backward pass, while
+//! gradient accumulation needs to hand over gradients summed over several micro-batches.
+//!
+//! Each follows its reference operation by operation, so that tests can compare trajectories
+//! at float32 precision: transformers' `transformers.optimization.Adafactor` with
+//! `relative_step=False, scale_parameter=False, warmup_init=False, beta1=None,
+//! decay_rate=-0.8, eps=(1e-30, 1e-3), clip_threshold=1.0`, and torch's single-tensor
+//! `torch.optim.AdamW` (betas 0.9/0.999, eps 1e-8). Optimizer state is float32 on the
+//! parameter's device whatever the parameter dtype; each update is computed in float32 and
+//! written back in the parameter's own dtype, in place (`Var::set`), so every tensor that
+//! shares a var's storage sees it.
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{DType, Tensor, Var};
+
+use super::error::{EngineError, Result};
+
+/// Adafactor's `decay_rate`: the second-moment decay at step t is `1 - t^decay_rate`.
+const ADAFACTOR_DECAY_RATE: f64 = -0.8;
+/// Adafactor's `eps[0]`, added to squared gradients.
+const ADAFACTOR_EPS_SQUARED_GRAD: f64 = 1e-30;
+/// Adafactor's `clip_threshold`: updates whose RMS exceeds it are scaled down to it.
+const ADAFACTOR_CLIP_THRESHOLD: f64 = 1.0;
+const ADAMW_BETA1: f64 = 0.9;
+const ADAMW_BETA2: f64 = 0.999;
+const ADAMW_EPS: f64 = 1e-8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OptimizerKind {
+    /// Factored second moments, no first moment: state is rows + columns per matrix.
+    #[default]
+    Adafactor,
+    /// Two full-size moments per parameter.
+    AdamW,
+}
+
+impl OptimizerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Adafactor => "adafactor",
+            Self::AdamW => "adamw",
+        }
+    }
+}
+
+impl fmt::Display for OptimizerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for OptimizerKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "adafactor" => Ok(Self::Adafactor),
+            "adamw" => Ok(Self::AdamW),
+            other => Err(format!(
+                "unknown optimizer `{other}` (use adafactor or adamw)"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OptimizerSettings {
+    pub kind: OptimizerKind,
+    pub learning_rate: f64,
+    /// Decoupled weight decay: each step first multiplies the parameters by
+    /// `1 - learning_rate * weight_decay`.
+    pub weight_decay: f64,
+}
+
+impl Default for OptimizerSettings {
+    /// The UniTune paper's: Adafactor at learning rate 1e-4, no weight decay.
+    fn default() -> Self {
+        Self {
+            kind: OptimizerKind::Adafactor,
+            learning_rate: 1e-4,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// Per-parameter state, all float32.
+enum ParamState {
+    Adafactor(SecondMoment),
+    AdamW { exp_avg: Tensor, exp_avg_sq: Tensor },
+}
+
+/// Adafactor's running mean of squared gradients.
+enum SecondMoment {
+    /// For tensors of 2 or more dims: means over the last dim (`row`, shape `dims[..n-1]`)
+    /// and the second-last dim (`col`, shape `dims[..n-2] + dims[n-1]`). For a conv weight
+    /// [o, i, kh, kw] both are [o, i, kh]: the factoring is over the kernel dims.
+    Factored { row: Tensor, col: Tensor },
+    /// For scalars and vectors: the full running mean.
+    Full(Tensor),
+}
+
+impl ParamState {
+    fn new(kind: OptimizerKind, var: &Var) -> Result<Self> {
+        let dims = var.dims();
+        let zeros = |shape: Vec<usize>| Tensor::zeros(shape, DType::F32, var.device());
+        Ok(match kind {
+            OptimizerKind::Adafactor if dims.len() >= 2 => {
+                let n = dims.len();
+                let mut col_shape = dims[..n - 2].to_vec();
+                col_shape.push(dims[n - 1]);
+                Self::Adafactor(SecondMoment::Factored {
+                    row: zeros(dims[..n - 1].to_vec())?,
+                    col: zeros(col_shape)?,
+                })
+            }
+            OptimizerKind::Adafactor => Self::Adafactor(SecondMoment::Full(zeros(dims.to_vec())?)),
+            OptimizerKind::AdamW => Self::AdamW {
+                exp_avg: zeros(dims.to_vec())?,
+                exp_avg_sq: zeros(dims.to_vec())?,
+            },
+        })
+    }
+
+    fn bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        match self {
+            Self::Adafactor(SecondMoment::Factored { row, col }) => bytes(row) + bytes(col),
+            Self::Adafactor(SecondMoment::Full(exp_avg_sq)) => bytes(exp_avg_sq),
+            Self::AdamW {
+                exp_avg,
+                exp_avg_sq,
+            } => bytes(exp_avg) + bytes(exp_avg_sq),
+        }
+    }
+}
+
+pub struct Optimizer {
+    settings: OptimizerSettings,
+    vars: Vec<Var>,
+    states: Vec<ParamState>,
+    steps_taken: usize,
+}
+
+impl Optimizer {
+    pub fn new(settings: &OptimizerSettings, vars: Vec<Var>) -> Result<Self> {
+        if !(settings.learning_rate.is_finite() && settings.learning_rate >= 0.0) {
+            return Err(EngineError::InvalidRequest(format!(
+                "the learning rate must be a number of at least 0, not {}; try 1e-4",
+                settings.learning_rate
+            )));
+        }
+        if !(settings.weight_decay.is_finite() && settings.weight_decay >= 0.0) {
+            return Err(EngineError::InvalidRequest(format!(
+                "the weight decay must be a number of at least 0, not {}; try 0",
+                settings.weight_decay
+            )));
+        }
+        if let Some(var) = vars.iter().find(|v| !v.dtype().is_float()) {
+            return Err(EngineError::InvalidRequest(format!(
+                "only floating-point parameters can be optimised, not {:?} ones",
+                var.dtype()
+            )));
+        }
+        let states = vars
+            .iter()
+            .map(|var| ParamState::new(settings.kind, var))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            settings: *settings,
+            vars,
+            states,
+            steps_taken: 0,
+        })
+    }
+
+    /// One update with one gradient per var, in the same order as `vars` (the caller sums
+    /// micro-batch gradients for gradient accumulation). Gradients may be in any float dtype.
+    pub fn step(&mut self, grads: &[Tensor]) -> Result<()> {
+        if grads.len() != self.vars.len() {
+            return Err(EngineError::InvalidRequest(format!(
+                "the optimizer got {} gradients for {} parameters; pass one gradient per parameter, in the same order",
+                grads.len(),
+                self.vars.len()
+            )));
+        }
+        // Checked up front so that a bad call changes nothing.
+        for (index, (var, grad)) in self.vars.iter().zip(grads).enumerate() {
+            if var.dims() != grad.dims() {
+                return Err(EngineError::InvalidRequest(format!(
+                    "gradient {index} has shape {:?} but its parameter has shape {:?}",
+                    grad.dims(),
+                    var.dims()
+                )));
+            }
+        }
+        let step = self.steps_taken + 1;
+        let OptimizerSettings {
+            learning_rate,
+            weight_decay,
+            ..
+        } = self.settings;
+        for ((var, grad), state) in self.vars.iter().zip(grads).zip(&mut self.states) {
+            let grad = grad.detach().to_dtype(DType::F32)?;
+            let param = var.as_detached_tensor().to_dtype(DType::F32)?;
+            let updated = match state {
+                ParamState::Adafactor(second_moment) => {
+                    let update =
+                        adafactor_update(second_moment, &grad, step)?.affine(learning_rate, 0.0)?;
+                    let param = if weight_decay != 0.0 {
+                        (&param + param.affine(-weight_decay * learning_rate, 0.0)?)?
+                    } else {
+                        param
+                    };
+                    (param - update)?
+                }
+                ParamState::AdamW {
+                    exp_avg,
+                    exp_avg_sq,
+                } => {
+                    let param = if weight_decay != 0.0 {
+                        param.affine(1.0 - learning_rate * weight_decay, 0.0)?
+                    } else {
+                        param
+                    };
+                    // exp_avg.lerp_(grad, 1 - beta1): for a weight below 0.5 torch computes
+                    // self + weight * (end - self).
+                    *exp_avg =
+                        (&*exp_avg + (&grad - &*exp_avg)?.affine(1.0 - ADAMW_BETA1, 0.0)?)?;
+                    // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    *exp_avg_sq = (exp_avg_sq.affine(ADAMW_BETA2, 0.0)?
+                        + (grad.affine(1.0 - ADAMW_BETA2, 0.0)? * &grad)?)?;
+                    let bias_correction1 = 1.0 - ADAMW_BETA1.powi(step_i32(step));
+                    let bias_correction2 = 1.0 - ADAMW_BETA2.powi(step_i32(step));
+                    let step_size = learning_rate / bias_correction1;
+                    let denom =
+                        (exp_avg_sq.sqrt()? / bias_correction2.sqrt())?.affine(1.0, ADAMW_EPS)?;
+                    // param.addcdiv_(exp_avg, denom, value=-step_size)
+                    (param + (exp_avg.affine(-step_size, 0.0)? / denom)?)?
+                }
+            };
+            var.set(&updated.to_dtype(var.dtype())?)?;
+        }
+        self.steps_taken = step;
+        Ok(())
+    }
+
+    pub fn vars(&self) -> &[Var] {
+        &self.vars
+    }
+
+    pub fn steps_taken(&self) -> usize {
+        self.steps_taken
+    }
+
+    /// Bytes of optimizer state held (for the memory report).
+    pub fn state_bytes(&self) -> usize {
+        self.states.iter().map(ParamState::bytes).sum()
+    }
+}
+
+/// Step counts beyond i32 only matter to AdamW's bias corrections, which are 1 long before.
+fn step_i32(step: usize) -> i32 {
+    i32::try_from(step).unwrap_or(i32::MAX)
+}
+
+/// Adafactor's update before the learning rate, in transformers' order of operations;
+/// advances the second-moment state.
+fn adafactor_update(
+    second_moment: &mut SecondMoment,
+    grad: &Tensor,
+    step: usize,
+) -> Result<Tensor> {
+    let beta2t = 1.0 - (step as f64).powf(ADAFACTOR_DECAY_RATE);
+    let squared = grad.sqr()?.affine(1.0, ADAFACTOR_EPS_SQUARED_GRAD)?;
+    let update = match second_moment {
+        SecondMoment::Factored { row, col } => {
+            let n = grad.rank();
+            // exp_avg_sq_row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1 - beta2t),
+            // likewise the columns with the mean over dim -2.
+            *row = (row.affine(beta2t, 0.0)? + squared.mean(n - 1)?.affine(1.0 - beta2t, 0.0)?)?;
+            *col = (col.affine(beta2t, 0.0)? + squared.mean(n - 2)?.affine(1.0 - beta2t, 0.0)?)?;
+            // _approx_sq_grad: rsqrt(row / row.mean(-1)) outer rsqrt(col).
+            let row_factor = row
+                .broadcast_div(&row.mean_keepdim(n - 2)?)?
+                .sqrt()?
+                .recip()?
+                .unsqueeze(n - 1)?;
+            let col_factor = col.sqrt()?.recip()?.unsqueeze(n - 2)?;
+            (row_factor.broadcast_mul(&col_factor)? * grad)?
+        }
+        SecondMoment::Full(exp_avg_sq) => {
+            *exp_avg_sq = (exp_avg_sq.affine(beta2t, 0.0)? + squared.affine(1.0 - beta2t, 0.0)?)?;
+            (exp_avg_sq.sqrt()?.recip()? * grad)?
+        }
+    };
+    // update.div_((_rms(update) / clip_threshold).clamp_(min=1.0))
+    let rms = (update.sqr()?.sum_all()?.sqrt()? / (update.elem_count() as f64).sqrt())?;
+    let divisor = (rms / ADAFACTOR_CLIP_THRESHOLD)?.maximum(1.0)?;
+    Ok(update.broadcast_div(&divisor)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_names_round_trip() {
+        for kind in [OptimizerKind::Adafactor, OptimizerKind::AdamW] {
+            assert_eq!(kind.as_str().parse::<OptimizerKind>(), Ok(kind));
+            assert_eq!(kind.to_string(), kind.as_str());
+        }
+        assert_eq!("AdamW".parse::<OptimizerKind>(), Ok(OptimizerKind::AdamW));
+        let error = "sgd".parse::<OptimizerKind>().unwrap_err();
+        assert!(error.contains("adafactor or adamw"), "{error}");
+    }
+
+    #[test]
+    fn default_settings_are_the_papers() {
+        let settings = OptimizerSettings::default();
+        assert_eq!(settings.kind, OptimizerKind::Adafactor);
+        assert_eq!(settings.learning_rate, 1e-4);
+        assert_eq!(settings.weight_decay, 0.0);
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        for (learning_rate, weight_decay) in [(-1e-4, 0.0), (f64::NAN, 0.0), (1e-4, -1.0)] {
+            let settings = OptimizerSettings {
+                learning_rate,
+                weight_decay,
+                ..Default::default()
+            };
+            assert!(matches!(
+                Optimizer::new(&settings, Vec::new()),
+                Err(EngineError::InvalidRequest(_))
+            ));
+        }
+    }
+}
