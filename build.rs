@@ -16,9 +16,21 @@ fn main() {
     let target = std::env::var("TARGET").unwrap_or_else(|_| "unknown".to_string());
     println!("cargo:rustc-env=UNITUNE_BUILD_TARGET={target}");
 
-    // Rebuild when the checked-out commit moves, not on every source change.
-    for path in [".git/HEAD", ".git/index"] {
-        if Path::new(path).exists() {
+    // Rebuild when the checked-out commit moves, not on every source change: HEAD names a
+    // branch, whose ref file (or packed-refs) moves with each commit; the index moves with
+    // staging, which is as close to "dirty" as a build script can watch cheaply.
+    let mut watched = vec![
+        ".git/HEAD".to_string(),
+        ".git/index".to_string(),
+        ".git/packed-refs".to_string(),
+    ];
+    if let Ok(head) = std::fs::read_to_string(".git/HEAD")
+        && let Some(reference) = head.trim().strip_prefix("ref: ")
+    {
+        watched.push(format!(".git/{reference}"));
+    }
+    for path in watched {
+        if Path::new(&path).exists() {
             println!("cargo:rerun-if-changed={path}");
         }
     }

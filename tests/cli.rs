@@ -404,9 +404,24 @@ fn bad_images_and_arguments_are_input_errors() {
         "prompt",
     );
     assert_fails(
-        &unitune(&["edit", &p, "--prompt", "x", "--tune-steps", "8"], d),
+        &unitune(&["edit", &p, "--prompt", "x", "--fidelity", "2"], d),
         2,
-        "tune-steps",
+        "fidelity",
+    );
+    assert_fails(
+        &unitune(&["edit", &p, "--prompt", "x", "--train", "everything"], d),
+        2,
+        "training mode",
+    );
+    assert_fails(
+        &unitune(&["edit", &p, "--prompt", "x", "--snapshots", "0,16"], d),
+        2,
+        "above 0",
+    );
+    assert_fails(
+        &unitune(&["edit", &p, "--prompt", "x", "--optimizer", "sgd"], d),
+        2,
+        "optimizer",
     );
     assert_fails(
         &unitune(

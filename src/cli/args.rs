@@ -10,7 +10,7 @@ use crate::model_files::DEFAULT_MODEL;
 #[derive(Debug, Parser)]
 #[command(
     name = "unitune",
-    version = crate::build_info::VERSION,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (rev ", env!("UNITUNE_GIT_REVISION"), ", ", env!("UNITUNE_BUILD_PROFILE"), ")"),
     about = "Edit a photo by typing what it should become (UniTune on Stable Diffusion).",
     long_about = "Edit a photo by typing what it should become (UniTune on Stable Diffusion).\n\n\
 Models are diffusers-format folders (unet/, vae/, text_encoder/, tokenizer/, scheduler/) with \
@@ -45,8 +45,118 @@ pub struct GlobalOptions {
 pub enum Command {
     /// Make an image from a prompt alone (text-to-image).
     Generate(GenerateArgs),
-    /// Edit a photo by text. Without fine-tuning (--tune-steps 0) this is SDEdit.
+    /// Fine-tune the model on a photo and keep the snapshots (editing reuses them).
+    Tune(TuneArgs),
+    /// Edit a photo by text: fine-tunes on it first unless cached snapshots exist.
     Edit(EditArgs),
+    /// The paper's figure 10: one fine-tuning run, columns = snapshots, rows = t0 values.
+    Grid(GridArgs),
+}
+
+/// How to fine-tune on the photo (UniTune section 3.2). Defaults follow the paper.
+#[derive(Debug, Clone, Args)]
+pub struct TrainingOptions {
+    /// Fine-tuning steps after which snapshots are kept, comma-separated.
+    #[arg(
+        long = "snapshots",
+        value_name = "N,N,..",
+        value_delimiter = ',',
+        default_value = "16,32,64,128"
+    )]
+    pub snapshots: Vec<usize>,
+
+    /// What is trained: full (the paper), attention, cross-kv (cross-attention keys and
+    /// values only; least memory) or lora.
+    #[arg(long = "train", value_name = "MODE", default_value = "full")]
+    pub train: String,
+
+    /// Rank of the LoRA adapters (with --train lora).
+    #[arg(long, value_name = "R", default_value_t = 4)]
+    pub lora_rank: usize,
+
+    /// Learning rate.
+    #[arg(long, value_name = "X", default_value_t = 1e-4)]
+    pub lr: f64,
+
+    /// Optimizer: adafactor (the paper's, least memory) or adamw.
+    #[arg(long, value_name = "NAME", default_value = "adafactor")]
+    pub optimizer: String,
+
+    /// Photos per forward pass; the batch of 4 is accumulated from 4/N passes (use 1 on small GPUs).
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub micro_batch: usize,
+
+    /// The rare token the photo is bound to.
+    #[arg(long, value_name = "TEXT", default_value = "beikkpic")]
+    pub token: String,
+
+    /// Seed of the fine-tuning noise.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub tune_seed: u64,
+
+    /// Retrain even if snapshots for this photo and recipe are cached, and do not cache.
+    #[arg(long)]
+    pub no_cache: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TuneArgs {
+    /// The photo to fine-tune on.
+    pub image: PathBuf,
+
+    /// Working size WxH (multiples of 64). Default: the model's native area at the photo's
+    /// aspect ratio.
+    #[arg(long, value_name = "WxH")]
+    pub size: Option<String>,
+
+    #[command(flatten)]
+    pub training: TrainingOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct GridArgs {
+    /// The photo to edit.
+    pub image: PathBuf,
+
+    /// What the photo should become.
+    #[arg(long, short, value_name = "TEXT")]
+    pub prompt: String,
+
+    /// SDEdit starts for the rows, comma-separated.
+    #[arg(
+        long,
+        value_name = "F,F,..",
+        value_delimiter = ',',
+        default_value = "1.0,0.96,0.92,0.88,0.8"
+    )]
+    pub t0_values: Vec<f64>,
+
+    /// Working size WxH (multiples of 64).
+    #[arg(long, value_name = "WxH")]
+    pub size: Option<String>,
+
+    #[command(flatten)]
+    pub training: TrainingOptions,
+
+    /// Guidance weight for every cell.
+    #[arg(long, value_name = "W", default_value_t = 9.0)]
+    pub guidance: f64,
+
+    /// Seed for every cell (the same noise everywhere, so cells differ only by settings).
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
+
+    /// Denoising steps (DDIM).
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    pub sampling_steps: usize,
+
+    /// Output file (.png, .jpg or .webp).
+    #[arg(long, short, value_name = "FILE")]
+    pub out: PathBuf,
+
+    /// Replace --out if it already exists.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// Options shared by every command that samples.
@@ -98,15 +208,43 @@ pub struct EditArgs {
     #[arg(long, short, value_name = "TEXT")]
     pub prompt: String,
 
-    /// Fine-tuning steps on the photo before editing. Only 0 (plain SDEdit, the paper's
-    /// baseline) is available in this version.
-    #[arg(long, value_name = "N")]
-    pub tune_steps: usize,
+    /// One knob from 0 (expressive) to 1 (faithful to the photo): picks the snapshot, t0 and
+    /// guidance together (see the table in the README). Default 0.5.
+    #[arg(long, value_name = "F")]
+    pub fidelity: Option<f64>,
 
-    /// SDEdit start in [0, 1]: how far up the noise schedule the photo is pushed before
-    /// denoising. 0 returns the photo, 1 ignores it.
-    #[arg(long, value_name = "F", default_value_t = 0.6)]
-    pub t0: f64,
+    /// Sample from the snapshot after N fine-tuning steps (overrides --fidelity's choice);
+    /// 0 skips fine-tuning entirely (plain SDEdit, the paper's baseline).
+    #[arg(long, value_name = "N")]
+    pub tune_steps: Option<usize>,
+
+    /// SDEdit start in [0, 1] (overrides --fidelity's choice): how far up the noise schedule
+    /// the photo is pushed before denoising. 0 returns the photo, 1 starts from pure noise.
+    #[arg(long, value_name = "F")]
+    pub t0: Option<f64>,
+
+    /// Guidance weight (overrides --fidelity's choice).
+    #[arg(long, value_name = "W")]
+    pub guidance: Option<f64>,
+
+    /// A description of the photo as it is: guidance then pushes from it toward the prompt
+    /// (the paper's prompt guidance) instead of from the empty prompt.
+    #[arg(long, value_name = "TEXT")]
+    pub baseline_prompt: Option<String>,
+
+    /// Grayscale mask: white may change, black stays exactly as in the photo (resized to the
+    /// photo if needed).
+    #[arg(long, value_name = "FILE")]
+    pub mask: Option<PathBuf>,
+
+    /// Blend the result toward the original wherever their neighbourhoods match, keeping the
+    /// original's detail in untouched areas (paper 3.4).
+    #[arg(long)]
+    pub interpolate: bool,
+
+    /// How many variants, with consecutive seeds; files are numbered.
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    pub samples: usize,
 
     /// Working size WxH (multiples of 64). Default: the model's native area at the photo's
     /// aspect ratio. The result always comes back at the photo's own size.
@@ -114,5 +252,23 @@ pub struct EditArgs {
     pub size: Option<String>,
 
     #[command(flatten)]
-    pub sampling: SamplingOptions,
+    pub training: TrainingOptions,
+
+    /// Random seed of the first sample; the same seed and inputs give the same image.
+    /// Random when omitted (and printed).
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
+
+    /// Denoising steps (DDIM).
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    pub sampling_steps: usize,
+
+    /// Output file (.png, .jpg or .webp). Default: `PHOTO-edit.png` in the current folder,
+    /// numbered so that it never overwrites anything.
+    #[arg(long, short, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+
+    /// Replace --out if it already exists (otherwise an existing file is refused).
+    #[arg(long)]
+    pub overwrite: bool,
 }

@@ -4,8 +4,11 @@
 //! arguments), 1 any other failure. Errors are one line on stderr starting with `error:`.
 
 mod args;
-mod commands;
+mod cancel;
+mod generate;
 mod recipe;
+mod session;
+mod unitune;
 
 use std::panic::{self, AssertUnwindSafe};
 
@@ -27,6 +30,8 @@ pub struct UsageError(pub String);
 pub const EXIT_OK: i32 = 0;
 pub const EXIT_FAILURE: i32 = 1;
 pub const EXIT_INVALID_INPUT: i32 = 2;
+/// Stopped with Ctrl-C (the shell convention, 128 + SIGINT).
+pub const EXIT_INTERRUPTED: i32 = 130;
 
 /// Runs the program with the process's arguments and returns its exit code.
 pub fn main_with_exit_code() -> i32 {
@@ -48,8 +53,13 @@ pub fn main_with_exit_code() -> i32 {
             .unwrap_or_default();
         eprintln!("error: internal error ({message}{location}); please report this");
     }));
-    match panic::catch_unwind(AssertUnwindSafe(|| run(&cli))) {
+    let cancel = cancel::CancelFlag::on_ctrl_c();
+    match panic::catch_unwind(AssertUnwindSafe(|| run(&cli, &cancel))) {
         Ok(Ok(())) => EXIT_OK,
+        Ok(Err(error)) if is_cancelled(&error) => {
+            eprintln!("error: cancelled; nothing was saved");
+            EXIT_INTERRUPTED
+        }
         Ok(Err(error)) => {
             eprintln!("error: {}", one_line(&error));
             exit_code(&error)
@@ -58,11 +68,22 @@ pub fn main_with_exit_code() -> i32 {
     }
 }
 
-fn run(cli: &Cli) -> anyhow::Result<()> {
+fn run(cli: &Cli, cancel: &cancel::CancelFlag) -> anyhow::Result<()> {
     match &cli.command {
-        Command::Generate(args) => commands::generate(&cli.global, args),
-        Command::Edit(args) => commands::edit(&cli.global, args),
+        Command::Generate(args) => generate::generate_command(&cli.global, args, cancel),
+        Command::Tune(args) => unitune::tune_command(&cli.global, args, cancel),
+        Command::Edit(args) => unitune::edit_command(&cli.global, args, cancel),
+        Command::Grid(args) => unitune::grid_command(&cli.global, args, cancel),
     }
+}
+
+fn is_cancelled(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<EngineError>(),
+            Some(EngineError::Cancelled)
+        )
+    })
 }
 
 /// clap's multi-line usage errors become one `error:` line; help and version print as usual.

@@ -6,11 +6,42 @@
 use serde::Serialize;
 
 use crate::build_info;
+use crate::engine::finetune::TuneSettings;
+
+/// How the model was fine-tuned on the photo.
+#[derive(Debug, Clone, Serialize)]
+pub struct TuneRecipe {
+    pub train: String,
+    pub optimizer: &'static str,
+    pub learning_rate: f64,
+    pub snapshot_steps: Vec<usize>,
+    pub batch_size: usize,
+    pub micro_batch_size: usize,
+    pub token: String,
+    pub seed: u64,
+}
+
+impl TuneRecipe {
+    pub fn from_settings(settings: &TuneSettings) -> Self {
+        Self {
+            train: settings.mode.to_string(),
+            optimizer: settings.optimizer.kind.as_str(),
+            learning_rate: settings.optimizer.learning_rate,
+            snapshot_steps: settings.snapshot_steps.clone(),
+            batch_size: settings.batch_size,
+            micro_batch_size: settings.micro_batch_size,
+            token: settings.token.clone(),
+            seed: settings.seed,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Recipe {
     pub mode: &'static str,
     pub prompt: String,
+    /// What the model was given: the prompt with the rare token when fine-tuned.
+    pub model_prompt: String,
     /// The prompt guidance pushes away from ("" = classifier-free guidance).
     pub baseline_prompt: String,
     pub seed: u64,
@@ -19,7 +50,13 @@ pub struct Recipe {
     pub guidance_weight: f64,
     /// SDEdit start; absent for text-to-image.
     pub t0: Option<f64>,
+    /// The fidelity knob, when it chose the settings.
+    pub fidelity: Option<f64>,
+    /// Which snapshot was sampled (0 = no fine-tuning).
     pub tune_steps: usize,
+    pub tuning: Option<TuneRecipe>,
+    pub mask: Option<String>,
+    pub interpolate: bool,
     pub width: u32,
     pub height: u32,
     pub working_width: u32,
@@ -58,7 +95,7 @@ impl Recipe {
             "Version: {}",
             build_info::describe().replace(',', "")
         ));
-        let mut text = self.prompt.clone();
+        let mut text = self.model_prompt.clone();
         if !self.baseline_prompt.is_empty() {
             text.push_str(&format!("\nNegative prompt: {}", self.baseline_prompt));
         }

@@ -42,7 +42,8 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if !tracks_gradient(&[x, &self.weight, &self.bias]) {
+        // candle's fused kernel has no f64 version ("unsupported dtype").
+        if x.dtype() != DType::F64 && !tracks_gradient(&[x, &self.weight, &self.bias]) {
             return candle_nn::ops::layer_norm(
                 &x.contiguous()?,
                 &self.weight,

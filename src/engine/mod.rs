@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod device;
+pub mod edit;
 pub mod error;
 pub mod fidelity;
 pub mod finetune;

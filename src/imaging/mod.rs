@@ -12,14 +12,20 @@
 //! Errors are [`ImagingError`]: one sentence naming the file and saying what to do.
 //! This module knows nothing of the engine, the jobs or the GUI.
 
+mod composite;
 mod decode;
 mod error;
 mod export;
+mod grid;
+mod interpolate;
 mod mask;
 mod size;
 
+pub use composite::{ComposeError, default_feather_radius, feather, paste_outside_mask};
 pub use decode::{DecodeLimits, Photo, SourceFormat, load_photo, load_photo_from_bytes};
 pub use error::ImagingError;
 pub use export::{ExistingFile, JPEG_QUALITY, export_image, next_free_path, read_png_text};
+pub use grid::labelled_grid;
+pub use interpolate::{InterpolationSettings, interpolate_toward_original, similarity_map};
 pub use mask::load_mask;
 pub use size::{SIZE_STEP, parse_size, resize_gray, resize_rgb, working_size};

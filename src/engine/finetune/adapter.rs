@@ -52,8 +52,8 @@ impl Adapter {
             let tensor = &weights[name];
             if mode.trains(name) {
                 names.push(name.clone());
-                // A copy: the loaded tensor stays as snapshot 0.
-                vars.push(Var::from_tensor(&tensor.copy()?)?);
+                // from_tensor copies: the loaded tensor stays untouched as snapshot 0.
+                vars.push(Var::from_tensor(tensor)?);
             }
             if let TrainMode::Lora { rank } = mode
                 && mode.adapts(name)

@@ -71,7 +71,7 @@ impl TuneSettings {
         }
         if self.batch_size == 0
             || self.micro_batch_size == 0
-            || self.batch_size % self.micro_batch_size != 0
+            || !self.batch_size.is_multiple_of(self.micro_batch_size)
         {
             return invalid(format!(
                 "the micro-batch size ({}) must divide the batch size ({})",
@@ -135,6 +135,13 @@ pub fn fine_tune(
     observer: &mut dyn TuneObserver,
 ) -> Result<Vec<Snapshot>> {
     settings.validate()?;
+    if settings.mode != adapter.mode() {
+        return Err(EngineError::InvalidRequest(format!(
+            "the recipe trains {} weights but the adapter holds {}",
+            settings.mode,
+            adapter.mode()
+        )));
+    }
     let (width, height) = (photo.width() as usize, photo.height() as usize);
     model.latent_dims(width, height)?;
     let device = model.device();

@@ -1,0 +1,208 @@
+//! What every command shares: loading the model, seeds, output paths, progress bars,
+//! Ctrl-C. Commands run on the calling thread (the CLI runs jobs directly, no workers).
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use candle_core::DType;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use super::UsageError;
+use super::args::{GlobalOptions, SamplingOptions};
+use super::cancel::CancelFlag;
+use crate::engine::StableDiffusion;
+use crate::engine::device::{device_name, open_device};
+use crate::engine::sampling::{SampleOutput, SampleRequest, StepView, sample};
+use crate::imaging::{self, ExistingFile};
+use crate::model_files::{self, DownloadProgress, HubOptions, ModelSpec, TerminalProgress};
+
+/// A loaded model and a name for it in recipes.
+pub(super) struct LoadedModel {
+    pub model: StableDiffusion,
+    /// How recipes name the model.
+    pub name: String,
+    /// Names the exact weights, for the snapshot cache key.
+    pub identity: String,
+}
+
+pub(super) fn load_model(global: &GlobalOptions) -> Result<LoadedModel> {
+    let spec = model_files::parse_model_arg(&global.model)?;
+    let options = HubOptions {
+        offline: global.offline,
+        ..HubOptions::default()
+    };
+    let mut progress = NoticeBeforeDownload {
+        notice: license_notice(&spec),
+        inner: TerminalProgress::new(),
+    };
+    let files = model_files::resolve(&spec, &options, &mut progress)?;
+    let device = open_device(global.device)?;
+    eprintln!("using device: {}", device_name(&device));
+    eprintln!("loading model {} ({})", spec, files.source);
+    // Half precision on the CPU is not faster in candle, and bf16 matmul is missing there.
+    let model = StableDiffusion::load(&files, &device, DType::F32)?;
+    let name = match &spec {
+        ModelSpec::Folder(path) => path.display().to_string(),
+        ModelSpec::Hub { .. } => spec.to_string(),
+    };
+    let identity = weights_identity(&files.unet_weights);
+    Ok(LoadedModel {
+        model,
+        name,
+        identity,
+    })
+}
+
+/// The UNet weights file's full path, size and modification time: cheap to compute, and it
+/// changes whenever the weights do (hub snapshots even have the commit in the path).
+fn weights_identity(unet_weights: &Path) -> String {
+    let path = unet_weights
+        .canonicalize()
+        .unwrap_or_else(|_| unet_weights.to_path_buf());
+    let (len, modified) = std::fs::metadata(&path)
+        .map(|m| {
+            let modified = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            (m.len(), modified)
+        })
+        .unwrap_or((0, 0));
+    format!("{}|{len}|{modified}", path.display())
+}
+
+/// The license a user accepts by downloading this model, when we know it.
+fn license_notice(spec: &ModelSpec) -> Option<&'static str> {
+    match spec {
+        ModelSpec::Hub { repo_id, .. } if repo_id == model_files::DEFAULT_MODEL => Some(
+            include_str!("../../assets/notices/stable-diffusion-v1-5.txt"),
+        ),
+        ModelSpec::Hub { .. } => Some(
+            "This model comes with its own license; read its model card on the hub before use.\n",
+        ),
+        ModelSpec::Folder(_) => None,
+    }
+}
+
+/// Prints the model's license notice once, before the first file downloads.
+struct NoticeBeforeDownload<P> {
+    notice: Option<&'static str>,
+    inner: P,
+}
+
+impl<P: DownloadProgress> DownloadProgress for NoticeBeforeDownload<P> {
+    fn start_file(&mut self, name: &str, total_bytes: Option<u64>) {
+        if let Some(notice) = self.notice.take() {
+            eprint!("{notice}");
+        }
+        self.inner.start_file(name, total_bytes);
+    }
+    fn advance(&mut self, bytes: u64) {
+        self.inner.advance(bytes);
+    }
+    fn finish_file(&mut self) {
+        self.inner.finish_file();
+    }
+    fn cancelled(&self) -> bool {
+        self.inner.cancelled()
+    }
+}
+
+pub(super) fn choose_seed(options: &SamplingOptions) -> u64 {
+    // Below 2^32 so it survives every tool that reads seeds as 32-bit or as JSON numbers.
+    options.seed.unwrap_or_else(|| rand::random::<u32>() as u64)
+}
+
+pub(super) fn check_common(options: &SamplingOptions) -> Result<()> {
+    if options.sampling_steps == 0 {
+        return Err(UsageError("--sampling-steps must be at least 1".into()).into());
+    }
+    if !options.guidance.is_finite() || options.guidance < 0.0 {
+        return Err(UsageError(format!(
+            "--guidance must be a number of at least 0, got {}",
+            options.guidance
+        ))
+        .into());
+    }
+    if let Some(out) = &options.out {
+        check_output_extension(out)?;
+    }
+    Ok(())
+}
+
+pub(super) fn check_output_extension(out: &Path) -> Result<()> {
+    let ext = out
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_default();
+    if !matches!(ext.as_str(), "png" | "jpg" | "jpeg" | "webp") {
+        return Err(UsageError(format!(
+            "--out {} must end in .png, .jpg or .webp",
+            out.display()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+pub(super) fn check_prompt(prompt: &str) -> Result<()> {
+    if prompt.trim().is_empty() {
+        return Err(
+            UsageError("--prompt is empty; describe what the image should show".into()).into(),
+        );
+    }
+    Ok(())
+}
+
+/// A denoising progress bar on stderr that the sampler advances.
+pub(super) fn step_bar(label: &str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template("{msg} [{wide_bar}] {pos}/{len} steps, ETA {eta}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_message(label.to_string());
+    bar
+}
+
+pub(super) fn run_sampling(
+    model: &StableDiffusion,
+    request: &SampleRequest,
+    label: &str,
+    cancel: &CancelFlag,
+) -> Result<SampleOutput> {
+    let bar = step_bar(label);
+    let mut observer = |view: &StepView| {
+        bar.set_length(view.total_steps as u64);
+        bar.set_position(view.step as u64);
+        if cancel.is_set() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    };
+    let output = sample(model, request, &mut observer);
+    bar.finish_and_clear();
+    let output = output?;
+    if output.prompt_tokens_dropped > 0 {
+        eprintln!(
+            "warning: the prompt is too long for the model; its last {} tokens were ignored",
+            output.prompt_tokens_dropped
+        );
+    }
+    Ok(output)
+}
+
+/// The output path: `--out` as given (refused if it exists unless --overwrite), or a fresh
+/// numbered name that never replaces a file.
+pub(super) fn output_path(options: &SamplingOptions, default: PathBuf) -> (PathBuf, ExistingFile) {
+    match &options.out {
+        Some(out) if options.overwrite => (out.clone(), ExistingFile::Overwrite),
+        Some(out) => (out.clone(), ExistingFile::Refuse),
+        None => (imaging::next_free_path(&default), ExistingFile::Refuse),
+    }
+}

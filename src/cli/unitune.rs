@@ -1,0 +1,483 @@
+//! `unitune tune`, `edit` and `grid`: fine-tune on the photo (or reuse cached snapshots),
+//! then edit it by text.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use image::RgbImage;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use super::UsageError;
+use super::args::{EditArgs, GlobalOptions, GridArgs, TrainingOptions, TuneArgs};
+use super::cancel::CancelFlag;
+use super::recipe::{Recipe, TuneRecipe, program};
+use super::session::{LoadedModel, check_output_extension, check_prompt, load_model, step_bar};
+use crate::engine::edit::{
+    CachePolicy, EditRequest, TuneEvent, TunedPhoto, edit_photo, model_prompt, tune_photo,
+};
+use crate::engine::fidelity::parameters_for;
+use crate::engine::finetune::{SnapshotCache, TrainMode, TuneSettings};
+use crate::engine::optim::{OptimizerKind, OptimizerSettings};
+use crate::engine::sampling::StepView;
+use crate::imaging::{self, DecodeLimits, ExistingFile, Photo};
+
+/// The photo, at its own size and at the model's working size.
+struct Photos {
+    photo: Photo,
+    working: RgbImage,
+}
+
+fn load_photo(path: &Path) -> Result<Photo> {
+    Ok(imaging::load_photo(path, &DecodeLimits::default())?)
+}
+
+fn fit_photo(photo: Photo, loaded: &LoadedModel, size: Option<&str>) -> Result<Photos> {
+    let requested = size.map(imaging::parse_size).transpose()?;
+    let (w, h) = photo.rgb.dimensions();
+    let side = loaded.model.config.native_image_side().unwrap_or(512) as u32;
+    let (ww, wh) = imaging::working_size(w, h, side, requested)?;
+    eprintln!("working size: {ww}x{wh}");
+    let working = imaging::resize_rgb(&photo.rgb, ww, wh);
+    Ok(Photos { photo, working })
+}
+
+/// The fine-tuning recipe from the command line.
+fn tune_settings(options: &TrainingOptions, extra_snapshot: Option<usize>) -> Result<TuneSettings> {
+    let usage = |m: String| anyhow::Error::from(UsageError(m));
+    let mut mode: TrainMode = options.train.parse().map_err(usage)?;
+    if let TrainMode::Lora { rank } = &mut mode {
+        *rank = options.lora_rank;
+    }
+    let kind: OptimizerKind = options.optimizer.parse().map_err(usage)?;
+    let mut snapshot_steps = options.snapshots.clone();
+    if let Some(steps) = extra_snapshot.filter(|s| *s > 0) {
+        snapshot_steps.push(steps);
+    }
+    snapshot_steps.sort_unstable();
+    snapshot_steps.dedup();
+    let settings = TuneSettings {
+        mode,
+        optimizer: OptimizerSettings {
+            kind,
+            learning_rate: options.lr,
+            ..OptimizerSettings::default()
+        },
+        snapshot_steps,
+        micro_batch_size: options.micro_batch,
+        token: options.token.clone(),
+        seed: options.tune_seed,
+        ..TuneSettings::default()
+    };
+    settings.validate().map_err(|e| usage(e.to_string()))?;
+    Ok(settings)
+}
+
+/// Fine-tunes (or loads cached snapshots) with a progress bar showing loss and ETA.
+fn tune(
+    loaded: &mut LoadedModel,
+    photos: &Photos,
+    settings: &TuneSettings,
+    no_cache: bool,
+    cancel: &CancelFlag,
+) -> Result<TunedPhoto> {
+    let cache = SnapshotCache::default_dir().map(SnapshotCache::new);
+    let policy = CachePolicy {
+        cache: if no_cache { None } else { cache.as_ref() },
+        model_identity: &loaded.identity,
+    };
+    let bar = ProgressBar::with_draw_target(
+        Some(settings.total_steps() as u64),
+        ProgressDrawTarget::stderr(),
+    );
+    bar.set_style(
+        ProgressStyle::with_template(
+            "fine-tuning [{wide_bar}] {pos}/{len} steps, {msg}, ETA {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    eprintln!(
+        "fine-tuning on the photo: {} weights, {}, lr {}, snapshots after {:?} steps",
+        settings.mode,
+        settings.optimizer.kind,
+        settings.optimizer.learning_rate,
+        settings.snapshot_steps
+    );
+    let mut on_event = |event: TuneEvent| {
+        match event {
+            TuneEvent::CacheHit(path) => eprintln!("using cached snapshots: {}", path.display()),
+            TuneEvent::CacheDamaged(reason) => {
+                eprintln!("warning: ignoring a damaged cache entry ({reason}); fine-tuning again")
+            }
+            TuneEvent::Progress(p) => {
+                bar.set_position(p.step as u64);
+                bar.set_message(format!("loss {:.4}", p.loss));
+                if p.snapshot_taken && !bar.is_hidden() {
+                    bar.println(format!(
+                        "snapshot after {} steps (loss {:.4})",
+                        p.step, p.loss
+                    ));
+                } else if p.snapshot_taken {
+                    eprintln!(
+                        "step {}/{}: loss {:.4}, snapshot kept, ETA {:.0?}",
+                        p.step,
+                        p.total_steps,
+                        p.loss,
+                        p.eta()
+                    );
+                }
+            }
+            TuneEvent::Stored(path) => eprintln!("snapshots saved to {}", path.display()),
+        }
+        if cancel.is_set() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    };
+    let result = tune_photo(
+        &mut loaded.model,
+        &photos.working,
+        settings,
+        &policy,
+        &mut on_event,
+    );
+    bar.finish_and_clear();
+    Ok(result?)
+}
+
+pub fn tune_command(global: &GlobalOptions, args: &TuneArgs, cancel: &CancelFlag) -> Result<()> {
+    let settings = tune_settings(&args.training, None)?;
+    let photo = load_photo(&args.image)?;
+    let mut loaded = load_model(global)?;
+    let photos = fit_photo(photo, &loaded, args.size.as_deref())?;
+    let tuned = tune(
+        &mut loaded,
+        &photos,
+        &settings,
+        args.training.no_cache,
+        cancel,
+    )?;
+    match &tuned.cache_file {
+        Some(path) => println!("{}", path.display()),
+        None => eprintln!("snapshots were not cached (--no-cache)"),
+    }
+    Ok(())
+}
+
+/// The (snapshot, t0, guidance) an edit uses: the fidelity table, then explicit overrides.
+fn edit_parameters(args: &EditArgs) -> Result<(usize, f64, f64, f64)> {
+    if let Some(f) = args.fidelity
+        && !(0.0..=1.0).contains(&f)
+    {
+        return Err(UsageError(format!("--fidelity must be between 0 and 1, got {f}")).into());
+    }
+    let fidelity = args.fidelity.unwrap_or(0.5);
+    let table = parameters_for(fidelity, &args.training.snapshots);
+    let steps = args.tune_steps.unwrap_or(table.tune_steps);
+    let t0 = args.t0.unwrap_or(table.t0);
+    let guidance = args.guidance.unwrap_or(table.guidance);
+    if !(0.0..=1.0).contains(&t0) {
+        return Err(UsageError(format!("--t0 must be between 0 and 1, got {t0}")).into());
+    }
+    if !guidance.is_finite() || guidance < 0.0 {
+        return Err(UsageError(format!(
+            "--guidance must be a number of at least 0, got {guidance}"
+        ))
+        .into());
+    }
+    Ok((steps, t0, guidance, fidelity))
+}
+
+fn sampling_observer<'a>(
+    bar: &'a ProgressBar,
+    cancel: &'a CancelFlag,
+) -> impl FnMut(&StepView) -> ControlFlow<()> + 'a {
+    move |view: &StepView| {
+        bar.set_length(view.total_steps as u64);
+        bar.set_position(view.step as u64);
+        if cancel.is_set() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+}
+
+fn warn_if_truncated(loaded: &LoadedModel, prompt: &str) {
+    if let Ok(tokens) = loaded.model.tokenizer.encode(prompt)
+        && tokens.dropped_tokens > 0
+    {
+        eprintln!(
+            "warning: the prompt is too long for the model; its last {} tokens were ignored",
+            tokens.dropped_tokens
+        );
+    }
+}
+
+/// `photo.jpg` -> `photo-edit.png` in the current folder (the photo's folder may be
+/// read-only, e.g. a camera card).
+fn default_edit_path(image: &Path) -> PathBuf {
+    let stem = image
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "photo".into());
+    PathBuf::from(format!("{stem}-edit.png"))
+}
+
+/// `out.png` with sample index k of n: `out.png` for one sample, else `out-1.png`, `out-2.png`.
+fn numbered(path: &Path, k: usize, n: usize) -> PathBuf {
+    if n == 1 {
+        return path.to_path_buf();
+    }
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name = match path.extension() {
+        Some(ext) => format!("{stem}-{}.{}", k + 1, ext.to_string_lossy()),
+        None => format!("{stem}-{}", k + 1),
+    };
+    path.with_file_name(name)
+}
+
+pub fn edit_command(global: &GlobalOptions, args: &EditArgs, cancel: &CancelFlag) -> Result<()> {
+    check_prompt(&args.prompt)?;
+    let (tune_steps, t0, guidance, fidelity) = edit_parameters(args)?;
+    if args.sampling_steps == 0 {
+        return Err(UsageError("--sampling-steps must be at least 1".into()).into());
+    }
+    if args.samples == 0 {
+        return Err(UsageError("--samples must be at least 1".into()).into());
+    }
+    if let Some(out) = &args.out {
+        check_output_extension(out)?;
+    }
+    let settings = tune_settings(&args.training, Some(tune_steps))?;
+    let seed = args.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
+
+    // Read the inputs before the slow parts, so a bad file fails at once.
+    let photo = load_photo(&args.image)?;
+    let (photo_w, photo_h) = photo.rgb.dimensions();
+    let mask = match &args.mask {
+        Some(path) => Some(imaging::load_mask(
+            path,
+            &DecodeLimits::default(),
+            photo_w,
+            photo_h,
+        )?),
+        None => None,
+    };
+    let mut loaded = load_model(global)?;
+    let photos = fit_photo(photo, &loaded, args.size.as_deref())?;
+    let tuned = if tune_steps > 0 {
+        Some(tune(
+            &mut loaded,
+            &photos,
+            &settings,
+            args.training.no_cache,
+            cancel,
+        )?)
+    } else {
+        None
+    };
+    let token = tuned.as_ref().map(|t| t.settings.token.clone());
+    warn_if_truncated(&loaded, &model_prompt(token.as_deref(), &args.prompt));
+    eprintln!(
+        "editing: {tune_steps} fine-tuning steps, t0 {t0:.3}, guidance {guidance:.2}, first seed {seed}"
+    );
+
+    let default = default_edit_path(&args.image);
+    let base_out = match &args.out {
+        Some(out) => out.clone(),
+        None => default,
+    };
+    for k in 0..args.samples {
+        let sample_seed = seed + k as u64;
+        let request = EditRequest {
+            original: &photos.photo.rgb,
+            working: &photos.working,
+            prompt: &args.prompt,
+            baseline_prompt: args.baseline_prompt.as_deref(),
+            tune_steps,
+            t0,
+            guidance,
+            sampling_steps: args.sampling_steps,
+            seed: sample_seed,
+            mask: mask.as_ref(),
+            interpolate: args.interpolate,
+        };
+        let bar = step_bar(&format!("sample {}/{}", k + 1, args.samples));
+        let mut observer = sampling_observer(&bar, cancel);
+        let result = edit_photo(&loaded.model, tuned.as_ref(), &request, &mut observer);
+        bar.finish_and_clear();
+        let result = result?;
+
+        let recipe = Recipe {
+            mode: "edit",
+            prompt: args.prompt.clone(),
+            model_prompt: model_prompt(token.as_deref().filter(|_| tune_steps > 0), &args.prompt),
+            baseline_prompt: args.baseline_prompt.clone().unwrap_or_default(),
+            seed: sample_seed,
+            sampling_steps: args.sampling_steps,
+            sampler: "DDIM",
+            guidance_weight: guidance,
+            t0: Some(t0),
+            fidelity: args.fidelity.map(|_| fidelity),
+            tune_steps,
+            tuning: tuned
+                .as_ref()
+                .map(|t| TuneRecipe::from_settings(&t.settings)),
+            mask: args.mask.as_ref().map(|m| m.display().to_string()),
+            interpolate: args.interpolate,
+            width: photo_w,
+            height: photo_h,
+            working_width: photos.working.width(),
+            working_height: photos.working.height(),
+            model: loaded.name.clone(),
+            prediction_type: loaded.model.config.scheduler.prediction_type.as_str(),
+            source_image: args
+                .image
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned()),
+            program: program(),
+            revision: crate::build_info::GIT_REVISION,
+        };
+        let wanted = numbered(&base_out, k, args.samples);
+        let (path, existing) = match (&args.out, args.overwrite) {
+            (Some(_), true) => (wanted, ExistingFile::Overwrite),
+            (Some(_), false) => (wanted, ExistingFile::Refuse),
+            (None, _) => (imaging::next_free_path(&wanted), ExistingFile::Refuse),
+        };
+        imaging::export_image(
+            &path,
+            &result,
+            photos.photo.alpha.as_ref(),
+            &recipe.text_chunks(),
+            existing,
+        )
+        .with_context(|| format!("the edit was not saved to {}", path.display()))?;
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
+pub fn grid_command(global: &GlobalOptions, args: &GridArgs, cancel: &CancelFlag) -> Result<()> {
+    check_prompt(&args.prompt)?;
+    check_output_extension(&args.out)?;
+    if args.t0_values.is_empty() || args.t0_values.iter().any(|t| !(0.0..=1.0).contains(t)) {
+        return Err(UsageError("--t0-values must be numbers between 0 and 1".into()).into());
+    }
+    if args.sampling_steps == 0 {
+        return Err(UsageError("--sampling-steps must be at least 1".into()).into());
+    }
+    let settings = tune_settings(&args.training, None)?;
+    let seed = args.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
+    let photo = load_photo(&args.image)?;
+    let mut loaded = load_model(global)?;
+    let photos = fit_photo(photo, &loaded, args.size.as_deref())?;
+    let tuned = tune(
+        &mut loaded,
+        &photos,
+        &settings,
+        args.training.no_cache,
+        cancel,
+    )?;
+
+    // Cells at the working size: the grid compares settings, not resolutions.
+    let columns: Vec<usize> = std::iter::once(0).chain(tuned.snapshot_steps()).collect();
+    let total = columns.len() * args.t0_values.len();
+    let bar = step_bar("grid");
+    bar.set_length(total as u64);
+    let mut rows = Vec::with_capacity(args.t0_values.len());
+    for &t0 in &args.t0_values {
+        let mut row = Vec::with_capacity(columns.len());
+        for &steps in &columns {
+            let request = EditRequest {
+                original: &photos.working,
+                working: &photos.working,
+                prompt: &args.prompt,
+                baseline_prompt: None,
+                tune_steps: steps,
+                t0,
+                guidance: args.guidance,
+                sampling_steps: args.sampling_steps,
+                seed,
+                mask: None,
+                interpolate: false,
+            };
+            let mut observer = |_: &StepView| {
+                if cancel.is_set() {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            };
+            row.push(edit_photo(
+                &loaded.model,
+                Some(&tuned),
+                &request,
+                &mut observer,
+            )?);
+            bar.inc(1);
+        }
+        rows.push(row);
+    }
+    bar.finish_and_clear();
+    let column_labels: Vec<String> = columns
+        .iter()
+        .map(|s| {
+            if *s == 0 {
+                "no fine-tuning".to_string()
+            } else {
+                format!("{s} steps")
+            }
+        })
+        .collect();
+    let row_labels: Vec<String> = args
+        .t0_values
+        .iter()
+        .map(|t| format!("t0 {t:.2}"))
+        .collect();
+    let title = format!("{} | guidance {} | seed {seed}", args.prompt, args.guidance);
+    let grid = imaging::labelled_grid(&rows, &column_labels, &row_labels, Some(&title))
+        .map_err(|e| anyhow::anyhow!(e.to_string()))?;
+    let recipe = Recipe {
+        mode: "grid",
+        prompt: args.prompt.clone(),
+        model_prompt: model_prompt(Some(&tuned.settings.token), &args.prompt),
+        baseline_prompt: String::new(),
+        seed,
+        sampling_steps: args.sampling_steps,
+        sampler: "DDIM",
+        guidance_weight: args.guidance,
+        t0: None,
+        fidelity: None,
+        tune_steps: settings.total_steps(),
+        tuning: Some(TuneRecipe::from_settings(&tuned.settings)),
+        mask: None,
+        interpolate: false,
+        width: grid.width(),
+        height: grid.height(),
+        working_width: photos.working.width(),
+        working_height: photos.working.height(),
+        model: loaded.name.clone(),
+        prediction_type: loaded.model.config.scheduler.prediction_type.as_str(),
+        source_image: args
+            .image
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned()),
+        program: program(),
+        revision: crate::build_info::GIT_REVISION,
+    };
+    let existing = if args.overwrite {
+        ExistingFile::Overwrite
+    } else {
+        ExistingFile::Refuse
+    };
+    imaging::export_image(&args.out, &grid, None, &recipe.text_chunks(), existing)
+        .with_context(|| format!("the grid was not saved to {}", args.out.display()))?;
+    println!("{}", args.out.display());
+    Ok(())
+}

@@ -1,0 +1,214 @@
+//! A whole UniTune edit, as the CLI and the GUI both run it: fine-tune on the photo (or take
+//! the snapshots from the cache), pick a snapshot, sample "beikkpic <edit prompt>", then
+//! bring the result back to the photo's size, paste the original outside the mask and
+//! optionally interpolate toward the original (paper sections 3.2-3.4 and A.1).
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use image::{GrayImage, RgbImage};
+
+use super::error::{EngineError, Result};
+use super::finetune::{
+    Adapter, CacheLookup, Snapshot, SnapshotCache, TuneProgress, TuneSettings, fine_tune,
+};
+use super::model::StableDiffusion;
+use super::noise::NoiseSource;
+use super::sampling::{SampleRequest, Start, StepObserver, sample};
+use crate::imaging;
+
+/// A photo the model has been fine-tuned on: the trainable weights and their snapshots.
+pub struct TunedPhoto {
+    pub adapter: Adapter,
+    pub snapshots: Vec<Snapshot>,
+    pub settings: TuneSettings,
+    /// Where the snapshots live on disk, when cached.
+    pub cache_file: Option<PathBuf>,
+    pub from_cache: bool,
+}
+
+impl TunedPhoto {
+    pub fn snapshot_steps(&self) -> Vec<usize> {
+        self.snapshots.iter().map(|s| s.steps).collect()
+    }
+
+    /// Loads the weights after `steps` fine-tuning steps (0 = the untuned model) in place.
+    pub fn select(&self, steps: usize) -> Result<()> {
+        if steps == 0 {
+            return self.adapter.load(self.adapter.base());
+        }
+        let snapshot = self
+            .snapshots
+            .iter()
+            .find(|s| s.steps == steps)
+            .ok_or_else(|| {
+                EngineError::InvalidRequest(format!(
+                    "there is no snapshot after {steps} fine-tuning steps (saved: {:?})",
+                    self.snapshot_steps()
+                ))
+            })?;
+        self.adapter.load(snapshot)
+    }
+}
+
+/// What happens while a photo is being tuned.
+pub enum TuneEvent<'a> {
+    /// The snapshots came from this cache file; no training.
+    CacheHit(&'a std::path::Path),
+    /// A cache file was there but could not be trusted; it will be rebuilt.
+    CacheDamaged(&'a str),
+    Progress(&'a TuneProgress),
+    /// The snapshots were saved to this cache file.
+    Stored(&'a std::path::Path),
+}
+
+/// Where to look for and keep snapshots.
+pub struct CachePolicy<'a> {
+    /// `None` disables the cache (`--no-cache`).
+    pub cache: Option<&'a SnapshotCache>,
+    /// Names the model's exact weights (part of the cache key).
+    pub model_identity: &'a str,
+}
+
+/// Fine-tunes `model` on `photo` (at the working size), or loads the snapshots from the cache.
+/// The model's sampling UNet is switched to the trainable weights.
+pub fn tune_photo(
+    model: &mut StableDiffusion,
+    photo: &RgbImage,
+    settings: &TuneSettings,
+    policy: &CachePolicy,
+    on_event: &mut dyn FnMut(TuneEvent) -> ControlFlow<()>,
+) -> Result<TunedPhoto> {
+    settings.validate()?;
+    // LoRA's A factors are the only random initial weights; they come from the recipe's seed.
+    let mut init_noise = NoiseSource::from_seed(settings.seed ^ 0x5eed_1a1a);
+    let adapter = Adapter::attach(model, settings.mode, &mut init_noise)?;
+    let key = SnapshotCache::key(policy.model_identity, photo, settings);
+    if let Some(cache) = policy.cache {
+        match cache.load(&key, &adapter, settings) {
+            CacheLookup::Hit(snapshots) => {
+                let path = cache.path_for(&key);
+                let _ = on_event(TuneEvent::CacheHit(&path));
+                if let Some(last) = snapshots.last() {
+                    adapter.load(last)?;
+                }
+                return Ok(TunedPhoto {
+                    adapter,
+                    snapshots,
+                    settings: settings.clone(),
+                    cache_file: Some(path),
+                    from_cache: true,
+                });
+            }
+            CacheLookup::Damaged(reason) => {
+                let _ = on_event(TuneEvent::CacheDamaged(&reason));
+            }
+            CacheLookup::Miss => {}
+        }
+    }
+    let mut observer = |p: &TuneProgress| on_event(TuneEvent::Progress(p));
+    let snapshots = fine_tune(model, &adapter, photo, settings, &mut observer)?;
+    let cache_file = match policy.cache {
+        Some(cache) => {
+            let path = cache.store(&key, &adapter, settings, &snapshots)?;
+            let _ = on_event(TuneEvent::Stored(&path));
+            Some(path)
+        }
+        None => None,
+    };
+    Ok(TunedPhoto {
+        adapter,
+        snapshots,
+        settings: settings.clone(),
+        cache_file,
+        from_cache: false,
+    })
+}
+
+/// One edit of one photo.
+#[derive(Debug, Clone)]
+pub struct EditRequest<'a> {
+    /// The photo at its own size.
+    pub original: &'a RgbImage,
+    /// The photo fitted to the model's working size.
+    pub working: &'a RgbImage,
+    pub prompt: &'a str,
+    /// Prompt guidance's baseline (a description of the photo); `None` = classifier-free.
+    pub baseline_prompt: Option<&'a str>,
+    /// Which snapshot to sample from (0 = no fine-tuning: plain SDEdit).
+    pub tune_steps: usize,
+    pub t0: f64,
+    pub guidance: f64,
+    pub sampling_steps: usize,
+    pub seed: u64,
+    /// White = may change, at the original's size.
+    pub mask: Option<&'a GrayImage>,
+    /// Blend toward the original where neighbourhoods match (paper 3.4).
+    pub interpolate: bool,
+}
+
+/// The prompt the model samples: the rare token in front when it was fine-tuned.
+pub fn model_prompt(token: Option<&str>, prompt: &str) -> String {
+    match token {
+        Some(token) => format!("{token} {prompt}"),
+        None => prompt.to_string(),
+    }
+}
+
+/// Runs one edit and returns the result at the original's size.
+pub fn edit_photo(
+    model: &StableDiffusion,
+    tuned: Option<&TunedPhoto>,
+    request: &EditRequest,
+    observer: &mut dyn StepObserver,
+) -> Result<RgbImage> {
+    let token = match (request.tune_steps, tuned) {
+        (0, Some(tuned)) => {
+            tuned.select(0)?;
+            None
+        }
+        (0, None) => None,
+        (steps, Some(tuned)) => {
+            tuned.select(steps)?;
+            Some(tuned.settings.token.as_str())
+        }
+        (steps, None) => {
+            return Err(EngineError::InvalidRequest(format!(
+                "{steps} fine-tuning steps were asked for but the photo was not fine-tuned"
+            )));
+        }
+    };
+    let prompt = model_prompt(token, request.prompt);
+    let baseline = request
+        .baseline_prompt
+        .map(|b| model_prompt(token, b))
+        .unwrap_or_default();
+    let (w, h) = request.working.dimensions();
+    let working_mask = request.mask.map(|m| imaging::resize_gray(m, w, h));
+    let sample_request = SampleRequest {
+        prompt: &prompt,
+        baseline_prompt: &baseline,
+        guidance_weight: request.guidance,
+        sampling_steps: request.sampling_steps,
+        seed: request.seed,
+        start: Start::Photo {
+            image: request.working,
+            t0_fraction: request.t0,
+            mask: working_mask.as_ref(),
+        },
+    };
+    let output = sample(model, &sample_request, observer)?;
+    let (ow, oh) = request.original.dimensions();
+    let mut result = imaging::resize_rgb(&output.image, ow, oh);
+    if let Some(mask) = request.mask {
+        let radius = imaging::default_feather_radius(ow, oh);
+        result = imaging::paste_outside_mask(request.original, &result, mask, radius)
+            .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+    }
+    if request.interpolate {
+        let settings = imaging::InterpolationSettings::for_size(ow, oh);
+        result = imaging::interpolate_toward_original(request.original, &result, &settings)
+            .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+    }
+    Ok(result)
+}

@@ -1,0 +1,342 @@
+//! `unitune tune`, `edit` (fine-tuned) and `grid` end to end on the tiny fixture model:
+//! the snapshot cache, masks, the recipe in the PNG, and Ctrl-C.
+//!
+//! Every run uses its own cache folder (XDG_CACHE_HOME) and 1-2 cross-kv fine-tuning steps,
+//! so the whole file stays quick on a CPU.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{fixtures, model_dir};
+use unitune::imaging::read_png_text;
+
+struct Run {
+    code: i32,
+    stderr: String,
+}
+
+fn unitune(args: &[&str], home: &Path) -> Run {
+    let output = Command::new(env!("CARGO_BIN_EXE_unitune"))
+        .args(args)
+        .env("XDG_CACHE_HOME", home.join("cache"))
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_CACHE", home.join("hf"))
+        .current_dir(home)
+        .output()
+        .expect("unitune runs");
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+fn model() -> String {
+    model_dir("sd15-tiny").display().to_string()
+}
+
+fn photo() -> String {
+    fixtures().join("photos/chelsea.png").display().to_string()
+}
+
+const TUNE: [&str; 6] = [
+    "--train",
+    "cross-kv",
+    "--snapshots",
+    "1,2",
+    "--device",
+    "cpu",
+];
+
+fn cache_files(home: &Path) -> Vec<std::path::PathBuf> {
+    let dir = home.join("cache/unitune/snapshots");
+    match std::fs::read_dir(dir) {
+        Ok(entries) => entries.map(|e| e.unwrap().path()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+#[test]
+fn a_second_edit_of_the_same_photo_reuses_the_snapshots_and_a_damaged_entry_is_rebuilt() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let (m, p) = (model(), photo());
+    let edit = |out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "edit",
+            &p,
+            "--prompt",
+            "a cat wearing sunglasses",
+            "--model",
+            &m,
+            "--tune-steps",
+            "2",
+            "--t0",
+            "0.9",
+            "--seed",
+            "3",
+            "--sampling-steps",
+            "2",
+            "--out",
+            out,
+        ];
+        args.extend_from_slice(&TUNE);
+        args.extend_from_slice(extra);
+        unitune(&args, h)
+    };
+
+    let first = edit("a.png", &[]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    assert!(
+        first.stderr.contains("snapshots saved to"),
+        "{}",
+        first.stderr
+    );
+    assert_eq!(cache_files(h).len(), 1);
+
+    let second = edit("b.png", &[]);
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    assert!(
+        second.stderr.contains("using cached snapshots"),
+        "{}",
+        second.stderr
+    );
+    assert!(
+        !second.stderr.contains("snapshot kept"),
+        "a cached edit must not train: {}",
+        second.stderr
+    );
+    let a = image::open(h.join("a.png")).unwrap().to_rgb8();
+    let b = image::open(h.join("b.png")).unwrap().to_rgb8();
+    assert_eq!(
+        a.as_raw(),
+        b.as_raw(),
+        "cached snapshots give the same edit"
+    );
+
+    // The recipe in the PNG names the fine-tuning.
+    let text = read_png_text(&h.join("a.png")).unwrap();
+    let recipe: serde_json::Value =
+        serde_json::from_str(&text.iter().find(|(k, _)| k == "unitune").unwrap().1).unwrap();
+    assert_eq!(recipe["tune_steps"], 2);
+    assert_eq!(recipe["tuning"]["train"], "cross-kv");
+    assert_eq!(
+        recipe["tuning"]["snapshot_steps"],
+        serde_json::json!([1, 2])
+    );
+    assert_eq!(recipe["model_prompt"], "beikkpic a cat wearing sunglasses");
+
+    // A damaged entry is never trusted: it is reported and rebuilt.
+    let entry = &cache_files(h)[0];
+    std::fs::write(entry, b"garbage").unwrap();
+    let third = edit("c.png", &[]);
+    assert_eq!(third.code, 0, "{}", third.stderr);
+    assert!(
+        third.stderr.contains("damaged cache entry"),
+        "{}",
+        third.stderr
+    );
+    assert!(
+        third.stderr.contains("snapshots saved to"),
+        "{}",
+        third.stderr
+    );
+    let c = image::open(h.join("c.png")).unwrap().to_rgb8();
+    assert_eq!(
+        a.as_raw(),
+        c.as_raw(),
+        "retraining with the same recipe is reproducible"
+    );
+
+    // --no-cache retrains and writes nothing.
+    let before = std::fs::metadata(entry).unwrap().modified().unwrap();
+    let fourth = edit("d.png", &["--no-cache"]);
+    assert_eq!(fourth.code, 0, "{}", fourth.stderr);
+    assert!(!fourth.stderr.contains("using cached"), "{}", fourth.stderr);
+    assert_eq!(
+        std::fs::metadata(entry).unwrap().modified().unwrap(),
+        before
+    );
+}
+
+#[test]
+fn masked_edits_keep_every_pixel_outside_the_feathered_border() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    // Mask of another size than the photo (451x300): resized.
+    let mask = image::GrayImage::from_fn(100, 100, |x, y| {
+        image::Luma([if (30..60).contains(&x) && (30..70).contains(&y) {
+            255
+        } else {
+            0
+        }])
+    });
+    mask.save(h.join("mask.png")).unwrap();
+    let (m, p) = (model(), photo());
+    let mut args = vec![
+        "edit",
+        &p,
+        "--prompt",
+        "sunglasses",
+        "--model",
+        &m,
+        "--tune-steps",
+        "1",
+        "--t0",
+        "1.0",
+        "--seed",
+        "1",
+        "--sampling-steps",
+        "2",
+        "--mask",
+        "mask.png",
+        "--out",
+        "masked.png",
+    ];
+    args.extend_from_slice(&TUNE);
+    let run = unitune(&args, h);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let original = image::open(fixtures().join("photos/chelsea.png"))
+        .unwrap()
+        .to_rgb8();
+    let edited = image::open(h.join("masked.png")).unwrap().to_rgb8();
+    let big_mask = unitune::imaging::resize_gray(&mask, 451, 300);
+    let radius = unitune::imaging::default_feather_radius(451, 300) as i64;
+    let (mut outside, mut changed_inside) = (0, 0);
+    for (x, y, px) in edited.enumerate_pixels() {
+        // Distance to the nearest mask pixel, brute force over the mask's bounding box.
+        let near = (0..451i64).any(|mx| {
+            (mx - x as i64).abs() <= radius + 1
+                && (0..300i64).any(|my| {
+                    (my - y as i64).abs() <= radius + 1
+                        && big_mask.get_pixel(mx as u32, my as u32)[0] > 0
+                })
+        });
+        if !near {
+            assert_eq!(
+                px,
+                original.get_pixel(x, y),
+                "pixel ({x}, {y}) outside the mask changed"
+            );
+            outside += 1;
+        } else if big_mask.get_pixel(x, y)[0] == 255 && px != original.get_pixel(x, y) {
+            changed_inside += 1;
+        }
+    }
+    assert!(
+        outside > 100_000,
+        "most of the photo is outside the mask: {outside}"
+    );
+    assert!(
+        changed_inside > 1000,
+        "the masked area was edited: {changed_inside}"
+    );
+}
+
+#[test]
+fn grid_has_a_column_per_snapshot_and_a_row_per_t0() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let (m, p) = (model(), photo());
+    let mut args = vec![
+        "grid",
+        &p,
+        "--prompt",
+        "pixel art",
+        "--model",
+        &m,
+        "--t0-values",
+        "1.0,0.8",
+        "--seed",
+        "2",
+        "--sampling-steps",
+        "1",
+        "--out",
+        "grid.png",
+    ];
+    args.extend_from_slice(&TUNE);
+    let run = unitune(&args, h);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let grid = image::open(h.join("grid.png")).unwrap();
+    // 3 columns (no fine-tuning, 1, 2 steps) and 2 rows of 64 px cells plus labels.
+    assert!(
+        grid.width() >= 3 * 64 && grid.height() >= 2 * 64,
+        "{}x{}",
+        grid.width(),
+        grid.height()
+    );
+    assert!(
+        grid.width() < 5 * 64 && grid.height() < 4 * 64,
+        "{}x{}",
+        grid.width(),
+        grid.height()
+    );
+    let text = read_png_text(&h.join("grid.png")).unwrap();
+    assert!(
+        text.iter()
+            .any(|(k, v)| k == "unitune" && v.contains("\"mode\":\"grid\""))
+    );
+}
+
+#[test]
+fn ctrl_c_stops_fine_tuning_without_leaving_files() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_unitune"))
+        .args([
+            "tune",
+            &photo(),
+            "--model",
+            &model(),
+            "--train",
+            "cross-kv",
+            "--snapshots",
+            "500",
+            "--device",
+            "cpu",
+        ])
+        .env("XDG_CACHE_HOME", h.join("cache"))
+        .env("HF_HUB_OFFLINE", "1")
+        .current_dir(h)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let mut seen = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("fine-tuning on the photo") {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let sent_at = Instant::now();
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    let took = sent_at.elapsed();
+    seen.push_str(&rest.join("\n"));
+    assert_eq!(status.code(), Some(130), "{seen}");
+    assert!(seen.contains("cancelled"), "{seen}");
+    assert!(took < Duration::from_secs(30), "stopping took {took:?}");
+    assert!(
+        cache_files(h).is_empty(),
+        "no cache entry after a cancelled run"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(h)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n != "cache")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
