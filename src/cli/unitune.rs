@@ -97,6 +97,11 @@ fn tune(
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
+    if loaded.model.device().is_cpu() && loaded.model.config.unet.block_out_channels[0] >= 128 {
+        eprintln!(
+            "warning: fine-tuning a full-size model on the CPU takes hours; build with --features cuda (or metal) for a GPU, try --train lora, or edit without fine-tuning with --tune-steps 0"
+        );
+    }
     eprintln!(
         "fine-tuning on the photo: {} weights, {}, lr {}, snapshots after {:?} steps",
         settings.mode,
@@ -113,18 +118,19 @@ fn tune(
             TuneEvent::Progress(p) => {
                 bar.set_position(p.step as u64);
                 bar.set_message(format!("loss {:.4}", p.loss));
-                if p.snapshot_taken && !bar.is_hidden() {
-                    bar.println(format!(
-                        "snapshot after {} steps (loss {:.4})",
-                        p.step, p.loss
-                    ));
-                } else if p.snapshot_taken {
+                let note = if p.snapshot_taken { ", snapshot kept" } else { "" };
+                if !bar.is_hidden() {
+                    if p.snapshot_taken {
+                        bar.println(format!("snapshot after {} steps (loss {:.4})", p.step, p.loss));
+                    }
+                } else if p.snapshot_taken || p.step % 8 == 0 || p.step == 1 {
+                    // No terminal (a log or a pipe): a line every few steps instead of a bar.
                     eprintln!(
-                        "step {}/{}: loss {:.4}, snapshot kept, ETA {:.0?}",
+                        "step {}/{}: loss {:.4}{note}, ETA {}s",
                         p.step,
                         p.total_steps,
                         p.loss,
-                        p.eta()
+                        p.eta().as_secs()
                     );
                 }
             }

@@ -25,6 +25,16 @@ pub struct Snapshot {
     pub tensors: Vec<Tensor>,
 }
 
+/// A copy in host memory: snapshots of a full fine-tune are whole UNets, and GPU memory is
+/// for the model being trained.
+fn host_copy(tensor: &Tensor) -> candle_core::Result<Tensor> {
+    if tensor.device().is_cpu() {
+        tensor.copy()
+    } else {
+        tensor.to_device(&candle_core::Device::Cpu)
+    }
+}
+
 pub struct Adapter {
     mode: TrainMode,
     names: Vec<String>,
@@ -85,7 +95,7 @@ impl Adapter {
             steps: 0,
             tensors: vars
                 .iter()
-                .map(|v| v.as_tensor().copy())
+                .map(|v| host_copy(v.as_tensor()))
                 .collect::<candle_core::Result<_>>()?,
         };
 
@@ -142,7 +152,7 @@ impl Adapter {
             tensors: self
                 .vars
                 .iter()
-                .map(|v| v.as_tensor().copy())
+                .map(|v| host_copy(v.as_tensor()))
                 .collect::<candle_core::Result<_>>()?,
         })
     }
