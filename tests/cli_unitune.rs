@@ -328,7 +328,9 @@ fn ctrl_c_stops_fine_tuning_without_leaving_files() {
     seen.push_str(&rest.join("\n"));
     assert_eq!(status.code(), Some(130), "{seen}");
     assert!(seen.contains("cancelled"), "{seen}");
-    assert!(took < Duration::from_secs(30), "stopping took {took:?}");
+    // One step of this run takes seconds on a quiet machine; the bound is loose for busy CI.
+    // (That no step starts after the stop is asserted exactly in tests/finetune.rs.)
+    assert!(took < Duration::from_secs(120), "stopping took {took:?}");
     assert!(
         cache_files(h).is_empty(),
         "no cache entry after a cancelled run"

@@ -118,10 +118,17 @@ fn tune(
             TuneEvent::Progress(p) => {
                 bar.set_position(p.step as u64);
                 bar.set_message(format!("loss {:.4}", p.loss));
-                let note = if p.snapshot_taken { ", snapshot kept" } else { "" };
+                let note = if p.snapshot_taken {
+                    ", snapshot kept"
+                } else {
+                    ""
+                };
                 if !bar.is_hidden() {
                     if p.snapshot_taken {
-                        bar.println(format!("snapshot after {} steps (loss {:.4})", p.step, p.loss));
+                        bar.println(format!(
+                            "snapshot after {} steps (loss {:.4})",
+                            p.step, p.loss
+                        ));
                     }
                 } else if p.snapshot_taken || p.step % 8 == 0 || p.step == 1 {
                     // No terminal (a log or a pipe): a line every few steps instead of a bar.
