@@ -13,6 +13,15 @@ impl CancelFlag {
         self.0.load(Ordering::Relaxed)
     }
 
+    /// What an observer returns: stop once Ctrl-C was pressed.
+    pub fn check(&self) -> std::ops::ControlFlow<()> {
+        if self.is_set() {
+            std::ops::ControlFlow::Break(())
+        } else {
+            std::ops::ControlFlow::Continue(())
+        }
+    }
+
     /// Installs the Ctrl-C handler (once per process).
     pub fn on_ctrl_c() -> Self {
         let flag = Self::default();

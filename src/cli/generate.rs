@@ -6,7 +6,7 @@ use anyhow::Result;
 
 use super::args::{GenerateArgs, GlobalOptions};
 use super::cancel::CancelFlag;
-use super::recipe::{Recipe, program};
+use super::recipe::Recipe;
 use super::session::{
     check_common, check_prompt, choose_seed, load_model, output_path, run_sampling,
 };
@@ -43,29 +43,14 @@ pub fn generate_command(
     let output = run_sampling(model, &request, "sampling", cancel)?;
 
     let recipe = Recipe {
-        mode: "generate",
-        prompt: args.prompt.clone(),
-        model_prompt: args.prompt.clone(),
-        baseline_prompt: String::new(),
         seed,
         sampling_steps: args.sampling.sampling_steps,
-        sampler: "DDIM",
         guidance_weight: args.sampling.guidance,
-        t0: None,
-        fidelity: None,
-        tune_steps: 0,
-        tuning: None,
-        mask: None,
-        interpolate: false,
         width,
         height,
         working_width: width,
         working_height: height,
-        model: loaded.name.clone(),
-        prediction_type: model.config.scheduler.prediction_type.as_str(),
-        source_image: None,
-        program: program(),
-        revision: crate::build_info::GIT_REVISION,
+        ..Recipe::new("generate", &args.prompt, &loaded)
     };
     let (path, existing) =
         output_path(&args.sampling, PathBuf::from(format!("unitune-{seed}.png")));

@@ -5,6 +5,7 @@
 
 use serde::Serialize;
 
+use super::session::LoadedModel;
 use crate::build_info;
 use crate::engine::finetune::TuneSettings;
 
@@ -69,6 +70,36 @@ pub struct Recipe {
 }
 
 impl Recipe {
+    /// A recipe for `prompt` on `loaded` with everything else at its "not used" value; each
+    /// command fills in what it did.
+    pub(super) fn new(mode: &'static str, prompt: &str, loaded: &LoadedModel) -> Self {
+        Self {
+            mode,
+            prompt: prompt.to_string(),
+            model_prompt: prompt.to_string(),
+            baseline_prompt: String::new(),
+            seed: 0,
+            sampling_steps: 0,
+            sampler: "DDIM",
+            guidance_weight: 1.0,
+            t0: None,
+            fidelity: None,
+            tune_steps: 0,
+            tuning: None,
+            mask: None,
+            interpolate: false,
+            width: 0,
+            height: 0,
+            working_width: 0,
+            working_height: 0,
+            model: loaded.name.clone(),
+            prediction_type: loaded.model.config.scheduler.prediction_type.as_str(),
+            source_image: None,
+            program: program(),
+            revision: build_info::GIT_REVISION,
+        }
+    }
+
     pub fn text_chunks(&self) -> Vec<(String, String)> {
         let json = serde_json::to_string(self).unwrap_or_default();
         vec![

@@ -169,6 +169,18 @@ pub(super) fn step_bar(label: &str) -> ProgressBar {
     bar
 }
 
+/// Advances `bar` with each denoising step and stops the loop after Ctrl-C.
+pub(super) fn sampling_observer<'a>(
+    bar: &'a ProgressBar,
+    cancel: &'a CancelFlag,
+) -> impl FnMut(&StepView) -> ControlFlow<()> + 'a {
+    move |view: &StepView| {
+        bar.set_length(view.total_steps as u64);
+        bar.set_position(view.step as u64);
+        cancel.check()
+    }
+}
+
 pub(super) fn run_sampling(
     model: &StableDiffusion,
     request: &SampleRequest,
@@ -176,15 +188,7 @@ pub(super) fn run_sampling(
     cancel: &CancelFlag,
 ) -> Result<SampleOutput> {
     let bar = step_bar(label);
-    let mut observer = |view: &StepView| {
-        bar.set_length(view.total_steps as u64);
-        bar.set_position(view.step as u64);
-        if cancel.is_set() {
-            ControlFlow::Break(())
-        } else {
-            ControlFlow::Continue(())
-        }
-    };
+    let mut observer = sampling_observer(&bar, cancel);
     let output = sample(model, request, &mut observer);
     bar.finish_and_clear();
     let output = output?;

@@ -1,7 +1,6 @@
 //! `unitune tune`, `edit` and `grid`: fine-tune on the photo (or reuse cached snapshots),
 //! then edit it by text.
 
-use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -11,8 +10,10 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use super::UsageError;
 use super::args::{EditArgs, GlobalOptions, GridArgs, TrainingOptions, TuneArgs};
 use super::cancel::CancelFlag;
-use super::recipe::{Recipe, TuneRecipe, program};
-use super::session::{LoadedModel, check_output_extension, check_prompt, load_model, step_bar};
+use super::recipe::{Recipe, TuneRecipe};
+use super::session::{
+    LoadedModel, check_output_extension, check_prompt, load_model, sampling_observer, step_bar,
+};
 use crate::engine::edit::{
     CachePolicy, EditRequest, TuneEvent, TunedPhoto, edit_photo, model_prompt, tune_photo,
 };
@@ -143,11 +144,7 @@ fn tune(
             }
             TuneEvent::Stored(path) => eprintln!("snapshots saved to {}", path.display()),
         }
-        if cancel.is_set() {
-            ControlFlow::Break(())
-        } else {
-            ControlFlow::Continue(())
-        }
+        cancel.check()
     };
     let result = tune_photo(
         &mut loaded.model,
@@ -201,21 +198,6 @@ fn edit_parameters(args: &EditArgs) -> Result<(usize, f64, f64, f64)> {
         .into());
     }
     Ok((steps, t0, guidance, fidelity))
-}
-
-fn sampling_observer<'a>(
-    bar: &'a ProgressBar,
-    cancel: &'a CancelFlag,
-) -> impl FnMut(&StepView) -> ControlFlow<()> + 'a {
-    move |view: &StepView| {
-        bar.set_length(view.total_steps as u64);
-        bar.set_position(view.step as u64);
-        if cancel.is_set() {
-            ControlFlow::Break(())
-        } else {
-            ControlFlow::Continue(())
-        }
-    }
 }
 
 fn warn_if_truncated(loaded: &LoadedModel, prompt: &str) {
@@ -328,13 +310,10 @@ pub fn edit_command(global: &GlobalOptions, args: &EditArgs, cancel: &CancelFlag
         let result = result?;
 
         let recipe = Recipe {
-            mode: "edit",
-            prompt: args.prompt.clone(),
             model_prompt: model_prompt(token.as_deref().filter(|_| tune_steps > 0), &args.prompt),
             baseline_prompt: args.baseline_prompt.clone().unwrap_or_default(),
             seed: sample_seed,
             sampling_steps: args.sampling_steps,
-            sampler: "DDIM",
             guidance_weight: guidance,
             t0: Some(t0),
             fidelity: args.fidelity.map(|_| fidelity),
@@ -348,14 +327,11 @@ pub fn edit_command(global: &GlobalOptions, args: &EditArgs, cancel: &CancelFlag
             height: photo_h,
             working_width: photos.working.width(),
             working_height: photos.working.height(),
-            model: loaded.name.clone(),
-            prediction_type: loaded.model.config.scheduler.prediction_type.as_str(),
             source_image: args
                 .image
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned()),
-            program: program(),
-            revision: crate::build_info::GIT_REVISION,
+            ..Recipe::new("edit", &args.prompt, &loaded)
         };
         let wanted = numbered(&base_out, k, args.samples);
         let (path, existing) = match (&args.out, args.overwrite) {
@@ -420,13 +396,7 @@ pub fn grid_command(global: &GlobalOptions, args: &GridArgs, cancel: &CancelFlag
                 mask: None,
                 interpolate: false,
             };
-            let mut observer = |_: &StepView| {
-                if cancel.is_set() {
-                    ControlFlow::Break(())
-                } else {
-                    ControlFlow::Continue(())
-                }
-            };
+            let mut observer = |_: &StepView| cancel.check();
             row.push(edit_photo(
                 &loaded.model,
                 Some(&tuned),
@@ -457,32 +427,21 @@ pub fn grid_command(global: &GlobalOptions, args: &GridArgs, cancel: &CancelFlag
     let grid = imaging::labelled_grid(&rows, &column_labels, &row_labels, Some(&title))
         .map_err(|e| anyhow::anyhow!(e.to_string()))?;
     let recipe = Recipe {
-        mode: "grid",
-        prompt: args.prompt.clone(),
         model_prompt: model_prompt(Some(&tuned.settings.token), &args.prompt),
-        baseline_prompt: String::new(),
         seed,
         sampling_steps: args.sampling_steps,
-        sampler: "DDIM",
         guidance_weight: args.guidance,
-        t0: None,
-        fidelity: None,
         tune_steps: settings.total_steps(),
         tuning: Some(TuneRecipe::from_settings(&tuned.settings)),
-        mask: None,
-        interpolate: false,
         width: grid.width(),
         height: grid.height(),
         working_width: photos.working.width(),
         working_height: photos.working.height(),
-        model: loaded.name.clone(),
-        prediction_type: loaded.model.config.scheduler.prediction_type.as_str(),
         source_image: args
             .image
             .file_name()
             .map(|n| n.to_string_lossy().into_owned()),
-        program: program(),
-        revision: crate::build_info::GIT_REVISION,
+        ..Recipe::new("grid", &args.prompt, &loaded)
     };
     let existing = if args.overwrite {
         ExistingFile::Overwrite

@@ -52,7 +52,12 @@ pub(crate) fn read_json<T: DeserializeOwned>(file: &Path) -> Result<T> {
         file: file.to_path_buf(),
         reason: e.to_string(),
     })?;
-    serde_json::from_str(&text).map_err(|e| EngineError::ConfigUnreadable {
+    parse_json(&text, file)
+}
+
+/// Parses config text; `file` only names it in messages.
+pub(crate) fn parse_json<T: DeserializeOwned>(text: &str, file: &Path) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| EngineError::ConfigUnreadable {
         file: file.to_path_buf(),
         reason: e.to_string(),
     })

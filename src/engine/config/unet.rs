@@ -126,11 +126,7 @@ impl UnetConfig {
     }
 
     pub fn from_json(text: &str, file_for_messages: &Path) -> Result<Self> {
-        let raw = serde_json::from_str(text).map_err(|e| EngineError::ConfigUnreadable {
-            file: file_for_messages.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        Self::from_raw(raw, file_for_messages)
+        Self::from_raw(parse_json(text, file_for_messages)?, file_for_messages)
     }
 
     /// The time embedding width: 4x the first block's channels, as in diffusers.
