@@ -320,3 +320,75 @@ fn bad_requests_are_refused_with_a_reason() {
             .contains("t0")
     );
 }
+
+#[test]
+fn outside_the_mask_the_latents_end_exactly_at_the_photo() {
+    let model = load_model("sd15-tiny");
+    let photo = photo();
+    // Left half may change, right half must not.
+    let mask =
+        image::GrayImage::from_fn(64, 64, |x, _| image::Luma([if x < 32 { 255 } else { 0 }]));
+    let masked = SampleRequest {
+        start: Start::Photo {
+            image: &photo,
+            t0_fraction: 0.8,
+            mask: Some(&mask),
+        },
+        ..edit_request(&photo, 4, 0.8)
+    };
+    let out = sample(&model, &masked, &mut no_observer()).unwrap();
+    // The photo's latents are drawn first from the same seed, so they can be rebuilt here.
+    let mut noise = unitune::engine::noise::NoiseSource::from_seed(4);
+    let photo_latents = model.encode_image(&photo, &mut noise).unwrap();
+    // Latent columns 0..16 are the left half (the tiny VAE halves the size); a 1-column
+    // border is blended by the area-averaged latent mask.
+    let kept = out.latents.narrow(3, 17, 15).unwrap();
+    assert_eq!(
+        common::max_abs_diff(&kept, &photo_latents.narrow(3, 17, 15).unwrap()),
+        0.0
+    );
+    let edited = out.latents.narrow(3, 0, 15).unwrap();
+    assert!(common::max_abs_diff(&edited, &photo_latents.narrow(3, 0, 15).unwrap()) > 0.1);
+
+    // A mask of the wrong size is refused.
+    let small = image::GrayImage::new(32, 32);
+    let wrong = SampleRequest {
+        start: Start::Photo {
+            image: &photo,
+            t0_fraction: 0.8,
+            mask: Some(&small),
+        },
+        ..edit_request(&photo, 4, 0.8)
+    };
+    assert!(
+        sample(&model, &wrong, &mut no_observer())
+            .unwrap_err()
+            .to_string()
+            .contains("mask")
+    );
+}
+
+#[test]
+fn a_baseline_prompt_steers_guidance_and_weight_one_ignores_it() {
+    let model = load_model("sd15-tiny");
+    let photo = photo();
+    let plain = sample(&model, &edit_request(&photo, 9, 0.9), &mut no_observer()).unwrap();
+    let prompt_guided = SampleRequest {
+        baseline_prompt: "a photo of a cat",
+        ..edit_request(&photo, 9, 0.9)
+    };
+    let guided = sample(&model, &prompt_guided, &mut no_observer()).unwrap();
+    assert!(
+        common::max_abs_diff(&plain.latents, &guided.latents) > 1e-3,
+        "the baseline prompt must change the result"
+    );
+
+    let unguided = |baseline| SampleRequest {
+        baseline_prompt: baseline,
+        guidance_weight: 1.0,
+        ..edit_request(&photo, 9, 0.9)
+    };
+    let a = sample(&model, &unguided(""), &mut no_observer()).unwrap();
+    let b = sample(&model, &unguided("a photo of a cat"), &mut no_observer()).unwrap();
+    assert_eq!(common::max_abs_diff(&a.latents, &b.latents), 0.0);
+}
