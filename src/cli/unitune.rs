@@ -310,7 +310,7 @@ pub fn edit_command(global: &GlobalOptions, args: &EditArgs, cancel: &CancelFlag
         let result = result?;
 
         let recipe = Recipe {
-            model_prompt: model_prompt(token.as_deref().filter(|_| tune_steps > 0), &args.prompt),
+            model_prompt: model_prompt(token.as_deref(), &args.prompt),
             baseline_prompt: args.baseline_prompt.clone().unwrap_or_default(),
             seed: sample_seed,
             sampling_steps: args.sampling_steps,
