@@ -66,7 +66,7 @@ pub struct TrainingOptions {
     pub snapshots: Vec<usize>,
 
     /// What is trained: full (the paper), attention, cross-kv (cross-attention keys and
-    /// values only; least memory) or lora.
+    /// values only; the smallest snapshots) or lora.
     #[arg(long = "train", value_name = "MODE", default_value = "full")]
     pub train: String,
 
@@ -78,7 +78,7 @@ pub struct TrainingOptions {
     #[arg(long, value_name = "X", default_value_t = 1e-4)]
     pub lr: f64,
 
-    /// Optimizer: adafactor (the paper's, least memory) or adamw.
+    /// Optimizer: adafactor (the paper's; least optimizer state) or adamw.
     #[arg(long, value_name = "NAME", default_value = "adafactor")]
     pub optimizer: String,
 
