@@ -10,4 +10,5 @@ pub mod build_info;
 pub mod cli;
 pub mod engine;
 pub mod imaging;
+pub mod jobs;
 pub mod model_files;

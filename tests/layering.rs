@@ -50,6 +50,11 @@ fn engine_is_candle_only() {
 }
 
 #[test]
+fn jobs_know_nothing_of_the_gui() {
+    assert_layer_avoids("jobs", &["egui", "eframe", "println!"]);
+}
+
+#[test]
 fn imaging_and_model_files_know_nothing_of_the_gui_or_the_engine() {
     for layer in ["imaging", "model_files"] {
         assert_layer_avoids(

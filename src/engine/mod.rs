@@ -12,6 +12,7 @@ pub mod layers;
 pub mod model;
 pub mod noise;
 pub mod optim;
+pub mod preview;
 pub mod sampling;
 pub mod scheduler;
 pub mod text_encoder;

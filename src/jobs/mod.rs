@@ -1,0 +1,297 @@
+//! The worker layer the GUI uses: one named thread owns the model and runs jobs one at a
+//! time; requests go in over a bounded channel, events come back.
+//!
+//! - Progress and results travel on a bounded channel the worker blocks on: never dropped.
+//! - Previews travel through a one-slot channel: the newest replaces an unread one, so a slow
+//!   UI never holds the worker up.
+//! - Every request gets an increasing [`JobId`]; a newer edit cancels an older queued or
+//!   running one, and a cancelled job stops within one step.
+//! - After every event the worker calls the waker (the GUI passes `request_repaint`).
+//!
+//! The public API has no candle or GUI types: images and plain numbers only.
+
+mod worker;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+use image::{GrayImage, RgbImage};
+
+pub use crate::engine::finetune::{SnapshotCache, TrainMode, TuneSettings};
+use crate::engine::model::StableDiffusion;
+
+/// Names one request; later requests have larger ids.
+pub type JobId = u64;
+
+/// Called by the worker after each event it sends (the GUI passes `ctx.request_repaint`).
+pub type Waker = Box<dyn Fn() + Send>;
+
+/// How many requests may wait for the worker.
+const REQUEST_QUEUE: usize = 16;
+/// How many progress and result events may wait for the UI before the worker waits.
+const EVENT_QUEUE: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Tuning,
+    Sampling,
+}
+
+/// One piece of work for the model.
+#[derive(Debug, Clone)]
+pub enum JobRequest {
+    /// Fine-tune on `photo` (or load its snapshots from the cache); later edits of the same
+    /// photo may then pick a snapshot with `tune_steps`.
+    Tune {
+        photo: RgbImage,
+        settings: TuneSettings,
+        /// Working size `(width, height)`, multiples of 64; `None` fits the model.
+        size: Option<(u32, u32)>,
+    },
+    /// Edit `photo` toward `prompt`; the result comes back at the photo's size.
+    Edit {
+        photo: RgbImage,
+        /// White = may change, at the photo's size.
+        mask: Option<GrayImage>,
+        prompt: String,
+        /// A description of the photo for prompt guidance; `None` = classifier-free.
+        baseline_prompt: Option<String>,
+        /// Which snapshot of the last tune of this photo to use (0 = untuned).
+        tune_steps: usize,
+        t0_fraction: f64,
+        guidance_weight: f64,
+        sampling_steps: usize,
+        seed: u64,
+        interpolate: bool,
+        size: Option<(u32, u32)>,
+    },
+}
+
+/// What the worker reports. Every job ends with exactly one of `Finished`, `Tuned`, `Failed`
+/// or `Cancelled`; no preview of a job arrives after its end.
+#[derive(Debug, Clone)]
+pub enum JobEvent {
+    Progress {
+        id: JobId,
+        stage: Stage,
+        /// 1-based step just finished, of `total`.
+        step: usize,
+        total: usize,
+        /// The fine-tuning loss of this step.
+        loss: Option<f32>,
+    },
+    /// The model's current guess of the result, at latent resolution (the newest only).
+    Preview {
+        id: JobId,
+        image: RgbImage,
+    },
+    /// An edit's result, at the photo's size.
+    Finished {
+        id: JobId,
+        result: RgbImage,
+    },
+    /// A tune finished; edits of the photo may use these snapshot step counts.
+    Tuned {
+        id: JobId,
+        snapshot_steps: Vec<usize>,
+        from_cache: bool,
+    },
+    /// One sentence for the user.
+    Failed {
+        id: JobId,
+        message: String,
+    },
+    Cancelled {
+        id: JobId,
+    },
+}
+
+impl JobEvent {
+    pub fn id(&self) -> JobId {
+        match self {
+            JobEvent::Progress { id, .. }
+            | JobEvent::Preview { id, .. }
+            | JobEvent::Finished { id, .. }
+            | JobEvent::Tuned { id, .. }
+            | JobEvent::Failed { id, .. }
+            | JobEvent::Cancelled { id } => *id,
+        }
+    }
+
+    /// True for the one event that ends a job.
+    pub fn is_final(&self) -> bool {
+        !matches!(self, JobEvent::Progress { .. } | JobEvent::Preview { .. })
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubmitError {
+    #[error("{REQUEST_QUEUE} jobs are already waiting; wait for one to finish or cancel some")]
+    QueueFull,
+    #[error("the engine thread has stopped; restart the program")]
+    WorkerGone,
+}
+
+/// Settings the worker keeps for every job.
+pub struct RunnerOptions {
+    /// Where tunes keep their snapshots; `None` disables the cache.
+    pub cache: Option<SnapshotCache>,
+    /// Names the model's exact weights (part of the cache key).
+    pub model_identity: String,
+    /// Seed of the preview map's fit (see `engine::preview`).
+    pub preview_seed: u64,
+}
+
+/// A request on its way to the worker.
+struct Envelope {
+    id: JobId,
+    cancel: Arc<AtomicBool>,
+    request: JobRequest,
+}
+
+/// Cancel flags of jobs not yet ended, shared with the worker (which removes ended ones).
+type LiveJobs = Arc<Mutex<HashMap<JobId, Arc<AtomicBool>>>>;
+
+fn lock_live(live: &LiveJobs) -> std::sync::MutexGuard<'_, HashMap<JobId, Arc<AtomicBool>>> {
+    // A flag map is valid whatever panicked while holding it.
+    live.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Owns the engine thread. Dropping it cancels every job and waits for the thread.
+pub struct JobRunner {
+    requests: Option<Sender<Envelope>>,
+    events: Receiver<JobEvent>,
+    previews: Receiver<JobEvent>,
+    live: LiveJobs,
+    next_id: JobId,
+    latest_edit: Option<JobId>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl JobRunner {
+    /// Starts the "unitune-engine" thread with `model`. It first fits the preview map (a few
+    /// VAE calls); jobs submitted meanwhile wait.
+    pub fn start(
+        model: StableDiffusion,
+        options: RunnerOptions,
+        waker: Waker,
+    ) -> std::io::Result<Self> {
+        let (request_tx, request_rx) = bounded(REQUEST_QUEUE);
+        let (event_tx, event_rx) = bounded(EVENT_QUEUE);
+        let (preview_tx, preview_rx) = bounded(1);
+        let live = LiveJobs::default();
+        let worker = worker::Worker {
+            model,
+            options,
+            tuned: None,
+            preview: None,
+            out: worker::Outbox {
+                events: event_tx,
+                previews: preview_tx,
+                stale_previews: preview_rx.clone(),
+                waker,
+            },
+            live: live.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("unitune-engine".into())
+            .spawn(move || worker.run(request_rx))?;
+        Ok(Self {
+            requests: Some(request_tx),
+            events: event_rx,
+            previews: preview_rx,
+            live,
+            next_id: 1,
+            latest_edit: None,
+            worker: Some(handle),
+        })
+    }
+
+    /// Queues a request without blocking. A new edit cancels the previous edit.
+    pub fn submit(&mut self, request: JobRequest) -> Result<JobId, SubmitError> {
+        let requests = self.requests.as_ref().ok_or(SubmitError::WorkerGone)?;
+        let id = self.next_id;
+        let cancel = Arc::new(AtomicBool::new(false));
+        let is_edit = matches!(request, JobRequest::Edit { .. });
+        lock_live(&self.live).insert(id, cancel.clone());
+        let envelope = Envelope {
+            id,
+            cancel,
+            request,
+        };
+        if let Err(error) = requests.try_send(envelope) {
+            lock_live(&self.live).remove(&id);
+            return Err(match error {
+                TrySendError::Full(_) => SubmitError::QueueFull,
+                TrySendError::Disconnected(_) => SubmitError::WorkerGone,
+            });
+        }
+        self.next_id += 1;
+        if is_edit && let Some(older) = self.latest_edit.replace(id) {
+            self.cancel(older);
+        }
+        Ok(id)
+    }
+
+    /// Asks job `id` to stop: a queued job never starts, a running one stops within a step
+    /// and reports `Cancelled`. Ended or unknown ids are ignored.
+    pub fn cancel(&self, id: JobId) {
+        if let Some(flag) = lock_live(&self.live).get(&id) {
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// The next event if one is waiting: progress and results first, then the preview.
+    pub fn try_next_event(&self) -> Option<JobEvent> {
+        self.events
+            .try_recv()
+            .ok()
+            .or_else(|| self.previews.try_recv().ok())
+    }
+
+    /// Waits up to `timeout` for the next event (for the CLI and tests; a GUI polls).
+    pub fn next_event_timeout(&self, timeout: Duration) -> Option<JobEvent> {
+        if let Some(event) = self.try_next_event() {
+            return Some(event);
+        }
+        crossbeam_channel::select! {
+            recv(self.events) -> event => event.ok(),
+            recv(self.previews) -> event => event.ok(),
+            default(timeout) => None,
+        }
+    }
+
+    /// Every waiting event, stopping early once `budget` is spent (call once per frame).
+    pub fn drain(&self, budget: Duration) -> Vec<JobEvent> {
+        let start = Instant::now();
+        let mut out = Vec::new();
+        while start.elapsed() < budget {
+            match self.try_next_event() {
+                Some(event) => out.push(event),
+                None => break,
+            }
+        }
+        out
+    }
+}
+
+impl Drop for JobRunner {
+    fn drop(&mut self) {
+        for flag in lock_live(&self.live).values() {
+            flag.store(true, Ordering::Relaxed);
+        }
+        // No more requests: the worker leaves its loop after the current job.
+        self.requests = None;
+        if let Some(handle) = self.worker.take() {
+            // Keep draining so a worker blocked on a full event queue can finish.
+            while !handle.is_finished() {
+                let _ = self.next_event_timeout(Duration::from_millis(10));
+            }
+            let _ = handle.join();
+        }
+    }
+}

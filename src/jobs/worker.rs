@@ -1,0 +1,282 @@
+//! The engine thread: runs one job at a time and reports through the [`Outbox`].
+
+use std::ops::ControlFlow;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use image::RgbImage;
+
+use super::{Envelope, JobEvent, JobId, JobRequest, LiveJobs, RunnerOptions, Stage, Waker};
+use crate::engine::EngineError;
+use crate::engine::edit::{
+    CachePolicy, EditRequest, TuneEvent, TunedPhoto, edit_photo, tune_photo,
+};
+use crate::engine::model::StableDiffusion;
+use crate::engine::preview::LatentPreview;
+use crate::engine::sampling::StepView;
+use crate::imaging;
+
+/// The photo the model was last tuned on, at its working size, and its snapshots.
+pub(super) struct Tuned {
+    working: RgbImage,
+    photo: TunedPhoto,
+}
+
+/// Where the worker's events go.
+pub(super) struct Outbox {
+    pub events: Sender<JobEvent>,
+    pub previews: Sender<JobEvent>,
+    /// The preview slot's other end, to take out a preview the UI has not read yet.
+    pub stale_previews: Receiver<JobEvent>,
+    pub waker: Waker,
+}
+
+impl Outbox {
+    /// Sends a progress or final event, waiting for room. False when the UI has gone.
+    fn send(&self, event: JobEvent) -> bool {
+        let sent = self.events.send(event).is_ok();
+        (self.waker)();
+        sent
+    }
+
+    /// Puts a preview in the slot, replacing one the UI has not read.
+    fn offer_preview(&self, event: JobEvent) {
+        if let Err(TrySendError::Full(event)) = self.previews.try_send(event) {
+            let _ = self.stale_previews.try_recv();
+            let _ = self.previews.try_send(event);
+        }
+        (self.waker)();
+    }
+
+    /// Empties the preview slot, so no preview arrives after its job's final event.
+    fn clear_previews(&self) {
+        while self.stale_previews.try_recv().is_ok() {}
+    }
+}
+
+/// How a job ended, short of a panic.
+enum Outcome {
+    Edited(RgbImage),
+    Tuned {
+        snapshot_steps: Vec<usize>,
+        from_cache: bool,
+    },
+}
+
+pub(super) struct Worker {
+    pub model: StableDiffusion,
+    pub options: RunnerOptions,
+    pub tuned: Option<Tuned>,
+    pub preview: Option<LatentPreview>,
+    pub out: Outbox,
+    pub live: LiveJobs,
+}
+
+impl Worker {
+    pub fn run(mut self, requests: Receiver<Envelope>) {
+        // Without a preview map the jobs still run; they just send no previews.
+        self.preview = LatentPreview::fit(&self.model, self.options.preview_seed).ok();
+        for Envelope {
+            id,
+            cancel,
+            request,
+        } in requests.iter()
+        {
+            let result = if cancel.load(Ordering::Relaxed) {
+                Err(EngineError::Cancelled.to_string())
+            } else {
+                guarded(|| self.run_job(id, &cancel, request))
+            };
+            self.out.clear_previews();
+            let event = match result {
+                Ok(Outcome::Edited(result)) => JobEvent::Finished { id, result },
+                Ok(Outcome::Tuned {
+                    snapshot_steps,
+                    from_cache,
+                }) => JobEvent::Tuned {
+                    id,
+                    snapshot_steps,
+                    from_cache,
+                },
+                Err(_) if cancel.load(Ordering::Relaxed) => JobEvent::Cancelled { id },
+                Err(message) => JobEvent::Failed { id, message },
+            };
+            super::lock_live(&self.live).remove(&id);
+            if !self.out.send(event) {
+                return;
+            }
+        }
+    }
+
+    fn run_job(
+        &mut self,
+        id: JobId,
+        cancel: &AtomicBool,
+        request: JobRequest,
+    ) -> Result<Outcome, EngineError> {
+        match request {
+            JobRequest::Tune {
+                photo,
+                settings,
+                size,
+            } => {
+                let working = self.working_image(&photo, size)?;
+                // The old snapshots belong to another photo or recipe.
+                self.tuned = None;
+                let out = &self.out;
+                let mut on_event = |event: TuneEvent| {
+                    if let TuneEvent::Progress(p) = event {
+                        let sent = out.send(JobEvent::Progress {
+                            id,
+                            stage: Stage::Tuning,
+                            step: p.step,
+                            total: p.total_steps,
+                            loss: Some(p.loss),
+                        });
+                        if !sent {
+                            cancel.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    stop_if(cancel)
+                };
+                let policy = CachePolicy {
+                    cache: self.options.cache.as_ref(),
+                    model_identity: &self.options.model_identity,
+                };
+                let tuned =
+                    tune_photo(&mut self.model, &working, &settings, &policy, &mut on_event)?;
+                let outcome = Outcome::Tuned {
+                    snapshot_steps: tuned.snapshot_steps(),
+                    from_cache: tuned.from_cache,
+                };
+                self.tuned = Some(Tuned {
+                    working,
+                    photo: tuned,
+                });
+                Ok(outcome)
+            }
+            JobRequest::Edit {
+                photo,
+                mask,
+                prompt,
+                baseline_prompt,
+                tune_steps,
+                t0_fraction,
+                guidance_weight,
+                sampling_steps,
+                seed,
+                interpolate,
+                size,
+            } => {
+                let working = self.working_image(&photo, size)?;
+                let tuned = match &self.tuned {
+                    // Snapshot 0 restores the base weights after any tune.
+                    Some(t) if tune_steps == 0 || t.working == working => Some(&t.photo),
+                    _ if tune_steps == 0 => None,
+                    _ => {
+                        return Err(EngineError::InvalidRequest(
+                            "this photo has not been fine-tuned at this size yet; tune it first or use 0 fine-tuning steps".into(),
+                        ));
+                    }
+                };
+                let request = EditRequest {
+                    original: &photo,
+                    working: &working,
+                    prompt: &prompt,
+                    baseline_prompt: baseline_prompt.as_deref(),
+                    tune_steps,
+                    t0: t0_fraction,
+                    guidance: guidance_weight,
+                    sampling_steps,
+                    seed,
+                    mask: mask.as_ref(),
+                    interpolate,
+                };
+                let out = &self.out;
+                let preview = self.preview.as_ref();
+                let mut observer = |view: &StepView| {
+                    let sent = out.send(JobEvent::Progress {
+                        id,
+                        stage: Stage::Sampling,
+                        step: view.step,
+                        total: view.total_steps,
+                        loss: None,
+                    });
+                    if !sent {
+                        cancel.store(true, Ordering::Relaxed);
+                    }
+                    if let Some(image) = preview.and_then(|p| p.render(view.predicted_x0).ok()) {
+                        out.offer_preview(JobEvent::Preview { id, image });
+                    }
+                    stop_if(cancel)
+                };
+                let result = edit_photo(&self.model, tuned, &request, &mut observer)?;
+                Ok(Outcome::Edited(result))
+            }
+        }
+    }
+
+    /// The photo fitted to the model's working size (as the CLI does).
+    fn working_image(
+        &self,
+        photo: &RgbImage,
+        size: Option<(u32, u32)>,
+    ) -> Result<RgbImage, EngineError> {
+        let side = self.model.config.native_image_side().unwrap_or(512) as u32;
+        let (w, h) = imaging::working_size(photo.width(), photo.height(), side, size)
+            .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+        Ok(imaging::resize_rgb(photo, w, h))
+    }
+}
+
+fn stop_if(cancel: &AtomicBool) -> ControlFlow<()> {
+    if cancel.load(Ordering::Relaxed) {
+        ControlFlow::Break(())
+    } else {
+        ControlFlow::Continue(())
+    }
+}
+
+/// Runs `job`, turning an error or a panic into one line for the user. The model may be left
+/// half-changed by a panic; the next job still runs (a tune re-attaches its weights).
+fn guarded<T>(job: impl FnOnce() -> Result<T, EngineError>) -> Result<T, String> {
+    match catch_unwind(AssertUnwindSafe(job)) {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(one_line(&error.to_string())),
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(one_line(&format!(
+                "the engine failed unexpectedly ({what}); try again, and report it if it repeats"
+            )))
+        }
+    }
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_a_one_line_message() {
+        let result: Result<(), String> = guarded(|| panic!("boom\nsecond line"));
+        let message = result.unwrap_err();
+        assert!(message.contains("boom second line"), "{message}");
+        assert!(!message.contains('\n'));
+    }
+
+    #[test]
+    fn errors_become_one_line() {
+        let result: Result<(), String> =
+            guarded(|| Err(EngineError::InvalidRequest("bad\n  request".into())));
+        assert_eq!(result.unwrap_err(), "bad request");
+    }
+}

@@ -1,0 +1,270 @@
+//! The worker layer on the tiny fixture model: edits stream progress and previews and finish,
+//! cancelling and superseding stop jobs within a step, bad requests fail with one line, and
+//! the waker is called. Every wait is bounded by a deadline.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use image::RgbImage;
+use unitune::engine::StableDiffusion;
+use unitune::jobs::{
+    JobEvent, JobId, JobRequest, JobRunner, RunnerOptions, Stage, TrainMode, TuneSettings,
+};
+use unitune::model_files::locate_in_folder;
+
+const DEADLINE: Duration = Duration::from_secs(120);
+
+fn start_runner() -> (JobRunner, Arc<AtomicUsize>) {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/sd15-tiny");
+    let files = locate_in_folder(&dir).expect("fixture model folder is complete");
+    let model = StableDiffusion::load(&files, &Device::Cpu, DType::F32).expect("model loads");
+    let wakes = Arc::new(AtomicUsize::new(0));
+    let counter = wakes.clone();
+    let options = RunnerOptions {
+        cache: None,
+        model_identity: "sd15-tiny".into(),
+        preview_seed: 0,
+    };
+    let waker = Box::new(move || {
+        counter.fetch_add(1, Ordering::Relaxed);
+    });
+    let runner = JobRunner::start(model, options, waker).expect("worker thread starts");
+    (runner, wakes)
+}
+
+fn photo() -> RgbImage {
+    RgbImage::from_fn(32, 32, |x, y| {
+        image::Rgb([(x * 8) as u8, (y * 8) as u8, 128])
+    })
+}
+
+fn edit(prompt: &str, t0_fraction: f64, sampling_steps: usize) -> JobRequest {
+    JobRequest::Edit {
+        photo: photo(),
+        mask: None,
+        prompt: prompt.into(),
+        baseline_prompt: None,
+        tune_steps: 0,
+        t0_fraction,
+        // 1 = no guidance: one UNet call per step keeps the tests quick.
+        guidance_weight: 1.0,
+        sampling_steps,
+        seed: 1,
+        interpolate: false,
+        size: Some((64, 64)),
+    }
+}
+
+/// Every event until each of `ids` has ended; panics at the deadline.
+fn events_until_done(runner: &JobRunner, ids: &[JobId]) -> Vec<JobEvent> {
+    let deadline = Instant::now() + DEADLINE;
+    let mut events = Vec::new();
+    let mut open: Vec<JobId> = ids.to_vec();
+    while !open.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "jobs {open:?} did not end; events: {events:?}"
+        );
+        if let Some(event) = runner.next_event_timeout(left.min(Duration::from_millis(200))) {
+            if event.is_final() {
+                open.retain(|&id| id != event.id());
+            }
+            events.push(event);
+        }
+    }
+    events
+}
+
+fn final_event(events: &[JobEvent], id: JobId) -> &JobEvent {
+    events
+        .iter()
+        .find(|e| e.id() == id && e.is_final())
+        .expect("job ended")
+}
+
+fn sampling_steps_seen(events: &[JobEvent], id: JobId) -> Vec<usize> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            JobEvent::Progress {
+                id: i,
+                stage: Stage::Sampling,
+                step,
+                ..
+            } if *i == id => Some(*step),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn an_edit_streams_progress_and_previews_then_finishes() {
+    let (mut runner, wakes) = start_runner();
+    let start = Instant::now();
+    let id = runner.submit(edit("a red apple", 0.5, 6)).unwrap();
+    let events = events_until_done(&runner, &[id]);
+    println!(
+        "edit of 3 steps (with the preview fit): {:.2} s",
+        start.elapsed().as_secs_f64()
+    );
+
+    match final_event(&events, id) {
+        JobEvent::Finished { result, .. } => assert_eq!(result.dimensions(), (32, 32)),
+        other => panic!("expected Finished, got {other:?}"),
+    }
+    // t0 = 0.5 of 6 steps runs the last 3.
+    assert_eq!(sampling_steps_seen(&events, id), vec![1, 2, 3]);
+    let previews: Vec<&RgbImage> = events
+        .iter()
+        .filter_map(|e| match e {
+            JobEvent::Preview { id: i, image } if *i == id => Some(image),
+            _ => None,
+        })
+        .collect();
+    assert!(!previews.is_empty(), "no preview arrived");
+    // Latent resolution: the tiny VAE halves the 64 x 64 working size.
+    assert_eq!(previews[0].dimensions(), (32, 32));
+    assert!(
+        !matches!(events.last(), Some(JobEvent::Preview { .. })),
+        "a preview came after the job ended"
+    );
+    // The worker wakes the UI after each send, so the last wake may trail the last event.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while wakes.load(Ordering::Relaxed) < events.len() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        wakes.load(Ordering::Relaxed) >= events.len(),
+        "the waker was called {} times for {} events",
+        wakes.load(Ordering::Relaxed),
+        events.len()
+    );
+}
+
+#[test]
+fn cancel_stops_a_running_edit_within_a_step() {
+    let (mut runner, _) = start_runner();
+    let id = runner.submit(edit("a red apple", 1.0, 200)).unwrap();
+    // Cancel as soon as sampling is under way.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        assert!(Instant::now() < deadline, "sampling never started");
+        if let Some(JobEvent::Progress { .. }) =
+            runner.next_event_timeout(Duration::from_millis(200))
+        {
+            break;
+        }
+    }
+    runner.cancel(id);
+    let events = events_until_done(&runner, &[id]);
+    assert!(matches!(
+        final_event(&events, id),
+        JobEvent::Cancelled { .. }
+    ));
+    let last_step = sampling_steps_seen(&events, id)
+        .last()
+        .copied()
+        .unwrap_or(1);
+    println!("cancelled after step {last_step} of 200");
+    assert!(last_step < 20, "ran on to step {last_step} after cancel");
+}
+
+#[test]
+fn a_newer_edit_supersedes_an_older_one() {
+    let (mut runner, _) = start_runner();
+    let older = runner.submit(edit("a red apple", 1.0, 200)).unwrap();
+    let newer = runner.submit(edit("a green pear", 0.5, 4)).unwrap();
+    assert!(newer > older);
+    let events = events_until_done(&runner, &[older, newer]);
+    assert!(
+        matches!(final_event(&events, older), JobEvent::Cancelled { .. }),
+        "{:?}",
+        final_event(&events, older)
+    );
+    assert!(matches!(
+        final_event(&events, newer),
+        JobEvent::Finished { .. }
+    ));
+    assert!(sampling_steps_seen(&events, older).len() < 20);
+}
+
+#[test]
+fn a_bad_request_fails_with_one_line_and_the_runner_goes_on() {
+    let (mut runner, _) = start_runner();
+    let bad = runner.submit(edit("   ", 0.5, 4)).unwrap();
+    let events = events_until_done(&runner, &[bad]);
+    match final_event(&events, bad) {
+        JobEvent::Failed { message, .. } => {
+            assert!(message.contains("prompt"), "{message}");
+            assert!(!message.contains('\n'), "{message}");
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    // Fine-tuning steps without a tune: refused, not a panic.
+    let mut untuned = edit("a red apple", 0.5, 4);
+    if let JobRequest::Edit { tune_steps, .. } = &mut untuned {
+        *tune_steps = 2;
+    }
+    let untuned = runner.submit(untuned).unwrap();
+    let events = events_until_done(&runner, &[untuned]);
+    assert!(
+        matches!(final_event(&events, untuned), JobEvent::Failed { message, .. } if message.contains("tune it first"))
+    );
+
+    let good = runner.submit(edit("a red apple", 0.5, 4)).unwrap();
+    let events = events_until_done(&runner, &[good]);
+    assert!(matches!(
+        final_event(&events, good),
+        JobEvent::Finished { .. }
+    ));
+}
+
+#[test]
+fn a_tune_reports_its_loss_and_its_snapshots_serve_later_edits() {
+    let (mut runner, _) = start_runner();
+    let settings = TuneSettings {
+        mode: TrainMode::CrossKv,
+        snapshot_steps: vec![2],
+        batch_size: 1,
+        micro_batch_size: 1,
+        ..TuneSettings::default()
+    };
+    let tune = runner
+        .submit(JobRequest::Tune {
+            photo: photo(),
+            settings,
+            size: Some((64, 64)),
+        })
+        .unwrap();
+    let mut tuned_edit = edit("a red apple", 0.5, 4);
+    if let JobRequest::Edit { tune_steps, .. } = &mut tuned_edit {
+        *tune_steps = 2;
+    }
+    let edit_id = runner.submit(tuned_edit).unwrap();
+    let events = events_until_done(&runner, &[tune, edit_id]);
+    let losses: Vec<f32> = events
+        .iter()
+        .filter_map(|e| match e {
+            JobEvent::Progress {
+                stage: Stage::Tuning,
+                loss,
+                ..
+            } => *loss,
+            _ => None,
+        })
+        .collect();
+    assert_eq!(losses.len(), 2);
+    assert!(losses.iter().all(|l| l.is_finite()));
+    assert!(matches!(
+        final_event(&events, tune),
+        JobEvent::Tuned { snapshot_steps, from_cache: false, .. } if snapshot_steps == &[2]
+    ));
+    assert!(matches!(
+        final_event(&events, edit_id),
+        JobEvent::Finished { .. }
+    ));
+}
