@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use image::{GrayImage, Luma, Rgb, RgbImage};
 use unitune::imaging::{
-    ComposeError, InterpolationSettings, default_feather_radius, feather,
+    ImagingError, InterpolationSettings, default_feather_radius, feather,
     interpolate_toward_original, labelled_grid, paste_outside_mask, resize_rgb, similarity_map,
 };
 
@@ -249,7 +249,7 @@ fn paste_refuses_images_of_different_sizes() {
     let mask = GrayImage::new(64, 48);
     let err = paste_outside_mask(&original, &textured(64, 40, 4), &mask, 2)
         .expect_err("generated image of another size");
-    assert!(matches!(err, ComposeError::SizeMismatch { .. }), "{err:?}");
+    assert!(matches!(err, ImagingError::SizeMismatch { .. }), "{err:?}");
     assert!(!err.is_invalid_input());
     let text = err.to_string();
     assert!(text.contains("64x40") && text.contains("64x48"), "{text}");
@@ -361,7 +361,7 @@ fn interpolation_refuses_images_of_different_sizes() {
     let settings = InterpolationSettings::default();
     let err = interpolate_toward_original(&textured(32, 32, 1), &textured(32, 31, 1), &settings)
         .expect_err("sizes differ");
-    assert!(matches!(err, ComposeError::SizeMismatch { .. }), "{err:?}");
+    assert!(matches!(err, ImagingError::SizeMismatch { .. }), "{err:?}");
     assert!(similarity_map(&textured(8, 8, 1), &textured(9, 8, 1), &settings).is_err());
     let empty = RgbImage::new(0, 0);
     assert_eq!(
@@ -560,8 +560,8 @@ fn long_labels_are_cut_to_their_place_with_an_ellipsis() {
 #[test]
 fn grids_that_are_not_grids_are_refused() {
     let cell = || flat(32, 32, 100);
-    let is_invalid_grid = |result: Result<RgbImage, ComposeError>| match result {
-        Err(err @ ComposeError::InvalidGrid { .. }) => {
+    let is_invalid_grid = |result: Result<RgbImage, ImagingError>| match result {
+        Err(err @ ImagingError::InvalidGrid { .. }) => {
             assert!(!err.is_invalid_input());
             assert!(!err.to_string().contains('\n'));
             true

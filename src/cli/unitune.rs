@@ -424,8 +424,7 @@ pub fn grid_command(global: &GlobalOptions, args: &GridArgs, cancel: &CancelFlag
         .map(|t| format!("t0 {t:.2}"))
         .collect();
     let title = format!("{} | guidance {} | seed {seed}", args.prompt, args.guidance);
-    let grid = imaging::labelled_grid(&rows, &column_labels, &row_labels, Some(&title))
-        .map_err(|e| anyhow::anyhow!(e.to_string()))?;
+    let grid = imaging::labelled_grid(&rows, &column_labels, &row_labels, Some(&title))?;
     let recipe = Recipe {
         model_prompt: model_prompt(Some(&tuned.settings.token), &args.prompt),
         seed,

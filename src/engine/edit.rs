@@ -202,13 +202,11 @@ pub fn edit_photo(
     let mut result = imaging::resize_rgb(&output.image, ow, oh);
     if let Some(mask) = request.mask {
         let radius = imaging::default_feather_radius(ow, oh);
-        result = imaging::paste_outside_mask(request.original, &result, mask, radius)
-            .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+        result = imaging::paste_outside_mask(request.original, &result, mask, radius)?;
     }
     if request.interpolate {
         let settings = imaging::InterpolationSettings::for_size(ow, oh);
-        result = imaging::interpolate_toward_original(request.original, &result, &settings)
-            .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+        result = imaging::interpolate_toward_original(request.original, &result, &settings)?;
     }
     Ok(result)
 }

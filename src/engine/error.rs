@@ -49,6 +49,10 @@ pub enum EngineError {
     #[error("cancelled")]
     Cancelled,
 
+    /// Reading, fitting or combining images failed.
+    #[error(transparent)]
+    Imaging(#[from] crate::imaging::ImagingError),
+
     /// A tensor operation failed inside candle.
     #[error("the model computation failed: {0}")]
     Compute(#[from] candle_core::Error),
@@ -57,6 +61,9 @@ pub enum EngineError {
 impl EngineError {
     /// True when the user's input (model folder, arguments) is at fault, not the machine.
     pub fn is_invalid_input(&self) -> bool {
+        if let EngineError::Imaging(e) = self {
+            return e.is_invalid_input();
+        }
         matches!(
             self,
             EngineError::Config { .. }

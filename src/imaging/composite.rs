@@ -8,6 +8,7 @@
 //! pixels back there. A hard cut would show as a seam, so the mask is first softened outward
 //! by [`feather`].
 
+use super::ImagingError;
 use image::{GrayImage, RgbImage};
 
 /// Mask pixels at least this bright are the mask proper, from which the feather ramps out.
@@ -15,52 +16,17 @@ use image::{GrayImage, RgbImage};
 /// painted, and faint noise in the black part (a JPEG mask) spawns no halo.
 const MASK_CORE_LEVEL: u8 = 128;
 
-/// A failure of compositing, interpolation or grid layout.
-///
-/// Meant to become two variants of [`super::ImagingError`] with the same names and messages;
-/// until then the functions of this module, of interpolation and of the grid return it.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ComposeError {
-    /// Two images combined pixel by pixel differ in size.
-    #[error(
-        "cannot combine the {what} ({width}x{height} pixels) with the {other} ({other_width}x{other_height} pixels) because they differ in size; this is a bug in the caller"
-    )]
-    SizeMismatch {
-        what: &'static str,
-        width: u32,
-        height: u32,
-        other: &'static str,
-        other_width: u32,
-        other_height: u32,
-    },
-
-    /// The images or labels handed to the grid do not form a grid.
-    #[error("cannot lay out the comparison grid because {detail}; this is a bug in the caller")]
-    InvalidGrid { detail: String },
-}
-
-impl ComposeError {
-    /// Always false: the images combined here are made by the program (the mask was already
-    /// fitted to the photo by [`super::load_mask`]), so a mismatch is the program's fault.
-    pub fn is_invalid_input(&self) -> bool {
-        match self {
-            Self::SizeMismatch { .. } | Self::InvalidGrid { .. } => false,
-        }
-    }
-}
-
 /// Fails unless `a` (called `what` in the message) and `b` (`other`) have the same size.
 pub(crate) fn check_same_size(
     what: &'static str,
     a: (u32, u32),
     other: &'static str,
     b: (u32, u32),
-) -> Result<(), ComposeError> {
+) -> Result<(), ImagingError> {
     if a == b {
         return Ok(());
     }
-    Err(ComposeError::SizeMismatch {
+    Err(ImagingError::SizeMismatch {
         what,
         width: a.0,
         height: a.1,
@@ -278,7 +244,7 @@ pub fn paste_outside_mask(
     generated: &RgbImage,
     mask: &GrayImage,
     feather_radius_px: u32,
-) -> Result<RgbImage, ComposeError> {
+) -> Result<RgbImage, ImagingError> {
     check_same_size(
         "generated image",
         generated.dimensions(),

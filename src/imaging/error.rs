@@ -156,6 +156,23 @@ pub enum ImagingError {
     /// Metadata was asked from a file that is not a PNG.
     #[error("{} is not a PNG file, so it carries no PNG text; give the path of a PNG saved by this program", .path.display())]
     NotPng { path: PathBuf },
+
+    /// Two images combined pixel by pixel differ in size (a bug in the caller).
+    #[error(
+        "cannot combine the {what} ({width}x{height} pixels) with the {other} ({other_width}x{other_height} pixels) because they differ in size; this is a bug in the caller"
+    )]
+    SizeMismatch {
+        what: &'static str,
+        width: u32,
+        height: u32,
+        other: &'static str,
+        other_width: u32,
+        other_height: u32,
+    },
+
+    /// The images or labels handed to the grid do not form a grid (a bug in the caller).
+    #[error("cannot lay out the comparison grid because {detail}; this is a bug in the caller")]
+    InvalidGrid { detail: String },
 }
 
 fn mib(bytes: u64) -> u64 {
@@ -195,7 +212,9 @@ impl ImagingError {
             | Self::WriteFailed { .. }
             | Self::EncodeFailed { .. }
             | Self::AlphaSizeMismatch { .. }
-            | Self::InvalidTextKey { .. } => false,
+            | Self::InvalidTextKey { .. }
+            | Self::SizeMismatch { .. }
+            | Self::InvalidGrid { .. } => false,
         }
     }
 

@@ -7,7 +7,7 @@
 use font8x8::UnicodeFonts;
 use image::{Rgb, RgbImage};
 
-use super::composite::ComposeError;
+use super::ImagingError;
 
 const BACKGROUND: Rgb<u8> = Rgb([255, 255, 255]);
 const TEXT: Rgb<u8> = Rgb([24, 24, 24]);
@@ -38,7 +38,7 @@ const ELLIPSIS: &str = "...";
 /// - high: `g + [8s + g] + [8s + g] + R·H + (R-1)·g + g`, the brackets present with a title
 ///   and with column labels respectively.
 ///
-/// Fails (as [`ComposeError::InvalidGrid`]) on no rows or no columns, rows of different
+/// Fails (as [`ImagingError::InvalidGrid`]) on no rows or no columns, rows of different
 /// lengths, cells of different sizes or with no pixels, label counts that do not match, or a
 /// grid too large for one image.
 pub fn labelled_grid(
@@ -46,7 +46,7 @@ pub fn labelled_grid(
     column_labels: &[String],
     row_labels: &[String],
     title: Option<&str>,
-) -> Result<RgbImage, ComposeError> {
+) -> Result<RgbImage, ImagingError> {
     let layout = Layout::new(cells, column_labels, row_labels, title)?;
     let mut canvas = RgbImage::from_pixel(layout.width, layout.height, BACKGROUND);
     let glyph = GLYPH_PX * layout.scale;
@@ -100,8 +100,8 @@ impl Layout {
         column_labels: &[String],
         row_labels: &[String],
         title: Option<&str>,
-    ) -> Result<Self, ComposeError> {
-        let invalid = |detail: String| ComposeError::InvalidGrid { detail };
+    ) -> Result<Self, ImagingError> {
+        let invalid = |detail: String| ImagingError::InvalidGrid { detail };
         let columns = cells.first().map_or(0, Vec::len);
         if columns == 0 {
             return Err(invalid("it has no images".to_string()));

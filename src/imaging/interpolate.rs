@@ -33,7 +33,8 @@
 
 use image::{GrayImage, RgbImage};
 
-use super::composite::{ComposeError, blend_rgb, check_same_size, smoothstep};
+use super::ImagingError;
+use super::composite::{blend_rgb, check_same_size, smoothstep};
 
 /// How [`interpolate_toward_original`] decides that a neighbourhood is unchanged.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -90,7 +91,7 @@ pub fn interpolate_toward_original(
     original: &RgbImage,
     generated: &RgbImage,
     settings: &InterpolationSettings,
-) -> Result<RgbImage, ComposeError> {
+) -> Result<RgbImage, ImagingError> {
     let weights = similarity_map(original, generated, settings)?;
     Ok(blend_rgb(generated, original, &weights))
 }
@@ -102,7 +103,7 @@ pub fn similarity_map(
     original: &RgbImage,
     generated: &RgbImage,
     settings: &InterpolationSettings,
-) -> Result<GrayImage, ComposeError> {
+) -> Result<GrayImage, ImagingError> {
     check_same_size(
         "generated image",
         generated.dimensions(),
