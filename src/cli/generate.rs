@@ -21,7 +21,7 @@ pub fn generate_command(
     check_prompt(&args.prompt)?;
     check_common(&args.sampling)?;
     let requested = args.size.as_deref().map(imaging::parse_size).transpose()?;
-    let seed = choose_seed(&args.sampling);
+    let seed = choose_seed(args.sampling.seed);
 
     let loaded = load_model(global)?;
     let model = &loaded.model;

@@ -111,9 +111,9 @@ impl<P: DownloadProgress> DownloadProgress for NoticeBeforeDownload<P> {
     }
 }
 
-pub(super) fn choose_seed(options: &SamplingOptions) -> u64 {
+pub(super) fn choose_seed(requested: Option<u64>) -> u64 {
     // Below 2^32 so it survives every tool that reads seeds as 32-bit or as JSON numbers.
-    options.seed.unwrap_or_else(|| rand::random::<u32>() as u64)
+    requested.unwrap_or_else(|| rand::random::<u32>() as u64)
 }
 
 pub(super) fn check_common(options: &SamplingOptions) -> Result<()> {

@@ -12,7 +12,8 @@ use super::args::{EditArgs, GlobalOptions, GridArgs, TrainingOptions, TuneArgs};
 use super::cancel::CancelFlag;
 use super::recipe::{Recipe, TuneRecipe};
 use super::session::{
-    LoadedModel, check_output_extension, check_prompt, load_model, sampling_observer, step_bar,
+    LoadedModel, check_output_extension, check_prompt, choose_seed, load_model, sampling_observer,
+    step_bar,
 };
 use crate::engine::edit::{
     CachePolicy, EditRequest, TuneEvent, TunedPhoto, edit_photo, model_prompt, tune_photo,
@@ -250,7 +251,7 @@ pub fn edit_command(global: &GlobalOptions, args: &EditArgs, cancel: &CancelFlag
         check_output_extension(out)?;
     }
     let settings = tune_settings(&args.training, Some(tune_steps))?;
-    let seed = args.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
+    let seed = choose_seed(args.seed);
 
     // Read the inputs before the slow parts, so a bad file fails at once.
     let photo = load_photo(&args.image)?;
@@ -362,7 +363,7 @@ pub fn grid_command(global: &GlobalOptions, args: &GridArgs, cancel: &CancelFlag
         return Err(UsageError("--sampling-steps must be at least 1".into()).into());
     }
     let settings = tune_settings(&args.training, None)?;
-    let seed = args.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
+    let seed = choose_seed(args.seed);
     let photo = load_photo(&args.image)?;
     let mut loaded = load_model(global)?;
     let photos = fit_photo(photo, &loaded, args.size.as_deref())?;
