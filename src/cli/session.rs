@@ -116,17 +116,26 @@ pub(super) fn choose_seed(requested: Option<u64>) -> u64 {
     requested.unwrap_or_else(|| rand::random::<u32>() as u64)
 }
 
-pub(super) fn check_common(options: &SamplingOptions) -> Result<()> {
-    if options.sampling_steps == 0 {
+pub(super) fn check_sampling_steps(steps: usize) -> Result<()> {
+    if steps == 0 {
         return Err(UsageError("--sampling-steps must be at least 1".into()).into());
     }
-    if !options.guidance.is_finite() || options.guidance < 0.0 {
+    Ok(())
+}
+
+pub(super) fn check_guidance(weight: f64) -> Result<()> {
+    if !weight.is_finite() || weight < 0.0 {
         return Err(UsageError(format!(
-            "--guidance must be a number of at least 0, got {}",
-            options.guidance
+            "--guidance must be a number of at least 0, got {weight}"
         ))
         .into());
     }
+    Ok(())
+}
+
+pub(super) fn check_common(options: &SamplingOptions) -> Result<()> {
+    check_sampling_steps(options.sampling_steps)?;
+    check_guidance(options.guidance)?;
     if let Some(out) = &options.out {
         check_output_extension(out)?;
     }

@@ -12,8 +12,8 @@ use super::args::{EditArgs, GlobalOptions, GridArgs, TrainingOptions, TuneArgs};
 use super::cancel::CancelFlag;
 use super::recipe::{Recipe, TuneRecipe};
 use super::session::{
-    LoadedModel, check_output_extension, check_prompt, choose_seed, load_model, sampling_observer,
-    step_bar,
+    LoadedModel, check_guidance, check_output_extension, check_prompt, check_sampling_steps,
+    choose_seed, load_model, sampling_observer, step_bar,
 };
 use crate::engine::edit::{
     CachePolicy, EditRequest, TuneEvent, TunedPhoto, edit_photo, model_prompt, tune_photo,
@@ -192,12 +192,7 @@ fn edit_parameters(args: &EditArgs) -> Result<(usize, f64, f64, f64)> {
     if !(0.0..=1.0).contains(&t0) {
         return Err(UsageError(format!("--t0 must be between 0 and 1, got {t0}")).into());
     }
-    if !guidance.is_finite() || guidance < 0.0 {
-        return Err(UsageError(format!(
-            "--guidance must be a number of at least 0, got {guidance}"
-        ))
-        .into());
-    }
+    check_guidance(guidance)?;
     Ok((steps, t0, guidance, fidelity))
 }
 
@@ -241,9 +236,7 @@ fn numbered(path: &Path, k: usize, n: usize) -> PathBuf {
 pub fn edit_command(global: &GlobalOptions, args: &EditArgs, cancel: &CancelFlag) -> Result<()> {
     check_prompt(&args.prompt)?;
     let (tune_steps, t0, guidance, fidelity) = edit_parameters(args)?;
-    if args.sampling_steps == 0 {
-        return Err(UsageError("--sampling-steps must be at least 1".into()).into());
-    }
+    check_sampling_steps(args.sampling_steps)?;
     if args.samples == 0 {
         return Err(UsageError("--samples must be at least 1".into()).into());
     }
@@ -359,9 +352,7 @@ pub fn grid_command(global: &GlobalOptions, args: &GridArgs, cancel: &CancelFlag
     if args.t0_values.is_empty() || args.t0_values.iter().any(|t| !(0.0..=1.0).contains(t)) {
         return Err(UsageError("--t0-values must be numbers between 0 and 1".into()).into());
     }
-    if args.sampling_steps == 0 {
-        return Err(UsageError("--sampling-steps must be at least 1".into()).into());
-    }
+    check_sampling_steps(args.sampling_steps)?;
     let settings = tune_settings(&args.training, None)?;
     let seed = choose_seed(args.seed);
     let photo = load_photo(&args.image)?;
