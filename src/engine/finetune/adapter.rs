@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 use candle_nn::VarBuilder;
 
 use super::mode::TrainMode;
@@ -192,10 +192,5 @@ impl Adapter {
             .cloned()
             .zip(snapshot.tensors.iter().cloned())
             .collect()
-    }
-
-    /// The dtype trained values are held in.
-    pub fn dtype(&self) -> DType {
-        self.vars.first().map(|v| v.dtype()).unwrap_or(DType::F32)
     }
 }
