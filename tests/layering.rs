@@ -63,3 +63,9 @@ fn imaging_and_model_files_know_nothing_of_the_gui_or_the_engine() {
         );
     }
 }
+
+#[test]
+fn only_the_gui_knows_egui_and_the_cli_and_gui_stay_apart() {
+    assert_layer_avoids("cli", &["egui", "eframe", "crate::gui::app", "candle_nn"]);
+    assert_layer_avoids("gui", &["candle", "crate::cli", "crate::engine::model"]);
+}

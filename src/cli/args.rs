@@ -18,11 +18,15 @@ Models are diffusers-format folders (unet/, vae/, text_encoder/, tokenizer/, sch
 cache first and downloaded otherwise.\n\n\
 Exit codes: 0 success, 2 invalid input or usage, 1 any other failure."
 )]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalOptions,
+    /// Without a command: open the editor, with this photo when given.
+    #[arg(value_name = "PHOTO")]
+    pub photo: Option<PathBuf>,
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -6,12 +6,12 @@ use anyhow::Result;
 
 use super::args::{GenerateArgs, GlobalOptions};
 use super::cancel::CancelFlag;
-use super::recipe::Recipe;
 use super::session::{
     check_common, check_prompt, choose_seed, load_model, output_path, run_sampling,
 };
 use crate::engine::sampling::{SampleRequest, Start};
 use crate::imaging;
+use crate::recipe::Recipe;
 
 pub fn generate_command(
     global: &GlobalOptions,
@@ -50,7 +50,12 @@ pub fn generate_command(
         height,
         working_width: width,
         working_height: height,
-        ..Recipe::new("generate", &args.prompt, &loaded)
+        ..Recipe::new(
+            "generate",
+            &args.prompt,
+            &loaded.name,
+            loaded.prediction_type(),
+        )
     };
     let (path, existing) =
         output_path(&args.sampling, PathBuf::from(format!("unitune-{seed}.png")));

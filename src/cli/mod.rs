@@ -6,7 +6,6 @@
 mod args;
 mod cancel;
 mod generate;
-mod recipe;
 mod session;
 mod unitune;
 
@@ -15,8 +14,8 @@ use std::panic::{self, AssertUnwindSafe};
 use clap::Parser;
 use clap::error::ErrorKind;
 
+pub use crate::recipe::Recipe;
 pub use args::{Cli, Command};
-pub use recipe::Recipe;
 
 use crate::engine::EngineError;
 use crate::imaging::ImagingError;
@@ -39,6 +38,21 @@ pub fn main_with_exit_code() -> i32 {
         Ok(cli) => cli,
         Err(error) => return report_clap_error(error),
     };
+    let Some(command) = &cli.command else {
+        // No command: the desktop editor, which reports its own errors in its window.
+        return match crate::gui::run(crate::gui::EditorOptions::new(
+            &cli.global.model,
+            cli.global.device,
+            cli.global.offline,
+            cli.photo.clone(),
+        )) {
+            Ok(()) => EXIT_OK,
+            Err(error) => {
+                eprintln!("error: {}", one_line(&error));
+                EXIT_FAILURE
+            }
+        };
+    };
     // A panic is a bug, but the user still gets one line, not a backtrace.
     panic::set_hook(Box::new(|info| {
         let message = info
@@ -54,7 +68,7 @@ pub fn main_with_exit_code() -> i32 {
         eprintln!("error: internal error ({message}{location}); please report this");
     }));
     let cancel = cancel::CancelFlag::on_ctrl_c();
-    match panic::catch_unwind(AssertUnwindSafe(|| run(&cli, &cancel))) {
+    match panic::catch_unwind(AssertUnwindSafe(|| run(&cli.global, command, &cancel))) {
         Ok(Ok(())) => EXIT_OK,
         Ok(Err(error)) if is_cancelled(&error) => {
             eprintln!("error: cancelled; nothing was saved");
@@ -68,12 +82,16 @@ pub fn main_with_exit_code() -> i32 {
     }
 }
 
-fn run(cli: &Cli, cancel: &cancel::CancelFlag) -> anyhow::Result<()> {
-    match &cli.command {
-        Command::Generate(args) => generate::generate_command(&cli.global, args, cancel),
-        Command::Tune(args) => unitune::tune_command(&cli.global, args, cancel),
-        Command::Edit(args) => unitune::edit_command(&cli.global, args, cancel),
-        Command::Grid(args) => unitune::grid_command(&cli.global, args, cancel),
+fn run(
+    global: &args::GlobalOptions,
+    command: &Command,
+    cancel: &cancel::CancelFlag,
+) -> anyhow::Result<()> {
+    match command {
+        Command::Generate(args) => generate::generate_command(global, args, cancel),
+        Command::Tune(args) => unitune::tune_command(global, args, cancel),
+        Command::Edit(args) => unitune::edit_command(global, args, cancel),
+        Command::Grid(args) => unitune::grid_command(global, args, cancel),
     }
 }
 

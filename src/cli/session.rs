@@ -26,6 +26,12 @@ pub(super) struct LoadedModel {
     pub identity: String,
 }
 
+impl LoadedModel {
+    pub fn prediction_type(&self) -> &'static str {
+        self.model.config.scheduler.prediction_type.as_str()
+    }
+}
+
 pub(super) fn load_model(global: &GlobalOptions) -> Result<LoadedModel> {
     let spec = model_files::parse_model_arg(&global.model)?;
     let options = HubOptions {
@@ -33,7 +39,7 @@ pub(super) fn load_model(global: &GlobalOptions) -> Result<LoadedModel> {
         ..HubOptions::default()
     };
     let mut progress = NoticeBeforeDownload {
-        notice: license_notice(&spec),
+        notice: model_files::license_notice(&spec),
         inner: TerminalProgress::new(),
     };
     let files = model_files::resolve(&spec, &options, &mut progress)?;
@@ -46,45 +52,12 @@ pub(super) fn load_model(global: &GlobalOptions) -> Result<LoadedModel> {
         ModelSpec::Folder(path) => path.display().to_string(),
         ModelSpec::Hub { .. } => spec.to_string(),
     };
-    let identity = weights_identity(&files.unet_weights);
+    let identity = files.weights_identity();
     Ok(LoadedModel {
         model,
         name,
         identity,
     })
-}
-
-/// The UNet weights file's full path, size and modification time: cheap to compute, and it
-/// changes whenever the weights do (hub snapshots even have the commit in the path).
-fn weights_identity(unet_weights: &Path) -> String {
-    let path = unet_weights
-        .canonicalize()
-        .unwrap_or_else(|_| unet_weights.to_path_buf());
-    let (len, modified) = std::fs::metadata(&path)
-        .map(|m| {
-            let modified = m
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| d.as_nanos())
-                .unwrap_or(0);
-            (m.len(), modified)
-        })
-        .unwrap_or((0, 0));
-    format!("{}|{len}|{modified}", path.display())
-}
-
-/// The license a user accepts by downloading this model, when we know it.
-fn license_notice(spec: &ModelSpec) -> Option<&'static str> {
-    match spec {
-        ModelSpec::Hub { repo_id, .. } if repo_id == model_files::DEFAULT_MODEL => Some(
-            include_str!("../../assets/notices/stable-diffusion-v1-5.txt"),
-        ),
-        ModelSpec::Hub { .. } => Some(
-            "This model comes with its own license; read its model card on the hub before use.\n",
-        ),
-        ModelSpec::Folder(_) => None,
-    }
 }
 
 /// Prints the model's license notice once, before the first file downloads.

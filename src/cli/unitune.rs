@@ -10,7 +10,6 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use super::UsageError;
 use super::args::{EditArgs, GlobalOptions, GridArgs, TrainingOptions, TuneArgs};
 use super::cancel::CancelFlag;
-use super::recipe::{Recipe, TuneRecipe};
 use super::session::{
     LoadedModel, check_guidance, check_output_extension, check_prompt, check_sampling_steps,
     choose_seed, load_model, sampling_observer, step_bar,
@@ -23,6 +22,7 @@ use crate::engine::finetune::{SnapshotCache, TrainMode, TuneSettings};
 use crate::engine::optim::{OptimizerKind, OptimizerSettings};
 use crate::engine::sampling::StepView;
 use crate::imaging::{self, DecodeLimits, ExistingFile, Photo};
+use crate::recipe::{Recipe, TuneRecipe};
 
 /// The photo, at its own size and at the model's working size.
 struct Photos {
@@ -152,6 +152,7 @@ fn tune(
         &photos.working,
         settings,
         &policy,
+        None,
         &mut on_event,
     );
     bar.finish_and_clear();
@@ -325,7 +326,7 @@ pub fn edit_command(global: &GlobalOptions, args: &EditArgs, cancel: &CancelFlag
                 .image
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned()),
-            ..Recipe::new("edit", &args.prompt, &loaded)
+            ..Recipe::new("edit", &args.prompt, &loaded.name, loaded.prediction_type())
         };
         let wanted = numbered(&base_out, k, args.samples);
         let (path, existing) = match (&args.out, args.overwrite) {
@@ -432,7 +433,7 @@ pub fn grid_command(global: &GlobalOptions, args: &GridArgs, cancel: &CancelFlag
             .image
             .file_name()
             .map(|n| n.to_string_lossy().into_owned()),
-        ..Recipe::new("grid", &args.prompt, &loaded)
+        ..Recipe::new("grid", &args.prompt, &loaded.name, loaded.prediction_type())
     };
     let existing = if args.overwrite {
         ExistingFile::Overwrite

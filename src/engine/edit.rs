@@ -10,7 +10,8 @@ use image::{GrayImage, RgbImage};
 
 use super::error::{EngineError, Result};
 use super::finetune::{
-    Adapter, CacheLookup, Snapshot, SnapshotCache, TuneProgress, TuneSettings, fine_tune,
+    Adapter, CacheLookup, ReconstructingObserver, Snapshot, SnapshotCache, TuneProgress,
+    TuneSettings, fine_tune,
 };
 use super::model::StableDiffusion;
 use super::noise::NoiseSource;
@@ -77,6 +78,7 @@ pub fn tune_photo(
     photo: &RgbImage,
     settings: &TuneSettings,
     policy: &CachePolicy,
+    reconstruct_every: Option<usize>,
     on_event: &mut dyn FnMut(TuneEvent) -> ControlFlow<()>,
 ) -> Result<TunedPhoto> {
     settings.validate()?;
@@ -106,7 +108,15 @@ pub fn tune_photo(
             CacheLookup::Miss => {}
         }
     }
-    let mut observer = |p: &TuneProgress| on_event(TuneEvent::Progress(p));
+    let mut observer = ReconstructingObserver {
+        every: reconstruct_every.unwrap_or(0),
+        total_steps: if reconstruct_every.is_some() {
+            settings.total_steps()
+        } else {
+            0
+        },
+        observe: |p: &TuneProgress| on_event(TuneEvent::Progress(p)),
+    };
     let snapshots = fine_tune(model, &adapter, photo, settings, &mut observer)?;
     let cache_file = match policy.cache {
         Some(cache) => {

@@ -4,12 +4,14 @@
 //! - Progress and results travel on a bounded channel the worker blocks on: never dropped.
 //! - Previews travel through a one-slot channel: the newest replaces an unread one, so a slow
 //!   UI never holds the worker up.
-//! - Every request gets an increasing [`JobId`]; a newer edit cancels an older queued or
-//!   running one, and a cancelled job stops within one step.
+//! - Every request gets an increasing [`JobId`] and runs in order; the caller decides what a
+//!   newer request supersedes and cancels it: a queued job then never starts, a running one
+//!   stops within one step.
 //! - After every event the worker calls the waker (the GUI passes `request_repaint`).
 //!
 //! The public API has no candle or GUI types: images and plain numbers only.
 
+mod loader;
 mod worker;
 
 use std::collections::HashMap;
@@ -21,8 +23,17 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use image::{GrayImage, RgbImage};
 
-pub use crate::engine::finetune::{SnapshotCache, TrainMode, TuneSettings};
+pub use loader::{DownloadStatus, LoadEvent, LoadRequest, LoadedModel, ModelLoader};
+
+pub use crate::engine::device::DeviceChoice;
+pub use crate::engine::edit::model_prompt;
+pub use crate::engine::fidelity::{EditParameters, parameters_for};
+pub use crate::engine::finetune::{PAPER_SNAPSHOTS, SnapshotCache, TrainMode, TuneSettings};
 use crate::engine::model::StableDiffusion;
+pub use crate::model_files::{
+    DEFAULT_MODEL, HubOptions, ModelSpec, approximate_download_bytes, license_notice,
+    parse_model_arg,
+};
 
 /// Names one request; later requests have larger ids.
 pub type JobId = u64;
@@ -84,7 +95,8 @@ pub enum JobEvent {
         /// The fine-tuning loss of this step.
         loss: Option<f32>,
     },
-    /// The model's current guess of the result, at latent resolution (the newest only).
+    /// At latent resolution, the newest only: an edit's current guess of its result, or a
+    /// tune's current reconstruction of the photo (every few steps).
     Preview {
         id: JobId,
         image: RgbImage,
@@ -93,6 +105,8 @@ pub enum JobEvent {
     Finished {
         id: JobId,
         result: RgbImage,
+        /// The size the model worked at, `(width, height)`.
+        working_size: (u32, u32),
     },
     /// A tune finished; edits of the photo may use these snapshot step counts.
     Tuned {
@@ -168,7 +182,6 @@ pub struct JobRunner {
     previews: Receiver<JobEvent>,
     live: LiveJobs,
     next_id: JobId,
-    latest_edit: Option<JobId>,
     worker: Option<JoinHandle<()>>,
 }
 
@@ -206,17 +219,15 @@ impl JobRunner {
             previews: preview_rx,
             live,
             next_id: 1,
-            latest_edit: None,
             worker: Some(handle),
         })
     }
 
-    /// Queues a request without blocking. A new edit cancels the previous edit.
+    /// Queues a request without blocking.
     pub fn submit(&mut self, request: JobRequest) -> Result<JobId, SubmitError> {
         let requests = self.requests.as_ref().ok_or(SubmitError::WorkerGone)?;
         let id = self.next_id;
         let cancel = Arc::new(AtomicBool::new(false));
-        let is_edit = matches!(request, JobRequest::Edit { .. });
         lock_live(&self.live).insert(id, cancel.clone());
         let envelope = Envelope {
             id,
@@ -231,9 +242,6 @@ impl JobRunner {
             });
         }
         self.next_id += 1;
-        if is_edit && let Some(older) = self.latest_edit.replace(id) {
-            self.cancel(older);
-        }
         Ok(id)
     }
 

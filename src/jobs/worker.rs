@@ -17,6 +17,9 @@ use crate::engine::preview::LatentPreview;
 use crate::engine::sampling::StepView;
 use crate::imaging;
 
+/// How often a tune shows its reconstruction of the photo (one extra UNet call each).
+const RECONSTRUCT_EVERY_STEPS: usize = 4;
+
 /// The photo the model was last tuned on, at its working size, and its snapshots.
 pub(super) struct Tuned {
     working: RgbImage,
@@ -57,7 +60,10 @@ impl Outbox {
 
 /// How a job ended, short of a panic.
 enum Outcome {
-    Edited(RgbImage),
+    Edited {
+        result: RgbImage,
+        working_size: (u32, u32),
+    },
     Tuned {
         snapshot_steps: Vec<usize>,
         from_cache: bool,
@@ -90,7 +96,14 @@ impl Worker {
             };
             self.out.clear_previews();
             let event = match result {
-                Ok(Outcome::Edited(result)) => JobEvent::Finished { id, result },
+                Ok(Outcome::Edited {
+                    result,
+                    working_size,
+                }) => JobEvent::Finished {
+                    id,
+                    result,
+                    working_size,
+                },
                 Ok(Outcome::Tuned {
                     snapshot_steps,
                     from_cache,
@@ -125,6 +138,7 @@ impl Worker {
                 // The old snapshots belong to another photo or recipe.
                 self.tuned = None;
                 let out = &self.out;
+                let preview = self.preview.as_ref();
                 let mut on_event = |event: TuneEvent| {
                     if let TuneEvent::Progress(p) = event {
                         let sent = out.send(JobEvent::Progress {
@@ -137,6 +151,13 @@ impl Worker {
                         if !sent {
                             cancel.store(true, Ordering::Relaxed);
                         }
+                        let rendered = p
+                            .reconstruction
+                            .as_ref()
+                            .and_then(|latents| preview?.render(latents).ok());
+                        if let Some(image) = rendered {
+                            out.offer_preview(JobEvent::Preview { id, image });
+                        }
                     }
                     stop_if(cancel)
                 };
@@ -144,8 +165,15 @@ impl Worker {
                     cache: self.options.cache.as_ref(),
                     model_identity: &self.options.model_identity,
                 };
-                let tuned =
-                    tune_photo(&mut self.model, &working, &settings, &policy, &mut on_event)?;
+                let reconstruct_every = preview.map(|_| RECONSTRUCT_EVERY_STEPS);
+                let tuned = tune_photo(
+                    &mut self.model,
+                    &working,
+                    &settings,
+                    &policy,
+                    reconstruct_every,
+                    &mut on_event,
+                )?;
                 let outcome = Outcome::Tuned {
                     snapshot_steps: tuned.snapshot_steps(),
                     from_cache: tuned.from_cache,
@@ -212,7 +240,10 @@ impl Worker {
                     stop_if(cancel)
                 };
                 let result = edit_photo(&self.model, tuned, &request, &mut observer)?;
-                Ok(Outcome::Edited(result))
+                Ok(Outcome::Edited {
+                    result,
+                    working_size: working.dimensions(),
+                })
             }
         }
     }

@@ -17,6 +17,7 @@
 mod error;
 mod hub;
 mod layout;
+mod notice;
 mod progress;
 mod spec;
 
@@ -25,5 +26,6 @@ pub use hub::{HubOptions, default_cache_dir, repo_cache_dir, resolve};
 pub use layout::{
     ModelFiles, ModelSource, WeightsPreference, locate_in_folder, locate_in_folder_with,
 };
+pub use notice::{DEFAULT_MODEL_DOWNLOAD_BYTES, approximate_download_bytes, license_notice};
 pub use progress::{DownloadProgress, NoProgress, TerminalProgress};
 pub use spec::{DEFAULT_MODEL, DEFAULT_REVISION, ModelSpec, parse_model_arg};

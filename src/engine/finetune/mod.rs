@@ -9,4 +9,7 @@ mod tune;
 pub use adapter::{Adapter, Snapshot};
 pub use cache::{CacheLookup, SnapshotCache};
 pub use mode::TrainMode;
-pub use tune::{PAPER_SNAPSHOTS, RARE_TOKEN, TuneObserver, TuneProgress, TuneSettings, fine_tune};
+pub use tune::{
+    PAPER_SNAPSHOTS, RARE_TOKEN, ReconstructingObserver, TuneObserver, TuneProgress, TuneSettings,
+    fine_tune,
+};

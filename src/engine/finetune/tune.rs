@@ -101,6 +101,9 @@ pub struct TuneProgress {
     pub elapsed: Duration,
     /// Set when this step's weights were kept as a snapshot.
     pub snapshot_taken: bool,
+    /// The model's current reconstruction of the photo (scaled latents `[1, 4, h, w]`), on
+    /// the steps the observer asked for one: it shows the user the model learning the photo.
+    pub reconstruction: Option<Tensor>,
 }
 
 impl TuneProgress {
@@ -117,6 +120,11 @@ impl TuneProgress {
 /// Sees each step; `Break` stops fine-tuning with [`EngineError::Cancelled`].
 pub trait TuneObserver {
     fn observe(&mut self, progress: &TuneProgress) -> ControlFlow<()>;
+
+    /// Whether step `step` should come with a reconstruction (one extra UNet call).
+    fn wants_reconstruction(&self, _step: usize) -> bool {
+        false
+    }
 }
 
 impl<F: FnMut(&TuneProgress) -> ControlFlow<()>> TuneObserver for F {
@@ -124,6 +132,27 @@ impl<F: FnMut(&TuneProgress) -> ControlFlow<()>> TuneObserver for F {
         self(progress)
     }
 }
+
+/// Observes every step and asks for a reconstruction every `every` steps (and at the end).
+pub struct ReconstructingObserver<F> {
+    pub every: usize,
+    pub total_steps: usize,
+    pub observe: F,
+}
+
+impl<F: FnMut(&TuneProgress) -> ControlFlow<()>> TuneObserver for ReconstructingObserver<F> {
+    fn observe(&mut self, progress: &TuneProgress) -> ControlFlow<()> {
+        (self.observe)(progress)
+    }
+
+    fn wants_reconstruction(&self, step: usize) -> bool {
+        step == self.total_steps || (self.every > 0 && step.is_multiple_of(self.every))
+    }
+}
+
+/// The noise level the reconstruction starts from, as a fraction of the training timesteps:
+/// noisy enough that an untrained model gets the photo visibly wrong.
+const RECONSTRUCTION_T_FRACTION: f64 = 0.6;
 
 /// Fine-tunes `adapter`'s weights on `photo` (already at the working size) and returns a
 /// snapshot per requested step count. The weights are left at the last snapshot.
@@ -161,6 +190,17 @@ pub fn fine_tune(
     let std = distribution.std.repeat((batch, 1, 1, 1))?;
     let num_train_timesteps = model.scheduler.num_train_timesteps();
 
+    // The reconstruction's noise has its own stream, so asking for previews never changes
+    // the training itself.
+    let reconstruction_latents = {
+        let x0 = (&distribution.mean * scaling)?;
+        let mut preview_noise = NoiseSource::from_seed(settings.seed ^ 0x7265_636f_6e73);
+        let noise = preview_noise
+            .normal(x0.shape(), device)?
+            .to_dtype(x0.dtype())?;
+        let t = (num_train_timesteps as f64 * RECONSTRUCTION_T_FRACTION) as usize;
+        (model.scheduler.add_noise(&x0, &noise, &[t])?, t)
+    };
     let mut optimizer = Optimizer::new(&settings.optimizer, adapter.vars().to_vec())?;
     let unet = adapter.training_unet();
     let total_steps = settings.total_steps();
@@ -217,12 +257,23 @@ pub fn fine_tune(
         if snapshot_taken {
             snapshots.push(adapter.snapshot(step)?);
         }
+        let reconstruction = if observer.wants_reconstruction(step) {
+            let (noisy, t) = &reconstruction_latents;
+            let context = context.narrow(0, 0, 1)?;
+            let timestep = Tensor::new(&[*t as f32], device)?;
+            let output = unet.forward(noisy, &timestep, &context)?.detach();
+            let x0 = model.scheduler.step(&output, *t, noisy, 1)?.predicted_x0;
+            Some(x0)
+        } else {
+            None
+        };
         let progress = TuneProgress {
             step,
             total_steps,
             loss: loss_total / passes as f32,
             elapsed: start.elapsed(),
             snapshot_taken,
+            reconstruction,
         };
         if observer.observe(&progress).is_break() {
             return Err(EngineError::Cancelled);

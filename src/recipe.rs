@@ -5,7 +5,6 @@
 
 use serde::Serialize;
 
-use super::session::LoadedModel;
 use crate::build_info;
 use crate::engine::finetune::TuneSettings;
 
@@ -70,9 +69,14 @@ pub struct Recipe {
 }
 
 impl Recipe {
-    /// A recipe for `prompt` on `loaded` with everything else at its "not used" value; each
-    /// command fills in what it did.
-    pub(super) fn new(mode: &'static str, prompt: &str, loaded: &LoadedModel) -> Self {
+    /// A recipe for `prompt` on the model named `model` with everything else at its "not
+    /// used" value; each command (and the editor) fills in what it did.
+    pub fn new(
+        mode: &'static str,
+        prompt: &str,
+        model: &str,
+        prediction_type: &'static str,
+    ) -> Self {
         Self {
             mode,
             prompt: prompt.to_string(),
@@ -92,8 +96,8 @@ impl Recipe {
             height: 0,
             working_width: 0,
             working_height: 0,
-            model: loaded.name.clone(),
-            prediction_type: loaded.model.config.scheduler.prediction_type.as_str(),
+            model: model.to_string(),
+            prediction_type,
             source_image: None,
             program: program(),
             revision: build_info::GIT_REVISION,

@@ -1,0 +1,203 @@
+//! Short jobs off the UI thread, each on its own named thread: decoding a photo, file
+//! dialogs (rfd's dialogs block their thread), exporting, reading the autosaved session.
+//! Results come back over one bounded channel, and the waker repaints the window.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+use image::{GrayImage, RgbImage};
+
+use super::persist::{RestoredSession, StateFiles};
+use crate::imaging::{self, DecodeLimits, ExistingFile, Photo};
+
+/// Opens file dialogs; the real one is rfd, tests script their answers.
+pub trait FileDialogs: Send + Sync {
+    fn pick_photo(&self, directory: Option<&Path>) -> Option<PathBuf>;
+    fn pick_save_path(&self, directory: Option<&Path>, file_name: &str) -> Option<PathBuf>;
+    fn pick_model_folder(&self) -> Option<PathBuf>;
+}
+
+/// The system's dialogs (xdg portal on Linux, native on Windows and macOS).
+pub struct SystemDialogs;
+
+impl FileDialogs for SystemDialogs {
+    fn pick_photo(&self, directory: Option<&Path>) -> Option<PathBuf> {
+        let mut dialog = rfd::FileDialog::new()
+            .set_title("Open a photo")
+            .add_filter("Images", &["png", "jpg", "jpeg", "webp", "gif"]);
+        if let Some(dir) = directory {
+            dialog = dialog.set_directory(dir);
+        }
+        dialog.pick_file()
+    }
+
+    fn pick_save_path(&self, directory: Option<&Path>, file_name: &str) -> Option<PathBuf> {
+        let mut dialog = rfd::FileDialog::new()
+            .set_title("Export the edit")
+            .set_file_name(file_name)
+            .add_filter("PNG (keeps the recipe)", &["png"])
+            .add_filter("JPEG", &["jpg", "jpeg"])
+            .add_filter("WebP", &["webp"]);
+        if let Some(dir) = directory {
+            dialog = dialog.set_directory(dir);
+        }
+        dialog.save_file()
+    }
+
+    fn pick_model_folder(&self) -> Option<PathBuf> {
+        rfd::FileDialog::new()
+            .set_title("Choose a diffusers model folder")
+            .pick_folder()
+    }
+}
+
+/// A finished edit on its way to a file.
+#[derive(Debug, Clone)]
+pub struct ExportRequest {
+    pub image: Arc<RgbImage>,
+    pub alpha: Option<Arc<GrayImage>>,
+    /// PNG text chunks (the recipe).
+    pub text: Vec<(String, String)>,
+    pub suggested_name: String,
+    pub directory: Option<PathBuf>,
+}
+
+pub enum ChoreResult {
+    PhotoOpened {
+        path: PathBuf,
+        result: Result<Photo, String>,
+    },
+    SessionRestored(Option<RestoredSession>),
+    PhotoChosen(Option<PathBuf>),
+    ModelFolderChosen(Option<PathBuf>),
+    Exported {
+        path: PathBuf,
+        result: Result<(), String>,
+        request: ExportRequest,
+    },
+    /// The save dialog was closed without a name.
+    ExportAbandoned,
+}
+
+pub struct Chores {
+    tx: Sender<ChoreResult>,
+    rx: Receiver<ChoreResult>,
+    waker: Arc<dyn Fn() + Send + Sync>,
+    dialogs: Arc<dyn FileDialogs>,
+}
+
+impl Chores {
+    pub fn new(dialogs: Arc<dyn FileDialogs>, waker: Arc<dyn Fn() + Send + Sync>) -> Self {
+        let (tx, rx) = bounded(64);
+        Self {
+            tx,
+            rx,
+            waker,
+            dialogs,
+        }
+    }
+
+    pub fn try_next(&self) -> Option<ChoreResult> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Runs `work` on a new thread named `name`; its result comes back through `try_next`.
+    fn spawn(&self, name: &str, work: impl FnOnce() -> ChoreResult + Send + 'static) {
+        let tx = self.tx.clone();
+        let waker = self.waker.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("unitune-{name}"))
+            .spawn(move || {
+                let _ = tx.send(work());
+                waker();
+            });
+        if let Err(err) = spawned {
+            // Only when the system is out of threads; say so rather than silently drop.
+            let _ = self.tx.try_send(ChoreResult::PhotoOpened {
+                path: PathBuf::new(),
+                result: Err(format!("cannot start a background task: {err}")),
+            });
+        }
+    }
+
+    pub fn open_photo(&self, path: PathBuf) {
+        self.spawn("open", move || {
+            let result = imaging::load_photo(&path, &DecodeLimits::default())
+                .map_err(|err| one_line(&err.to_string()));
+            ChoreResult::PhotoOpened { path, result }
+        });
+    }
+
+    pub fn restore_session(&self, files: StateFiles) {
+        self.spawn("restore", move || {
+            ChoreResult::SessionRestored(files.load_session())
+        });
+    }
+
+    pub fn pick_photo(&self, directory: Option<PathBuf>) {
+        let dialogs = self.dialogs.clone();
+        self.spawn("dialog", move || {
+            ChoreResult::PhotoChosen(dialogs.pick_photo(directory.as_deref()))
+        });
+    }
+
+    pub fn pick_model_folder(&self) {
+        let dialogs = self.dialogs.clone();
+        self.spawn("dialog", move || {
+            ChoreResult::ModelFolderChosen(dialogs.pick_model_folder())
+        });
+    }
+
+    /// Asks where to save, then writes the file, all off the UI thread.
+    pub fn export(&self, request: ExportRequest) {
+        let dialogs = self.dialogs.clone();
+        self.spawn("export", move || {
+            let Some(path) =
+                dialogs.pick_save_path(request.directory.as_deref(), &request.suggested_name)
+            else {
+                return ChoreResult::ExportAbandoned;
+            };
+            export_to(with_image_extension(path), request)
+        });
+    }
+
+    /// Writes to `path` again (after the user freed space or fixed permissions).
+    pub fn export_again(&self, path: PathBuf, request: ExportRequest) {
+        self.spawn("export", move || export_to(path, request));
+    }
+}
+
+fn export_to(path: PathBuf, request: ExportRequest) -> ChoreResult {
+    let alpha = request
+        .alpha
+        .as_deref()
+        .filter(|a| a.dimensions() == request.image.dimensions());
+    // The dialog already asked before replacing an existing file.
+    let result = imaging::export_image(
+        &path,
+        &request.image,
+        alpha,
+        &request.text,
+        ExistingFile::Overwrite,
+    )
+    .map_err(|err| one_line(&err.to_string()));
+    ChoreResult::Exported {
+        path,
+        result,
+        request,
+    }
+}
+
+/// A name typed without an extension becomes a PNG.
+fn with_image_extension(path: PathBuf) -> PathBuf {
+    if path.extension().is_some() {
+        path
+    } else {
+        path.with_extension("png")
+    }
+}
+
+pub fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}

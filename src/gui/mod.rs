@@ -1,0 +1,89 @@
+//! The desktop editor: eframe/egui with the wgpu renderer. The only module that knows egui.
+//!
+//! - [`app::EditorApp`] owns the state and applies [`app::Command`]s, which the panels
+//!   return, in one place each frame.
+//! - Heavy work never runs on the UI thread: the model loads and runs on [`crate::jobs`]
+//!   threads, files and dialogs on [`background`] threads, autosave on [`persist`]'s thread.
+//!   Each frame drains their channels for a bounded time.
+
+mod app;
+mod background;
+mod canvas;
+mod mask;
+mod panels;
+mod persist;
+mod textures;
+mod variants;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use app::{Command, EditorApp};
+pub use background::{FileDialogs, SystemDialogs};
+pub use persist::{Settings, StateFiles};
+
+use crate::jobs::{DEFAULT_MODEL, DeviceChoice, HubOptions, SnapshotCache, TuneSettings};
+
+/// How the editor starts.
+pub struct EditorOptions {
+    /// The `--model` argument; the default model means "the last one used, else the default".
+    pub model: String,
+    pub device: DeviceChoice,
+    pub hub: HubOptions,
+    /// A photo to open at start (instead of restoring the autosaved work).
+    pub photo: Option<PathBuf>,
+    /// Where settings and autosaved work live.
+    pub state: StateFiles,
+    pub snapshot_cache: Option<SnapshotCache>,
+    pub dialogs: Arc<dyn FileDialogs>,
+    /// The fine-tuning recipe; `None` = the paper's, with the ladder from the settings.
+    pub tune: Option<TuneSettings>,
+}
+
+impl EditorOptions {
+    /// The options for the `unitune [PHOTO]` command line.
+    pub fn new(model: &str, device: DeviceChoice, offline: bool, photo: Option<PathBuf>) -> Self {
+        Self {
+            model: model.to_string(),
+            device,
+            hub: HubOptions {
+                offline,
+                ..HubOptions::default()
+            },
+            photo,
+            state: StateFiles::new(StateFiles::default_root()),
+            snapshot_cache: SnapshotCache::default_dir().map(SnapshotCache::new),
+            dialogs: Arc::new(SystemDialogs),
+            tune: None,
+        }
+    }
+
+    /// Whether `--model` named a model (anything but the default).
+    fn model_was_chosen(&self) -> bool {
+        self.model != DEFAULT_MODEL
+    }
+}
+
+/// Opens the editor window and runs until it is closed.
+pub fn run(options: EditorOptions) -> anyhow::Result<()> {
+    let native = eframe::NativeOptions {
+        viewport: egui::ViewportBuilder::default()
+            .with_title("unitune")
+            .with_app_id("unitune")
+            .with_inner_size([1280.0, 800.0])
+            .with_min_inner_size([720.0, 480.0])
+            .with_drag_and_drop(true),
+        renderer: eframe::Renderer::Wgpu,
+        ..Default::default()
+    };
+    eframe::run_native(
+        "unitune",
+        native,
+        Box::new(move |cc| Ok(Box::new(EditorApp::new(cc, options)))),
+    )
+    .map_err(|err| {
+        anyhow::anyhow!(
+            "cannot open the editor window ({err}); the command-line tools (unitune edit --help) work without one"
+        )
+    })
+}

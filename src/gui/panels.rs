@@ -1,0 +1,525 @@
+//! The editor's layout: menu bar, notice line, side panel (model, prompt, slider, mask,
+//! Advanced), variant strip and canvas. Panels read the app and return [`Command`]s; the
+//! few plain values they edit in place (text, slider, brush) are autosaved by the app.
+
+use egui::{Color32, ProgressBar, RichText, Ui};
+
+use super::app::{Command, EditorApp, ModelStatus, NoticeKind, TuneStatus};
+use super::canvas::{self, Picture, Tool};
+use super::variants::VariantState;
+use crate::jobs::{TrainMode, approximate_download_bytes, license_notice, parse_model_arg};
+
+pub fn show(ui: &mut Ui, app: &mut EditorApp) -> Vec<Command> {
+    let mut commands = Vec::new();
+    egui::Panel::top("menu").show(ui, |ui| menu_bar(ui, app, &mut commands));
+    if let Some(notice) = app.notice.clone() {
+        egui::Panel::top("notice").show(ui, |ui| {
+            ui.horizontal(|ui| {
+                let color = match notice.kind {
+                    NoticeKind::Error => ui.visuals().error_fg_color,
+                    NoticeKind::Info => ui.visuals().text_color(),
+                };
+                ui.label(RichText::new(&notice.text).color(color));
+                if app.failed_export.is_some() && ui.button("Try again").clicked() {
+                    commands.push(Command::RetryExport);
+                }
+                if ui.small_button("Dismiss").clicked() {
+                    commands.push(Command::DismissNotice);
+                }
+            });
+        });
+    }
+    egui::Panel::left("controls")
+        .resizable(true)
+        .default_size(320.0)
+        .min_size(260.0)
+        .show(ui, |ui| {
+            egui::ScrollArea::vertical().show(ui, |ui| side_panel(ui, app, &mut commands));
+        });
+    if !app.variants.is_empty() {
+        egui::Panel::bottom("strip")
+            .resizable(false)
+            .exact_size(210.0)
+            .show(ui, |ui| strip(ui, app, &mut commands));
+    }
+    egui::CentralPanel::default().show(ui, |ui| central(ui, app, &mut commands));
+    commands
+}
+
+fn menu_bar(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
+    egui::MenuBar::new().ui(ui, |ui| {
+        ui.menu_button("File", |ui| {
+            if ui.button("Open…  (Ctrl+O)").clicked() {
+                commands.push(Command::OpenDialog);
+            }
+            ui.menu_button("Open recent", |ui| {
+                if app.settings.recent_files.is_empty() {
+                    ui.label("No recent files");
+                }
+                for path in app.settings.recent_files.clone() {
+                    if ui.button(path.display().to_string()).clicked() {
+                        commands.push(Command::Open(path));
+                    }
+                }
+            });
+            if ui.button("Export…  (Ctrl+S)").clicked() {
+                commands.push(Command::Export);
+            }
+        });
+        ui.menu_button("Mask", |ui| {
+            if ui.button("Undo stroke  (Ctrl+Z)").clicked() {
+                commands.push(Command::Undo);
+            }
+            if ui.button("Redo stroke  (Ctrl+Shift+Z)").clicked() {
+                commands.push(Command::Redo);
+            }
+            if ui.button("Clear mask").clicked() {
+                commands.push(Command::ClearMask);
+            }
+            if ui.button("Invert mask").clicked() {
+                commands.push(Command::InvertMask);
+            }
+        });
+        ui.menu_button("Help", |ui| {
+            ui.label("Keyboard shortcuts");
+            ui.label("Enter in the prompt or Ctrl+Enter: Edit");
+            ui.label("Esc: cancel · Ctrl+S: export · Ctrl+O: open");
+            ui.label("Hold Space: show the original");
+            ui.label("B brush · E eraser · V move · [ ] brush size");
+            ui.label("Ctrl+Z / Ctrl+Shift+Z: undo / redo stroke · Ctrl+0: fit");
+            ui.separator();
+            ui.label(crate::build_info::describe());
+        });
+    });
+}
+
+fn side_panel(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
+    model_section(ui, app, commands);
+    ui.separator();
+
+    ui.heading("Edit");
+    let label = ui.label("What should the photo become?");
+    let prompt = ui.add(
+        egui::TextEdit::singleline(&mut app.prompt)
+            .hint_text("a cat wearing sunglasses")
+            .desired_width(f32::INFINITY),
+    );
+    let prompt = prompt.labelled_by(label.id);
+    if std::mem::take(&mut app.focus_prompt) {
+        prompt.request_focus();
+    }
+    if prompt.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter)) {
+        commands.push(Command::Edit);
+    }
+    let busy =
+        !app.variants.pending_jobs().is_empty() || matches!(app.tune, TuneStatus::Running { .. });
+    ui.horizontal(|ui| {
+        if ui.button(RichText::new("Edit").strong()).clicked() {
+            commands.push(Command::Edit);
+        }
+        if ui
+            .add_enabled(busy, egui::Button::new("Cancel"))
+            .on_hover_text("Esc")
+            .clicked()
+        {
+            commands.push(Command::Cancel);
+        }
+        if ui
+            .add_enabled(app.edit.is_some(), egui::Button::new("More seeds"))
+            .clicked()
+        {
+            commands.push(Command::MoreSeeds);
+        }
+    });
+    progress_section(ui, app);
+
+    ui.add_space(6.0);
+    let slider = ui.add(
+        egui::Slider::new(&mut app.fidelity, 0.0..=1.0)
+            .text("Fidelity")
+            .fixed_decimals(2),
+    );
+    ui.horizontal(|ui| {
+        ui.small("← more change");
+        ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+            ui.small("closer to the photo →")
+        });
+    });
+    if slider.drag_stopped() || (slider.changed() && !slider.dragged()) {
+        commands.push(Command::SliderReleased);
+    } else if slider.dragged() {
+        // While dragging, the nearest finished variant shows (no job yet).
+        commands.push(Command::SliderDragged);
+    }
+    if let Some((_, settings)) = app.shown_variant() {
+        ui.small(format!(
+            "Showing: {} fine-tuning steps, t0 {:.2}, guidance {:.1}, seed {}",
+            settings.tune_steps, settings.t0, settings.guidance, settings.seed
+        ));
+    }
+    ui.horizontal(|ui| {
+        let mut split = app.view.split.is_some();
+        if ui
+            .checkbox(&mut split, "Split before/after")
+            .on_hover_text("Drag the line on the picture; hold Space to see the original")
+            .changed()
+        {
+            app.view.split = split.then_some(0.5);
+        }
+    });
+
+    ui.separator();
+    mask_section(ui, app, commands);
+    ui.separator();
+    advanced_section(ui, app);
+}
+
+fn model_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
+    ui.heading("Model");
+    match &app.model {
+        ModelStatus::Ready {
+            name,
+            source,
+            device,
+            ..
+        } => {
+            ui.label(format!("{name}"));
+            ui.small(format!("{source} · on {device}"));
+            if ui.small_button("Choose another folder…").clicked() {
+                commands.push(Command::ChooseModelFolder);
+            }
+        }
+        ModelStatus::Loading { model, detail } => {
+            ui.horizontal(|ui| {
+                ui.spinner();
+                ui.label(format!("Loading {model}: {detail}"));
+            });
+        }
+        ModelStatus::Downloading { model, status } => {
+            ui.label(format!("Downloading {model}"));
+            let total = status.bytes_expected.or(status.file_bytes_total);
+            let done = if status.bytes_expected.is_some() {
+                status.bytes_done
+            } else {
+                status.file_bytes_done
+            };
+            let fraction = total.map_or(0.0, |t| done as f32 / t.max(1) as f32);
+            let eta = status
+                .eta
+                .map_or(String::new(), |e| format!(" · {} left", duration_text(e)));
+            ui.add(ProgressBar::new(fraction).show_percentage().text(format!(
+                "{} of {} · {}/s{eta}",
+                bytes_text(done),
+                total.map_or("?".into(), bytes_text),
+                bytes_text(status.bytes_per_sec as u64)
+            )));
+            ui.small(&status.file);
+            if ui.button("Cancel download").clicked() {
+                commands.push(Command::CancelDownload);
+            }
+        }
+        ModelStatus::Missing { model, message } => {
+            ui.label(message);
+            let spec = parse_model_arg(model).ok();
+            if let Some(notice) = spec.as_ref().and_then(license_notice) {
+                ui.collapsing("License (read before downloading)", |ui| {
+                    egui::ScrollArea::vertical()
+                        .max_height(160.0)
+                        .show(ui, |ui| ui.small(notice));
+                });
+            }
+            let size = spec
+                .as_ref()
+                .and_then(approximate_download_bytes)
+                .map_or(String::new(), |b| format!(" (about {})", bytes_text(b)));
+            ui.horizontal(|ui| {
+                if ui
+                    .button(format!("Accept license and download{size}"))
+                    .clicked()
+                {
+                    commands.push(Command::DownloadModel);
+                }
+                if ui.button("Choose a model folder…").clicked() {
+                    commands.push(Command::ChooseModelFolder);
+                }
+            });
+        }
+        ModelStatus::Failed { message, .. } => {
+            ui.colored_label(ui.visuals().error_fg_color, message);
+            ui.horizontal(|ui| {
+                if ui.button("Try again").clicked() {
+                    commands.push(Command::RetryModel);
+                }
+                if ui.button("Choose a model folder…").clicked() {
+                    commands.push(Command::ChooseModelFolder);
+                }
+            });
+        }
+    }
+}
+
+fn progress_section(ui: &mut Ui, app: &EditorApp) {
+    match &app.tune {
+        TuneStatus::Running {
+            step, total, loss, ..
+        } => {
+            let eta = app
+                .tune_eta()
+                .map_or(String::new(), |e| format!(" · {} left", duration_text(e)));
+            let loss = loss.map_or(String::new(), |l| format!(" · loss {l:.4}"));
+            ui.label("Learning the photo (first edit only)");
+            ui.add(
+                ProgressBar::new(*step as f32 / (*total).max(1) as f32)
+                    .text(format!("step {step} of {total}{loss}{eta}")),
+            );
+            if let Some(preview) = &app.tune_preview {
+                ui.add(
+                    egui::Image::new(preview)
+                        .fit_to_exact_size(egui::vec2(96.0, 96.0))
+                        .maintain_aspect_ratio(true),
+                )
+                .on_hover_text("The model's reconstruction of your photo so far");
+            }
+        }
+        TuneStatus::Done {
+            snapshots,
+            from_cache,
+        } => {
+            let how = if *from_cache { " (from cache)" } else { "" };
+            ui.small(format!(
+                "Fine-tuned{how}: snapshots after {} steps",
+                super::app::ladder_text(snapshots)
+            ));
+        }
+        TuneStatus::None => {}
+    }
+    let running = app.variants.variants().iter().find_map(|v| match v.state {
+        VariantState::Running { step, total } => Some((step, total)),
+        _ => None,
+    });
+    let queued = app
+        .variants
+        .variants()
+        .iter()
+        .filter(|v| matches!(v.state, VariantState::Queued))
+        .count();
+    if let Some((step, total)) = running {
+        ui.add(
+            ProgressBar::new(step as f32 / total.max(1) as f32)
+                .text(format!("variant: step {step} of {total} · {queued} queued")),
+        );
+    } else if queued > 0 && !matches!(app.tune, TuneStatus::Running { .. }) {
+        ui.horizontal(|ui| {
+            ui.spinner();
+            ui.label(format!("{queued} variants queued"));
+        });
+    }
+}
+
+fn mask_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
+    ui.heading("Mask (optional)");
+    ui.small("Paint where the edit may change the photo. No mask: the whole photo may change.");
+    ui.horizontal(|ui| {
+        ui.selectable_value(&mut app.view.tool, Tool::Move, "Move (V)");
+        ui.selectable_value(&mut app.view.tool, Tool::Brush, "Brush (B)");
+        ui.selectable_value(&mut app.view.tool, Tool::Eraser, "Eraser (E)");
+    });
+    ui.add(
+        egui::Slider::new(&mut app.settings.brush_size_px, 2.0..=512.0)
+            .text("Brush size")
+            .logarithmic(true),
+    );
+    ui.add(egui::Slider::new(&mut app.settings.brush_softness, 0.0..=1.0).text("Softness"));
+    ui.add(egui::Slider::new(&mut app.settings.mask_opacity, 0.0..=1.0).text("Overlay opacity"));
+    ui.checkbox(&mut app.view.show_mask, "Show mask");
+    let (can_undo, can_redo) = app
+        .doc
+        .as_ref()
+        .map_or((false, false), |d| (d.mask.can_undo(), d.mask.can_redo()));
+    ui.horizontal(|ui| {
+        if ui
+            .add_enabled(can_undo, egui::Button::new("Undo"))
+            .clicked()
+        {
+            commands.push(Command::Undo);
+        }
+        if ui
+            .add_enabled(can_redo, egui::Button::new("Redo"))
+            .clicked()
+        {
+            commands.push(Command::Redo);
+        }
+        if ui.button("Clear").clicked() {
+            commands.push(Command::ClearMask);
+        }
+        if ui.button("Invert").clicked() {
+            commands.push(Command::InvertMask);
+        }
+    });
+}
+
+fn advanced_section(ui: &mut Ui, app: &mut EditorApp) {
+    egui::CollapsingHeader::new("Advanced").show(ui, |ui| {
+        ui.checkbox(
+            &mut app.advanced.custom,
+            "Use these values instead of the slider",
+        );
+        ui.add_enabled_ui(app.advanced.custom, |ui| {
+            ui.add(
+                egui::Slider::new(&mut app.advanced.tune_steps, 0..=256).text("Snapshot (steps)"),
+            );
+            ui.add(egui::Slider::new(&mut app.advanced.t0, 0.0..=1.0).text("t0 (SDEdit start)"));
+            ui.add(egui::Slider::new(&mut app.advanced.guidance, 0.0..=30.0).text("Guidance"));
+        });
+        labelled_text(ui, "Seed (empty = random)", &mut app.advanced.seed_text);
+        labelled_text(
+            ui,
+            "Baseline prompt (prompt guidance)",
+            &mut app.baseline_prompt,
+        );
+        ui.add(egui::Slider::new(&mut app.settings.sampling_steps, 1..=150).text("Sampling steps"));
+        ui.checkbox(
+            &mut app.settings.interpolate,
+            "Interpolate toward the original",
+        );
+        labelled_text(ui, "Fine-tuning snapshots", &mut app.advanced.snapshot_text);
+        let mut mode = app.settings.train_mode.clone();
+        egui::ComboBox::from_label("Training mode")
+            .selected_text(mode.clone())
+            .show_ui(ui, |ui| {
+                for option in [
+                    TrainMode::Full,
+                    TrainMode::Attention,
+                    TrainMode::CrossKv,
+                    TrainMode::Lora { rank: 4 },
+                ] {
+                    let name = option.name().to_string();
+                    ui.selectable_value(&mut mode, name.clone(), name);
+                }
+            });
+        app.settings.train_mode = mode;
+    });
+}
+
+fn labelled_text(ui: &mut Ui, label: &str, text: &mut String) {
+    let label = ui.label(label);
+    ui.add(egui::TextEdit::singleline(text).desired_width(f32::INFINITY))
+        .labelled_by(label.id);
+}
+
+fn strip(ui: &mut Ui, app: &EditorApp, commands: &mut Vec<Command>) {
+    let shown = app.variants.shown(app.fidelity).map(|(i, _)| i);
+    egui::ScrollArea::horizontal().show(ui, |ui| {
+        ui.horizontal(|ui| {
+            for (index, variant) in app.variants.variants().iter().enumerate() {
+                ui.vertical(|ui| {
+                    ui.set_width(170.0);
+                    let label = match &variant.state {
+                        VariantState::Queued => "queued".to_string(),
+                        VariantState::Running { step, total } => format!("step {step}/{total}"),
+                        VariantState::Done { .. } => "done".to_string(),
+                        VariantState::Failed(message) => format!("failed: {message}"),
+                        VariantState::Cancelled => "cancelled".to_string(),
+                    };
+                    let s = &variant.settings;
+                    let position = s
+                        .fidelity
+                        .map_or("custom".into(), |f| format!("fidelity {f:.2}"));
+                    let texture = app.thumbnails.get(&variant.job).or(app
+                        .live_preview
+                        .as_ref()
+                        .filter(|(j, _)| *j == variant.job)
+                        .map(|(_, t)| t));
+                    let name = format!("Variant {}: {position}", index + 1);
+                    let response = match texture {
+                        Some(texture) => {
+                            let size = canvas::fit_size(texture, egui::vec2(160.0, 120.0));
+                            ui.add(
+                                egui::Button::image(
+                                    egui::Image::new(texture).fit_to_exact_size(size),
+                                )
+                                .selected(shown == Some(index)),
+                            )
+                        }
+                        None => ui.add_sized([160.0, 120.0], egui::Button::new(&label)),
+                    };
+                    let response = response.on_hover_text(format!(
+                        "{name}\n{} fine-tuning steps · t0 {:.2} · guidance {:.1} · seed {}",
+                        s.tune_steps, s.t0, s.guidance, s.seed
+                    ));
+                    if response.clicked() && variant.image().is_some() {
+                        commands.push(Command::SelectVariant(index));
+                    }
+                    ui.small(format!("{position} · seed {}", s.seed));
+                    ui.small(label);
+                });
+            }
+        });
+    });
+}
+
+fn central(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
+    let Some(original) = app.photo_texture.clone() else {
+        ui.centered_and_justified(|ui| {
+            let text = if app.is_busy() && app.doc.is_none() {
+                "Opening…"
+            } else {
+                "Open a photo (File > Open, Ctrl+O) or drop one here"
+            };
+            if ui.button(RichText::new(text).size(18.0)).clicked() {
+                commands.push(Command::OpenDialog);
+            }
+        });
+        return;
+    };
+    let comparing = app.comparing(ui.ctx());
+    let result = app.shown_texture().cloned();
+    let brush = app.brush();
+    let mask_texture = app.mask_texture.clone();
+    let opacity = app.settings.mask_opacity;
+    let Some(doc) = app.doc.as_mut() else { return };
+    let picture = Picture {
+        original: &original,
+        result: result.as_ref(),
+        comparing,
+        mask_texture: mask_texture.as_ref(),
+        mask_opacity: opacity,
+    };
+    app.canvas_rect = Some(ui.available_rect_before_wrap());
+    if canvas::show(ui, &mut app.view, &picture, &mut doc.mask, &brush) {
+        commands.push(Command::MaskChanged);
+    }
+    if comparing {
+        ui.painter().text(
+            ui.max_rect().left_top() + egui::vec2(8.0, 8.0),
+            egui::Align2::LEFT_TOP,
+            "Original",
+            egui::FontId::proportional(16.0),
+            Color32::WHITE,
+        );
+    }
+}
+
+fn bytes_text(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.1} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.0} kB", b / 1e3)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+fn duration_text(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    if s >= 3600 {
+        format!("{} h {} min", s / 3600, (s % 3600) / 60)
+    } else if s >= 60 {
+        format!("{} min {} s", s / 60, s % 60)
+    } else {
+        format!("{s} s")
+    }
+}

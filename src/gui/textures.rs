@@ -1,0 +1,87 @@
+//! Images to GPU textures. Display copies are capped in size: a 50-megapixel photo would
+//! exceed the GPU's texture limit, and the screen cannot show more pixels anyway.
+
+use egui::{ColorImage, Context, TextureHandle, TextureOptions};
+use image::{GrayImage, RgbImage};
+
+use super::mask::PixelRect;
+
+/// The longest side of a display texture (well under wgpu's guaranteed 8192).
+const MAX_TEXTURE_SIDE: u32 = 4096;
+
+pub fn color_image(image: &RgbImage, max_side: u32) -> ColorImage {
+    let (w, h) = image.dimensions();
+    let scale = (max_side as f32 / w.max(h) as f32).min(1.0);
+    let resized;
+    let source = if scale < 1.0 {
+        let (nw, nh) = (
+            ((w as f32 * scale).round() as u32).max(1),
+            ((h as f32 * scale).round() as u32).max(1),
+        );
+        resized = image::imageops::thumbnail(image, nw, nh);
+        &resized
+    } else {
+        image
+    };
+    ColorImage::from_rgb(
+        [source.width() as usize, source.height() as usize],
+        source.as_raw(),
+    )
+}
+
+pub fn load(ctx: &Context, name: &str, image: &RgbImage) -> TextureHandle {
+    ctx.load_texture(
+        name,
+        color_image(image, MAX_TEXTURE_SIDE),
+        TextureOptions::LINEAR,
+    )
+}
+
+pub fn thumbnail(ctx: &Context, name: &str, image: &RgbImage, side: u32) -> TextureHandle {
+    ctx.load_texture(name, color_image(image, side), TextureOptions::LINEAR)
+}
+
+/// The mask as a red overlay whose alpha is the mask value; the opacity is applied when
+/// drawing, so changing it needs no upload.
+fn mask_pixels(mask: &GrayImage, rect: PixelRect) -> ColorImage {
+    let mut pixels = Vec::with_capacity((rect.width() * rect.height()) as usize);
+    for y in rect.y0..rect.y1 {
+        for x in rect.x0..rect.x1 {
+            let v = mask.get_pixel(x, y).0[0];
+            pixels.push(egui::Color32::from_rgba_unmultiplied(255, 40, 40, v));
+        }
+    }
+    ColorImage::new([rect.width() as usize, rect.height() as usize], pixels)
+}
+
+/// Uploads the whole mask, or only `dirty` when the texture exists (a brush stroke touches a
+/// small area, and re-uploading a large mask every frame of a drag would stutter).
+pub fn update_mask(
+    ctx: &Context,
+    texture: &mut Option<TextureHandle>,
+    mask: &GrayImage,
+    dirty: Option<PixelRect>,
+) {
+    let full = PixelRect {
+        x0: 0,
+        y0: 0,
+        x1: mask.width(),
+        y1: mask.height(),
+    };
+    match (texture.as_mut(), dirty) {
+        (Some(tex), Some(rect))
+            if tex.size() == [mask.width() as usize, mask.height() as usize] =>
+        {
+            tex.set_partial(
+                [rect.x0 as usize, rect.y0 as usize],
+                mask_pixels(mask, rect),
+                TextureOptions::LINEAR,
+            );
+        }
+        (Some(_), None) => {}
+        _ => {
+            *texture =
+                Some(ctx.load_texture("mask", mask_pixels(mask, full), TextureOptions::LINEAR));
+        }
+    }
+}

@@ -1,0 +1,366 @@
+//! The desktop editor driven through egui_kittest with the tiny fixture model on the CPU:
+//! every flow of the editor end to end, plus PNG snapshots of its main states.
+//!
+//! Jobs run on real threads, so the harness is stepped with a deadline (`run()` would panic
+//! while the editor keeps asking for repaints).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use egui::accesskit::Role;
+use egui::{Key, Modifiers, Pos2};
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
+use unitune::gui::{EditorApp, EditorOptions, FileDialogs, Settings, StateFiles};
+use unitune::jobs::{DeviceChoice, HubOptions, TuneSettings};
+
+/// Answers file dialogs with prepared paths.
+#[derive(Default)]
+struct ScriptedDialogs {
+    save_path: Mutex<Option<PathBuf>>,
+    model_folder: Mutex<Option<PathBuf>>,
+}
+
+impl FileDialogs for ScriptedDialogs {
+    fn pick_photo(&self, _directory: Option<&Path>) -> Option<PathBuf> {
+        None
+    }
+    fn pick_save_path(&self, _directory: Option<&Path>, _file_name: &str) -> Option<PathBuf> {
+        self.save_path.lock().unwrap().clone()
+    }
+    fn pick_model_folder(&self) -> Option<PathBuf> {
+        self.model_folder.lock().unwrap().clone()
+    }
+}
+
+struct Setup {
+    state: tempfile::TempDir,
+    hub_cache: tempfile::TempDir,
+    dialogs: Arc<ScriptedDialogs>,
+}
+
+impl Setup {
+    /// A fresh state folder whose settings make edits quick on the CPU.
+    fn new(sampling_steps: usize) -> Self {
+        let state = tempfile::tempdir().unwrap();
+        let settings = Settings {
+            sampling_steps,
+            ..Settings::default()
+        };
+        std::fs::write(
+            state.path().join("settings.json"),
+            serde_json::to_string(&settings).unwrap(),
+        )
+        .unwrap();
+        Self {
+            state,
+            hub_cache: tempfile::tempdir().unwrap(),
+            dialogs: Arc::new(ScriptedDialogs::default()),
+        }
+    }
+
+    fn options(&self, photo: Option<PathBuf>) -> EditorOptions {
+        EditorOptions {
+            model: common::model_dir("sd15-tiny").display().to_string(),
+            device: DeviceChoice::Cpu,
+            hub: HubOptions {
+                offline: true,
+                cache_dir: Some(self.hub_cache.path().to_path_buf()),
+                ..HubOptions::default()
+            },
+            photo,
+            state: StateFiles::new(self.state.path()),
+            snapshot_cache: None,
+            dialogs: self.dialogs.clone(),
+            tune: Some(TuneSettings {
+                snapshot_steps: vec![1, 2],
+                batch_size: 1,
+                micro_batch_size: 1,
+                ..TuneSettings::default()
+            }),
+        }
+    }
+
+    fn editor(&self, photo: Option<PathBuf>) -> Harness<'static, EditorApp> {
+        let options = self.options(photo);
+        Harness::builder()
+            .with_size([1100.0, 760.0])
+            .build_eframe(move |cc| EditorApp::new(cc, options))
+    }
+}
+
+fn photo(name: &str) -> PathBuf {
+    common::fixtures().join("photos").join(name)
+}
+
+/// Steps the editor until `done` holds, failing after `limit`.
+fn step_until(
+    harness: &mut Harness<'_, EditorApp>,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&EditorApp) -> bool,
+) {
+    let deadline = Instant::now() + limit;
+    while !done(harness.state()) {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; notice: {:?}",
+            harness.state().notice_text()
+        );
+        harness.step();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    harness.step();
+}
+
+fn ready_with_photo(harness: &mut Harness<'_, EditorApp>) {
+    step_until(harness, Duration::from_secs(60), "model and photo", |app| {
+        app.model_ready() && app.photo_size().is_some()
+    });
+}
+
+/// A file as winit hands it over when dropped on the window.
+#[derive(Debug)]
+struct DroppedPath(PathBuf);
+
+impl egui::DroppedFile for DroppedPath {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+    fn bytes(&self) -> Result<Vec<u8>, String> {
+        std::fs::read(&self.0).map_err(|e| e.to_string())
+    }
+}
+
+fn drop_file(harness: &mut Harness<'_, EditorApp>, path: PathBuf) {
+    harness
+        .input_mut()
+        .dropped_files
+        .push(Arc::new(DroppedPath(path)));
+}
+
+fn type_prompt(harness: &mut Harness<'_, EditorApp>, prompt: &str) {
+    let field = harness.get_by_role_and_label(Role::TextInput, "What should the photo become?");
+    field.click();
+    harness.step();
+    harness
+        .get_by_role_and_label(Role::TextInput, "What should the photo become?")
+        .type_text(prompt);
+    harness.step();
+}
+
+fn click_edit(harness: &mut Harness<'_, EditorApp>) {
+    harness.get_by_role_and_label(Role::Button, "Edit").click();
+    harness.step();
+}
+
+fn all_variants_done(app: &EditorApp) -> bool {
+    app.finished_variants() >= 4 && !app.is_busy()
+}
+
+#[test]
+fn opens_a_photo_given_at_start_and_a_dropped_one_and_refuses_a_broken_file() {
+    let setup = Setup::new(2);
+    let mut harness = setup.editor(Some(photo("chelsea.png")));
+    ready_with_photo(&mut harness);
+    assert_eq!(harness.state().photo_size(), Some((451, 300)));
+
+    drop_file(&mut harness, photo("rocket.jpg"));
+    step_until(
+        &mut harness,
+        Duration::from_secs(30),
+        "the dropped photo",
+        |app| app.photo_size() == Some((640, 427)),
+    );
+
+    let broken = setup.state.path().join("broken.png");
+    std::fs::write(&broken, b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    drop_file(&mut harness, broken);
+    step_until(&mut harness, Duration::from_secs(30), "the error", |app| {
+        app.notice_text()
+            .is_some_and(|t| t.starts_with("Could not open"))
+    });
+    assert_eq!(
+        harness.state().photo_size(),
+        Some((640, 427)),
+        "the open photo stays"
+    );
+    let notice = harness.state().notice_text().unwrap().to_string();
+    assert!(!notice.contains('\n'), "{notice}");
+}
+
+#[test]
+fn edit_streams_variants_and_the_slider_browses_them_then_export_keeps_the_recipe() {
+    let setup = Setup::new(2);
+    let mut harness = setup.editor(Some(photo("chelsea.png")));
+    ready_with_photo(&mut harness);
+
+    // Nothing typed: a clear message, no job.
+    click_edit(&mut harness);
+    assert!(
+        harness
+            .state()
+            .notice_text()
+            .unwrap()
+            .contains("Type what the photo")
+    );
+    assert!(!harness.state().is_busy());
+
+    type_prompt(&mut harness, "a cat wearing sunglasses");
+    harness.key_press(Key::Enter);
+    harness.step();
+    assert!(
+        harness.state().is_busy(),
+        "Enter in the prompt starts the edit"
+    );
+    step_until(
+        &mut harness,
+        Duration::from_secs(240),
+        "four variants",
+        all_variants_done,
+    );
+    let (first, settings) = harness.state().shown_variant().unwrap();
+    assert_eq!(
+        settings.fidelity,
+        Some(0.5),
+        "the slider's position comes first"
+    );
+
+    // Drag the slider to the far left: the fidelity-0 variant shows at once.
+    let slider = harness
+        .get_by_role_and_label(Role::Slider, "Fidelity")
+        .rect();
+    harness.drag_at(slider.center());
+    harness.step();
+    let left = Pos2::new(slider.left() + 1.0, slider.center().y);
+    harness.hover_at(left);
+    harness.step();
+    let (during, settings) = harness.state().shown_variant().unwrap();
+    assert_ne!(during, first);
+    assert_eq!(settings.fidelity, Some(0.0));
+    harness.drop_at(left);
+    harness.step();
+    assert!(
+        !harness.state().is_busy(),
+        "a computed position queues nothing"
+    );
+
+    // Release on a position not computed yet: exactly one new variant.
+    let quarter = Pos2::new(slider.left() + slider.width() * 0.25, slider.center().y);
+    harness.drag_at(quarter);
+    harness.step();
+    harness.drop_at(quarter);
+    harness.step();
+    step_until(
+        &mut harness,
+        Duration::from_secs(120),
+        "the new variant",
+        |app| app.finished_variants() == 5 && !app.is_busy(),
+    );
+
+    // Export with Ctrl+S to the path the dialog gives; the recipe is in the PNG.
+    let out = setup.state.path().join("exported.png");
+    *setup.dialogs.save_path.lock().unwrap() = Some(out.clone());
+    harness.key_press_modifiers(Modifiers::COMMAND, Key::S);
+    step_until(&mut harness, Duration::from_secs(30), "the export", |app| {
+        app.last_export().is_some()
+    });
+    let text = unitune::imaging::read_png_text(&out).unwrap();
+    let recipe = &text.iter().find(|(k, _)| k == "unitune").unwrap().1;
+    let recipe: serde_json::Value = serde_json::from_str(recipe).unwrap();
+    assert_eq!(recipe["prompt"], "a cat wearing sunglasses");
+    assert_eq!(recipe["model_prompt"], "beikkpic a cat wearing sunglasses");
+    assert_eq!(recipe["width"], 451);
+    assert!(recipe["tuning"]["snapshot_steps"].is_array());
+    let image = image::open(&out).unwrap();
+    assert_eq!((image.width(), image.height()), (451, 300));
+
+    // A folder that cannot be written: one sentence, and the result stays to try again.
+    let missing = setup.state.path().join("no-such-folder").join("x.png");
+    *setup.dialogs.save_path.lock().unwrap() = Some(missing);
+    harness.key_press_modifiers(Modifiers::COMMAND, Key::S);
+    step_until(
+        &mut harness,
+        Duration::from_secs(30),
+        "the export error",
+        |app| {
+            app.notice_text()
+                .is_some_and(|t| t.starts_with("Export failed"))
+        },
+    );
+    assert!(harness.state().shown_variant().is_some());
+    harness.get_by_role_and_label(Role::Button, "Try again");
+}
+
+#[test]
+fn escape_cancels_a_running_edit_within_a_step() {
+    let setup = Setup::new(400);
+    let mut harness = setup.editor(Some(photo("chelsea.png")));
+    ready_with_photo(&mut harness);
+    type_prompt(&mut harness, "pixel art");
+    click_edit(&mut harness);
+    step_until(
+        &mut harness,
+        Duration::from_secs(120),
+        "sampling to start",
+        |app| app.sampling_step().is_some_and(|s| s >= 1),
+    );
+    harness.key_press(Key::Escape);
+    step_until(&mut harness, Duration::from_secs(30), "the cancel", |app| {
+        !app.is_busy()
+    });
+    assert_eq!(harness.state().finished_variants(), 0);
+}
+
+#[test]
+fn a_brush_stroke_paints_the_mask_and_undo_redo_take_it_back() {
+    let setup = Setup::new(2);
+    let mut harness = setup.editor(Some(photo("chelsea.png")));
+    ready_with_photo(&mut harness);
+    harness.get_by_label("Brush (B)").click();
+    harness.step();
+    let canvas = harness.state().canvas_rect().unwrap();
+    let start = canvas.center();
+    let end = start + egui::vec2(60.0, 20.0);
+    harness.drag_at(start);
+    harness.step();
+    harness.hover_at(end);
+    harness.step();
+    harness.drop_at(end);
+    harness.step();
+    harness.step();
+    assert!(
+        !harness.state().mask_is_empty(),
+        "the stroke painted the mask"
+    );
+    harness.key_press_modifiers(Modifiers::COMMAND, Key::Z);
+    harness.step();
+    assert!(harness.state().mask_is_empty(), "undo removed the stroke");
+    harness.key_press_modifiers(Modifiers::COMMAND | Modifiers::SHIFT, Key::Z);
+    harness.step();
+    assert!(!harness.state().mask_is_empty(), "redo brought it back");
+}
+
+#[test]
+fn autosaved_work_comes_back_after_a_restart() {
+    let setup = Setup::new(2);
+    {
+        let mut harness = setup.editor(Some(photo("chelsea.png")));
+        ready_with_photo(&mut harness);
+        type_prompt(&mut harness, "the house is blue");
+        harness.state_mut().flush_autosave();
+        // Dropped without a clean exit, as a crash would.
+    }
+    let mut harness = setup.editor(None);
+    step_until(
+        &mut harness,
+        Duration::from_secs(60),
+        "the restore",
+        |app| app.photo_size().is_some(),
+    );
+    assert_eq!(harness.state().photo_size(), Some((451, 300)));
+    assert_eq!(harness.state().prompt(), "the house is blue");
+}
