@@ -49,7 +49,7 @@ pub fn show(ui: &mut Ui, app: &mut EditorApp) -> Vec<Command> {
 fn menu_bar(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
     egui::MenuBar::new().ui(ui, |ui| {
         ui.menu_button("File", |ui| {
-            if ui.button("Open…  (Ctrl+O)").clicked() {
+            if ui.button("Open...  (Ctrl+O)").clicked() {
                 commands.push(Command::OpenDialog);
             }
             ui.menu_button("Open recent", |ui| {
@@ -62,7 +62,7 @@ fn menu_bar(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
                     }
                 }
             });
-            if ui.button("Export…  (Ctrl+S)").clicked() {
+            if ui.button("Export...  (Ctrl+S)").clicked() {
                 commands.push(Command::Export);
             }
         });
@@ -140,9 +140,9 @@ fn side_panel(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
             .fixed_decimals(2),
     );
     ui.horizontal(|ui| {
-        ui.small("← more change");
+        ui.small("more change");
         ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
-            ui.small("closer to the photo →")
+            ui.small("closer to the photo")
         });
     });
     if slider.drag_stopped() || (slider.changed() && !slider.dragged()) {
@@ -185,7 +185,7 @@ fn model_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) 
         } => {
             ui.label(format!("{name}"));
             ui.small(format!("{source} · on {device}"));
-            if ui.small_button("Choose another folder…").clicked() {
+            if ui.small_button("Choose another folder...").clicked() {
                 commands.push(Command::ChooseModelFolder);
             }
         }
@@ -239,7 +239,7 @@ fn model_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) 
                 {
                     commands.push(Command::DownloadModel);
                 }
-                if ui.button("Choose a model folder…").clicked() {
+                if ui.button("Choose a model folder...").clicked() {
                     commands.push(Command::ChooseModelFolder);
                 }
             });
@@ -250,7 +250,7 @@ fn model_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) 
                 if ui.button("Try again").clicked() {
                     commands.push(Command::RetryModel);
                 }
-                if ui.button("Choose a model folder…").clicked() {
+                if ui.button("Choose a model folder...").clicked() {
                     commands.push(Command::ChooseModelFolder);
                 }
             });
@@ -462,7 +462,7 @@ fn central(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
     let Some(original) = app.photo_texture.clone() else {
         ui.centered_and_justified(|ui| {
             let text = if app.is_busy() && app.doc.is_none() {
-                "Opening…"
+                "Opening..."
             } else {
                 "Open a photo (File > Open, Ctrl+O) or drop one here"
             };
