@@ -5,6 +5,8 @@
 //! while the editor keeps asking for repaints).
 
 mod common;
+#[path = "common/fake_hub.rs"]
+mod fake_hub;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -12,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use egui::accesskit::Role;
 use egui::{Key, Modifiers, Pos2};
-use egui_kittest::Harness;
+use egui_kittest::{Harness, SnapshotOptions};
 use egui_kittest::kittest::Queryable;
 use unitune::gui::{EditorApp, EditorOptions, FileDialogs, Settings, StateFiles};
 use unitune::jobs::{DeviceChoice, HubOptions, TuneSettings};
@@ -363,4 +365,106 @@ fn autosaved_work_comes_back_after_a_restart() {
     );
     assert_eq!(harness.state().photo_size(), Some((451, 300)));
     assert_eq!(harness.state().prompt(), "the house is blue");
+}
+
+#[test]
+fn a_missing_model_is_offered_for_download_and_then_loads() {
+    let hub = fake_hub::FakeHub::start(vec![fake_hub::FakeRepo::from_folder(
+        "tiny/sd15",
+        &common::model_dir("sd15-tiny"),
+    )]);
+    let setup = Setup::new(2);
+    let mut options = setup.options(None);
+    options.model = "tiny/sd15".into();
+    options.hub = hub.options(setup.hub_cache.path());
+    let mut harness = Harness::builder()
+        .with_size([1100.0, 760.0])
+        .build_eframe(move |cc| EditorApp::new(cc, options));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while harness
+        .query_by_role_and_label(Role::Button, "Accept license and download")
+        .is_none()
+    {
+        assert!(Instant::now() < deadline, "no download offered");
+        harness.step();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(!harness.state().model_ready());
+    assert!(hub.log().is_empty(), "nothing is downloaded before the user agrees");
+    harness
+        .get_by_role_and_label(Role::Button, "Accept license and download")
+        .click();
+    step_until(&mut harness, Duration::from_secs(60), "the downloaded model", |app| {
+        app.model_ready()
+    });
+    assert!(!hub.resolved_files("tiny/sd15").is_empty());
+}
+
+/// Snapshot tolerance: the CPU's float rounding may move a few result pixels by one level,
+/// and the fine-tuning state shows a live step count, loss and time left.
+fn tolerant(max_failed_pixels: usize) -> SnapshotOptions {
+    SnapshotOptions::new().max_failed_pixels(max_failed_pixels)
+}
+
+#[test]
+fn snapshots_of_the_main_states() {
+    let setup = Setup::new(2);
+    let mut options = setup.options(None);
+    // Relative (tests run in the crate root), so the model line reads the same on every
+    // machine.
+    options.model = "./tests/fixtures/models/sd15-tiny".into();
+    options.tune = Some(TuneSettings {
+        snapshot_steps: vec![1, 2, 60],
+        batch_size: 1,
+        micro_batch_size: 1,
+        ..TuneSettings::default()
+    });
+    let mut harness = Harness::builder()
+        .with_size([1100.0, 760.0])
+        .build_eframe(move |cc| EditorApp::new(cc, options));
+    step_until(&mut harness, Duration::from_secs(60), "the model", |app| {
+        app.model_ready() && !app.is_busy()
+    });
+    harness.snapshot_options("editor_empty", &tolerant(0));
+
+    drop_file(&mut harness, photo("chelsea.png"));
+    step_until(&mut harness, Duration::from_secs(30), "the photo", |app| {
+        app.photo_size().is_some()
+    });
+    harness.snapshot_options("editor_photo_loaded", &tolerant(0));
+
+    // A fixed seed, typed into Advanced, so the strip reads the same every run.
+    harness.get_by_label("Advanced").click();
+    harness.step();
+    let seed = harness.get_by_role_and_label(Role::TextInput, "Seed (empty = random)");
+    seed.click();
+    harness.step();
+    harness
+        .get_by_role_and_label(Role::TextInput, "Seed (empty = random)")
+        .type_text("7");
+    harness.step();
+    harness.get_by_label("Advanced").click();
+    harness.step();
+
+    type_prompt(&mut harness, "a cat wearing sunglasses");
+    click_edit(&mut harness);
+    step_until(&mut harness, Duration::from_secs(120), "fine-tuning", |app| {
+        app.tune_step().is_some_and(|s| s >= 8)
+    });
+    harness.snapshot_options("editor_fine_tuning", &tolerant(4000));
+
+    step_until(&mut harness, Duration::from_secs(600), "the variants", all_variants_done);
+    harness.snapshot_options("editor_results", &tolerant(500));
+
+    harness.get_by_label("Brush (B)").click();
+    harness.step();
+    let canvas = harness.state().canvas_rect().unwrap();
+    harness.drag_at(canvas.center());
+    harness.step();
+    harness.hover_at(canvas.center() + egui::vec2(80.0, 30.0));
+    harness.step();
+    harness.drop_at(canvas.center() + egui::vec2(80.0, 30.0));
+    harness.step();
+    harness.step();
+    harness.snapshot_options("editor_mask_painting", &tolerant(500));
 }

@@ -333,6 +333,14 @@ impl EditorApp {
         self.canvas_rect
     }
 
+    /// The step of the running fine-tune, if one runs.
+    pub fn tune_step(&self) -> Option<usize> {
+        match self.tune {
+            TuneStatus::Running { step, .. } => Some(step),
+            _ => None,
+        }
+    }
+
     /// The sampling step of the running variant, if one runs.
     pub fn sampling_step(&self) -> Option<usize> {
         self.variants.variants().iter().find_map(|v| match v.state {

@@ -147,17 +147,15 @@ pub fn show(
             let local = (p - rect.min) / scale * mask_scale;
             (local.x, local.y)
         };
-        if response.dragged_by(egui::PointerButton::Primary)
+        let pressing = response.dragged_by(egui::PointerButton::Primary)
             || response.drag_started_by(egui::PointerButton::Primary)
-            || response.clicked()
-        {
-            if let Some(pointer) = response.interact_pointer_pos() {
-                let (x, y) = to_mask(pointer);
-                if mask.is_stroking() {
-                    mask.stroke_to(x, y, brush);
-                } else {
-                    mask.begin_stroke(x, y, brush);
-                }
+            || response.clicked();
+        if pressing && let Some(pointer) = response.interact_pointer_pos() {
+            let (x, y) = to_mask(pointer);
+            if mask.is_stroking() {
+                mask.stroke_to(x, y, brush);
+            } else {
+                mask.begin_stroke(x, y, brush);
             }
         }
         if (response.drag_stopped()

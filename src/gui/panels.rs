@@ -183,7 +183,7 @@ fn model_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) 
             device,
             ..
         } => {
-            ui.label(format!("{name}"));
+            ui.label(name.to_string());
             ui.small(format!("{source} · on {device}"));
             if ui.small_button("Choose another folder...").clicked() {
                 commands.push(Command::ChooseModelFolder);
