@@ -805,11 +805,7 @@ impl EditorApp {
     ) {
         self.cancel_all();
         let (w, h) = photo.dimensions();
-        let scale = (MASK_MAX_SIDE as f32 / w.max(h) as f32).min(1.0);
-        let (mw, mh) = (
-            ((w as f32 * scale).round() as u32).max(1),
-            ((h as f32 * scale).round() as u32).max(1),
-        );
+        let (mw, mh) = textures::capped_size(w, h, MASK_MAX_SIDE);
         let mask = match mask {
             Some(m) if m.dimensions() == (mw, mh) => MaskLayer::from_image(m),
             Some(m) => MaskLayer::from_image(crate::imaging::resize_gray(&m, mw, mh)),
@@ -903,11 +899,10 @@ impl EditorApp {
     }
 
     fn export_request(&self) -> Result<ExportRequest, String> {
-        let (index, variant) = self
+        let (_, variant) = self
             .variants
             .shown(self.fidelity)
             .ok_or("Nothing to export yet: run an edit and wait for a result.")?;
-        let _ = index;
         let VariantState::Done {
             image,
             working_size,

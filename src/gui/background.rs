@@ -9,7 +9,7 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use image::{GrayImage, RgbImage};
 
 use super::persist::{RestoredSession, StateFiles};
-use crate::imaging::{self, DecodeLimits, ExistingFile, Photo};
+use crate::imaging::{self, DecodeLimits, ExistingFile, Photo, one_line};
 
 /// Opens file dialogs; the real one is rfd, tests script their answers.
 pub trait FileDialogs: Send + Sync {
@@ -196,8 +196,4 @@ fn with_image_extension(path: PathBuf) -> PathBuf {
     } else {
         path.with_extension("png")
     }
-}
-
-pub fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }

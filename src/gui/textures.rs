@@ -9,15 +9,20 @@ use super::mask::PixelRect;
 /// The longest side of a display texture (well under wgpu's guaranteed 8192).
 const MAX_TEXTURE_SIDE: u32 = 4096;
 
+/// `(width, height)` scaled down (never up) so the longer side is at most `max_side`.
+pub fn capped_size(width: u32, height: u32, max_side: u32) -> (u32, u32) {
+    let scale = (max_side as f32 / width.max(height) as f32).min(1.0);
+    (
+        ((width as f32 * scale).round() as u32).max(1),
+        ((height as f32 * scale).round() as u32).max(1),
+    )
+}
+
 pub fn color_image(image: &RgbImage, max_side: u32) -> ColorImage {
     let (w, h) = image.dimensions();
-    let scale = (max_side as f32 / w.max(h) as f32).min(1.0);
+    let (nw, nh) = capped_size(w, h, max_side);
     let resized;
-    let source = if scale < 1.0 {
-        let (nw, nh) = (
-            ((w as f32 * scale).round() as u32).max(1),
-            ((h as f32 * scale).round() as u32).max(1),
-        );
+    let source = if (nw, nh) != (w, h) {
         resized = image::imageops::thumbnail(image, nw, nh);
         &resized
     } else {

@@ -22,6 +22,7 @@ mod mask;
 mod size;
 
 pub use composite::{default_feather_radius, feather, paste_outside_mask};
+pub(crate) use decode::one_line;
 pub use decode::{DecodeLimits, Photo, SourceFormat, load_photo, load_photo_from_bytes};
 pub use error::ImagingError;
 pub use export::{ExistingFile, JPEG_QUALITY, export_image, next_free_path, read_png_text};

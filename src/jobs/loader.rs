@@ -14,6 +14,7 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use super::{JobRunner, RunnerOptions, SnapshotCache};
 use crate::engine::StableDiffusion;
 use crate::engine::device::{DeviceChoice, device_name, open_device};
+use crate::imaging::one_line;
 use crate::model_files::{self, DownloadProgress, HubOptions, ModelFilesError, ModelSpec};
 
 /// What to load and how far to go for it.
@@ -110,7 +111,7 @@ impl ModelLoader {
                     Err(payload) => LoadEvent::Failed {
                         message: format!(
                             "loading the model failed unexpectedly ({}); try again",
-                            panic_text(payload.as_ref())
+                            super::panic_text(payload.as_ref())
                         ),
                     },
                 };
@@ -314,16 +315,4 @@ impl DownloadProgress for LoaderProgress<'_> {
     fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
     }
-}
-
-fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "no message".into())
-}
-
-fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }

@@ -287,6 +287,15 @@ impl JobRunner {
     }
 }
 
+/// What a caught panic said, for a one-line message.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}
+
 impl Drop for JobRunner {
     fn drop(&mut self) {
         for flag in lock_live(&self.live).values() {

@@ -15,7 +15,7 @@ use crate::engine::edit::{
 use crate::engine::model::StableDiffusion;
 use crate::engine::preview::LatentPreview;
 use crate::engine::sampling::StepView;
-use crate::imaging;
+use crate::imaging::{self, one_line};
 
 /// How often a tune shows its reconstruction of the photo (one extra UNet call each).
 const RECONSTRUCT_EVERY_STEPS: usize = 4;
@@ -276,20 +276,12 @@ fn guarded<T>(job: impl FnOnce() -> Result<T, EngineError>) -> Result<T, String>
         Ok(Ok(value)) => Ok(value),
         Ok(Err(error)) => Err(one_line(&error.to_string())),
         Err(payload) => {
-            let what = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "no message".into());
+            let what = super::panic_text(payload.as_ref());
             Err(one_line(&format!(
                 "the engine failed unexpectedly ({what}); try again, and report it if it repeats"
             )))
         }
     }
-}
-
-fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]
