@@ -363,17 +363,19 @@ impl EditorApp {
     }
 
     fn info(&mut self, text: impl Into<String>) {
-        self.notice = Some(Notice {
-            text: text.into(),
-            kind: NoticeKind::Info,
-        });
+        self.notify(text.into(), NoticeKind::Info);
     }
 
     fn error(&mut self, text: impl Into<String>) {
-        self.notice = Some(Notice {
-            text: text.into(),
-            kind: NoticeKind::Error,
-        });
+        self.notify(text.into(), NoticeKind::Error);
+    }
+
+    /// Shows the notice, and echoes it to stderr: someone who started the editor from a
+    /// terminal gets a log of what happened to paste into a bug report (and the smoke test
+    /// reads it).
+    fn notify(&mut self, text: String, kind: NoticeKind) {
+        eprintln!("unitune: {text}");
+        self.notice = Some(Notice { text, kind });
     }
 
     // ---- model ----
@@ -558,9 +560,14 @@ impl EditorApp {
                 result,
                 working_size,
             } => {
-                if self.variants.find(id).is_none() {
+                let Some(variant) = self.variants.find(id) else {
                     return;
-                }
+                };
+                let s = &variant.settings;
+                eprintln!(
+                    "unitune: variant ready: {} fine-tuning steps, t0 {:.2}, guidance {:.1}, seed {}",
+                    s.tune_steps, s.t0, s.guidance, s.seed
+                );
                 let name = format!("variant-{id}");
                 self.thumbnails.insert(
                     id,
