@@ -2,7 +2,9 @@
 //! against idle frames of the same run (the baseline). Not a timed test: it prints.
 //!
 //! `cargo bench --bench editor_frames`. The frames are the app's whole egui pass (events,
-//! layout, tessellation) driven by egui_kittest, without GPU submission.
+//! layout, tessellation) driven by egui_kittest, without GPU submission. The photo is a
+//! 12-megapixel upscale of the fixture, as a phone photo would be: the results come back at
+//! that size, which is what makes displaying them costly.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,31 +18,64 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
+/// One frame: how long it took, and what the app was doing after it (to tell where the
+/// slow frames happen).
+struct Frame {
+    time: Duration,
+    state: String,
+}
+
 fn frame_times(
     harness: &mut Harness<'_, EditorApp>,
     until: impl Fn(&EditorApp) -> bool,
-) -> Vec<Duration> {
-    let mut times = Vec::new();
+) -> Vec<Frame> {
+    let mut frames = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(600);
     while !until(harness.state()) && Instant::now() < deadline {
         let start = Instant::now();
         harness.step();
-        times.push(start.elapsed());
+        let time = start.elapsed();
+        let app = harness.state();
+        let state = format!(
+            "frame {}: photo {:?}, tune step {:?}, sampling step {:?}, {} variants shown",
+            frames.len(),
+            app.photo_size(),
+            app.tune_step(),
+            app.sampling_step(),
+            app.finished_variants()
+        );
+        frames.push(Frame { time, state });
         // About 60 frames a second, as a real window would ask for.
-        std::thread::sleep(Duration::from_millis(16).saturating_sub(start.elapsed()));
+        std::thread::sleep(Duration::from_millis(16).saturating_sub(time));
     }
-    times
+    frames
 }
 
-fn summary(times: &mut [Duration]) -> (Duration, Duration) {
-    times.sort();
-    let median = times[times.len() / 2];
-    let worst = *times.last().unwrap();
+/// Median and worst frame time; sorts `frames` slowest last.
+fn summary(frames: &mut [Frame]) -> (Duration, Duration) {
+    frames.sort_by_key(|f| f.time);
+    let median = frames[frames.len() / 2].time;
+    let worst = frames.last().unwrap().time;
     (median, worst)
 }
 
+/// Width and height of the photo the bench edits (12 megapixels).
+const PHOTO_SIZE: (u32, u32) = (4000, 3000);
+
 fn main() {
     let state = tempfile::tempdir().unwrap();
+    let photo_path = state.path().join("photo-12mp.png");
+    let fixture = image::open(fixtures().join("photos/chelsea.png"))
+        .unwrap()
+        .to_rgb8();
+    image::imageops::resize(
+        &fixture,
+        PHOTO_SIZE.0,
+        PHOTO_SIZE.1,
+        image::imageops::FilterType::Triangle,
+    )
+    .save(&photo_path)
+    .unwrap();
     let settings = Settings {
         sampling_steps: 30,
         ..Settings::default()
@@ -57,7 +92,7 @@ fn main() {
             offline: true,
             ..HubOptions::default()
         },
-        photo: Some(fixtures().join("photos/chelsea.png")),
+        photo: Some(photo_path),
         state: StateFiles::new(state.path()),
         snapshot_cache: None,
         dialogs: Arc::new(SystemDialogs),
@@ -71,7 +106,7 @@ fn main() {
     let mut harness = Harness::builder()
         .with_size([1280.0, 800.0])
         .build_eframe(move |cc| EditorApp::new(cc, options));
-    frame_times(&mut harness, |app| {
+    let mut opening = frame_times(&mut harness, |app| {
         app.model_ready() && app.photo_size().is_some() && !app.is_busy()
     });
 
@@ -80,21 +115,28 @@ fn main() {
     while start.elapsed() < Duration::from_secs(2) {
         let t = Instant::now();
         harness.step();
-        idle.push(t.elapsed());
+        idle.push(Frame {
+            time: t.elapsed(),
+            state: "idle".into(),
+        });
         std::thread::sleep(Duration::from_millis(10));
     }
     harness.state_mut().set_prompt("a cat wearing sunglasses");
     harness.state_mut().apply(unitune::gui::Command::Edit);
     let mut busy = frame_times(&mut harness, |app| !app.is_busy());
     let finished = harness.state().finished_variants();
+    let (open_median, open_worst) = summary(&mut opening);
     let (idle_median, idle_worst) = summary(&mut idle);
     let frames = busy.len();
     let (busy_median, busy_worst) = summary(&mut busy);
     println!(
-        "editor frame time on {} cores (CPU, tiny model; {finished} variants, {frames} frames while jobs ran)",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        "editor frame time on {} cores (CPU, tiny model, {}x{} photo; {finished} variants, {frames} frames while jobs ran)",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        PHOTO_SIZE.0,
+        PHOTO_SIZE.1,
     );
     println!("  baseline, idle frames:  median {idle_median:?}, worst {idle_worst:?}");
+    println!("  opening photo + model:  median {open_median:?}, worst {open_worst:?}");
     println!("  while tuning+sampling:  median {busy_median:?}, worst {busy_worst:?}");
     println!(
         "  ratio to idle: median {:.2}x, worst {:.2}x; worst frame {} the 16 ms budget",
@@ -106,4 +148,12 @@ fn main() {
             "OVER"
         }
     );
+    println!("  slowest frames while opening (the first is egui's own start-up):");
+    for frame in opening.iter().rev().take(3) {
+        println!("    {:?} ({})", frame.time, frame.state);
+    }
+    println!("  slowest frames while jobs ran:");
+    for frame in busy.iter().rev().take(5) {
+        println!("    {:?} ({})", frame.time, frame.state);
+    }
 }

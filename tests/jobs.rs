@@ -10,29 +10,32 @@ use candle_core::{DType, Device};
 use image::RgbImage;
 use unitune::engine::StableDiffusion;
 use unitune::jobs::{
-    JobEvent, JobId, JobRequest, JobRunner, RunnerOptions, Stage, TrainMode, TuneSettings,
+    JobEvent, JobId, JobRequest, JobRunner, RunnerOptions, Stage, TrainMode, TuneSettings, Waker,
 };
 use unitune::model_files::locate_in_folder;
 
 const DEADLINE: Duration = Duration::from_secs(120);
 
 fn start_runner() -> (JobRunner, Arc<AtomicUsize>) {
+    let wakes = Arc::new(AtomicUsize::new(0));
+    let counter = wakes.clone();
+    let runner = start_runner_with(Box::new(move || {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }));
+    (runner, wakes)
+}
+
+fn start_runner_with(waker: Waker) -> JobRunner {
     let dir =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/sd15-tiny");
     let files = locate_in_folder(&dir).expect("fixture model folder is complete");
     let model = StableDiffusion::load(&files, &Device::Cpu, DType::F32).expect("model loads");
-    let wakes = Arc::new(AtomicUsize::new(0));
-    let counter = wakes.clone();
     let options = RunnerOptions {
         cache: None,
         model_identity: "sd15-tiny".into(),
         preview_seed: 0,
     };
-    let waker = Box::new(move || {
-        counter.fetch_add(1, Ordering::Relaxed);
-    });
-    let runner = JobRunner::start(model, options, waker).expect("worker thread starts");
-    (runner, wakes)
+    JobRunner::start(model, options, waker).expect("worker thread starts")
 }
 
 fn photo() -> RgbImage {
@@ -43,7 +46,7 @@ fn photo() -> RgbImage {
 
 fn edit(prompt: &str, t0_fraction: f64, sampling_steps: usize) -> JobRequest {
     JobRequest::Edit {
-        photo: photo(),
+        photo: Arc::new(photo()),
         mask: None,
         prompt: prompt.into(),
         baseline_prompt: None,
@@ -236,7 +239,7 @@ fn a_tune_reports_its_loss_and_its_snapshots_serve_later_edits() {
     };
     let tune = runner
         .submit(JobRequest::Tune {
-            photo: photo(),
+            photo: Arc::new(photo()),
             settings,
             size: Some((64, 64)),
         })
@@ -268,4 +271,50 @@ fn a_tune_reports_its_loss_and_its_snapshots_serve_later_edits() {
         final_event(&events, edit_id),
         JobEvent::Finished { .. }
     ));
+}
+
+/// Sends on its channel when dropped.
+struct DropSignal(crossbeam_channel::Sender<()>);
+
+impl Drop for DropSignal {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
+
+#[test]
+fn stopping_in_the_background_returns_while_a_step_runs_and_then_frees_the_worker() {
+    // The waker holds the worker inside its first step until `release` is dropped, so a
+    // stop that waited for the step would never return.
+    let (release, held) = crossbeam_channel::bounded::<()>(0);
+    let (entered_tx, entered) = crossbeam_channel::bounded::<()>(1);
+    let (freed_tx, freed) = crossbeam_channel::bounded::<()>(1);
+    let signal = DropSignal(freed_tx);
+    let mut runner = start_runner_with(Box::new(move || {
+        let _ = &signal; // dropped with the worker's outbox
+        let _ = entered_tx.try_send(());
+        let _ = held.recv();
+    }));
+    runner.submit(edit("a red apple", 1.0, 50)).unwrap();
+    entered
+        .recv_timeout(DEADLINE)
+        .expect("the edit reached its first step");
+
+    let (returned_tx, returned) = crossbeam_channel::bounded::<()>(1);
+    std::thread::spawn(move || {
+        runner.stop_in_background();
+        let _ = returned_tx.send(());
+    });
+    returned
+        .recv_timeout(DEADLINE)
+        .expect("stop_in_background returned while the worker was held in a step");
+    assert!(
+        freed.try_recv().is_err(),
+        "the worker cannot have ended while held"
+    );
+
+    drop(release);
+    freed
+        .recv_timeout(DEADLINE)
+        .expect("after the step the worker stopped and was freed");
 }

@@ -9,7 +9,7 @@ use egui::{Context, Key, KeyboardShortcut, Modifiers, TextureHandle};
 use image::{GrayImage, RgbImage};
 
 use super::EditorOptions;
-use super::background::{ChoreResult, Chores, ExportRequest};
+use super::background::{ChoreResult, Chores, ExportRequest, OpenedPhoto, PreparedVariant};
 use super::canvas::{Tool, View};
 use super::mask::{Brush, MaskLayer};
 use super::panels;
@@ -27,7 +27,10 @@ const EVENT_BUDGET: Duration = Duration::from_millis(4);
 /// Thumbnails in the strip, in pixels.
 const THUMBNAIL_SIDE: u32 = 160;
 /// The mask is painted at most at this resolution (and scaled to the photo for the engine).
-const MASK_MAX_SIDE: u32 = 4096;
+/// A brush mask needs no more: the engine sees it at its working size (512-768) and the
+/// paste back feathers its edge, while each whole-mask upload (first stroke, clear,
+/// invert) costs a UI frame time in proportion to its pixels.
+const MASK_MAX_SIDE: u32 = 2048;
 
 /// Everything the panels can ask for; applied in [`EditorApp::apply`].
 #[derive(Debug, Clone, PartialEq)]
@@ -143,7 +146,8 @@ pub struct EditContext {
     pub prompt: String,
     pub baseline_prompt: String,
     pub photo_version: u64,
-    pub mask: Option<GrayImage>,
+    /// At the mask layer's size (the worker scales it to the photo's).
+    pub mask: Option<Arc<GrayImage>>,
     pub tune: TuneSettings,
     pub seed: u64,
     pub sampling_steps: usize,
@@ -381,7 +385,9 @@ impl EditorApp {
     // ---- model ----
 
     fn load_model(&mut self, model: String, allow_download: bool) {
-        self.runner = None;
+        if let Some(old) = self.runner.take() {
+            old.stop_in_background();
+        }
         self.tuned_for = None;
         let request = LoadRequest {
             model: model.clone(),
@@ -560,31 +566,12 @@ impl EditorApp {
                 result,
                 working_size,
             } => {
-                let Some(variant) = self.variants.find(id) else {
-                    return;
-                };
-                let s = &variant.settings;
-                eprintln!(
-                    "unitune: variant ready: {} fine-tuning steps, t0 {:.2}, guidance {:.1}, seed {}",
-                    s.tune_steps, s.t0, s.guidance, s.seed
-                );
-                let name = format!("variant-{id}");
-                self.thumbnails.insert(
-                    id,
-                    textures::thumbnail(&self.ctx, &name, &result, THUMBNAIL_SIDE),
-                );
-                self.full_textures
-                    .insert(id, textures::load(&self.ctx, &name, &result));
-                if self.live_preview.as_ref().is_some_and(|(j, _)| *j == id) {
-                    self.live_preview = None;
+                // The variant stays pending (its live preview showing) until its display
+                // copy is ready: see `show_variant`.
+                if self.variants.find(id).is_some() {
+                    self.chores
+                        .prepare_variant(id, result, working_size, THUMBNAIL_SIDE);
                 }
-                self.variants.update(
-                    id,
-                    VariantState::Done {
-                        image: Arc::new(result),
-                        working_size,
-                    },
-                );
             }
             JobEvent::Failed { id, message } => {
                 if is_tune {
@@ -611,6 +598,36 @@ impl EditorApp {
                 }
             }
         }
+    }
+
+    fn show_variant(&mut self, prepared: PreparedVariant) {
+        let id = prepared.job;
+        // A new edit or photo since it finished dropped it.
+        let Some(variant) = self.variants.find(id) else {
+            return;
+        };
+        let s = &variant.settings;
+        eprintln!(
+            "unitune: variant ready: {} fine-tuning steps, t0 {:.2}, guidance {:.1}, seed {}",
+            s.tune_steps, s.t0, s.guidance, s.seed
+        );
+        let name = format!("variant-{id}");
+        self.thumbnails.insert(
+            id,
+            textures::upload(&self.ctx, &format!("{name}-thumbnail"), prepared.thumbnail),
+        );
+        self.full_textures
+            .insert(id, textures::upload(&self.ctx, &name, prepared.display));
+        if self.live_preview.as_ref().is_some_and(|(j, _)| *j == id) {
+            self.live_preview = None;
+        }
+        self.variants.update(
+            id,
+            VariantState::Done {
+                image: prepared.image,
+                working_size: prepared.working_size,
+            },
+        );
     }
 
     fn cancel_variants(&mut self) {
@@ -659,10 +676,7 @@ impl EditorApp {
                 }
             },
         };
-        let mask = (!doc.mask.is_empty()).then(|| {
-            let (w, h) = doc.photo.dimensions();
-            crate::imaging::resize_gray(doc.mask.image(), w, h)
-        });
+        let mask = (!doc.mask.is_empty()).then(|| Arc::new(doc.mask.image().clone()));
         let version = doc.version;
         self.cancel_variants();
         self.variants = VariantSet::default();
@@ -682,7 +696,7 @@ impl EditorApp {
         });
         // Later edits of the same photo reuse its snapshots.
         if self.tuned_for.as_ref() != Some(&(version, tune.clone())) {
-            let photo = (*self.doc.as_ref().expect("checked above").photo).clone();
+            let photo = self.doc.as_ref().expect("checked above").photo.clone();
             let request = JobRequest::Tune {
                 photo,
                 settings: tune.clone(),
@@ -753,7 +767,7 @@ impl EditorApp {
             return self.error("The photo changed since this edit; press Edit again.");
         }
         let request = JobRequest::Edit {
-            photo: (*doc.photo).clone(),
+            photo: doc.photo.clone(),
             mask: edit.mask.clone(),
             prompt: edit.prompt.clone(),
             baseline_prompt: (!edit.baseline_prompt.is_empty())
@@ -807,6 +821,7 @@ impl EditorApp {
         &mut self,
         source: Option<PathBuf>,
         photo: RgbImage,
+        display: egui::ColorImage,
         alpha: Option<GrayImage>,
         mask: Option<GrayImage>,
     ) {
@@ -818,7 +833,7 @@ impl EditorApp {
             Some(m) => MaskLayer::from_image(crate::imaging::resize_gray(&m, mw, mh)),
             None => MaskLayer::new(mw, mh),
         };
-        self.photo_texture = Some(textures::load(&self.ctx, "photo", &photo));
+        self.photo_texture = Some(textures::upload(&self.ctx, "photo", display));
         self.mask_texture = None;
         let version = self.next_version;
         self.next_version += 1;
@@ -849,9 +864,9 @@ impl EditorApp {
             ChoreResult::PhotoOpened { path, result } => {
                 self.opening = false;
                 match result {
-                    Ok(photo) => {
+                    Ok(OpenedPhoto { photo, display }) => {
                         self.settings.remember_file(&path);
-                        self.set_photo(Some(path.clone()), photo.rgb, photo.alpha, None);
+                        self.set_photo(Some(path.clone()), photo.rgb, display, photo.alpha, None);
                         let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
                         self.info(format!("Opened {}.", name.unwrap_or_default()));
                     }
@@ -861,7 +876,7 @@ impl EditorApp {
             }
             ChoreResult::SessionRestored(restored) => {
                 self.opening = false;
-                if let Some(restored) = restored
+                if let Some((restored, display)) = restored
                     && self.doc.is_none()
                 {
                     self.prompt = restored.text.prompt.clone();
@@ -870,6 +885,7 @@ impl EditorApp {
                     self.set_photo(
                         restored.text.source.clone(),
                         restored.photo,
+                        display,
                         None,
                         restored.mask,
                     );
@@ -902,6 +918,7 @@ impl EditorApp {
                 }
             }
             ChoreResult::ExportAbandoned => self.exporting = false,
+            ChoreResult::VariantPrepared(prepared) => self.show_variant(prepared),
         }
     }
 

@@ -1,15 +1,19 @@
 //! Short jobs off the UI thread, each on its own named thread: decoding a photo, file
-//! dialogs (rfd's dialogs block their thread), exporting, reading the autosaved session.
+//! dialogs (rfd's dialogs block their thread), exporting, reading the autosaved session, and
+//! converting full-size photos and results into display copies.
 //! Results come back over one bounded channel, and the waker repaints the window.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
+use egui::ColorImage;
 use image::{GrayImage, RgbImage};
 
 use super::persist::{RestoredSession, StateFiles};
+use super::textures;
 use crate::imaging::{self, DecodeLimits, ExistingFile, Photo, one_line};
+use crate::jobs::JobId;
 
 /// Opens file dialogs; the real one is rfd, tests script their answers.
 pub trait FileDialogs: Send + Sync {
@@ -63,12 +67,28 @@ pub struct ExportRequest {
     pub directory: Option<PathBuf>,
 }
 
+/// A decoded photo with its display copy.
+pub struct OpenedPhoto {
+    pub photo: Photo,
+    pub display: ColorImage,
+}
+
+/// A finished variant with its display copy and strip thumbnail.
+pub struct PreparedVariant {
+    pub job: JobId,
+    pub image: Arc<RgbImage>,
+    pub working_size: (u32, u32),
+    pub display: ColorImage,
+    pub thumbnail: ColorImage,
+}
+
 pub enum ChoreResult {
     PhotoOpened {
         path: PathBuf,
-        result: Result<Photo, String>,
+        result: Result<OpenedPhoto, String>,
     },
-    SessionRestored(Option<RestoredSession>),
+    SessionRestored(Option<(RestoredSession, ColorImage)>),
+    VariantPrepared(PreparedVariant),
     PhotoChosen(Option<PathBuf>),
     ModelFolderChosen(Option<PathBuf>),
     Exported {
@@ -124,6 +144,10 @@ impl Chores {
     pub fn open_photo(&self, path: PathBuf) {
         self.spawn("open", move || {
             let result = imaging::load_photo(&path, &DecodeLimits::default())
+                .map(|photo| OpenedPhoto {
+                    display: textures::display_copy(&photo.rgb),
+                    photo,
+                })
                 .map_err(|err| one_line(&err.to_string()));
             ChoreResult::PhotoOpened { path, result }
         });
@@ -131,7 +155,29 @@ impl Chores {
 
     pub fn restore_session(&self, files: StateFiles) {
         self.spawn("restore", move || {
-            ChoreResult::SessionRestored(files.load_session())
+            ChoreResult::SessionRestored(files.load_session().map(|restored| {
+                let display = textures::display_copy(&restored.photo);
+                (restored, display)
+            }))
+        });
+    }
+
+    /// Converts a finished variant for display; results come at the photo's full size.
+    pub fn prepare_variant(
+        &self,
+        job: JobId,
+        image: RgbImage,
+        working_size: (u32, u32),
+        thumbnail_side: u32,
+    ) {
+        self.spawn("display", move || {
+            ChoreResult::VariantPrepared(PreparedVariant {
+                job,
+                display: textures::display_copy(&image),
+                thumbnail: textures::color_image(&image, thumbnail_side),
+                image: Arc::new(image),
+                working_size,
+            })
         });
     }
 

@@ -34,16 +34,21 @@ pub fn color_image(image: &RgbImage, max_side: u32) -> ColorImage {
     )
 }
 
-pub fn load(ctx: &Context, name: &str, image: &RgbImage) -> TextureHandle {
-    ctx.load_texture(
-        name,
-        color_image(image, MAX_TEXTURE_SIDE),
-        TextureOptions::LINEAR,
-    )
+/// The display copy of a full-size image. For a 12-megapixel photo this takes tens of
+/// milliseconds (several frames), so photos and results are converted on a background thread
+/// and only `upload`ed on the UI thread.
+pub fn display_copy(image: &RgbImage) -> ColorImage {
+    color_image(image, MAX_TEXTURE_SIDE)
 }
 
+/// Hands a prepared image to egui (a move; the GPU copy happens when the frame is painted).
+pub fn upload(ctx: &Context, name: &str, image: ColorImage) -> TextureHandle {
+    ctx.load_texture(name, image, TextureOptions::LINEAR)
+}
+
+/// A small image (a working-size preview) converted and uploaded at once.
 pub fn thumbnail(ctx: &Context, name: &str, image: &RgbImage, side: u32) -> TextureHandle {
-    ctx.load_texture(name, color_image(image, side), TextureOptions::LINEAR)
+    upload(ctx, name, color_image(image, side))
 }
 
 /// The mask as a red overlay whose alpha is the mask value; the opacity is applied when

@@ -58,16 +58,18 @@ pub enum JobRequest {
     /// Fine-tune on `photo` (or load its snapshots from the cache); later edits of the same
     /// photo may then pick a snapshot with `tune_steps`.
     Tune {
-        photo: RgbImage,
+        /// Shared, so a caller holding a large photo queues jobs without copying it.
+        photo: Arc<RgbImage>,
         settings: TuneSettings,
         /// Working size `(width, height)`, multiples of 64; `None` fits the model.
         size: Option<(u32, u32)>,
     },
     /// Edit `photo` toward `prompt`; the result comes back at the photo's size.
     Edit {
-        photo: RgbImage,
-        /// White = may change, at the photo's size.
-        mask: Option<GrayImage>,
+        photo: Arc<RgbImage>,
+        /// White = may change. Any size: the worker scales it to the photo's (which, for a
+        /// large photo, is too slow for a caller's UI thread).
+        mask: Option<Arc<GrayImage>>,
         prompt: String,
         /// A description of the photo for prompt guidance; `None` = classifier-free.
         baseline_prompt: Option<String>,
@@ -284,6 +286,19 @@ impl JobRunner {
             }
         }
         out
+    }
+
+    /// Cancels every job and returns at once; a short-lived thread waits for the engine
+    /// thread to finish its current step (seconds for a big model on a CPU) and frees the
+    /// model. For a UI replacing its model, where dropping the runner would wait.
+    pub fn stop_in_background(self) {
+        for flag in lock_live(&self.live).values() {
+            flag.store(true, Ordering::Relaxed);
+        }
+        // If no thread can be started the closure, and the runner with it, drops here.
+        let _ = std::thread::Builder::new()
+            .name("unitune-engine-stop".into())
+            .spawn(move || drop(self));
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::ops::ControlFlow;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -198,6 +199,14 @@ impl Worker {
                 size,
             } => {
                 let working = self.working_image(&photo, size)?;
+                let (w, h) = photo.dimensions();
+                let mask = mask.map(|m| {
+                    if m.dimensions() == (w, h) {
+                        m
+                    } else {
+                        Arc::new(imaging::resize_gray(&m, w, h))
+                    }
+                });
                 let tuned = match &self.tuned {
                     // Snapshot 0 restores the base weights after any tune.
                     Some(t) if tune_steps == 0 || t.working == working => Some(&t.photo),
@@ -218,7 +227,7 @@ impl Worker {
                     guidance: guidance_weight,
                     sampling_steps,
                     seed,
-                    mask: mask.as_ref(),
+                    mask: mask.as_deref(),
                     interpolate,
                 };
                 let out = &self.out;
