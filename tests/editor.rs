@@ -9,6 +9,7 @@ mod common;
 mod fake_hub;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,7 @@ use egui::accesskit::Role;
 use egui::{Key, Modifiers, Pos2};
 use egui_kittest::kittest::Queryable;
 use egui_kittest::{Harness, SnapshotOptions};
-use unitune::gui::{EditorApp, EditorOptions, FileDialogs, Settings, StateFiles};
+use unitune::gui::{Command, EditorApp, EditorOptions, FileDialogs, Settings, StateFiles};
 use unitune::jobs::{DeviceChoice, HubOptions, TuneSettings};
 
 /// Answers file dialogs with prepared paths.
@@ -24,10 +25,16 @@ use unitune::jobs::{DeviceChoice, HubOptions, TuneSettings};
 struct ScriptedDialogs {
     save_path: Mutex<Option<PathBuf>>,
     model_folder: Mutex<Option<PathBuf>>,
+    /// The open dialog panics, as a buggy system dialog library might.
+    open_panics: AtomicBool,
 }
 
 impl FileDialogs for ScriptedDialogs {
     fn pick_photo(&self, _directory: Option<&Path>) -> Option<PathBuf> {
+        assert!(
+            !self.open_panics.load(Ordering::Relaxed),
+            "the open dialog broke"
+        );
         None
     }
     fn pick_save_path(&self, _directory: Option<&Path>, _file_name: &str) -> Option<PathBuf> {
@@ -192,6 +199,36 @@ fn opens_a_photo_given_at_start_and_a_dropped_one_and_refuses_a_broken_file() {
     );
     let notice = harness.state().notice_text().unwrap().to_string();
     assert!(!notice.contains('\n'), "{notice}");
+}
+
+#[test]
+fn a_panic_in_a_background_task_is_a_message_and_the_editor_goes_on() {
+    let setup = Setup::new(2);
+    let mut harness = setup.editor(Some(photo("chelsea.png")));
+    ready_with_photo(&mut harness);
+    setup.dialogs.open_panics.store(true, Ordering::Relaxed);
+    harness.state_mut().apply(Command::OpenDialog);
+    step_until(
+        &mut harness,
+        Duration::from_secs(30),
+        "the message",
+        |app| {
+            app.notice_text()
+                .is_some_and(|t| t.starts_with("Something went wrong in the file dialog"))
+        },
+    );
+    let notice = harness.state().notice_text().unwrap().to_string();
+    assert!(notice.contains("the open dialog broke"), "{notice}");
+    assert_eq!(harness.state().photo_size(), Some((451, 300)), "work kept");
+
+    // Still alive: a dropped photo opens.
+    drop_file(&mut harness, photo("rocket.jpg"));
+    step_until(
+        &mut harness,
+        Duration::from_secs(30),
+        "the dropped photo",
+        |app| app.photo_size() == Some((640, 427)),
+    );
 }
 
 #[test]

@@ -9,7 +9,7 @@ use egui::{Context, Key, KeyboardShortcut, Modifiers, TextureHandle};
 use image::{GrayImage, RgbImage};
 
 use super::EditorOptions;
-use super::background::{ChoreResult, Chores, ExportRequest, OpenedPhoto, PreparedVariant};
+use super::background::{Chore, ChoreResult, Chores, ExportRequest, OpenedPhoto, PreparedVariant};
 use super::canvas::{Tool, View};
 use super::mask::{Brush, MaskLayer};
 use super::panels;
@@ -919,6 +919,27 @@ impl EditorApp {
             }
             ChoreResult::ExportAbandoned => self.exporting = false,
             ChoreResult::VariantPrepared(prepared) => self.show_variant(prepared),
+            ChoreResult::Failed { chore, message } => {
+                let what = match chore {
+                    Chore::Open | Chore::Restore => {
+                        self.opening = false;
+                        "opening the photo"
+                    }
+                    Chore::Export => {
+                        self.exporting = false;
+                        "exporting"
+                    }
+                    Chore::Dialog => "in the file dialog",
+                    Chore::Display(job) => {
+                        self.variants
+                            .update(job, VariantState::Failed(message.clone()));
+                        "showing the result"
+                    }
+                };
+                self.error(format!(
+                    "Something went wrong {what} ({message}); your work is unchanged."
+                ));
+            }
         }
     }
 

@@ -3,6 +3,7 @@
 //! converting full-size photos and results into display copies.
 //! Results come back over one bounded channel, and the waker repaints the window.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -13,7 +14,7 @@ use image::{GrayImage, RgbImage};
 use super::persist::{RestoredSession, StateFiles};
 use super::textures;
 use crate::imaging::{self, DecodeLimits, ExistingFile, Photo, one_line};
-use crate::jobs::JobId;
+use crate::jobs::{JobId, panic_text};
 
 /// Opens file dialogs; the real one is rfd, tests script their answers.
 pub trait FileDialogs: Send + Sync {
@@ -98,6 +99,34 @@ pub enum ChoreResult {
     },
     /// The save dialog was closed without a name.
     ExportAbandoned,
+    /// The chore panicked (or no thread could start for it); the UI resets what waited on it.
+    Failed {
+        chore: Chore,
+        message: String,
+    },
+}
+
+/// Which kind of chore a thread runs (names the thread, and says what a failure undoes).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Chore {
+    Open,
+    Restore,
+    Dialog,
+    Export,
+    /// The display copy of this job's variant.
+    Display(JobId),
+}
+
+impl Chore {
+    fn thread_name(self) -> &'static str {
+        match self {
+            Chore::Open => "unitune-open",
+            Chore::Restore => "unitune-restore",
+            Chore::Dialog => "unitune-dialog",
+            Chore::Export => "unitune-export",
+            Chore::Display(_) => "unitune-display",
+        }
+    }
 }
 
 pub struct Chores {
@@ -122,27 +151,35 @@ impl Chores {
         self.rx.try_recv().ok()
     }
 
-    /// Runs `work` on a new thread named `name`; its result comes back through `try_next`.
-    fn spawn(&self, name: &str, work: impl FnOnce() -> ChoreResult + Send + 'static) {
+    /// Runs `work` on a new named thread; its result comes back through `try_next`. A panic
+    /// (a decoder or a dialog library bug) comes back as `ChoreResult::Failed`, so nothing
+    /// waits forever on a result that will not come.
+    fn spawn(&self, chore: Chore, work: impl FnOnce() -> ChoreResult + Send + 'static) {
         let tx = self.tx.clone();
         let waker = self.waker.clone();
         let spawned = std::thread::Builder::new()
-            .name(format!("unitune-{name}"))
+            .name(chore.thread_name().into())
             .spawn(move || {
-                let _ = tx.send(work());
+                let result = catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|payload| {
+                    ChoreResult::Failed {
+                        chore,
+                        message: one_line(&panic_text(payload.as_ref())),
+                    }
+                });
+                let _ = tx.send(result);
                 waker();
             });
         if let Err(err) = spawned {
-            // Only when the system is out of threads; say so rather than silently drop.
-            let _ = self.tx.try_send(ChoreResult::PhotoOpened {
-                path: PathBuf::new(),
-                result: Err(format!("cannot start a background task: {err}")),
+            // Only when the system is out of threads.
+            let _ = self.tx.try_send(ChoreResult::Failed {
+                chore,
+                message: format!("cannot start a background task: {err}"),
             });
         }
     }
 
     pub fn open_photo(&self, path: PathBuf) {
-        self.spawn("open", move || {
+        self.spawn(Chore::Open, move || {
             let result = imaging::load_photo(&path, &DecodeLimits::default())
                 .map(|photo| OpenedPhoto {
                     display: textures::display_copy(&photo.rgb),
@@ -154,7 +191,7 @@ impl Chores {
     }
 
     pub fn restore_session(&self, files: StateFiles) {
-        self.spawn("restore", move || {
+        self.spawn(Chore::Restore, move || {
             ChoreResult::SessionRestored(files.load_session().map(|restored| {
                 let display = textures::display_copy(&restored.photo);
                 (restored, display)
@@ -170,7 +207,7 @@ impl Chores {
         working_size: (u32, u32),
         thumbnail_side: u32,
     ) {
-        self.spawn("display", move || {
+        self.spawn(Chore::Display(job), move || {
             ChoreResult::VariantPrepared(PreparedVariant {
                 job,
                 display: textures::display_copy(&image),
@@ -183,14 +220,14 @@ impl Chores {
 
     pub fn pick_photo(&self, directory: Option<PathBuf>) {
         let dialogs = self.dialogs.clone();
-        self.spawn("dialog", move || {
+        self.spawn(Chore::Dialog, move || {
             ChoreResult::PhotoChosen(dialogs.pick_photo(directory.as_deref()))
         });
     }
 
     pub fn pick_model_folder(&self) {
         let dialogs = self.dialogs.clone();
-        self.spawn("dialog", move || {
+        self.spawn(Chore::Dialog, move || {
             ChoreResult::ModelFolderChosen(dialogs.pick_model_folder())
         });
     }
@@ -198,7 +235,7 @@ impl Chores {
     /// Asks where to save, then writes the file, all off the UI thread.
     pub fn export(&self, request: ExportRequest) {
         let dialogs = self.dialogs.clone();
-        self.spawn("export", move || {
+        self.spawn(Chore::Export, move || {
             let Some(path) =
                 dialogs.pick_save_path(request.directory.as_deref(), &request.suggested_name)
             else {
@@ -210,7 +247,7 @@ impl Chores {
 
     /// Writes to `path` again (after the user freed space or fixed permissions).
     pub fn export_again(&self, path: PathBuf, request: ExportRequest) {
-        self.spawn("export", move || export_to(path, request));
+        self.spawn(Chore::Export, move || export_to(path, request));
     }
 }
 

@@ -303,7 +303,7 @@ impl JobRunner {
 }
 
 /// What a caught panic said, for a one-line message.
-fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
