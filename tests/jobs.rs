@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
-use image::RgbImage;
+use image::{GrayImage, Luma, RgbImage};
 use unitune::engine::StableDiffusion;
 use unitune::jobs::{
     JobEvent, JobId, JobRequest, JobRunner, RunnerOptions, Stage, TrainMode, TuneSettings, Waker,
@@ -317,4 +317,60 @@ fn stopping_in_the_background_returns_while_a_step_runs_and_then_frees_the_worke
     freed
         .recv_timeout(DEADLINE)
         .expect("after the step the worker stopped and was freed");
+}
+
+#[test]
+fn a_small_mask_is_scaled_to_the_photo_and_each_mask_keeps_its_own_scaling() {
+    let (mut runner, _) = start_runner();
+    // 16 x 16 masks for the 32 x 32 photo: the worker scales them (and reuses the scaling
+    // for the variants that share one mask).
+    let left = Arc::new(GrayImage::from_fn(16, 16, |x, _| {
+        Luma([if x < 8 { 255 } else { 0 }])
+    }));
+    let right = Arc::new(GrayImage::from_fn(16, 16, |x, _| {
+        Luma([if x < 8 { 0 } else { 255 }])
+    }));
+    let masked = |mask: &Arc<GrayImage>| {
+        let mut request = edit("a red apple", 1.0, 3);
+        if let JobRequest::Edit { mask: m, .. } = &mut request {
+            *m = Some(mask.clone());
+        }
+        request
+    };
+    let ids = [
+        runner.submit(masked(&left)).unwrap(),
+        runner.submit(masked(&left)).unwrap(),
+        runner.submit(masked(&right)).unwrap(),
+    ];
+    let events = events_until_done(&runner, &ids);
+    let result = |id| match final_event(&events, id) {
+        JobEvent::Finished { result, .. } => result.clone(),
+        other => panic!("expected Finished, got {other:?}"),
+    };
+    let (first, again, flipped) = (result(ids[0]), result(ids[1]), result(ids[2]));
+    assert_eq!(first, again, "the same mask and seed give the same pixels");
+
+    // Beyond the mask edge (x = 16) plus the feather radius (2 px at this size), plus a
+    // pixel for the scaling's blur, the photo is untouched.
+    let original = photo();
+    let unchanged = |image: &RgbImage, xs: std::ops::Range<u32>| {
+        xs.flat_map(|x| (0..32).map(move |y| (x, y)))
+            .all(|(x, y)| image.get_pixel(x, y) == original.get_pixel(x, y))
+    };
+    assert!(
+        unchanged(&first, 20..32),
+        "the left mask kept the right side"
+    );
+    assert!(
+        unchanged(&flipped, 0..12),
+        "the right mask kept the left side"
+    );
+    assert!(
+        !unchanged(&first, 0..12),
+        "the left mask changed the left side"
+    );
+    assert!(
+        !unchanged(&flipped, 20..32),
+        "the right mask changed the right side"
+    );
 }

@@ -204,6 +204,7 @@ impl JobRunner {
             options,
             tuned: None,
             preview: None,
+            scaled_mask: None,
             out: worker::Outbox {
                 events: event_tx,
                 previews: preview_tx,
@@ -288,13 +289,10 @@ impl JobRunner {
         out
     }
 
-    /// Cancels every job and returns at once; a short-lived thread waits for the engine
-    /// thread to finish its current step (seconds for a big model on a CPU) and frees the
-    /// model. For a UI replacing its model, where dropping the runner would wait.
+    /// Returns at once, where dropping the runner would wait: a short-lived thread drops it,
+    /// which cancels every job, waits for the engine thread to finish its current step
+    /// (seconds for a big model on a CPU) and frees the model. For a UI replacing its model.
     pub fn stop_in_background(self) {
-        for flag in lock_live(&self.live).values() {
-            flag.store(true, Ordering::Relaxed);
-        }
         // If no thread can be started the closure, and the runner with it, drops here.
         let _ = std::thread::Builder::new()
             .name("unitune-engine-stop".into())

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use image::RgbImage;
+use image::{GrayImage, RgbImage};
 
 use super::{Envelope, JobEvent, JobId, JobRequest, LiveJobs, RunnerOptions, Stage, Waker};
 use crate::engine::EngineError;
@@ -78,6 +78,10 @@ pub(super) struct Worker {
     pub preview: Option<LatentPreview>,
     pub out: Outbox,
     pub live: LiveJobs,
+    /// The last mask scaled to its photo's size, with the mask it came from: one Edit queues
+    /// several variants sharing one mask, and scaling it to a large photo is not free. Holding
+    /// the source keeps its address from being reused, so `Arc::ptr_eq` identifies it.
+    pub scaled_mask: Option<(Arc<GrayImage>, Arc<GrayImage>)>,
 }
 
 impl Worker {
@@ -199,14 +203,7 @@ impl Worker {
                 size,
             } => {
                 let working = self.working_image(&photo, size)?;
-                let (w, h) = photo.dimensions();
-                let mask = mask.map(|m| {
-                    if m.dimensions() == (w, h) {
-                        m
-                    } else {
-                        Arc::new(imaging::resize_gray(&m, w, h))
-                    }
-                });
+                let mask = mask.map(|m| self.mask_at(m, photo.dimensions()));
                 let tuned = match &self.tuned {
                     // Snapshot 0 restores the base weights after any tune.
                     Some(t) if tune_steps == 0 || t.working == working => Some(&t.photo),
@@ -255,6 +252,22 @@ impl Worker {
                 })
             }
         }
+    }
+
+    /// `mask` at `size`, scaled once per mask (see `scaled_mask`).
+    fn mask_at(&mut self, mask: Arc<GrayImage>, (w, h): (u32, u32)) -> Arc<GrayImage> {
+        if mask.dimensions() == (w, h) {
+            return mask;
+        }
+        if let Some((source, scaled)) = &self.scaled_mask
+            && Arc::ptr_eq(source, &mask)
+            && scaled.dimensions() == (w, h)
+        {
+            return scaled.clone();
+        }
+        let scaled = Arc::new(imaging::resize_gray(&mask, w, h));
+        self.scaled_mask = Some((mask, scaled.clone()));
+        scaled
     }
 
     /// The photo fitted to the model's working size (as the CLI does).
