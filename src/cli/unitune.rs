@@ -75,6 +75,23 @@ fn tune_settings(options: &TrainingOptions, extra_snapshot: Option<usize>) -> Re
     Ok(settings)
 }
 
+/// The start of `tune` and `grid`: read the photo, load the model, fit the photo to it and
+/// fine-tune (or reuse cached snapshots).
+fn load_and_tune(
+    global: &GlobalOptions,
+    image: &Path,
+    size: Option<&str>,
+    training: &TrainingOptions,
+    settings: &TuneSettings,
+    cancel: &CancelFlag,
+) -> Result<(LoadedModel, Photos, TunedPhoto)> {
+    let photo = load_photo(image)?;
+    let mut loaded = load_model(global)?;
+    let photos = fit_photo(photo, &loaded, size)?;
+    let tuned = tune(&mut loaded, &photos, settings, training.no_cache, cancel)?;
+    Ok((loaded, photos, tuned))
+}
+
 /// Fine-tunes (or loads cached snapshots) with a progress bar showing loss and ETA.
 fn tune(
     loaded: &mut LoadedModel,
@@ -161,14 +178,12 @@ fn tune(
 
 pub fn tune_command(global: &GlobalOptions, args: &TuneArgs, cancel: &CancelFlag) -> Result<()> {
     let settings = tune_settings(&args.training, None)?;
-    let photo = load_photo(&args.image)?;
-    let mut loaded = load_model(global)?;
-    let photos = fit_photo(photo, &loaded, args.size.as_deref())?;
-    let tuned = tune(
-        &mut loaded,
-        &photos,
+    let (_, _, tuned) = load_and_tune(
+        global,
+        &args.image,
+        args.size.as_deref(),
+        &args.training,
         &settings,
-        args.training.no_cache,
         cancel,
     )?;
     match &tuned.cache_file {
@@ -356,14 +371,12 @@ pub fn grid_command(global: &GlobalOptions, args: &GridArgs, cancel: &CancelFlag
     check_sampling_steps(args.sampling_steps)?;
     let settings = tune_settings(&args.training, None)?;
     let seed = choose_seed(args.seed);
-    let photo = load_photo(&args.image)?;
-    let mut loaded = load_model(global)?;
-    let photos = fit_photo(photo, &loaded, args.size.as_deref())?;
-    let tuned = tune(
-        &mut loaded,
-        &photos,
+    let (loaded, photos, tuned) = load_and_tune(
+        global,
+        &args.image,
+        args.size.as_deref(),
+        &args.training,
         &settings,
-        args.training.no_cache,
         cancel,
     )?;
 

@@ -5,6 +5,7 @@
 //! eframe's own persistence saves only on a clean close and every 30 s; this writes on
 //! change, atomically (temporary file + rename), and never on the UI thread.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -14,7 +15,7 @@ use image::{GrayImage, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use crate::imaging::{self, DecodeLimits, ExistingFile};
-use crate::jobs::PAPER_SNAPSHOTS;
+use crate::jobs::{PAPER_SNAPSHOTS, panic_text};
 
 /// How many recent files the File menu lists.
 pub const RECENT_FILES: usize = 10;
@@ -179,17 +180,17 @@ impl Autosaver {
                     files,
                     photo_written: None,
                 };
-                // Ends when the Autosaver drops its sender, after writing what is pending.
-                while wake_rx.recv().is_ok() {
+                let mut write_pending = || {
                     let work = std::mem::take(&mut *lock(&shared));
-                    if let Err(message) = writer.write(work) {
+                    if let Err(message) = surviving_panics(|| writer.write(work)) {
                         let _ = fail_tx.try_send(message);
                     }
+                };
+                // Ends when the Autosaver drops its sender, after writing what is pending.
+                while wake_rx.recv().is_ok() {
+                    write_pending();
                 }
-                let work = std::mem::take(&mut *lock(&shared));
-                if let Err(message) = writer.write(work) {
-                    let _ = fail_tx.try_send(message);
-                }
+                write_pending();
             })?;
         Ok(Self {
             pending,
@@ -235,6 +236,17 @@ impl Drop for Autosaver {
         // Let the thread finish the last write; it ends on its own.
         self.wake = None;
     }
+}
+
+/// Runs one write, turning a panic (an encoder bug, say) into a message: a dead autosave
+/// thread would silently stop saving for the rest of the session.
+fn surviving_panics(write: impl FnOnce() -> Result<(), String>) -> Result<(), String> {
+    catch_unwind(AssertUnwindSafe(write)).unwrap_or_else(|payload| {
+        Err(format!(
+            "autosave failed unexpectedly ({}); your work is still open",
+            panic_text(payload.as_ref())
+        ))
+    })
 }
 
 fn lock(pending: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
@@ -349,6 +361,19 @@ mod tests {
         assert_eq!(restored.text.prompt, "a cat wearing sunglasses");
         assert_eq!(restored.photo, *photo);
         assert_eq!(restored.mask.unwrap(), mask);
+    }
+
+    #[test]
+    fn a_panicking_write_becomes_a_message() {
+        let failed = surviving_panics(|| panic!("png encoder bug"));
+        let message = failed.unwrap_err();
+        assert!(message.contains("png encoder bug"), "{message}");
+        assert!(message.contains("your work is still open"), "{message}");
+        assert_eq!(
+            surviving_panics(|| Err("disk full".into())),
+            Err("disk full".into())
+        );
+        assert_eq!(surviving_panics(|| Ok(())), Ok(()));
     }
 
     #[test]
