@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
 use unitune::gui::{EditorApp, EditorOptions, Settings, StateFiles, SystemDialogs};
 use unitune::jobs::{DeviceChoice, HubOptions, TuneSettings};
 
@@ -48,6 +49,46 @@ fn frame_times(
         // About 60 frames a second, as a real window would ask for.
         std::thread::sleep(Duration::from_millis(16).saturating_sub(time));
     }
+    frames
+}
+
+/// Frames of mask work on the idle editor: the first stroke (which creates the overlay
+/// texture at mask size), a drag across the photo, invert and clear (whole-mask updates),
+/// then undo of everything, so the edit that follows runs without a mask.
+fn paint_frames(harness: &mut Harness<'_, EditorApp>) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    let mut timed = |harness: &mut Harness<'_, EditorApp>, state: &str| {
+        let start = Instant::now();
+        harness.step();
+        frames.push(Frame {
+            time: start.elapsed(),
+            state: state.into(),
+        });
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    harness.get_by_label("Brush (B)").click();
+    timed(harness, "brush chosen");
+    let canvas = harness.state().canvas_rect().unwrap();
+    let start = canvas.center() - egui::vec2(canvas.width() * 0.3, 0.0);
+    harness.drag_at(start);
+    timed(harness, "first stroke begins");
+    for i in 1..=40 {
+        let x = canvas.width() * 0.6 * i as f32 / 40.0;
+        let y = (i as f32 / 4.0).sin() * canvas.height() * 0.2;
+        harness.hover_at(start + egui::vec2(x, y));
+        timed(harness, "stroke");
+    }
+    harness.drop_at(start + egui::vec2(canvas.width() * 0.6, 0.0));
+    timed(harness, "stroke ends");
+    harness.get_by_label("Invert").click();
+    timed(harness, "invert");
+    harness.get_by_label("Clear").click();
+    timed(harness, "clear");
+    for _ in 0..3 {
+        harness.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::Z);
+        timed(harness, "undo");
+    }
+    assert!(harness.state().mask_is_empty(), "undo took the mask back");
     frames
 }
 
@@ -121,6 +162,7 @@ fn main() {
         });
         std::thread::sleep(Duration::from_millis(10));
     }
+    let mut painting = paint_frames(&mut harness);
     harness.state_mut().set_prompt("a cat wearing sunglasses");
     harness.state_mut().apply(unitune::gui::Command::Edit);
     let mut busy = frame_times(&mut harness, |app| !app.is_busy());
@@ -129,6 +171,7 @@ fn main() {
     let (idle_median, idle_worst) = summary(&mut idle);
     let frames = busy.len();
     let (busy_median, busy_worst) = summary(&mut busy);
+    let (paint_median, paint_worst) = summary(&mut painting);
     println!(
         "editor frame time on {} cores (CPU, tiny model, {}x{} photo; {finished} variants, {frames} frames while jobs ran)",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -137,6 +180,7 @@ fn main() {
     );
     println!("  baseline, idle frames:  median {idle_median:?}, worst {idle_worst:?}");
     println!("  opening photo + model:  median {open_median:?}, worst {open_worst:?}");
+    println!("  painting the mask:      median {paint_median:?}, worst {paint_worst:?}");
     println!("  while tuning+sampling:  median {busy_median:?}, worst {busy_worst:?}");
     println!(
         "  ratio to idle: median {:.2}x, worst {:.2}x; worst frame {} the 16 ms budget",
@@ -150,6 +194,10 @@ fn main() {
     );
     println!("  slowest frames while opening (the first is egui's own start-up):");
     for frame in opening.iter().rev().take(3) {
+        println!("    {:?} ({})", frame.time, frame.state);
+    }
+    println!("  slowest frames while painting:");
+    for frame in painting.iter().rev().take(3) {
         println!("    {:?} ({})", frame.time, frame.state);
     }
     println!("  slowest frames while jobs ran:");

@@ -223,14 +223,27 @@ impl MaskLayer {
     }
 
     /// Puts `patch` into the mask and returns what it replaced.
-    fn swap_in(&mut self, patch: Patch) -> Patch {
+    fn swap_in(&mut self, mut patch: Patch) -> Patch {
+        if patch.rect == self.full_rect() {
+            // Undo of clear or invert: trade buffers instead of copying megapixels.
+            std::mem::swap(&mut self.mask, &mut patch.pixels);
+            self.touch(patch.rect);
+            return patch;
+        }
         let replaced = Patch {
             rect: patch.rect,
             pixels: crop(&self.mask, patch.rect),
         };
-        for (x, y, pixel) in patch.pixels.enumerate_pixels() {
-            self.mask
-                .put_pixel(patch.rect.x0 + x, patch.rect.y0 + y, *pixel);
+        // Row copies: a whole-mask patch (clear, invert) is millions of pixels.
+        let width = self.mask.width() as usize;
+        let (x0, x1) = (patch.rect.x0 as usize, patch.rect.x1 as usize);
+        let rows = self
+            .mask
+            .as_mut()
+            .chunks_exact_mut(width)
+            .skip(patch.rect.y0 as usize);
+        for (row, saved) in rows.zip(patch.pixels.as_raw().chunks_exact(x1 - x0)) {
+            row[x0..x1].copy_from_slice(saved);
         }
         self.touch(patch.rect);
         replaced
@@ -350,6 +363,22 @@ mod tests {
         assert!(layer.is_empty());
         layer.undo();
         assert!(layer.image().as_raw().iter().all(|&v| v == 255));
+        layer.undo();
+        assert!(layer.is_empty());
+
+        // Whole-mask undo and redo round-trip a painted mask exactly, more than once.
+        layer.begin_stroke(2.0, 3.0, &HARD);
+        layer.end_stroke();
+        let painted = layer.image().clone();
+        layer.invert();
+        let inverted = layer.image().clone();
+        assert_ne!(painted, inverted);
+        for _ in 0..2 {
+            layer.undo();
+            assert_eq!(*layer.image(), painted);
+            layer.redo();
+            assert_eq!(*layer.image(), inverted);
+        }
         layer.begin_stroke(1.0, 1.0, &HARD);
         layer.end_stroke();
         assert!(!layer.can_redo());

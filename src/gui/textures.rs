@@ -53,13 +53,22 @@ pub fn thumbnail(ctx: &Context, name: &str, image: &RgbImage, side: u32) -> Text
 
 /// The mask as a red overlay whose alpha is the mask value; the opacity is applied when
 /// drawing, so changing it needs no upload.
+///
+/// Clear, invert and undo of those update the whole mask (up to 2048x1536) on the UI thread,
+/// so this is a table lookup over row slices rather than a colour conversion per pixel.
 fn mask_pixels(mask: &GrayImage, rect: PixelRect) -> ColorImage {
+    let overlay: [egui::Color32; 256] =
+        std::array::from_fn(|v| egui::Color32::from_rgba_unmultiplied(255, 40, 40, v as u8));
+    let width = mask.width() as usize;
+    let (x0, x1) = (rect.x0 as usize, rect.x1 as usize);
     let mut pixels = Vec::with_capacity((rect.width() * rect.height()) as usize);
-    for y in rect.y0..rect.y1 {
-        for x in rect.x0..rect.x1 {
-            let v = mask.get_pixel(x, y).0[0];
-            pixels.push(egui::Color32::from_rgba_unmultiplied(255, 40, 40, v));
-        }
+    for row in mask
+        .as_raw()
+        .chunks_exact(width)
+        .take(rect.y1 as usize)
+        .skip(rect.y0 as usize)
+    {
+        pixels.extend(row[x0..x1].iter().map(|&v| overlay[v as usize]));
     }
     ColorImage::new([rect.width() as usize, rect.height() as usize], pixels)
 }
@@ -92,6 +101,34 @@ pub fn update_mask(
         _ => {
             *texture =
                 Some(ctx.load_texture("mask", mask_pixels(mask, full), TextureOptions::LINEAR));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mask_overlay_of_a_sub_rectangle_has_those_pixels_with_the_mask_as_alpha() {
+        let mask = GrayImage::from_fn(7, 5, |x, y| image::Luma([(x * 37 + y * 11) as u8]));
+        let rect = PixelRect {
+            x0: 2,
+            y0: 1,
+            x1: 6,
+            y1: 4,
+        };
+        let overlay = mask_pixels(&mask, rect);
+        assert_eq!(overlay.size, [4, 3]);
+        for y in 0..3 {
+            for x in 0..4 {
+                let v = mask.get_pixel(x + 2, y + 1).0[0];
+                assert_eq!(
+                    overlay.pixels[(y * 4 + x) as usize],
+                    egui::Color32::from_rgba_unmultiplied(255, 40, 40, v),
+                    "pixel ({x}, {y})"
+                );
+            }
         }
     }
 }
