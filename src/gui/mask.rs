@@ -234,15 +234,16 @@ impl MaskLayer {
             rect: patch.rect,
             pixels: crop(&self.mask, patch.rect),
         };
-        // Row copies: a whole-mask patch (clear, invert) is millions of pixels.
-        let width = self.mask.width() as usize;
+        // Row copies, not a write per pixel: a long stroke's patch can be large.
+        // (`max(1)`: chunks of zero panic, and an empty mask has no rows anyway.)
+        let width = (self.mask.width() as usize).max(1);
         let (x0, x1) = (patch.rect.x0 as usize, patch.rect.x1 as usize);
         let rows = self
             .mask
             .as_mut()
             .chunks_exact_mut(width)
             .skip(patch.rect.y0 as usize);
-        for (row, saved) in rows.zip(patch.pixels.as_raw().chunks_exact(x1 - x0)) {
+        for (row, saved) in rows.zip(patch.pixels.as_raw().chunks_exact((x1 - x0).max(1))) {
             row[x0..x1].copy_from_slice(saved);
         }
         self.touch(patch.rect);

@@ -59,7 +59,8 @@ pub fn thumbnail(ctx: &Context, name: &str, image: &RgbImage, side: u32) -> Text
 fn mask_pixels(mask: &GrayImage, rect: PixelRect) -> ColorImage {
     let overlay: [egui::Color32; 256] =
         std::array::from_fn(|v| egui::Color32::from_rgba_unmultiplied(255, 40, 40, v as u8));
-    let width = mask.width() as usize;
+    // `max(1)`: chunks of zero panic, and an empty mask has no rows anyway.
+    let width = (mask.width() as usize).max(1);
     let (x0, x1) = (rect.x0 as usize, rect.x1 as usize);
     let mut pixels = Vec::with_capacity((rect.width() * rect.height()) as usize);
     for row in mask
@@ -119,6 +120,13 @@ mod tests {
             y1: 4,
         };
         let overlay = mask_pixels(&mask, rect);
+        let empty = PixelRect {
+            x0: 0,
+            y0: 0,
+            x1: 0,
+            y1: 0,
+        };
+        assert_eq!(mask_pixels(&GrayImage::new(0, 0), empty).size, [0, 0]);
         assert_eq!(overlay.size, [4, 3]);
         for y in 0..3 {
             for x in 0..4 {
