@@ -125,6 +125,14 @@ fn step_until(
     harness.step();
 }
 
+/// Steps until the editor shows a notice starting with `prefix` (30 s at most); returns it.
+fn wait_for_notice(harness: &mut Harness<'_, EditorApp>, prefix: &str) -> String {
+    step_until(harness, Duration::from_secs(30), prefix, |app| {
+        app.notice_text().is_some_and(|t| t.starts_with(prefix))
+    });
+    harness.state().notice_text().unwrap().to_string()
+}
+
 fn ready_with_photo(harness: &mut Harness<'_, EditorApp>) {
     step_until(harness, Duration::from_secs(60), "model and photo", |app| {
         app.model_ready() && app.photo_size().is_some()
@@ -188,16 +196,12 @@ fn opens_a_photo_given_at_start_and_a_dropped_one_and_refuses_a_broken_file() {
     let broken = setup.state.path().join("broken.png");
     std::fs::write(&broken, b"\x89PNG\r\n\x1a\nnot really").unwrap();
     drop_file(&mut harness, broken);
-    step_until(&mut harness, Duration::from_secs(30), "the error", |app| {
-        app.notice_text()
-            .is_some_and(|t| t.starts_with("Could not open"))
-    });
+    let notice = wait_for_notice(&mut harness, "Could not open");
     assert_eq!(
         harness.state().photo_size(),
         Some((640, 427)),
         "the open photo stays"
     );
-    let notice = harness.state().notice_text().unwrap().to_string();
     assert!(!notice.contains('\n'), "{notice}");
 }
 
@@ -208,16 +212,7 @@ fn a_panic_in_a_background_task_is_a_message_and_the_editor_goes_on() {
     ready_with_photo(&mut harness);
     setup.dialogs.open_panics.store(true, Ordering::Relaxed);
     harness.state_mut().apply(Command::OpenDialog);
-    step_until(
-        &mut harness,
-        Duration::from_secs(30),
-        "the message",
-        |app| {
-            app.notice_text()
-                .is_some_and(|t| t.starts_with("Something went wrong in the file dialog"))
-        },
-    );
-    let notice = harness.state().notice_text().unwrap().to_string();
+    let notice = wait_for_notice(&mut harness, "Something went wrong in the file dialog");
     assert!(notice.contains("the open dialog broke"), "{notice}");
     assert_eq!(harness.state().photo_size(), Some((451, 300)), "work kept");
 
@@ -321,15 +316,7 @@ fn edit_streams_variants_and_the_slider_browses_them_then_export_keeps_the_recip
     let missing = setup.state.path().join("no-such-folder").join("x.png");
     *setup.dialogs.save_path.lock().unwrap() = Some(missing);
     harness.key_press_modifiers(Modifiers::COMMAND, Key::S);
-    step_until(
-        &mut harness,
-        Duration::from_secs(30),
-        "the export error",
-        |app| {
-            app.notice_text()
-                .is_some_and(|t| t.starts_with("Export failed"))
-        },
-    );
+    wait_for_notice(&mut harness, "Export failed");
     assert!(harness.state().shown_variant().is_some());
     harness.get_by_role_and_label(Role::Button, "Try again");
 }
