@@ -676,8 +676,8 @@ impl EditorApp {
                 }
             },
         };
-        let mask = (!doc.mask.is_empty()).then(|| Arc::new(doc.mask.image().clone()));
         let version = doc.version;
+        let mask = self.doc.as_mut().expect("checked above").mask.painted();
         self.cancel_variants();
         self.variants = VariantSet::default();
         self.thumbnails.clear();
@@ -1138,12 +1138,12 @@ impl EditorApp {
 
     /// Hands the photo, mask and prompt to the autosave thread.
     fn save_session_now(&mut self) {
-        let Some(doc) = &self.doc else { return };
         let text = self.session_text();
+        let Some(doc) = &mut self.doc else { return };
         let snapshot = SessionSnapshot {
             text: text.clone(),
             photo: Some((doc.version, doc.photo.clone())),
-            mask: (!doc.mask.is_empty()).then(|| Arc::new(doc.mask.image().clone())),
+            mask: doc.mask.painted(),
         };
         if let Some(saver) = &self.autosaver {
             saver.save_session(snapshot);

@@ -4,6 +4,8 @@
 //! Undo keeps the pixels a stroke changed (its bounding box before the stroke), not whole
 //! copies of the mask, so a long history of small strokes on a large photo stays small.
 
+use std::sync::Arc;
+
 use image::GrayImage;
 
 /// How far back undo goes.
@@ -64,6 +66,8 @@ pub struct MaskLayer {
     last_point: Option<(f32, f32)>,
     /// Pixels changed since the texture was last updated.
     dirty: Option<PixelRect>,
+    /// What [`MaskLayer::painted`] returned, until the next change (`None`: not computed).
+    painted: Option<Option<Arc<GrayImage>>>,
 }
 
 impl MaskLayer {
@@ -86,6 +90,7 @@ impl MaskLayer {
                 x1: w,
                 y1: h,
             }),
+            painted: None,
         }
     }
 
@@ -96,6 +101,16 @@ impl MaskLayer {
     /// True when nothing is painted: editing then uses no mask (the paper's mask-free edit).
     pub fn is_empty(&self) -> bool {
         self.mask.as_raw().iter().all(|&v| v == 0)
+    }
+
+    /// The mask for an edit and for autosave, shared rather than copied; `None` when nothing
+    /// is painted. Kept until the next change, so saving the prompt on each keystroke neither
+    /// copies nor rescans a large mask, and the autosave can tell it already wrote it.
+    pub fn painted(&mut self) -> Option<Arc<GrayImage>> {
+        if self.painted.is_none() {
+            self.painted = Some((!self.is_empty()).then(|| Arc::new(self.mask.clone())));
+        }
+        self.painted.clone().flatten()
     }
 
     pub fn can_undo(&self) -> bool {
@@ -250,7 +265,9 @@ impl MaskLayer {
         replaced
     }
 
+    /// Every change to the pixels ends here.
     fn touch(&mut self, rect: PixelRect) {
+        self.painted = None;
         self.dirty = Some(self.dirty.map_or(rect, |d| d.union(rect)));
         if let Some((_, touched)) = &mut self.stroke {
             *touched = Some(touched.map_or(rect, |t| t.union(rect)));
@@ -383,6 +400,29 @@ mod tests {
         layer.begin_stroke(1.0, 1.0, &HARD);
         layer.end_stroke();
         assert!(!layer.can_redo());
+    }
+
+    #[test]
+    fn the_painted_mask_is_shared_until_the_next_change() {
+        let mut layer = MaskLayer::new(8, 8);
+        assert!(layer.painted().is_none(), "nothing painted");
+        layer.begin_stroke(2.0, 3.0, &HARD);
+        layer.end_stroke();
+        let first = layer.painted().unwrap();
+        assert_eq!(*first, *layer.image());
+        assert!(
+            Arc::ptr_eq(&first, &layer.painted().unwrap()),
+            "no new copy"
+        );
+        layer.begin_stroke(6.0, 6.0, &HARD);
+        layer.end_stroke();
+        let second = layer.painted().unwrap();
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert_eq!(*second, *layer.image());
+        layer.undo();
+        assert_eq!(*layer.painted().unwrap(), *first);
+        layer.clear();
+        assert!(layer.painted().is_none(), "cleared");
     }
 
     #[test]

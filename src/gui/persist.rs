@@ -179,6 +179,7 @@ impl Autosaver {
                 let mut writer = Writer {
                     files,
                     photo_written: None,
+                    mask_written: None,
                 };
                 let mut write_pending = || {
                     let work = std::mem::take(&mut *lock(&shared));
@@ -257,6 +258,8 @@ struct Writer {
     files: StateFiles,
     /// The version of the photo already on disk.
     photo_written: Option<u64>,
+    /// The mask already on disk (held, so its address cannot be reused by a new one).
+    mask_written: Option<Arc<GrayImage>>,
 }
 
 impl Writer {
@@ -289,6 +292,12 @@ impl Writer {
                 self.photo_written = Some(*version);
             }
             match &session.mask {
+                // Unchanged since the last write (the prompt changed, say).
+                Some(mask)
+                    if self
+                        .mask_written
+                        .as_ref()
+                        .is_some_and(|w| Arc::ptr_eq(w, mask)) => {}
                 Some(mask) => {
                     let rgb = image::DynamicImage::ImageLuma8((**mask).clone()).to_rgb8();
                     imaging::export_image(
@@ -299,9 +308,11 @@ impl Writer {
                         ExistingFile::Overwrite,
                     )
                     .map_err(|e| fail("the mask", &e))?;
+                    self.mask_written = Some(mask.clone());
                 }
                 None => {
                     let _ = std::fs::remove_file(dir.join("mask.png"));
+                    self.mask_written = None;
                 }
             }
             // Written last: a session.json always has its photo beside it.
@@ -361,6 +372,37 @@ mod tests {
         assert_eq!(restored.text.prompt, "a cat wearing sunglasses");
         assert_eq!(restored.photo, *photo);
         assert_eq!(restored.mask.unwrap(), mask);
+    }
+
+    #[test]
+    fn an_unchanged_mask_is_not_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = StateFiles::new(dir.path());
+        let mask_file = files.session_dir().join("mask.png");
+        let mut writer = Writer {
+            files,
+            photo_written: None,
+            mask_written: None,
+        };
+        let photo = Arc::new(RgbImage::new(4, 4));
+        let mask = Arc::new(GrayImage::from_pixel(4, 4, image::Luma([200])));
+        let work = |mask: Option<Arc<GrayImage>>| Pending {
+            settings: None,
+            session: Some(SessionSnapshot {
+                text: SessionText::default(),
+                photo: Some((1, photo.clone())),
+                mask,
+            }),
+        };
+        writer.write(work(Some(mask.clone()))).unwrap();
+        assert!(mask_file.exists());
+        std::fs::remove_file(&mask_file).unwrap();
+        writer.write(work(Some(mask.clone()))).unwrap();
+        assert!(!mask_file.exists(), "the same mask is not written twice");
+        writer.write(work(Some(Arc::new((*mask).clone())))).unwrap();
+        assert!(mask_file.exists(), "a new mask is written");
+        writer.write(work(None)).unwrap();
+        assert!(!mask_file.exists(), "no mask, no file");
     }
 
     #[test]
