@@ -131,7 +131,7 @@ fn a_second_edit_of_the_same_photo_reuses_the_snapshots_and_a_damaged_entry_is_r
 
     // A damaged entry is never trusted: it is reported and rebuilt.
     let entry = &cache_files(h)[0];
-    std::fs::write(entry, b"garbage").unwrap();
+    std::fs::write(entry.join("2.safetensors"), b"garbage").unwrap();
     let third = edit("c.png", &[]);
     assert_eq!(third.code, 0, "{}", third.stderr);
     assert!(

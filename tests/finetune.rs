@@ -226,13 +226,20 @@ fn the_cache_returns_what_was_stored_and_never_trusts_a_damaged_file() {
         cache.load(&key, &adapter, &recipe),
         CacheLookup::Miss
     ));
-    let path = cache.store(&key, &adapter, &recipe, &snapshots).unwrap();
+    // As fine-tuning does: each snapshot is written while the weights hold it.
+    let store = |key: &str| {
+        for snapshot in &snapshots {
+            adapter.load(snapshot).unwrap();
+            cache.store(key, &adapter, &recipe, snapshot.steps).unwrap();
+        }
+    };
+    store(&key);
     match cache.load(&key, &adapter, &recipe) {
         CacheLookup::Hit(loaded) => {
             assert_eq!(loaded.len(), snapshots.len());
             for (a, b) in loaded.iter().zip(&snapshots) {
                 assert_eq!(a.steps, b.steps);
-                for (x, y) in a.tensors.iter().zip(&b.tensors) {
+                for (x, y) in a.tensors().unwrap().iter().zip(&b.tensors().unwrap()) {
                     assert_eq!(max_abs_diff(x, y), 0.0);
                 }
             }
@@ -258,6 +265,7 @@ fn the_cache_returns_what_was_stored_and_never_trusts_a_damaged_file() {
     );
 
     // Truncated, garbage, or holding another entry's content: damaged, never a hit.
+    let path = cache.snapshot_path(&key, 4);
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
     assert!(matches!(
@@ -270,18 +278,85 @@ fn the_cache_returns_what_was_stored_and_never_trusts_a_damaged_file() {
         CacheLookup::Damaged(_)
     ));
     let other_key = SnapshotCache::key("elsewhere", &photo, &recipe);
-    cache
-        .store(&other_key, &adapter, &recipe, &snapshots)
-        .unwrap();
-    std::fs::copy(cache.path_for(&other_key), &path).unwrap();
+    store(&other_key);
+    std::fs::copy(cache.snapshot_path(&other_key, 4), &path).unwrap();
     assert!(matches!(
         cache.load(&key, &adapter, &recipe),
         CacheLookup::Damaged(_)
     ));
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .filter(|n| !n.to_string_lossy().ends_with(".safetensors"))
+    // A missing snapshot is a miss (the entry is rebuilt), not a hit with a hole.
+    std::fs::remove_file(&path).unwrap();
+    assert!(matches!(
+        cache.load(&key, &adapter, &recipe),
+        CacheLookup::Miss
+    ));
+    let leftovers: Vec<_> = walkdir(dir.path())
+        .into_iter()
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            !name.ends_with(".safetensors") && name != "last-used"
+        })
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
+
+fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        if entry.file_type().unwrap().is_dir() {
+            files.extend(walkdir(&entry.path()));
+        } else {
+            files.push(entry.path());
+        }
+    }
+    files
+}
+
+#[test]
+fn the_cache_evicts_the_least_recently_used_entries_beyond_its_cap() {
+    let mut model = load_model("sd15-tiny");
+    let adapter = Adapter::attach(
+        &mut model,
+        TrainMode::CrossKv,
+        &mut NoiseSource::from_seed(1),
+    )
+    .unwrap();
+    let photo = photo();
+    let recipe = settings(TrainMode::CrossKv, &[1]);
+    let dir = tempfile::tempdir().unwrap();
+    let unlimited = SnapshotCache::new(dir.path());
+    let keys: Vec<String> = (0..3)
+        .map(|i| SnapshotCache::key(&format!("model {i}"), &photo, &recipe))
+        .collect();
+    for key in &keys {
+        unlimited.store(key, &adapter, &recipe, 1).unwrap();
+        // Modification times need to differ for the order to be defined.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Using the oldest entry makes it the most recently used.
+    assert!(matches!(
+        unlimited.load(&keys[0], &adapter, &recipe),
+        CacheLookup::Hit(_)
+    ));
+    let entry_bytes = unlimited.entries()[0].bytes;
+    assert!(
+        unlimited.evict(&keys[2]).is_empty(),
+        "no cap, nothing to evict"
+    );
+
+    // Room for two entries: the least recently used one (keys[1]) goes.
+    let capped = unlimited
+        .clone()
+        .with_max_bytes(2 * entry_bytes + entry_bytes / 2);
+    let evicted: Vec<String> = capped.evict(&keys[2]).into_iter().map(|e| e.key).collect();
+    assert_eq!(evicted, [keys[1].clone()]);
+    let left: Vec<String> = capped.entries().into_iter().map(|e| e.key).collect();
+    assert_eq!(left.len(), 2);
+    assert!(left.contains(&keys[0]) && left.contains(&keys[2]));
+
+    // The entry just written stays even when it alone exceeds the cap.
+    let tiny = unlimited.with_max_bytes(1);
+    tiny.evict(&keys[2]);
+    let left: Vec<String> = tiny.entries().into_iter().map(|e| e.key).collect();
+    assert_eq!(left, [keys[2].clone()]);
 }

@@ -198,7 +198,9 @@ fn bf16_parameters_are_updated_in_f32_and_stay_bf16() {
         for grad in &grads {
             optimizer.step(&[grad.to_dtype(dtype).unwrap()]).unwrap();
         }
-        assert_eq!(optimizer.state_bytes(), (4 + 6) * 4);
+        // Rows and columns, plus the f32 master copy of a half-precision parameter.
+        let master = if dtype == DType::F32 { 0 } else { 4 * 6 };
+        assert_eq!(optimizer.state_bytes(), (4 + 6 + master) * 4);
         optimizer.vars()[0].as_tensor().clone()
     };
     let full = run(DType::F32);
@@ -211,6 +213,24 @@ fn bf16_parameters_are_updated_in_f32_and_stay_bf16() {
         max_abs_diff(&half, &full)
     );
     assert!(max_abs_diff(&half, &init) > 0.05);
+}
+
+/// The paper's learning rate moves a weight of 1 by about 1e-4 per step, far below bf16's
+/// resolution there (2^-7): without an f32 master copy every update rounds away.
+#[test]
+fn small_updates_accumulate_in_the_master_copy_of_bf16_weights() {
+    let ones = Tensor::ones((4, 6), DType::BF16, &Device::Cpu).unwrap();
+    let var = Var::from_tensor(&ones).unwrap();
+    let settings = settings(OptimizerKind::Adafactor, 1e-4, 0.0);
+    let mut optimizer = Optimizer::new(&settings, vec![var]).unwrap();
+    let grad = Tensor::ones((4, 6), DType::BF16, &Device::Cpu).unwrap();
+    for _ in 0..200 {
+        optimizer.step(std::slice::from_ref(&grad)).unwrap();
+    }
+    let moved = max_abs_diff(optimizer.vars()[0].as_tensor(), &ones);
+    // 200 updates of 1e-4 make 0.02: a few bf16 steps.
+    assert!(moved > 0.01, "bf16 weights moved by {moved}");
+    assert_eq!(optimizer.vars()[0].dtype(), DType::BF16);
 }
 
 /// 0.5 * sum((w - target)^2) for a matrix and a vector, via candle's own backward pass.

@@ -160,7 +160,17 @@ fn tune(
                     );
                 }
             }
-            TuneEvent::Stored(path) => eprintln!("snapshots saved to {}", path.display()),
+            TuneEvent::CacheWriteFailed(reason) => eprintln!(
+                "warning: the snapshots could not be cached ({reason}); going on without the cache"
+            ),
+            TuneEvent::Stored { dir, evicted } => {
+                eprintln!("snapshots saved to {}", dir.display());
+                if evicted > 0 {
+                    eprintln!(
+                        "removed the {evicted} least recently used cache entries to stay under the cache size limit"
+                    );
+                }
+            }
         }
         cancel.check()
     };
@@ -186,9 +196,9 @@ pub fn tune_command(global: &GlobalOptions, args: &TuneArgs, cancel: &CancelFlag
         &settings,
         cancel,
     )?;
-    match &tuned.cache_file {
+    match &tuned.cache_dir {
         Some(path) => println!("{}", path.display()),
-        None => eprintln!("snapshots were not cached (--no-cache)"),
+        None => eprintln!("snapshots were not cached"),
     }
     Ok(())
 }

@@ -10,11 +10,12 @@ use image::{GrayImage, RgbImage};
 
 use super::error::{EngineError, Result};
 use super::finetune::{
-    Adapter, CacheLookup, ReconstructingObserver, Snapshot, SnapshotCache, TuneProgress,
-    TuneSettings, fine_tune,
+    Adapter, CacheLookup, IN_MEMORY_LIMIT_BYTES, Snapshot, SnapshotCache, TuneObserver,
+    TuneProgress, TuneSettings, fine_tune, write_safetensors,
 };
 use super::model::StableDiffusion;
 use super::noise::NoiseSource;
+use super::precision::dtype_name;
 use super::sampling::{SampleRequest, Start, StepObserver, sample};
 use crate::imaging;
 
@@ -23,9 +24,11 @@ pub struct TunedPhoto {
     pub adapter: Adapter,
     pub snapshots: Vec<Snapshot>,
     pub settings: TuneSettings,
-    /// Where the snapshots live on disk, when cached.
-    pub cache_file: Option<PathBuf>,
+    /// The cache folder the snapshots are stored in, when cached.
+    pub cache_dir: Option<PathBuf>,
     pub from_cache: bool,
+    /// Holds large snapshots when there is no cache; removed with the photo.
+    _spill: Option<tempfile::TempDir>,
 }
 
 impl TunedPhoto {
@@ -33,7 +36,8 @@ impl TunedPhoto {
         self.snapshots.iter().map(|s| s.steps).collect()
     }
 
-    /// Loads the weights after `steps` fine-tuning steps (0 = the untuned model) in place.
+    /// Loads the weights after `steps` fine-tuning steps (0 = the untuned model) in place;
+    /// the snapshot already loaded costs nothing.
     pub fn select(&self, steps: usize) -> Result<()> {
         if steps == 0 {
             return self.adapter.load(self.adapter.base());
@@ -54,21 +58,94 @@ impl TunedPhoto {
 
 /// What happens while a photo is being tuned.
 pub enum TuneEvent<'a> {
-    /// The snapshots came from this cache file; no training.
+    /// The snapshots came from this cache folder; no training.
     CacheHit(&'a std::path::Path),
     /// A cache file was there but could not be trusted; it will be rebuilt.
     CacheDamaged(&'a str),
     Progress(&'a TuneProgress),
-    /// The snapshots were saved to this cache file.
-    Stored(&'a std::path::Path),
+    /// A snapshot could not be written to the cache (a full disk, a read-only folder); the
+    /// fine-tune goes on with it in memory or a temporary file.
+    CacheWriteFailed(&'a str),
+    /// The snapshots were saved to this cache folder (`evicted` older entries made room).
+    Stored {
+        dir: &'a std::path::Path,
+        evicted: usize,
+    },
 }
 
 /// Where to look for and keep snapshots.
 pub struct CachePolicy<'a> {
     /// `None` disables the cache (`--no-cache`).
     pub cache: Option<&'a SnapshotCache>,
-    /// Names the model's exact weights (part of the cache key).
+    /// Names the model's exact weights (part of the cache key, with the compute precision).
     pub model_identity: &'a str,
+}
+
+/// Keeps each snapshot as it is taken: in the cache when there is one, else in memory, or in
+/// a temporary file when it is too large for memory.
+struct TuneRun<'a, 'e> {
+    cache: Option<(&'a SnapshotCache, String)>,
+    settings: &'a TuneSettings,
+    spill: Option<tempfile::TempDir>,
+    reconstruct_every: Option<usize>,
+    on_event: &'e mut dyn FnMut(TuneEvent) -> ControlFlow<()>,
+}
+
+impl TuneRun<'_, '_> {
+    fn spill_file(&mut self, adapter: &Adapter, steps: usize) -> Result<Snapshot> {
+        if self.spill.is_none() {
+            let parent = SnapshotCache::default_dir()
+                .and_then(|d| d.parent().map(|p| p.join("tmp")))
+                .unwrap_or_else(std::env::temp_dir);
+            std::fs::create_dir_all(&parent).map_err(|e| {
+                EngineError::Cache(format!("cannot write to {}: {e}", parent.display()))
+            })?;
+            self.spill = Some(tempfile::tempdir_in(&parent).map_err(|e| {
+                EngineError::Cache(format!("cannot write to {}: {e}", parent.display()))
+            })?);
+        }
+        let dir = self
+            .spill
+            .as_ref()
+            .map(|d| d.path().to_path_buf())
+            .unwrap_or_default();
+        let path = dir.join(format!("{steps}.safetensors"));
+        write_safetensors(&path, &adapter.named_values(), &Default::default())?;
+        Ok(adapter.stored_snapshot(steps, path))
+    }
+}
+
+impl TuneObserver for TuneRun<'_, '_> {
+    fn observe(&mut self, progress: &TuneProgress) -> ControlFlow<()> {
+        (self.on_event)(TuneEvent::Progress(progress))
+    }
+
+    fn wants_reconstruction(&self, step: usize) -> bool {
+        self.reconstruct_every.is_some_and(|every| {
+            step == self.settings.total_steps() || (every > 0 && step.is_multiple_of(every))
+        })
+    }
+
+    fn keep(&mut self, adapter: &Adapter, steps: usize) -> Result<Snapshot> {
+        let small = adapter.parameter_bytes() <= IN_MEMORY_LIMIT_BYTES;
+        if let Some((cache, key)) = &self.cache {
+            match cache.store(key, adapter, self.settings, steps) {
+                Ok(path) if !small => return Ok(adapter.stored_snapshot(steps, path)),
+                Ok(_) => return adapter.snapshot(steps),
+                Err(e) => {
+                    let _ = (self.on_event)(TuneEvent::CacheWriteFailed(&e.to_string()));
+                    self.cache = None;
+                }
+            }
+        }
+        if small {
+            return adapter.snapshot(steps);
+        }
+        self.spill_file(adapter, steps).or_else(|e| {
+            let _ = (self.on_event)(TuneEvent::CacheWriteFailed(&e.to_string()));
+            adapter.snapshot(steps)
+        })
+    }
 }
 
 /// Fine-tunes `model` on `photo` (at the working size), or loads the snapshots from the cache.
@@ -85,12 +162,13 @@ pub fn tune_photo(
     // LoRA's A factors are the only random initial weights; they come from the recipe's seed.
     let mut init_noise = NoiseSource::from_seed(settings.seed ^ 0x5eed_1a1a);
     let adapter = Adapter::attach(model, settings.mode, &mut init_noise)?;
-    let key = SnapshotCache::key(policy.model_identity, photo, settings);
+    let identity = format!("{};{}", policy.model_identity, dtype_name(model.dtype()));
+    let key = SnapshotCache::key(&identity, photo, settings);
     if let Some(cache) = policy.cache {
         match cache.load(&key, &adapter, settings) {
             CacheLookup::Hit(snapshots) => {
-                let path = cache.path_for(&key);
-                let _ = on_event(TuneEvent::CacheHit(&path));
+                let dir = cache.entry_dir(&key);
+                let _ = on_event(TuneEvent::CacheHit(&dir));
                 if let Some(last) = snapshots.last() {
                     adapter.load(last)?;
                 }
@@ -98,8 +176,9 @@ pub fn tune_photo(
                     adapter,
                     snapshots,
                     settings: settings.clone(),
-                    cache_file: Some(path),
+                    cache_dir: Some(dir),
                     from_cache: true,
+                    _spill: None,
                 });
             }
             CacheLookup::Damaged(reason) => {
@@ -108,21 +187,29 @@ pub fn tune_photo(
             CacheLookup::Miss => {}
         }
     }
-    let mut observer = ReconstructingObserver {
-        every: reconstruct_every.unwrap_or(0),
-        total_steps: if reconstruct_every.is_some() {
-            settings.total_steps()
-        } else {
-            0
-        },
-        observe: |p: &TuneProgress| on_event(TuneEvent::Progress(p)),
+    let mut run = TuneRun {
+        cache: policy.cache.map(|c| (c, key.clone())),
+        settings,
+        spill: None,
+        reconstruct_every,
+        on_event,
     };
-    let snapshots = fine_tune(model, &adapter, photo, settings, &mut observer)?;
-    let cache_file = match policy.cache {
-        Some(cache) => {
-            let path = cache.store(&key, &adapter, settings, &snapshots)?;
-            let _ = on_event(TuneEvent::Stored(&path));
-            Some(path)
+    let snapshots = match fine_tune(model, &adapter, photo, settings, &mut run) {
+        Ok(snapshots) => snapshots,
+        Err(e) => {
+            // A stopped or failed fine-tune leaves no partial entry behind.
+            if let Some((cache, key)) = &run.cache {
+                cache.remove(key);
+            }
+            return Err(e);
+        }
+    };
+    let cache_dir = match &run.cache {
+        Some((cache, key)) => {
+            let evicted = cache.evict(key).len();
+            let dir = cache.entry_dir(key);
+            let _ = (run.on_event)(TuneEvent::Stored { dir: &dir, evicted });
+            Some(dir)
         }
         None => None,
     };
@@ -130,8 +217,9 @@ pub fn tune_photo(
         adapter,
         snapshots,
         settings: settings.clone(),
-        cache_file,
+        cache_dir,
         from_cache: false,
+        _spill: run.spill,
     })
 }
 

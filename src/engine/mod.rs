@@ -2,6 +2,7 @@
 //! differentiable UNet, the VAE and text encoder, the noise schedule and sampling.
 //! No threads, no channels, no GUI types.
 
+pub mod autograd;
 pub mod config;
 pub mod device;
 pub mod edit;
@@ -9,10 +10,13 @@ pub mod error;
 pub mod fidelity;
 pub mod finetune;
 pub mod layers;
+pub mod memory;
 pub mod model;
 pub mod noise;
 pub mod optim;
+pub mod precision;
 pub mod preview;
+pub mod random_model;
 pub mod sampling;
 pub mod scheduler;
 pub mod text_encoder;

@@ -2,7 +2,7 @@
 //! encoder, UNet, VAE and noise schedule, plus the conversions between photos and latents.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -25,12 +25,17 @@ pub struct StableDiffusion {
     /// The UNet used for sampling. Fine-tuning swaps in one whose trainable weights are
     /// variables (see `finetune::Adapter`).
     pub unet: UNet,
-    /// The UNet's weights by diffusers name, as loaded (shared storage, not a copy).
+    /// The UNet's weights by diffusers name (shared storage with `unet`, not a copy). While
+    /// fine-tuning, the trained ones are the training variables.
     unet_weights: HashMap<String, Tensor>,
+    /// Where the UNet's weights were read from: the untrained values are read back from it
+    /// rather than kept in memory.
+    unet_file: PathBuf,
     pub vae: Vae,
     pub scheduler: DdimScheduler,
     device: Device,
     dtype: DType,
+    vae_dtype: DType,
 }
 
 /// A prompt's text-encoder output `[1, 77, hidden]` and how it was tokenized.
@@ -68,26 +73,39 @@ fn weights_error<'a>(
     }
 }
 
-/// Reads every tensor of one safetensors file, converted to `dtype` on `device`.
+/// Reads tensors of one safetensors file (all when `names` is `None`), converted to `dtype` on
+/// `device`, one tensor at a time (the file is mapped, never read whole into memory).
 fn read_weights(
     component: &'static str,
     file: &Path,
+    names: Option<&[String]>,
     dtype: DType,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
-    let tensors =
-        candle_core::safetensors::load(file, device).map_err(weights_error(component, file))?;
-    tensors
+    let error = weights_error(component, file);
+    // SAFETY: as in `open_weights`.
+    let mapped =
+        unsafe { candle_core::safetensors::MmapedSafetensors::new(file) }.map_err(&error)?;
+    let wanted: Vec<String> = match names {
+        Some(names) => names.to_vec(),
+        None => mapped.tensors().into_iter().map(|(name, _)| name).collect(),
+    };
+    wanted
         .into_iter()
-        .map(|(name, t)| {
-            let t = t.to_dtype(dtype).map_err(weights_error(component, file))?;
+        .map(|name| {
+            let t = mapped
+                .load(&name, device)
+                .and_then(|t| t.to_dtype(dtype))
+                .map_err(&error)?;
             Ok((name, t))
         })
         .collect()
 }
 
 impl StableDiffusion {
-    /// Loads every component; `dtype` is the compute precision (F32 on the CPU).
+    /// Loads every component; `dtype` is the compute precision of the UNet and the text encoder
+    /// (see [`super::precision::Precision`]). The VAE computes in f32 instead of f16 when its
+    /// config asks for it (`force_upcast`, as diffusers does: SD 1.x's VAE overflows in f16).
     pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Self> {
         let config = PipelineConfig {
             unet: UnetConfig::load(&files.unet_config)?,
@@ -123,13 +141,18 @@ impl StableDiffusion {
         let text_encoder = TextEncoder::new(&config.text_encoder, text_vb)
             .map_err(weights_error("text encoder", &files.text_encoder_weights))?;
         // The UNet's tensors are kept by name: fine-tuning rebuilds the UNet around them.
-        let unet_weights = read_weights("UNet", &files.unet_weights, dtype, device)?;
+        let unet_weights = read_weights("UNet", &files.unet_weights, None, dtype, device)?;
         let unet = UNet::new(
             &config.unet,
             VarBuilder::from_tensors(unet_weights.clone(), dtype, device),
         )
         .map_err(weights_error("UNet", &files.unet_weights))?;
-        let vae_vb = open_weights("VAE", &files.vae_weights, dtype, device)?;
+        let vae_dtype = if dtype == DType::F16 && config.vae.force_upcast {
+            DType::F32
+        } else {
+            dtype
+        };
+        let vae_vb = open_weights("VAE", &files.vae_weights, vae_dtype, device)?;
         let vae =
             Vae::new(&config.vae, vae_vb).map_err(weights_error("VAE", &files.vae_weights))?;
         let scheduler = DdimScheduler::new(&config.scheduler);
@@ -139,16 +162,46 @@ impl StableDiffusion {
             text_encoder,
             unet,
             unet_weights,
+            unet_file: files.unet_weights.clone(),
             vae,
             scheduler,
             device: device.clone(),
             dtype,
+            vae_dtype,
         })
     }
 
-    /// The UNet's weights as loaded, by diffusers name.
+    /// The UNet's weights by diffusers name (the trained ones are variables while tuning).
     pub fn unet_weights(&self) -> &HashMap<String, Tensor> {
         &self.unet_weights
+    }
+
+    /// Replaces the UNet's weights and the sampling UNet built from them (fine-tuning).
+    pub(crate) fn set_unet(&mut self, weights: HashMap<String, Tensor>, unet: UNet) {
+        self.unet_weights = weights;
+        self.unet = unet;
+    }
+
+    /// The named UNet weights as the model file holds them, in the compute dtype: the untrained
+    /// values, without keeping a copy of them in memory.
+    pub fn read_unet_weights(&self, names: &[String]) -> Result<HashMap<String, Tensor>> {
+        read_weights(
+            "UNet",
+            &self.unet_file,
+            Some(names),
+            self.dtype,
+            &self.device,
+        )
+    }
+
+    /// The safetensors file the UNet was loaded from.
+    pub fn unet_file(&self) -> &Path {
+        &self.unet_file
+    }
+
+    /// The dtype the VAE computes in (f32 where f16 would overflow).
+    pub fn vae_dtype(&self) -> DType {
+        self.vae_dtype
     }
 
     pub fn device(&self) -> &Device {
@@ -212,7 +265,7 @@ impl StableDiffusion {
             .permute((2, 0, 1))?
             .unsqueeze(0)?
             .to_device(&self.device)?
-            .to_dtype(self.dtype)?)
+            .to_dtype(self.vae_dtype)?)
     }
 
     /// A `[1, 3, H, W]` tensor in about [-1, 1] back to 8-bit pixels, rounded as diffusers does.
@@ -236,14 +289,17 @@ impl StableDiffusion {
         let sample_noise = noise
             .normal(distribution.mean.shape(), &self.device)?
             .to_dtype(distribution.mean.dtype())?;
-        Ok((distribution.sample(&sample_noise)? * self.config.vae.scaling_factor)?)
+        Ok(
+            (distribution.sample(&sample_noise)? * self.config.vae.scaling_factor)?
+                .to_dtype(self.dtype)?,
+        )
     }
 
     /// Decodes scaled latents `[1, c, h, w]` into a photo.
     pub fn decode_latents(&self, latents: &Tensor) -> Result<RgbImage> {
         let decoded = self
             .vae
-            .decode(&(latents / self.config.vae.scaling_factor)?)?;
+            .decode(&(latents.to_dtype(self.vae_dtype)? / self.config.vae.scaling_factor)?)?;
         self.tensor_to_image(&decoded)
     }
 }

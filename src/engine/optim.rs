@@ -12,7 +12,9 @@
 //! `torch.optim.AdamW` (betas 0.9/0.999, eps 1e-8). Optimizer state is float32 on the
 //! parameter's device whatever the parameter dtype; each update is computed in float32 and
 //! written back in the parameter's own dtype, in place (`Var::set`), so every tensor that
-//! shares a var's storage sees it.
+//! shares a var's storage sees it. A half-precision parameter also gets a float32 master
+//! copy that the updates accumulate in: an update of 1e-4 times a weight is below bf16's
+//! resolution (2^-8) and would otherwise round away.
 
 use std::fmt;
 use std::str::FromStr;
@@ -143,6 +145,8 @@ pub struct Optimizer {
     settings: OptimizerSettings,
     vars: Vec<Var>,
     states: Vec<ParamState>,
+    /// Float32 copies of the half-precision parameters (`None` for float32 ones).
+    masters: Vec<Option<Tensor>>,
     steps_taken: usize,
 }
 
@@ -170,10 +174,20 @@ impl Optimizer {
             .iter()
             .map(|var| ParamState::new(settings.kind, var))
             .collect::<Result<Vec<_>>>()?;
+        let masters = vars
+            .iter()
+            .map(|var| match var.dtype() {
+                DType::F16 | DType::BF16 => {
+                    Ok(Some(var.as_detached_tensor().to_dtype(DType::F32)?))
+                }
+                _ => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             settings: *settings,
             vars,
             states,
+            masters,
             steps_taken: 0,
         })
     }
@@ -204,9 +218,18 @@ impl Optimizer {
             weight_decay,
             ..
         } = self.settings;
-        for ((var, grad), state) in self.vars.iter().zip(grads).zip(&mut self.states) {
+        for (((var, grad), state), master) in self
+            .vars
+            .iter()
+            .zip(grads)
+            .zip(&mut self.states)
+            .zip(&mut self.masters)
+        {
             let grad = grad.detach().to_dtype(DType::F32)?;
-            let param = var.as_detached_tensor().to_dtype(DType::F32)?;
+            let param = match master {
+                Some(master) => master.clone(),
+                None => var.as_detached_tensor().to_dtype(DType::F32)?,
+            };
             let updated = match state {
                 ParamState::Adafactor(second_moment) => {
                     let update =
@@ -244,6 +267,9 @@ impl Optimizer {
                 }
             };
             var.set(&updated.to_dtype(var.dtype())?)?;
+            if let Some(master) = master {
+                *master = updated;
+            }
         }
         self.steps_taken = step;
         Ok(())
@@ -257,9 +283,15 @@ impl Optimizer {
         self.steps_taken
     }
 
-    /// Bytes of optimizer state held (for the memory report).
+    /// Bytes of optimizer state held, master copies included (for the memory report).
     pub fn state_bytes(&self) -> usize {
-        self.states.iter().map(ParamState::bytes).sum()
+        let masters: usize = self
+            .masters
+            .iter()
+            .flatten()
+            .map(|m| m.elem_count() * 4)
+            .sum();
+        self.states.iter().map(ParamState::bytes).sum::<usize>() + masters
     }
 }
 

@@ -5,10 +5,10 @@
 //! uses exact GELU) and its Stable Diffusion CLIP config cannot be built from a config file.
 
 use candle_core::{D, DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
 use super::config::{TextActivation, TextEncoderConfig};
-use super::layers::LayerNorm;
+use super::layers::{LayerNorm, Linear, linear};
 
 #[derive(Debug, Clone)]
 struct EncoderLayer {
@@ -43,13 +43,13 @@ impl TextEncoder {
                 let vb = vb.pp(format!("encoder.layers.{i}"));
                 Ok(EncoderLayer {
                     layer_norm1: LayerNorm::new(h, eps, vb.pp("layer_norm1"))?,
-                    q_proj: candle_nn::linear(h, h, vb.pp("self_attn.q_proj"))?,
-                    k_proj: candle_nn::linear(h, h, vb.pp("self_attn.k_proj"))?,
-                    v_proj: candle_nn::linear(h, h, vb.pp("self_attn.v_proj"))?,
-                    out_proj: candle_nn::linear(h, h, vb.pp("self_attn.out_proj"))?,
+                    q_proj: linear(h, h, vb.pp("self_attn.q_proj"))?,
+                    k_proj: linear(h, h, vb.pp("self_attn.k_proj"))?,
+                    v_proj: linear(h, h, vb.pp("self_attn.v_proj"))?,
+                    out_proj: linear(h, h, vb.pp("self_attn.out_proj"))?,
                     layer_norm2: LayerNorm::new(h, eps, vb.pp("layer_norm2"))?,
-                    fc1: candle_nn::linear(h, c.intermediate_size, vb.pp("mlp.fc1"))?,
-                    fc2: candle_nn::linear(c.intermediate_size, h, vb.pp("mlp.fc2"))?,
+                    fc1: linear(h, c.intermediate_size, vb.pp("mlp.fc1"))?,
+                    fc2: linear(c.intermediate_size, h, vb.pp("mlp.fc2"))?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -2,9 +2,11 @@
 //! self-attention over pixels, cross-attention to the prompt, and a GeGLU feed-forward.
 
 use candle_core::{D, Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
-use super::layers::{LayerNorm, attention, conv2d, group_norm};
+use super::layers::{
+    Conv2d, GroupNorm, LayerNorm, Linear, attention, conv2d, group_norm, linear, linear_no_bias,
+};
 
 /// A linear layer with an optional low-rank adapter (LoRA, PEFT names `lora_A`/`lora_B`):
 /// `y = W x + b + B (A x)`. The adapter is present when the weights provide it, which is how
@@ -12,16 +14,16 @@ use super::layers::{LayerNorm, attention, conv2d, group_norm};
 #[derive(Debug, Clone)]
 pub struct AdaptedLinear {
     base: Linear,
-    /// `(A [rank, in], B [out, rank])`.
-    lora: Option<(Tensor, Tensor)>,
+    /// `(A [rank, in], B [out, rank])` as layers: `x -> B (A x)`.
+    lora: Option<(Linear, Linear)>,
 }
 
 impl AdaptedLinear {
     fn new(base: Linear, vb: &VarBuilder) -> Result<Self> {
         let lora = if vb.contains_tensor("lora_A.weight") {
             Some((
-                vb.get_unchecked("lora_A.weight")?,
-                vb.get_unchecked("lora_B.weight")?,
+                Linear::from_weight(vb.get_unchecked("lora_A.weight")?),
+                Linear::from_weight(vb.get_unchecked("lora_B.weight")?),
             ))
         } else {
             None
@@ -30,11 +32,11 @@ impl AdaptedLinear {
     }
 
     fn no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
-        Self::new(candle_nn::linear_no_bias(in_dim, out_dim, vb.clone())?, &vb)
+        Self::new(linear_no_bias(in_dim, out_dim, vb.clone())?, &vb)
     }
 
     fn with_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
-        Self::new(candle_nn::linear(in_dim, out_dim, vb.clone())?, &vb)
+        Self::new(linear(in_dim, out_dim, vb.clone())?, &vb)
     }
 }
 
@@ -43,10 +45,7 @@ impl Module for AdaptedLinear {
         let y = self.base.forward(x)?;
         match &self.lora {
             None => Ok(y),
-            Some((a, b)) => {
-                let low = x.broadcast_matmul(&a.t()?)?;
-                y + low.broadcast_matmul(&b.t()?)?
-            }
+            Some((a, b)) => y + b.forward(&a.forward(x)?)?,
         }
     }
 }
@@ -105,8 +104,8 @@ impl FeedForward {
     fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         let inner = dim * 4;
         Ok(Self {
-            proj_in: candle_nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
-            proj_out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            proj_in: linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            proj_out: linear(inner, dim, vb.pp("net.2"))?,
         })
     }
 }
@@ -200,7 +199,7 @@ impl SpatialTransformer {
         let c = spec.channels;
         let projection = |name: &str| -> Result<Projection> {
             Ok(if spec.linear_projection {
-                Projection::Linear(candle_nn::linear(c, c, vb.pp(name))?)
+                Projection::Linear(linear(c, c, vb.pp(name))?)
             } else {
                 Projection::Conv(conv2d(c, c, 1, 1, 0, vb.pp(name))?)
             })

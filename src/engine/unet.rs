@@ -5,11 +5,15 @@
 //! takes one timestep per batch, and it ignores `norm_num_groups` in resnets; fine-tuning
 //! needs all three right.
 
-use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_core::{DType, Module, Result, Tensor, Var};
+use candle_nn::VarBuilder;
 
+use super::autograd::{checkpoint, grad_enabled};
 use super::config::{BlockAttention, UnetConfig};
-use super::layers::{Downsample, ResnetBlock, ResnetSpec, Upsample, conv2d, group_norm};
+use super::layers::{
+    Conv2d, Downsample, GroupNorm, Linear, ResnetBlock, ResnetSpec, Upsample, conv2d, group_norm,
+    linear,
+};
 use super::transformer::{SpatialTransformer, SpatialTransformerSpec};
 
 /// Sinusoidal timestep features, one row per batch element (diffusers `get_timestep_embedding`).
@@ -88,6 +92,9 @@ pub struct UNet {
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
+    /// Recompute each resnet's and transformer's activations in backward instead of keeping
+    /// them (see [`UNet::checkpointed`]).
+    checkpointing: bool,
 }
 
 impl UNet {
@@ -96,12 +103,8 @@ impl UNet {
         let time_dim = c.time_embed_dim();
         let first_channels = c.block_out_channels[0];
         let time_embedding = TimeEmbedding {
-            linear_1: candle_nn::linear(
-                first_channels,
-                time_dim,
-                vb.pp("time_embedding.linear_1"),
-            )?,
-            linear_2: candle_nn::linear(time_dim, time_dim, vb.pp("time_embedding.linear_2"))?,
+            linear_1: linear(first_channels, time_dim, vb.pp("time_embedding.linear_1"))?,
+            linear_2: linear(time_dim, time_dim, vb.pp("time_embedding.linear_2"))?,
         };
         let conv_in = conv2d(
             c.in_channels,
@@ -275,11 +278,45 @@ impl UNet {
                 c.conv_out_kernel / 2,
                 vb.pp("conv_out"),
             )?,
+            checkpointing: false,
         })
     }
 
     pub fn config(&self) -> &UnetConfig {
         &self.config
+    }
+
+    /// The same UNet (same weights, no copy) with gradient checkpointing per resnet and per
+    /// transformer, as diffusers' `enable_gradient_checkpointing`: training keeps only each
+    /// block's input and recomputes the rest during backward, about one extra forward pass
+    /// for a fraction of the memory. Gradients must then be taken with
+    /// `autograd::accumulate_gradients`.
+    pub fn checkpointed(&self, on: bool) -> UNet {
+        UNet {
+            checkpointing: on,
+            ..self.clone()
+        }
+    }
+
+    fn resnet(&self, resnet: &ResnetBlock, h: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        if !self.checkpointing {
+            return resnet.forward(h, Some(temb));
+        }
+        let resnet = resnet.clone();
+        checkpoint(&[h, temb], move |x| resnet.forward(&x[0], Some(&x[1])))
+    }
+
+    fn transformer(
+        &self,
+        attention: &SpatialTransformer,
+        h: &Tensor,
+        context: &Tensor,
+    ) -> Result<Tensor> {
+        if !self.checkpointing {
+            return attention.forward(h, context);
+        }
+        let attention = attention.clone();
+        checkpoint(&[h, context], move |x| attention.forward(&x[0], &x[1]))
     }
 
     /// Predicts noise (or v, or x0, per the scheduler's prediction type).
@@ -315,13 +352,21 @@ impl UNet {
         .to_dtype(sample.dtype())?;
         let temb = self.time_embedding.forward(&features)?;
 
-        let mut h = self.conv_in.forward(sample)?;
+        // A checkpointed segment is differentiated only when one of its inputs tracks a
+        // gradient. Making the input a leaf makes every segment's input one, so that segments
+        // whose only trainable weights are inside them (cross-kv, LoRA) are checkpointed too.
+        let sample = if self.checkpointing && grad_enabled() && !sample.track_op() {
+            Var::from_tensor(sample)?.into_inner()
+        } else {
+            sample.clone()
+        };
+        let mut h = self.conv_in.forward(&sample)?;
         let mut skips = vec![h.clone()];
         for block in &self.down_blocks {
             for (i, resnet) in block.resnets.iter().enumerate() {
-                h = resnet.forward(&h, Some(&temb))?;
+                h = self.resnet(resnet, &h, &temb)?;
                 if let Some(attention) = block.attentions.get(i) {
-                    h = attention.forward(&h, context)?;
+                    h = self.transformer(attention, &h, context)?;
                 }
                 skips.push(h.clone());
             }
@@ -332,10 +377,10 @@ impl UNet {
         }
 
         if let Some(mid) = &self.mid_block {
-            h = mid.first.forward(&h, Some(&temb))?;
+            h = self.resnet(&mid.first, &h, &temb)?;
             for (attention, resnet) in &mid.layers {
-                h = attention.forward(&h, context)?;
-                h = resnet.forward(&h, Some(&temb))?;
+                h = self.transformer(attention, &h, context)?;
+                h = self.resnet(resnet, &h, &temb)?;
             }
         }
 
@@ -344,9 +389,9 @@ impl UNet {
                 let skip = skips.pop().ok_or_else(|| {
                     candle_core::Error::Msg("UNet skip connections ran out".into())
                 })?;
-                h = resnet.forward(&Tensor::cat(&[&h, &skip], 1)?, Some(&temb))?;
+                h = self.resnet(resnet, &Tensor::cat(&[&h, &skip], 1)?, &temb)?;
                 if let Some(attention) = block.attentions.get(i) {
-                    h = attention.forward(&h, context)?;
+                    h = self.transformer(attention, &h, context)?;
                 }
             }
             if let Some(up) = &block.upsampler {

@@ -5,10 +5,13 @@
 //! (candle-transformers keeps them private and samples from an unseedable generator.)
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::config::VaeConfig;
-use super::layers::{Downsample, ResnetBlock, ResnetSpec, Upsample, attention, conv2d, group_norm};
+use super::layers::{
+    Conv2d, Downsample, GroupNorm, Linear, ResnetBlock, ResnetSpec, Upsample, attention, conv2d,
+    group_norm, linear,
+};
 
 /// The VAE's resnets and attention use eps 1e-6 regardless of the config.
 const VAE_EPS: f64 = 1e-6;
@@ -27,8 +30,8 @@ impl AttentionBlock {
     fn new(channels: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
         // Checkpoints converted before diffusers 0.14 name these query/key/value/proj_attn.
         let linear = |new: &str, old: &str| {
-            candle_nn::linear(channels, channels, vb.pp(new))
-                .or_else(|_| candle_nn::linear(channels, channels, vb.pp(old)))
+            linear(channels, channels, vb.pp(new))
+                .or_else(|_| linear(channels, channels, vb.pp(old)))
         };
         Ok(Self {
             group_norm: group_norm(groups, channels, VAE_EPS, vb.pp("group_norm"))?,

@@ -4,12 +4,14 @@
 mod adapter;
 mod cache;
 mod mode;
+mod snapshot;
 mod tune;
 
-pub use adapter::{Adapter, Snapshot};
-pub use cache::{CacheLookup, SnapshotCache};
+pub use adapter::Adapter;
+pub use cache::{CacheEntry, CacheLookup, DEFAULT_MAX_BYTES, SnapshotCache};
 pub use mode::TrainMode;
+pub use snapshot::{IN_MEMORY_LIMIT_BYTES, Snapshot, write_safetensors};
 pub use tune::{
-    PAPER_SNAPSHOTS, RARE_TOKEN, ReconstructingObserver, TuneObserver, TuneProgress, TuneSettings,
-    fine_tune,
+    PAPER_SNAPSHOTS, RARE_TOKEN, TrainingBatch, TuneObserver, TuneProgress, TuneSettings,
+    fine_tune, training_pass,
 };

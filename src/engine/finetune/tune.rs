@@ -5,16 +5,20 @@
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use image::RgbImage;
 
-use super::adapter::{Adapter, Snapshot};
+use super::adapter::Adapter;
 use super::mode::TrainMode;
+use super::snapshot::Snapshot;
+use crate::engine::autograd::{GradientAccumulator, accumulate_gradients, no_grad};
 use crate::engine::error::{EngineError, Result};
+use crate::engine::layers::wide;
 use crate::engine::model::StableDiffusion;
 use crate::engine::noise::NoiseSource;
 use crate::engine::optim::{Optimizer, OptimizerSettings};
 use crate::engine::training::denoising_loss;
+use crate::engine::unet::UNet;
 
 /// The paper's rare token: "beikkpic".
 pub const RARE_TOKEN: &str = "beikkpic";
@@ -37,6 +41,9 @@ pub struct TuneSettings {
     /// The prompt the photo is bound to.
     pub token: String,
     pub seed: u64,
+    /// Recompute activations in backward instead of keeping them (see `UNet::checkpointed`):
+    /// the same gradients for a fraction of the memory and about a third more time.
+    pub checkpointing: bool,
 }
 
 impl Default for TuneSettings {
@@ -49,6 +56,7 @@ impl Default for TuneSettings {
             micro_batch_size: 4,
             token: RARE_TOKEN.to_string(),
             seed: 0,
+            checkpointing: true,
         }
     }
 }
@@ -125,6 +133,12 @@ pub trait TuneObserver {
     fn wants_reconstruction(&self, _step: usize) -> bool {
         false
     }
+
+    /// Keeps the adapter's current values as the snapshot after `steps` steps: by default a
+    /// copy in host memory; a caller with a cache writes it to disk instead.
+    fn keep(&mut self, adapter: &Adapter, steps: usize) -> Result<Snapshot> {
+        adapter.snapshot(steps)
+    }
 }
 
 impl<F: FnMut(&TuneProgress) -> ControlFlow<()>> TuneObserver for F {
@@ -133,29 +147,94 @@ impl<F: FnMut(&TuneProgress) -> ControlFlow<()>> TuneObserver for F {
     }
 }
 
-/// Observes every step and asks for a reconstruction every `every` steps (and at the end).
-pub struct ReconstructingObserver<F> {
-    pub every: usize,
-    pub total_steps: usize,
-    pub observe: F,
-}
-
-impl<F: FnMut(&TuneProgress) -> ControlFlow<()>> TuneObserver for ReconstructingObserver<F> {
-    fn observe(&mut self, progress: &TuneProgress) -> ControlFlow<()> {
-        (self.observe)(progress)
-    }
-
-    fn wants_reconstruction(&self, step: usize) -> bool {
-        step == self.total_steps || (self.every > 0 && step.is_multiple_of(self.every))
-    }
-}
-
 /// The noise level the reconstruction starts from, as a fraction of the training timesteps:
 /// noisy enough that an untrained model gets the photo visibly wrong.
 const RECONSTRUCTION_T_FRACTION: f64 = 0.6;
 
+/// Dynamic loss scaling for f16 training (as PyTorch's `GradScaler`): the loss is multiplied
+/// before backward so that small gradients do not flush to zero in f16, and divided out of
+/// the gradients before the update; a step whose gradients overflowed is redone at half the
+/// scale. bf16 and f32 have f32's range and need none.
+struct LossScale {
+    scale: f64,
+    good_steps: usize,
+}
+
+impl LossScale {
+    /// 2^12: high enough for SD's small gradients, low enough that a first overflow is rare.
+    const INITIAL: f64 = 4096.0;
+    /// Grow the scale after this many steps without an overflow.
+    const GROWTH_INTERVAL: usize = 50;
+    /// Below this the gradients are not finite for another reason than range.
+    const MINIMUM: f64 = 1.0 / 1024.0;
+
+    fn for_dtype(dtype: DType) -> Option<Self> {
+        (dtype == DType::F16).then_some(Self {
+            scale: Self::INITIAL,
+            good_steps: 0,
+        })
+    }
+}
+
+/// The summed gradient of every variable; an error names a variable no gradient reached.
+fn collect_gradients(adapter: &Adapter, sums: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
+    sums.into_iter()
+        .zip(adapter.names())
+        .map(|(sum, name)| {
+            sum.ok_or_else(|| {
+                EngineError::InvalidRequest(format!(
+                    "no gradient reached {name}; it cannot be trained"
+                ))
+            })
+        })
+        .collect()
+}
+
+/// True when every gradient is finite (one device-to-host read for all of them).
+fn all_finite(grads: &[Tensor]) -> Result<bool> {
+    let norms = grads
+        .iter()
+        .map(|g| g.sqr()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let total = Tensor::stack(&norms, 0)?.sum_all()?.to_dtype(DType::F32)?;
+    Ok(total.to_scalar::<f32>()?.is_finite())
+}
+
+/// One forward and backward pass's inputs: latents, noise and timesteps per sample, and the
+/// text conditioning.
+pub struct TrainingBatch<'a> {
+    pub latents: &'a Tensor,
+    pub noise: &'a Tensor,
+    pub timesteps: &'a [usize],
+    pub context: &'a Tensor,
+}
+
+/// One forward and backward pass of the denoising loss; the gradients of `weight` times the
+/// loss are added to `accumulator`. Returns the loss.
+pub fn training_pass(
+    model: &StableDiffusion,
+    unet: &UNet,
+    batch: &TrainingBatch,
+    weight: f64,
+    accumulator: &mut GradientAccumulator,
+) -> Result<f32> {
+    let loss = denoising_loss(
+        unet,
+        &model.scheduler,
+        batch.latents,
+        batch.noise,
+        batch.timesteps,
+        batch.context,
+        None,
+    )?;
+    let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    accumulate_gradients(&(loss * weight)?, accumulator)?;
+    Ok(value)
+}
+
 /// Fine-tunes `adapter`'s weights on `photo` (already at the working size) and returns a
-/// snapshot per requested step count. The weights are left at the last snapshot.
+/// snapshot per requested step count (kept by the observer). The weights are left at the last
+/// snapshot.
 pub fn fine_tune(
     model: &StableDiffusion,
     adapter: &Adapter,
@@ -174,15 +253,16 @@ pub fn fine_tune(
     let (width, height) = (photo.width() as usize, photo.height() as usize);
     model.latent_dims(width, height)?;
     let device = model.device();
+    let dtype = model.dtype();
     let mut noise = NoiseSource::from_seed(settings.seed);
 
     // The photo is encoded once; each sample draws its own latent from the distribution.
-    let distribution = model.vae.encode(&model.image_to_tensor(photo)?)?;
+    let image = model.image_to_tensor(photo)?;
+    let distribution = no_grad(|| model.vae.encode(&image))?;
     let scaling = model.config.vae.scaling_factor;
     let micro = settings.micro_batch_size;
     let passes = settings.batch_size / micro;
-    let context = model
-        .encode_prompt(&settings.token)?
+    let context = no_grad(|| model.encode_prompt(&settings.token))?
         .embedding
         .repeat((micro, 1, 1))?;
     let batch = settings.batch_size;
@@ -193,84 +273,89 @@ pub fn fine_tune(
     // The reconstruction's noise has its own stream, so asking for previews never changes
     // the training itself.
     let reconstruction_latents = {
-        let x0 = (&distribution.mean * scaling)?;
+        let x0 = (&distribution.mean * scaling)?.to_dtype(dtype)?;
         let mut preview_noise = NoiseSource::from_seed(settings.seed ^ 0x7265_636f_6e73);
-        let noise = preview_noise
-            .normal(x0.shape(), device)?
-            .to_dtype(x0.dtype())?;
+        let noise = preview_noise.normal(x0.shape(), device)?.to_dtype(dtype)?;
         let t = (num_train_timesteps as f64 * RECONSTRUCTION_T_FRACTION) as usize;
         (model.scheduler.add_noise(&x0, &noise, &[t])?, t)
     };
     let mut optimizer = Optimizer::new(&settings.optimizer, adapter.vars().to_vec())?;
-    let unet = adapter.training_unet();
+    let unet = adapter.training_unet().checkpointed(settings.checkpointing);
+    let mut accumulator = GradientAccumulator::new(adapter.vars(), wide(dtype));
+    let mut loss_scale = LossScale::for_dtype(dtype);
     let total_steps = settings.total_steps();
     let mut snapshots = Vec::with_capacity(settings.snapshot_steps.len());
     let start = Instant::now();
+    adapter.mark_changed();
     for step in 1..=total_steps {
         // The whole batch's randomness is drawn first, so accumulating micro-batches gives
-        // the same update as one big batch.
+        // the same update as one big batch (and a step redone after an f16 overflow is the
+        // same step).
         let latent_noise = noise.normal(mean.shape(), device)?.to_dtype(mean.dtype())?;
-        let latents = ((&mean + (&std * latent_noise)?)? * scaling)?;
-        let target_noise = noise.normal(mean.shape(), device)?.to_dtype(mean.dtype())?;
+        let latents = ((&mean + (&std * latent_noise)?)? * scaling)?.to_dtype(dtype)?;
+        let target_noise = noise.normal(mean.shape(), device)?.to_dtype(dtype)?;
         let timesteps: Vec<usize> = (0..batch)
             .map(|_| noise.below(num_train_timesteps))
             .collect();
 
-        let mut summed: Option<Vec<Tensor>> = None;
-        let mut loss_total = 0f32;
-        for pass in 0..passes {
-            let range = pass * micro..(pass + 1) * micro;
-            let loss = denoising_loss(
-                unet,
-                &model.scheduler,
-                &latents.narrow(0, range.start, micro)?,
-                &target_noise.narrow(0, range.start, micro)?,
-                &timesteps[range],
-                &context,
-                None,
-            )?;
-            loss_total += loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
-            // Each pass is a mean over its micro-batch; scale so the sum is the batch mean.
-            let grads = (loss / passes as f64)?.backward()?;
-            let mut pass_grads = Vec::with_capacity(adapter.vars().len());
-            for (var, name) in adapter.vars().iter().zip(adapter.names()) {
-                let grad = grads.get(var.as_tensor()).ok_or_else(|| {
-                    EngineError::InvalidRequest(format!(
-                        "no gradient reached {name}; it cannot be trained"
-                    ))
-                })?;
-                pass_grads.push(grad.clone());
+        let loss = loop {
+            let scale = loss_scale.as_ref().map_or(1.0, |s| s.scale);
+            let mut loss_total = 0f32;
+            for pass in 0..passes {
+                let range = pass * micro..(pass + 1) * micro;
+                let batch = TrainingBatch {
+                    latents: &latents.narrow(0, range.start, micro)?,
+                    noise: &target_noise.narrow(0, range.start, micro)?,
+                    timesteps: &timesteps[range],
+                    context: &context,
+                };
+                // Each pass is a mean over its micro-batch; scale so the sum is the batch mean.
+                let weight = scale / passes as f64;
+                loss_total += training_pass(model, &unet, &batch, weight, &mut accumulator)?;
             }
-            summed = Some(match summed {
-                None => pass_grads,
-                Some(sum) => sum
+            let mut grads = collect_gradients(adapter, accumulator.take())?;
+            if let Some(ls) = loss_scale.as_mut() {
+                grads = grads
                     .iter()
-                    .zip(&pass_grads)
-                    .map(|(a, b)| a + b)
-                    .collect::<candle_core::Result<_>>()?,
-            });
-        }
-        if let Some(grads) = summed {
+                    .map(|g| g / ls.scale)
+                    .collect::<candle_core::Result<_>>()?;
+                if !all_finite(&grads)? {
+                    ls.scale /= 2.0;
+                    ls.good_steps = 0;
+                    if ls.scale < LossScale::MINIMUM {
+                        return Err(EngineError::InvalidRequest(
+                            "fine-tuning diverged (the gradients are not finite); try a lower --lr or --precision f32".into(),
+                        ));
+                    }
+                    continue;
+                }
+                ls.good_steps += 1;
+                if ls.good_steps.is_multiple_of(LossScale::GROWTH_INTERVAL) {
+                    ls.scale *= 2.0;
+                }
+            }
             optimizer.step(&grads)?;
-        }
+            break loss_total / passes as f32;
+        };
         let snapshot_taken = settings.snapshot_steps.contains(&step);
         if snapshot_taken {
-            snapshots.push(adapter.snapshot(step)?);
+            snapshots.push(observer.keep(adapter, step)?);
+        } else {
+            adapter.mark_changed();
         }
         let reconstruction = if observer.wants_reconstruction(step) {
             let (noisy, t) = &reconstruction_latents;
             let context = context.narrow(0, 0, 1)?;
             let timestep = Tensor::new(&[*t as f32], device)?;
-            let output = unet.forward(noisy, &timestep, &context)?.detach();
-            let x0 = model.scheduler.step(&output, *t, noisy, 1)?.predicted_x0;
-            Some(x0)
+            let output = no_grad(|| unet.forward(noisy, &timestep, &context))?;
+            Some(model.scheduler.step(&output, *t, noisy, 1)?.predicted_x0)
         } else {
             None
         };
         let progress = TuneProgress {
             step,
             total_steps,
-            loss: loss_total / passes as f32,
+            loss,
             elapsed: start.elapsed(),
             snapshot_taken,
             reconstruction,

@@ -1,0 +1,172 @@
+//! Full-size Stable Diffusion with random weights, from the built-in architecture configs in
+//! `assets/arch/`: what `unitune bench` measures. Compute time and memory do not depend on
+//! the weights' values, so this stands in for the real model wherever quality is not the
+//! question, with no download. Weights follow PyTorch's default initialisation (as diffusers'
+//! randomly initialised models do), so activations keep realistic magnitudes in f16.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+
+use super::config::{TextEncoderConfig, UnetConfig, VaeConfig};
+use super::error::{EngineError, Result};
+use super::text_encoder::TextEncoder;
+use super::unet::UNet;
+use super::vae::Vae;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Architecture {
+    /// Stable Diffusion 1.5: 860 M UNet parameters, CLIP ViT-L text encoder, 512 px.
+    #[default]
+    Sd15,
+    /// Stable Diffusion 2.1: linear projections, OpenCLIP ViT-H text encoder, 768 px,
+    /// v-prediction.
+    Sd21,
+}
+
+struct ArchFiles {
+    unet: &'static str,
+    vae: &'static str,
+    text_encoder: &'static str,
+    scheduler: &'static str,
+}
+
+const SD15: ArchFiles = ArchFiles {
+    unet: include_str!("../../assets/arch/sd15/unet.json"),
+    vae: include_str!("../../assets/arch/sd15/vae.json"),
+    text_encoder: include_str!("../../assets/arch/sd15/text_encoder.json"),
+    scheduler: include_str!("../../assets/arch/sd15/scheduler.json"),
+};
+
+const SD21: ArchFiles = ArchFiles {
+    unet: include_str!("../../assets/arch/sd21/unet.json"),
+    vae: include_str!("../../assets/arch/sd21/vae.json"),
+    text_encoder: include_str!("../../assets/arch/sd21/text_encoder.json"),
+    scheduler: include_str!("../../assets/arch/sd21/scheduler.json"),
+};
+
+/// The CLIP tokenizer files every SD 1.x and 2.x model ships.
+const TOKENIZER: [(&str, &[u8]); 4] = [
+    (
+        "vocab.json",
+        include_bytes!("../../assets/clip-tokenizer/vocab.json"),
+    ),
+    (
+        "merges.txt",
+        include_bytes!("../../assets/clip-tokenizer/merges.txt"),
+    ),
+    (
+        "special_tokens_map.json",
+        include_bytes!("../../assets/clip-tokenizer/special_tokens_map.json"),
+    ),
+    (
+        "tokenizer_config.json",
+        include_bytes!("../../assets/clip-tokenizer/tokenizer_config.json"),
+    ),
+];
+
+/// Written last: a folder without it is incomplete and is rebuilt.
+const COMPLETE_MARKER: &str = "unitune-random-model";
+
+impl Architecture {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sd15 => "sd15",
+            Self::Sd21 => "sd21",
+        }
+    }
+
+    fn files(self) -> &'static ArchFiles {
+        match self {
+            Self::Sd15 => &SD15,
+            Self::Sd21 => &SD21,
+        }
+    }
+
+    /// The image side the model was trained at.
+    pub fn native_side(self) -> usize {
+        match self {
+            Self::Sd15 => 512,
+            Self::Sd21 => 768,
+        }
+    }
+}
+
+impl fmt::Display for Architecture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Architecture {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "sd15" | "sd1.5" => Ok(Self::Sd15),
+            "sd21" | "sd2.1" => Ok(Self::Sd21),
+            other => Err(format!("unknown architecture `{other}` (use sd15 or sd21)")),
+        }
+    }
+}
+
+fn io_error(path: &Path) -> impl Fn(std::io::Error) -> EngineError + '_ {
+    move |e| EngineError::Cache(format!("cannot write to {}: {e}", path.display()))
+}
+
+/// A diffusers folder for `arch` with random f16 weights in `dir`: the one already there if it
+/// is complete, else written anew (about 2 GB for SD 1.5, a minute on a CPU).
+pub fn ensure_random_model(arch: Architecture, dir: &Path) -> Result<PathBuf> {
+    let marker = dir.join(COMPLETE_MARKER);
+    if marker.exists() {
+        return Ok(dir.to_path_buf());
+    }
+    let files = arch.files();
+    let write = |relative: &str, bytes: &[u8]| -> Result<PathBuf> {
+        let path = dir.join(relative);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io_error(parent))?;
+        }
+        std::fs::write(&path, bytes).map_err(io_error(&path))?;
+        Ok(path)
+    };
+    let unet_config = write("unet/config.json", files.unet.as_bytes())?;
+    let vae_config = write("vae/config.json", files.vae.as_bytes())?;
+    let text_config = write("text_encoder/config.json", files.text_encoder.as_bytes())?;
+    write(
+        "scheduler/scheduler_config.json",
+        files.scheduler.as_bytes(),
+    )?;
+    for (name, bytes) in TOKENIZER {
+        write(&format!("tokenizer/{name}"), bytes)?;
+    }
+
+    // Each component is built by the engine's own constructors on a VarMap, which creates
+    // every tensor they ask for with the initialisation they name, then saved as diffusers
+    // names it.
+    let save =
+        |relative: &str, build: &dyn Fn(VarBuilder) -> candle_core::Result<()>| -> Result<()> {
+            let varmap = VarMap::new();
+            build(VarBuilder::from_varmap(&varmap, DType::F16, &Device::Cpu))?;
+            let path = dir.join(relative);
+            varmap
+                .save(&path)
+                .map_err(|e| EngineError::Cache(format!("cannot write {}: {e}", path.display())))
+        };
+    let unet = UnetConfig::load(&unet_config)?;
+    save("unet/diffusion_pytorch_model.safetensors", &|vb| {
+        UNet::new(&unet, vb).map(drop)
+    })?;
+    let vae = VaeConfig::load(&vae_config)?;
+    save("vae/diffusion_pytorch_model.safetensors", &|vb| {
+        Vae::new(&vae, vb).map(drop)
+    })?;
+    let text = TextEncoderConfig::load(&text_config)?;
+    save("text_encoder/model.safetensors", &|vb| {
+        TextEncoder::new(&text, vb).map(drop)
+    })?;
+    std::fs::write(&marker, arch.as_str()).map_err(io_error(&marker))?;
+    Ok(dir.to_path_buf())
+}
