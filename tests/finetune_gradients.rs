@@ -5,7 +5,8 @@
 //! Tolerances: gradients vs central finite differences (f64, step 1e-4) at each variable's
 //! largest-gradient coordinate, relative error <= 1e-4; snapshots after micro-batches of 1
 //! vs 2, |a - b| <= 1e-6 * max|b| per tensor (reported losses within 1e-6 relative); frozen
-//! weights and UNet outputs that must not change, bit for bit.
+//! weights and UNet outputs that must not change, bit for bit; checkpointed vs plain
+//! gradients, relative 1e-12 (both f64, the recomputation is deterministic).
 
 mod common;
 
@@ -15,6 +16,7 @@ use std::ops::ControlFlow;
 use candle_core::{DType, Device, Tensor, Var};
 use common::model_files;
 use unitune::engine::StableDiffusion;
+use unitune::engine::autograd::{GradientAccumulator, accumulate_gradients};
 use unitune::engine::finetune::{
     Adapter, RARE_TOKEN, Snapshot, TrainMode, TuneProgress, TuneSettings, fine_tune,
 };
@@ -494,5 +496,72 @@ fn attaching_changes_nothing_until_training() {
                 }
             }
         }
+    }
+}
+
+/// Gradient checkpointing recomputes each resnet's and transformer's activations in backward:
+/// the gradients must be those of the plain pass, for every training mode. Both are f64;
+/// the recomputation is deterministic, so they agree to rounding (relative 1e-12).
+#[test]
+fn checkpointed_gradients_equal_plain_gradients_in_every_mode() {
+    for mode in [
+        TrainMode::Full,
+        TrainMode::Attention,
+        TrainMode::CrossKv,
+        LORA,
+    ] {
+        let mut model = load();
+        let adapter = Adapter::attach(&mut model, mode, &mut NoiseSource::from_seed(3)).unwrap();
+        if matches!(mode, TrainMode::Lora { .. }) {
+            let mut source = NoiseSource::from_seed(4);
+            for (name, var) in adapter.names().iter().zip(adapter.vars()) {
+                if name.ends_with(".lora_B.weight") {
+                    let b = (source.normal(var.shape(), &Device::Cpu).unwrap() * 0.1)
+                        .unwrap()
+                        .to_dtype(DType::F64)
+                        .unwrap();
+                    var.set(&b).unwrap();
+                }
+            }
+        }
+        let b = batch(&model);
+        let loss_of = |unet: &unitune::engine::unet::UNet| {
+            denoising_loss(
+                unet,
+                &model.scheduler,
+                &b.latents,
+                &b.noise,
+                &b.timesteps,
+                &b.context,
+                None,
+            )
+            .unwrap()
+        };
+        let plain = loss_of(adapter.training_unet()).backward().unwrap();
+        let mut accumulator = GradientAccumulator::new(adapter.vars(), DType::F64);
+        let checkpointed_unet = adapter.training_unet().checkpointed(true);
+        accumulate_gradients(&loss_of(&checkpointed_unet), &mut accumulator).unwrap();
+        let sums = accumulator.take();
+        let mut worst = 0.0f64;
+        for ((name, var), sum) in adapter.names().iter().zip(adapter.vars()).zip(&sums) {
+            let expected = plain
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{mode}: no plain gradient for {name}"));
+            let got = sum
+                .as_ref()
+                .unwrap_or_else(|| panic!("{mode}: no checkpointed gradient for {name}"));
+            let scale = max_abs(expected);
+            assert!(scale > 0.0, "{mode}: {name}'s gradient is zero");
+            let diff = max_abs_diff(got, expected);
+            worst = worst.max(diff / scale);
+            assert!(
+                diff <= 1e-12 * scale,
+                "{mode}: {name}: checkpointed gradient differs by {diff:e} (magnitude {scale:e})"
+            );
+        }
+        eprintln!(
+            "{mode}: {} variables, checkpointed vs plain worst relative difference {worst:e}",
+            adapter.vars().len()
+        );
     }
 }

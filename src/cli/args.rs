@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::engine::device::DeviceChoice;
+use crate::engine::precision::Precision;
+use crate::engine::random_model::Architecture;
 use crate::model_files::DEFAULT_MODEL;
 
 #[derive(Debug, Parser)]
@@ -40,6 +42,12 @@ pub struct GlobalOptions {
     #[arg(long, global = true, value_name = "D", default_value = "auto")]
     pub device: DeviceChoice,
 
+    /// Number format: auto (bf16 on recent NVIDIA cards, f16 on older ones and on Macs, f32 on
+    /// the CPU), f32, f16 or bf16. Half precision halves the memory; norms, softmax and the
+    /// optimizer's master weights stay in f32 whatever is chosen.
+    #[arg(long, global = true, value_name = "P", default_value = "auto")]
+    pub precision: Precision,
+
     /// Never contact the hub; use only local folders and the Hugging Face cache.
     #[arg(long, global = true)]
     pub offline: bool,
@@ -55,6 +63,73 @@ pub enum Command {
     Edit(EditArgs),
     /// The paper's figure 10: one fine-tuning run, columns = snapshots, rows = t0 values.
     Grid(GridArgs),
+    /// Measure speed and peak memory at full size (random weights, no download) and print
+    /// JSON; `benches/diffusers/` prints the same measurements from diffusers.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Architecture to build with random weights: sd15 or sd21.
+    #[arg(long, value_name = "A", default_value = "sd15")]
+    pub arch: Architecture,
+
+    /// Image size WxH (multiples of 64). Default: the architecture's native size.
+    #[arg(long, value_name = "WxH")]
+    pub size: Option<String>,
+
+    /// Training modes whose passes and steps are measured, comma-separated.
+    #[arg(
+        long,
+        value_name = "M,M,..",
+        value_delimiter = ',',
+        default_value = "full,attention,cross-kv,lora"
+    )]
+    pub modes: Vec<String>,
+
+    /// What to measure, comma-separated: pass (one forward and backward at micro-batch 1),
+    /// step (one optimizer step at batch 4), sample (a guided denoising step), vae (encode and
+    /// decode), run (a whole UniTune run: fine-tune, then one edit).
+    #[arg(
+        long,
+        value_name = "W,W,..",
+        value_delimiter = ',',
+        default_value = "pass,step,sample,vae,run"
+    )]
+    pub measure: Vec<String>,
+
+    /// Also measure passes without gradient checkpointing.
+    #[arg(long)]
+    pub without_checkpointing: bool,
+
+    /// Fine-tuning steps of the whole run (snapshots at 1/8, 1/4, 1/2 and all of them).
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    pub steps: usize,
+
+    /// Denoising steps of the whole run's edit.
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    pub sampling_steps: usize,
+
+    /// Training mode of the whole run.
+    #[arg(long, value_name = "MODE", default_value = "full")]
+    pub run_mode: String,
+
+    /// Photos per pass in the batch-4 steps: auto (the largest that fits) or a number.
+    #[arg(long, value_name = "N", default_value = "auto")]
+    pub micro_batch: String,
+
+    /// Optimizer of the steps and the whole run: adafactor or adamw.
+    #[arg(long, value_name = "NAME", default_value = "adafactor")]
+    pub optimizer: String,
+
+    /// Where the random-weight model is written (reused when complete). Default: a folder in
+    /// the user cache.
+    #[arg(long, value_name = "DIR")]
+    pub model_dir: Option<PathBuf>,
+
+    /// Also write the JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
 }
 
 /// How to fine-tune on the photo (UniTune section 3.2). Defaults follow the paper.

@@ -4,6 +4,7 @@
 //! arguments), 1 any other failure. Errors are one line on stderr starting with `error:`.
 
 mod args;
+mod bench;
 mod cancel;
 mod generate;
 mod session;
@@ -92,6 +93,7 @@ fn run(
         Command::Tune(args) => unitune::tune_command(global, args, cancel),
         Command::Edit(args) => unitune::edit_command(global, args, cancel),
         Command::Grid(args) => unitune::grid_command(global, args, cancel),
+        Command::Bench(args) => bench::bench_command(global, args, cancel),
     }
 }
 

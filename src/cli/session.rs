@@ -5,7 +5,6 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use candle_core::DType;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::UsageError;
@@ -13,6 +12,7 @@ use super::args::{GlobalOptions, SamplingOptions};
 use super::cancel::CancelFlag;
 use crate::engine::StableDiffusion;
 use crate::engine::device::{device_name, open_device};
+use crate::engine::precision::dtype_name;
 use crate::engine::sampling::{SampleOutput, SampleRequest, StepView, sample};
 use crate::imaging::{self, ExistingFile};
 use crate::model_files::{self, DownloadProgress, HubOptions, ModelSpec, TerminalProgress};
@@ -44,10 +44,14 @@ pub(super) fn load_model(global: &GlobalOptions) -> Result<LoadedModel> {
     };
     let files = model_files::resolve(&spec, &options, &mut progress)?;
     let device = open_device(global.device)?;
-    eprintln!("using device: {}", device_name(&device));
+    let dtype = global.precision.resolve(&device)?;
+    eprintln!(
+        "using device: {} ({})",
+        device_name(&device),
+        dtype_name(dtype)
+    );
     eprintln!("loading model {} ({})", spec, files.source);
-    // Half precision on the CPU is not faster in candle, and bf16 matmul is missing there.
-    let model = StableDiffusion::load(&files, &device, DType::F32)?;
+    let model = StableDiffusion::load(&files, &device, dtype)?;
     let name = match &spec {
         ModelSpec::Folder(path) => path.display().to_string(),
         ModelSpec::Hub { .. } => spec.to_string(),

@@ -29,5 +29,10 @@ pub fn denoising_loss(
     let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
     let t = Tensor::new(t.as_slice(), latents.device())?;
     let prediction = unet.forward(&noisy, &t, context)?;
-    Ok((prediction - target)?.sqr()?.mean_all()?)
+    // The squared errors are summed in f32 (as diffusers' `mse_loss(pred.float(), ...)`): a
+    // half-precision sum of thousands of terms loses percents.
+    let wide = super::layers::wide(prediction.dtype());
+    Ok((prediction.to_dtype(wide)? - target.to_dtype(wide)?)?
+        .sqr()?
+        .mean_all()?)
 }

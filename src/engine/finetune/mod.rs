@@ -3,12 +3,14 @@
 
 mod adapter;
 mod cache;
+mod memory_plan;
 mod mode;
 mod snapshot;
 mod tune;
 
 pub use adapter::Adapter;
 pub use cache::{CacheEntry, CacheLookup, DEFAULT_MAX_BYTES, SnapshotCache};
+pub use memory_plan::{choose_micro_batch, training_bytes};
 pub use mode::TrainMode;
 pub use snapshot::{IN_MEMORY_LIMIT_BYTES, Snapshot, write_safetensors};
 pub use tune::{

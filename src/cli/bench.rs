@@ -1,0 +1,512 @@
+//! `unitune bench`: speed and peak memory of full-size Stable Diffusion, built from the
+//! built-in architecture configs with random weights (compute and memory do not depend on the
+//! weights' values, so nothing is downloaded). Prints JSON; `benches/diffusers/bench.py`
+//! prints the same measurements from diffusers, and `benches/diffusers/compare.py` sets the two
+//! side by side.
+//!
+//! Memory is the process's peak resident memory on the CPU and the peak of the device's
+//! memory pool on CUDA, each also given above what was in use when the measurement started
+//! (the loaded model), which is what compares across tools.
+
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+use serde_json::{Value, json};
+
+use super::UsageError;
+use super::args::{BenchArgs, GlobalOptions};
+use super::cancel::CancelFlag;
+use crate::engine::autograd::GradientAccumulator;
+use crate::engine::device::{device_name, open_device};
+use crate::engine::edit::{CachePolicy, EditRequest, TuneEvent, edit_photo, tune_photo};
+use crate::engine::finetune::{
+    Adapter, IN_MEMORY_LIMIT_BYTES, PAPER_SNAPSHOTS, RARE_TOKEN, Snapshot, SnapshotCache,
+    TrainMode, TrainingBatch, TuneObserver, TuneProgress, TuneSettings, fine_tune, training_pass,
+    write_safetensors,
+};
+use crate::engine::layers::wide;
+use crate::engine::memory::MemoryProbe;
+use crate::engine::noise::NoiseSource;
+use crate::engine::optim::{OptimizerKind, OptimizerSettings};
+use crate::engine::precision::dtype_name;
+use crate::engine::random_model::ensure_random_model;
+use crate::engine::sampling::{SampleRequest, Start, StepView, sample};
+use crate::engine::{StableDiffusion, finetune};
+use crate::imaging;
+use crate::model_files;
+
+/// Peak memory and time of one measured phase.
+struct Measured {
+    seconds: f64,
+    start_bytes: Option<u64>,
+    peak_bytes: Option<u64>,
+}
+
+impl Measured {
+    fn json(&self, mut fields: Value) -> Value {
+        fields["seconds"] = json!(self.seconds);
+        fields["start_bytes"] = json!(self.start_bytes);
+        fields["peak_bytes"] = json!(self.peak_bytes);
+        fields["peak_above_start_bytes"] = json!(match (self.peak_bytes, self.start_bytes) {
+            (Some(peak), Some(start)) => Some(peak.saturating_sub(start)),
+            _ => None,
+        });
+        fields
+    }
+}
+
+/// Runs `f` and measures its time and peak memory; `f` returns the seconds that count when
+/// only part of it is the measurement.
+fn measure(
+    probe: &MemoryProbe,
+    device: &Device,
+    f: impl FnOnce() -> Result<Option<f64>>,
+) -> Result<Measured> {
+    device.synchronize()?;
+    probe.reset_peak();
+    let start_bytes = probe.current_bytes();
+    let started = Instant::now();
+    let counted = f()?;
+    device.synchronize()?;
+    let seconds = counted.unwrap_or_else(|| started.elapsed().as_secs_f64());
+    Ok(Measured {
+        seconds,
+        start_bytes,
+        peak_bytes: probe.peak_bytes(),
+    })
+}
+
+fn stop_if_cancelled(cancel: &CancelFlag) -> Result<()> {
+    if cancel.is_set() {
+        return Err(crate::engine::EngineError::Cancelled.into());
+    }
+    Ok(())
+}
+
+/// A photo-like test image: smooth gradients and a few shapes (content does not change cost).
+fn test_photo(width: u32, height: u32) -> RgbImage {
+    RgbImage::from_fn(width, height, |x, y| {
+        let (u, v) = (x as f32 / width as f32, y as f32 / height as f32);
+        let disc = ((u - 0.4).powi(2) + (v - 0.5).powi(2)) < 0.04;
+        image::Rgb([
+            (255.0 * u) as u8,
+            if disc { 230 } else { (180.0 * v) as u8 },
+            (255.0 * (1.0 - u * v)) as u8,
+        ])
+    })
+}
+
+fn parse_mode(name: &str) -> Result<TrainMode> {
+    let mode: TrainMode = name.parse().map_err(UsageError)?;
+    Ok(match mode {
+        TrainMode::Lora { .. } => TrainMode::Lora { rank: 8 },
+        other => other,
+    })
+}
+
+/// The paper's ladder scaled to `steps`: snapshots after 1/8, 1/4, 1/2 and all of them.
+fn ladder(steps: usize) -> Vec<usize> {
+    let mut ladder: Vec<usize> = PAPER_SNAPSHOTS
+        .iter()
+        .map(|&s| (s * steps).div_ceil(PAPER_SNAPSHOTS[3]).max(1))
+        .collect();
+    ladder.dedup();
+    ladder
+}
+
+pub fn bench_command(global: &GlobalOptions, args: &BenchArgs, cancel: &CancelFlag) -> Result<()> {
+    let known = ["pass", "step", "sample", "vae", "run"];
+    if let Some(bad) = args.measure.iter().find(|m| !known.contains(&m.as_str())) {
+        return Err(UsageError(format!(
+            "unknown measurement `{bad}` (use pass, step, sample, vae, run)"
+        ))
+        .into());
+    }
+    let modes = args
+        .modes
+        .iter()
+        .map(|m| parse_mode(m))
+        .collect::<Result<Vec<_>>>()?;
+    let run_mode = parse_mode(&args.run_mode)?;
+    let optimizer: OptimizerKind = args.optimizer.parse().map_err(UsageError)?;
+    let side = args.arch.native_side() as u32;
+    let (width, height) = match &args.size {
+        Some(size) => imaging::parse_size(size)?,
+        None => (side, side),
+    };
+    let wants = |what: &str| args.measure.iter().any(|m| m == what);
+
+    let device = open_device(global.device)?;
+    let dtype = global.precision.resolve(&device)?;
+    let probe = MemoryProbe::new(&device);
+    let model_dir = match &args.model_dir {
+        Some(dir) => dir.clone(),
+        None => dirs::cache_dir()
+            .context("no user cache folder; pass --model-dir")?
+            .join("unitune")
+            .join("bench")
+            .join(args.arch.as_str()),
+    };
+    eprintln!(
+        "bench: {} at {width}x{height} on {} in {}; random weights in {}",
+        args.arch,
+        device_name(&device),
+        dtype_name(dtype),
+        model_dir.display()
+    );
+    ensure_random_model(args.arch, &model_dir)?;
+    let files = model_files::locate_in_folder(&model_dir)?;
+
+    probe.reset_peak();
+    let started = Instant::now();
+    let mut model = StableDiffusion::load(&files, &device, dtype)?;
+    device.synchronize()?;
+    let load = json!({
+        "seconds": started.elapsed().as_secs_f64(),
+        "memory_bytes": probe.current_bytes(),
+    });
+    let photo = test_photo(width, height);
+    let mut results = Vec::new();
+    let mut report = |name: &str, value: Value| {
+        eprintln!("bench: {name} {value}");
+        results.push(value);
+    };
+
+    if wants("pass") {
+        let checkpointing: &[bool] = if args.without_checkpointing {
+            &[true, false]
+        } else {
+            &[true]
+        };
+        for &mode in &modes {
+            for &checkpoint in checkpointing {
+                stop_if_cancelled(cancel)?;
+                let m = measure_pass(&mut model, &probe, mode, checkpoint, &photo)?;
+                report(
+                    "pass",
+                    m.json(json!({"name": "pass", "mode": mode.name(), "batch": 1, "checkpointing": checkpoint})),
+                );
+            }
+        }
+    }
+    if wants("step") {
+        for &mode in &modes {
+            stop_if_cancelled(cancel)?;
+            let settings = TuneSettings {
+                mode,
+                optimizer: OptimizerSettings {
+                    kind: optimizer,
+                    ..OptimizerSettings::default()
+                },
+                snapshot_steps: vec![2],
+                micro_batch_size: micro_batch(args, &model, mode, &photo, &probe)?,
+                ..TuneSettings::default()
+            };
+            let (m, spill) = measure_step(&mut model, &probe, &settings, &photo, cancel)?;
+            drop(spill);
+            report(
+                "step",
+                m.json(json!({
+                    "name": "step", "mode": mode.name(), "batch": settings.batch_size,
+                    "micro_batch": settings.micro_batch_size, "optimizer": optimizer.as_str(),
+                    "checkpointing": settings.checkpointing,
+                })),
+            );
+        }
+    }
+    if wants("sample") {
+        stop_if_cancelled(cancel)?;
+        let m = measure_sampling_step(&model, &probe, width as usize, height as usize)?;
+        report(
+            "sampling_step",
+            m.json(json!({"name": "sampling_step", "guidance": 7.5, "batch": 2})),
+        );
+    }
+    if wants("vae") {
+        stop_if_cancelled(cancel)?;
+        let (encode, decode) = measure_vae(&model, &probe, &photo)?;
+        report("vae_encode", encode.json(json!({"name": "vae_encode"})));
+        report("vae_decode", decode.json(json!({"name": "vae_decode"})));
+    }
+    if wants("run") && args.steps > 0 {
+        stop_if_cancelled(cancel)?;
+        let settings = TuneSettings {
+            mode: run_mode,
+            optimizer: OptimizerSettings {
+                kind: optimizer,
+                ..OptimizerSettings::default()
+            },
+            snapshot_steps: ladder(args.steps),
+            micro_batch_size: micro_batch(args, &model, run_mode, &photo, &probe)?,
+            ..TuneSettings::default()
+        };
+        let (m, tune_seconds) = measure_run(
+            &mut model,
+            &probe,
+            &settings,
+            &photo,
+            args.sampling_steps,
+            cancel,
+        )?;
+        report(
+            "unitune_run",
+            m.json(json!({
+                "name": "unitune_run", "mode": run_mode.name(), "tune_steps": args.steps,
+                "snapshots": settings.snapshot_steps, "micro_batch": settings.micro_batch_size,
+                "sampling_steps": args.sampling_steps, "optimizer": optimizer.as_str(),
+                "tune_seconds": tune_seconds,
+            })),
+        );
+    }
+
+    let output = json!({
+        "tool": "unitune",
+        "version": env!("CARGO_PKG_VERSION"),
+        "revision": env!("UNITUNE_GIT_REVISION"),
+        "device": device_name(&device),
+        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "arch": args.arch.as_str(),
+        "width": width,
+        "height": height,
+        "precision": dtype_name(dtype),
+        "memory": if device.is_cpu() { "peak resident memory of the process" } else { "peak of the device memory pool" },
+        "load": load,
+        "results": results,
+    });
+    let text = serde_json::to_string_pretty(&output)?;
+    println!("{text}");
+    if let Some(out) = &args.out {
+        std::fs::write(out, format!("{text}\n"))
+            .with_context(|| format!("cannot write {}", out.display()))?;
+    }
+    Ok(())
+}
+
+/// The micro-batch for batch-4 steps: `--micro-batch`, or the largest that fits.
+fn micro_batch(
+    args: &BenchArgs,
+    model: &StableDiffusion,
+    mode: TrainMode,
+    photo: &RgbImage,
+    probe: &MemoryProbe,
+) -> Result<usize> {
+    if args.micro_batch != "auto" {
+        return args.micro_batch.parse().map_err(|_| {
+            UsageError(format!(
+                "--micro-batch must be auto or a number, not {}",
+                args.micro_batch
+            ))
+            .into()
+        });
+    }
+    let settings = TuneSettings {
+        mode,
+        ..TuneSettings::default()
+    };
+    Ok(finetune::choose_micro_batch(
+        model,
+        &settings,
+        (photo.width() as usize, photo.height() as usize),
+        probe.available_bytes(),
+    ))
+}
+
+/// One forward and backward pass at micro-batch 1 (after attaching `mode`, which is not
+/// measured).
+fn measure_pass(
+    model: &mut StableDiffusion,
+    probe: &MemoryProbe,
+    mode: TrainMode,
+    checkpointing: bool,
+    photo: &RgbImage,
+) -> Result<Measured> {
+    let adapter = Adapter::attach(model, mode, &mut NoiseSource::from_seed(1))?;
+    let device = model.device().clone();
+    let dtype = model.dtype();
+    let (c, h, w) = model.latent_dims(photo.width() as usize, photo.height() as usize)?;
+    let mut noise = NoiseSource::from_seed(2);
+    let latents = noise.normal((1, c, h, w), &device)?.to_dtype(dtype)?;
+    let target = noise.normal((1, c, h, w), &device)?.to_dtype(dtype)?;
+    let context = model.encode_prompt(RARE_TOKEN)?.embedding;
+    let unet = adapter.training_unet().checkpointed(checkpointing);
+    let mut accumulator = GradientAccumulator::new(adapter.vars(), wide(dtype));
+    let batch = TrainingBatch {
+        latents: &latents,
+        noise: &target,
+        timesteps: &[500],
+        context: &context,
+    };
+    if !device.is_cpu() {
+        // Warm up kernels and the memory pool; a CPU pass is long enough as it is.
+        training_pass(model, &unet, &batch, 1.0, &mut accumulator)?;
+        accumulator.take();
+    }
+    measure(probe, &device, || {
+        training_pass(model, &unet, &batch, 1.0, &mut accumulator)?;
+        let grads = accumulator.take();
+        if let Some(Some(last)) = grads.last() {
+            last.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        }
+        Ok(None)
+    })
+}
+
+/// Times one optimizer step (the second of two, so that the photo's encoding and the
+/// optimizer's first allocations are not in it; the snapshot after it is not timed).
+struct StepTimer<'a> {
+    observed_first: Option<Instant>,
+    second: Option<f64>,
+    spill: &'a Path,
+    cancel: &'a CancelFlag,
+}
+
+impl TuneObserver for StepTimer<'_> {
+    fn observe(&mut self, progress: &TuneProgress) -> ControlFlow<()> {
+        if progress.step == 1 {
+            self.observed_first = Some(Instant::now());
+        }
+        self.cancel.check()
+    }
+
+    fn keep(&mut self, adapter: &Adapter, steps: usize) -> crate::engine::Result<Snapshot> {
+        self.second = self.observed_first.map(|t| t.elapsed().as_secs_f64());
+        if adapter.parameter_bytes() <= IN_MEMORY_LIMIT_BYTES {
+            return adapter.snapshot(steps);
+        }
+        let path = self.spill.join(format!("{steps}.safetensors"));
+        write_safetensors(&path, &adapter.named_values(), &Default::default())?;
+        Ok(adapter.stored_snapshot(steps, path))
+    }
+}
+
+fn measure_step(
+    model: &mut StableDiffusion,
+    probe: &MemoryProbe,
+    settings: &TuneSettings,
+    photo: &RgbImage,
+    cancel: &CancelFlag,
+) -> Result<(Measured, tempfile::TempDir)> {
+    let spill = tempfile::tempdir()?;
+    let adapter = Adapter::attach(model, settings.mode, &mut NoiseSource::from_seed(1))?;
+    let device = model.device().clone();
+    let mut timer = StepTimer {
+        observed_first: None,
+        second: None,
+        spill: spill.path(),
+        cancel,
+    };
+    let m = measure(probe, &device, || {
+        fine_tune(model, &adapter, photo, settings, &mut timer)?;
+        Ok(timer.second)
+    })?;
+    Ok((m, spill))
+}
+
+/// One guided DDIM step at `width` x `height` (the mean of steps 2 and 3 of a text-to-image
+/// run, so that prompt encoding and warm-up are not in it).
+fn measure_sampling_step(
+    model: &StableDiffusion,
+    probe: &MemoryProbe,
+    width: usize,
+    height: usize,
+) -> Result<Measured> {
+    let request = SampleRequest {
+        prompt: "a photo of a cat",
+        baseline_prompt: "",
+        guidance_weight: 7.5,
+        sampling_steps: 3,
+        seed: 1,
+        start: Start::Noise { width, height },
+    };
+    let mut marks: Vec<Instant> = Vec::new();
+    let device = model.device().clone();
+    let mut observer = |_: &StepView| {
+        let _ = device.synchronize();
+        marks.push(Instant::now());
+        ControlFlow::Continue(())
+    };
+    let m = measure(probe, model.device(), || {
+        sample(model, &request, &mut observer)?;
+        Ok(None)
+    })?;
+    let seconds = match marks.as_slice() {
+        [first, .., last] if marks.len() >= 2 => {
+            last.duration_since(*first).as_secs_f64() / (marks.len() - 1) as f64
+        }
+        _ => m.seconds,
+    };
+    Ok(Measured { seconds, ..m })
+}
+
+fn measure_vae(
+    model: &StableDiffusion,
+    probe: &MemoryProbe,
+    photo: &RgbImage,
+) -> Result<(Measured, Measured)> {
+    let device = model.device().clone();
+    let mut noise = NoiseSource::from_seed(3);
+    if !device.is_cpu() {
+        let latents = model.encode_image(photo, &mut noise)?;
+        model.decode_latents(&latents)?;
+    }
+    let mut latents: Option<Tensor> = None;
+    let encode = measure(probe, &device, || {
+        latents = Some(model.encode_image(photo, &mut noise)?);
+        Ok(None)
+    })?;
+    let latents = latents.context("the encoder returned nothing")?;
+    let decode = measure(probe, &device, || {
+        model.decode_latents(&latents)?;
+        Ok(None)
+    })?;
+    Ok((encode, decode))
+}
+
+/// A whole UniTune run as a user's first edit: fine-tune with snapshots written to a (fresh)
+/// cache, then one edit from the last snapshot. Returns the measurement and the fine-tuning's
+/// share of the time.
+fn measure_run(
+    model: &mut StableDiffusion,
+    probe: &MemoryProbe,
+    settings: &TuneSettings,
+    photo: &RgbImage,
+    sampling_steps: usize,
+    cancel: &CancelFlag,
+) -> Result<(Measured, f64)> {
+    let cache_dir = tempfile::tempdir()?;
+    let cache = SnapshotCache::new(cache_dir.path());
+    let policy = CachePolicy {
+        cache: Some(&cache),
+        model_identity: "bench",
+    };
+    let device = model.device().clone();
+    let mut tune_seconds = 0.0;
+    let m = measure(probe, &device, || {
+        let started = Instant::now();
+        let mut on_event = |_: TuneEvent| cancel.check();
+        let tuned = tune_photo(model, photo, settings, &policy, None, &mut on_event)?;
+        device.synchronize()?;
+        tune_seconds = started.elapsed().as_secs_f64();
+        let request = EditRequest {
+            original: photo,
+            working: photo,
+            prompt: "a cat wearing sunglasses",
+            baseline_prompt: None,
+            tune_steps: settings.total_steps(),
+            t0: 0.9,
+            guidance: 7.5,
+            sampling_steps,
+            seed: 1,
+            mask: None,
+            interpolate: false,
+        };
+        let mut observer = |_: &StepView| cancel.check();
+        edit_photo(model, Some(&tuned), &request, &mut observer)?;
+        Ok(None)
+    })?;
+    Ok((m, tune_seconds))
+}

@@ -1,0 +1,88 @@
+//! How much memory a fine-tune needs, to choose the micro-batch before starting (a user should
+//! never see an out-of-memory error for the default settings).
+//!
+//! Estimated, not measured, so it errs on the large side: what training keeps for the trained
+//! weights (f32 master copies for half precision, the summed gradients, the optimizer's
+//! state), plus the activations of the passes, which grow with the micro-batch and the image.
+
+use candle_core::DType;
+
+use super::mode::TrainMode;
+use super::tune::TuneSettings;
+use crate::engine::model::StableDiffusion;
+use crate::engine::optim::OptimizerKind;
+
+/// Activation bytes per latent pixel per sample of a checkpointed pass, per byte of the
+/// compute dtype, for SD 1.5's UNet (measured by `unitune bench`: see docs/performance.md),
+/// rounded up. Without checkpointing a pass keeps several times more.
+const CHECKPOINTED_BYTES_PER_LATENT_PIXEL: u64 = 20_000;
+const PLAIN_BYTES_PER_LATENT_PIXEL: u64 = 100_000;
+/// Kept free for the sampler, the VAE and the allocator's slack.
+const HEADROOM_BYTES: u64 = 1 << 30;
+
+/// Trained values of `mode` in the model's UNet.
+fn trained_values(model: &StableDiffusion, mode: TrainMode) -> u64 {
+    model
+        .unet_weights()
+        .iter()
+        .map(|(name, t)| match mode {
+            TrainMode::Lora { rank } if mode.adapts(name) => t
+                .dims2()
+                .map(|(out_dim, in_dim)| (rank * (in_dim + out_dim)) as u64)
+                .unwrap_or(0),
+            _ if mode.trains(name) => t.elem_count() as u64,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Bytes a fine-tune with `micro` photos per pass needs beyond the loaded model.
+pub fn training_bytes(
+    model: &StableDiffusion,
+    settings: &TuneSettings,
+    micro: usize,
+    (width, height): (usize, usize),
+) -> u64 {
+    let values = trained_values(model, settings.mode);
+    let dtype = model.dtype();
+    let master = if matches!(dtype, DType::F16 | DType::BF16) {
+        4
+    } else {
+        0
+    };
+    let optimizer = match settings.optimizer.kind {
+        // Rows and columns only: negligible next to the weights.
+        OptimizerKind::Adafactor => 0,
+        OptimizerKind::AdamW => 8,
+    };
+    // Summed gradients in f32, plus one pass's gradients in the compute dtype.
+    let gradients = 4 + dtype.size_in_bytes() as u64;
+    let state = values * (master + optimizer + gradients);
+    let factor = model.config.vae.downscale_factor().max(1);
+    let latent_pixels = ((width / factor) * (height / factor)) as u64;
+    let per_pixel = if settings.checkpointing {
+        CHECKPOINTED_BYTES_PER_LATENT_PIXEL
+    } else {
+        PLAIN_BYTES_PER_LATENT_PIXEL
+    };
+    let activations = micro as u64 * latent_pixels * per_pixel * dtype.size_in_bytes() as u64 / 4;
+    state + activations + HEADROOM_BYTES
+}
+
+/// The largest micro-batch (a divisor of the batch) whose estimate fits in `available` bytes;
+/// 1 when nothing fits or the available memory is unknown.
+pub fn choose_micro_batch(
+    model: &StableDiffusion,
+    settings: &TuneSettings,
+    size: (usize, usize),
+    available: Option<u64>,
+) -> usize {
+    let Some(available) = available else {
+        return 1;
+    };
+    (1..=settings.batch_size)
+        .rev()
+        .filter(|m| settings.batch_size.is_multiple_of(*m))
+        .find(|&m| training_bytes(model, settings, m, size) <= available)
+        .unwrap_or(1)
+}
