@@ -29,7 +29,7 @@ use crate::engine::finetune::{
     write_safetensors,
 };
 use crate::engine::layers::wide;
-use crate::engine::memory::MemoryProbe;
+use crate::engine::memory::{MemoryProbe, release_free_memory};
 use crate::engine::noise::NoiseSource;
 use crate::engine::optim::{OptimizerKind, OptimizerSettings};
 use crate::engine::precision::dtype_name;
@@ -67,6 +67,8 @@ fn measure(
     f: impl FnOnce() -> Result<Option<f64>>,
 ) -> Result<Measured> {
     device.synchronize()?;
+    // Memory malloc keeps for reuse would count as in use at the start and hide the peak.
+    release_free_memory();
     probe.reset_peak();
     let start_bytes = probe.current_bytes();
     let started = Instant::now();

@@ -274,7 +274,7 @@ impl Vae {
         h = self.encoder_mid.forward(&h)?;
         h = self
             .encoder_conv_out
-            .forward(&self.encoder_norm_out.forward(&h)?.silu()?)?;
+            .forward(&self.encoder_norm_out.forward_silu(&h)?)?;
         if let Some(quant) = &self.quant_conv {
             h = quant.forward(&h)?;
         }
@@ -297,6 +297,6 @@ impl Vae {
             h = stage.forward(&h)?;
         }
         self.decoder_conv_out
-            .forward(&self.decoder_norm_out.forward(&h)?.silu()?)
+            .forward(&self.decoder_norm_out.forward_silu(&h)?)
     }
 }

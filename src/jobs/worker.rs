@@ -100,6 +100,8 @@ impl Worker {
                 guarded(|| self.run_job(id, &cancel, request))
             };
             self.out.clear_previews();
+            // What malloc kept for reuse during the job goes back to the system while idle.
+            crate::engine::memory::release_free_memory();
             let event = match result {
                 Ok(Outcome::Edited {
                     result,

@@ -21,6 +21,8 @@ pub trait Backward: Send + Sync + 'static {
 
     /// One gradient per input, in order; `None` for an input that needs none (compute a
     /// gradient only for inputs whose `track_op()` is true: that is the whole point).
+    /// `output` and `grad` come detached; detach the inputs before computing with them, or
+    /// the gradients will hold on to the graph (and everything it keeps alive).
     fn backward(
         &self,
         inputs: &[&Tensor],
@@ -113,7 +115,9 @@ impl<B: Backward> Node<B> {
         output: &Tensor,
         grad: &Tensor,
     ) -> Result<[Option<Tensor>; N]> {
-        let grads = self.backward.backward(&inputs, output, grad)?;
+        let grads = self
+            .backward
+            .backward(&inputs, &output.detach(), &grad.detach())?;
         let count = grads.len();
         grads.try_into().map_err(|_| {
             candle_core::Error::Msg(format!(
@@ -277,6 +281,37 @@ mod tests {
         );
         // The frozen input gets no gradient at all.
         assert!(ours.get(&b).is_none());
+        Ok(())
+    }
+
+    /// y = exp(a), whose backward uses the output.
+    struct Exp;
+
+    impl Backward for Exp {
+        fn name(&self) -> &'static str {
+            "exp"
+        }
+        fn backward(
+            &self,
+            _: &[&Tensor],
+            output: &Tensor,
+            grad: &Tensor,
+        ) -> Result<Vec<Option<Tensor>>> {
+            Ok(vec![Some((grad * output)?)])
+        }
+    }
+
+    /// A backward computed from the (tracked) output would make the gradient a graph node that
+    /// keeps every intermediate of the backward alive (it once kept all of attention's blocks).
+    #[test]
+    fn gradients_never_hold_on_to_the_graph() -> Result<()> {
+        let a = Var::new(&[0.5f64, -1.0], &Device::Cpu)?;
+        let y = with_backward(&[a.as_tensor()], a.as_tensor().detach().exp()?, Exp)?;
+        let grads = (y * 3.0)?.sum_all()?.backward()?;
+        let g = grads.get(a.as_tensor()).unwrap();
+        assert!(!g.track_op(), "the gradient is still part of a graph");
+        let expected: Vec<f64> = [0.5f64, -1.0].iter().map(|v| 3.0 * v.exp()).collect();
+        assert_eq!(g.to_vec1::<f64>()?, expected);
         Ok(())
     }
 

@@ -11,6 +11,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
+use super::attention_cpu;
 use super::norm::wide;
 use crate::engine::autograd::{Backward, tracks_gradient, with_backward};
 
@@ -110,11 +111,22 @@ fn prepare(q: &Tensor, k: &Tensor, v: &Tensor, dims: &Dims) -> Result<(Tensor, T
 
 /// Softmax over the last dimension in the accumulation dtype.
 fn probabilities(q_block: &Tensor, k: &Tensor) -> Result<Tensor> {
-    let scores = q_block.matmul(&k.t()?)?;
-    candle_nn::ops::softmax_last_dim(&scores.to_dtype(wide(scores.dtype()))?)
+    let scores = q_block.matmul(&k.t()?)?.to_dtype(wide(q_block.dtype()))?;
+    if is_cpu_f32(&scores) {
+        attention_cpu::softmax_last_dim(&scores)
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)
+    }
+}
+
+fn is_cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
 }
 
 fn forward(q: &Tensor, k: &Tensor, v: &Tensor, dims: &Dims) -> Result<Tensor> {
+    if [q, k, v].iter().all(|t| is_cpu_f32(t)) {
+        return attention_cpu::attention(q, k, v, dims.heads, dims.scale());
+    }
     let (q, k, v) = prepare(q, k, v, dims)?;
     let rows = dims.block_rows(FORWARD_SCORE_COPIES);
     let mut blocks = Vec::with_capacity(dims.queries.div_ceil(rows));

@@ -8,7 +8,9 @@
 //! differences in tests.
 
 mod attention;
+mod attention_cpu;
 mod conv;
+mod group_norm_cpu;
 mod linear;
 mod norm;
 
@@ -78,12 +80,12 @@ impl ResnetBlock {
 
     /// `temb` is the time embedding `[batch, temb_channels]` (ignored by the VAE's blocks).
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),

@@ -7,6 +7,7 @@
 use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use super::group_norm_cpu;
 use crate::engine::autograd::{Backward, param, tracks_gradient, with_backward};
 
 /// The dtype to accumulate in: f32 for half precision, the dtype itself otherwise.
@@ -85,16 +86,27 @@ fn group_norm_forward(
     b: &Tensor,
     groups: usize,
     eps: f64,
+    silu: bool,
 ) -> Result<Tensor> {
-    standardize(&grouped(x, groups)?, eps)?
+    if group_norm_cpu::supported(x) {
+        return group_norm_cpu::group_norm(x, w, b, groups, eps, silu);
+    }
+    let y = standardize(&grouped(x, groups)?, eps)?
         .to_dtype(x.dtype())?
         .reshape(x.dims())?
         .broadcast_mul(&per_channel(w, x.rank())?)?
-        .broadcast_add(&per_channel(b, x.rank())?)
+        .broadcast_add(&per_channel(b, x.rank())?)?;
+    if silu { y.silu() } else { Ok(y) }
 }
 
-impl Module for GroupNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl GroupNorm {
+    /// `silu(group_norm(x))` in one pass where possible: every norm in the UNet's and the
+    /// VAE's resnets is followed by SiLU.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, true)
+    }
+
+    fn forward_with(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         if x.rank() < 3 || x.dim(1)? != self.weight.elem_count() {
             candle_core::bail!(
                 "GroupNorm expects [batch, {}, ...], got {:?}",
@@ -104,24 +116,29 @@ impl Module for GroupNorm {
         }
         let (w, b) = (param(&self.weight), param(&self.bias));
         if !tracks_gradient(&[x, &w, &b]) {
-            return group_norm_forward(x, &w, &b, self.groups, self.eps);
+            return group_norm_forward(x, &w, &b, self.groups, self.eps, silu);
         }
-        let output =
-            group_norm_forward(&x.detach(), &w.detach(), &b.detach(), self.groups, self.eps)?;
+        let (groups, eps) = (self.groups, self.eps);
+        let output = group_norm_forward(&x.detach(), &w.detach(), &b.detach(), groups, eps, silu)?;
         with_backward(
             &[x, &w, &b],
             output,
-            GroupNormBackward {
-                groups: self.groups,
-                eps: self.eps,
-            },
+            GroupNormBackward { groups, eps, silu },
         )
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, false)
     }
 }
 
 struct GroupNormBackward {
     groups: usize,
     eps: f64,
+    /// The op is `silu(group_norm(x))`.
+    silu: bool,
 }
 
 impl Backward for GroupNormBackward {
@@ -141,8 +158,17 @@ impl Backward for GroupNormBackward {
         let x_grouped = grouped(&x, self.groups)?;
         let normalized = standardize(&x_grouped, self.eps)?;
         // Per channel: [batch, channels, spatial].
-        let grad_c = grad.to_dtype(acc)?.reshape((batch, channels, ()))?;
+        let mut grad_c = grad.to_dtype(acc)?.reshape((batch, channels, ()))?;
         let normalized_c = normalized.reshape((batch, channels, ()))?;
+        if self.silu {
+            // Through the SiLU first: d silu(n) / dn = s (1 + n (1 - s)), s = sigmoid(n).
+            let n = normalized_c
+                .broadcast_mul(&w.to_dtype(acc)?.reshape((1, channels, 1))?)?
+                .broadcast_add(&b.detach().to_dtype(acc)?.reshape((1, channels, 1))?)?;
+            let s = candle_nn::ops::sigmoid(&n)?;
+            let slope = (&s * ((&n * (1.0 - &s)?)? + 1.0)?)?;
+            grad_c = (grad_c * slope)?;
+        }
         let grad_w = inputs[1]
             .track_op()
             .then(|| (&grad_c * &normalized_c)?.sum((0, 2))?.to_dtype(w.dtype()))
