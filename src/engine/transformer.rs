@@ -1,11 +1,12 @@
 //! The UNet's spatial transformer (diffusers `Transformer2DModel` with `BasicTransformerBlock`):
 //! self-attention over pixels, cross-attention to the prompt, and a GeGLU feed-forward.
 
-use candle_core::{D, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::layers::{
-    Conv2d, GroupNorm, LayerNorm, Linear, attention, conv2d, group_norm, linear, linear_no_bias,
+    Conv2d, GroupNorm, LayerNorm, Linear, attention, conv2d, geglu, group_norm, linear,
+    linear_no_bias,
 };
 
 /// A linear layer with an optional low-rank adapter (LoRA, PEFT names `lora_A`/`lora_B`):
@@ -112,12 +113,7 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let projected = self.proj_in.forward(x)?;
-        let half = projected.dim(D::Minus1)? / 2;
-        let value = projected.narrow(D::Minus1, 0, half)?;
-        let gate = projected.narrow(D::Minus1, half, half)?;
-        // Exact GELU as diffusers uses; candle-transformers' tanh approximation differs by ~1e-4.
-        self.proj_out.forward(&(value * gate.gelu_erf()?)?)
+        self.proj_out.forward(&geglu(x, &self.proj_in)?)
     }
 }
 

@@ -160,6 +160,28 @@ impl Backward for AttentionBackward {
     ) -> Result<Vec<Option<Tensor>>> {
         let dims = &self.dims;
         let [wants_q, wants_k, wants_v] = [0, 1, 2].map(|i| inputs[i].track_op());
+        if [inputs[0], inputs[1], inputs[2], output, grad]
+            .iter()
+            .all(|t| is_cpu_f32(t))
+        {
+            let wanted = attention_cpu::Wanted {
+                q: wants_q,
+                k: wants_k,
+                v: wants_v,
+            };
+            let [q, k, v] = [0, 1, 2].map(|i| inputs[i].detach());
+            let grads = attention_cpu::attention_backward(
+                &q,
+                &k,
+                &v,
+                output,
+                grad,
+                dims.heads,
+                dims.scale(),
+                wanted,
+            )?;
+            return Ok(grads.into());
+        }
         let (q, k, v) = prepare(
             &inputs[0].detach(),
             &inputs[1].detach(),

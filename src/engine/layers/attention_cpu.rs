@@ -101,8 +101,9 @@ fn softmax_row_portable(row: &mut [f32]) {
     }
 }
 
-/// `dst = scale * lhs @ rhs` for `(m, n, k)`; each operand is a pointer with its (row, column)
-/// strides. Single-threaded: the callers parallelise over heads.
+/// `dst = scale * lhs @ rhs` for `(m, n, k)`, or `dst += ...` with `accumulate`; each operand
+/// is a pointer with its (row, column) strides. Single-threaded: the callers parallelise over
+/// heads.
 ///
 /// # Safety
 /// Every element the shapes and strides reach must be inside its allocation, and no other
@@ -113,6 +114,7 @@ unsafe fn matmul(
     lhs: (*const f32, usize, usize),
     rhs: (*const f32, usize, usize),
     scale: f32,
+    accumulate: bool,
 ) {
     // SAFETY: as promised by the caller.
     unsafe {
@@ -123,14 +125,14 @@ unsafe fn matmul(
             dst.0,
             dst.2 as isize,
             dst.1 as isize,
-            false,
+            accumulate,
             lhs.0,
             lhs.2 as isize,
             lhs.1 as isize,
             rhs.0,
             rhs.2 as isize,
             rhs.1 as isize,
-            0.0,
+            if accumulate { 1.0 } else { 0.0 },
             scale,
             false,
             false,
@@ -225,6 +227,7 @@ impl CustomOp3 for HeadAttention {
                         (q, width, 1),
                         (k, 1, width),
                         self.scale,
+                        false,
                     );
                     scores[..rows * keys]
                         .chunks_exact_mut(keys)
@@ -236,12 +239,193 @@ impl CustomOp3 for HeadAttention {
                         (scores.as_ptr(), keys, 1),
                         (v, width, 1),
                         1.0,
+                        false,
                     );
                 }
             }
         });
         Ok((CpuStorage::F32(out), q_layout.shape().clone()))
     }
+}
+
+/// Which input gradients [`attention_backward`] computes.
+#[derive(Debug, Clone, Copy)]
+pub struct Wanted {
+    pub q: bool,
+    pub k: bool,
+    pub v: bool,
+}
+
+/// The gradients of [`attention`] with respect to `q`, `k` and `v` (those `wanted`), from the
+/// output `out` and its gradient `grad_out`, all `[batch, tokens, heads * dim]` f32 on the CPU.
+///
+/// FlashAttention's backward on the CPU: per head and block of queries, the scores and
+/// probabilities are recomputed in a cache-sized buffer, `dV += P^T dO`, `dP = dO V^T`,
+/// `dS = P (dP - rowsum(dO O))`, `dQ = scale dS K`, `dK += scale dS^T Q`; nothing the size of
+/// the score matrix is ever stored.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    grad_out: &Tensor,
+    heads: usize,
+    scale: f64,
+    wanted: Wanted,
+) -> Result<[Option<Tensor>; 3]> {
+    let (batch, queries, width) = q.dims3()?;
+    let keys = k.dim(1)?;
+    if heads == 0 || !width.is_multiple_of(heads) {
+        candle_core::bail!("cpu attention: {width} channels cannot be split into {heads} heads");
+    }
+    let dim = width / heads;
+    let vec = |t: &Tensor| -> Result<Vec<f32>> { t.contiguous()?.flatten_all()?.to_vec1::<f32>() };
+    let (q, k, v, o, d_o) = (vec(q)?, vec(k)?, vec(v)?, vec(out)?, vec(grad_out)?);
+    if k.len() != batch * keys * width
+        || v.len() != k.len()
+        || o.len() != q.len()
+        || d_o.len() != q.len()
+    {
+        candle_core::bail!("cpu attention backward: mismatched shapes");
+    }
+    let scale = scale as f32;
+    let mut grad_q = vec![0f32; if wanted.q { q.len() } else { 0 }];
+    let mut grad_k = vec![0f32; if wanted.k { k.len() } else { 0 }];
+    let mut grad_v = vec![0f32; if wanted.v { v.len() } else { 0 }];
+    let (dq_out, dk_out, dv_out) = (
+        Shared(grad_q.as_mut_ptr()),
+        Shared(grad_k.as_mut_ptr()),
+        Shared(grad_v.as_mut_ptr()),
+    );
+    (0..batch * heads).into_par_iter().for_each(|task| {
+        let (dq_out, dk_out, dv_out) = (&dq_out, &dk_out, &dv_out);
+        let (b, h) = (task / heads, task % heads);
+        let q_at = b * queries * width + h * dim;
+        let kv_at = b * keys * width + h * dim;
+        let (q, k, v) = (&q[q_at..], &k[kv_at..], &v[kv_at..]);
+        let (o, d_o) = (&o[q_at..], &d_o[q_at..]);
+        // delta_i = <dO_i, O_i>, the softmax backward's row term.
+        let delta: Vec<f32> = (0..queries)
+            .map(|i| {
+                let row = i * width;
+                d_o[row..row + dim]
+                    .iter()
+                    .zip(&o[row..row + dim])
+                    .map(|(a, b)| a * b)
+                    .sum()
+            })
+            .collect();
+        let mut probs = vec![0f32; BLOCK_ROWS * keys];
+        let mut grad_scores = vec![0f32; BLOCK_ROWS * keys];
+        // This head's dK and dV, summed over all query blocks ([keys, dim], dense).
+        let mut dk = vec![0f32; if wanted.k { keys * dim } else { 0 }];
+        let mut dv = vec![0f32; if wanted.v { keys * dim } else { 0 }];
+        for start in (0..queries).step_by(BLOCK_ROWS) {
+            let rows = BLOCK_ROWS.min(queries - start);
+            let (q_block, d_o_block) = (q[start * width..].as_ptr(), d_o[start * width..].as_ptr());
+            // SAFETY (all the products below): every operand is this head's slice of its
+            // tensor, read with the strides of the [tokens, heads * dim] layout, or one of this
+            // task's own dense buffers; the only shared output, dQ, is written at this head's
+            // columns and this block's rows, which no other task touches.
+            unsafe {
+                matmul(
+                    (rows, keys, dim),
+                    (probs.as_mut_ptr(), keys, 1),
+                    (q_block, width, 1),
+                    (k.as_ptr(), 1, width),
+                    scale,
+                    false,
+                );
+            }
+            let probs = &mut probs[..rows * keys];
+            probs.chunks_exact_mut(keys).for_each(softmax_row);
+            if wanted.v {
+                // dV += P^T dO: P^T is P read with swapped strides.
+                unsafe {
+                    matmul(
+                        (keys, dim, rows),
+                        (dv.as_mut_ptr(), dim, 1),
+                        (probs.as_ptr(), 1, keys),
+                        (d_o_block, width, 1),
+                        1.0,
+                        true,
+                    );
+                }
+            }
+            if !(wanted.q || wanted.k) {
+                continue;
+            }
+            let grad_scores = &mut grad_scores[..rows * keys];
+            unsafe {
+                matmul(
+                    (rows, keys, dim),
+                    (grad_scores.as_mut_ptr(), keys, 1),
+                    (d_o_block, width, 1),
+                    (v.as_ptr(), 1, width),
+                    1.0,
+                    false,
+                );
+            }
+            for (i, (ds, p)) in grad_scores
+                .chunks_exact_mut(keys)
+                .zip(probs.chunks_exact(keys))
+                .enumerate()
+            {
+                let d = delta[start + i];
+                for (ds, p) in ds.iter_mut().zip(p) {
+                    *ds = p * (*ds - d);
+                }
+            }
+            if wanted.q {
+                unsafe {
+                    matmul(
+                        (rows, dim, keys),
+                        (dq_out.0.add(q_at + start * width), width, 1),
+                        (grad_scores.as_ptr(), keys, 1),
+                        (k.as_ptr(), width, 1),
+                        scale,
+                        false,
+                    );
+                }
+            }
+            if wanted.k {
+                unsafe {
+                    matmul(
+                        (keys, dim, rows),
+                        (dk.as_mut_ptr(), dim, 1),
+                        (grad_scores.as_ptr(), 1, keys),
+                        (q_block, width, 1),
+                        scale,
+                        true,
+                    );
+                }
+            }
+        }
+        for (dense, shared) in [(&dk, dk_out), (&dv, dv_out)] {
+            for (j, row) in dense.chunks_exact(dim).enumerate() {
+                // SAFETY: this head's columns of row j of sample b, written by this task only.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        row.as_ptr(),
+                        shared.0.add(kv_at + j * width),
+                        dim,
+                    );
+                }
+            }
+        }
+    });
+    let device = candle_core::Device::Cpu;
+    let tensor = |data: Vec<f32>, len: usize, wanted: bool| -> Result<Option<Tensor>> {
+        wanted
+            .then(|| Tensor::from_vec(data, (batch, len, width), &device))
+            .transpose()
+    };
+    Ok([
+        tensor(grad_q, queries, wanted.q)?,
+        tensor(grad_k, keys, wanted.k)?,
+        tensor(grad_v, keys, wanted.v)?,
+    ])
 }
 
 /// Softmax over the last dimension of a contiguous f32 CPU tensor; no gradient.
@@ -308,6 +492,99 @@ mod tests {
         let got = attention(&merge(&q), &merge(&k), &merge(&v), 3, 0.5)?;
         let diff = (got - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "attention differs by {diff}");
+        Ok(())
+    }
+
+    /// The backward against candle's autograd through the textbook formula, in f32: 150
+    /// queries make two full blocks and a ragged one; 70 keys a lane remainder.
+    #[test]
+    fn the_backward_matches_autograd() -> Result<()> {
+        let device = Device::Cpu;
+        let (batch, heads, dim, queries, keys) = (2, 3, 8, 150, 70);
+        let width = heads * dim;
+        let q = candle_core::Var::from_tensor(&Tensor::randn(
+            0f32,
+            1.0,
+            (batch, queries, width),
+            &device,
+        )?)?;
+        let k = candle_core::Var::from_tensor(&Tensor::randn(
+            0f32,
+            1.0,
+            (batch, keys, width),
+            &device,
+        )?)?;
+        let v = candle_core::Var::from_tensor(&Tensor::randn(
+            0f32,
+            1.0,
+            (batch, keys, width),
+            &device,
+        )?)?;
+        let weights = Tensor::randn(0f32, 1.0, (batch, queries, width), &device)?;
+        let split = |t: &Tensor| -> Result<Tensor> {
+            let n = t.dim(1)?;
+            t.reshape((batch, n, heads, dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let scale = 0.35;
+        let scores = (split(q.as_tensor())?.matmul(&split(k.as_tensor())?.t()?)? * scale)?;
+        let out = candle_nn::ops::softmax(&scores, D::Minus1)?
+            .matmul(&split(v.as_tensor())?)?
+            .transpose(1, 2)?
+            .reshape((batch, queries, width))?;
+        let grads = (&out * &weights)?.sum_all()?.backward()?;
+        let wanted = Wanted {
+            q: true,
+            k: true,
+            v: true,
+        };
+        let ours = attention_backward(
+            &q.as_tensor().detach(),
+            &k.as_tensor().detach(),
+            &v.as_tensor().detach(),
+            &out.detach(),
+            &weights,
+            heads,
+            scale,
+            wanted,
+        )?;
+        for (name, var, got) in [
+            ("q", &q, &ours[0]),
+            ("k", &k, &ours[1]),
+            ("v", &v, &ours[2]),
+        ] {
+            let expected = grads.get(var.as_tensor()).unwrap();
+            let got = got.as_ref().unwrap();
+            let scale = expected.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = (got - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                diff <= 1e-5 * scale.max(1.0),
+                "d{name} differs by {diff} (scale {scale})"
+            );
+        }
+        // Only what is asked for is computed.
+        let only_v = Wanted {
+            q: false,
+            k: false,
+            v: true,
+        };
+        let some = attention_backward(
+            &q.as_tensor().detach(),
+            &k.as_tensor().detach(),
+            &v.as_tensor().detach(),
+            &out.detach(),
+            &weights,
+            heads,
+            scale,
+            only_v,
+        )?;
+        assert!(some[0].is_none() && some[1].is_none());
+        let diff = (some[2].as_ref().unwrap() - ours[2].as_ref().unwrap())?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
         Ok(())
     }
 }

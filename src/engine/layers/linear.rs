@@ -43,6 +43,15 @@ impl Linear {
     pub fn from_weight(weight: Tensor) -> Self {
         Self { weight, bias: None }
     }
+
+    /// `[out, in]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
 }
 
 /// `x @ w^T (+ b)` without a graph, batched as one matmul where the input allows it (a

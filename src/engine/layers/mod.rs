@@ -10,6 +10,7 @@
 mod attention;
 mod attention_cpu;
 mod conv;
+mod geglu;
 mod group_norm_cpu;
 mod linear;
 mod norm;
@@ -19,6 +20,7 @@ use candle_nn::VarBuilder;
 
 pub use attention::attention;
 pub use conv::{Conv2d, conv2d};
+pub use geglu::geglu;
 pub use linear::{Linear, linear, linear_no_bias};
 pub use norm::{GroupNorm, LayerNorm, group_norm, wide};
 
