@@ -133,20 +133,14 @@ fn shifted_matmul_conv(x: &Tensor, taps: &Taps, padding: usize) -> Result<Tensor
             .matmul(&x.reshape((batch, c_in, h * width))?)?
             .reshape((batch, c_out, h, width));
     }
-    let (h_out, w_out) = (h + 2 * padding + 1 - k, width + 2 * padding + 1 - k);
-    let row = width + 2 * padding;
-    // One spare row at the bottom keeps the last tap's window inside the buffer.
-    let rows = h + 2 * padding + 1;
-    let flat = x
-        .pad_with_zeros(2, padding, padding + 1)?
-        .pad_with_zeros(3, padding, padding)?
-        .reshape((batch, c_in, rows * row))?;
-    let run = h_out * row;
+    let rows = PaddedRows::new(x, padding, k)?;
     let mut sum: Option<Tensor> = None;
     for dy in 0..k {
         for dx in 0..k {
-            let window = flat.narrow(2, dy * row + dx, run)?;
-            let product = taps.tap(dy, dx)?.broadcast_left(batch)?.matmul(&window)?;
+            let product = taps
+                .tap(dy, dx)?
+                .broadcast_left(batch)?
+                .matmul(&rows.window(dy, dx)?)?;
             sum = Some(match sum {
                 None => product,
                 Some(s) => (s + product)?,
@@ -154,9 +148,48 @@ fn shifted_matmul_conv(x: &Tensor, taps: &Taps, padding: usize) -> Result<Tensor
         }
     }
     let sum = sum.ok_or_else(|| candle_core::Error::Msg("empty convolution kernel".into()))?;
-    sum.reshape((batch, c_out, h_out, row))?
-        .narrow(3, 0, w_out)?
+    sum.reshape((batch, c_out, rows.h_out, rows.row))?
+        .narrow(3, 0, rows.w_out)?
         .contiguous()
+}
+
+/// An input padded for a stride-1 convolution and flattened into rows of `row` pixels, so that
+/// each kernel tap reads one contiguous window of it (see [`shifted_matmul_conv`]).
+struct PaddedRows {
+    /// `[batch, channels, rows * row]`.
+    flat: Tensor,
+    row: usize,
+    h_out: usize,
+    w_out: usize,
+}
+
+impl PaddedRows {
+    fn new(x: &Tensor, padding: usize, k: usize) -> Result<Self> {
+        let (batch, channels, h, width) = x.dims4()?;
+        let row = width + 2 * padding;
+        // One spare row at the bottom keeps the last tap's window inside the buffer.
+        let rows = h + 2 * padding + 1;
+        let flat = x
+            .pad_with_zeros(2, padding, padding + 1)?
+            .pad_with_zeros(3, padding, padding)?
+            .reshape((batch, channels, rows * row))?;
+        Ok(Self {
+            flat,
+            row,
+            h_out: h + 2 * padding + 1 - k,
+            w_out: width + 2 * padding + 1 - k,
+        })
+    }
+
+    /// The outputs' positions counted over whole padded rows.
+    fn run(&self) -> usize {
+        self.h_out * self.row
+    }
+
+    /// What tap `(dy, dx)` reads for every output: `[batch, channels, run]`, a view.
+    fn window(&self, dy: usize, dx: usize) -> Result<Tensor> {
+        self.flat.narrow(2, dy * self.row + dx, self.run())
+    }
 }
 
 impl Module for Conv2d {
@@ -264,25 +297,27 @@ impl ConvBackward {
                 .transpose(0, 1)?;
             return g.narrow(2, 0, k)?.narrow(3, 0, k);
         }
-        // Patches of the (padded) input, one row per kernel tap: [batch, c_in * k * k, h * w].
-        let patches = if k == 1 {
-            x.reshape((batch, c_in, h_out * w_out))?
-        } else {
-            let padded = x
-                .pad_with_zeros(2, self.padding, self.padding)?
-                .pad_with_zeros(3, self.padding, self.padding)?;
-            let mut taps = Vec::with_capacity(k * k);
-            for dy in 0..k {
-                for dx in 0..k {
-                    taps.push(padded.narrow(2, dy, h_out)?.narrow(3, dx, w_out)?);
-                }
+        if k == 1 {
+            return grad
+                .reshape((batch, c_out, h_out * w_out))?
+                .matmul(&x.reshape((batch, c_in, h_out * w_out))?.transpose(1, 2)?)?
+                .sum(0)?
+                .reshape((c_out, c_in, 1, 1));
+        }
+        // Per tap, the output gradient against the window the tap read (both over whole padded
+        // rows; the gradient is zero in the columns that are not outputs): no patch copies.
+        let rows = PaddedRows::new(x, self.padding, k)?;
+        let grad_rows =
+            grad.pad_with_zeros(3, 0, rows.row - w_out)?
+                .reshape((batch, c_out, rows.run()))?;
+        let mut taps = Vec::with_capacity(k * k);
+        for dy in 0..k {
+            for dx in 0..k {
+                let window = rows.window(dy, dx)?;
+                taps.push(grad_rows.matmul(&window.transpose(1, 2)?)?.sum(0)?);
             }
-            Tensor::stack(&taps, 2)?.reshape((batch, c_in * k * k, h_out * w_out))?
-        };
-        grad.reshape((batch, c_out, h_out * w_out))?
-            .matmul(&patches.transpose(1, 2)?)?
-            .sum(0)?
-            .reshape((c_out, c_in, k, k))
+        }
+        Tensor::stack(&taps, 2)?.reshape((c_out, c_in, k, k))
     }
 }
 
