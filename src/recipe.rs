@@ -63,6 +63,8 @@ pub struct Recipe {
     pub working_height: u32,
     pub model: String,
     pub prediction_type: &'static str,
+    /// The number format the model computed in (`f32`, `f16`, `bf16`).
+    pub precision: &'static str,
     pub source_image: Option<String>,
     pub program: String,
     pub revision: &'static str,
@@ -76,6 +78,7 @@ impl Recipe {
         prompt: &str,
         model: &str,
         prediction_type: &'static str,
+        precision: &'static str,
     ) -> Self {
         Self {
             mode,
@@ -98,6 +101,7 @@ impl Recipe {
             working_height: 0,
             model: model.to_string(),
             prediction_type,
+            precision,
             source_image: None,
             program: program(),
             revision: build_info::GIT_REVISION,
@@ -121,6 +125,7 @@ impl Recipe {
             format!("Seed: {}", self.seed),
             format!("Size: {}x{}", self.width, self.height),
             format!("Model: {}", self.model.replace(',', " ")),
+            format!("Precision: {}", self.precision),
         ];
         if let Some(t0) = self.t0 {
             fields.push(format!("Denoising strength: {t0}"));

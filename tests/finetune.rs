@@ -360,3 +360,41 @@ fn the_cache_evicts_the_least_recently_used_entries_beyond_its_cap() {
     let left: Vec<String> = tiny.entries().into_iter().map(|e| e.key).collect();
     assert_eq!(left, [keys[2].clone()]);
 }
+
+/// The micro-batch is the largest that the free memory holds, never above what the settings
+/// allow, always a divisor of the batch, and 1 when the free memory is unknown.
+#[test]
+fn the_micro_batch_is_the_largest_that_fits() {
+    use unitune::engine::finetune::{choose_micro_batch, training_bytes};
+    let model = load_model("sd15-tiny");
+    let settings = TuneSettings {
+        mode: TrainMode::Full,
+        batch_size: 4,
+        micro_batch_size: 4,
+        ..TuneSettings::default()
+    };
+    let size = (64, 64);
+    let needs: Vec<u64> = [1, 2, 4]
+        .iter()
+        .map(|&m| training_bytes(&model, &settings, m, size))
+        .collect();
+    assert!(needs[0] < needs[1] && needs[1] < needs[2], "{needs:?}");
+    let choose = |available| choose_micro_batch(&model, &settings, size, available);
+    assert_eq!(choose(None), 1);
+    assert_eq!(choose(Some(u64::MAX)), 4);
+    assert_eq!(choose(Some(needs[2])), 4);
+    assert_eq!(choose(Some(needs[2] - 1)), 2);
+    assert_eq!(choose(Some(needs[1] - 1)), 1);
+    assert_eq!(choose(Some(0)), 1);
+    let capped = TuneSettings {
+        micro_batch_size: 2,
+        ..settings.clone()
+    };
+    assert_eq!(choose_micro_batch(&model, &capped, size, Some(u64::MAX)), 2);
+    // LoRA keeps state for far fewer values than the full fine-tune.
+    let lora = TuneSettings {
+        mode: TrainMode::Lora { rank: 2 },
+        ..settings
+    };
+    assert!(training_bytes(&model, &lora, 1, size) < needs[0]);
+}

@@ -89,7 +89,8 @@ pub struct BenchArgs {
 
     /// What to measure, comma-separated: pass (one forward and backward at micro-batch 1),
     /// step (one optimizer step at batch 4), sample (a guided denoising step), vae (encode and
-    /// decode), run (a whole UniTune run: fine-tune, then one edit).
+    /// decode), run (a whole UniTune run: fine-tune, then one edit), precision (a half and an
+    /// f32 UNet forward compared; loads the model a second time).
     #[arg(
         long,
         value_name = "W,W,..",
@@ -161,9 +162,16 @@ pub struct TrainingOptions {
     #[arg(long, value_name = "NAME", default_value = "adafactor")]
     pub optimizer: String,
 
-    /// Photos per forward pass; the batch of 4 is accumulated from 4/N passes (use 1 on small GPUs).
-    #[arg(long, value_name = "N", default_value_t = 4)]
-    pub micro_batch: usize,
+    /// Photos per forward pass: the batch of 4 is accumulated from 4/N passes. auto (the
+    /// default) takes the largest that the device's free memory holds, and smaller passes if
+    /// one still runs out of memory.
+    #[arg(long, value_name = "N", default_value = "auto")]
+    pub micro_batch: String,
+
+    /// Largest size of the snapshot cache in GB; the least recently used fine-tunes are
+    /// removed beyond it.
+    #[arg(long, value_name = "GB", default_value_t = 16.0)]
+    pub cache_size: f64,
 
     /// The rare token the photo is bound to.
     #[arg(long, value_name = "TEXT", default_value = "beikkpic")]

@@ -20,6 +20,8 @@ use serde_json::{Value, json};
 use super::UsageError;
 use super::args::{BenchArgs, GlobalOptions};
 use super::cancel::CancelFlag;
+use super::unitune::parse_micro_batch;
+use crate::engine::StableDiffusion;
 use crate::engine::autograd::GradientAccumulator;
 use crate::engine::device::{device_name, open_device};
 use crate::engine::edit::{CachePolicy, EditRequest, TuneEvent, edit_photo, tune_photo};
@@ -35,7 +37,6 @@ use crate::engine::optim::{OptimizerKind, OptimizerSettings};
 use crate::engine::precision::dtype_name;
 use crate::engine::random_model::ensure_random_model;
 use crate::engine::sampling::{SampleRequest, Start, StepView, sample};
-use crate::engine::{StableDiffusion, finetune};
 use crate::imaging;
 use crate::model_files;
 
@@ -121,10 +122,10 @@ fn ladder(steps: usize) -> Vec<usize> {
 }
 
 pub fn bench_command(global: &GlobalOptions, args: &BenchArgs, cancel: &CancelFlag) -> Result<()> {
-    let known = ["pass", "step", "sample", "vae", "run"];
+    let known = ["pass", "step", "sample", "vae", "run", "precision"];
     if let Some(bad) = args.measure.iter().find(|m| !known.contains(&m.as_str())) {
         return Err(UsageError(format!(
-            "unknown measurement `{bad}` (use pass, step, sample, vae, run)"
+            "unknown measurement `{bad}` (use pass, step, sample, vae, run, precision)"
         ))
         .into());
     }
@@ -141,6 +142,8 @@ pub fn bench_command(global: &GlobalOptions, args: &BenchArgs, cancel: &CancelFl
         None => (side, side),
     };
     let wants = |what: &str| args.measure.iter().any(|m| m == what);
+    let batch_size = TuneSettings::default().batch_size;
+    let (micro_batch_size, auto_micro_batch) = parse_micro_batch(&args.micro_batch, batch_size)?;
 
     let device = open_device(global.device)?;
     let dtype = global.precision.resolve(&device)?;
@@ -205,16 +208,17 @@ pub fn bench_command(global: &GlobalOptions, args: &BenchArgs, cancel: &CancelFl
                     ..OptimizerSettings::default()
                 },
                 snapshot_steps: vec![2],
-                micro_batch_size: micro_batch(args, &model, mode, &photo, &probe)?,
+                micro_batch_size,
+                auto_micro_batch,
                 ..TuneSettings::default()
             };
-            let (m, spill) = measure_step(&mut model, &probe, &settings, &photo, cancel)?;
+            let (m, micro, spill) = measure_step(&mut model, &probe, &settings, &photo, cancel)?;
             drop(spill);
             report(
                 "step",
                 m.json(json!({
                     "name": "step", "mode": mode.name(), "batch": settings.batch_size,
-                    "micro_batch": settings.micro_batch_size, "optimizer": optimizer.as_str(),
+                    "micro_batch": micro, "optimizer": optimizer.as_str(),
                     "checkpointing": settings.checkpointing,
                 })),
             );
@@ -234,6 +238,11 @@ pub fn bench_command(global: &GlobalOptions, args: &BenchArgs, cancel: &CancelFl
         report("vae_encode", encode.json(json!({"name": "vae_encode"})));
         report("vae_decode", decode.json(json!({"name": "vae_decode"})));
     }
+    if wants("precision") {
+        stop_if_cancelled(cancel)?;
+        let agreement = precision_agreement(&model, &files, width as usize, height as usize)?;
+        report("precision", agreement);
+    }
     if wants("run") && args.steps > 0 {
         stop_if_cancelled(cancel)?;
         let settings = TuneSettings {
@@ -243,10 +252,11 @@ pub fn bench_command(global: &GlobalOptions, args: &BenchArgs, cancel: &CancelFl
                 ..OptimizerSettings::default()
             },
             snapshot_steps: ladder(args.steps),
-            micro_batch_size: micro_batch(args, &model, run_mode, &photo, &probe)?,
+            micro_batch_size,
+            auto_micro_batch,
             ..TuneSettings::default()
         };
-        let (m, tune_seconds) = measure_run(
+        let (m, tune_seconds, micro) = measure_run(
             &mut model,
             &probe,
             &settings,
@@ -258,7 +268,7 @@ pub fn bench_command(global: &GlobalOptions, args: &BenchArgs, cancel: &CancelFl
             "unitune_run",
             m.json(json!({
                 "name": "unitune_run", "mode": run_mode.name(), "tune_steps": args.steps,
-                "snapshots": settings.snapshot_steps, "micro_batch": settings.micro_batch_size,
+                "snapshots": settings.snapshot_steps, "micro_batch": micro,
                 "sampling_steps": args.sampling_steps, "optimizer": optimizer.as_str(),
                 "tune_seconds": tune_seconds,
             })),
@@ -286,35 +296,6 @@ pub fn bench_command(global: &GlobalOptions, args: &BenchArgs, cancel: &CancelFl
             .with_context(|| format!("cannot write {}", out.display()))?;
     }
     Ok(())
-}
-
-/// The micro-batch for batch-4 steps: `--micro-batch`, or the largest that fits.
-fn micro_batch(
-    args: &BenchArgs,
-    model: &StableDiffusion,
-    mode: TrainMode,
-    photo: &RgbImage,
-    probe: &MemoryProbe,
-) -> Result<usize> {
-    if args.micro_batch != "auto" {
-        return args.micro_batch.parse().map_err(|_| {
-            UsageError(format!(
-                "--micro-batch must be auto or a number, not {}",
-                args.micro_batch
-            ))
-            .into()
-        });
-    }
-    let settings = TuneSettings {
-        mode,
-        ..TuneSettings::default()
-    };
-    Ok(finetune::choose_micro_batch(
-        model,
-        &settings,
-        (photo.width() as usize, photo.height() as usize),
-        probe.available_bytes(),
-    ))
 }
 
 /// One forward and backward pass at micro-batch 1 (after attaching `mode`, which is not
@@ -362,6 +343,7 @@ fn measure_pass(
 struct StepTimer<'a> {
     observed_first: Option<Instant>,
     second: Option<f64>,
+    micro_batch: usize,
     spill: &'a Path,
     cancel: &'a CancelFlag,
 }
@@ -371,6 +353,7 @@ impl TuneObserver for StepTimer<'_> {
         if progress.step == 1 {
             self.observed_first = Some(Instant::now());
         }
+        self.micro_batch = progress.micro_batch;
         self.cancel.check()
     }
 
@@ -391,13 +374,14 @@ fn measure_step(
     settings: &TuneSettings,
     photo: &RgbImage,
     cancel: &CancelFlag,
-) -> Result<(Measured, tempfile::TempDir)> {
+) -> Result<(Measured, usize, tempfile::TempDir)> {
     let spill = tempfile::tempdir()?;
     let adapter = Adapter::attach(model, settings.mode, &mut NoiseSource::from_seed(1))?;
     let device = model.device().clone();
     let mut timer = StepTimer {
         observed_first: None,
         second: None,
+        micro_batch: settings.micro_batch_size,
         spill: spill.path(),
         cancel,
     };
@@ -405,7 +389,7 @@ fn measure_step(
         fine_tune(model, &adapter, photo, settings, &mut timer)?;
         Ok(timer.second)
     })?;
-    Ok((m, spill))
+    Ok((m, timer.micro_batch, spill))
 }
 
 /// One guided DDIM step at `width` x `height` (the mean of steps 2 and 3 of a text-to-image
@@ -468,6 +452,68 @@ fn measure_vae(
     Ok((encode, decode))
 }
 
+/// Largest difference between a half-precision and an f32 UNet forward, relative to the f32
+/// output's largest magnitude. f16 rounds each stored value to 2^-11 (about 5e-4) relative;
+/// the errors of SD 1.5's roughly 100 rounded layer outputs add up like a random walk
+/// (sqrt(100) x 5e-4 = 5e-3 typical), and the largest of the 16 thousand outputs sits a few
+/// deviations above that, so 2e-2 leaves room without hiding a real error (a dropped
+/// upcast or an f16 accumulation is off by 1e-1 or more). bf16 keeps 3 bits fewer: 8x that.
+fn half_precision_tolerance(half: DType) -> f64 {
+    if half == DType::BF16 { 0.16 } else { 2e-2 }
+}
+
+/// One UNet forward on the same latents, timestep and prompt embedding in f32 and in half
+/// precision (the model's own if it is half, else f16), compared: the error that half
+/// precision adds at full size, where the tiny fixtures' tests cannot see it.
+fn precision_agreement(
+    model: &StableDiffusion,
+    files: &model_files::ModelFiles,
+    width: usize,
+    height: usize,
+) -> Result<Value> {
+    let device = model.device().clone();
+    let other_dtype = if model.dtype() == DType::F32 {
+        DType::F16
+    } else {
+        DType::F32
+    };
+    let other = StableDiffusion::load(files, &device, other_dtype)?;
+    let (reference, half) = if other_dtype == DType::F32 {
+        (&other, model)
+    } else {
+        (model, &other)
+    };
+    let (c, h, w) = model.latent_dims(width, height)?;
+    let latents = NoiseSource::from_seed(5).normal((1, c, h, w), &device)?;
+    let timesteps = Tensor::new(&[500u32], &device)?;
+    let context = reference.encode_prompt("a photo of a cat")?.embedding;
+    let forward = |m: &StableDiffusion| -> Result<Tensor> {
+        let dtype = m.dtype();
+        let out = m.unet.forward(
+            &latents.to_dtype(dtype)?,
+            &timesteps,
+            &context.to_dtype(dtype)?,
+        )?;
+        Ok(out.to_dtype(DType::F32)?)
+    };
+    let full = forward(reference)?;
+    let halved = forward(half)?;
+    let scale = f64::from(full.abs()?.max_all()?.to_scalar::<f32>()?);
+    let diff = (&halved - &full)?;
+    let max_diff = f64::from(diff.abs()?.max_all()?.to_scalar::<f32>()?);
+    let rms = |t: &Tensor| -> Result<f64> {
+        Ok(f64::from(t.sqr()?.mean_all()?.sqrt()?.to_scalar::<f32>()?))
+    };
+    let relative = max_diff / scale;
+    let tolerance = half_precision_tolerance(half.dtype());
+    Ok(json!({
+        "name": "precision", "half": dtype_name(half.dtype()), "reference": "f32",
+        "max_relative_error": relative,
+        "rms_relative_error": rms(&diff)? / rms(&full)?,
+        "tolerance": tolerance, "within_tolerance": relative <= tolerance,
+    }))
+}
+
 /// A whole UniTune run as a user's first edit: fine-tune with snapshots written to a (fresh)
 /// cache, then one edit from the last snapshot. Returns the measurement and the fine-tuning's
 /// share of the time.
@@ -478,7 +524,7 @@ fn measure_run(
     photo: &RgbImage,
     sampling_steps: usize,
     cancel: &CancelFlag,
-) -> Result<(Measured, f64)> {
+) -> Result<(Measured, f64, usize)> {
     let cache_dir = tempfile::tempdir()?;
     let cache = SnapshotCache::new(cache_dir.path());
     let policy = CachePolicy {
@@ -487,9 +533,15 @@ fn measure_run(
     };
     let device = model.device().clone();
     let mut tune_seconds = 0.0;
+    let mut micro_batch = settings.micro_batch_size;
     let m = measure(probe, &device, || {
         let started = Instant::now();
-        let mut on_event = |_: TuneEvent| cancel.check();
+        let mut on_event = |event: TuneEvent| {
+            if let TuneEvent::Progress(p) = event {
+                micro_batch = p.micro_batch;
+            }
+            cancel.check()
+        };
         let tuned = tune_photo(model, photo, settings, &policy, None, &mut on_event)?;
         device.synchronize()?;
         tune_seconds = started.elapsed().as_secs_f64();
@@ -510,5 +562,5 @@ fn measure_run(
         edit_photo(model, Some(&tuned), &request, &mut observer)?;
         Ok(None)
     })?;
-    Ok((m, tune_seconds))
+    Ok((m, tune_seconds, micro_batch))
 }

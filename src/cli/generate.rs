@@ -55,6 +55,7 @@ pub fn generate_command(
             &args.prompt,
             &loaded.name,
             loaded.prediction_type(),
+            loaded.precision(),
         )
     };
     let (path, existing) =

@@ -30,6 +30,11 @@ impl LoadedModel {
     pub fn prediction_type(&self) -> &'static str {
         self.model.config.scheduler.prediction_type.as_str()
     }
+
+    /// The compute precision, as recipes name it.
+    pub fn precision(&self) -> &'static str {
+        dtype_name(self.model.dtype())
+    }
 }
 
 pub(super) fn load_model(global: &GlobalOptions) -> Result<LoadedModel> {

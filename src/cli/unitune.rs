@@ -58,6 +58,8 @@ fn tune_settings(options: &TrainingOptions, extra_snapshot: Option<usize>) -> Re
     }
     snapshot_steps.sort_unstable();
     snapshot_steps.dedup();
+    let batch_size = TuneSettings::default().batch_size;
+    let (micro_batch_size, auto_micro_batch) = parse_micro_batch(&options.micro_batch, batch_size)?;
     let settings = TuneSettings {
         mode,
         optimizer: OptimizerSettings {
@@ -66,13 +68,42 @@ fn tune_settings(options: &TrainingOptions, extra_snapshot: Option<usize>) -> Re
             ..OptimizerSettings::default()
         },
         snapshot_steps,
-        micro_batch_size: options.micro_batch,
+        batch_size,
+        micro_batch_size,
+        auto_micro_batch,
         token: options.token.clone(),
         seed: options.tune_seed,
         ..TuneSettings::default()
     };
     settings.validate().map_err(|e| usage(e.to_string()))?;
     Ok(settings)
+}
+
+/// `--micro-batch`: `auto` (the largest that fits, up to the batch) or a fixed number.
+pub(super) fn parse_micro_batch(text: &str, batch_size: usize) -> Result<(usize, bool)> {
+    if text.eq_ignore_ascii_case("auto") {
+        return Ok((batch_size, true));
+    }
+    match text.parse::<usize>() {
+        Ok(n) if n > 0 => Ok((n, false)),
+        _ => Err(UsageError(format!(
+            "--micro-batch must be auto or a number that divides the batch of {batch_size}, not {text}"
+        ))
+        .into()),
+    }
+}
+
+/// The snapshot cache in the user cache folder with the `--cache-size` cap.
+fn snapshot_cache(options: &TrainingOptions) -> Result<Option<SnapshotCache>> {
+    if !(options.cache_size.is_finite() && options.cache_size >= 0.0) {
+        return Err(UsageError(format!(
+            "--cache-size must be a number of gigabytes, not {}",
+            options.cache_size
+        ))
+        .into());
+    }
+    let max_bytes = (options.cache_size * 1e9) as u64;
+    Ok(SnapshotCache::default_dir().map(|dir| SnapshotCache::new(dir).with_max_bytes(max_bytes)))
 }
 
 /// The start of `tune` and `grid`: read the photo, load the model, fit the photo to it and
@@ -88,7 +119,7 @@ fn load_and_tune(
     let photo = load_photo(image)?;
     let mut loaded = load_model(global)?;
     let photos = fit_photo(photo, &loaded, size)?;
-    let tuned = tune(&mut loaded, &photos, settings, training.no_cache, cancel)?;
+    let tuned = tune(&mut loaded, &photos, settings, training, cancel)?;
     Ok((loaded, photos, tuned))
 }
 
@@ -97,12 +128,16 @@ fn tune(
     loaded: &mut LoadedModel,
     photos: &Photos,
     settings: &TuneSettings,
-    no_cache: bool,
+    training: &TrainingOptions,
     cancel: &CancelFlag,
 ) -> Result<TunedPhoto> {
-    let cache = SnapshotCache::default_dir().map(SnapshotCache::new);
+    let cache = snapshot_cache(training)?;
     let policy = CachePolicy {
-        cache: if no_cache { None } else { cache.as_ref() },
+        cache: if training.no_cache {
+            None
+        } else {
+            cache.as_ref()
+        },
         model_identity: &loaded.identity,
     };
     let bar = ProgressBar::with_draw_target(
@@ -135,6 +170,13 @@ fn tune(
                 eprintln!("warning: ignoring a damaged cache entry ({reason}); fine-tuning again")
             }
             TuneEvent::Progress(p) => {
+                if p.step == 1 {
+                    bar.println(format!(
+                        "{} photo(s) per pass, {} pass(es) per step",
+                        p.micro_batch,
+                        settings.batch_size / p.micro_batch
+                    ));
+                }
                 bar.set_position(p.step as u64);
                 bar.set_message(format!("loss {:.4}", p.loss));
                 let note = if p.snapshot_taken {
@@ -291,7 +333,7 @@ pub fn edit_command(global: &GlobalOptions, args: &EditArgs, cancel: &CancelFlag
             &mut loaded,
             &photos,
             &settings,
-            args.training.no_cache,
+            &args.training,
             cancel,
         )?)
     } else {
@@ -351,7 +393,13 @@ pub fn edit_command(global: &GlobalOptions, args: &EditArgs, cancel: &CancelFlag
                 .image
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned()),
-            ..Recipe::new("edit", &args.prompt, &loaded.name, loaded.prediction_type())
+            ..Recipe::new(
+                "edit",
+                &args.prompt,
+                &loaded.name,
+                loaded.prediction_type(),
+                loaded.precision(),
+            )
         };
         let wanted = numbered(&base_out, k, args.samples);
         let (path, existing) = match (&args.out, args.overwrite) {
@@ -456,7 +504,13 @@ pub fn grid_command(global: &GlobalOptions, args: &GridArgs, cancel: &CancelFlag
             .image
             .file_name()
             .map(|n| n.to_string_lossy().into_owned()),
-        ..Recipe::new("grid", &args.prompt, &loaded.name, loaded.prediction_type())
+        ..Recipe::new(
+            "grid",
+            &args.prompt,
+            &loaded.name,
+            loaded.prediction_type(),
+            loaded.precision(),
+        )
     };
     let existing = if args.overwrite {
         ExistingFile::Overwrite

@@ -53,9 +53,39 @@ pub enum EngineError {
     #[error(transparent)]
     Imaging(#[from] crate::imaging::ImagingError),
 
+    /// The device had no memory left for the computation.
+    #[error(
+        "the GPU ran out of memory; use a lighter training mode (cross-kv or lora), a micro-batch of 1, half precision or a smaller working size"
+    )]
+    OutOfMemory,
+
     /// A tensor operation failed inside candle.
     #[error("the model computation failed: {0}")]
-    Compute(#[from] candle_core::Error),
+    Compute(candle_core::Error),
+}
+
+impl From<candle_core::Error> for EngineError {
+    fn from(error: candle_core::Error) -> Self {
+        if is_out_of_memory(&error) {
+            EngineError::OutOfMemory
+        } else {
+            EngineError::Compute(error)
+        }
+    }
+}
+
+/// True for the allocation failures CUDA and Metal report (on the CPU, running out of memory
+/// ends the process before any error can be returned).
+fn is_out_of_memory(error: &candle_core::Error) -> bool {
+    let text = error.to_string().to_ascii_lowercase();
+    [
+        "out of memory",
+        "out_of_memory",
+        "failed to allocate",
+        "outofmemory",
+    ]
+    .iter()
+    .any(|needle| text.contains(needle))
 }
 
 impl EngineError {
@@ -85,3 +115,24 @@ impl EngineError {
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_out_of_memory_becomes_one_sentence_naming_what_to_change() {
+        let cuda = candle_core::Error::Msg(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+        );
+        let error = EngineError::from(cuda);
+        assert!(matches!(error, EngineError::OutOfMemory));
+        let text = error.to_string();
+        assert!(
+            text.contains("micro-batch of 1") && text.contains("cross-kv"),
+            "{text}"
+        );
+        let other = EngineError::from(candle_core::Error::Msg("shape mismatch".into()));
+        assert!(matches!(other, EngineError::Compute(_)));
+    }
+}

@@ -97,6 +97,7 @@ pub enum ModelStatus {
         source: String,
         device: String,
         prediction_type: &'static str,
+        precision: &'static str,
     },
 }
 
@@ -392,6 +393,7 @@ impl EditorApp {
         let request = LoadRequest {
             model: model.clone(),
             device: self.options.device,
+            precision: self.settings.precision.parse().unwrap_or_default(),
             allow_download,
             hub: self.options.hub.clone(),
             snapshot_cache: self.options.snapshot_cache.clone(),
@@ -453,6 +455,7 @@ impl EditorApp {
                         source: loaded.source.clone(),
                         device: loaded.device.clone(),
                         prediction_type: loaded.prediction_type,
+                        precision: loaded.precision,
                     };
                     self.runner = Some(loaded.runner);
                     return;
@@ -647,6 +650,11 @@ impl EditorApp {
             .parse::<TrainMode>()
             .map_err(|e| format!("training mode: {e}"))?;
         settings.snapshot_steps = parse_ladder(&self.advanced.snapshot_text)?;
+        if let Ok(micro) = self.settings.micro_batch.parse::<usize>() {
+            settings.micro_batch_size = micro;
+            settings.auto_micro_batch = false;
+        }
+        settings.validate().map_err(|e| e.to_string())?;
         Ok(settings)
     }
 
@@ -957,12 +965,13 @@ impl EditorApp {
         };
         let edit = self.edit.as_ref().ok_or("Nothing to export yet.")?;
         let doc = self.doc.as_ref().ok_or("Nothing to export yet.")?;
-        let (model, prediction_type) = match &self.model {
+        let (model, prediction_type, precision) = match &self.model {
             ModelStatus::Ready {
                 name,
                 prediction_type,
+                precision,
                 ..
-            } => (name.clone(), *prediction_type),
+            } => (name.clone(), *prediction_type, *precision),
             _ => return Err("The model is not loaded; load it to export with its recipe.".into()),
         };
         let settings = &variant.settings;
@@ -987,7 +996,7 @@ impl EditorApp {
             working_width: working_size.0,
             working_height: working_size.1,
             source_image: doc.source.as_ref().map(|p| p.display().to_string()),
-            ..Recipe::new("edit", &edit.prompt, &model, prediction_type)
+            ..Recipe::new("edit", &edit.prompt, &model, prediction_type, precision)
         };
         let stem = doc
             .source

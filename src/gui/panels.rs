@@ -7,7 +7,9 @@ use egui::{Color32, ProgressBar, RichText, Ui};
 use super::app::{Command, EditorApp, ModelStatus, NoticeKind, TuneStatus};
 use super::canvas::{self, Picture, Tool};
 use super::variants::VariantState;
-use crate::jobs::{TrainMode, approximate_download_bytes, license_notice, parse_model_arg};
+use crate::jobs::{
+    Precision, TrainMode, approximate_download_bytes, license_notice, parse_model_arg,
+};
 
 pub fn show(ui: &mut Ui, app: &mut EditorApp) -> Vec<Command> {
     let mut commands = Vec::new();
@@ -171,7 +173,7 @@ fn side_panel(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
     ui.separator();
     mask_section(ui, app, commands);
     ui.separator();
-    advanced_section(ui, app);
+    advanced_section(ui, app, commands);
 }
 
 fn model_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
@@ -358,7 +360,7 @@ fn mask_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
     });
 }
 
-fn advanced_section(ui: &mut Ui, app: &mut EditorApp) {
+fn advanced_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
     egui::CollapsingHeader::new("Advanced").show(ui, |ui| {
         ui.checkbox(
             &mut app.advanced.custom,
@@ -398,6 +400,29 @@ fn advanced_section(ui: &mut Ui, app: &mut EditorApp) {
                 }
             });
         app.settings.train_mode = mode;
+        let mut micro = app.settings.micro_batch.clone();
+        egui::ComboBox::from_label("Micro-batch")
+            .selected_text(micro.clone())
+            .show_ui(ui, |ui| {
+                for option in ["auto", "1", "2", "4"] {
+                    ui.selectable_value(&mut micro, option.to_string(), option);
+                }
+            });
+        app.settings.micro_batch = micro;
+        let mut precision = app.settings.precision.clone();
+        egui::ComboBox::from_label("Precision")
+            .selected_text(precision.clone())
+            .show_ui(ui, |ui| {
+                for option in Precision::ALL {
+                    let name = option.as_str().to_string();
+                    ui.selectable_value(&mut precision, name.clone(), name);
+                }
+            });
+        if precision != app.settings.precision {
+            app.settings.precision = precision;
+            // The weights are converted when loaded: load the model again.
+            commands.push(Command::RetryModel);
+        }
     });
 }
 

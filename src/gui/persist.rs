@@ -36,6 +36,10 @@ pub struct Settings {
     pub train_mode: String,
     /// Fine-tuning steps after which snapshots are kept (the last is the tune's length).
     pub snapshot_steps: Vec<usize>,
+    /// `auto`, `f32`, `f16` or `bf16` (see `engine::precision`).
+    pub precision: String,
+    /// Photos per fine-tuning pass: `auto` or a number.
+    pub micro_batch: String,
 }
 
 impl Default for Settings {
@@ -50,6 +54,8 @@ impl Default for Settings {
             interpolate: false,
             train_mode: "full".into(),
             snapshot_steps: PAPER_SNAPSHOTS.to_vec(),
+            precision: "auto".into(),
+            micro_batch: "auto".into(),
         }
     }
 }

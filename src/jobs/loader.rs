@@ -8,12 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use candle_core::DType;
 use crossbeam_channel::{Receiver, Sender, bounded};
 
 use super::{JobRunner, RunnerOptions, SnapshotCache};
 use crate::engine::StableDiffusion;
 use crate::engine::device::{DeviceChoice, device_name, open_device};
+use crate::engine::precision::{Precision, dtype_name};
 use crate::imaging::one_line;
 use crate::model_files::{self, DownloadProgress, HubOptions, ModelFilesError, ModelSpec};
 
@@ -23,6 +23,7 @@ pub struct LoadRequest {
     /// A folder or hub id, as `--model` takes it.
     pub model: String,
     pub device: DeviceChoice,
+    pub precision: Precision,
     /// Whether a model missing from the machine may be downloaded (the user agreed to it).
     pub allow_download: bool,
     pub hub: HubOptions,
@@ -41,6 +42,8 @@ pub struct LoadedModel {
     pub device: String,
     /// What the UNet predicts ("epsilon", "v_prediction"), for recipes.
     pub prediction_type: &'static str,
+    /// The compute precision ("f32", "f16", "bf16"), for recipes.
+    pub precision: &'static str,
 }
 
 /// How a download is going, for a progress bar.
@@ -216,8 +219,11 @@ fn load(request: &LoadRequest, cancel: &Arc<AtomicBool>, outbox: &Outbox) -> Loa
         Ok(device) => device,
         Err(err) => return failed(one_line(&err.to_string())),
     };
-    // Half precision on the CPU is not faster in candle, and bf16 matmul is missing there.
-    let model = match StableDiffusion::load(&files, &device, DType::F32) {
+    let dtype = match request.precision.resolve(&device) {
+        Ok(dtype) => dtype,
+        Err(err) => return failed(one_line(&err.to_string())),
+    };
+    let model = match StableDiffusion::load(&files, &device, dtype) {
         Ok(model) => model,
         Err(err) => return failed(one_line(&err.to_string())),
     };
@@ -245,6 +251,7 @@ fn load(request: &LoadRequest, cancel: &Arc<AtomicBool>, outbox: &Outbox) -> Loa
         source: files.source.to_string(),
         device: device_name(&device),
         prediction_type,
+        precision: dtype_name(dtype),
     }))
 }
 

@@ -30,6 +30,7 @@ pub use crate::engine::edit::model_prompt;
 pub use crate::engine::fidelity::{EditParameters, parameters_for};
 pub use crate::engine::finetune::{PAPER_SNAPSHOTS, SnapshotCache, TrainMode, TuneSettings};
 use crate::engine::model::StableDiffusion;
+pub use crate::engine::precision::Precision;
 pub use crate::model_files::{
     DEFAULT_MODEL, HubOptions, ModelSpec, approximate_download_bytes, license_notice,
     parse_model_arg,

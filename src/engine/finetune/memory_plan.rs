@@ -12,11 +12,12 @@ use super::tune::TuneSettings;
 use crate::engine::model::StableDiffusion;
 use crate::engine::optim::OptimizerKind;
 
-/// Activation bytes per latent pixel per sample of a checkpointed pass, per byte of the
-/// compute dtype, for SD 1.5's UNet (measured by `unitune bench`: see docs/performance.md),
-/// rounded up. Without checkpointing a pass keeps several times more.
-const CHECKPOINTED_BYTES_PER_LATENT_PIXEL: u64 = 20_000;
-const PLAIN_BYTES_PER_LATENT_PIXEL: u64 = 100_000;
+/// Activation bytes per latent pixel per sample of one pass in f32 (halved in f16 and bf16),
+/// from SD 1.5's UNet at 512 px measured by `unitune bench` (docs/performance.md): 0.62 to
+/// 0.66 GB above the loaded model for a checkpointed pass of cross-kv or LoRA, 1.9 to 2.4 GB
+/// without checkpointing, over 64x64 latent pixels; rounded up by a tenth.
+const CHECKPOINTED_BYTES_PER_LATENT_PIXEL: u64 = 180_000;
+const PLAIN_BYTES_PER_LATENT_PIXEL: u64 = 650_000;
 /// Kept free for the sampler, the VAE and the allocator's slack.
 const HEADROOM_BYTES: u64 = 1 << 30;
 
@@ -55,8 +56,9 @@ pub fn training_bytes(
         OptimizerKind::Adafactor => 0,
         OptimizerKind::AdamW => 8,
     };
-    // Summed gradients in f32, plus one pass's gradients in the compute dtype.
-    let gradients = 4 + dtype.size_in_bytes() as u64;
+    // Summed gradients in f32 (a checkpointed segment's own gradients are added to the sums as
+    // soon as it is differentiated, so a pass's gradients never exist all at once as well).
+    let gradients = 4;
     let state = values * (master + optimizer + gradients);
     let factor = model.config.vae.downscale_factor().max(1);
     let latent_pixels = ((width / factor) * (height / factor)) as u64;
@@ -69,8 +71,8 @@ pub fn training_bytes(
     state + activations + HEADROOM_BYTES
 }
 
-/// The largest micro-batch (a divisor of the batch) whose estimate fits in `available` bytes;
-/// 1 when nothing fits or the available memory is unknown.
+/// The largest micro-batch, a divisor of the batch no larger than the settings' own, whose
+/// estimate fits in `available` bytes; 1 when nothing fits or the available memory is unknown.
 pub fn choose_micro_batch(
     model: &StableDiffusion,
     settings: &TuneSettings,
@@ -80,7 +82,7 @@ pub fn choose_micro_batch(
     let Some(available) = available else {
         return 1;
     };
-    (1..=settings.batch_size)
+    (1..=settings.micro_batch_size.min(settings.batch_size))
         .rev()
         .filter(|m| settings.batch_size.is_multiple_of(*m))
         .find(|&m| training_bytes(model, settings, m, size) <= available)

@@ -9,11 +9,13 @@ use candle_core::{DType, Tensor};
 use image::RgbImage;
 
 use super::adapter::Adapter;
+use super::memory_plan::choose_micro_batch;
 use super::mode::TrainMode;
 use super::snapshot::Snapshot;
 use crate::engine::autograd::{GradientAccumulator, accumulate_gradients, no_grad};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::layers::wide;
+use crate::engine::memory::MemoryProbe;
 use crate::engine::model::StableDiffusion;
 use crate::engine::noise::NoiseSource;
 use crate::engine::optim::{Optimizer, OptimizerSettings};
@@ -44,6 +46,11 @@ pub struct TuneSettings {
     /// Recompute activations in backward instead of keeping them (see `UNet::checkpointed`):
     /// the same gradients for a fraction of the memory and about a third more time.
     pub checkpointing: bool,
+    /// Lower the micro-batch to what the device's free memory holds (see
+    /// [`super::choose_micro_batch`]) before starting, and halve it if a pass still runs out
+    /// of memory; `micro_batch_size` is then the largest allowed. Off, the micro-batch is
+    /// exactly `micro_batch_size`.
+    pub auto_micro_batch: bool,
 }
 
 impl Default for TuneSettings {
@@ -57,6 +64,7 @@ impl Default for TuneSettings {
             token: RARE_TOKEN.to_string(),
             seed: 0,
             checkpointing: true,
+            auto_micro_batch: true,
         }
     }
 }
@@ -106,6 +114,8 @@ pub struct TuneProgress {
     pub total_steps: usize,
     /// This step's loss, averaged over its batch.
     pub loss: f32,
+    /// Photos per forward and backward pass at this step.
+    pub micro_batch: usize,
     pub elapsed: Duration,
     /// Set when this step's weights were kept as a snapshot.
     pub snapshot_taken: bool,
@@ -260,11 +270,14 @@ pub fn fine_tune(
     let image = model.image_to_tensor(photo)?;
     let distribution = no_grad(|| model.vae.encode(&image))?;
     let scaling = model.config.vae.scaling_factor;
-    let micro = settings.micro_batch_size;
-    let passes = settings.batch_size / micro;
-    let context = no_grad(|| model.encode_prompt(&settings.token))?
-        .embedding
-        .repeat((micro, 1, 1))?;
+    let mut micro = if settings.auto_micro_batch {
+        let available = MemoryProbe::new(device).available_bytes();
+        choose_micro_batch(model, settings, (width, height), available)
+    } else {
+        settings.micro_batch_size
+    };
+    let prompt = no_grad(|| model.encode_prompt(&settings.token))?.embedding;
+    let mut context = prompt.repeat((micro, 1, 1))?;
     let batch = settings.batch_size;
     let mean = distribution.mean.repeat((batch, 1, 1, 1))?;
     let std = distribution.std.repeat((batch, 1, 1, 1))?;
@@ -298,12 +311,13 @@ pub fn fine_tune(
             .map(|_| noise.below(num_train_timesteps))
             .collect();
 
-        let loss = loop {
+        let loss = 'step: loop {
             let scale = loss_scale.as_ref().map_or(1.0, |s| s.scale);
+            let passes = batch / micro;
             let mut loss_total = 0f32;
             for pass in 0..passes {
                 let range = pass * micro..(pass + 1) * micro;
-                let batch = TrainingBatch {
+                let inputs = TrainingBatch {
                     latents: &latents.narrow(0, range.start, micro)?,
                     noise: &target_noise.narrow(0, range.start, micro)?,
                     timesteps: &timesteps[range],
@@ -311,7 +325,21 @@ pub fn fine_tune(
                 };
                 // Each pass is a mean over its micro-batch; scale so the sum is the batch mean.
                 let weight = scale / passes as f64;
-                loss_total += training_pass(model, &unet, &batch, weight, &mut accumulator)?;
+                match training_pass(model, &unet, &inputs, weight, &mut accumulator) {
+                    Ok(loss) => loss_total += loss,
+                    // The estimate was too hopeful: the same step again in smaller passes
+                    // (the same update, as the batch's randomness is already drawn).
+                    Err(EngineError::OutOfMemory) if settings.auto_micro_batch && micro > 1 => {
+                        accumulator.take();
+                        micro = (1..micro)
+                            .rev()
+                            .find(|m| batch.is_multiple_of(*m))
+                            .unwrap_or(1);
+                        context = prompt.repeat((micro, 1, 1))?;
+                        continue 'step;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             let mut grads = collect_gradients(adapter, accumulator.take())?;
             if let Some(ls) = loss_scale.as_mut() {
@@ -356,6 +384,7 @@ pub fn fine_tune(
             step,
             total_steps,
             loss,
+            micro_batch: micro,
             elapsed: start.elapsed(),
             snapshot_taken,
             reconstruction,
