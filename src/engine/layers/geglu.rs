@@ -10,6 +10,7 @@
 use candle_core::{D, Result, Tensor};
 
 use super::linear::Linear;
+use super::norm::wide_sum;
 use crate::engine::autograd::{Backward, param, tracks_gradient, with_backward};
 
 /// Bytes one block's projection may take (f32), which bounds the memory of the whole op.
@@ -130,7 +131,7 @@ impl Backward for GegluBackward {
                 sum(&mut grad_w, grad_projection.t()?.matmul(&x_block)?)?;
             }
             if wants_b {
-                sum(&mut grad_b, grad_projection.sum(0)?)?;
+                sum(&mut grad_b, wide_sum(&grad_projection, 0)?)?;
             }
         }
         let grad_x = if wants_x {

@@ -3,6 +3,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use super::norm::wide_sum;
 use crate::engine::autograd::{Backward, param, tracks_gradient, with_backward};
 
 #[derive(Debug, Clone)]
@@ -121,7 +122,7 @@ impl Backward for LinearBackward {
         };
         let mut grads = vec![grad_x, grad_w];
         if let Some(b) = inputs.get(2) {
-            grads.push(b.track_op().then(|| grad_2d.sum(0)).transpose()?);
+            grads.push(b.track_op().then(|| wide_sum(&grad_2d, 0)).transpose()?);
         }
         Ok(grads)
     }

@@ -10,6 +10,7 @@
 mod attention;
 mod attention_cpu;
 mod conv;
+mod conv_cpu;
 mod geglu;
 mod group_norm_cpu;
 mod linear;

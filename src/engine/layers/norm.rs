@@ -18,6 +18,12 @@ pub fn wide(dtype: DType) -> DType {
     }
 }
 
+/// `t` summed over `dims` in f32 when it is half precision, returned in its own dtype: a bias's
+/// gradient sums thousands of values, which in f16 alone is off by about 1e-2.
+pub(super) fn wide_sum<D: candle_core::shape::Dims>(t: &Tensor, dims: D) -> Result<Tensor> {
+    t.to_dtype(wide(t.dtype()))?.sum(dims)?.to_dtype(t.dtype())
+}
+
 /// `(x - mean) / sqrt(var + eps)` over the last dimension of `x` (in its own dtype).
 fn standardize(x: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
