@@ -343,8 +343,10 @@ pub fn fine_tune(
             }
             let mut grads = collect_gradients(adapter, accumulator.take())?;
             if let Some(ls) = loss_scale.as_mut() {
+                // Consumed one by one: each sum is freed as soon as it is unscaled, never a
+                // second full set of gradients (3.4 GB for SD 1.5's full fine-tune).
                 grads = grads
-                    .iter()
+                    .into_iter()
                     .map(|g| g / ls.scale)
                     .collect::<candle_core::Result<_>>()?;
                 if !all_finite(&grads)? {
