@@ -69,8 +69,9 @@ pub fn training_bytes(
         OptimizerKind::Adafactor => factored * 4,
         OptimizerKind::AdamW => values * 8,
     };
-    // Summed gradients in f32, plus a pass's gradients in the compute dtype before they are
-    // added (measured: a full fine-tune in f16 peaked 1.4 GB above the sums and masters).
+    // Summed gradients in f32, plus as much again in the compute dtype: a full fine-tune in
+    // f16 peaked 1.7 GB (the size of its half-precision weights) above the masters, the sums
+    // and the optimizer's state (docs/performance.md).
     let gradients = 4 + dtype.size_in_bytes() as u64;
     let state = values * (master + gradients) + optimizer;
     let factor = model.config.vae.downscale_factor().max(1);
