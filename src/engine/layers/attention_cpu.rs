@@ -12,6 +12,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tenso
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::contiguous_elements;
+
 /// Queries per block: 32 rows of 4096 scores are 512 KiB, within a core's L2 cache.
 const BLOCK_ROWS: usize = 64;
 /// Lanes of the vectorised reductions (one AVX-512 register of f32).
@@ -146,10 +148,7 @@ fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]>
     let CpuStorage::F32(data) = storage else {
         candle_core::bail!("cpu attention: expected f32");
     };
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("cpu attention: inputs must be contiguous"),
-    }
+    contiguous_elements(data, layout, "cpu attention")
 }
 
 /// `softmax(scale q k^T) v` per head, reading `q` `[batch, queries, heads * dim]` and `k`, `v`

@@ -154,14 +154,13 @@ fn shifted_matmul_conv(x: &Tensor, taps: &Taps, padding: usize) -> Result<Tensor
             .map(|t| rows.window(t / k, t % k))
             .collect::<Result<Vec<_>>>()?;
         let patches = Tensor::stack(&windows, 2)?.reshape((batch, c_in * k * k, rows.run()))?;
-        return taps
-            .flat
-            .reshape((c_out, c_in * k * k))?
-            .broadcast_left(batch)?
-            .matmul(&patches)?
-            .reshape((batch, c_out, rows.h_out, rows.row))?
-            .narrow(3, 0, rows.w_out)?
-            .contiguous();
+        return rows.crop(
+            &taps
+                .flat
+                .reshape((c_out, c_in * k * k))?
+                .broadcast_left(batch)?
+                .matmul(&patches)?,
+        );
     }
     if matches!(x.dtype(), DType::F32 | DType::F16) && x.dtype() == taps.flat.dtype() {
         let op = TapConv {
@@ -170,13 +169,12 @@ fn shifted_matmul_conv(x: &Tensor, taps: &Taps, padding: usize) -> Result<Tensor
             run: rows.run(),
             transposed: taps.transposed,
         };
-        return rows
-            .flat
-            .contiguous()?
-            .apply_op2_no_bwd(&taps.flat.contiguous()?, &op)?
-            .reshape((batch, c_out, rows.h_out, rows.row))?
-            .narrow(3, 0, rows.w_out)?
-            .contiguous();
+        return rows.crop(
+            &rows
+                .flat
+                .contiguous()?
+                .apply_op2_no_bwd(&taps.flat.contiguous()?, &op)?,
+        );
     }
     // Other dtypes: the taps' products through candle's ops, summed.
     let mut sum: Option<Tensor> = None;
@@ -193,9 +191,7 @@ fn shifted_matmul_conv(x: &Tensor, taps: &Taps, padding: usize) -> Result<Tensor
         }
     }
     let sum = sum.ok_or_else(|| candle_core::Error::Msg("empty convolution kernel".into()))?;
-    sum.reshape((batch, c_out, rows.h_out, rows.row))?
-        .narrow(3, 0, rows.w_out)?
-        .contiguous()
+    rows.crop(&sum)
 }
 
 /// An input padded for a stride-1 convolution and flattened into rows of `row` pixels, so that
@@ -229,6 +225,16 @@ impl PaddedRows {
     /// The outputs' positions counted over whole padded rows.
     fn run(&self) -> usize {
         self.h_out * self.row
+    }
+
+    /// The outputs computed over whole padded rows, `[batch, channels, run]`, without the
+    /// `k - 1` columns per row that are not outputs: `[batch, channels, h_out, w_out]`.
+    fn crop(&self, over_rows: &Tensor) -> Result<Tensor> {
+        let (batch, channels, _) = over_rows.dims3()?;
+        over_rows
+            .reshape((batch, channels, self.h_out, self.row))?
+            .narrow(3, 0, self.w_out)?
+            .contiguous()
     }
 
     /// What tap `(dy, dx)` reads for every output: `[batch, channels, run]`, a view.

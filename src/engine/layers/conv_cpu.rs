@@ -10,6 +10,8 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, WithDType};
 use gemm::Parallelism;
 
+use super::contiguous_elements;
+
 /// One convolution over an input padded and flattened into rows (`conv::PaddedRows`).
 pub(super) struct TapConv {
     /// Kernel side.
@@ -90,10 +92,7 @@ impl TapConv {
 }
 
 fn slice<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("cpu convolution: operands must be contiguous"),
-    }
+    contiguous_elements(data, layout, "cpu convolution")
 }
 
 impl CustomOp2 for TapConv {

@@ -10,6 +10,8 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
+
+use super::contiguous_elements;
 use rayon::prelude::*;
 
 /// The element types the kernel handles, computed in f32.
@@ -116,10 +118,7 @@ impl GroupNormSilu {
 }
 
 fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("group norm: the input is not contiguous"),
-    }
+    contiguous_elements(data, layout, "group norm")
 }
 
 impl CustomOp3 for GroupNormSilu {

@@ -16,8 +16,17 @@ mod group_norm_cpu;
 mod linear;
 mod norm;
 
-use candle_core::{D, Module, Result, Tensor};
+use candle_core::{D, Layout, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+
+/// The elements a CPU kernel's operand covers, which must be contiguous (the kernels' callers
+/// make them so); `kernel` names the kernel in the error.
+fn contiguous_elements<'a, T>(data: &'a [T], layout: &Layout, kernel: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{kernel}: operands must be contiguous"),
+    }
+}
 
 pub use attention::attention;
 pub use conv::{Conv2d, conv2d};
