@@ -542,7 +542,8 @@ fn measure_run(
             }
             cancel.check()
         };
-        let tuned = tune_photo(model, photo, settings, &policy, None, &mut on_event)?;
+        let tuned = tune_photo(model, photo, settings, &policy, None, &mut on_event)
+            .map_err(crate::engine::EngineError::from)?;
         device.synchronize()?;
         tune_seconds = started.elapsed().as_secs_f64();
         let request = EditRequest {

@@ -205,6 +205,13 @@ fn tune(
             TuneEvent::CacheWriteFailed(reason) => eprintln!(
                 "warning: the snapshots could not be cached ({reason}); going on without the cache"
             ),
+            TuneEvent::SnapshotKept(_) => {}
+            TuneEvent::Resumed { steps, snapshots } => bar.println(format!(
+                "continuing the stopped fine-tune after step {steps} ({snapshots} snapshot(s) already done)"
+            )),
+            TuneEvent::ResumeSaved { steps } => eprintln!(
+                "saved where fine-tuning stopped (after step {steps}); the same command continues from there"
+            ),
             TuneEvent::Stored { dir, evicted } => {
                 eprintln!("snapshots saved to {}", dir.display());
                 if evicted > 0 {
@@ -225,7 +232,20 @@ fn tune(
         &mut on_event,
     );
     bar.finish_and_clear();
-    Ok(result?)
+    result.map_err(|stopped| {
+        if let Some(partial) = &stopped.partial {
+            eprintln!(
+                "kept the snapshots after {:?} steps{}",
+                partial.snapshot_steps(),
+                partial
+                    .cache_dir
+                    .as_ref()
+                    .map(|d| format!(" in {}", d.display()))
+                    .unwrap_or_default()
+            );
+        }
+        stopped.error.into()
+    })
 }
 
 pub fn tune_command(global: &GlobalOptions, args: &TuneArgs, cancel: &CancelFlag) -> Result<()> {

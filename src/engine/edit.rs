@@ -10,8 +10,8 @@ use image::{GrayImage, RgbImage};
 
 use super::error::{EngineError, Result};
 use super::finetune::{
-    Adapter, CacheLookup, IN_MEMORY_LIMIT_BYTES, Snapshot, SnapshotCache, TuneObserver,
-    TuneProgress, TuneSettings, fine_tune, write_safetensors,
+    Adapter, CacheLookup, IN_MEMORY_LIMIT_BYTES, Snapshot, SnapshotCache, TrainingState,
+    TuneObserver, TuneProgress, TuneSettings, fine_tune_from, write_safetensors,
 };
 use super::model::StableDiffusion;
 use super::noise::NoiseSource;
@@ -31,7 +31,48 @@ pub struct TunedPhoto {
     _spill: Option<tempfile::TempDir>,
 }
 
+/// A fine-tune that ended before its last snapshot (cancelled or failed). The base weights
+/// are loaded again; the snapshots completed so far stay usable in `partial` (and cached, with
+/// where the run stood, so that the next run of the recipe continues instead of restarting).
+pub struct TuneStopped {
+    pub error: EngineError,
+    /// The photo tuned as far as it got, when at least one snapshot was completed.
+    pub partial: Option<TunedPhoto>,
+}
+
+impl std::fmt::Debug for TuneStopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TuneStopped")
+            .field("error", &self.error)
+            .field(
+                "partial",
+                &self.partial.as_ref().map(TunedPhoto::snapshot_steps),
+            )
+            .finish()
+    }
+}
+
+impl From<TuneStopped> for EngineError {
+    fn from(stopped: TuneStopped) -> Self {
+        stopped.error
+    }
+}
+
+impl From<EngineError> for TuneStopped {
+    fn from(error: EngineError) -> Self {
+        Self {
+            error,
+            partial: None,
+        }
+    }
+}
+
 impl TunedPhoto {
+    /// True when every snapshot of the recipe is there (false for a stopped fine-tune's).
+    pub fn is_complete(&self) -> bool {
+        self.snapshot_steps() == self.settings.snapshot_steps
+    }
+
     pub fn snapshot_steps(&self) -> Vec<usize> {
         self.snapshots.iter().map(|s| s.steps).collect()
     }
@@ -71,6 +112,20 @@ pub enum TuneEvent<'a> {
         dir: &'a std::path::Path,
         evicted: usize,
     },
+    /// The snapshot after this many steps was kept: it can be edited with from now on, even if
+    /// the fine-tune is stopped later.
+    SnapshotKept(usize),
+    /// A stopped fine-tune of this recipe continues after `steps` steps, with its first
+    /// `snapshots` snapshots already done.
+    Resumed {
+        steps: usize,
+        snapshots: usize,
+    },
+    /// Fine-tuning stopped; where it stood after `steps` steps was saved, so the next run
+    /// continues from there.
+    ResumeSaved {
+        steps: usize,
+    },
 }
 
 /// Where to look for and keep snapshots.
@@ -86,6 +141,10 @@ pub struct CachePolicy<'a> {
 struct TuneRun<'a, 'e> {
     cache: Option<(&'a SnapshotCache, String)>,
     settings: &'a TuneSettings,
+    /// The photo at its working size (for the cache entry's thumbnail).
+    photo: &'a RgbImage,
+    /// Every snapshot kept so far, ascending (a resumed run's earlier ones included).
+    kept: Vec<Snapshot>,
     spill: Option<tempfile::TempDir>,
     reconstruct_every: Option<usize>,
     on_event: &'e mut dyn FnMut(TuneEvent) -> ControlFlow<()>,
@@ -127,11 +186,44 @@ impl TuneObserver for TuneRun<'_, '_> {
     }
 
     fn keep(&mut self, adapter: &Adapter, steps: usize) -> Result<Snapshot> {
+        let snapshot = self.write(adapter, steps)?;
+        self.kept.retain(|s| s.steps != steps);
+        self.kept.push(snapshot.clone());
+        let _ = (self.on_event)(TuneEvent::SnapshotKept(steps));
+        Ok(snapshot)
+    }
+
+    fn stopped(&mut self, adapter: &Adapter, state: &TrainingState) -> Result<()> {
+        if let Some((cache, key)) = &self.cache {
+            match cache.store_resume(key, adapter, self.settings, state) {
+                Ok(_) => {
+                    cache.store_thumbnail(key, self.photo);
+                    let _ = (self.on_event)(TuneEvent::ResumeSaved { steps: state.steps });
+                }
+                Err(e) => {
+                    let _ = (self.on_event)(TuneEvent::CacheWriteFailed(&e.to_string()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl TuneRun<'_, '_> {
+    /// Keeps the adapter's values as snapshot `steps`: in the cache, else in memory when
+    /// small, else in a temporary file. A cache that cannot be written is warned about and
+    /// left for the rest of the run; the snapshot is never lost to it.
+    fn write(&mut self, adapter: &Adapter, steps: usize) -> Result<Snapshot> {
         let small = adapter.parameter_bytes() <= IN_MEMORY_LIMIT_BYTES;
         if let Some((cache, key)) = &self.cache {
             match cache.store(key, adapter, self.settings, steps) {
-                Ok(path) if !small => return Ok(adapter.stored_snapshot(steps, path)),
-                Ok(_) => return adapter.snapshot(steps),
+                Ok(path) => {
+                    cache.store_thumbnail(key, self.photo);
+                    if !small {
+                        return Ok(adapter.stored_snapshot(steps, path));
+                    }
+                    return adapter.snapshot(steps);
+                }
                 Err(e) => {
                     let _ = (self.on_event)(TuneEvent::CacheWriteFailed(&e.to_string()));
                     self.cache = None;
@@ -148,8 +240,10 @@ impl TuneObserver for TuneRun<'_, '_> {
     }
 }
 
-/// Fine-tunes `model` on `photo` (at the working size), or loads the snapshots from the cache.
-/// The model's sampling UNet is switched to the trainable weights.
+/// Fine-tunes `model` on `photo` (at the working size), or loads the snapshots from the cache;
+/// a fine-tune of the recipe that was stopped earlier continues where it stood. The model's
+/// sampling UNet is switched to the trainable weights. A fine-tune that stops early loads the
+/// base weights again and hands back what it completed (see [`TuneStopped`]).
 pub fn tune_photo(
     model: &mut StableDiffusion,
     photo: &RgbImage,
@@ -157,13 +251,15 @@ pub fn tune_photo(
     policy: &CachePolicy,
     reconstruct_every: Option<usize>,
     on_event: &mut dyn FnMut(TuneEvent) -> ControlFlow<()>,
-) -> Result<TunedPhoto> {
+) -> std::result::Result<TunedPhoto, TuneStopped> {
     settings.validate()?;
     // LoRA's A factors are the only random initial weights; they come from the recipe's seed.
     let mut init_noise = NoiseSource::from_seed(settings.seed ^ 0x5eed_1a1a);
     let adapter = Adapter::attach(model, settings.mode, &mut init_noise)?;
     let identity = format!("{};{}", policy.model_identity, dtype_name(model.dtype()));
     let key = SnapshotCache::key(&identity, photo, settings);
+    let mut earlier = Vec::new();
+    let mut resume = None;
     if let Some(cache) = policy.cache {
         match cache.load(&key, &adapter, settings) {
             CacheLookup::Hit(snapshots) => {
@@ -181,41 +277,68 @@ pub fn tune_photo(
                     _spill: None,
                 });
             }
+            CacheLookup::Partial {
+                snapshots,
+                resume: point,
+            } => {
+                earlier = snapshots;
+                if let Some(point) = point {
+                    match cache.resume(&key, &point, &adapter, settings) {
+                        Ok(state) => {
+                            let _ = on_event(TuneEvent::Resumed {
+                                steps: state.steps,
+                                snapshots: earlier.len(),
+                            });
+                            resume = Some(state);
+                        }
+                        Err(e) => {
+                            let _ = on_event(TuneEvent::CacheDamaged(&e.to_string()));
+                            adapter.load(adapter.base())?;
+                        }
+                    }
+                }
+            }
             CacheLookup::Damaged(reason) => {
                 let _ = on_event(TuneEvent::CacheDamaged(&reason));
             }
             CacheLookup::Miss => {}
         }
     }
+    // Without a resume point the earlier snapshots are retrained (to the same values: the
+    // recipe is seeded) but stay usable meanwhile.
     let mut run = TuneRun {
         cache: policy.cache.map(|c| (c, key.clone())),
         settings,
+        photo,
+        kept: earlier,
         spill: None,
         reconstruct_every,
         on_event,
     };
-    let snapshots = match fine_tune(model, &adapter, photo, settings, &mut run) {
-        Ok(snapshots) => snapshots,
-        Err(e) => {
-            // A stopped or failed fine-tune leaves no partial entry behind.
-            if let Some((cache, key)) = &run.cache {
-                cache.remove(key);
-            }
-            return Err(e);
-        }
-    };
-    let cache_dir = match &run.cache {
-        Some((cache, key)) => {
-            let evicted = cache.evict(key).len();
-            let dir = cache.entry_dir(key);
-            let _ = (run.on_event)(TuneEvent::Stored { dir: &dir, evicted });
-            Some(dir)
-        }
-        None => None,
-    };
+    let trained = fine_tune_from(model, &adapter, photo, settings, resume.as_ref(), &mut run);
+    let cache_dir = run.cache.as_ref().map(|(cache, key)| cache.entry_dir(key));
+    if let Err(error) = trained {
+        // Whatever stopped the run, the model must not keep half-trained weights.
+        adapter.load(adapter.base())?;
+        let partial = (!run.kept.is_empty()).then(|| TunedPhoto {
+            adapter,
+            snapshots: run.kept,
+            settings: settings.clone(),
+            cache_dir,
+            from_cache: false,
+            _spill: run.spill,
+        });
+        return Err(TuneStopped { error, partial });
+    }
+    if let Some((cache, key)) = &run.cache {
+        cache.finish(key);
+        let evicted = cache.evict(key).len();
+        let dir = cache.entry_dir(key);
+        let _ = (run.on_event)(TuneEvent::Stored { dir: &dir, evicted });
+    }
     Ok(TunedPhoto {
         adapter,
-        snapshots,
+        snapshots: run.kept,
         settings: settings.clone(),
         cache_dir,
         from_cache: false,

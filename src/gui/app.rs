@@ -554,6 +554,8 @@ impl EditorApp {
                     self.live_preview = Some((id, tex));
                 }
             }
+            // A cancelled tune's kept snapshots are not offered yet: the editor retunes.
+            JobEvent::SnapshotKept { .. } => {}
             JobEvent::Tuned {
                 snapshot_steps,
                 from_cache,

@@ -104,6 +104,12 @@ pub enum JobEvent {
         id: JobId,
         image: RgbImage,
     },
+    /// A tune kept the snapshot after `steps` steps: edits may use it from now on, even if the
+    /// tune is cancelled or fails later (the worker keeps a stopped tune's snapshots).
+    SnapshotKept {
+        id: JobId,
+        steps: usize,
+    },
     /// An edit's result, at the photo's size.
     Finished {
         id: JobId,
@@ -132,6 +138,7 @@ impl JobEvent {
         match self {
             JobEvent::Progress { id, .. }
             | JobEvent::Preview { id, .. }
+            | JobEvent::SnapshotKept { id, .. }
             | JobEvent::Finished { id, .. }
             | JobEvent::Tuned { id, .. }
             | JobEvent::Failed { id, .. }
@@ -141,7 +148,10 @@ impl JobEvent {
 
     /// True for the one event that ends a job.
     pub fn is_final(&self) -> bool {
-        !matches!(self, JobEvent::Progress { .. } | JobEvent::Preview { .. })
+        !matches!(
+            self,
+            JobEvent::Progress { .. } | JobEvent::Preview { .. } | JobEvent::SnapshotKept { .. }
+        )
     }
 }
 

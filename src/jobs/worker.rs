@@ -147,6 +147,11 @@ impl Worker {
                 let out = &self.out;
                 let preview = self.preview.as_ref();
                 let mut on_event = |event: TuneEvent| {
+                    if let TuneEvent::SnapshotKept(steps) = event
+                        && !out.send(JobEvent::SnapshotKept { id, steps })
+                    {
+                        cancel.store(true, Ordering::Relaxed);
+                    }
                     if let TuneEvent::Progress(p) = event {
                         let sent = out.send(JobEvent::Progress {
                             id,
@@ -173,14 +178,21 @@ impl Worker {
                     model_identity: &self.options.model_identity,
                 };
                 let reconstruct_every = preview.map(|_| RECONSTRUCT_EVERY_STEPS);
-                let tuned = tune_photo(
+                let tuned = match tune_photo(
                     &mut self.model,
                     &working,
                     &settings,
                     &policy,
                     reconstruct_every,
                     &mut on_event,
-                )?;
+                ) {
+                    Ok(tuned) => tuned,
+                    Err(stopped) => {
+                        // The snapshots completed before the stop stay editable.
+                        self.tuned = stopped.partial.map(|photo| Tuned { working, photo });
+                        return Err(stopped.error);
+                    }
+                };
                 let outcome = Outcome::Tuned {
                     snapshot_steps: tuned.snapshot_steps(),
                     from_cache: tuned.from_cache,

@@ -6,6 +6,11 @@
 //! and atomically; a file that is damaged or does not match what it claims is ignored (and
 //! rebuilt by the caller), never trusted. The folder's total size is capped: the least recently
 //! used entries are removed first.
+//!
+//! A fine-tune that was stopped keeps its completed snapshots (a partial ladder) and, in
+//! `resume.safetensors`, the trained values and optimizer state after its last whole step, so
+//! that the next run of the same recipe continues where it stopped. `photo.png` is a small
+//! copy of the photo, so that people can see what an entry is before removing it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,8 +21,9 @@ use sha2::{Digest, Sha256};
 
 use super::adapter::{Adapter, is_finite};
 use super::snapshot::{IN_MEMORY_LIMIT_BYTES, MappedFile, Snapshot, write_safetensors};
-use super::tune::TuneSettings;
+use super::tune::{TrainingState, TuneSettings};
 use crate::engine::error::{EngineError, Result};
+use crate::engine::optim::OptimizerState;
 
 /// Bump when the file layout or the training code changes what a recipe produces.
 const FORMAT_VERSION: &str = "2";
@@ -26,6 +32,15 @@ const FORMAT_VERSION: &str = "2";
 pub const DEFAULT_MAX_BYTES: u64 = 16 << 30;
 /// Touched whenever an entry is used; its modification time orders eviction.
 const USED_MARKER: &str = "last-used";
+/// Where an interrupted fine-tune can continue from.
+const RESUME_FILE: &str = "resume.safetensors";
+/// The small copy of the photo shown in listings.
+const THUMBNAIL_FILE: &str = "photo.png";
+/// Longest side of that copy.
+const THUMBNAIL_SIDE: u32 = 256;
+/// Prefix of the tensors in the resume file: trained values, optimizer state.
+const RESUME_WEIGHTS: &str = "weights.";
+const RESUME_OPTIMIZER: &str = "optimizer.";
 
 #[derive(Debug, Clone)]
 pub struct SnapshotCache {
@@ -37,9 +52,23 @@ pub struct SnapshotCache {
 #[derive(Debug)]
 pub enum CacheLookup {
     Hit(Vec<Snapshot>),
+    /// A fine-tune that was stopped: the snapshots it completed (the first of the ladder) and,
+    /// when it was saved, where it can continue from.
+    Partial {
+        snapshots: Vec<Snapshot>,
+        resume: Option<ResumePoint>,
+    },
     Miss,
     /// A file was there but could not be trusted; the reason is for a warning.
     Damaged(String),
+}
+
+/// The saved state of a stopped fine-tune (see [`SnapshotCache::resume`]).
+#[derive(Debug, Clone)]
+pub struct ResumePoint {
+    path: PathBuf,
+    /// Whole steps done.
+    pub steps: usize,
 }
 
 /// One cached fine-tune, for listing and eviction.
@@ -49,6 +78,12 @@ pub struct CacheEntry {
     pub dir: PathBuf,
     pub bytes: u64,
     pub last_used: SystemTime,
+    /// A small copy of the photo, when the entry has one.
+    pub thumbnail: Option<PathBuf>,
+    /// Step counts of the snapshots it holds, ascending.
+    pub snapshot_steps: Vec<usize>,
+    /// Set when the fine-tune was stopped and can continue: its whole steps done.
+    pub resumable_at: Option<usize>,
 }
 
 impl SnapshotCache {
@@ -106,12 +141,15 @@ impl SnapshotCache {
     /// The snapshots stored under `key`, checked against `adapter` (names, shapes) and
     /// `settings` (the recipe and its snapshot steps). Small snapshots are read into memory
     /// (and checked to hold finite values); large ones are read when selected.
+    ///
+    /// The first snapshots of the ladder without the rest are a stopped fine-tune's
+    /// (`Partial`); its resume point is offered when it comes after all of them.
     pub fn load(&self, key: &str, adapter: &Adapter, settings: &TuneSettings) -> CacheLookup {
         let mut snapshots = Vec::with_capacity(settings.snapshot_steps.len());
         for &steps in &settings.snapshot_steps {
             let path = self.snapshot_path(key, steps);
             if !path.exists() {
-                return CacheLookup::Miss;
+                break;
             }
             match read_snapshot(&path, key, steps, adapter, settings) {
                 Ok(snapshot) => snapshots.push(snapshot),
@@ -120,8 +158,165 @@ impl SnapshotCache {
                 }
             }
         }
+        if snapshots.len() == settings.snapshot_steps.len() {
+            self.touch(key);
+            return CacheLookup::Hit(snapshots);
+        }
+        let done = snapshots.last().map_or(0, |s| s.steps);
+        let resume = self.resume_point(key).filter(|r| {
+            // Every snapshot up to the resume point must be there, else the ladder would
+            // keep a gap; then it is retrained from the start.
+            let next_missing = settings.snapshot_steps[snapshots.len()];
+            r.steps >= done && r.steps < next_missing
+        });
+        if snapshots.is_empty() && resume.is_none() {
+            return CacheLookup::Miss;
+        }
         self.touch(key);
-        CacheLookup::Hit(snapshots)
+        CacheLookup::Partial { snapshots, resume }
+    }
+
+    /// The resume file of `key` and its step, if there is one.
+    fn resume_point(&self, key: &str) -> Option<ResumePoint> {
+        let path = self.entry_dir(key).join(RESUME_FILE);
+        let steps = MappedFile::open(&path)
+            .ok()?
+            .metadata()
+            .ok()?
+            .get("steps")?
+            .parse()
+            .ok()?;
+        Some(ResumePoint { path, steps })
+    }
+
+    /// Saves where a stopped fine-tune stands: `adapter`'s values and `state`.
+    pub fn store_resume(
+        &self,
+        key: &str,
+        adapter: &Adapter,
+        settings: &TuneSettings,
+        state: &TrainingState,
+    ) -> Result<PathBuf> {
+        let entry = self.entry_dir(key);
+        std::fs::create_dir_all(&entry)
+            .map_err(|e| EngineError::Cache(format!("cannot write to {}: {e}", entry.display())))?;
+        let mut metadata = entry_metadata(key, settings, state.steps);
+        metadata.insert(
+            "optimizer_steps".into(),
+            state.optimizer.steps_taken.to_string(),
+        );
+        if let Some((scale, good_steps)) = state.loss_scale {
+            metadata.insert("loss_scale".into(), format!("{scale:e}"));
+            metadata.insert("loss_scale_good_steps".into(), good_steps.to_string());
+        }
+        let tensors: Vec<(String, candle_core::Tensor)> = adapter
+            .named_values()
+            .into_iter()
+            .map(|(name, t)| (format!("{RESUME_WEIGHTS}{name}"), t))
+            .chain(
+                state
+                    .optimizer
+                    .tensors
+                    .iter()
+                    .map(|(name, t)| (format!("{RESUME_OPTIMIZER}{name}"), t.clone())),
+            )
+            .collect();
+        let path = entry.join(RESUME_FILE);
+        write_safetensors(&path, &tensors, &metadata)?;
+        Ok(path)
+    }
+
+    /// Loads a resume point: writes its trained values into `adapter` and returns the state
+    /// to continue from. An error means the file cannot be trusted (start again).
+    pub fn resume(
+        &self,
+        key: &str,
+        point: &ResumePoint,
+        adapter: &Adapter,
+        settings: &TuneSettings,
+    ) -> Result<TrainingState> {
+        let damaged =
+            |reason: String| EngineError::Cache(format!("{}: {reason}", point.path.display()));
+        let file = MappedFile::open(&point.path)?;
+        let metadata = file.metadata()?;
+        check_metadata(&metadata, key, point.steps, settings).map_err(damaged)?;
+        let number = |name: &str| -> std::result::Result<f64, String> {
+            metadata
+                .get(name)
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|v| v.is_finite())
+                .ok_or_else(|| format!("its {name} is missing or not a number"))
+        };
+        let optimizer_steps = number("optimizer_steps").map_err(damaged)? as usize;
+        let loss_scale = match metadata.contains_key("loss_scale") {
+            true => Some((
+                number("loss_scale").map_err(damaged)?,
+                number("loss_scale_good_steps").map_err(damaged)? as usize,
+            )),
+            false => None,
+        };
+        let tensors = file.tensors()?;
+        let mut weights = Vec::with_capacity(adapter.vars().len());
+        for (name, var) in adapter.names().iter().zip(adapter.vars()) {
+            let value = file
+                .load(&tensors, &format!("{RESUME_WEIGHTS}{name}"))
+                .map_err(|_| damaged(format!("it lacks {name}")))?;
+            if value.dims() != var.dims() {
+                return Err(damaged(format!(
+                    "{name} has shape {:?}, expected {:?}",
+                    value.dims(),
+                    var.dims()
+                )));
+            }
+            if !is_finite(&value)? {
+                return Err(damaged(format!("{name} holds values that are not finite")));
+            }
+            weights.push(value);
+        }
+        let optimizer = tensors
+            .names()
+            .into_iter()
+            .filter_map(|name| name.strip_prefix(RESUME_OPTIMIZER))
+            .map(|name| {
+                let value = file.load(&tensors, &format!("{RESUME_OPTIMIZER}{name}"))?;
+                Ok((name.to_string(), value))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        adapter.load(&Snapshot::in_memory(point.steps, weights))?;
+        adapter.mark_changed();
+        Ok(TrainingState {
+            steps: point.steps,
+            optimizer: OptimizerState {
+                steps_taken: optimizer_steps,
+                tensors: optimizer,
+            },
+            loss_scale,
+        })
+    }
+
+    /// Keeps a small copy of the photo in the entry (best effort: it only serves listings).
+    pub fn store_thumbnail(&self, key: &str, photo: &RgbImage) {
+        let (w, h) = photo.dimensions();
+        let scale = (THUMBNAIL_SIDE as f64 / w.max(h).max(1) as f64).min(1.0);
+        let (tw, th) = (
+            ((w as f64 * scale).round() as u32).max(1),
+            ((h as f64 * scale).round() as u32).max(1),
+        );
+        let thumbnail = crate::imaging::resize_rgb(photo, tw, th);
+        let entry = self.entry_dir(key);
+        let _ = std::fs::create_dir_all(&entry).and_then(|_| {
+            let temp = tempfile::NamedTempFile::new_in(&entry)?;
+            thumbnail
+                .save_with_format(temp.path(), image::ImageFormat::Png)
+                .map_err(std::io::Error::other)?;
+            temp.persist(entry.join(THUMBNAIL_FILE))?;
+            Ok(())
+        });
+    }
+
+    /// The ladder is complete: the resume point is no longer needed.
+    pub fn finish(&self, key: &str) {
+        let _ = std::fs::remove_file(self.entry_dir(key).join(RESUME_FILE));
     }
 
     /// Writes the adapter's current values as snapshot `steps` of `key` (atomically, one tensor
@@ -136,22 +331,46 @@ impl SnapshotCache {
         let entry = self.entry_dir(key);
         std::fs::create_dir_all(&entry)
             .map_err(|e| EngineError::Cache(format!("cannot write to {}: {e}", entry.display())))?;
-        let metadata: HashMap<String, String> = [
-            ("unitune_key".to_string(), key.to_string()),
-            ("recipe".to_string(), recipe_text(settings)),
-            ("steps".to_string(), steps.to_string()),
-        ]
-        .into_iter()
-        .collect();
+        let metadata = entry_metadata(key, settings, steps);
         let path = self.snapshot_path(key, steps);
         write_safetensors(&path, &adapter.named_values(), &metadata)?;
         self.touch(key);
         Ok(path)
     }
 
-    /// Removes an entry (best effort: what cannot be removed is evicted later).
-    pub fn remove(&self, key: &str) {
-        let _ = std::fs::remove_dir_all(self.entry_dir(key));
+    /// Removes an entry.
+    pub fn remove(&self, key: &str) -> Result<()> {
+        let dir = self.entry_dir(key);
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(EngineError::Cache(format!(
+                "cannot remove {}: {e}",
+                dir.display()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes every entry; returns how many entries and bytes were freed. Entries that
+    /// cannot be removed are named in the error, after the others are gone.
+    pub fn clear(&self) -> Result<(usize, u64)> {
+        let mut freed = (0, 0);
+        let mut failed = Vec::new();
+        for entry in self.entries() {
+            match self.remove(&entry.key) {
+                Ok(()) => {
+                    freed.0 += 1;
+                    freed.1 += entry.bytes;
+                }
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        match failed.first() {
+            None => Ok(freed),
+            Some(first) => Err(EngineError::Cache(format!(
+                "{} of the cache entries could not be removed ({first})",
+                failed.len()
+            ))),
+        }
     }
 
     /// Marks an entry as just used.
@@ -182,11 +401,27 @@ impl SnapshotCache {
                     .or_else(|_| std::fs::metadata(&dir))
                     .and_then(|m| m.modified())
                     .unwrap_or(SystemTime::UNIX_EPOCH);
+                let mut snapshot_steps: Vec<usize> = files
+                    .iter()
+                    .filter_map(|f| {
+                        f.file_name()
+                            .to_str()?
+                            .strip_suffix(".safetensors")?
+                            .parse()
+                            .ok()
+                    })
+                    .collect();
+                snapshot_steps.sort_unstable();
+                let key = e.file_name().to_string_lossy().into_owned();
+                let thumbnail = Some(dir.join(THUMBNAIL_FILE)).filter(|p| p.is_file());
                 CacheEntry {
-                    key: e.file_name().to_string_lossy().into_owned(),
+                    resumable_at: self.resume_point(&key).map(|r| r.steps),
+                    key,
                     dir,
                     bytes,
                     last_used,
+                    thumbnail,
+                    snapshot_steps,
                 }
             })
             .collect();
@@ -235,6 +470,35 @@ fn recipe_text(settings: &TuneSettings) -> String {
     )
 }
 
+/// What every file of an entry says about itself.
+fn entry_metadata(key: &str, settings: &TuneSettings, steps: usize) -> HashMap<String, String> {
+    [
+        ("unitune_key".to_string(), key.to_string()),
+        ("recipe".to_string(), recipe_text(settings)),
+        ("steps".to_string(), steps.to_string()),
+    ]
+    .into_iter()
+    .collect()
+}
+
+/// Checks a file's [`entry_metadata`] against what it should be.
+fn check_metadata(
+    metadata: &HashMap<String, String>,
+    key: &str,
+    steps: usize,
+    settings: &TuneSettings,
+) -> std::result::Result<(), String> {
+    if metadata.get("unitune_key").map(String::as_str) != Some(key)
+        || metadata.get("steps") != Some(&steps.to_string())
+    {
+        return Err("it was written for another model, photo, recipe or step".into());
+    }
+    if metadata.get("recipe") != Some(&recipe_text(settings)) {
+        return Err("its recipe does not match".into());
+    }
+    Ok(())
+}
+
 fn read_snapshot(
     path: &Path,
     key: &str,
@@ -244,14 +508,7 @@ fn read_snapshot(
 ) -> std::result::Result<Snapshot, String> {
     let file = MappedFile::open(path).map_err(|e| e.to_string())?;
     let metadata = file.metadata().map_err(|e| e.to_string())?;
-    if metadata.get("unitune_key").map(String::as_str) != Some(key)
-        || metadata.get("steps") != Some(&steps.to_string())
-    {
-        return Err("it was written for another model, photo, recipe or step".into());
-    }
-    if metadata.get("recipe") != Some(&recipe_text(settings)) {
-        return Err("its recipe does not match".into());
-    }
+    check_metadata(&metadata, key, steps, settings)?;
     let tensors = file.tensors().map_err(|e| e.to_string())?;
     for (name, var) in adapter.names().iter().zip(adapter.vars()) {
         let view = tensors

@@ -9,11 +9,11 @@ mod snapshot;
 mod tune;
 
 pub use adapter::Adapter;
-pub use cache::{CacheEntry, CacheLookup, DEFAULT_MAX_BYTES, SnapshotCache};
+pub use cache::{CacheEntry, CacheLookup, DEFAULT_MAX_BYTES, ResumePoint, SnapshotCache};
 pub use memory_plan::{choose_micro_batch, training_bytes};
 pub use mode::TrainMode;
 pub use snapshot::{IN_MEMORY_LIMIT_BYTES, Snapshot, write_safetensors};
 pub use tune::{
-    PAPER_SNAPSHOTS, RARE_TOKEN, TrainingBatch, TuneObserver, TuneProgress, TuneSettings,
-    fine_tune, training_pass,
+    PAPER_SNAPSHOTS, RARE_TOKEN, TrainingBatch, TrainingState, TuneObserver, TuneProgress,
+    TuneSettings, fine_tune, fine_tune_from, training_pass,
 };

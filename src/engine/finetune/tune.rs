@@ -18,7 +18,7 @@ use crate::engine::layers::wide;
 use crate::engine::memory::MemoryProbe;
 use crate::engine::model::StableDiffusion;
 use crate::engine::noise::NoiseSource;
-use crate::engine::optim::{Optimizer, OptimizerSettings};
+use crate::engine::optim::{Optimizer, OptimizerSettings, OptimizerState};
 use crate::engine::training::denoising_loss;
 use crate::engine::unet::UNet;
 
@@ -149,6 +149,24 @@ pub trait TuneObserver {
     fn keep(&mut self, adapter: &Adapter, steps: usize) -> Result<Snapshot> {
         adapter.snapshot(steps)
     }
+
+    /// Fine-tuning stopped early (cancelled, or failed between steps) with the adapter's
+    /// values and `state` consistent after `state.steps` steps: a caller that keeps them can
+    /// later continue with [`fine_tune_from`] instead of starting again.
+    fn stopped(&mut self, _adapter: &Adapter, _state: &TrainingState) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Where an interrupted fine-tune stood after its last whole step: with the adapter's values
+/// at that step, enough to continue exactly as if it had never stopped.
+#[derive(Debug, Clone)]
+pub struct TrainingState {
+    /// Whole optimizer steps taken.
+    pub steps: usize,
+    pub optimizer: OptimizerState,
+    /// f16's dynamic loss scale and its count of good steps (`None` for other dtypes).
+    pub loss_scale: Option<(f64, usize)>,
 }
 
 impl<F: FnMut(&TuneProgress) -> ControlFlow<()>> TuneObserver for F {
@@ -242,6 +260,36 @@ pub fn training_pass(
     Ok(value)
 }
 
+/// The randomness of one optimizer step: each sample's latent draw, target noise and
+/// timestep. Drawn whole before the step, so that micro-batching, a step redone after an f16
+/// overflow, or a run resumed after `n` steps (which draws and drops `n` of these) all train
+/// on the same numbers.
+struct StepDraw {
+    latent_noise: Tensor,
+    target_noise: Tensor,
+    timesteps: Vec<usize>,
+}
+
+impl StepDraw {
+    fn next(
+        noise: &mut NoiseSource,
+        shape: &candle_core::Shape,
+        num_train_timesteps: usize,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let latent_noise = noise.normal(shape, device)?;
+        let target_noise = noise.normal(shape, device)?;
+        let timesteps = (0..shape.dims()[0])
+            .map(|_| noise.below(num_train_timesteps))
+            .collect();
+        Ok(Self {
+            latent_noise,
+            target_noise,
+            timesteps,
+        })
+    }
+}
+
 /// Fine-tunes `adapter`'s weights on `photo` (already at the working size) and returns a
 /// snapshot per requested step count (kept by the observer). The weights are left at the last
 /// snapshot.
@@ -252,7 +300,29 @@ pub fn fine_tune(
     settings: &TuneSettings,
     observer: &mut dyn TuneObserver,
 ) -> Result<Vec<Snapshot>> {
+    fine_tune_from(model, adapter, photo, settings, None, observer)
+}
+
+/// [`fine_tune`], continuing from `resume` when given: the adapter must hold the values after
+/// `resume.steps` steps (as [`TuneObserver::stopped`] saw them). Returns the snapshots taken
+/// after that step only; the result is the same as that of a run that never stopped.
+pub fn fine_tune_from(
+    model: &StableDiffusion,
+    adapter: &Adapter,
+    photo: &RgbImage,
+    settings: &TuneSettings,
+    resume: Option<&TrainingState>,
+    observer: &mut dyn TuneObserver,
+) -> Result<Vec<Snapshot>> {
     settings.validate()?;
+    let first_step = resume.map_or(0, |r| r.steps) + 1;
+    if first_step > settings.total_steps() {
+        return Err(EngineError::InvalidRequest(format!(
+            "cannot resume after step {} of a {}-step fine-tune",
+            first_step - 1,
+            settings.total_steps()
+        )));
+    }
     if settings.mode != adapter.mode() {
         return Err(EngineError::InvalidRequest(format!(
             "the recipe trains {} weights but the adapter holds {}",
@@ -293,79 +363,112 @@ pub fn fine_tune(
         (model.scheduler.add_noise(&x0, &noise, &[t])?, t)
     };
     let mut optimizer = Optimizer::new(&settings.optimizer, adapter.vars().to_vec())?;
+    let mut loss_scale = LossScale::for_dtype(dtype);
+    if let Some(resume) = resume {
+        optimizer.restore(&resume.optimizer)?;
+        if let (Some(ls), Some((scale, good_steps))) = (loss_scale.as_mut(), resume.loss_scale) {
+            ls.scale = scale;
+            ls.good_steps = good_steps;
+        }
+        for _ in 1..first_step {
+            StepDraw::next(
+                &mut noise,
+                mean.shape(),
+                num_train_timesteps,
+                &candle_core::Device::Cpu,
+            )?;
+        }
+    }
     let unet = adapter.training_unet().checkpointed(settings.checkpointing);
     let mut accumulator = GradientAccumulator::new(adapter.vars(), wide(dtype));
-    let mut loss_scale = LossScale::for_dtype(dtype);
     let total_steps = settings.total_steps();
     let mut snapshots = Vec::with_capacity(settings.snapshot_steps.len());
     let start = Instant::now();
+    // Where a stop leaves the run: the values and state after the last whole step.
+    let state_after = |optimizer: &Optimizer, loss_scale: &Option<LossScale>| TrainingState {
+        steps: optimizer.steps_taken(),
+        optimizer: optimizer.state(),
+        loss_scale: loss_scale.as_ref().map(|ls| (ls.scale, ls.good_steps)),
+    };
     adapter.mark_changed();
-    for step in 1..=total_steps {
-        // The whole batch's randomness is drawn first, so accumulating micro-batches gives
-        // the same update as one big batch (and a step redone after an f16 overflow is the
-        // same step).
-        let latent_noise = noise.normal(mean.shape(), device)?.to_dtype(mean.dtype())?;
-        let latents = ((&mean + (&std * latent_noise)?)? * scaling)?.to_dtype(dtype)?;
-        let target_noise = noise.normal(mean.shape(), device)?.to_dtype(dtype)?;
-        let timesteps: Vec<usize> = (0..batch)
-            .map(|_| noise.below(num_train_timesteps))
-            .collect();
+    for step in first_step..=total_steps {
+        let draw = StepDraw::next(&mut noise, mean.shape(), num_train_timesteps, device)?;
+        let latents = ((&mean + (&std * draw.latent_noise.to_dtype(mean.dtype())?)?)? * scaling)?
+            .to_dtype(dtype)?;
+        let target_noise = draw.target_noise.to_dtype(dtype)?;
+        let timesteps = draw.timesteps;
 
-        let loss = 'step: loop {
-            let scale = loss_scale.as_ref().map_or(1.0, |s| s.scale);
-            let passes = batch / micro;
-            let mut loss_total = 0f32;
-            for pass in 0..passes {
-                let range = pass * micro..(pass + 1) * micro;
-                let inputs = TrainingBatch {
-                    latents: &latents.narrow(0, range.start, micro)?,
-                    noise: &target_noise.narrow(0, range.start, micro)?,
-                    timesteps: &timesteps[range],
-                    context: &context,
-                };
-                // Each pass is a mean over its micro-batch; scale so the sum is the batch mean.
-                let weight = scale / passes as f64;
-                match training_pass(model, &unet, &inputs, weight, &mut accumulator) {
-                    Ok(loss) => loss_total += loss,
-                    // The estimate was too hopeful: the same step again in smaller passes
-                    // (the same update, as the batch's randomness is already drawn).
-                    Err(EngineError::OutOfMemory) if settings.auto_micro_batch && micro > 1 => {
-                        accumulator.take();
-                        micro = (1..micro)
-                            .rev()
-                            .find(|m| batch.is_multiple_of(*m))
-                            .unwrap_or(1);
-                        context = prompt.repeat((micro, 1, 1))?;
-                        continue 'step;
+        // Until the update starts, a failure leaves the weights after the previous step.
+        let mut updating = false;
+        let outcome = (|| -> Result<f32> {
+            Ok('step: loop {
+                let scale = loss_scale.as_ref().map_or(1.0, |s| s.scale);
+                let passes = batch / micro;
+                let mut loss_total = 0f32;
+                for pass in 0..passes {
+                    let range = pass * micro..(pass + 1) * micro;
+                    let inputs = TrainingBatch {
+                        latents: &latents.narrow(0, range.start, micro)?,
+                        noise: &target_noise.narrow(0, range.start, micro)?,
+                        timesteps: &timesteps[range],
+                        context: &context,
+                    };
+                    // Each pass is a mean over its micro-batch; scale so the sum is the batch mean.
+                    let weight = scale / passes as f64;
+                    match training_pass(model, &unet, &inputs, weight, &mut accumulator) {
+                        Ok(loss) => loss_total += loss,
+                        // The estimate was too hopeful: the same step again in smaller passes
+                        // (the same update, as the batch's randomness is already drawn).
+                        Err(EngineError::OutOfMemory) if settings.auto_micro_batch && micro > 1 => {
+                            accumulator.take();
+                            micro = (1..micro)
+                                .rev()
+                                .find(|m| batch.is_multiple_of(*m))
+                                .unwrap_or(1);
+                            context = prompt.repeat((micro, 1, 1))?;
+                            continue 'step;
+                        }
+                        Err(e) => return Err(e),
                     }
-                    Err(e) => return Err(e),
                 }
-            }
-            let mut grads = collect_gradients(adapter, accumulator.take())?;
-            if let Some(ls) = loss_scale.as_mut() {
-                // Consumed one by one: each sum is freed as soon as it is unscaled, never a
-                // second full set of gradients (3.4 GB for SD 1.5's full fine-tune).
-                grads = grads
-                    .into_iter()
-                    .map(|g| g / ls.scale)
-                    .collect::<candle_core::Result<_>>()?;
-                if !all_finite(&grads)? {
-                    ls.scale /= 2.0;
-                    ls.good_steps = 0;
-                    if ls.scale < LossScale::MINIMUM {
-                        return Err(EngineError::InvalidRequest(
+                let mut grads = collect_gradients(adapter, accumulator.take())?;
+                if let Some(ls) = loss_scale.as_mut() {
+                    // Consumed one by one: each sum is freed as soon as it is unscaled, never a
+                    // second full set of gradients (3.4 GB for SD 1.5's full fine-tune).
+                    grads = grads
+                        .into_iter()
+                        .map(|g| g / ls.scale)
+                        .collect::<candle_core::Result<_>>()?;
+                    if !all_finite(&grads)? {
+                        ls.scale /= 2.0;
+                        ls.good_steps = 0;
+                        if ls.scale < LossScale::MINIMUM {
+                            return Err(EngineError::InvalidRequest(
                             "fine-tuning diverged (the gradients are not finite); try a lower --lr or --precision f32".into(),
                         ));
+                        }
+                        continue;
                     }
-                    continue;
+                    ls.good_steps += 1;
+                    if ls.good_steps.is_multiple_of(LossScale::GROWTH_INTERVAL) {
+                        ls.scale *= 2.0;
+                    }
                 }
-                ls.good_steps += 1;
-                if ls.good_steps.is_multiple_of(LossScale::GROWTH_INTERVAL) {
-                    ls.scale *= 2.0;
+                updating = true;
+                optimizer.step(&grads)?;
+                break loss_total / passes as f32;
+            })
+        })();
+        let loss = match outcome {
+            Ok(loss) => loss,
+            Err(e) => {
+                if !updating && optimizer.steps_taken() > 0 {
+                    accumulator.take();
+                    // Best effort: the error is what the user needs to hear about.
+                    let _ = observer.stopped(adapter, &state_after(&optimizer, &loss_scale));
                 }
+                return Err(e);
             }
-            optimizer.step(&grads)?;
-            break loss_total / passes as f32;
         };
         let snapshot_taken = settings.snapshot_steps.contains(&step);
         if snapshot_taken {
@@ -392,6 +495,9 @@ pub fn fine_tune(
             reconstruction,
         };
         if observer.observe(&progress).is_break() {
+            if step < total_steps {
+                observer.stopped(adapter, &state_after(&optimizer, &loss_scale))?;
+            }
             return Err(EngineError::Cancelled);
         }
     }
