@@ -63,9 +63,32 @@ pub enum Command {
     Edit(EditArgs),
     /// The paper's figure 10: one fine-tuning run, columns = snapshots, rows = t0 values.
     Grid(GridArgs),
+    /// List the snapshot cache (fine-tunes kept so that editing a photo again never
+    /// retrains), remove one entry, or clear it.
+    Cache(CacheArgs),
     /// Measure speed and peak memory at full size (random weights, no download) and print
     /// JSON; `benches/diffusers/` prints the same measurements from diffusers.
     Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CacheArgs {
+    /// What to do; without one, list the entries.
+    #[command(subcommand)]
+    pub action: Option<CacheAction>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheAction {
+    /// Each entry with its size, snapshots, last use and a small copy of its photo.
+    List,
+    /// Remove one entry, named by the start of its key (as `list` prints it).
+    Remove {
+        #[arg(value_name = "KEY")]
+        key: String,
+    },
+    /// Remove every entry.
+    Clear,
 }
 
 #[derive(Debug, Args)]

@@ -5,6 +5,7 @@
 
 mod args;
 mod bench;
+mod cache;
 mod cancel;
 mod generate;
 mod session;
@@ -72,7 +73,7 @@ pub fn main_with_exit_code() -> i32 {
     match panic::catch_unwind(AssertUnwindSafe(|| run(&cli.global, command, &cancel))) {
         Ok(Ok(())) => EXIT_OK,
         Ok(Err(error)) if is_cancelled(&error) => {
-            eprintln!("error: cancelled; nothing was saved");
+            eprintln!("error: cancelled; no output was written");
             EXIT_INTERRUPTED
         }
         Ok(Err(error)) => {
@@ -93,6 +94,7 @@ fn run(
         Command::Tune(args) => unitune::tune_command(global, args, cancel),
         Command::Edit(args) => unitune::edit_command(global, args, cancel),
         Command::Grid(args) => unitune::grid_command(global, args, cancel),
+        Command::Cache(args) => cache::cache_command(args),
         Command::Bench(args) => bench::bench_command(global, args, cancel),
     }
 }

@@ -13,7 +13,7 @@ use super::cancel::CancelFlag;
 use crate::engine::StableDiffusion;
 use crate::engine::device::{device_name, open_device};
 use crate::engine::precision::dtype_name;
-use crate::engine::sampling::{SampleOutput, SampleRequest, StepView, sample};
+use crate::engine::sampling::{SampleOutput, SampleRequest, StepObserver, StepView, sample};
 use crate::imaging::{self, ExistingFile};
 use crate::model_files::{self, DownloadProgress, HubOptions, ModelSpec, TerminalProgress};
 
@@ -61,7 +61,7 @@ pub(super) fn load_model(global: &GlobalOptions) -> Result<LoadedModel> {
         ModelSpec::Folder(path) => path.display().to_string(),
         ModelSpec::Hub { .. } => spec.to_string(),
     };
-    let identity = files.weights_identity();
+    let identity = files.fingerprint(crate::model_files::default_memo_path().as_deref())?;
     Ok(LoadedModel {
         model,
         name,
@@ -164,11 +164,25 @@ pub(super) fn step_bar(label: &str) -> ProgressBar {
 pub(super) fn sampling_observer<'a>(
     bar: &'a ProgressBar,
     cancel: &'a CancelFlag,
-) -> impl FnMut(&StepView) -> ControlFlow<()> + 'a {
-    move |view: &StepView| {
-        bar.set_length(view.total_steps as u64);
-        bar.set_position(view.step as u64);
-        cancel.check()
+) -> impl StepObserver + 'a {
+    BarObserver { bar, cancel }
+}
+
+/// Moves the step bar; Ctrl-C stops after the current step or stage.
+struct BarObserver<'a> {
+    bar: &'a ProgressBar,
+    cancel: &'a CancelFlag,
+}
+
+impl StepObserver for BarObserver<'_> {
+    fn observe(&mut self, view: &StepView) -> ControlFlow<()> {
+        self.bar.set_length(view.total_steps as u64);
+        self.bar.set_position(view.step as u64);
+        self.cancel.check()
+    }
+
+    fn proceed(&mut self) -> ControlFlow<()> {
+        self.cancel.check()
     }
 }
 

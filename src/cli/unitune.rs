@@ -205,7 +205,7 @@ fn tune(
             TuneEvent::CacheWriteFailed(reason) => eprintln!(
                 "warning: the snapshots could not be cached ({reason}); going on without the cache"
             ),
-            TuneEvent::SnapshotKept(_) => {}
+            TuneEvent::SnapshotKept(_) | TuneEvent::Preparing => {}
             TuneEvent::Resumed { steps, snapshots } => bar.println(format!(
                 "continuing the stopped fine-tune after step {steps} ({snapshots} snapshot(s) already done)"
             )),

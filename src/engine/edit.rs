@@ -16,7 +16,7 @@ use super::finetune::{
 use super::model::StableDiffusion;
 use super::noise::NoiseSource;
 use super::precision::dtype_name;
-use super::sampling::{SampleRequest, Start, StepObserver, sample};
+use super::sampling::{SampleRequest, Start, StepObserver, check_proceed, sample};
 use crate::imaging;
 
 /// A photo the model has been fine-tuned on: the trainable weights and their snapshots.
@@ -104,6 +104,9 @@ pub enum TuneEvent<'a> {
     /// A cache file was there but could not be trusted; it will be rebuilt.
     CacheDamaged(&'a str),
     Progress(&'a TuneProgress),
+    /// The photo and prompt are encoded and the first step is next; the answer to this
+    /// event, like to every other, can stop the fine-tune.
+    Preparing,
     /// A snapshot could not be written to the cache (a full disk, a read-only folder); the
     /// fine-tune goes on with it in memory or a temporary file.
     CacheWriteFailed(&'a str),
@@ -191,6 +194,10 @@ impl TuneObserver for TuneRun<'_, '_> {
         self.kept.push(snapshot.clone());
         let _ = (self.on_event)(TuneEvent::SnapshotKept(steps));
         Ok(snapshot)
+    }
+
+    fn proceed(&mut self) -> ControlFlow<()> {
+        (self.on_event)(TuneEvent::Preparing)
     }
 
     fn stopped(&mut self, adapter: &Adapter, state: &TrainingState) -> Result<()> {
@@ -419,13 +426,17 @@ pub fn edit_photo(
         },
     };
     let output = sample(model, &sample_request, observer)?;
+    // Each full-resolution stage below can take as long as a step on a large photo.
+    check_proceed(observer)?;
     let (ow, oh) = request.original.dimensions();
     let mut result = imaging::resize_rgb(&output.image, ow, oh);
     if let Some(mask) = request.mask {
+        check_proceed(observer)?;
         let radius = imaging::default_feather_radius(ow, oh);
         result = imaging::paste_outside_mask(request.original, &result, mask, radius)?;
     }
     if request.interpolate {
+        check_proceed(observer)?;
         let settings = imaging::InterpolationSettings::for_size(ow, oh);
         result = imaging::interpolate_toward_original(request.original, &result, &settings)?;
     }

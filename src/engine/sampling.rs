@@ -57,6 +57,21 @@ pub struct StepView<'a> {
 /// Sees every step; returning `Break` stops sampling with [`EngineError::Cancelled`].
 pub trait StepObserver {
     fn observe(&mut self, view: &StepView) -> ControlFlow<()>;
+
+    /// Asked between the stages that are not denoising steps (encoding the prompts and the
+    /// photo, decoding the result, bringing it back to the photo's size), each about as long
+    /// as a step at 512 px, so that a stop waits for one of them at most.
+    fn proceed(&mut self) -> ControlFlow<()> {
+        ControlFlow::Continue(())
+    }
+}
+
+/// `Err(Cancelled)` when the observer says stop between stages.
+pub(crate) fn check_proceed(observer: &mut dyn StepObserver) -> Result<()> {
+    match observer.proceed() {
+        ControlFlow::Continue(()) => Ok(()),
+        ControlFlow::Break(()) => Err(EngineError::Cancelled),
+    }
 }
 
 impl<F: FnMut(&StepView) -> ControlFlow<()>> StepObserver for F {
@@ -280,6 +295,7 @@ pub fn sample(
         request.baseline_prompt,
         request.guidance_weight,
     )?;
+    check_proceed(observer)?;
 
     // 3. Set the timesteps; 4. prepare the starting latents. The photo's latents are drawn
     // first, then the starting noise, always in that order.
@@ -293,6 +309,9 @@ pub fn sample(
         Start::Photo { t0_fraction, .. } => (t0_fraction, None),
         Start::Noise { .. } => (1.0, None),
     };
+    if photo_latents.is_some() {
+        check_proceed(observer)?;
+    }
     let start_noise = noise.normal(shape, device)?.to_dtype(dtype)?;
     let (timesteps, latents) = match &photo_latents {
         Some(photo) if t0_fraction < 1.0 => {
@@ -325,6 +344,7 @@ pub fn sample(
         known.as_ref(),
         observer,
     )?;
+    check_proceed(observer)?;
     let image = model.decode_latents(&latents)?;
     Ok(SampleOutput {
         image,

@@ -230,10 +230,19 @@ fn load(request: &LoadRequest, cancel: &Arc<AtomicBool>, outbox: &Outbox) -> Loa
     if cancel.load(Ordering::Relaxed) {
         return LoadEvent::Cancelled;
     }
+    // Read once per file and remembered: the snapshot cache follows the weights, not paths.
+    let model_identity = match files.fingerprint(crate::model_files::default_memo_path().as_deref())
+    {
+        Ok(identity) => identity,
+        Err(err) => return failed(one_line(&err.to_string())),
+    };
+    if cancel.load(Ordering::Relaxed) {
+        return LoadEvent::Cancelled;
+    }
     let prediction_type = model.config.scheduler.prediction_type.as_str();
     let options = RunnerOptions {
         cache: request.snapshot_cache.clone(),
-        model_identity: files.weights_identity(),
+        model_identity,
         preview_seed: 0,
     };
     let waker = outbox.waker.clone();

@@ -15,7 +15,7 @@ use crate::engine::edit::{
 };
 use crate::engine::model::StableDiffusion;
 use crate::engine::preview::LatentPreview;
-use crate::engine::sampling::StepView;
+use crate::engine::sampling::{StepObserver, StepView};
 use crate::imaging::{self, one_line};
 
 /// How often a tune shows its reconstruction of the photo (one extra UNet call each).
@@ -241,23 +241,11 @@ impl Worker {
                     mask: mask.as_deref(),
                     interpolate,
                 };
-                let out = &self.out;
-                let preview = self.preview.as_ref();
-                let mut observer = |view: &StepView| {
-                    let sent = out.send(JobEvent::Progress {
-                        id,
-                        stage: Stage::Sampling,
-                        step: view.step,
-                        total: view.total_steps,
-                        loss: None,
-                    });
-                    if !sent {
-                        cancel.store(true, Ordering::Relaxed);
-                    }
-                    if let Some(image) = preview.and_then(|p| p.render(view.predicted_x0).ok()) {
-                        out.offer_preview(JobEvent::Preview { id, image });
-                    }
-                    stop_if(cancel)
+                let mut observer = EditObserver {
+                    id,
+                    out: &self.out,
+                    preview: self.preview.as_ref(),
+                    cancel,
                 };
                 let result = edit_photo(&self.model, tuned, &request, &mut observer)?;
                 Ok(Outcome::Edited {
@@ -294,6 +282,39 @@ impl Worker {
         let (w, h) = imaging::working_size(photo.width(), photo.height(), side, size)
             .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
         Ok(imaging::resize_rgb(photo, w, h))
+    }
+}
+
+/// Streams an edit's steps and previews to the UI; stops the edit once it is cancelled, after
+/// the current step or between stages (decoding, pasting back at full size).
+struct EditObserver<'a> {
+    id: JobId,
+    out: &'a Outbox,
+    preview: Option<&'a LatentPreview>,
+    cancel: &'a AtomicBool,
+}
+
+impl StepObserver for EditObserver<'_> {
+    fn observe(&mut self, view: &StepView) -> ControlFlow<()> {
+        let sent = self.out.send(JobEvent::Progress {
+            id: self.id,
+            stage: Stage::Sampling,
+            step: view.step,
+            total: view.total_steps,
+            loss: None,
+        });
+        if !sent {
+            self.cancel.store(true, Ordering::Relaxed);
+        }
+        if let Some(image) = self.preview.and_then(|p| p.render(view.predicted_x0).ok()) {
+            self.out
+                .offer_preview(JobEvent::Preview { id: self.id, image });
+        }
+        stop_if(self.cancel)
+    }
+
+    fn proceed(&mut self) -> ControlFlow<()> {
+        stop_if(self.cancel)
     }
 }
 

@@ -90,29 +90,6 @@ pub struct ModelFiles {
     pub source: ModelSource,
 }
 
-impl ModelFiles {
-    /// The UNet weights file's full path, size and modification time: cheap to compute, and it
-    /// changes whenever the weights do (hub snapshots even have the commit in the path).
-    pub fn weights_identity(&self) -> String {
-        let path = self
-            .unet_weights
-            .canonicalize()
-            .unwrap_or_else(|_| self.unet_weights.clone());
-        let (len, modified) = std::fs::metadata(&path)
-            .map(|m| {
-                let modified = m
-                    .modified()
-                    .ok()
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map(|d| d.as_nanos())
-                    .unwrap_or(0);
-                (m.len(), modified)
-            })
-            .unwrap_or((0, 0));
-        format!("{}|{len}|{modified}", path.display())
-    }
-}
-
 /// Checks a diffusers-format folder and returns its files, preferring full-precision
 /// weights where a component has both kinds.
 pub fn locate_in_folder(root: &Path) -> Result<ModelFiles, ModelFilesError> {

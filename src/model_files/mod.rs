@@ -15,6 +15,7 @@
 //!   same cache layout Python's `huggingface_hub` uses, so both share one copy.
 
 mod error;
+mod fingerprint;
 mod hub;
 mod layout;
 mod notice;
@@ -22,6 +23,7 @@ mod progress;
 mod spec;
 
 pub use error::ModelFilesError;
+pub use fingerprint::default_memo_path;
 pub use hub::{HubOptions, default_cache_dir, repo_cache_dir, resolve};
 pub use layout::{
     ModelFiles, ModelSource, WeightsPreference, locate_in_folder, locate_in_folder_with,

@@ -150,6 +150,13 @@ pub trait TuneObserver {
         adapter.snapshot(steps)
     }
 
+    /// Asked once the photo and prompt are encoded, before the first step (encoding a 512 px
+    /// photo takes about as long as a step): `Break` stops there with
+    /// [`EngineError::Cancelled`].
+    fn proceed(&mut self) -> ControlFlow<()> {
+        ControlFlow::Continue(())
+    }
+
     /// Fine-tuning stopped early (cancelled, or failed between steps) with the adapter's
     /// values and `state` consistent after `state.steps` steps: a caller that keeps them can
     /// later continue with [`fine_tune_from`] instead of starting again.
@@ -390,6 +397,9 @@ pub fn fine_tune_from(
         optimizer: optimizer.state(),
         loss_scale: loss_scale.as_ref().map(|ls| (ls.scale, ls.good_steps)),
     };
+    if observer.proceed().is_break() {
+        return Err(EngineError::Cancelled);
+    }
     adapter.mark_changed();
     for step in first_step..=total_steps {
         let draw = StepDraw::next(&mut noise, mean.shape(), num_train_timesteps, device)?;

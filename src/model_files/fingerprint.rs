@@ -1,0 +1,156 @@
+//! What a model is, independent of where its files are: the snapshot cache's key must follow
+//! the weights, not their path (a copied folder is the same model; a swapped VAE is not).
+//!
+//! Every file the engine reads for a model (each component's config and weights, the
+//! tokenizer, the scheduler config) gets a content hash:
+//! - a file in the Hugging Face cache is a link to `blobs/<etag>`, and the etag is already a
+//!   content hash (SHA-256 for weights, git's SHA-1 for small files): nothing is read;
+//! - any other file is hashed with SHA-256. Reading a 3.4 GB UNet takes a few seconds, so the
+//!   result is remembered in a small file keyed by the file's path, length and modification
+//!   time: a folder is hashed once, a copy once more.
+//!
+//! The model's fingerprint is the SHA-256 of the roles and hashes of all its files.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+use sha2::{Digest, Sha256};
+
+use super::error::ModelFilesError;
+use super::layout::ModelFiles;
+
+/// Remembered file hashes, in the user cache (next to the snapshot cache).
+pub fn default_memo_path() -> Option<PathBuf> {
+    dirs::cache_dir().map(|d| d.join("unitune").join("file-hashes.json"))
+}
+
+impl ModelFiles {
+    /// A hex SHA-256 naming the model's contents (see the module docs). `memo` remembers the
+    /// hashes of files outside the Hugging Face cache; `None` hashes them every time.
+    pub fn fingerprint(&self, memo: Option<&Path>) -> Result<String, ModelFilesError> {
+        let mut remembered = memo.map(read_memo).unwrap_or_default();
+        let before = remembered.len();
+        let mut hash = Sha256::new();
+        for (role, path) in self.files_by_role() {
+            let content = content_hash(path, &mut remembered)?;
+            hash.update(format!("{role}={content}\n").as_bytes());
+        }
+        if let Some(memo) = memo
+            && remembered.len() != before
+        {
+            // Best effort: without the memo the next load hashes again.
+            let _ = write_memo(memo, &remembered);
+        }
+        Ok(hex(&hash.finalize()))
+    }
+
+    /// Every file the engine reads, named by what it is for (not by where it is).
+    fn files_by_role(&self) -> Vec<(&'static str, &Path)> {
+        let mut files = vec![
+            ("unet_config", self.unet_config.as_path()),
+            ("unet_weights", &self.unet_weights),
+            ("vae_config", &self.vae_config),
+            ("vae_weights", &self.vae_weights),
+            ("text_encoder_config", &self.text_encoder_config),
+            ("text_encoder_weights", &self.text_encoder_weights),
+            ("tokenizer_vocab", &self.tokenizer_vocab),
+            ("tokenizer_merges", &self.tokenizer_merges),
+            ("scheduler_config", &self.scheduler_config),
+        ];
+        files.extend(
+            self.tokenizer_config
+                .as_deref()
+                .map(|p| ("tokenizer_config", p)),
+        );
+        files.extend(
+            self.special_tokens_map
+                .as_deref()
+                .map(|p| ("special_tokens_map", p)),
+        );
+        files
+    }
+}
+
+/// The memo's key for a file: where it is and what its metadata says about its contents.
+fn memo_key(path: &Path, metadata: &std::fs::Metadata) -> String {
+    let modified = metadata
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    format!("{}|{}|{modified}", path.display(), metadata.len())
+}
+
+fn content_hash(
+    path: &Path,
+    remembered: &mut BTreeMap<String, String>,
+) -> Result<String, ModelFilesError> {
+    let io = |source: std::io::Error| ModelFilesError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let real = path.canonicalize().map_err(io)?;
+    if let Some(etag) = hub_blob_name(&real) {
+        return Ok(format!("blob:{etag}"));
+    }
+    let metadata = std::fs::metadata(&real).map_err(io)?;
+    let key = memo_key(&real, &metadata);
+    if let Some(known) = remembered.get(&key) {
+        return Ok(known.clone());
+    }
+    let mut file = std::fs::File::open(&real).map_err(io)?;
+    let mut hash = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buffer).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hash.update(&buffer[..n]);
+    }
+    let value = format!("sha256:{}", hex(&hash.finalize()));
+    remembered.insert(key, value.clone());
+    Ok(value)
+}
+
+/// The etag of a file in the Hugging Face cache (`.../blobs/<etag>`), which is a hash of its
+/// contents.
+fn hub_blob_name(real: &Path) -> Option<&str> {
+    let parent = real.parent()?;
+    if parent.file_name()? != "blobs" {
+        return None;
+    }
+    let name = real.file_name()?.to_str()?;
+    // An etag is 40 (git SHA-1) or 64 (SHA-256) hex digits; anything else is not one.
+    let is_hash = matches!(name.len(), 40 | 64) && name.bytes().all(|b| b.is_ascii_hexdigit());
+    is_hash.then_some(name)
+}
+
+fn read_memo(path: &Path) -> BTreeMap<String, String> {
+    std::fs::read(path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
+}
+
+fn write_memo(path: &Path, memo: &BTreeMap<String, String>) -> std::io::Result<()> {
+    // Files that are gone are forgotten, so the memo stays as small as the models kept.
+    let mut memo = memo.clone();
+    memo.retain(|key, _| {
+        key.rsplitn(3, '|')
+            .nth(2)
+            .is_some_and(|file| Path::new(file).exists())
+    });
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let temp = tempfile::NamedTempFile::new_in(dir)?;
+    serde_json::to_writer(temp.as_file(), &memo).map_err(std::io::Error::other)?;
+    temp.persist(path)?;
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
