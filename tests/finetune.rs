@@ -13,8 +13,10 @@ use std::ops::ControlFlow;
 use common::{fixtures, load_model, max_abs_diff};
 use unitune::engine::EngineError;
 use unitune::engine::StableDiffusion;
+use unitune::engine::edit::{CachePolicy, TuneEvent, TuneStopped, TunedPhoto, tune_photo};
 use unitune::engine::finetune::{
-    Adapter, CacheLookup, SnapshotCache, TrainMode, TuneProgress, TuneSettings, fine_tune,
+    Adapter, CacheLookup, Snapshot, SnapshotCache, TrainMode, TrainingState, TuneObserver,
+    TuneProgress, TuneSettings, fine_tune,
 };
 use unitune::engine::noise::NoiseSource;
 use unitune::engine::optim::OptimizerSettings;
@@ -123,8 +125,41 @@ fn fine_tuning_learns_the_photo_like_figure_3() {
     assert_eq!(reconstruction_error(&model, &photo), before);
 }
 
+/// Stops at a chosen step and records what fine-tuning handed over.
+struct StopAt {
+    step: usize,
+    seen: usize,
+    kept: Vec<usize>,
+    stopped_after: Option<(usize, usize)>,
+}
+
+impl TuneObserver for StopAt {
+    fn observe(&mut self, progress: &TuneProgress) -> ControlFlow<()> {
+        self.seen += 1;
+        if progress.step == self.step {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+
+    fn keep(&mut self, adapter: &Adapter, steps: usize) -> unitune::engine::Result<Snapshot> {
+        self.kept.push(steps);
+        adapter.snapshot(steps)
+    }
+
+    fn stopped(
+        &mut self,
+        _adapter: &Adapter,
+        state: &TrainingState,
+    ) -> unitune::engine::Result<()> {
+        self.stopped_after = Some((state.steps, state.optimizer.steps_taken));
+        Ok(())
+    }
+}
+
 #[test]
-fn cancelling_stops_within_one_step_and_leaves_no_snapshot() {
+fn cancelling_stops_within_one_step_and_hands_over_what_was_done() {
     let mut model = load_model("sd15-tiny");
     let adapter = Adapter::attach(
         &mut model,
@@ -132,24 +167,205 @@ fn cancelling_stops_within_one_step_and_leaves_no_snapshot() {
         &mut NoiseSource::from_seed(1),
     )
     .unwrap();
-    let mut seen = 0;
-    let mut stop_at_3 = |p: &TuneProgress| {
-        seen += 1;
-        if p.step == 3 {
-            ControlFlow::Break(())
-        } else {
-            ControlFlow::Continue(())
-        }
+    let mut observer = StopAt {
+        step: 3,
+        seen: 0,
+        kept: Vec::new(),
+        stopped_after: None,
     };
     let result = fine_tune(
         &model,
         &adapter,
         &photo(),
         &settings(TrainMode::CrossKv, &[2, 8]),
-        &mut stop_at_3,
+        &mut observer,
     );
     assert!(matches!(result, Err(EngineError::Cancelled)));
-    assert_eq!(seen, 3, "no step runs after the observer says stop");
+    assert_eq!(
+        observer.seen, 3,
+        "no step runs after the observer says stop"
+    );
+    assert_eq!(observer.kept, [2], "the snapshot before the stop was kept");
+    assert_eq!(
+        observer.stopped_after,
+        Some((3, 3)),
+        "where the run stood was handed over"
+    );
+}
+
+/// The UNet's output on a fixed input: equal outputs mean equal weights.
+fn unet_output(model: &StableDiffusion) -> candle_core::Tensor {
+    let device = model.device();
+    let latents = NoiseSource::from_seed(5)
+        .normal((1, 4, 8, 8), device)
+        .unwrap();
+    let context = model.encode_prompt("a cat").unwrap().embedding;
+    let t = candle_core::Tensor::new(&[500f32], device).unwrap();
+    model.unet.forward(&latents, &t, &context).unwrap()
+}
+
+fn events_of(
+    model: &mut StableDiffusion,
+    cache: &SnapshotCache,
+    recipe: &TuneSettings,
+    stop_at: Option<usize>,
+) -> (Result<TunedPhoto, TuneStopped>, Vec<String>) {
+    let mut events = Vec::new();
+    let policy = CachePolicy {
+        cache: Some(cache),
+        model_identity: "sd15-tiny",
+    };
+    let result = tune_photo(model, &photo(), recipe, &policy, None, &mut |event| {
+        let stop = match &event {
+            TuneEvent::Progress(p) => Some(p.step) == stop_at,
+            _ => false,
+        };
+        events.push(match event {
+            TuneEvent::Progress(p) => format!("step {}", p.step),
+            TuneEvent::SnapshotKept(steps) => format!("kept {steps}"),
+            TuneEvent::Resumed { steps, snapshots } => format!("resumed {steps} {snapshots}"),
+            TuneEvent::ResumeSaved { steps } => format!("saved {steps}"),
+            TuneEvent::CacheHit(_) => "hit".into(),
+            TuneEvent::Stored { .. } => "stored".into(),
+            TuneEvent::CacheDamaged(reason) => format!("damaged {reason}"),
+            TuneEvent::CacheWriteFailed(reason) => format!("write failed {reason}"),
+            TuneEvent::Preparing => "preparing".into(),
+        });
+        if stop {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    });
+    (result, events)
+}
+
+/// A cancelled fine-tune puts the base weights back, keeps its completed snapshots usable,
+/// and the next run of the recipe continues from where it stopped to the very same weights as
+/// a run that never stopped.
+#[test]
+fn a_stopped_fine_tune_restores_the_base_weights_and_continues_exactly() {
+    let recipe = settings(TrainMode::CrossKv, &[2, 4]);
+    let base = unet_output(&load_model("sd15-tiny"));
+
+    // Uninterrupted, in its own cache.
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight_cache = SnapshotCache::new(straight_dir.path());
+    let mut straight_model = load_model("sd15-tiny");
+    let (straight, _) = events_of(&mut straight_model, &straight_cache, &recipe, None);
+    let straight = straight.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let cache = SnapshotCache::new(dir.path());
+    let mut model = load_model("sd15-tiny");
+    let (stopped, events) = events_of(&mut model, &cache, &recipe, Some(3));
+    let stopped = stopped.unwrap_err();
+    assert!(
+        matches!(stopped.error, EngineError::Cancelled),
+        "{events:?}"
+    );
+    assert_eq!(
+        events,
+        [
+            "preparing",
+            "step 1",
+            "kept 2",
+            "step 2",
+            "step 3",
+            "saved 3"
+        ]
+    );
+    assert_eq!(
+        max_abs_diff(&unet_output(&model), &base),
+        0.0,
+        "the model was left with half-trained weights"
+    );
+    let partial = stopped.partial.expect("the snapshot after 2 steps is kept");
+    assert_eq!(partial.snapshot_steps(), [2]);
+    assert!(!partial.is_complete());
+    partial.select(2).unwrap();
+    straight.select(2).unwrap();
+    assert_eq!(
+        max_abs_diff(&unet_output(&model), &unet_output(&straight_model)),
+        0.0
+    );
+    partial.select(0).unwrap();
+    let entry = &cache.entries()[0];
+    assert_eq!(entry.snapshot_steps, [2]);
+    assert_eq!(entry.resumable_at, Some(3));
+    assert!(entry.thumbnail.is_some());
+    drop(partial);
+
+    // The next run continues after step 3: one more step, not four.
+    let (resumed, events) = events_of(&mut model, &cache, &recipe, None);
+    let resumed = resumed.unwrap();
+    assert_eq!(
+        events,
+        ["resumed 3 1", "preparing", "kept 4", "step 4", "stored"]
+    );
+    assert!(resumed.is_complete());
+    for steps in [2, 4] {
+        resumed.select(steps).unwrap();
+        straight.select(steps).unwrap();
+        assert_eq!(
+            max_abs_diff(&unet_output(&model), &unet_output(&straight_model)),
+            0.0,
+            "snapshot {steps} differs from the uninterrupted run's"
+        );
+    }
+    let entry = &cache.entries()[0];
+    assert_eq!(entry.snapshot_steps, [2, 4]);
+    assert_eq!(
+        entry.resumable_at, None,
+        "the finished entry keeps no resume file"
+    );
+}
+
+/// A resume file that cannot be trusted is reported and the fine-tune starts over, never
+/// continuing from a damaged state.
+#[test]
+fn a_damaged_resume_file_starts_the_fine_tune_over() {
+    let recipe = settings(TrainMode::CrossKv, &[2, 4]);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = SnapshotCache::new(dir.path());
+    let mut model = load_model("sd15-tiny");
+    let (stopped, _) = events_of(&mut model, &cache, &recipe, Some(3));
+    assert!(stopped.is_err());
+    // The last tensor is optimizer state: NaN there would poison every later step.
+    let resume = cache.entries()[0].dir.join("resume.safetensors");
+    let mut bytes = std::fs::read(&resume).unwrap();
+    let end = bytes.len();
+    bytes[end - 8..].fill(0xff);
+    std::fs::write(&resume, &bytes).unwrap();
+    let (again, events) = events_of(&mut model, &cache, &recipe, None);
+    assert!(again.unwrap().is_complete());
+    assert!(events[0].starts_with("damaged"), "{events:?}");
+    assert!(events.contains(&"step 1".to_string()), "{events:?}");
+}
+
+/// A cache that cannot be written (a full disk, a read-only folder: here a file where its
+/// folder should be) is a warning; the fine-tune's snapshots are all there, in memory.
+#[test]
+fn a_cache_that_cannot_be_written_is_a_warning_not_a_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocked = dir.path().join("not-a-folder");
+    std::fs::write(&blocked, b"").unwrap();
+    let cache = SnapshotCache::new(&blocked);
+    let mut model = load_model("sd15-tiny");
+    let recipe = settings(TrainMode::CrossKv, &[1, 2]);
+    let (tuned, events) = events_of(&mut model, &cache, &recipe, None);
+    let tuned = tuned.expect("the fine-tune goes on without the cache");
+    assert_eq!(tuned.snapshot_steps(), [1, 2]);
+    assert!(tuned.cache_dir.is_none());
+    tuned.select(1).unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.starts_with("write failed"))
+            .count(),
+        1,
+        "one warning, then the cache is left alone: {events:?}"
+    );
 }
 
 #[test]
@@ -284,17 +500,21 @@ fn the_cache_returns_what_was_stored_and_never_trusts_a_damaged_file() {
         cache.load(&key, &adapter, &recipe),
         CacheLookup::Damaged(_)
     ));
-    // A missing snapshot is a miss (the entry is rebuilt), not a hit with a hole.
+    // A missing last snapshot is a stopped fine-tune's partial ladder, not a hit with a hole;
+    // without a resume point it is retrained from the start.
     std::fs::remove_file(&path).unwrap();
-    assert!(matches!(
-        cache.load(&key, &adapter, &recipe),
-        CacheLookup::Miss
-    ));
+    match cache.load(&key, &adapter, &recipe) {
+        CacheLookup::Partial { snapshots, resume } => {
+            assert_eq!(snapshots.iter().map(|s| s.steps).collect::<Vec<_>>(), [2]);
+            assert!(resume.is_none());
+        }
+        other => panic!("expected a partial ladder, got {other:?}"),
+    }
     let leftovers: Vec<_> = walkdir(dir.path())
         .into_iter()
         .filter(|p| {
             let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            !name.ends_with(".safetensors") && name != "last-used"
+            !name.ends_with(".safetensors") && name != "last-used" && name != "photo.png"
         })
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");

@@ -34,21 +34,21 @@ pub struct TunedPhoto {
 /// A fine-tune that ended before its last snapshot (cancelled or failed). The base weights
 /// are loaded again; the snapshots completed so far stay usable in `partial` (and cached, with
 /// where the run stood, so that the next run of the recipe continues instead of restarting).
+#[derive(Debug)]
 pub struct TuneStopped {
     pub error: EngineError,
     /// The photo tuned as far as it got, when at least one snapshot was completed.
     pub partial: Option<TunedPhoto>,
 }
 
-impl std::fmt::Debug for TuneStopped {
+impl std::fmt::Debug for TunedPhoto {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TuneStopped")
-            .field("error", &self.error)
-            .field(
-                "partial",
-                &self.partial.as_ref().map(TunedPhoto::snapshot_steps),
-            )
-            .finish()
+        f.debug_struct("TunedPhoto")
+            .field("mode", &self.adapter.mode())
+            .field("snapshot_steps", &self.snapshot_steps())
+            .field("cache_dir", &self.cache_dir)
+            .field("from_cache", &self.from_cache)
+            .finish_non_exhaustive()
     }
 }
 

@@ -279,6 +279,11 @@ impl SnapshotCache {
             .filter_map(|name| name.strip_prefix(RESUME_OPTIMIZER))
             .map(|name| {
                 let value = file.load(&tensors, &format!("{RESUME_OPTIMIZER}{name}"))?;
+                if !is_finite(&value)? {
+                    return Err(damaged(format!(
+                        "the optimizer's {name} holds values that are not finite"
+                    )));
+                }
                 Ok((name.to_string(), value))
             })
             .collect::<Result<Vec<_>>>()?;
