@@ -148,32 +148,158 @@ fn an_edit_streams_progress_and_previews_then_finishes() {
     );
 }
 
-#[test]
-fn cancel_stops_a_running_edit_within_a_step() {
-    let (mut runner, _) = start_runner();
-    let id = runner.submit(edit("a red apple", 1.0, 200)).unwrap();
-    // Cancel as soon as sampling is under way.
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        assert!(Instant::now() < deadline, "sampling never started");
-        if let Some(JobEvent::Progress { .. }) =
-            runner.next_event_timeout(Duration::from_millis(200))
-        {
-            break;
+/// A waker that holds the worker after each event until the test has read it, so the test
+/// knows exactly which step the worker has just finished when it cancels: "within one step"
+/// can then be asserted as exactly that.
+struct Lockstep {
+    woke: crossbeam_channel::Receiver<()>,
+    go: crossbeam_channel::Sender<()>,
+}
+
+/// A runner in lockstep with the test. Declare the runner first, so the `Lockstep` drops
+/// first and releases the worker for good.
+fn start_lockstep_runner() -> (JobRunner, Lockstep) {
+    let (woke_tx, woke) = crossbeam_channel::bounded::<()>(0);
+    let (go, go_rx) = crossbeam_channel::bounded::<()>(0);
+    let runner = start_runner_with(Box::new(move || {
+        if woke_tx.send(()).is_ok() {
+            let _ = go_rx.recv();
+        }
+    }));
+    (runner, Lockstep { woke, go })
+}
+
+impl Lockstep {
+    /// Every event until job `id` ends; `cancel_after(event)` true cancels the job while the
+    /// worker is held right after sending that event.
+    fn run(
+        &self,
+        runner: &JobRunner,
+        id: JobId,
+        mut cancel_after: impl FnMut(&JobEvent) -> bool,
+    ) -> Vec<JobEvent> {
+        let mut events = Vec::new();
+        loop {
+            self.woke
+                .recv_timeout(DEADLINE)
+                .unwrap_or_else(|_| panic!("job {id} stalled; events: {events:?}"));
+            let mut ended = false;
+            while let Some(event) = runner.try_next_event() {
+                if event.id() == id && cancel_after(&event) {
+                    runner.cancel(id);
+                }
+                ended |= event.id() == id && event.is_final();
+                events.push(event);
+            }
+            let _ = self.go.send(());
+            if ended {
+                return events;
+            }
         }
     }
-    runner.cancel(id);
-    let events = events_until_done(&runner, &[id]);
+}
+
+#[test]
+fn cancel_stops_a_running_edit_within_one_step() {
+    let (mut runner, lockstep) = start_lockstep_runner();
+    let id = runner.submit(edit("a red apple", 1.0, 200)).unwrap();
+    let events = lockstep.run(&runner, id, |event| {
+        matches!(event, JobEvent::Progress { step: 2, .. })
+    });
     assert!(matches!(
         final_event(&events, id),
         JobEvent::Cancelled { .. }
     ));
-    let last_step = sampling_steps_seen(&events, id)
-        .last()
-        .copied()
-        .unwrap_or(1);
-    println!("cancelled after step {last_step} of 200");
-    assert!(last_step < 20, "ran on to step {last_step} after cancel");
+    assert_eq!(
+        sampling_steps_seen(&events, id),
+        [1, 2],
+        "a step ran after the cancel"
+    );
+}
+
+fn tune_request(snapshot_steps: &[usize]) -> JobRequest {
+    JobRequest::Tune {
+        photo: Arc::new(photo()),
+        settings: TuneSettings {
+            mode: TrainMode::CrossKv,
+            snapshot_steps: snapshot_steps.to_vec(),
+            batch_size: 1,
+            micro_batch_size: 1,
+            optimizer: unitune::engine::optim::OptimizerSettings {
+                learning_rate: 1e-2,
+                ..Default::default()
+            },
+            ..TuneSettings::default()
+        },
+        size: Some((64, 64)),
+    }
+}
+
+fn edit_after(tune_steps: usize) -> JobRequest {
+    let mut request = edit("a red apple", 0.5, 4);
+    if let JobRequest::Edit { tune_steps: t, .. } = &mut request {
+        *t = tune_steps;
+    }
+    request
+}
+
+fn result_of(runner: &mut JobRunner, request: JobRequest) -> Result<RgbImage, String> {
+    let id = runner.submit(request).unwrap();
+    match final_event(&events_until_done(runner, &[id]), id).clone() {
+        JobEvent::Finished { result, .. } => Ok(result),
+        JobEvent::Failed { message, .. } => Err(message),
+        other => panic!("expected an edit's result, got {other:?}"),
+    }
+}
+
+/// A tune cancelled after step 3 of 4: no fourth step; the snapshot after 2 steps was
+/// reported and stays editable; an edit without fine-tuning gets the base weights, not the
+/// half-trained ones.
+#[test]
+fn a_cancelled_tune_restores_the_base_weights_and_keeps_its_snapshots_editable() {
+    let mut untouched = start_runner().0;
+    let base_result = result_of(&mut untouched, edit_after(0)).unwrap();
+
+    let (mut runner, lockstep) = start_lockstep_runner();
+    let tune = runner.submit(tune_request(&[2, 4])).unwrap();
+    let events = lockstep.run(&runner, tune, |event| {
+        matches!(
+            event,
+            JobEvent::Progress {
+                stage: Stage::Tuning,
+                step: 3,
+                ..
+            }
+        )
+    });
+    drop(lockstep);
+    assert!(matches!(
+        final_event(&events, tune),
+        JobEvent::Cancelled { .. }
+    ));
+    let steps: Vec<usize> = events
+        .iter()
+        .filter_map(|e| match e {
+            JobEvent::Progress { step, .. } => Some(*step),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(steps, [1, 2, 3], "a step ran after the cancel");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, JobEvent::SnapshotKept { steps: 2, .. })),
+        "{events:?}"
+    );
+
+    assert!(
+        result_of(&mut runner, edit_after(0)).unwrap() == base_result,
+        "an edit without fine-tuning used half-trained weights"
+    );
+    let tuned = result_of(&mut runner, edit_after(2)).expect("the kept snapshot is editable");
+    assert!(tuned != base_result, "the kept snapshot changed nothing");
+    let missing = result_of(&mut runner, edit_after(4)).unwrap_err();
+    assert!(missing.contains("[2]"), "{missing}");
 }
 
 #[test]

@@ -116,6 +116,39 @@ fn preview_approximates_the_full_decode() {
     );
 }
 
+/// Each latent pixel goes through the map on its own: a preview that ignored the latents (or
+/// mixed up pixels or channels) fails here, which the fixture's random VAE cannot show (its
+/// fitted weights are near zero; see above).
+#[test]
+fn render_maps_each_latent_pixel_through_the_map() {
+    let preview = LatentPreview::from_parts(
+        vec![
+            [0.5, 0.0, 0.0],
+            [0.0, 0.5, 0.0],
+            [0.0, 0.0, 0.5],
+            [0.25, 0.25, 0.25],
+        ],
+        [0.0, 0.1, -0.1],
+        0.5,
+    );
+    // [1, 4, 1, 2]: pixel 0 then pixel 1 of each channel; scaled latents, divided by 0.5.
+    let latents = candle_core::Tensor::from_vec(
+        vec![0.25f32, -0.25, 0.0, 0.5, -0.5, 0.0, 0.2, 0.0],
+        (1, 4, 1, 2),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let image = preview.render(&latents).unwrap();
+    let byte = |v: f32| ((v / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round() as u8;
+    // Pixel 0: z = [0.5, 0, -1, 0.4]; pixel 1: z = [-0.5, 1, 0, 0].
+    let expected = [
+        [byte(0.25 + 0.1), byte(0.1 + 0.1), byte(-0.1 - 0.5 + 0.1)],
+        [byte(-0.25), byte(0.1 + 0.5), byte(-0.1)],
+    ];
+    assert_eq!(image.get_pixel(0, 0).0, expected[0]);
+    assert_eq!(image.get_pixel(1, 0).0, expected[1]);
+}
+
 #[test]
 fn fitting_is_deterministic_for_a_seed() {
     let model = load_tiny();

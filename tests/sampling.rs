@@ -262,6 +262,86 @@ fn the_observer_stops_sampling_within_one_step() {
     assert_eq!(calls, 2, "no step runs after the observer says stop");
 }
 
+/// Records the order of steps and stage boundaries, and stops at the `stop_at`-th call.
+struct StageLog {
+    calls: Vec<String>,
+    stop_at: Option<usize>,
+}
+
+impl StageLog {
+    fn record(&mut self, what: String) -> ControlFlow<()> {
+        self.calls.push(what);
+        if Some(self.calls.len()) == self.stop_at {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+}
+
+impl StepObserver for StageLog {
+    fn observe(&mut self, view: &StepView) -> ControlFlow<()> {
+        self.record(format!("step {}", view.step))
+    }
+
+    fn proceed(&mut self) -> ControlFlow<()> {
+        self.record("stage".into())
+    }
+}
+
+/// Encoding the prompts and the photo, decoding, the full-size paste-back and the
+/// interpolation are each a stage a stop can end at; a stop at any boundary runs nothing after
+/// it. (At 512 px each of these costs about what a step does.)
+#[test]
+fn an_edit_can_be_stopped_between_any_two_stages() {
+    use unitune::engine::edit::{EditRequest, edit_photo};
+    let model = load_model("sd15-tiny");
+    let photo = photo();
+    let mask =
+        image::GrayImage::from_fn(64, 64, |x, _| image::Luma([if x < 32 { 255 } else { 0 }]));
+    let request = EditRequest {
+        original: &photo,
+        working: &photo,
+        prompt: "a cat",
+        baseline_prompt: None,
+        tune_steps: 0,
+        t0: 0.5,
+        guidance: 1.0,
+        sampling_steps: 4,
+        seed: 1,
+        mask: Some(&mask),
+        interpolate: true,
+    };
+    let mut full = StageLog {
+        calls: Vec::new(),
+        stop_at: None,
+    };
+    edit_photo(&model, None, &request, &mut full).unwrap();
+    assert_eq!(
+        full.calls,
+        [
+            "stage", // prompts encoded
+            "stage", // photo encoded
+            "step 1", "step 2", "stage", // before the decode
+            "stage", // before bringing the result to the photo's size
+            "stage", // before the paste-back outside the mask
+            "stage", // before the interpolation
+        ]
+    );
+    for stop_at in 1..=full.calls.len() {
+        let mut log = StageLog {
+            calls: Vec::new(),
+            stop_at: Some(stop_at),
+        };
+        let result = edit_photo(&model, None, &request, &mut log);
+        assert!(
+            matches!(result, Err(EngineError::Cancelled)),
+            "a stop at call {stop_at} was ignored"
+        );
+        assert_eq!(log.calls.len(), stop_at, "{:?} ran on", log.calls);
+    }
+}
+
 #[test]
 fn bad_requests_are_refused_with_a_reason() {
     let model = load_model("sd15-tiny");
