@@ -281,29 +281,38 @@ fn grid_has_a_column_per_snapshot_and_a_row_per_t0() {
     );
 }
 
-#[test]
-fn ctrl_c_stops_fine_tuning_without_leaving_files() {
-    let home = tempfile::tempdir().unwrap();
-    let h = home.path();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_unitune"))
+/// `unitune tune` on the fixture photo with `snapshots`, in `home`, as a child process whose
+/// stderr the caller reads.
+fn spawn_tune(home: &Path, model: &str, snapshots: &str) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_unitune"))
         .args([
             "tune",
             &photo(),
             "--model",
-            &model(),
+            model,
             "--train",
             "cross-kv",
             "--snapshots",
-            "500",
+            snapshots,
             "--device",
             "cpu",
         ])
-        .env("XDG_CACHE_HOME", h.join("cache"))
+        .env("XDG_CACHE_HOME", home.join("cache"))
         .env("HF_HUB_OFFLINE", "1")
-        .current_dir(h)
+        .current_dir(home)
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// Ctrl-C during fine-tuning: exit 130 after the current step, the snapshots done so far and
+/// where the run stood saved whole (no temporary file), and the same command then continues
+/// from there to exactly the snapshots an uninterrupted run makes.
+#[test]
+fn ctrl_c_keeps_the_fine_tune_so_far_and_the_same_command_continues_it() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let mut child = spawn_tune(h, &model(), "1,6");
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
     let mut seen = String::new();
@@ -311,11 +320,10 @@ fn ctrl_c_stops_fine_tuning_without_leaving_files() {
         let line = line.unwrap();
         seen.push_str(&line);
         seen.push('\n');
-        if line.contains("fine-tuning on the photo") {
+        if line.starts_with("step 1/6") {
             break;
         }
     }
-    std::thread::sleep(Duration::from_millis(500));
     let sent_at = Instant::now();
     let kill = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
@@ -329,11 +337,31 @@ fn ctrl_c_stops_fine_tuning_without_leaving_files() {
     assert_eq!(status.code(), Some(130), "{seen}");
     assert!(seen.contains("cancelled"), "{seen}");
     // One step of this run takes seconds on a quiet machine; the bound is loose for busy CI.
-    // (That no step starts after the stop is asserted exactly in tests/finetune.rs.)
+    // (That no step starts after the stop is asserted exactly in tests/jobs.rs.)
     assert!(took < Duration::from_secs(120), "stopping took {took:?}");
-    assert!(
-        cache_files(h).is_empty(),
-        "no cache entry after a cancelled run"
+    let stopped_at: usize = seen
+        .split("saved where fine-tuning stopped (after step ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("where the run stopped was not saved: {seen}"));
+    assert!((1..6).contains(&stopped_at), "{seen}");
+    let entries = cache_files(h);
+    assert_eq!(entries.len(), 1, "{seen}");
+    let mut names: Vec<String> = std::fs::read_dir(&entries[0])
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "1.safetensors",
+            "last-used",
+            "photo.png",
+            "resume.safetensors"
+        ],
+        "only whole files are left"
     );
     let leftovers: Vec<_> = std::fs::read_dir(h)
         .unwrap()
@@ -341,4 +369,133 @@ fn ctrl_c_stops_fine_tuning_without_leaving_files() {
         .filter(|n| n != "cache")
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    let listed = Command::new(env!("CARGO_BIN_EXE_unitune"))
+        .arg("cache")
+        .env("XDG_CACHE_HOME", h.join("cache"))
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listing.contains(&format!("1 (stopped at {stopped_at})")) && listing.contains("photo.png"),
+        "{listing}"
+    );
+
+    let again = spawn_tune(h, &model(), "1,6").wait_with_output().unwrap();
+    let again_err = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(again.status.code(), Some(0), "{again_err}");
+    assert!(
+        again_err.contains(&format!(
+            "continuing the stopped fine-tune after step {stopped_at}"
+        )),
+        "{again_err}"
+    );
+    assert!(
+        !again_err.contains("step 1/6"),
+        "the continued run started over: {again_err}"
+    );
+    assert!(!entries[0].join("resume.safetensors").exists());
+
+    let straight_home = tempfile::tempdir().unwrap();
+    let straight = spawn_tune(straight_home.path(), &model(), "1,6")
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(straight.status.code(), Some(0));
+    let straight_entry = &cache_files(straight_home.path())[0];
+    assert_eq!(
+        straight_entry.file_name(),
+        entries[0].file_name(),
+        "the same model, photo and recipe are the same entry"
+    );
+    for file in ["1.safetensors", "6.safetensors"] {
+        assert!(
+            std::fs::read(straight_entry.join(file)).unwrap()
+                == std::fs::read(entries[0].join(file)).unwrap(),
+            "{file} of the continued run differs from an uninterrupted run's"
+        );
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// The cache key follows what the weights are: a copied model folder finds its snapshots, a
+/// changed VAE does not; `unitune cache` lists, removes and clears the entries.
+#[test]
+fn the_snapshot_cache_follows_the_weights_and_can_be_listed_and_cleared() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let original = h.join("models/original");
+    copy_dir(&model_dir("sd15-tiny"), &original);
+    let tune = |model: &Path| {
+        let out = spawn_tune(h, &model.display().to_string(), "1")
+            .wait_with_output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        stderr
+    };
+    assert!(tune(&original).contains("snapshots saved to"));
+
+    let copy = h.join("models/copy");
+    copy_dir(&original, &copy);
+    let copied = tune(&copy);
+    assert!(
+        copied.contains("using cached snapshots"),
+        "a copied model retrained: {copied}"
+    );
+
+    // Another VAE (here: one weight nudged in its lowest bits) is another model.
+    let vae = copy.join("vae/diffusion_pytorch_model.safetensors");
+    let mut bytes = std::fs::read(&vae).unwrap();
+    let last = bytes.len() - 4;
+    bytes[last] ^= 1;
+    std::fs::write(&vae, &bytes).unwrap();
+    let swapped = tune(&copy);
+    assert!(
+        swapped.contains("snapshots saved to"),
+        "stale snapshots were used for another VAE: {swapped}"
+    );
+
+    let cache = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_unitune"))
+            .arg("cache")
+            .args(args)
+            .env("XDG_CACHE_HOME", h.join("cache"))
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, listing, _) = cache(&[]);
+    assert_eq!(code, Some(0));
+    assert!(listing.contains("2 entries"), "{listing}");
+    let first_key = cache_files(h)[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let (code, _, stderr) = cache(&["remove", "no-such-key"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    let (code, removed, stderr) = cache(&["remove", &first_key[..12]]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(removed.starts_with("removed"), "{removed}");
+    assert_eq!(cache_files(h).len(), 1);
+    let (code, cleared, _) = cache(&["clear"]);
+    assert_eq!(code, Some(0));
+    assert!(cleared.contains("removed 1 cache entry"), "{cleared}");
+    assert!(cache_files(h).is_empty());
 }

@@ -163,6 +163,15 @@ fn tune(
         settings.optimizer.learning_rate,
         settings.snapshot_steps
     );
+    // Without a terminal the bar is hidden and its lines go nowhere.
+    let say = |line: String| {
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+    };
+    let mut first_step = true;
     let mut on_event = |event: TuneEvent| {
         match event {
             TuneEvent::CacheHit(path) => eprintln!("using cached snapshots: {}", path.display()),
@@ -170,8 +179,8 @@ fn tune(
                 eprintln!("warning: ignoring a damaged cache entry ({reason}); fine-tuning again")
             }
             TuneEvent::Progress(p) => {
-                if p.step == 1 {
-                    bar.println(format!(
+                if std::mem::take(&mut first_step) {
+                    say(format!(
                         "{} photo(s) per pass, {} pass(es) per step",
                         p.micro_batch,
                         settings.batch_size / p.micro_batch
@@ -206,7 +215,7 @@ fn tune(
                 "warning: the snapshots could not be cached ({reason}); going on without the cache"
             ),
             TuneEvent::SnapshotKept(_) | TuneEvent::Preparing => {}
-            TuneEvent::Resumed { steps, snapshots } => bar.println(format!(
+            TuneEvent::Resumed { steps, snapshots } => say(format!(
                 "continuing the stopped fine-tune after step {steps} ({snapshots} snapshot(s) already done)"
             )),
             TuneEvent::ResumeSaved { steps } => eprintln!(

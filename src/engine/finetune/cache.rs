@@ -29,7 +29,8 @@ use crate::engine::optim::OptimizerState;
 const FORMAT_VERSION: &str = "2";
 /// The default cap: room for a few full fine-tunes of SD 1.5 in f16 (6.9 GB each) or
 /// hundreds of LoRA or cross-kv ones.
-pub const DEFAULT_MAX_BYTES: u64 = 16 << 30;
+/// In decimal gigabytes, as `--cache-size` counts them.
+pub const DEFAULT_MAX_BYTES: u64 = 16_000_000_000;
 /// Touched whenever an entry is used; its modification time orders eviction.
 const USED_MARKER: &str = "last-used";
 /// Where an interrupted fine-tune can continue from.

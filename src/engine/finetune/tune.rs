@@ -112,6 +112,8 @@ impl TuneSettings {
 pub struct TuneProgress {
     pub step: usize,
     pub total_steps: usize,
+    /// Steps done before this run started (a stopped fine-tune that continues), 0 otherwise.
+    pub resumed_after: usize,
     /// This step's loss, averaged over its batch.
     pub loss: f32,
     /// Photos per forward and backward pass at this step.
@@ -127,11 +129,12 @@ pub struct TuneProgress {
 impl TuneProgress {
     /// Time left at the average pace so far.
     pub fn eta(&self) -> Duration {
-        if self.step == 0 {
+        let done_here = self.step.saturating_sub(self.resumed_after);
+        if done_here == 0 {
             return Duration::ZERO;
         }
         self.elapsed
-            .mul_f64((self.total_steps - self.step) as f64 / self.step as f64)
+            .mul_f64(self.total_steps.saturating_sub(self.step) as f64 / done_here as f64)
     }
 }
 
@@ -498,6 +501,7 @@ pub fn fine_tune_from(
         let progress = TuneProgress {
             step,
             total_steps,
+            resumed_after: first_step - 1,
             loss,
             micro_batch: micro,
             elapsed: start.elapsed(),
@@ -512,4 +516,27 @@ pub fn fine_tune_from(
         }
     }
     Ok(snapshots)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_eta_counts_only_the_steps_this_run_has_timed() {
+        let progress = |step, resumed_after| TuneProgress {
+            step,
+            total_steps: 10,
+            resumed_after,
+            loss: 0.0,
+            micro_batch: 1,
+            elapsed: Duration::from_secs(2),
+            snapshot_taken: false,
+            reconstruction: None,
+        };
+        // 2 steps in 2 s, 4 to go: 4 s (not the 1.3 s that 6 steps in 2 s would mean).
+        assert_eq!(progress(6, 4).eta(), Duration::from_secs(4));
+        assert_eq!(progress(2, 0).eta(), Duration::from_secs(8));
+        assert_eq!(progress(4, 4).eta(), Duration::ZERO);
+    }
 }
