@@ -510,6 +510,21 @@ fn the_cache_returns_what_was_stored_and_never_trusts_a_damaged_file() {
         }
         other => panic!("expected a partial ladder, got {other:?}"),
     }
+    // A write that a killed program never finished leaves a temporary file: the next look
+    // at the entry removes it once it is clearly abandoned.
+    let abandoned = cache.entry_dir(&key).join(".tmpXYZ123");
+    std::fs::write(&abandoned, b"half a snapshot").unwrap();
+    cache.load(&key, &adapter, &recipe);
+    assert!(abandoned.exists(), "a write in progress is left alone");
+    let an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&abandoned)
+        .unwrap()
+        .set_modified(an_hour_ago)
+        .unwrap();
+    cache.load(&key, &adapter, &recipe);
+    assert!(!abandoned.exists(), "an abandoned write was kept");
     let leftovers: Vec<_> = walkdir(dir.path())
         .into_iter()
         .filter(|p| {

@@ -146,6 +146,7 @@ impl SnapshotCache {
     /// The first snapshots of the ladder without the rest are a stopped fine-tune's
     /// (`Partial`); its resume point is offered when it comes after all of them.
     pub fn load(&self, key: &str, adapter: &Adapter, settings: &TuneSettings) -> CacheLookup {
+        remove_stale_temporaries(&self.entry_dir(key));
         let mut snapshots = Vec::with_capacity(settings.snapshot_steps.len());
         for &steps in &settings.snapshot_steps {
             let path = self.snapshot_path(key, steps);
@@ -474,6 +475,29 @@ fn recipe_text(settings: &TuneSettings) -> String {
         settings.token,
         settings.seed,
     )
+}
+
+/// A file being written is modified all the time; one untouched for this long was left by a
+/// program that was killed mid-write.
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Removes the temporary files of writes that never finished (a second Ctrl-C, a crash):
+/// every file is written to a temporary name and renamed when whole, so these are never part
+/// of an entry.
+fn remove_stale_temporaries(entry: &Path) {
+    let Ok(files) = std::fs::read_dir(entry) else {
+        return;
+    };
+    for file in files.flatten() {
+        let is_temporary = file.file_name().to_string_lossy().starts_with(".tmp");
+        let stale = file
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > STALE_AFTER));
+        if is_temporary && stale {
+            let _ = std::fs::remove_file(file.path());
+        }
+    }
 }
 
 /// What every file of an entry says about itself.
