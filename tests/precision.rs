@@ -129,3 +129,64 @@ fn f16_fine_tuning_follows_f32() {
     let moved = max_abs_diff(&model.unet_weights()[&trained], &base[&trained]);
     assert!(moved > 0.0, "training left {trained} unchanged in f16");
 }
+
+/// In f16 a stopped fine-tune continues exactly too: the float32 master weights and the loss
+/// scale are part of what is saved (without the masters the continued run drifts).
+#[test]
+fn a_stopped_f16_fine_tune_continues_exactly() {
+    use unitune::engine::edit::{CachePolicy, TuneEvent, tune_photo};
+    use unitune::engine::finetune::SnapshotCache;
+    let photo = image::RgbImage::from_fn(32, 32, |x, y| {
+        image::Rgb([(x * 8) as u8, (y * 8) as u8, (255 - (x + y) * 4) as u8])
+    });
+    let settings = TuneSettings {
+        mode: TrainMode::CrossKv,
+        optimizer: OptimizerSettings {
+            learning_rate: 1e-3,
+            ..OptimizerSettings::default()
+        },
+        snapshot_steps: vec![2, 4],
+        batch_size: 2,
+        micro_batch_size: 2,
+        auto_micro_batch: false,
+        seed: 9,
+        ..TuneSettings::default()
+    };
+    let run = |cache: &SnapshotCache, stop_at: Option<usize>| {
+        let mut model = load("sd15-tiny", DType::F16);
+        let policy = CachePolicy {
+            cache: Some(cache),
+            model_identity: "sd15-tiny",
+        };
+        let result = tune_photo(
+            &mut model,
+            &photo,
+            &settings,
+            &policy,
+            None,
+            &mut |e| match e {
+                TuneEvent::Progress(p) if Some(p.step) == stop_at => ControlFlow::Break(()),
+                _ => ControlFlow::Continue(()),
+            },
+        );
+        result.map(|tuned| {
+            tuned.snapshots[1]
+                .tensors()
+                .unwrap()
+                .iter()
+                .map(|t| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap())
+                .map(|t| t.to_vec1::<f32>().unwrap())
+                .collect::<Vec<_>>()
+        })
+    };
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight = run(&SnapshotCache::new(straight_dir.path()), None).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = SnapshotCache::new(dir.path());
+    assert!(run(&cache, Some(3)).is_err());
+    let resumed = run(&cache, None).unwrap();
+    assert!(
+        resumed == straight,
+        "the continued f16 run's last snapshot differs"
+    );
+}
