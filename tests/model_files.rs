@@ -936,3 +936,113 @@ fn hub_specs_built_by_hand_are_checked_before_touching_the_cache() {
     );
     assert!(err.is_invalid_input());
 }
+
+// ---------------------------------------------------------------------------------------
+// Fingerprints: what the snapshot cache is keyed by
+
+/// A model's fingerprint follows the contents of every file it is made of: the same in a
+/// copy and after a touch, another when any component's weights or config change; the memo
+/// spares reading files whose path, size and time are known.
+#[test]
+fn a_fingerprint_follows_the_contents_of_every_file() {
+    let dir = temp_dir();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    write_model(&a, &model_files_list(&FULL_WEIGHTS));
+    write_model(&b, &model_files_list(&FULL_WEIGHTS));
+    let memo = dir.path().join("memo.json");
+    let fingerprint = |root: &Path| {
+        locate_in_folder(root)
+            .expect("complete model")
+            .fingerprint(Some(&memo))
+            .expect("files readable")
+    };
+    let original = fingerprint(&a);
+    assert_eq!(original.len(), 64);
+    assert_eq!(fingerprint(&b), original, "a copy is the same model");
+    let unet = a.join("unet/diffusion_pytorch_model.safetensors");
+    let later = std::time::SystemTime::now() + Duration::from_secs(60);
+    std::fs::File::options()
+        .write(true)
+        .open(&unet)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    assert_eq!(fingerprint(&a), original, "a touched file is the same file");
+
+    for changed in [
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "text_encoder/config.json",
+        "scheduler/scheduler_config.json",
+        "tokenizer/merges.txt",
+    ] {
+        write_file(&b, changed, b"something else");
+        assert_ne!(fingerprint(&b), original, "{changed} changed");
+        write_model(&b, &[changed]);
+        assert_eq!(fingerprint(&b), original, "{changed} restored");
+    }
+
+    // The memo is used: a file rewritten with the same size and time is not read again
+    // (which is why it is keyed by path, size and modification time).
+    let weights = b.join("vae/diffusion_pytorch_model.safetensors");
+    let before = std::fs::metadata(&weights).unwrap().modified().unwrap();
+    let mut bytes = std::fs::read(&weights).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(&weights, &bytes).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&weights)
+        .unwrap()
+        .set_modified(before)
+        .unwrap();
+    assert_eq!(fingerprint(&b), original, "the memo was not used");
+    let unremembered = locate_in_folder(&b).unwrap().fingerprint(None).unwrap();
+    assert_ne!(unremembered, original);
+}
+
+/// A model in the Hugging Face cache is fingerprinted by its blob names (content hashes), so
+/// nothing is read; two commits sharing blobs are the same model.
+#[test]
+fn a_hub_model_is_fingerprinted_by_its_blob_names() {
+    let cache = temp_dir();
+    let repo_dir = repo_cache_dir(cache.path(), "o/n");
+    let files = model_files_list(&FULL_WEIGHTS);
+    let link_all = |commit: &str, odd_one: Option<&str>| {
+        let snapshot = repo_dir.join("snapshots").join(commit);
+        for file in &files {
+            let etag = if Some(*file) == odd_one {
+                format!("{:064x}", 7)
+            } else {
+                format!("{:064x}", file.len() * 1000 + file.as_bytes()[0] as usize)
+            };
+            let blob = repo_dir.join("blobs").join(&etag);
+            if !blob.exists() {
+                write_file(&repo_dir, &format!("blobs/{etag}"), &contents(file));
+            }
+            let link = snapshot.join(file);
+            std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+            std::os::unix::fs::symlink(&blob, &link).unwrap();
+        }
+        locate_in_folder(&snapshot)
+            .unwrap()
+            .fingerprint(None)
+            .unwrap()
+    };
+    let first = link_all(SHA, None);
+    let other_commit = link_all(&"b".repeat(40), None);
+    assert_eq!(first, other_commit);
+    let other_vae = link_all(
+        &"c".repeat(40),
+        Some("vae/diffusion_pytorch_model.safetensors"),
+    );
+    assert_ne!(first, other_vae);
+    // Not read: a blob's contents do not enter the fingerprint, only its name.
+    let blob = std::fs::read_dir(repo_dir.join("blobs"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::write(&blob, b"changed under the same name").unwrap();
+    assert_eq!(link_all(&"d".repeat(40), None), first);
+}
