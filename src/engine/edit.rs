@@ -37,8 +37,9 @@ pub struct TunedPhoto {
 #[derive(Debug)]
 pub struct TuneStopped {
     pub error: EngineError,
-    /// The photo tuned as far as it got, when at least one snapshot was completed.
-    pub partial: Option<TunedPhoto>,
+    /// The photo tuned as far as it got, when at least one snapshot was completed (boxed: a
+    /// tuned photo holds a whole UNet's worth of handles, and errors travel by value).
+    pub partial: Option<Box<TunedPhoto>>,
 }
 
 impl std::fmt::Debug for TunedPhoto {
@@ -327,13 +328,15 @@ pub fn tune_photo(
     if let Err(error) = trained {
         // Whatever stopped the run, the model must not keep half-trained weights.
         adapter.load(adapter.base())?;
-        let partial = (!run.kept.is_empty()).then(|| TunedPhoto {
-            adapter,
-            snapshots: run.kept,
-            settings: settings.clone(),
-            cache_dir,
-            from_cache: false,
-            _spill: run.spill,
+        let partial = (!run.kept.is_empty()).then(|| {
+            Box::new(TunedPhoto {
+                adapter,
+                snapshots: run.kept,
+                settings: settings.clone(),
+                cache_dir,
+                from_cache: false,
+                _spill: run.spill,
+            })
         });
         return Err(TuneStopped { error, partial });
     }

@@ -189,7 +189,10 @@ impl Worker {
                     Ok(tuned) => tuned,
                     Err(stopped) => {
                         // The snapshots completed before the stop stay editable.
-                        self.tuned = stopped.partial.map(|photo| Tuned { working, photo });
+                        self.tuned = stopped.partial.map(|photo| Tuned {
+                            working,
+                            photo: *photo,
+                        });
                         return Err(stopped.error);
                     }
                 };
