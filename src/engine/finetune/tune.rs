@@ -214,6 +214,9 @@ impl LossScale {
     }
 }
 
+const DIVERGED: &str =
+    "fine-tuning diverged (the gradients are not finite); try a lower --lr or --precision f32";
+
 /// The summed gradient of every variable; an error names a variable no gradient reached.
 fn collect_gradients(adapter: &Adapter, sums: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
     sums.into_iter()
@@ -395,11 +398,12 @@ pub fn fine_tune_from(
     let mut snapshots = Vec::with_capacity(settings.snapshot_steps.len());
     let start = Instant::now();
     // Where a stop leaves the run: the values and state after the last whole step.
-    let state_after = |optimizer: &Optimizer, loss_scale: &Option<LossScale>| TrainingState {
+    let state_after = |optimizer: &Optimizer, loss_scale: Option<(f64, usize)>| TrainingState {
         steps: optimizer.steps_taken(),
         optimizer: optimizer.state(),
-        loss_scale: loss_scale.as_ref().map(|ls| (ls.scale, ls.good_steps)),
+        loss_scale,
     };
+    let loss_scale_state = |ls: &Option<LossScale>| ls.as_ref().map(|l| (l.scale, l.good_steps));
     if observer.proceed().is_break() {
         return Err(EngineError::Cancelled);
     }
@@ -411,8 +415,10 @@ pub fn fine_tune_from(
         let target_noise = draw.target_noise.to_dtype(dtype)?;
         let timesteps = draw.timesteps;
 
-        // Until the update starts, a failure leaves the weights after the previous step.
+        // Until the update starts, a failure leaves the weights (and the loss scale, which an
+        // overflow may already have lowered) as they were after the previous step.
         let mut updating = false;
+        let scale_before = loss_scale_state(&loss_scale);
         let outcome = (|| -> Result<f32> {
             Ok('step: loop {
                 let scale = loss_scale.as_ref().map_or(1.0, |s| s.scale);
@@ -456,9 +462,7 @@ pub fn fine_tune_from(
                         ls.scale /= 2.0;
                         ls.good_steps = 0;
                         if ls.scale < LossScale::MINIMUM {
-                            return Err(EngineError::InvalidRequest(
-                            "fine-tuning diverged (the gradients are not finite); try a lower --lr or --precision f32".into(),
-                        ));
+                            return Err(EngineError::InvalidRequest(DIVERGED.into()));
                         }
                         continue;
                     }
@@ -478,7 +482,7 @@ pub fn fine_tune_from(
                 if !updating && optimizer.steps_taken() > 0 {
                     accumulator.take();
                     // Best effort: the error is what the user needs to hear about.
-                    let _ = observer.stopped(adapter, &state_after(&optimizer, &loss_scale));
+                    let _ = observer.stopped(adapter, &state_after(&optimizer, scale_before));
                 }
                 return Err(e);
             }
@@ -510,7 +514,8 @@ pub fn fine_tune_from(
         };
         if observer.observe(&progress).is_break() {
             if step < total_steps {
-                observer.stopped(adapter, &state_after(&optimizer, &loss_scale))?;
+                let state = state_after(&optimizer, loss_scale_state(&loss_scale));
+                observer.stopped(adapter, &state)?;
             }
             return Err(EngineError::Cancelled);
         }
