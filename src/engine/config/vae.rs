@@ -66,7 +66,14 @@ pub struct VaeConfig {
 
 impl VaeConfig {
     pub fn load(file: &Path) -> Result<Self> {
-        let raw: RawVaeConfig = read_json(file)?;
+        Self::from_raw(read_json(file)?, file)
+    }
+
+    pub fn from_json(text: &str, file_for_messages: &Path) -> Result<Self> {
+        Self::from_raw(parse_json(text, file_for_messages)?, file_for_messages)
+    }
+
+    fn from_raw(raw: RawVaeConfig, file: &Path) -> Result<Self> {
         let unsupported = |field: &str, value: &dyn std::fmt::Debug| {
             EngineError::config(file, field, format!("= {value:?} is not supported"))
         };
