@@ -177,6 +177,8 @@ pub fn fuzz(target: &Target, duration: Duration) -> Report {
         pool.push(input.clone());
     }
     let mut iterations = 0u64;
+    // How many inputs stopped at each depth: shows whether mutants get past the parser.
+    let mut reached: Vec<u64> = Vec::new();
     // An abort (running out of memory, a stack overflow) cannot be caught; the input that
     // caused it is left in this file for the fuzz script to report.
     let in_flight = failure_dir(target.name).join("in-flight");
@@ -186,7 +188,15 @@ pub fn fuzz(target: &Target, duration: Duration) -> Report {
         let input = (target.mutate)(parent, &target.seeds, &mut rng);
         iterations += 1;
         let _ = std::fs::write(&in_flight, &input);
-        match run_one(target.run, &input) {
+        let outcome = run_one(target.run, &input);
+        if let Ok(depth) = outcome {
+            let slot = depth as usize;
+            if reached.len() <= slot {
+                reached.resize(slot + 1, 0);
+            }
+            reached[slot] += 1;
+        }
+        match outcome {
             Ok(depth) if depth >= deepest => {
                 if pool.len() < POOL_LIMIT {
                     pool.push(input);
@@ -205,12 +215,18 @@ pub fn fuzz(target: &Target, duration: Duration) -> Report {
         elapsed: start.elapsed(),
         failures,
     };
+    let depths: Vec<String> = reached
+        .iter()
+        .enumerate()
+        .map(|(depth, count)| format!("{depth}:{count}"))
+        .collect();
     println!(
-        "fuzz: {:<20} {:>7} iterations in {:>6.1} s, {} failures (seed {seed})",
+        "fuzz: {:<20} {:>7} iterations in {:>6.1} s, {} failures (seed {seed}; inputs per depth {})",
         target.name,
         report.iterations,
         report.elapsed.as_secs_f64(),
-        report.failures.len()
+        report.failures.len(),
+        depths.join(" ")
     );
     report
 }

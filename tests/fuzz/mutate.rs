@@ -241,7 +241,10 @@ fn edit_node(node: &mut Value, dictionary: &[String], rng: &mut ChaCha8Rng) {
                     }
                 }
                 2 => Value::from(rng.random_range(0..128u64)),
-                _ => other_type(rng, word(rng)),
+                _ => {
+                    let w = word(rng);
+                    other_type(rng, w)
+                }
             }
         }
         Value::String(s) => match rng.random_range(0..5) {
@@ -254,7 +257,12 @@ fn edit_node(node: &mut Value, dictionary: &[String], rng: &mut ChaCha8Rng) {
                     .unwrap_or(0);
                 s.truncate(cut);
             }
-            _ => *node = other_type(rng, word(rng)),
+            _ => {
+                *node = {
+                    let w = word(rng);
+                    other_type(rng, w)
+                }
+            }
         },
         Value::Array(items) => match rng.random_range(0..6) {
             0 if !items.is_empty() => {
@@ -272,7 +280,12 @@ fn edit_node(node: &mut Value, dictionary: &[String], rng: &mut ChaCha8Rng) {
                 let i = rng.random_range(0..items.len());
                 items[i] = interesting_number(rng);
             }
-            _ => *node = other_type(rng, word(rng)),
+            _ => {
+                *node = {
+                    let w = word(rng);
+                    other_type(rng, w)
+                }
+            }
         },
         Value::Object(map) => match rng.random_range(0..4) {
             0 | 1 if !map.is_empty() => {
@@ -281,12 +294,26 @@ fn edit_node(node: &mut Value, dictionary: &[String], rng: &mut ChaCha8Rng) {
                 map.remove(&key);
             }
             2 => {
-                let value = other_type(rng, word(rng));
-                map.insert(word(rng), value);
+                let value = {
+                    let w = word(rng);
+                    other_type(rng, w)
+                };
+                let key = word(rng);
+                map.insert(key, value);
             }
-            _ => *node = other_type(rng, word(rng)),
+            _ => {
+                *node = {
+                    let w = word(rng);
+                    other_type(rng, w)
+                }
+            }
         },
-        _ => *node = other_type(rng, word(rng)),
+        _ => {
+            *node = {
+                let w = word(rng);
+                other_type(rng, w)
+            }
+        }
     }
 }
 

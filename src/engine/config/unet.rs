@@ -148,6 +148,24 @@ impl UnetConfig {
         if n == 0 {
             return Err(EngineError::config(file, "block_out_channels", "is empty"));
         }
+        if n > MAX_BLOCKS {
+            return Err(EngineError::config(
+                file,
+                "block_out_channels",
+                format!("has {n} entries; at most {MAX_BLOCKS} blocks are supported"),
+            ));
+        }
+        // Checked before anything divides by it or sizes a layer with them.
+        check_count(
+            file,
+            "norm_num_groups",
+            raw.norm_num_groups,
+            1,
+            MAX_CHANNELS,
+        )?;
+        if let Some(size) = raw.sample_size {
+            check_count(file, "sample_size", size, 1, MAX_SAMPLE_SIZE)?;
+        }
         if raw.down_block_types.len() != n {
             return Err(EngineError::config(
                 file,
@@ -253,6 +271,10 @@ impl UnetConfig {
         let transformer_layers =
             raw.transformer_layers_per_block
                 .expand(n, file, "transformer_layers_per_block")?;
+        // Each up block has one layer more; a block's layers are allocated up front.
+        for count in &layers {
+            check_count(file, "layers_per_block", *count, 1, MAX_LAYERS)?;
+        }
 
         let block_attention = |i: usize,
                                field: &str,
