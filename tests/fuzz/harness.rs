@@ -24,11 +24,14 @@ use rand_chacha::ChaCha8Rng;
 /// How far an input got into the code under test; deeper inputs are kept for mutation.
 pub type Depth = u32;
 
+/// Makes a new input from a parent and the seeds.
+pub type Mutator = fn(&[u8], &[Vec<u8>], &mut ChaCha8Rng) -> Vec<u8>;
+
 pub struct Target<'a> {
     pub name: &'static str,
     /// Valid inputs to start from.
     pub seeds: Vec<Vec<u8>>,
-    pub mutate: fn(&[u8], &[Vec<u8>], &mut ChaCha8Rng) -> Vec<u8>,
+    pub mutate: Mutator,
     /// Runs one input; an `Err` or a shallow depth is fine, a panic is a failure.
     pub run: &'a dyn Fn(&[u8]) -> Depth,
 }

@@ -206,9 +206,14 @@ fn nth_node<'a>(value: &'a mut Value, target: usize, index: &mut usize) -> Optio
     }
 }
 
+/// Whether `v` is written as an unsigned integer (configs read counts as integers).
+fn is_whole_u64(v: f64) -> bool {
+    v.fract() == 0.0 && (0.0..1.8e19).contains(&v)
+}
+
 fn interesting_number(rng: &mut ChaCha8Rng) -> Value {
     let n = INTERESTING_NUMBERS[rng.random_range(0..INTERESTING_NUMBERS.len())];
-    if n.fract() == 0.0 && n >= 0.0 && n < 1.8e19 {
+    if is_whole_u64(n) {
         Value::from(n as u64)
     } else if n.fract() == 0.0 && n < 0.0 {
         Value::from(n as i64)
@@ -234,7 +239,7 @@ fn edit_node(node: &mut Value, dictionary: &[String], rng: &mut ChaCha8Rng) {
                     let v = n.as_f64().unwrap_or(0.0);
                     let options = [v + 1.0, v - 1.0, v * 2.0, (v / 2.0).floor(), v * 1000.0];
                     let v = options[rng.random_range(0..options.len())];
-                    if v.fract() == 0.0 && v >= 0.0 && v < 1.8e19 {
+                    if is_whole_u64(v) {
                         Value::from(v as u64)
                     } else {
                         Value::from(v)

@@ -329,10 +329,25 @@ impl UnetConfig {
         }
         let mid_block = match raw.mid_block_type.as_deref() {
             None => None,
-            Some("UNetMidBlock2DCrossAttn") => Some(BlockAttention {
-                heads: heads[n - 1],
-                transformer_layers: transformer_layers[n - 1],
-            }),
+            Some("UNetMidBlock2DCrossAttn") => {
+                // The mid block attends with the last block's heads even when that block has
+                // no attention of its own, so its entry was not checked above.
+                let (last, channels) = (n - 1, raw.block_out_channels[n - 1]);
+                if heads[last] == 0 || !channels.is_multiple_of(heads[last]) {
+                    return Err(EngineError::config(
+                        file,
+                        heads_field,
+                        format!(
+                            "entry {last} ({}) does not divide the mid block's {channels} channels",
+                            heads[last]
+                        ),
+                    ));
+                }
+                Some(BlockAttention {
+                    heads: heads[last],
+                    transformer_layers: transformer_layers[last],
+                })
+            }
             Some(other) => return Err(unsupported("mid_block_type", &other)),
         };
 
