@@ -68,3 +68,35 @@ fn model_weights() {
 fn snapshot_file() {
     weights::snapshot_file(harness::check);
 }
+
+/// The config inputs that once panicked are now refused with one line naming the field that
+/// broke the code; the field is the part of the file's name before `--`.
+#[test]
+fn corpus_configs_are_refused_naming_the_field() {
+    use std::path::Path;
+    use unitune::engine::config::{SchedulerConfig, UnetConfig, VaeConfig};
+
+    type Parse = fn(&str, &Path) -> unitune::engine::Result<()>;
+    let parsers: [(&str, Parse); 3] = [
+        ("unet_config", |t, p| UnetConfig::from_json(t, p).map(drop)),
+        ("vae_config", |t, p| VaeConfig::from_json(t, p).map(drop)),
+        ("scheduler_config", |t, p| {
+            SchedulerConfig::from_json(t, p).map(drop)
+        }),
+    ];
+    let mut checked = 0;
+    for (target, parse) in parsers {
+        for file in harness::corpus_files(&harness::corpus_dir(target)) {
+            let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let field = name.split("--").next().unwrap_or(name);
+            let text = std::fs::read_to_string(&file).expect("corpus file is text");
+            let error = parse(&text, &file).expect_err(name).to_string();
+            assert!(
+                error.contains(&format!("field `{field}`")) && !error.contains('\n'),
+                "{name}: {error}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 0, "the corpus holds config inputs");
+}
