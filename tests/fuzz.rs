@@ -60,6 +60,11 @@ fn tokenizer_files() {
 }
 
 #[test]
+fn model_arg() {
+    configs::model_arg(harness::check);
+}
+
+#[test]
 fn model_weights() {
     weights::model_weights(harness::check);
 }

@@ -353,3 +353,42 @@ pub fn tokenizer(check: fn(Target)) {
         run: &run,
     });
 }
+
+/// The `--model` argument: a folder or `owner/name[@revision]`.
+pub fn model_arg(check: fn(Target)) {
+    let seeds = [
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "owner/name@refs/pr/3",
+        "o-1/n.2_x@v2",
+        "./models/sd15",
+        "~/models",
+        "~",
+        "..\\models",
+        "/",
+        "猫/犬@ß",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect();
+    let run = |input: &[u8]| -> Depth {
+        let Ok(arg) = std::str::from_utf8(input) else {
+            return 0;
+        };
+        match unitune::model_files::parse_model_arg(arg) {
+            Ok(spec) => {
+                let _ = spec.to_string();
+                1
+            }
+            Err(error) => {
+                assert!(!error.to_string().is_empty());
+                0
+            }
+        }
+    };
+    check(Target {
+        name: "model_arg",
+        seeds,
+        mutate: mutate::bytes,
+        run: &run,
+    });
+}
