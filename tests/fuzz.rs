@@ -65,6 +65,11 @@ fn model_arg() {
 }
 
 #[test]
+fn model_folder() {
+    weights::model_folder(harness::check);
+}
+
+#[test]
 fn model_weights() {
     weights::model_weights(harness::check);
 }

@@ -26,7 +26,7 @@ fn sd15() -> PathBuf {
 
 /// A copy of the sd15-tiny fixture with the small tokenizer of the tokenizer target (the
 /// real vocabulary takes longer to load than everything else together).
-fn model_folder(dir: &Path) {
+fn model_folder_with_small_tokenizer(dir: &Path) {
     for file in [
         "model_index.json",
         "unet/config.json",
@@ -63,6 +63,100 @@ fn model_folder(dir: &Path) {
     .expect("write");
 }
 
+/// The JSON files of a model folder; an input of the `model_folder` target starts with one
+/// byte choosing which of them it replaces.
+const CONFIGS: [&str; 7] = [
+    "model_index.json",
+    "unet/config.json",
+    "vae/config.json",
+    "text_encoder/config.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json",
+];
+
+/// Loads the whole pipeline from `dir` and, when it loads, makes one small edit's worth of
+/// calls: a prompt, the latent size of a photo, an encode, a UNet step, a scheduler step and
+/// a decode. The depth says how far it got.
+fn load_and_run(dir: &Path) -> Depth {
+    let Ok(files) = locate_in_folder(dir) else {
+        return 0;
+    };
+    let Ok(model) = StableDiffusion::load(&files, &Device::Cpu, DType::F32) else {
+        return 0;
+    };
+    let ran = (|| -> unitune::engine::Result<()> {
+        let prompt = model.encode_prompt("a cat")?;
+        let side = model.config.pixel_multiple();
+        let (channels, h, w) = model.latent_dims(side, side)?;
+        let photo = image::RgbImage::new(side as u32, side as u32);
+        let mut noise = unitune::engine::noise::NoiseSource::from_seed(1);
+        let latents = model.encode_image(&photo, &mut noise)?;
+        assert_eq!(latents.dims(), &[1, channels, h, w]);
+        let t = model.scheduler.timesteps(2)?[0];
+        let timestep = Tensor::new(&[t as u32], &Device::Cpu)?;
+        let output = model.unet.forward(&latents, &timestep, &prompt.embedding)?;
+        let step = model.scheduler.step(&output, t, &latents, 2)?;
+        model.decode_latents(&step.prev_sample)?;
+        Ok(())
+    })();
+    1 + u32::from(ran.is_ok())
+}
+
+pub fn model_folder(check: fn(Target)) {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    model_folder_with_small_tokenizer(dir.path());
+    let seeds = CONFIGS
+        .iter()
+        .enumerate()
+        .map(|(i, file)| {
+            let mut seed = vec![i as u8];
+            seed.extend(std::fs::read(dir.path().join(file)).expect("seed config"));
+            seed
+        })
+        .collect();
+    let originals: Vec<Vec<u8>> = CONFIGS
+        .iter()
+        .map(|file| std::fs::read(dir.path().join(file)).expect("seed config"))
+        .collect();
+    let run = |input: &[u8]| -> Depth {
+        let Some((&tag, file)) = input.split_first() else {
+            return 0;
+        };
+        let index = usize::from(tag) % CONFIGS.len();
+        let path = dir.path().join(CONFIGS[index]);
+        std::fs::write(&path, file).expect("temporary file");
+        let depth = load_and_run(dir.path());
+        std::fs::write(&path, &originals[index]).expect("temporary file");
+        depth
+    };
+    check(Target {
+        name: "model_folder",
+        seeds,
+        mutate: mutate_tagged_json,
+        run: &run,
+    });
+}
+
+/// Keeps the file byte and mutates the JSON after it.
+fn mutate_tagged_json(
+    input: &[u8],
+    seeds: &[Vec<u8>],
+    rng: &mut rand_chacha::ChaCha8Rng,
+) -> Vec<u8> {
+    let Some((&tag, file)) = input.split_first() else {
+        return vec![0];
+    };
+    let files: Vec<Vec<u8>> = seeds
+        .iter()
+        .filter_map(|s| s.get(1..))
+        .map(<[u8]>::to_vec)
+        .collect();
+    let mut out = vec![tag];
+    out.extend(mutate::json(file, &files, rng));
+    out
+}
+
 /// Keeps the component byte and mutates the file after it as safetensors.
 fn mutate_tagged(input: &[u8], seeds: &[Vec<u8>], rng: &mut rand_chacha::ChaCha8Rng) -> Vec<u8> {
     let Some((&tag, file)) = input.split_first() else {
@@ -80,7 +174,7 @@ fn mutate_tagged(input: &[u8], seeds: &[Vec<u8>], rng: &mut rand_chacha::ChaCha8
 
 pub fn model_weights(check: fn(Target)) {
     let dir = tempfile::tempdir().expect("temporary folder");
-    model_folder(dir.path());
+    model_folder_with_small_tokenizer(dir.path());
     let seeds = WEIGHTS
         .iter()
         .enumerate()
