@@ -47,6 +47,37 @@ impl PerBlock {
     }
 }
 
+/// Checks a count read from a config: at least `min` (a zero divides by zero or leaves a layer
+/// with nothing in it) and at most `max`. The upper bounds lie far above any real model; they
+/// keep arithmetic on sizes, and allocations sized by them, from overflowing when a damaged
+/// config holds a huge number.
+pub(super) fn check_count(
+    file: &Path,
+    field: &str,
+    value: usize,
+    min: usize,
+    max: usize,
+) -> Result<()> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(EngineError::config(
+            file,
+            field,
+            format!("= {value} is outside the supported range {min} to {max}"),
+        ))
+    }
+}
+
+/// Most channels of any layer (SD uses at most 1280).
+pub(super) const MAX_CHANNELS: usize = 1 << 16;
+/// Most resnet layers in one block (SD uses 2).
+pub(super) const MAX_LAYERS: usize = 256;
+/// Most down (or up) blocks: each halves the image side, so 2^(blocks - 1) must stay small.
+pub(super) const MAX_BLOCKS: usize = 8;
+/// Largest `sample_size`: sides in latent cells or pixels, far above any real model's.
+pub(super) const MAX_SAMPLE_SIZE: usize = 1 << 16;
+
 pub(crate) fn read_json<T: DeserializeOwned>(file: &Path) -> Result<T> {
     let text = std::fs::read_to_string(file).map_err(|e| EngineError::ConfigUnreadable {
         file: file.to_path_buf(),

@@ -36,6 +36,9 @@ struct RawSchedulerConfig {
     rescale_betas_zero_snr: bool,
 }
 
+/// Most training timesteps accepted (Stable Diffusion uses 1000).
+const MAX_TRAIN_TIMESTEPS: usize = 1 << 20;
+
 fn default_beta_start() -> f64 {
     0.0001
 }
@@ -155,6 +158,24 @@ impl SchedulerConfig {
         }
         if raw.num_train_timesteps == 0 {
             return Err(EngineError::config(file, "num_train_timesteps", "is 0"));
+        }
+        // The schedule holds one value per training timestep.
+        check_count(
+            file,
+            "num_train_timesteps",
+            raw.num_train_timesteps,
+            1,
+            MAX_TRAIN_TIMESTEPS,
+        )?;
+        if raw.steps_offset >= raw.num_train_timesteps {
+            return Err(EngineError::config(
+                file,
+                "steps_offset",
+                format!(
+                    "({}) must be less than num_train_timesteps ({})",
+                    raw.steps_offset, raw.num_train_timesteps
+                ),
+            ));
         }
         if let Some(betas) = &raw.trained_betas
             && betas.len() != raw.num_train_timesteps

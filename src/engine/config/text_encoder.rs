@@ -50,7 +50,14 @@ pub struct TextEncoderConfig {
 
 impl TextEncoderConfig {
     pub fn load(file: &Path) -> Result<Self> {
-        let raw: RawTextConfig = read_json(file)?;
+        Self::from_raw(read_json(file)?, file)
+    }
+
+    pub fn from_json(text: &str, file_for_messages: &Path) -> Result<Self> {
+        Self::from_raw(parse_json(text, file_for_messages)?, file_for_messages)
+    }
+
+    fn from_raw(raw: RawTextConfig, file: &Path) -> Result<Self> {
         let activation = match raw.hidden_act.as_str() {
             "quick_gelu" => TextActivation::QuickGelu,
             "gelu" => TextActivation::Gelu,

@@ -148,6 +148,24 @@ impl UnetConfig {
         if n == 0 {
             return Err(EngineError::config(file, "block_out_channels", "is empty"));
         }
+        if n > MAX_BLOCKS {
+            return Err(EngineError::config(
+                file,
+                "block_out_channels",
+                format!("has {n} entries; at most {MAX_BLOCKS} blocks are supported"),
+            ));
+        }
+        // Checked before anything divides by it or sizes a layer with them.
+        check_count(
+            file,
+            "norm_num_groups",
+            raw.norm_num_groups,
+            1,
+            MAX_CHANNELS,
+        )?;
+        if let Some(size) = raw.sample_size {
+            check_count(file, "sample_size", size, 1, MAX_SAMPLE_SIZE)?;
+        }
         if raw.down_block_types.len() != n {
             return Err(EngineError::config(
                 file,
@@ -253,6 +271,10 @@ impl UnetConfig {
         let transformer_layers =
             raw.transformer_layers_per_block
                 .expand(n, file, "transformer_layers_per_block")?;
+        // Each up block has one layer more; a block's layers are allocated up front.
+        for count in &layers {
+            check_count(file, "layers_per_block", *count, 1, MAX_LAYERS)?;
+        }
 
         let block_attention = |i: usize,
                                field: &str,
@@ -307,10 +329,25 @@ impl UnetConfig {
         }
         let mid_block = match raw.mid_block_type.as_deref() {
             None => None,
-            Some("UNetMidBlock2DCrossAttn") => Some(BlockAttention {
-                heads: heads[n - 1],
-                transformer_layers: transformer_layers[n - 1],
-            }),
+            Some("UNetMidBlock2DCrossAttn") => {
+                // The mid block attends with the last block's heads even when that block has
+                // no attention of its own, so its entry was not checked above.
+                let (last, channels) = (n - 1, raw.block_out_channels[n - 1]);
+                if heads[last] == 0 || !channels.is_multiple_of(heads[last]) {
+                    return Err(EngineError::config(
+                        file,
+                        heads_field,
+                        format!(
+                            "entry {last} ({}) does not divide the mid block's {channels} channels",
+                            heads[last]
+                        ),
+                    ));
+                }
+                Some(BlockAttention {
+                    heads: heads[last],
+                    transformer_layers: transformer_layers[last],
+                })
+            }
             Some(other) => return Err(unsupported("mid_block_type", &other)),
         };
 

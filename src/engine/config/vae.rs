@@ -66,13 +66,44 @@ pub struct VaeConfig {
 
 impl VaeConfig {
     pub fn load(file: &Path) -> Result<Self> {
-        let raw: RawVaeConfig = read_json(file)?;
+        Self::from_raw(read_json(file)?, file)
+    }
+
+    pub fn from_json(text: &str, file_for_messages: &Path) -> Result<Self> {
+        Self::from_raw(parse_json(text, file_for_messages)?, file_for_messages)
+    }
+
+    fn from_raw(raw: RawVaeConfig, file: &Path) -> Result<Self> {
         let unsupported = |field: &str, value: &dyn std::fmt::Debug| {
             EngineError::config(file, field, format!("= {value:?} is not supported"))
         };
-        if raw.block_out_channels.is_empty() {
+        let blocks = raw.block_out_channels.len();
+        if blocks == 0 {
             return Err(EngineError::config(file, "block_out_channels", "is empty"));
         }
+        if blocks > MAX_BLOCKS {
+            return Err(EngineError::config(
+                file,
+                "block_out_channels",
+                format!("has {blocks} entries; at most {MAX_BLOCKS} blocks are supported"),
+            ));
+        }
+        // Checked before anything divides by it or sizes a layer with them.
+        check_count(
+            file,
+            "norm_num_groups",
+            raw.norm_num_groups,
+            1,
+            MAX_CHANNELS,
+        )?;
+        // Sizes the decoder's first layer; a huge count overflows its shape.
+        check_count(
+            file,
+            "latent_channels",
+            raw.latent_channels,
+            1,
+            MAX_CHANNELS,
+        )?;
         if raw.act_fn != "silu" {
             return Err(unsupported("act_fn", &raw.act_fn));
         }
