@@ -127,12 +127,14 @@ pub struct TuneProgress {
 impl TuneProgress {
     /// Time left at the average pace so far.
     pub fn eta(&self) -> Duration {
-        if self.step == 0 {
-            return Duration::ZERO;
-        }
-        self.elapsed
-            .mul_f64((self.total_steps - self.step) as f64 / self.step as f64)
+        time_left(self.elapsed, self.step, self.total_steps).unwrap_or_default()
     }
+}
+
+/// Time left for `total` steps when `done` took `elapsed`, at the average pace so far; `None`
+/// before the first step. The one ETA formula (the CLI's progress bar and the editor's).
+pub fn time_left(elapsed: Duration, done: usize, total: usize) -> Option<Duration> {
+    (done > 0).then(|| elapsed.mul_f64(total.saturating_sub(done) as f64 / done as f64))
 }
 
 /// Sees each step; `Break` stops fine-tuning with [`EngineError::Cancelled`].
