@@ -701,7 +701,10 @@ fn the_cache_window_lists_removes_and_clears_snapshot_cache_entries() {
     ready_with_photo(&mut harness);
 
     harness.get_by_label("File").click();
-    harness.step();
+    for _ in 0..3 {
+        // The menu opens over a frame or two.
+        harness.step();
+    }
     harness.get_by_label("Snapshot cache...").click();
     step_until(
         &mut harness,
@@ -723,6 +726,7 @@ fn the_cache_window_lists_removes_and_clears_snapshot_cache_entries() {
     assert_eq!(cache.entries().len(), 1, "removed from disk");
 
     harness.get_by_label("Clear all...").click();
+    harness.step();
     harness.step();
     assert_eq!(
         cache.entries().len(),

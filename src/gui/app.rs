@@ -71,7 +71,14 @@ impl EditorApp {
         let waker: Arc<dyn Fn() + Send + Sync> = Arc::new(move || repaint.request_repaint());
         let settings = options.state.load_settings();
         let saver = Autosaver::start(options.state.clone()).ok();
-        let chores = Chores::new(options.dialogs.clone(), waker);
+        // The device's limit where eframe tells it (wgpu); egui's own value otherwise, which
+        // each frame then corrects.
+        let gpu_side = cc
+            .wgpu_render_state
+            .as_ref()
+            .map(|s| s.device.limits().max_texture_dimension_2d as usize)
+            .unwrap_or_else(|| ctx.input(|i| i.max_texture_side));
+        let chores = Chores::new(options.dialogs.clone(), waker, gpu_side);
         let form = EditForm::new(
             options
                 .tune
@@ -306,6 +313,7 @@ impl EditorApp {
 
     /// Everything but drawing: events from every thread, dropped files, shortcuts.
     fn update_state(&mut self, ctx: &Context) -> Vec<Command> {
+        self.chores.set_gpu_side(ctx.input(|i| i.max_texture_side));
         self.poll_loader();
         self.poll_jobs();
         while let Some(result) = self.chores.try_next() {

@@ -7,6 +7,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 use egui::ColorImage;
@@ -175,17 +176,33 @@ pub struct Chores {
     rx: Receiver<ChoreResult>,
     waker: Arc<dyn Fn() + Send + Sync>,
     dialogs: Arc<dyn FileDialogs>,
+    /// The GPU's largest texture side, which display copies must fit.
+    gpu_side: AtomicU32,
 }
 
 impl Chores {
-    pub fn new(dialogs: Arc<dyn FileDialogs>, waker: Arc<dyn Fn() + Send + Sync>) -> Self {
+    pub fn new(
+        dialogs: Arc<dyn FileDialogs>,
+        waker: Arc<dyn Fn() + Send + Sync>,
+        gpu_side: usize,
+    ) -> Self {
         let (tx, rx) = bounded(64);
         Self {
             tx,
             rx,
             waker,
             dialogs,
+            gpu_side: AtomicU32::new(gpu_side as u32),
         }
+    }
+
+    /// The GPU's largest texture side, as egui reports it each frame.
+    pub fn set_gpu_side(&self, side: usize) {
+        self.gpu_side.store(side as u32, Ordering::Relaxed);
+    }
+
+    fn gpu_side(&self) -> u32 {
+        self.gpu_side.load(Ordering::Relaxed)
     }
 
     pub fn try_next(&self) -> Option<ChoreResult> {
@@ -220,10 +237,11 @@ impl Chores {
     }
 
     pub fn open_photo(&self, request: OpenId, path: PathBuf) {
+        let gpu_side = self.gpu_side();
         self.spawn(Chore::Open(request), move || {
             let result = imaging::load_photo(&path, &DecodeLimits::default())
                 .map(|photo| OpenedPhoto {
-                    display: textures::display_copy(&photo.rgb),
+                    display: textures::display_copy(&photo.rgb, gpu_side),
                     photo,
                 })
                 .map_err(|err| one_line(&err.to_string()));
@@ -236,9 +254,10 @@ impl Chores {
     }
 
     pub fn restore_session(&self, request: OpenId, files: StateFiles) {
+        let gpu_side = self.gpu_side();
         self.spawn(Chore::Restore(request), move || {
             let restored = files.load_session().map(|restored| {
-                let display = textures::display_copy(&restored.photo);
+                let display = textures::display_copy(&restored.photo, gpu_side);
                 (restored, display)
             });
             ChoreResult::SessionRestored { request, restored }
@@ -254,10 +273,11 @@ impl Chores {
         working_size: (u32, u32),
         results: ResultFiles,
     ) {
+        let gpu_side = self.gpu_side();
         self.spawn(Chore::Display(job), move || {
             ChoreResult::VariantPrepared(PreparedVariant {
                 job,
-                display: textures::result_display_copy(&image),
+                display: textures::result_display_copy(&image, gpu_side),
                 thumbnail: textures::color_image(&image, textures::THUMBNAIL_SIDE),
                 result: results.store(job, image),
                 working_size,
@@ -267,11 +287,12 @@ impl Chores {
 
     /// Reads a result back from disk for display (its texture was dropped to save memory).
     pub fn load_display(&self, job: JobId, result: StoredResult) {
+        let gpu_side = self.gpu_side();
         self.spawn(Chore::Display(job), move || ChoreResult::DisplayLoaded {
             job,
             display: result
                 .load()
-                .map(|image| textures::result_display_copy(&image)),
+                .map(|image| textures::result_display_copy(&image, gpu_side)),
         });
     }
 

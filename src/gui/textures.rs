@@ -45,16 +45,16 @@ pub fn color_image(image: &RgbImage, max_side: u32) -> ColorImage {
     )
 }
 
-/// The display copy of a full-size image. For a 12-megapixel photo this takes tens of
-/// milliseconds (several frames), so photos and results are converted on a background thread
-/// and only `upload`ed on the UI thread.
-pub fn display_copy(image: &RgbImage) -> ColorImage {
-    color_image(image, MAX_TEXTURE_SIDE)
+/// The display copy of a full-size image, within `gpu_side` (the GPU's largest texture).
+/// For a 12-megapixel photo this takes tens of milliseconds (several frames), so photos and
+/// results are converted on a background thread and only `upload`ed on the UI thread.
+pub fn display_copy(image: &RgbImage, gpu_side: u32) -> ColorImage {
+    color_image(image, MAX_TEXTURE_SIDE.min(gpu_side))
 }
 
 /// The display copy of a finished result (see [`RESULT_DISPLAY_SIDE`]).
-pub fn result_display_copy(image: &RgbImage) -> ColorImage {
-    color_image(image, RESULT_DISPLAY_SIDE)
+pub fn result_display_copy(image: &RgbImage, gpu_side: u32) -> ColorImage {
+    color_image(image, RESULT_DISPLAY_SIDE.min(gpu_side))
 }
 
 /// The textures of one edit's variants: every strip thumbnail, the display textures of the
@@ -134,8 +134,25 @@ impl VariantTextures {
 }
 
 /// Hands a prepared image to egui (a move; the GPU copy happens when the frame is painted).
+/// One larger than the GPU takes (prepared before the GPU's limit was known) is scaled down
+/// here rather than fail.
 pub fn upload(ctx: &Context, name: &str, image: ColorImage) -> TextureHandle {
+    let gpu_side = ctx.input(|i| i.max_texture_side);
+    let image = if image.width().max(image.height()) > gpu_side {
+        shrink(&image, gpu_side as u32)
+    } else {
+        image
+    };
     ctx.load_texture(name, image, TextureOptions::LINEAR)
+}
+
+/// `image` (opaque, as all display copies are) scaled to fit `side`.
+fn shrink(image: &ColorImage, side: u32) -> ColorImage {
+    let rgb = RgbImage::from_fn(image.width() as u32, image.height() as u32, |x, y| {
+        let [r, g, b, _] = image.pixels[y as usize * image.width() + x as usize].to_array();
+        image::Rgb([r, g, b])
+    });
+    color_image(&rgb, side)
 }
 
 /// A small image (a working-size preview) converted and uploaded at once.
