@@ -2,10 +2,12 @@
 //!
 //! Layers, each pointing only downwards:
 //! - [`gui`]: the desktop editor (eframe/egui); the only module that knows egui. Its heavy
-//!   work runs on [`jobs`] threads and its own named threads for files and dialogs.
-//! - [`cli`]: the command line, beside the GUI; runs jobs on its own thread.
-//! - [`jobs`]: the engine on a named worker thread, with bounded channels of progress,
-//!   previews and results in plain types, for the GUI.
+//!   work runs on the [`jobs`] worker thread and on its own named threads for files,
+//!   dialogs and autosave.
+//! - [`cli`]: the command line, beside the GUI; calls the engine directly on the calling
+//!   thread (no worker threads; Ctrl-C sets a flag the engine checks between steps).
+//! - [`jobs`]: the engine on a named worker thread, for the GUI: requests in over a bounded
+//!   channel; results on a bounded queue, progress and previews latest-wins; plain types.
 //! - [`engine`]: candle only: the models, the noise schedule, fine-tuning, sampling, edits.
 //! - [`model_files`]: where a model's files come from (local folder, Hugging Face cache, download).
 //! - [`imaging`]: decoding with limits, fitting to the model's resolution, atomic export.

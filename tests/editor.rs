@@ -507,3 +507,235 @@ fn snapshots_of_the_main_states() {
     harness.step();
     harness.snapshot_options("editor_mask_painting", &tolerant(2000));
 }
+
+/// Writes a smooth test photo of `width` x `height` into the state folder.
+fn write_photo(setup: &Setup, name: &str, width: u32, height: u32) -> PathBuf {
+    let path = setup.state.path().join(name);
+    image::RgbImage::from_fn(width, height, |x, y| {
+        image::Rgb([(x * 255 / width) as u8, (y * 255 / height) as u8, 90])
+    })
+    .save(&path)
+    .unwrap();
+    path
+}
+
+/// Issue 11: open requests raced: the slower decode won, and the first to finish ended the
+/// other's "opening". The newest request must win whichever decode finishes first.
+#[test]
+fn the_newest_photo_opened_wins_whichever_decode_finishes_first() {
+    let setup = Setup::new(2);
+    let big = write_photo(&setup, "big.png", 5000, 3500);
+    let mut harness = setup.editor(Some(photo("chelsea.png")));
+    ready_with_photo(&mut harness);
+
+    // The small photo first, the big one second: the small one decodes first, but the big
+    // one was asked for last. Until it is open the editor stays "opening".
+    drop_file(&mut harness, photo("rocket.jpg"));
+    harness.step();
+    drop_file(&mut harness, big.clone());
+    harness.step();
+    let started = Instant::now();
+    while harness.state().photo_size() != Some((5000, 3500)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the big photo never opened"
+        );
+        assert_ne!(
+            harness.state().photo_size(),
+            Some((640, 427)),
+            "an older request replaced the photo"
+        );
+        assert!(
+            harness.state().is_busy(),
+            "the newer photo is still opening"
+        );
+        harness.step();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let big_decode = started.elapsed();
+
+    // The big photo first, the small one second: the big decode finishes last, and must not
+    // replace the small photo.
+    drop_file(&mut harness, big);
+    harness.step();
+    drop_file(&mut harness, photo("rocket.jpg"));
+    step_until(
+        &mut harness,
+        Duration::from_secs(30),
+        "the small photo",
+        |app| app.photo_size() == Some((640, 427)) && !app.is_busy(),
+    );
+    let waited = Instant::now();
+    while waited.elapsed() < big_decode * 3 + Duration::from_secs(1) {
+        harness.step();
+        assert_eq!(
+            harness.state().photo_size(),
+            Some((640, 427)),
+            "the older, slower decode replaced the newer photo"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Names and sizes of the textures the editor holds for variants' full views (not their
+/// thumbnails).
+fn variant_display_textures(harness: &Harness<'_, EditorApp>) -> Vec<(String, [usize; 2])> {
+    let manager = harness.ctx.tex_manager();
+    let manager = manager.read();
+    manager
+        .allocated()
+        .filter(|(_, meta)| meta.name.starts_with("variant-") && !meta.name.ends_with("thumbnail"))
+        .map(|(_, meta)| (meta.name.clone(), meta.size))
+        .collect()
+}
+
+/// PNG files under `dir` (recursively) with their sizes.
+fn png_sizes(dir: &Path) -> Vec<(u32, u32)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut sizes = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            sizes.extend(png_sizes(&path));
+        } else if path.extension().is_some_and(|e| e == "png") {
+            sizes.push(image::image_dimensions(&path).unwrap());
+        }
+    }
+    sizes
+}
+
+/// Issue 11: every "More seeds" variant kept a full-resolution image and a full texture, so a
+/// long session grew without bound. Full results now live in the state folder, a few
+/// display textures stay, and export still writes the full-resolution result.
+#[test]
+fn many_variants_keep_a_bounded_working_set_and_export_the_full_result() {
+    let setup = Setup::new(2);
+    // Larger than a result's display copy, so the export shows it reads the full result.
+    let (width, height) = (2600, 1730);
+    let wide = write_photo(&setup, "wide.png", width, height);
+    let mut harness = setup.editor(Some(wide));
+    ready_with_photo(&mut harness);
+    type_prompt(&mut harness, "a cat wearing sunglasses");
+    click_edit(&mut harness);
+    step_until(
+        &mut harness,
+        Duration::from_secs(300),
+        "four variants",
+        all_variants_done,
+    );
+    for round in 1..=3 {
+        harness.state_mut().apply(Command::MoreSeeds);
+        step_until(
+            &mut harness,
+            Duration::from_secs(300),
+            "more seeds",
+            |app| app.finished_variants() == 4 + 2 * round && !app.is_busy(),
+        );
+    }
+
+    let displays = variant_display_textures(&harness);
+    assert!(
+        displays.len() <= 4,
+        "10 variants keep {} full textures: {displays:?}",
+        displays.len()
+    );
+    assert!(
+        displays.iter().all(|(_, [w, h])| *w.max(h) <= 2048),
+        "display copies are downscaled: {displays:?}"
+    );
+    let kept = png_sizes(&setup.state.path().join("results"));
+    assert_eq!(
+        kept.iter().filter(|s| **s == (width, height)).count(),
+        10,
+        "every result is kept at full size in the state folder: {kept:?}"
+    );
+
+    // The first variant's display was dropped; showing it reads it back from disk.
+    harness.state_mut().apply(Command::SelectVariant(0));
+    let (first, _) = harness.state().shown_variant().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !variant_display_textures(&harness)
+        .iter()
+        .any(|(name, _)| *name == format!("variant-{first}"))
+    {
+        assert!(Instant::now() < deadline, "the display was not read back");
+        harness.step();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(variant_display_textures(&harness).len() <= 4);
+
+    let out = setup.state.path().join("exported.png");
+    *setup.dialogs.save_path.lock().unwrap() = Some(out.clone());
+    harness.state_mut().apply(Command::Export);
+    step_until(&mut harness, Duration::from_secs(60), "the export", |app| {
+        app.last_export().is_some()
+    });
+    assert_eq!(
+        image::image_dimensions(&out).unwrap(),
+        (width, height),
+        "the export is the full-resolution result"
+    );
+}
+
+/// Issue 11 (item 3): the snapshot cache in the editor's menu: listed with sizes and photos
+/// off the UI thread, one entry removed, then all cleared after a confirmation.
+#[test]
+fn the_cache_window_lists_removes_and_clears_snapshot_cache_entries() {
+    let setup = Setup::new(2);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = unitune::jobs::SnapshotCache::new(cache_dir.path());
+    let tuned_photo = image::RgbImage::from_pixel(64, 48, image::Rgb([200, 40, 40]));
+    for key in ["first", "second"] {
+        let dir = cache.entry_dir(key);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("16.safetensors"), vec![0u8; 3000]).unwrap();
+        cache.store_thumbnail(key, &tuned_photo);
+    }
+    let mut options = setup.options(Some(photo("chelsea.png")));
+    options.snapshot_cache = Some(cache.clone());
+    let mut harness = Harness::builder()
+        .with_size([1100.0, 760.0])
+        .build_eframe(move |cc| EditorApp::new(cc, options));
+    ready_with_photo(&mut harness);
+
+    harness.get_by_label("File").click();
+    for _ in 0..3 {
+        // The menu opens over a frame or two.
+        harness.step();
+    }
+    harness.get_by_label("Snapshot cache...").click();
+    step_until(
+        &mut harness,
+        Duration::from_secs(30),
+        "the listing",
+        |app| !app.cache_busy() && app.cache_keys().len() == 2,
+    );
+    assert!(
+        harness.query_by_label_contains("allowed").is_some(),
+        "the total is shown against the cap"
+    );
+    harness.get_all_by_label("Remove").next().unwrap().click();
+    step_until(
+        &mut harness,
+        Duration::from_secs(30),
+        "the removal",
+        |app| !app.cache_busy() && app.cache_keys().len() == 1,
+    );
+    assert_eq!(cache.entries().len(), 1, "removed from disk");
+
+    harness.get_by_label("Clear all...").click();
+    harness.step();
+    harness.step();
+    assert_eq!(
+        cache.entries().len(),
+        1,
+        "nothing is cleared before the confirmation"
+    );
+    harness.get_by_label("Yes, clear all").click();
+    step_until(&mut harness, Duration::from_secs(30), "the clear", |app| {
+        !app.cache_busy() && app.cache_keys().is_empty()
+    });
+    assert!(cache.entries().is_empty());
+}

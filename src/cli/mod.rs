@@ -50,7 +50,7 @@ pub fn main_with_exit_code() -> i32 {
         )) {
             Ok(()) => EXIT_OK,
             Err(error) => {
-                eprintln!("error: {}", one_line(&error));
+                eprintln!("error: {}", error_line(&error));
                 EXIT_FAILURE
             }
         };
@@ -77,7 +77,7 @@ pub fn main_with_exit_code() -> i32 {
             EXIT_INTERRUPTED
         }
         Ok(Err(error)) => {
-            eprintln!("error: {}", one_line(&error));
+            eprintln!("error: {}", error_line(&error));
             exit_code(&error)
         }
         Err(_) => EXIT_FAILURE,
@@ -140,7 +140,7 @@ fn report_clap_error(error: clap::Error) -> i32 {
 }
 
 /// The error and its causes on one line, without repeating a cause already quoted.
-fn one_line(error: &anyhow::Error) -> String {
+fn error_line(error: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in error.chain() {
         let text = cause.to_string();
@@ -152,7 +152,7 @@ fn one_line(error: &anyhow::Error) -> String {
         }
         line.push_str(&text);
     }
-    line.replace(['\n', '\r'], " ")
+    crate::imaging::one_line(&line)
 }
 
 /// 2 when any error in the chain blames the input, else 1.

@@ -1,20 +1,26 @@
 //! Short jobs off the UI thread, each on its own named thread: decoding a photo, file
-//! dialogs (rfd's dialogs block their thread), exporting, reading the autosaved session, and
-//! converting full-size photos and results into display copies.
+//! dialogs (rfd's dialogs block their thread), exporting, reading the autosaved session,
+//! converting full-size photos and results into display copies and keeping results on disk,
+//! and listing or clearing the snapshot cache.
 //! Results come back over one bounded channel, and the waker repaints the window.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 use egui::ColorImage;
 use image::{GrayImage, RgbImage};
 
 use super::persist::{RestoredSession, StateFiles};
+use super::results::{ResultFiles, StoredResult};
 use super::textures;
 use crate::imaging::{self, DecodeLimits, ExistingFile, Photo, one_line};
-use crate::jobs::{JobId, panic_text};
+use crate::jobs::{CacheEntry, JobId, SnapshotCache, panic_text};
+
+/// Names one request to open a photo (or restore the autosaved one); newer ones are larger.
+pub type OpenId = u64;
 
 /// Opens file dialogs; the real one is rfd, tests script their answers.
 pub trait FileDialogs: Send + Sync {
@@ -60,7 +66,8 @@ impl FileDialogs for SystemDialogs {
 /// A finished edit on its way to a file.
 #[derive(Debug, Clone)]
 pub struct ExportRequest {
-    pub image: Arc<RgbImage>,
+    /// The full-resolution result, read on the export thread.
+    pub image: StoredResult,
     pub alpha: Option<Arc<GrayImage>>,
     /// PNG text chunks (the recipe).
     pub text: Vec<(String, String)>,
@@ -74,22 +81,50 @@ pub struct OpenedPhoto {
     pub display: ColorImage,
 }
 
-/// A finished variant with its display copy and strip thumbnail.
+/// A finished variant, kept on disk, with its display copy and strip thumbnail.
 pub struct PreparedVariant {
     pub job: JobId,
-    pub image: Arc<RgbImage>,
+    pub result: StoredResult,
     pub working_size: (u32, u32),
     pub display: ColorImage,
     pub thumbnail: ColorImage,
 }
 
+/// What the cache window asks of the snapshot cache before listing it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CacheChange {
+    None,
+    Remove(String),
+    Clear,
+}
+
+/// The snapshot cache as listed for the cache window, most recently used first.
+pub struct CacheListing {
+    /// Each entry with its photo's thumbnail (decoded here, small), if it has one.
+    pub entries: Vec<(CacheEntry, Option<ColorImage>)>,
+    pub total_bytes: u64,
+    pub max_bytes: u64,
+    /// Why a removal failed, in one sentence.
+    pub error: Option<String>,
+}
+
 pub enum ChoreResult {
     PhotoOpened {
+        request: OpenId,
         path: PathBuf,
         result: Result<OpenedPhoto, String>,
     },
-    SessionRestored(Option<(RestoredSession, ColorImage)>),
+    SessionRestored {
+        request: OpenId,
+        restored: Option<(RestoredSession, ColorImage)>,
+    },
     VariantPrepared(PreparedVariant),
+    /// A result's display copy read back from disk.
+    DisplayLoaded {
+        job: JobId,
+        display: Result<ColorImage, String>,
+    },
+    CacheListed(CacheListing),
     PhotoChosen(Option<PathBuf>),
     ModelFolderChosen(Option<PathBuf>),
     Exported {
@@ -99,6 +134,7 @@ pub enum ChoreResult {
     },
     /// The save dialog was closed without a name.
     ExportAbandoned,
+    CleanedUp,
     /// The chore panicked (or no thread could start for it); the UI resets what waited on it.
     Failed {
         chore: Chore,
@@ -109,22 +145,28 @@ pub enum ChoreResult {
 /// Which kind of chore a thread runs (names the thread, and says what a failure undoes).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Chore {
-    Open,
-    Restore,
+    Open(OpenId),
+    Restore(OpenId),
     Dialog,
     Export,
     /// The display copy of this job's variant.
     Display(JobId),
+    /// Removing files no longer needed.
+    Cleanup,
+    /// Listing or changing the snapshot cache.
+    Cache,
 }
 
 impl Chore {
     fn thread_name(self) -> &'static str {
         match self {
-            Chore::Open => "unitune-open",
-            Chore::Restore => "unitune-restore",
+            Chore::Open(_) => "unitune-open",
+            Chore::Restore(_) => "unitune-restore",
             Chore::Dialog => "unitune-dialog",
             Chore::Export => "unitune-export",
             Chore::Display(_) => "unitune-display",
+            Chore::Cleanup => "unitune-cleanup",
+            Chore::Cache => "unitune-cache",
         }
     }
 }
@@ -134,17 +176,33 @@ pub struct Chores {
     rx: Receiver<ChoreResult>,
     waker: Arc<dyn Fn() + Send + Sync>,
     dialogs: Arc<dyn FileDialogs>,
+    /// The GPU's largest texture side, which display copies must fit.
+    gpu_side: AtomicU32,
 }
 
 impl Chores {
-    pub fn new(dialogs: Arc<dyn FileDialogs>, waker: Arc<dyn Fn() + Send + Sync>) -> Self {
+    pub fn new(
+        dialogs: Arc<dyn FileDialogs>,
+        waker: Arc<dyn Fn() + Send + Sync>,
+        gpu_side: usize,
+    ) -> Self {
         let (tx, rx) = bounded(64);
         Self {
             tx,
             rx,
             waker,
             dialogs,
+            gpu_side: AtomicU32::new(gpu_side as u32),
         }
+    }
+
+    /// The GPU's largest texture side, as egui reports it each frame.
+    pub fn set_gpu_side(&self, side: usize) {
+        self.gpu_side.store(side as u32, Ordering::Relaxed);
+    }
+
+    fn gpu_side(&self) -> u32 {
+        self.gpu_side.load(Ordering::Relaxed)
     }
 
     pub fn try_next(&self) -> Option<ChoreResult> {
@@ -178,43 +236,114 @@ impl Chores {
         }
     }
 
-    pub fn open_photo(&self, path: PathBuf) {
-        self.spawn(Chore::Open, move || {
+    pub fn open_photo(&self, request: OpenId, path: PathBuf) {
+        let gpu_side = self.gpu_side();
+        self.spawn(Chore::Open(request), move || {
             let result = imaging::load_photo(&path, &DecodeLimits::default())
                 .map(|photo| OpenedPhoto {
-                    display: textures::display_copy(&photo.rgb),
+                    display: textures::display_copy(&photo.rgb, gpu_side),
                     photo,
                 })
                 .map_err(|err| one_line(&err.to_string()));
-            ChoreResult::PhotoOpened { path, result }
+            ChoreResult::PhotoOpened {
+                request,
+                path,
+                result,
+            }
         });
     }
 
-    pub fn restore_session(&self, files: StateFiles) {
-        self.spawn(Chore::Restore, move || {
-            ChoreResult::SessionRestored(files.load_session().map(|restored| {
-                let display = textures::display_copy(&restored.photo);
+    pub fn restore_session(&self, request: OpenId, files: StateFiles) {
+        let gpu_side = self.gpu_side();
+        self.spawn(Chore::Restore(request), move || {
+            let restored = files.load_session().map(|restored| {
+                let display = textures::display_copy(&restored.photo, gpu_side);
                 (restored, display)
-            }))
+            });
+            ChoreResult::SessionRestored { request, restored }
         });
     }
 
-    /// Converts a finished variant for display; results come at the photo's full size.
+    /// Converts a finished variant for display and keeps the full result on disk; results
+    /// come at the photo's full size.
     pub fn prepare_variant(
         &self,
         job: JobId,
         image: RgbImage,
         working_size: (u32, u32),
-        thumbnail_side: u32,
+        results: ResultFiles,
     ) {
+        let gpu_side = self.gpu_side();
         self.spawn(Chore::Display(job), move || {
             ChoreResult::VariantPrepared(PreparedVariant {
                 job,
-                display: textures::display_copy(&image),
-                thumbnail: textures::color_image(&image, thumbnail_side),
-                image: Arc::new(image),
+                display: textures::result_display_copy(&image, gpu_side),
+                thumbnail: textures::color_image(&image, textures::THUMBNAIL_SIDE),
+                result: results.store(job, image),
                 working_size,
             })
+        });
+    }
+
+    /// Reads a result back from disk for display (its texture was dropped to save memory).
+    pub fn load_display(&self, job: JobId, result: StoredResult) {
+        let gpu_side = self.gpu_side();
+        self.spawn(Chore::Display(job), move || ChoreResult::DisplayLoaded {
+            job,
+            display: result
+                .load()
+                .map(|image| textures::result_display_copy(&image, gpu_side)),
+        });
+    }
+
+    /// Removes files nothing needs any more (results of a replaced edit), off the UI thread.
+    pub fn remove_files(&self, paths: Vec<PathBuf>) {
+        if paths.is_empty() {
+            return;
+        }
+        self.spawn(Chore::Cleanup, move || {
+            for path in paths {
+                let _ = std::fs::remove_file(path);
+            }
+            ChoreResult::CleanedUp
+        });
+    }
+
+    /// Applies `change` to the snapshot cache, then lists it: all off the UI thread (a cache
+    /// on a slow disk must not hold a frame up).
+    pub fn list_cache(&self, cache: SnapshotCache, change: CacheChange) {
+        self.spawn(Chore::Cache, move || {
+            let changed = match change {
+                CacheChange::None => Ok(()),
+                CacheChange::Remove(key) => cache.remove(&key),
+                CacheChange::Clear => cache.clear().map(|_| ()),
+            };
+            let mut entries = cache.entries();
+            entries.reverse();
+            let limits = DecodeLimits::default();
+            ChoreResult::CacheListed(CacheListing {
+                total_bytes: entries.iter().map(|e| e.bytes).sum(),
+                max_bytes: cache.max_bytes(),
+                entries: entries
+                    .into_iter()
+                    .map(|entry| {
+                        let thumbnail = entry.thumbnail.as_deref().and_then(|path| {
+                            let photo = imaging::load_photo(path, &limits).ok()?;
+                            Some(textures::color_image(&photo.rgb, textures::THUMBNAIL_SIDE))
+                        });
+                        (entry, thumbnail)
+                    })
+                    .collect(),
+                error: changed.err().map(|err| one_line(&err.to_string())),
+            })
+        });
+    }
+
+    /// Removes result folders of earlier runs that did not exit cleanly.
+    pub fn remove_stale_results(&self, results: ResultFiles) {
+        self.spawn(Chore::Cleanup, move || {
+            results.remove_stale();
+            ChoreResult::CleanedUp
         });
     }
 
@@ -252,19 +381,15 @@ impl Chores {
 }
 
 fn export_to(path: PathBuf, request: ExportRequest) -> ChoreResult {
-    let alpha = request
-        .alpha
-        .as_deref()
-        .filter(|a| a.dimensions() == request.image.dimensions());
-    // The dialog already asked before replacing an existing file.
-    let result = imaging::export_image(
-        &path,
-        &request.image,
-        alpha,
-        &request.text,
-        ExistingFile::Overwrite,
-    )
-    .map_err(|err| one_line(&err.to_string()));
+    let result = request.image.load().and_then(|image| {
+        let alpha = request
+            .alpha
+            .as_deref()
+            .filter(|a| a.dimensions() == image.dimensions());
+        // The dialog already asked before replacing an existing file.
+        imaging::export_image(&path, &image, alpha, &request.text, ExistingFile::Overwrite)
+            .map_err(|err| one_line(&err.to_string()))
+    });
     ChoreResult::Exported {
         path,
         result,

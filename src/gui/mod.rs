@@ -1,25 +1,39 @@
 //! The desktop editor: eframe/egui with the wgpu renderer. The only module that knows egui.
 //!
-//! - [`app::EditorApp`] owns the state and applies [`app::Command`]s, which the panels
-//!   return, in one place each frame.
+//! - [`app::EditorApp`] owns the state and runs the frame; the panels return
+//!   [`commands::Command`]s, which it applies in one place ([`commands`]).
+//! - One file per flow: [`model`] (loading), [`document`] (opening photos), [`session`] (the
+//!   fine-tune, variants and their textures), [`export`], [`autosave`] (with [`persist`] on
+//!   disk), [`cache_window`] (the snapshot cache).
 //! - Heavy work never runs on the UI thread: the model loads and runs on [`crate::jobs`]
 //!   threads, files and dialogs on [`background`] threads, autosave on [`persist`]'s thread.
 //!   Each frame drains their channels for a bounded time.
+//! - Memory stays bounded in a long session: full-resolution results live on disk
+//!   ([`results`]), and only a few display textures stay on the GPU ([`textures`]).
 
 mod app;
+mod autosave;
 mod background;
+mod cache_window;
 mod canvas;
+mod commands;
+mod document;
+mod export;
 mod mask;
+mod model;
 mod panels;
 mod persist;
+mod results;
+mod session;
 mod textures;
 mod variants;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use app::{Command, EditorApp};
+pub use app::EditorApp;
 pub use background::{FileDialogs, SystemDialogs};
+pub use commands::Command;
 pub use persist::{Settings, StateFiles};
 
 use crate::jobs::{DEFAULT_MODEL, DeviceChoice, HubOptions, SnapshotCache, TuneSettings};

@@ -1,11 +1,16 @@
 //! The editor's layout: menu bar, notice line, side panel (model, prompt, slider, mask,
-//! Advanced), variant strip and canvas. Panels read the app and return [`Command`]s; the
-//! few plain values they edit in place (text, slider, brush) are autosaved by the app.
+//! Advanced), variant strip, canvas and the snapshot cache window. Panels read the app and
+//! return [`Command`]s; they edit in place only plain form values (the prompt and other
+//! text, sliders, settings) and the mask under the brush, which the app autosaves.
 
 use egui::{Color32, ProgressBar, RichText, Ui};
 
-use super::app::{Command, EditorApp, ModelStatus, NoticeKind, TuneStatus};
+use super::app::{EditorApp, NoticeKind};
+use super::cache_window;
 use super::canvas::{self, Picture, Tool};
+use super::commands::Command;
+use super::model::ModelStatus;
+use super::session::{self, TuneStatus};
 use super::variants::VariantState;
 use crate::jobs::{
     Precision, TrainMode, approximate_download_bytes, license_notice, parse_model_arg,
@@ -22,7 +27,7 @@ pub fn show(ui: &mut Ui, app: &mut EditorApp) -> Vec<Command> {
                     NoticeKind::Info => ui.visuals().text_color(),
                 };
                 ui.label(RichText::new(&notice.text).color(color));
-                if app.failed_export.is_some() && ui.button("Try again").clicked() {
+                if app.exports.failed.is_some() && ui.button("Try again").clicked() {
                     commands.push(Command::RetryExport);
                 }
                 if ui.small_button("Dismiss").clicked() {
@@ -38,13 +43,14 @@ pub fn show(ui: &mut Ui, app: &mut EditorApp) -> Vec<Command> {
         .show(ui, |ui| {
             egui::ScrollArea::vertical().show(ui, |ui| side_panel(ui, app, &mut commands));
         });
-    if !app.variants.is_empty() {
+    if !app.session.variants.is_empty() {
         egui::Panel::bottom("strip")
             .resizable(false)
             .exact_size(210.0)
             .show(ui, |ui| strip(ui, app, &mut commands));
     }
     egui::CentralPanel::default().show(ui, |ui| central(ui, app, &mut commands));
+    cache_window::show(ui.ctx(), app, &mut commands);
     commands
 }
 
@@ -66,6 +72,14 @@ fn menu_bar(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
             });
             if ui.button("Export...  (Ctrl+S)").clicked() {
                 commands.push(Command::Export);
+            }
+            ui.separator();
+            if ui
+                .button("Snapshot cache...")
+                .on_hover_text("The fine-tunes kept on disk: sizes, photos, remove")
+                .clicked()
+            {
+                commands.push(Command::ShowCache);
             }
         });
         ui.menu_button("Mask", |ui| {
@@ -102,19 +116,19 @@ fn side_panel(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
     ui.heading("Edit");
     let label = ui.label("What should the photo become?");
     let prompt = ui.add(
-        egui::TextEdit::singleline(&mut app.prompt)
+        egui::TextEdit::singleline(&mut app.form.prompt)
             .hint_text("a cat wearing sunglasses")
             .desired_width(f32::INFINITY),
     );
     let prompt = prompt.labelled_by(label.id);
-    if std::mem::take(&mut app.focus_prompt) {
+    if app.focus_prompt {
         prompt.request_focus();
+        commands.push(Command::PromptFocused);
     }
     if prompt.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter)) {
         commands.push(Command::Edit);
     }
-    let busy =
-        !app.variants.pending_jobs().is_empty() || matches!(app.tune, TuneStatus::Running { .. });
+    let busy = app.session.is_running();
     ui.horizontal(|ui| {
         if ui.button(RichText::new("Edit").strong()).clicked() {
             commands.push(Command::Edit);
@@ -127,7 +141,7 @@ fn side_panel(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
             commands.push(Command::Cancel);
         }
         if ui
-            .add_enabled(app.edit.is_some(), egui::Button::new("More seeds"))
+            .add_enabled(app.session.edit.is_some(), egui::Button::new("More seeds"))
             .clicked()
         {
             commands.push(Command::MoreSeeds);
@@ -137,7 +151,7 @@ fn side_panel(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
 
     ui.add_space(6.0);
     let slider = ui.add(
-        egui::Slider::new(&mut app.fidelity, 0.0..=1.0)
+        egui::Slider::new(&mut app.form.fidelity, 0.0..=1.0)
             .text("Fidelity")
             .fixed_decimals(2),
     );
@@ -178,7 +192,7 @@ fn side_panel(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
 
 fn model_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
     ui.heading("Model");
-    match &app.model {
+    match &app.model.status {
         ModelStatus::Ready {
             name,
             source,
@@ -261,12 +275,14 @@ fn model_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) 
 }
 
 fn progress_section(ui: &mut Ui, app: &EditorApp) {
-    match &app.tune {
+    match &app.session.tune {
         TuneStatus::Running {
             step, total, loss, ..
         } => {
             let eta = app
-                .tune_eta()
+                .session
+                .tune
+                .eta()
                 .map_or(String::new(), |e| format!(" · {} left", duration_text(e)));
             let loss = loss.map_or(String::new(), |l| format!(" · loss {l:.4}"));
             ui.label("Learning the photo (first edit only)");
@@ -274,7 +290,7 @@ fn progress_section(ui: &mut Ui, app: &EditorApp) {
                 ProgressBar::new(*step as f32 / (*total).max(1) as f32)
                     .text(format!("step {step} of {total}{loss}{eta}")),
             );
-            if let Some(preview) = &app.tune_preview {
+            if let Some(preview) = &app.session.textures.tune_preview {
                 ui.add(
                     egui::Image::new(preview)
                         .fit_to_exact_size(egui::vec2(96.0, 96.0))
@@ -286,20 +302,31 @@ fn progress_section(ui: &mut Ui, app: &EditorApp) {
         TuneStatus::Done {
             snapshots,
             from_cache,
+            partial,
         } => {
-            let how = if *from_cache { " (from cache)" } else { "" };
+            let how = match (*partial, *from_cache) {
+                (true, _) => "Fine-tuning stopped early; usable",
+                (false, true) => "Fine-tuned (from cache)",
+                (false, false) => "Fine-tuned",
+            };
             ui.small(format!(
-                "Fine-tuned{how}: snapshots after {} steps",
-                super::app::ladder_text(snapshots)
+                "{how}: snapshots after {} steps",
+                session::ladder_text(snapshots)
             ));
         }
         TuneStatus::None => {}
     }
-    let running = app.variants.variants().iter().find_map(|v| match v.state {
-        VariantState::Running { step, total } => Some((step, total)),
-        _ => None,
-    });
+    let running = app
+        .session
+        .variants
+        .variants()
+        .iter()
+        .find_map(|v| match v.state {
+            VariantState::Running { step, total } => Some((step, total)),
+            _ => None,
+        });
     let queued = app
+        .session
         .variants
         .variants()
         .iter()
@@ -310,7 +337,7 @@ fn progress_section(ui: &mut Ui, app: &EditorApp) {
             ProgressBar::new(step as f32 / total.max(1) as f32)
                 .text(format!("variant: step {step} of {total} · {queued} queued")),
         );
-    } else if queued > 0 && !matches!(app.tune, TuneStatus::Running { .. }) {
+    } else if queued > 0 && !matches!(app.session.tune, TuneStatus::Running { .. }) {
         ui.horizontal(|ui| {
             ui.spinner();
             ui.label(format!("{queued} variants queued"));
@@ -322,9 +349,15 @@ fn mask_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
     ui.heading("Mask (optional)");
     ui.small("Paint where the edit may change the photo. No mask: the whole photo may change.");
     ui.horizontal(|ui| {
-        ui.selectable_value(&mut app.view.tool, Tool::Move, "Move (V)");
-        ui.selectable_value(&mut app.view.tool, Tool::Brush, "Brush (B)");
-        ui.selectable_value(&mut app.view.tool, Tool::Eraser, "Eraser (E)");
+        for (tool, label) in [
+            (Tool::Move, "Move (V)"),
+            (Tool::Brush, "Brush (B)"),
+            (Tool::Eraser, "Eraser (E)"),
+        ] {
+            if ui.selectable_label(app.view.tool == tool, label).clicked() {
+                commands.push(Command::ChooseTool(tool));
+            }
+        }
     });
     ui.add(
         egui::Slider::new(&mut app.settings.brush_size_px, 2.0..=512.0)
@@ -363,31 +396,41 @@ fn mask_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
 fn advanced_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
     egui::CollapsingHeader::new("Advanced").show(ui, |ui| {
         ui.checkbox(
-            &mut app.advanced.custom,
+            &mut app.form.advanced.custom,
             "Use these values instead of the slider",
         );
-        ui.add_enabled_ui(app.advanced.custom, |ui| {
+        ui.add_enabled_ui(app.form.advanced.custom, |ui| {
             ui.add(
-                egui::Slider::new(&mut app.advanced.tune_steps, 0..=256).text("Snapshot (steps)"),
+                egui::Slider::new(&mut app.form.advanced.tune_steps, 0..=256)
+                    .text("Snapshot (steps)"),
             );
-            ui.add(egui::Slider::new(&mut app.advanced.t0, 0.0..=1.0).text("t0 (SDEdit start)"));
-            ui.add(egui::Slider::new(&mut app.advanced.guidance, 0.0..=30.0).text("Guidance"));
+            ui.add(
+                egui::Slider::new(&mut app.form.advanced.t0, 0.0..=1.0).text("t0 (SDEdit start)"),
+            );
+            ui.add(egui::Slider::new(&mut app.form.advanced.guidance, 0.0..=30.0).text("Guidance"));
         });
-        labelled_text(ui, "Seed (empty = random)", &mut app.advanced.seed_text);
+        labelled_text(
+            ui,
+            "Seed (empty = random)",
+            &mut app.form.advanced.seed_text,
+        );
         labelled_text(
             ui,
             "Baseline prompt (prompt guidance)",
-            &mut app.baseline_prompt,
+            &mut app.form.baseline_prompt,
         );
         ui.add(egui::Slider::new(&mut app.settings.sampling_steps, 1..=150).text("Sampling steps"));
         ui.checkbox(
             &mut app.settings.interpolate,
             "Interpolate toward the original",
         );
-        labelled_text(ui, "Fine-tuning snapshots", &mut app.advanced.snapshot_text);
-        let mut mode = app.settings.train_mode.clone();
+        labelled_text(
+            ui,
+            "Fine-tuning snapshots",
+            &mut app.form.advanced.snapshot_text,
+        );
         egui::ComboBox::from_label("Training mode")
-            .selected_text(mode.clone())
+            .selected_text(app.settings.train_mode.name())
             .show_ui(ui, |ui| {
                 for option in [
                     TrainMode::Full,
@@ -395,11 +438,9 @@ fn advanced_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command
                     TrainMode::CrossKv,
                     TrainMode::Lora { rank: 4 },
                 ] {
-                    let name = option.name().to_string();
-                    ui.selectable_value(&mut mode, name.clone(), name);
+                    ui.selectable_value(&mut app.settings.train_mode, option, option.name());
                 }
             });
-        app.settings.train_mode = mode;
         let mut micro = app.settings.micro_batch.clone();
         egui::ComboBox::from_label("Micro-batch")
             .selected_text(micro.clone())
@@ -433,10 +474,14 @@ fn labelled_text(ui: &mut Ui, label: &str, text: &mut String) {
 }
 
 fn strip(ui: &mut Ui, app: &EditorApp, commands: &mut Vec<Command>) {
-    let shown = app.variants.shown(app.fidelity).map(|(i, _)| i);
+    let shown = app
+        .session
+        .variants
+        .shown(app.form.fidelity)
+        .map(|(i, _)| i);
     egui::ScrollArea::horizontal().show(ui, |ui| {
         ui.horizontal(|ui| {
-            for (index, variant) in app.variants.variants().iter().enumerate() {
+            for (index, variant) in app.session.variants.variants().iter().enumerate() {
                 ui.vertical(|ui| {
                     ui.set_width(170.0);
                     let label = match &variant.state {
@@ -450,7 +495,8 @@ fn strip(ui: &mut Ui, app: &EditorApp, commands: &mut Vec<Command>) {
                     let position = s
                         .fidelity
                         .map_or("custom".into(), |f| format!("fidelity {f:.2}"));
-                    let texture = app.thumbnails.get(&variant.job).or(app
+                    let textures = &app.session.textures;
+                    let texture = textures.thumbnails.get(&variant.job).or(textures
                         .live_preview
                         .as_ref()
                         .filter(|(j, _)| *j == variant.job)
@@ -472,7 +518,7 @@ fn strip(ui: &mut Ui, app: &EditorApp, commands: &mut Vec<Command>) {
                         "{name}\n{} fine-tuning steps · t0 {:.2} · guidance {:.1} · seed {}",
                         s.tune_steps, s.t0, s.guidance, s.seed
                     ));
-                    if response.clicked() && variant.image().is_some() {
+                    if response.clicked() && variant.result().is_some() {
                         commands.push(Command::SelectVariant(index));
                     }
                     ui.small(format!("{position} · seed {}", s.seed));
@@ -484,7 +530,7 @@ fn strip(ui: &mut Ui, app: &EditorApp, commands: &mut Vec<Command>) {
 }
 
 fn central(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
-    let Some(original) = app.photo_texture.clone() else {
+    let Some(original) = app.doc.as_ref().map(|d| d.texture.clone()) else {
         ui.centered_and_justified(|ui| {
             let text = if app.is_busy() && app.doc.is_none() {
                 "Opening..."
@@ -500,7 +546,7 @@ fn central(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
     let comparing = app.comparing(ui.ctx());
     let result = app.shown_texture().cloned();
     let brush = app.brush();
-    let mask_texture = app.mask_texture.clone();
+    let mask_texture = app.doc.as_ref().and_then(|d| d.mask_texture.clone());
     let opacity = app.settings.mask_opacity;
     let Some(doc) = app.doc.as_mut() else { return };
     let picture = Picture {
@@ -510,7 +556,7 @@ fn central(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
         mask_texture: mask_texture.as_ref(),
         mask_opacity: opacity,
     };
-    app.canvas_rect = Some(ui.available_rect_before_wrap());
+    commands.push(Command::CanvasPlaced(ui.available_rect_before_wrap()));
     if canvas::show(ui, &mut app.view, &picture, &mut doc.mask, &brush) {
         commands.push(Command::MaskChanged);
     }
@@ -525,7 +571,7 @@ fn central(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
     }
 }
 
-fn bytes_text(bytes: u64) -> String {
+pub(super) fn bytes_text(bytes: u64) -> String {
     let b = bytes as f64;
     if b >= 1e9 {
         format!("{:.1} GB", b / 1e9)

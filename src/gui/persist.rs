@@ -3,7 +3,13 @@
 //! as soon as they change, so a crash or kill loses at most the last moment.
 //!
 //! eframe's own persistence saves only on a clean close and every 30 s; this writes on
-//! change, atomically (temporary file + rename), and never on the UI thread.
+//! change, and never on the UI thread.
+//!
+//! The work is a set of files (photo, its alpha, mask) under `session/`, named by the write
+//! that made them, and a manifest (`session.json`) written last, atomically, that names the
+//! set. A write that fails midway leaves the previous manifest and its files as they were, so
+//! a restore never mixes a new photo with an old mask or prompt. Files no manifest names are
+//! removed after the next complete write.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
@@ -15,7 +21,7 @@ use image::{GrayImage, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use crate::imaging::{self, DecodeLimits, ExistingFile};
-use crate::jobs::{PAPER_SNAPSHOTS, panic_text};
+use crate::jobs::{PAPER_SNAPSHOTS, TrainMode, panic_text};
 
 /// How many recent files the File menu lists.
 pub const RECENT_FILES: usize = 10;
@@ -32,8 +38,10 @@ pub struct Settings {
     pub mask_opacity: f32,
     pub sampling_steps: usize,
     pub interpolate: bool,
-    /// `full`, `attention`, `cross-kv` or `lora`.
-    pub train_mode: String,
+    /// Saved by name (`full`, `attention`, `cross-kv`, `lora` or `lora:RANK`), as the
+    /// settings files of earlier versions have it.
+    #[serde(with = "train_mode_by_name")]
+    pub train_mode: TrainMode,
     /// Fine-tuning steps after which snapshots are kept (the last is the tune's length).
     pub snapshot_steps: Vec<usize>,
     /// `auto`, `f32`, `f16` or `bf16` (see `engine::precision`).
@@ -52,7 +60,7 @@ impl Default for Settings {
             mask_opacity: 0.5,
             sampling_steps: 50,
             interpolate: false,
-            train_mode: "full".into(),
+            train_mode: TrainMode::Full,
             snapshot_steps: PAPER_SNAPSHOTS.to_vec(),
             precision: "auto".into(),
             micro_batch: "auto".into(),
@@ -66,6 +74,47 @@ impl Settings {
         self.recent_files.retain(|p| p != path);
         self.recent_files.insert(0, path.to_path_buf());
         self.recent_files.truncate(RECENT_FILES);
+    }
+}
+
+/// [`TrainMode`] as the text settings files hold; a name this version does not know reads as
+/// the default (a settings file must never stop the editor from opening).
+mod train_mode_by_name {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::jobs::TrainMode;
+
+    pub fn serialize<S: Serializer>(mode: &TrainMode, out: S) -> Result<S::Ok, S::Error> {
+        match mode {
+            TrainMode::Lora { rank } if *rank != default_lora_rank() => {
+                out.serialize_str(&format!("lora:{rank}"))
+            }
+            other => out.serialize_str(other.name()),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(input: D) -> Result<TrainMode, D::Error> {
+        let text = String::deserialize(input)?;
+        Ok(parse(&text).unwrap_or(TrainMode::Full))
+    }
+
+    fn parse(text: &str) -> Option<TrainMode> {
+        match text.split_once(':') {
+            Some(("lora", rank)) => rank
+                .trim()
+                .parse()
+                .ok()
+                .map(|rank| TrainMode::Lora { rank }),
+            _ => text.parse().ok(),
+        }
+    }
+
+    /// The rank a bare `lora` means.
+    fn default_lora_rank() -> usize {
+        match "lora".parse() {
+            Ok(TrainMode::Lora { rank }) => rank,
+            _ => 4,
+        }
     }
 }
 
@@ -86,6 +135,8 @@ pub struct SessionSnapshot {
     pub text: SessionText,
     /// The photo and a number that changes when it does (it is rewritten only then).
     pub photo: Option<(u64, Arc<RgbImage>)>,
+    /// The photo's transparency, if it has any (saved with the photo).
+    pub alpha: Option<Arc<GrayImage>>,
     pub mask: Option<Arc<GrayImage>>,
 }
 
@@ -93,7 +144,24 @@ pub struct SessionSnapshot {
 pub struct RestoredSession {
     pub text: SessionText,
     pub photo: RgbImage,
+    pub alpha: Option<GrayImage>,
     pub mask: Option<GrayImage>,
+}
+
+/// `session.json`: the prompt, and the files of the set it belongs to. Written after them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+struct Manifest {
+    #[serde(flatten)]
+    text: SessionText,
+    /// Counts complete writes; names the files a write adds (so they never overwrite the
+    /// files the current manifest names).
+    generation: u64,
+    /// File names in the session folder. `None` in a manifest from before sets were named:
+    /// then the photo is `photo.png` and the mask `mask.png`.
+    photo_file: Option<String>,
+    alpha_file: Option<String>,
+    mask_file: Option<String>,
 }
 
 /// The files under the state folder.
@@ -140,22 +208,47 @@ impl StateFiles {
     /// thread.
     pub fn load_session(&self) -> Option<RestoredSession> {
         let dir = self.session_dir();
-        let text: SessionText = std::fs::read_to_string(dir.join("session.json"))
-            .ok()
-            .and_then(|text| serde_json::from_str(&text).ok())?;
+        let manifest = read_manifest(&dir)?;
         let limits = DecodeLimits::default();
-        let photo = imaging::load_photo(&dir.join("photo.png"), &limits)
+        let photo_file = manifest.photo_file.as_deref().unwrap_or(LEGACY_PHOTO);
+        let photo = imaging::load_photo(&dir.join(photo_file), &limits)
             .ok()?
             .rgb;
-        let mask = imaging::load_mask(
-            &dir.join("mask.png"),
-            &limits,
-            photo.width(),
-            photo.height(),
-        )
-        .ok();
-        Some(RestoredSession { text, photo, mask })
+        // Saved as a grey image of its own: the photo's colour is already composited, and
+        // decoding an RGBA file would composite it again.
+        let alpha = manifest.alpha_file.as_deref().and_then(|file| {
+            let grey = imaging::load_photo(&dir.join(file), &limits).ok()?.rgb;
+            (grey.dimensions() == photo.dimensions()).then(|| {
+                GrayImage::from_fn(grey.width(), grey.height(), |x, y| {
+                    image::Luma([grey.get_pixel(x, y).0[0]])
+                })
+            })
+        });
+        let mask_file = match &manifest.photo_file {
+            Some(_) => manifest.mask_file.as_deref(),
+            None => Some(LEGACY_MASK),
+        };
+        let mask = mask_file.and_then(|file| {
+            imaging::load_mask(&dir.join(file), &limits, photo.width(), photo.height()).ok()
+        });
+        Some(RestoredSession {
+            text: manifest.text,
+            photo,
+            alpha,
+            mask,
+        })
     }
+}
+
+/// The names of a set written before sets were named.
+const LEGACY_PHOTO: &str = "photo.png";
+const LEGACY_MASK: &str = "mask.png";
+const MANIFEST: &str = "session.json";
+
+fn read_manifest(dir: &Path) -> Option<Manifest> {
+    std::fs::read_to_string(dir.join(MANIFEST))
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
 }
 
 /// What the autosave thread has yet to write; the newest of each kind replaces the older.
@@ -182,11 +275,7 @@ impl Autosaver {
         let thread = std::thread::Builder::new()
             .name("unitune-autosave".into())
             .spawn(move || {
-                let mut writer = Writer {
-                    files,
-                    photo_written: None,
-                    mask_written: None,
-                };
+                let mut writer = Writer::new(files);
                 let mut write_pending = || {
                     let work = std::mem::take(&mut *lock(&shared));
                     if let Err(message) = surviving_panics(|| writer.write(work)) {
@@ -260,20 +349,34 @@ fn lock(pending: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
     pending.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// The autosave thread's side: what the manifest on disk names, so unchanged images are not
+/// written again.
 struct Writer {
     files: StateFiles,
-    /// The version of the photo already on disk.
+    /// The manifest last written (read from disk before the first write).
+    written: Option<Manifest>,
+    /// The photo version in `written.photo_file`.
     photo_written: Option<u64>,
-    /// The mask already on disk (held, so its address cannot be reused by a new one).
+    /// The mask in `written.mask_file` (held, so its address cannot be reused by a new one).
     mask_written: Option<Arc<GrayImage>>,
 }
 
 impl Writer {
+    fn new(files: StateFiles) -> Self {
+        Self {
+            files,
+            written: None,
+            photo_written: None,
+            mask_written: None,
+        }
+    }
+
     fn write(&mut self, work: Pending) -> Result<(), String> {
+        let root = self.files.root.clone();
         let fail = |what: &str, err: &dyn std::fmt::Display| {
             format!(
                 "autosave could not write {what} in {} ({err}); your work is still open",
-                self.files.root.display()
+                root.display()
             )
         };
         if let Some(settings) = work.settings {
@@ -281,53 +384,124 @@ impl Writer {
             write_atomic(&self.files.settings(), text.as_bytes())
                 .map_err(|e| fail("settings", &e))?;
         }
-        let dir = self.files.session_dir();
         if let Some(session) = work.session {
-            std::fs::create_dir_all(&dir).map_err(|e| fail("the session", &e))?;
-            if let Some((version, photo)) = &session.photo
-                && self.photo_written != Some(*version)
-            {
-                imaging::export_image(
-                    &dir.join("photo.png"),
-                    photo,
-                    None,
-                    &[],
-                    ExistingFile::Overwrite,
-                )
-                .map_err(|e| fail("the photo", &e))?;
-                self.photo_written = Some(*version);
-            }
-            match &session.mask {
-                // Unchanged since the last write (the prompt changed, say).
-                Some(mask)
-                    if self
-                        .mask_written
-                        .as_ref()
-                        .is_some_and(|w| Arc::ptr_eq(w, mask)) => {}
-                Some(mask) => {
-                    let rgb = image::DynamicImage::ImageLuma8((**mask).clone()).to_rgb8();
-                    imaging::export_image(
-                        &dir.join("mask.png"),
-                        &rgb,
-                        None,
-                        &[],
-                        ExistingFile::Overwrite,
-                    )
-                    .map_err(|e| fail("the mask", &e))?;
-                    self.mask_written = Some(mask.clone());
-                }
-                None => {
-                    let _ = std::fs::remove_file(dir.join("mask.png"));
-                    self.mask_written = None;
-                }
-            }
-            // Written last: a session.json always has its photo beside it.
-            let text =
-                serde_json::to_string_pretty(&session.text).map_err(|e| fail("the prompt", &e))?;
-            write_atomic(&dir.join("session.json"), text.as_bytes())
-                .map_err(|e| fail("the prompt", &e))?;
+            self.write_session(session)
+                .map_err(|(what, err)| fail(what, &err))?;
         }
         Ok(())
+    }
+
+    /// Writes the images that changed under new names, then the manifest naming the set, then
+    /// removes what no manifest names any more.
+    fn write_session(&mut self, session: SessionSnapshot) -> Result<(), (&'static str, String)> {
+        let dir = self.files.session_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| ("the session", e.to_string()))?;
+        let previous = match self.written.take() {
+            Some(manifest) => manifest,
+            None => read_manifest(&dir).unwrap_or_default(),
+        };
+        // Put back below once the new set is complete; until then a retry compares against
+        // what is on disk.
+        let generation = previous.generation + 1;
+        let mut manifest = Manifest {
+            text: session.text,
+            generation,
+            ..Manifest::default()
+        };
+        let photo_unchanged = previous.photo_file.is_some()
+            && session.photo.as_ref().map(|(v, _)| *v) == self.photo_written;
+        let (photo_written, mask_written) = (self.photo_written, self.mask_written.clone());
+        let result = (|| {
+            match &session.photo {
+                Some(_) if photo_unchanged => {
+                    manifest.photo_file = previous.photo_file.clone();
+                    manifest.alpha_file = previous.alpha_file.clone();
+                }
+                Some((_, photo)) => {
+                    let name = format!("photo-{generation}.png");
+                    write_png(&dir.join(&name), photo).map_err(|e| ("the photo", e))?;
+                    manifest.photo_file = Some(name);
+                    if let Some(alpha) = &session.alpha {
+                        let name = format!("alpha-{generation}.png");
+                        write_grey_png(&dir.join(&name), alpha)
+                            .map_err(|e| ("the photo's transparency", e))?;
+                        manifest.alpha_file = Some(name);
+                    }
+                }
+                // Nothing to restore without a photo.
+                None => return Ok(()),
+            }
+            manifest.mask_file = match &session.mask {
+                // Unchanged since the last write (the prompt changed, say).
+                Some(mask)
+                    if previous.mask_file.is_some()
+                        && mask_written.as_ref().is_some_and(|w| Arc::ptr_eq(w, mask)) =>
+                {
+                    previous.mask_file.clone()
+                }
+                Some(mask) => {
+                    let name = format!("mask-{generation}.png");
+                    write_grey_png(&dir.join(&name), mask).map_err(|e| ("the mask", e))?;
+                    Some(name)
+                }
+                None => None,
+            };
+            let text = serde_json::to_string_pretty(&manifest)
+                .map_err(|e| ("the prompt", e.to_string()))?;
+            write_atomic(&dir.join(MANIFEST), text.as_bytes())
+                .map_err(|e| ("the prompt", e.to_string()))
+        })();
+        match result {
+            Ok(()) if manifest.photo_file.is_some() => {
+                remove_unnamed_files(&dir, &manifest);
+                self.photo_written = session.photo.as_ref().map(|(v, _)| *v);
+                self.mask_written = session.mask.clone();
+                self.written = Some(manifest);
+                Ok(())
+            }
+            Ok(()) => {
+                self.written = Some(previous);
+                Ok(())
+            }
+            Err(error) => {
+                // What the failed write added is removed by the next complete one.
+                self.photo_written = photo_written;
+                self.mask_written = mask_written;
+                self.written = Some(previous);
+                Err(error)
+            }
+        }
+    }
+}
+
+fn write_png(path: &Path, image: &RgbImage) -> Result<(), String> {
+    imaging::export_image(path, image, None, &[], ExistingFile::Overwrite)
+        .map_err(|e| e.to_string())
+}
+
+fn write_grey_png(path: &Path, grey: &GrayImage) -> Result<(), String> {
+    let rgb = image::DynamicImage::ImageLuma8(grey.clone()).to_rgb8();
+    write_png(path, &rgb)
+}
+
+/// Best effort: a file left behind is removed after a later write.
+fn remove_unnamed_files(dir: &Path, manifest: &Manifest) {
+    let named = [
+        Some(MANIFEST),
+        manifest.photo_file.as_deref(),
+        manifest.alpha_file.as_deref(),
+        manifest.mask_file.as_deref(),
+    ];
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let ours = name.ends_with(".png") || name.starts_with(".tmp");
+        if ours && !named.contains(&Some(name.as_ref())) && entry.path().is_file() {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 
@@ -346,6 +520,39 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    fn snapshot(
+        prompt: &str,
+        photo: (u64, &Arc<RgbImage>),
+        alpha: Option<&Arc<GrayImage>>,
+        mask: Option<&Arc<GrayImage>>,
+    ) -> Pending {
+        Pending {
+            settings: None,
+            session: Some(SessionSnapshot {
+                text: SessionText {
+                    source: Some("/photos/a.png".into()),
+                    prompt: prompt.into(),
+                    baseline_prompt: String::new(),
+                    fidelity: 0.25,
+                },
+                photo: Some((photo.0, photo.1.clone())),
+                alpha: alpha.cloned(),
+                mask: mask.cloned(),
+            }),
+        }
+    }
+
+    fn png_files(files: &StateFiles) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(files.session_dir())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".png"))
+            .collect();
+        names.sort();
+        names
+    }
+
     #[test]
     fn settings_and_work_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
@@ -361,54 +568,139 @@ mod tests {
         let photo = Arc::new(RgbImage::from_pixel(6, 4, image::Rgb([10, 20, 30])));
         let mut mask = GrayImage::new(6, 4);
         mask.put_pixel(2, 1, image::Luma([255]));
-        saver.save_session(SessionSnapshot {
-            text: SessionText {
-                source: Some("/photos/a.png".into()),
-                prompt: "a cat wearing sunglasses".into(),
-                baseline_prompt: String::new(),
-                fidelity: 0.25,
-            },
-            photo: Some((1, photo.clone())),
-            mask: Some(Arc::new(mask.clone())),
-        });
+        let Some(session) = snapshot(
+            "a cat wearing sunglasses",
+            (1, &photo),
+            None,
+            Some(&Arc::new(mask.clone())),
+        )
+        .session
+        else {
+            unreachable!()
+        };
+        saver.save_session(session);
         saver.flush();
 
         assert_eq!(files.load_settings(), settings);
         let restored = files.load_session().unwrap();
         assert_eq!(restored.text.prompt, "a cat wearing sunglasses");
         assert_eq!(restored.photo, *photo);
+        assert!(restored.alpha.is_none());
         assert_eq!(restored.mask.unwrap(), mask);
     }
 
+    /// Issue 11: the photo's transparency was dropped by autosave.
     #[test]
-    fn an_unchanged_mask_is_not_written_again() {
+    fn a_photo_with_alpha_comes_back_with_its_alpha() {
         let dir = tempfile::tempdir().unwrap();
         let files = StateFiles::new(dir.path());
-        let mask_file = files.session_dir().join("mask.png");
-        let mut writer = Writer {
-            files,
-            photo_written: None,
-            mask_written: None,
-        };
+        let photo = Arc::new(RgbImage::from_fn(5, 3, |x, y| {
+            image::Rgb([(x * 40) as u8, (y * 70) as u8, 200])
+        }));
+        let alpha = Arc::new(GrayImage::from_fn(5, 3, |x, y| {
+            image::Luma([(x * 60 + y * 5) as u8])
+        }));
+        Writer::new(files.clone())
+            .write(snapshot("glass", (1, &photo), Some(&alpha), None))
+            .unwrap();
+        let restored = files.load_session().unwrap();
+        assert_eq!(restored.photo, *photo, "the colour is not composited again");
+        assert_eq!(restored.alpha.as_ref(), Some(&*alpha));
+    }
+
+    /// Issue 11: a write that fails midway (here the mask cannot be encoded, after the new
+    /// photo was written) must leave the previous complete set restorable, never a mix of the
+    /// new photo with the old prompt and mask.
+    #[test]
+    fn a_write_that_fails_midway_leaves_the_previous_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = StateFiles::new(dir.path());
+        let old_photo = Arc::new(RgbImage::from_pixel(4, 4, image::Rgb([10, 10, 10])));
+        let old_mask = Arc::new(GrayImage::from_pixel(4, 4, image::Luma([255])));
+        let mut writer = Writer::new(files.clone());
+        writer
+            .write(snapshot("old", (1, &old_photo), None, Some(&old_mask)))
+            .unwrap();
+
+        let new_photo = Arc::new(RgbImage::from_pixel(4, 4, image::Rgb([250, 0, 0])));
+        let unencodable = Arc::new(GrayImage::new(0, 0));
+        let failed = writer.write(snapshot("new", (2, &new_photo), None, Some(&unencodable)));
+        assert!(failed.is_err(), "the mask cannot be written");
+
+        for restored in [files.load_session(), files.load_session()] {
+            let restored = restored.expect("the previous set is restorable");
+            assert_eq!(restored.text.prompt, "old");
+            assert_eq!(restored.photo, *old_photo, "the photo of the old set");
+            assert_eq!(restored.mask.as_ref(), Some(&*old_mask));
+        }
+
+        // The next complete write replaces the set and leaves only its files.
+        writer
+            .write(snapshot("new", (2, &new_photo), None, None))
+            .unwrap();
+        let restored = files.load_session().unwrap();
+        assert_eq!(restored.text.prompt, "new");
+        assert_eq!(restored.photo, *new_photo);
+        assert!(restored.mask.is_none());
+        assert_eq!(png_files(&files).len(), 1, "{:?}", png_files(&files));
+    }
+
+    #[test]
+    fn a_set_written_before_sets_were_named_is_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = StateFiles::new(dir.path());
+        let session = files.session_dir();
+        std::fs::create_dir_all(&session).unwrap();
+        let photo = RgbImage::from_pixel(4, 2, image::Rgb([1, 2, 3]));
+        write_png(&session.join("photo.png"), &photo).unwrap();
+        std::fs::write(
+            session.join("session.json"),
+            r#"{"source": null, "prompt": "old format", "baseline_prompt": "", "fidelity": 0.5}"#,
+        )
+        .unwrap();
+        let restored = files.load_session().unwrap();
+        assert_eq!(restored.text.prompt, "old format");
+        assert_eq!(restored.photo, photo);
+        assert!(restored.mask.is_none());
+    }
+
+    #[test]
+    fn an_unchanged_image_is_not_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = StateFiles::new(dir.path());
+        let mut writer = Writer::new(files.clone());
         let photo = Arc::new(RgbImage::new(4, 4));
         let mask = Arc::new(GrayImage::from_pixel(4, 4, image::Luma([200])));
-        let work = |mask: Option<Arc<GrayImage>>| Pending {
-            settings: None,
-            session: Some(SessionSnapshot {
-                text: SessionText::default(),
-                photo: Some((1, photo.clone())),
-                mask,
-            }),
-        };
-        writer.write(work(Some(mask.clone()))).unwrap();
-        assert!(mask_file.exists());
-        std::fs::remove_file(&mask_file).unwrap();
-        writer.write(work(Some(mask.clone()))).unwrap();
-        assert!(!mask_file.exists(), "the same mask is not written twice");
-        writer.write(work(Some(Arc::new((*mask).clone())))).unwrap();
-        assert!(mask_file.exists(), "a new mask is written");
-        writer.write(work(None)).unwrap();
-        assert!(!mask_file.exists(), "no mask, no file");
+        writer
+            .write(snapshot("a", (1, &photo), None, Some(&mask)))
+            .unwrap();
+        let first = png_files(&files);
+        assert_eq!(first, ["mask-1.png", "photo-1.png"]);
+        writer
+            .write(snapshot("b", (1, &photo), None, Some(&mask)))
+            .unwrap();
+        assert_eq!(
+            png_files(&files),
+            first,
+            "same photo and mask: no new files"
+        );
+        writer
+            .write(snapshot(
+                "b",
+                (1, &photo),
+                None,
+                Some(&Arc::new((*mask).clone())),
+            ))
+            .unwrap();
+        assert_eq!(
+            png_files(&files),
+            ["mask-3.png", "photo-1.png"],
+            "a new mask"
+        );
+        writer
+            .write(snapshot("b", (1, &photo), None, None))
+            .unwrap();
+        assert_eq!(png_files(&files), ["photo-1.png"], "no mask, no file");
     }
 
     #[test]
@@ -422,6 +714,28 @@ mod tests {
             Err("disk full".into())
         );
         assert_eq!(surviving_panics(|| Ok(())), Ok(()));
+    }
+
+    #[test]
+    fn the_training_mode_is_saved_by_name_and_old_names_still_read() {
+        for (text, mode) in [
+            ("full", TrainMode::Full),
+            ("cross-kv", TrainMode::CrossKv),
+            ("lora", TrainMode::Lora { rank: 4 }),
+            ("lora:8", TrainMode::Lora { rank: 8 }),
+            ("something-new", TrainMode::Full),
+        ] {
+            let json = format!(r#"{{"train_mode": "{text}"}}"#);
+            let settings: Settings = serde_json::from_str(&json).unwrap();
+            assert_eq!(settings.train_mode, mode, "{text}");
+        }
+        let settings = Settings {
+            train_mode: TrainMode::Lora { rank: 8 },
+            ..Settings::default()
+        };
+        let json = serde_json::to_string(&settings).unwrap();
+        assert!(json.contains(r#""train_mode":"lora:8""#), "{json}");
+        assert_eq!(serde_json::from_str::<Settings>(&json).unwrap(), settings);
     }
 
     #[test]

@@ -1,13 +1,24 @@
 //! Images to GPU textures. Display copies are capped in size: a 50-megapixel photo would
 //! exceed the GPU's texture limit, and the screen cannot show more pixels anyway.
 
+use std::collections::{HashMap, HashSet, VecDeque};
+
 use egui::{ColorImage, Context, TextureHandle, TextureOptions};
 use image::{GrayImage, RgbImage};
 
 use super::mask::PixelRect;
+use crate::jobs::JobId;
 
 /// The longest side of a display texture (well under wgpu's guaranteed 8192).
 const MAX_TEXTURE_SIDE: u32 = 4096;
+/// The longest side of a result's display texture: sharp on a large screen at fit-to-window,
+/// and a quarter of the photo's 4096 in memory.
+pub const RESULT_DISPLAY_SIDE: u32 = 2048;
+/// How many results keep a display texture; the others show their thumbnail until theirs is
+/// read back from disk (see `results`).
+pub const RESULT_DISPLAYS_KEPT: usize = 4;
+/// Thumbnails in the strip, in pixels.
+pub const THUMBNAIL_SIDE: u32 = 160;
 
 /// `(width, height)` scaled down (never up) so the longer side is at most `max_side`.
 pub fn capped_size(width: u32, height: u32, max_side: u32) -> (u32, u32) {
@@ -34,16 +45,114 @@ pub fn color_image(image: &RgbImage, max_side: u32) -> ColorImage {
     )
 }
 
-/// The display copy of a full-size image. For a 12-megapixel photo this takes tens of
-/// milliseconds (several frames), so photos and results are converted on a background thread
-/// and only `upload`ed on the UI thread.
-pub fn display_copy(image: &RgbImage) -> ColorImage {
-    color_image(image, MAX_TEXTURE_SIDE)
+/// The display copy of a full-size image, within `gpu_side` (the GPU's largest texture).
+/// For a 12-megapixel photo this takes tens of milliseconds (several frames), so photos and
+/// results are converted on a background thread and only `upload`ed on the UI thread.
+pub fn display_copy(image: &RgbImage, gpu_side: u32) -> ColorImage {
+    color_image(image, MAX_TEXTURE_SIDE.min(gpu_side))
+}
+
+/// The display copy of a finished result (see [`RESULT_DISPLAY_SIDE`]).
+pub fn result_display_copy(image: &RgbImage, gpu_side: u32) -> ColorImage {
+    color_image(image, RESULT_DISPLAY_SIDE.min(gpu_side))
+}
+
+/// The textures of one edit's variants: every strip thumbnail, the display textures of the
+/// [`RESULT_DISPLAYS_KEPT`] results shown most recently, and the live previews.
+#[derive(Default)]
+pub struct VariantTextures {
+    pub thumbnails: HashMap<JobId, TextureHandle>,
+    /// Most recently shown last.
+    displays: VecDeque<(JobId, TextureHandle)>,
+    /// Display copies being read back from disk.
+    loading: HashSet<JobId>,
+    pub live_preview: Option<(JobId, TextureHandle)>,
+    pub tune_preview: Option<TextureHandle>,
+}
+
+impl VariantTextures {
+    /// Adds a result's textures, dropping the least recently shown display beyond the cap.
+    pub fn insert(
+        &mut self,
+        ctx: &Context,
+        job: JobId,
+        display: ColorImage,
+        thumbnail: ColorImage,
+    ) {
+        let name = format!("variant-{job}");
+        self.thumbnails
+            .insert(job, upload(ctx, &format!("{name}-thumbnail"), thumbnail));
+        self.insert_display(ctx, job, display);
+        if self.live_preview.as_ref().is_some_and(|(j, _)| *j == job) {
+            self.live_preview = None;
+        }
+    }
+
+    pub fn insert_display(&mut self, ctx: &Context, job: JobId, display: ColorImage) {
+        self.loading.remove(&job);
+        self.displays.retain(|(j, _)| *j != job);
+        self.displays
+            .push_back((job, upload(ctx, &format!("variant-{job}"), display)));
+        while self.displays.len() > RESULT_DISPLAYS_KEPT {
+            self.displays.pop_front();
+        }
+    }
+
+    /// Drops every result's textures (a new edit); the tune's preview stays.
+    pub fn clear_results(&mut self) {
+        let tune_preview = self.tune_preview.take();
+        *self = Self {
+            tune_preview,
+            ..Self::default()
+        };
+    }
+
+    /// The display texture of `job`, else its thumbnail (while the display is read back).
+    pub fn display(&self, job: JobId) -> Option<&TextureHandle> {
+        self.displays
+            .iter()
+            .find(|(j, _)| *j == job)
+            .map(|(_, t)| t)
+            .or_else(|| self.thumbnails.get(&job))
+    }
+
+    /// `job` is shown: keeps its display longest. Returns true when its display must be read
+    /// back (not kept, and not already on its way or failed to load).
+    pub fn shown(&mut self, job: JobId) -> bool {
+        match self.displays.iter().position(|(j, _)| *j == job) {
+            Some(index) => {
+                if let Some(entry) = self.displays.remove(index) {
+                    self.displays.push_back(entry);
+                }
+                false
+            }
+            // A failed reload stays in `loading`: the thumbnail stands in, without retrying
+            // every frame.
+            None => self.loading.insert(job),
+        }
+    }
 }
 
 /// Hands a prepared image to egui (a move; the GPU copy happens when the frame is painted).
+/// One larger than the GPU takes (prepared before the GPU's limit was known) is scaled down
+/// here rather than fail.
 pub fn upload(ctx: &Context, name: &str, image: ColorImage) -> TextureHandle {
+    let gpu_side = ctx.input(|i| i.max_texture_side);
+    let image = if image.width().max(image.height()) > gpu_side {
+        shrink(&image, gpu_side as u32)
+    } else {
+        image
+    };
     ctx.load_texture(name, image, TextureOptions::LINEAR)
+}
+
+/// `image` (opaque, as all display copies are) scaled to fit `side`.
+fn shrink(image: &ColorImage, side: u32) -> ColorImage {
+    let rgb = RgbImage::from_fn(image.width() as u32, image.height() as u32, |x, y| {
+        let [r, g, b, _] = image.pixels[y as usize * image.width() + x as usize].to_array();
+        image::Rgb([r, g, b])
+    });
+    color_image(&rgb, side)
 }
 
 /// A small image (a working-size preview) converted and uploaded at once.

@@ -1,10 +1,7 @@
 //! The variants of one edit: results at several positions of the fidelity slider (and
 //! seeds), which the slider browses. No egui here, so the browsing rules are unit-tested.
 
-use std::sync::Arc;
-
-use image::RgbImage;
-
+use super::results::StoredResult;
 use crate::jobs::JobId;
 
 /// Where an edit first computes variants, in the order they are queued: the middle first
@@ -33,7 +30,8 @@ pub enum VariantState {
         total: usize,
     },
     Done {
-        image: Arc<RgbImage>,
+        /// At the photo's full size, on disk (see `results`).
+        result: StoredResult,
         working_size: (u32, u32),
     },
     Failed(String),
@@ -48,9 +46,9 @@ pub struct Variant {
 }
 
 impl Variant {
-    pub fn image(&self) -> Option<&Arc<RgbImage>> {
+    pub fn result(&self) -> Option<&StoredResult> {
         match &self.state {
-            VariantState::Done { image, .. } => Some(image),
+            VariantState::Done { result, .. } => Some(result),
             _ => None,
         }
     }
@@ -114,6 +112,17 @@ impl VariantSet {
             .collect()
     }
 
+    /// Every finished result (to remove their files when the edit is replaced).
+    pub fn into_results(self) -> Vec<StoredResult> {
+        self.variants
+            .into_iter()
+            .filter_map(|v| match v.state {
+                VariantState::Done { result, .. } => Some(result),
+                _ => None,
+            })
+            .collect()
+    }
+
     pub fn find(&self, job: JobId) -> Option<&Variant> {
         self.variants.iter().find(|v| v.job == job)
     }
@@ -140,7 +149,7 @@ impl VariantSet {
     pub fn shown(&self, position: f64) -> Option<(usize, &Variant)> {
         if let Some(index) = self.selected
             && let Some(variant) = self.variants.get(index)
-            && variant.image().is_some()
+            && variant.result().is_some()
         {
             return Some((index, variant));
         }
@@ -148,7 +157,7 @@ impl VariantSet {
             .iter()
             .enumerate()
             .rev()
-            .filter(|(_, v)| v.image().is_some())
+            .filter(|(_, v)| v.result().is_some())
             .min_by(|(_, a), (_, b)| a.distance(position).total_cmp(&b.distance(position)))
     }
 
@@ -164,6 +173,10 @@ impl VariantSet {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use image::RgbImage;
+
     use super::*;
 
     fn settings(fidelity: f64, seed: u64) -> VariantSettings {
@@ -180,7 +193,11 @@ mod tests {
         set.update(
             job,
             VariantState::Done {
-                image: Arc::new(RgbImage::from_pixel(1, 1, image::Rgb([value; 3]))),
+                result: StoredResult::Memory(Arc::new(RgbImage::from_pixel(
+                    1,
+                    1,
+                    image::Rgb([value; 3]),
+                ))),
                 working_size: (64, 64),
             },
         );

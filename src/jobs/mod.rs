@@ -1,9 +1,12 @@
 //! The worker layer the GUI uses: one named thread owns the model and runs jobs one at a
 //! time; requests go in over a bounded channel, events come back.
 //!
-//! - Progress and results travel on a bounded channel the worker blocks on: never dropped.
-//! - Previews travel through a one-slot channel: the newest replaces an unread one, so a slow
-//!   UI never holds the worker up.
+//! - Kept snapshots, results, errors and each job's end travel on a bounded queue: never
+//!   dropped. Only a handful are sent per job, so the queue never fills while the UI keeps up
+//!   at all.
+//! - Progress and previews are state, not history: each travels through a one-event slot
+//!   where the newest replaces an unread one (latest wins), so a slow or minimised UI never
+//!   holds the worker up.
 //! - Every request gets an increasing [`JobId`] and runs in order; the caller decides what a
 //!   newer request supersedes and cancels it: a queued job then never starts, a running one
 //!   stops within one step.
@@ -28,6 +31,7 @@ pub use loader::{DownloadStatus, LoadEvent, LoadRequest, LoadedModel, ModelLoade
 pub use crate::engine::device::DeviceChoice;
 pub use crate::engine::edit::model_prompt;
 pub use crate::engine::fidelity::{EditParameters, parameters_for};
+pub use crate::engine::finetune::{CacheEntry, time_left};
 pub use crate::engine::finetune::{PAPER_SNAPSHOTS, SnapshotCache, TrainMode, TuneSettings};
 use crate::engine::model::StableDiffusion;
 pub use crate::engine::precision::Precision;
@@ -44,7 +48,8 @@ pub type Waker = Box<dyn Fn() + Send>;
 
 /// How many requests may wait for the worker.
 const REQUEST_QUEUE: usize = 16;
-/// How many progress and result events may wait for the UI before the worker waits.
+/// How many events that must arrive (kept snapshots, results, errors, ends) may wait for the
+/// UI before the worker waits: far more than the queued jobs can send.
 const EVENT_QUEUE: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,7 +91,8 @@ pub enum JobRequest {
 }
 
 /// What the worker reports. Every job ends with exactly one of `Finished`, `Tuned`, `Failed`
-/// or `Cancelled`; no preview of a job arrives after its end.
+/// or `Cancelled`; no progress or preview of a job arrives after its end. Progress and
+/// previews may be skipped (the newest replaces an unread one); nothing else is.
 #[derive(Debug, Clone)]
 pub enum JobEvent {
     Progress {
@@ -192,6 +198,7 @@ fn lock_live(live: &LiveJobs) -> std::sync::MutexGuard<'_, HashMap<JobId, Arc<At
 pub struct JobRunner {
     requests: Option<Sender<Envelope>>,
     events: Receiver<JobEvent>,
+    progress: Receiver<JobEvent>,
     previews: Receiver<JobEvent>,
     live: LiveJobs,
     next_id: JobId,
@@ -208,7 +215,8 @@ impl JobRunner {
     ) -> std::io::Result<Self> {
         let (request_tx, request_rx) = bounded(REQUEST_QUEUE);
         let (event_tx, event_rx) = bounded(EVENT_QUEUE);
-        let (preview_tx, preview_rx) = bounded(1);
+        let (progress_slot, progress_rx) = worker::LatestSlot::new();
+        let (preview_slot, preview_rx) = worker::LatestSlot::new();
         let live = LiveJobs::default();
         let worker = worker::Worker {
             model,
@@ -218,8 +226,8 @@ impl JobRunner {
             scaled_mask: None,
             out: worker::Outbox {
                 events: event_tx,
-                previews: preview_tx,
-                stale_previews: preview_rx.clone(),
+                progress: progress_slot,
+                previews: preview_slot,
                 waker,
             },
             live: live.clone(),
@@ -230,6 +238,7 @@ impl JobRunner {
         Ok(Self {
             requests: Some(request_tx),
             events: event_rx,
+            progress: progress_rx,
             previews: preview_rx,
             live,
             next_id: 1,
@@ -267,11 +276,13 @@ impl JobRunner {
         }
     }
 
-    /// The next event if one is waiting: progress and results first, then the preview.
+    /// The next event if one is waiting: results and ends first, then the latest progress,
+    /// then the latest preview.
     pub fn try_next_event(&self) -> Option<JobEvent> {
         self.events
             .try_recv()
             .ok()
+            .or_else(|| self.progress.try_recv().ok())
             .or_else(|| self.previews.try_recv().ok())
     }
 
@@ -282,6 +293,7 @@ impl JobRunner {
         }
         crossbeam_channel::select! {
             recv(self.events) -> event => event.ok(),
+            recv(self.progress) -> event => event.ok(),
             recv(self.previews) -> event => event.ok(),
             default(timeout) => None,
         }
@@ -328,7 +340,7 @@ impl Drop for JobRunner {
         // No more requests: the worker leaves its loop after the current job.
         self.requests = None;
         if let Some(handle) = self.worker.take() {
-            // Keep draining so a worker blocked on a full event queue can finish.
+            // Keep draining so a worker waiting on a full event queue can finish.
             while !handle.is_finished() {
                 let _ = self.next_event_timeout(Duration::from_millis(10));
             }

@@ -5,7 +5,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use image::{GrayImage, RgbImage};
 
 use super::{Envelope, JobEvent, JobId, JobRequest, LiveJobs, RunnerOptions, Stage, Waker};
@@ -28,34 +28,78 @@ pub(super) struct Tuned {
 }
 
 /// Where the worker's events go.
+///
+/// Events that must arrive (results, errors, ends) queue; progress and previews are state,
+/// not history, so each goes into a one-event slot where the newest replaces an unread one:
+/// a UI that stops reading (a minimised window) never holds the worker up.
 pub(super) struct Outbox {
     pub events: Sender<JobEvent>,
-    pub previews: Sender<JobEvent>,
-    /// The preview slot's other end, to take out a preview the UI has not read yet.
-    pub stale_previews: Receiver<JobEvent>,
+    pub progress: LatestSlot,
+    pub previews: LatestSlot,
     pub waker: Waker,
 }
 
+/// A one-event channel whose newest event replaces an unread one.
+pub(super) struct LatestSlot {
+    tx: Sender<JobEvent>,
+    /// The reading end's twin, to take out an event the UI has not read yet.
+    stale: Receiver<JobEvent>,
+}
+
+impl LatestSlot {
+    /// The slot and the receiver the UI reads it from.
+    pub fn new() -> (Self, Receiver<JobEvent>) {
+        let (tx, rx) = bounded(1);
+        let slot = Self {
+            tx,
+            stale: rx.clone(),
+        };
+        (slot, rx)
+    }
+
+    fn offer(&self, event: JobEvent) {
+        if let Err(TrySendError::Full(event)) = self.tx.try_send(event) {
+            let _ = self.stale.try_recv();
+            // Only the worker sends, so the slot has room now (or the UI just emptied it).
+            let _ = self.tx.try_send(event);
+        }
+    }
+
+    fn clear(&self) {
+        while self.stale.try_recv().is_ok() {}
+    }
+}
+
 impl Outbox {
-    /// Sends a progress or final event, waiting for room. False when the UI has gone.
+    /// Sends an event that must arrive (a kept snapshot, a result, an error, a job's end),
+    /// waiting for room (the queue holds far more than a job sends). False when the UI has
+    /// gone.
     fn send(&self, event: JobEvent) -> bool {
+        debug_assert!(!matches!(
+            event,
+            JobEvent::Progress { .. } | JobEvent::Preview { .. }
+        ));
         let sent = self.events.send(event).is_ok();
         (self.waker)();
         sent
     }
 
-    /// Puts a preview in the slot, replacing one the UI has not read.
-    fn offer_preview(&self, event: JobEvent) {
-        if let Err(TrySendError::Full(event)) = self.previews.try_send(event) {
-            let _ = self.stale_previews.try_recv();
-            let _ = self.previews.try_send(event);
-        }
+    /// Puts the job's latest step in its slot, replacing one the UI has not read.
+    fn offer_progress(&self, event: JobEvent) {
+        self.progress.offer(event);
         (self.waker)();
     }
 
-    /// Empties the preview slot, so no preview arrives after its job's final event.
-    fn clear_previews(&self) {
-        while self.stale_previews.try_recv().is_ok() {}
+    /// Puts a preview in its slot, replacing one the UI has not read.
+    fn offer_preview(&self, event: JobEvent) {
+        self.previews.offer(event);
+        (self.waker)();
+    }
+
+    /// Empties both slots before a job's final event, so nothing of the job arrives after it.
+    fn clear_slots(&self) {
+        self.progress.clear();
+        self.previews.clear();
     }
 }
 
@@ -99,7 +143,7 @@ impl Worker {
             } else {
                 guarded(|| self.run_job(id, &cancel, request))
             };
-            self.out.clear_previews();
+            self.out.clear_slots();
             // What malloc kept for reuse during the job goes back to the system while idle.
             crate::engine::memory::release_free_memory();
             let event = match result {
@@ -153,16 +197,13 @@ impl Worker {
                         cancel.store(true, Ordering::Relaxed);
                     }
                     if let TuneEvent::Progress(p) = event {
-                        let sent = out.send(JobEvent::Progress {
+                        out.offer_progress(JobEvent::Progress {
                             id,
                             stage: Stage::Tuning,
                             step: p.step,
                             total: p.total_steps,
                             loss: Some(p.loss),
                         });
-                        if !sent {
-                            cancel.store(true, Ordering::Relaxed);
-                        }
                         let rendered = p
                             .reconstruction
                             .as_ref()
@@ -299,16 +340,13 @@ struct EditObserver<'a> {
 
 impl StepObserver for EditObserver<'_> {
     fn observe(&mut self, view: &StepView) -> ControlFlow<()> {
-        let sent = self.out.send(JobEvent::Progress {
+        self.out.offer_progress(JobEvent::Progress {
             id: self.id,
             stage: Stage::Sampling,
             step: view.step,
             total: view.total_steps,
             loss: None,
         });
-        if !sent {
-            self.cancel.store(true, Ordering::Relaxed);
-        }
         if let Some(image) = self.preview.and_then(|p| p.render(view.predicted_x0).ok()) {
             self.out
                 .offer_preview(JobEvent::Preview { id: self.id, image });
@@ -354,6 +392,85 @@ mod tests {
         let message = result.unwrap_err();
         assert!(message.contains("boom second line"), "{message}");
         assert!(!message.contains('\n'));
+    }
+
+    /// An outbox as `JobRunner::start` builds it, with the UI's ends of its channels.
+    fn outbox(queue: usize) -> (Outbox, [Receiver<JobEvent>; 3]) {
+        let (events, events_rx) = bounded(queue);
+        let (progress, progress_rx) = LatestSlot::new();
+        let (previews, previews_rx) = LatestSlot::new();
+        let out = Outbox {
+            events,
+            progress,
+            previews,
+            waker: Box::new(|| {}),
+        };
+        (out, [events_rx, progress_rx, previews_rx])
+    }
+
+    fn progress(id: JobId, step: usize) -> JobEvent {
+        JobEvent::Progress {
+            id,
+            stage: Stage::Sampling,
+            step,
+            total: 1000,
+            loss: None,
+        }
+    }
+
+    #[test]
+    fn progress_nobody_reads_never_holds_the_worker_up_and_the_latest_wins() {
+        let (out, [events, progress_rx, previews]) = outbox(4);
+        let worker = std::thread::spawn(move || {
+            for step in 1..=1000 {
+                out.offer_progress(progress(7, step));
+                out.offer_preview(JobEvent::Preview {
+                    id: 7,
+                    image: RgbImage::new(1, 1),
+                });
+            }
+            out
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !worker.is_finished() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the worker waited for a UI that does not read"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let out = worker.join().unwrap();
+        assert!(events.is_empty(), "progress does not queue");
+        match progress_rx.try_recv() {
+            Ok(JobEvent::Progress { step, .. }) => assert_eq!(step, 1000, "the latest wins"),
+            other => panic!("expected the last progress, got {other:?}"),
+        }
+        assert!(previews.try_recv().is_ok());
+        out.offer_progress(progress(7, 1));
+        out.clear_slots();
+        assert!(
+            progress_rx.is_empty() && previews.is_empty(),
+            "an ended job leaves nothing"
+        );
+    }
+
+    #[test]
+    fn events_that_must_arrive_all_arrive_in_order() {
+        let (out, [events, _progress, _previews]) = outbox(64);
+        for id in 1..=3 {
+            out.offer_progress(progress(id, 1));
+            assert!(out.send(JobEvent::Failed {
+                id,
+                message: format!("failure {id}"),
+            }));
+        }
+        let ids: Vec<JobId> = events.try_iter().map(|e| e.id()).collect();
+        assert_eq!(ids, vec![1, 2, 3]);
+        drop(events);
+        assert!(
+            !out.send(JobEvent::Cancelled { id: 4 }),
+            "a UI that has gone is reported"
+        );
     }
 
     #[test]

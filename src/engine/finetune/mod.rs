@@ -13,6 +13,7 @@ pub use cache::{CacheEntry, CacheLookup, DEFAULT_MAX_BYTES, ResumePoint, Snapsho
 pub use memory_plan::{choose_micro_batch, training_bytes};
 pub use mode::TrainMode;
 pub use snapshot::{IN_MEMORY_LIMIT_BYTES, Snapshot, write_safetensors};
+pub use tune::time_left;
 pub use tune::{
     PAPER_SNAPSHOTS, RARE_TOKEN, TrainingBatch, TrainingState, TuneObserver, TuneProgress,
     TuneSettings, fine_tune, fine_tune_from, training_pass,

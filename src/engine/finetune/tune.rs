@@ -129,13 +129,17 @@ pub struct TuneProgress {
 impl TuneProgress {
     /// Time left at the average pace so far.
     pub fn eta(&self) -> Duration {
+        // A continued run has timed only the steps since it started.
         let done_here = self.step.saturating_sub(self.resumed_after);
-        if done_here == 0 {
-            return Duration::ZERO;
-        }
-        self.elapsed
-            .mul_f64(self.total_steps.saturating_sub(self.step) as f64 / done_here as f64)
+        let left = self.total_steps.saturating_sub(self.step);
+        time_left(self.elapsed, done_here, done_here + left).unwrap_or_default()
     }
+}
+
+/// Time left for `total` steps when `done` took `elapsed`, at the average pace so far; `None`
+/// before the first step. The one ETA formula (the CLI's progress bar and the editor's).
+pub fn time_left(elapsed: Duration, done: usize, total: usize) -> Option<Duration> {
+    (done > 0).then(|| elapsed.mul_f64(total.saturating_sub(done) as f64 / done as f64))
 }
 
 /// Sees each step; `Break` stops fine-tuning with [`EngineError::Cancelled`].

@@ -1,0 +1,162 @@
+//! Export: the shown result at full resolution (read back from disk on the export thread),
+//! with its recipe in the PNG, to where the save dialog says; a failure keeps it to try again.
+
+use std::path::PathBuf;
+
+use super::app::EditorApp;
+use super::background::ExportRequest;
+use super::model::ModelStatus;
+use super::variants::VariantState;
+use crate::recipe::{Recipe, TuneRecipe};
+
+/// Where exports stand.
+#[derive(Default)]
+pub struct ExportState {
+    pub running: bool,
+    /// The export that failed, to try again.
+    pub failed: Option<(PathBuf, ExportRequest)>,
+    /// Where the last export went.
+    pub last: Option<PathBuf>,
+}
+
+impl EditorApp {
+    pub(super) fn export(&mut self) {
+        match self.export_request() {
+            Ok(request) => {
+                self.exports.running = true;
+                self.chores.export(request);
+            }
+            Err(message) => self.error(message),
+        }
+    }
+
+    pub(super) fn retry_export(&mut self) {
+        if let Some((path, request)) = self.exports.failed.take() {
+            self.exports.running = true;
+            self.chores.export_again(path, request);
+        }
+    }
+
+    pub(super) fn on_exported(
+        &mut self,
+        path: PathBuf,
+        result: Result<(), String>,
+        request: ExportRequest,
+    ) {
+        self.exports.running = false;
+        match result {
+            Ok(()) => {
+                self.exports.failed = None;
+                self.info(format!("Exported to {}.", path.display()));
+                self.exports.last = Some(path);
+            }
+            Err(message) => {
+                self.error(format!(
+                    "Export failed: {message}. The result is still here; free some space or choose another folder, then try again."
+                ));
+                self.exports.failed = Some((path, request));
+            }
+        }
+    }
+
+    fn export_request(&self) -> Result<ExportRequest, String> {
+        let (_, variant) = self
+            .session
+            .variants
+            .shown(self.form.fidelity)
+            .ok_or("Nothing to export yet: run an edit and wait for a result.")?;
+        let VariantState::Done {
+            result,
+            working_size,
+        } = &variant.state
+        else {
+            return Err("That variant is not finished yet.".into());
+        };
+        let edit = self.session.edit.as_ref().ok_or("Nothing to export yet.")?;
+        let doc = self.doc.as_ref().ok_or("Nothing to export yet.")?;
+        let (model, prediction_type, precision) = match &self.model.status {
+            ModelStatus::Ready {
+                name,
+                prediction_type,
+                precision,
+                ..
+            } => (name.clone(), *prediction_type, *precision),
+            _ => return Err("The model is not loaded; load it to export with its recipe.".into()),
+        };
+        let settings = &variant.settings;
+        let token = (settings.tune_steps > 0).then_some(edit.tune.token.as_str());
+        let (width, height) = doc.photo.dimensions();
+        let recipe = Recipe {
+            model_prompt: crate::jobs::model_prompt(token, &edit.prompt),
+            baseline_prompt: edit.baseline_prompt.clone(),
+            seed: settings.seed,
+            sampling_steps: edit.sampling_steps,
+            guidance_weight: settings.guidance,
+            t0: Some(settings.t0),
+            fidelity: settings.fidelity,
+            tune_steps: settings.tune_steps,
+            tuning: (settings.tune_steps > 0).then(|| TuneRecipe::from_settings(&edit.tune)),
+            mask: edit
+                .mask
+                .as_ref()
+                .map(|_| "painted in the editor".to_string()),
+            interpolate: edit.interpolate,
+            // Results come at the photo's size.
+            width,
+            height,
+            working_width: working_size.0,
+            working_height: working_size.1,
+            source_image: doc.source.as_ref().map(|p| p.display().to_string()),
+            ..Recipe::new("edit", &edit.prompt, &model, prediction_type, precision)
+        };
+        let stem = doc
+            .source
+            .as_ref()
+            .and_then(|p| p.file_stem())
+            .map_or("photo".to_string(), |s| s.to_string_lossy().into_owned());
+        Ok(ExportRequest {
+            image: result.clone(),
+            alpha: doc.alpha.clone(),
+            text: recipe.text_chunks(),
+            suggested_name: format!("{stem}-{}.png", slug(&edit.prompt)),
+            directory: doc
+                .source
+                .as_ref()
+                .and_then(|p| p.parent().map(PathBuf::from)),
+        })
+    }
+}
+
+/// A short file-name-safe version of a prompt.
+fn slug(prompt: &str) -> String {
+    let words: Vec<String> = prompt
+        .split_whitespace()
+        .take(6)
+        .map(|w| {
+            w.chars()
+                .filter(|c| c.is_alphanumeric())
+                .collect::<String>()
+                .to_lowercase()
+        })
+        .filter(|w| !w.is_empty())
+        .collect();
+    if words.is_empty() {
+        "edit".into()
+    } else {
+        words.join("-")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slugs_are_safe_file_names() {
+        assert_eq!(
+            slug("A cat, wearing sunglasses!"),
+            "a-cat-wearing-sunglasses"
+        );
+        assert_eq!(slug("  ../.. "), "edit");
+    }
+}
