@@ -301,8 +301,12 @@ impl SnapshotCache {
         })
     }
 
-    /// Keeps a small copy of the photo in the entry (best effort: it only serves listings).
+    /// Keeps a small copy of the photo in the entry, once (best effort: it only serves
+    /// listings; the key already pins the photo, so an existing copy is the right one).
     pub fn store_thumbnail(&self, key: &str, photo: &RgbImage) {
+        if self.entry_dir(key).join(THUMBNAIL_FILE).is_file() {
+            return;
+        }
         let (w, h) = photo.dimensions();
         let scale = (THUMBNAIL_SIDE as f64 / w.max(h).max(1) as f64).min(1.0);
         let (tw, th) = (
