@@ -55,7 +55,7 @@ fn list(cache: &SnapshotCache) -> Result<()> {
     for entry in &entries {
         println!(
             "{:<SHORT_KEY$}  {:>9}  {:<24}  {:<14}  {}",
-            &entry.key[..entry.key.len().min(SHORT_KEY)],
+            short_key(&entry.key),
             human_bytes(entry.bytes),
             ladder(entry),
             age(now.duration_since(entry.last_used).unwrap_or_default()),
@@ -79,7 +79,7 @@ fn remove(cache: &SnapshotCache, prefix: &str) -> Result<()> {
             cache.remove(&entry.key)?;
             println!(
                 "removed {} ({})",
-                &entry.key[..entry.key.len().min(SHORT_KEY)],
+                short_key(&entry.key),
                 human_bytes(entry.bytes)
             );
             Ok(())
@@ -94,6 +94,11 @@ fn remove(cache: &SnapshotCache, prefix: &str) -> Result<()> {
         ))
         .into()),
     }
+}
+
+/// The start of a key (any folder in the cache is listed, so not necessarily ASCII).
+fn short_key(key: &str) -> String {
+    key.chars().take(SHORT_KEY).collect()
 }
 
 /// The snapshots an entry holds, and where a stopped fine-tune will continue.
