@@ -253,6 +253,14 @@ impl UnetConfig {
             PerBlock::One(d) => d,
             ref other => return Err(unsupported("cross_attention_dim", other)),
         };
+        // A huge width asks for terabytes of key/value weights: the allocation aborts.
+        check_count(
+            file,
+            "cross_attention_dim",
+            cross_attention_dim,
+            1,
+            MAX_CHANNELS,
+        )?;
 
         // diffusers quirk: `attention_head_dim` has always meant the number of heads in
         // UNet2DConditionModel; `num_attention_heads`, when present, takes precedence.
