@@ -324,20 +324,18 @@ pub fn tune_photo(
         on_event,
     };
     let trained = fine_tune_from(model, &adapter, photo, settings, resume.as_ref(), &mut run);
-    let cache_dir = run.cache.as_ref().map(|(cache, key)| cache.entry_dir(key));
+    let tuned = TunedPhoto {
+        adapter,
+        snapshots: run.kept,
+        settings: settings.clone(),
+        cache_dir: run.cache.as_ref().map(|(cache, key)| cache.entry_dir(key)),
+        from_cache: false,
+        _spill: run.spill,
+    };
     if let Err(error) = trained {
         // Whatever stopped the run, the model must not keep half-trained weights.
-        adapter.load(adapter.base())?;
-        let partial = (!run.kept.is_empty()).then(|| {
-            Box::new(TunedPhoto {
-                adapter,
-                snapshots: run.kept,
-                settings: settings.clone(),
-                cache_dir,
-                from_cache: false,
-                _spill: run.spill,
-            })
-        });
+        tuned.adapter.load(tuned.adapter.base())?;
+        let partial = (!tuned.snapshots.is_empty()).then(|| Box::new(tuned));
         return Err(TuneStopped { error, partial });
     }
     if let Some((cache, key)) = &run.cache {
@@ -346,14 +344,7 @@ pub fn tune_photo(
         let dir = cache.entry_dir(key);
         let _ = (run.on_event)(TuneEvent::Stored { dir: &dir, evicted });
     }
-    Ok(TunedPhoto {
-        adapter,
-        snapshots: run.kept,
-        settings: settings.clone(),
-        cache_dir,
-        from_cache: false,
-        _spill: run.spill,
-    })
+    Ok(tuned)
 }
 
 /// One edit of one photo.

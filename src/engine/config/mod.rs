@@ -69,6 +69,27 @@ pub(super) fn check_count(
     }
 }
 
+/// The checks the UNet and the VAE share, made before anything is sized from their block
+/// list or divided by their group count: 1 to [`MAX_BLOCKS`] blocks, 1 to [`MAX_CHANNELS`]
+/// groups.
+pub(super) fn check_blocks_and_groups(
+    file: &Path,
+    blocks: usize,
+    norm_num_groups: usize,
+) -> Result<()> {
+    if blocks == 0 {
+        return Err(EngineError::config(file, "block_out_channels", "is empty"));
+    }
+    if blocks > MAX_BLOCKS {
+        return Err(EngineError::config(
+            file,
+            "block_out_channels",
+            format!("has {blocks} entries; at most {MAX_BLOCKS} blocks are supported"),
+        ));
+    }
+    check_count(file, "norm_num_groups", norm_num_groups, 1, MAX_CHANNELS)
+}
+
 /// Most channels of any layer (SD uses at most 1280).
 pub(super) const MAX_CHANNELS: usize = 1 << 16;
 /// Most resnet layers in one block (SD uses 2).

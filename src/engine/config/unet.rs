@@ -145,24 +145,7 @@ impl UnetConfig {
             )
         };
         let n = raw.block_out_channels.len();
-        if n == 0 {
-            return Err(EngineError::config(file, "block_out_channels", "is empty"));
-        }
-        if n > MAX_BLOCKS {
-            return Err(EngineError::config(
-                file,
-                "block_out_channels",
-                format!("has {n} entries; at most {MAX_BLOCKS} blocks are supported"),
-            ));
-        }
-        // Checked before anything divides by it or sizes a layer with them.
-        check_count(
-            file,
-            "norm_num_groups",
-            raw.norm_num_groups,
-            1,
-            MAX_CHANNELS,
-        )?;
+        check_blocks_and_groups(file, n, raw.norm_num_groups)?;
         if let Some(size) = raw.sample_size {
             check_count(file, "sample_size", size, 1, MAX_SAMPLE_SIZE)?;
         }

@@ -78,24 +78,7 @@ impl VaeConfig {
             EngineError::config(file, field, format!("= {value:?} is not supported"))
         };
         let blocks = raw.block_out_channels.len();
-        if blocks == 0 {
-            return Err(EngineError::config(file, "block_out_channels", "is empty"));
-        }
-        if blocks > MAX_BLOCKS {
-            return Err(EngineError::config(
-                file,
-                "block_out_channels",
-                format!("has {blocks} entries; at most {MAX_BLOCKS} blocks are supported"),
-            ));
-        }
-        // Checked before anything divides by it or sizes a layer with them.
-        check_count(
-            file,
-            "norm_num_groups",
-            raw.norm_num_groups,
-            1,
-            MAX_CHANNELS,
-        )?;
+        check_blocks_and_groups(file, blocks, raw.norm_num_groups)?;
         // Sizes the decoder's first layer; a huge count overflows its shape.
         check_count(
             file,
