@@ -70,6 +70,28 @@ fn the_vae_stays_f32_where_its_config_asks() {
     assert_eq!(load("sd15-tiny", DType::F32).vae_dtype(), DType::F32);
 }
 
+fn tuning_photo() -> image::RgbImage {
+    image::RgbImage::from_fn(32, 32, |x, y| {
+        image::Rgb([(x * 8) as u8, (y * 8) as u8, (255 - (x + y) * 4) as u8])
+    })
+}
+
+/// Cross-kv, 4 steps of batch 2 at lr 1e-3 (the tiny model learns at what SD needs 1e-4 for).
+fn tuning_recipe(micro_batch_size: usize) -> TuneSettings {
+    TuneSettings {
+        mode: TrainMode::CrossKv,
+        optimizer: OptimizerSettings {
+            learning_rate: 1e-3,
+            ..OptimizerSettings::default()
+        },
+        snapshot_steps: vec![2, 4],
+        batch_size: 2,
+        micro_batch_size,
+        seed: 9,
+        ..TuneSettings::default()
+    }
+}
+
 fn tune(dtype: DType) -> (Vec<f32>, StableDiffusion, Adapter) {
     let mut model = load("sd15-tiny", dtype);
     let adapter = Adapter::attach(
@@ -78,21 +100,8 @@ fn tune(dtype: DType) -> (Vec<f32>, StableDiffusion, Adapter) {
         &mut NoiseSource::from_seed(1),
     )
     .unwrap();
-    let photo = image::RgbImage::from_fn(32, 32, |x, y| {
-        image::Rgb([(x * 8) as u8, (y * 8) as u8, (255 - (x + y) * 4) as u8])
-    });
-    let settings = TuneSettings {
-        mode: TrainMode::CrossKv,
-        optimizer: OptimizerSettings {
-            learning_rate: 1e-3,
-            ..OptimizerSettings::default()
-        },
-        snapshot_steps: vec![2, 4],
-        batch_size: 2,
-        micro_batch_size: 1,
-        seed: 9,
-        ..TuneSettings::default()
-    };
+    let photo = tuning_photo();
+    let settings = tuning_recipe(1);
     let mut losses = Vec::new();
     let mut observer = |p: &TuneProgress| {
         losses.push(p.loss);
@@ -136,21 +145,10 @@ fn f16_fine_tuning_follows_f32() {
 fn a_stopped_f16_fine_tune_continues_exactly() {
     use unitune::engine::edit::{CachePolicy, TuneEvent, tune_photo};
     use unitune::engine::finetune::SnapshotCache;
-    let photo = image::RgbImage::from_fn(32, 32, |x, y| {
-        image::Rgb([(x * 8) as u8, (y * 8) as u8, (255 - (x + y) * 4) as u8])
-    });
+    let photo = tuning_photo();
     let settings = TuneSettings {
-        mode: TrainMode::CrossKv,
-        optimizer: OptimizerSettings {
-            learning_rate: 1e-3,
-            ..OptimizerSettings::default()
-        },
-        snapshot_steps: vec![2, 4],
-        batch_size: 2,
-        micro_batch_size: 2,
         auto_micro_batch: false,
-        seed: 9,
-        ..TuneSettings::default()
+        ..tuning_recipe(2)
     };
     let run = |cache: &SnapshotCache, stop_at: Option<usize>| {
         let mut model = load("sd15-tiny", DType::F16);
