@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{fixtures, model_dir};
+use common::{copy_dir, fixtures, model_dir};
 use unitune::imaging::read_png_text;
 
 struct Run {
@@ -227,19 +227,6 @@ fn an_existing_output_is_never_clobbered_silently() {
         })
         .count();
     assert_eq!(leftovers, 0, "no temp files left");
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 fn edit_with_model(model: &str, dir: &Path) -> Run {

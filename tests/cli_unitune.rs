@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{fixtures, model_dir};
+use common::{copy_dir, fixtures, model_dir};
 use unitune::imaging::read_png_text;
 
 struct Run {
@@ -413,19 +413,6 @@ fn ctrl_c_keeps_the_fine_tune_so_far_and_the_same_command_continues_it() {
                 == std::fs::read(entries[0].join(file)).unwrap(),
             "{file} of the continued run differs from an uninterrupted run's"
         );
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
     }
 }
 
