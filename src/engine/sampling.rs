@@ -94,6 +94,15 @@ pub struct SampleOutput {
     pub prompt_tokens_dropped: usize,
 }
 
+/// What gives the model output at each step: the UNet call(s) and how their outputs combine.
+/// Text guidance ([`Guidance`]) and InstructPix2Pix's text-and-image guidance
+/// (`super::instruct::InstructGuidance`) share one denoising loop through it.
+pub trait NoisePredictor {
+    /// The (guided) model output for `latents` at `timestep`.
+    fn predict(&self, model: &StableDiffusion, latents: &Tensor, timestep: usize)
+    -> Result<Tensor>;
+}
+
 /// The text conditioning for every step: the prompt, and the baseline it is guided away from.
 pub struct Guidance {
     /// `[baseline; prompt]` when guiding, just `[prompt]` when the weight is 1.
@@ -133,9 +142,11 @@ impl Guidance {
     fn guided(&self) -> bool {
         self.weight != 1.0
     }
+}
 
+impl NoisePredictor for Guidance {
     /// The guided model output at one timestep: `eps_base + w * (eps_prompt - eps_base)`.
-    pub fn predict(
+    fn predict(
         &self,
         model: &StableDiffusion,
         latents: &Tensor,
@@ -212,7 +223,7 @@ pub fn denoise(
     mut latents: Tensor,
     timesteps: &[usize],
     steps: usize,
-    guidance: &Guidance,
+    guidance: &dyn NoisePredictor,
     known: Option<&KnownRegion>,
     observer: &mut dyn StepObserver,
 ) -> Result<Tensor> {

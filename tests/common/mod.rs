@@ -124,3 +124,16 @@ pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tolerance: f
 }
 
 pub const MODELS: [&str; 2] = ["sd15-tiny", "sd2-tiny"];
+
+/// The tiny InstructPix2Pix pipeline, assembled in `dir` as tests/fixtures/make_instruct_fixtures.py
+/// assembles it: sd15-tiny with its UNet replaced by the 8-input-channel one.
+pub fn instruct_model_dir(dir: &Path) -> PathBuf {
+    let root = dir.join("ip2p-tiny");
+    copy_dir(&model_dir("sd15-tiny"), &root);
+    std::fs::remove_dir_all(root.join("unet")).unwrap();
+    copy_dir(
+        &model_dir("ip2p-unet-tiny").join("unet"),
+        &root.join("unet"),
+    );
+    root
+}
