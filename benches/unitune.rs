@@ -94,6 +94,7 @@ fn edit_once(cache: &SnapshotCache, photo: &image::RgbImage) -> bool {
     };
     let tuned = tune_photo(&mut model, photo, &recipe, &policy, None, &mut quiet).expect("tuning");
     let request = EditRequest {
+        method: unitune::engine::edit::EditMethod::UniTune,
         original: photo,
         working: photo,
         prompt: "a cat wearing sunglasses",

@@ -39,6 +39,9 @@ impl TuneRecipe {
 #[derive(Debug, Clone, Serialize)]
 pub struct Recipe {
     pub mode: &'static str,
+    /// What made the image: `unitune`, `sdedit` (no fine-tuning), `instruct-pix2pix` or
+    /// `txt2img`.
+    pub method: &'static str,
     pub prompt: String,
     /// What the model was given: the prompt with the rare token when fine-tuned.
     pub model_prompt: String,
@@ -48,7 +51,9 @@ pub struct Recipe {
     pub sampling_steps: usize,
     pub sampler: &'static str,
     pub guidance_weight: f64,
-    /// SDEdit start; absent for text-to-image.
+    /// InstructPix2Pix's image guidance; absent for the other methods.
+    pub image_guidance: Option<f64>,
+    /// SDEdit start; absent for text-to-image and instructions.
     pub t0: Option<f64>,
     /// The fidelity knob, when it chose the settings.
     pub fidelity: Option<f64>,
@@ -82,6 +87,11 @@ impl Recipe {
     ) -> Self {
         Self {
             mode,
+            method: if mode == "generate" {
+                "txt2img"
+            } else {
+                "unitune"
+            },
             prompt: prompt.to_string(),
             model_prompt: prompt.to_string(),
             baseline_prompt: String::new(),
@@ -89,6 +99,7 @@ impl Recipe {
             sampling_steps: 0,
             sampler: "DDIM",
             guidance_weight: 1.0,
+            image_guidance: None,
             t0: None,
             fidelity: None,
             tune_steps: 0,
@@ -130,6 +141,11 @@ impl Recipe {
         if let Some(t0) = self.t0 {
             fields.push(format!("Denoising strength: {t0}"));
         }
+        if let Some(image_guidance) = self.image_guidance {
+            // A1111's name for InstructPix2Pix's image guidance.
+            fields.push(format!("Image CFG scale: {image_guidance}"));
+        }
+        fields.push(format!("Method: {}", self.method));
         fields.push(format!("UniTune fine-tuning steps: {}", self.tune_steps));
         fields.push(format!(
             "Version: {}",

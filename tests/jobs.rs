@@ -46,6 +46,7 @@ fn photo() -> RgbImage {
 
 fn edit(prompt: &str, t0_fraction: f64, sampling_steps: usize) -> JobRequest {
     JobRequest::Edit {
+        method: unitune::engine::edit::EditMethod::UniTune,
         photo: Arc::new(photo()),
         mask: None,
         prompt: prompt.into(),

@@ -300,6 +300,7 @@ fn an_edit_can_be_stopped_between_any_two_stages() {
     let mask =
         image::GrayImage::from_fn(64, 64, |x, _| image::Luma([if x < 32 { 255 } else { 0 }]));
     let request = EditRequest {
+        method: unitune::engine::edit::EditMethod::UniTune,
         original: &photo,
         working: &photo,
         prompt: "a cat",

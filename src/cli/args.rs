@@ -315,11 +315,33 @@ pub struct EditArgs {
     pub image: PathBuf,
 
     /// What the photo should become, e.g. "a cat wearing sunglasses".
-    #[arg(long, short, value_name = "TEXT")]
-    pub prompt: String,
+    #[arg(
+        long,
+        short,
+        value_name = "TEXT",
+        required_unless_present = "instruct",
+        conflicts_with = "instruct"
+    )]
+    pub prompt: Option<String>,
+
+    /// How the photo should change, e.g. "make it winter", for an InstructPix2Pix model
+    /// (--model timbrooks/instruct-pix2pix): no fine-tuning; --fidelity sets how closely the
+    /// result follows the photo (image guidance), --guidance how strongly the instruction.
+    #[arg(
+        long,
+        value_name = "TEXT",
+        conflicts_with_all = ["tune_steps", "t0", "baseline_prompt"]
+    )]
+    pub instruct: Option<String>,
+
+    /// Image guidance of an instruction edit (overrides --fidelity's choice; 1.5 is the
+    /// published default, higher stays closer to the photo).
+    #[arg(long, value_name = "W")]
+    pub image_guidance: Option<f64>,
 
     /// One knob from 0 (expressive) to 1 (faithful to the photo): picks the snapshot, t0 and
-    /// guidance together (see the table in the README). Default 0.5.
+    /// guidance together (see the table in the README); for --instruct, the image guidance.
+    /// Default 0.5.
     #[arg(long, value_name = "F")]
     pub fidelity: Option<f64>,
 

@@ -24,7 +24,9 @@ use super::unitune::parse_micro_batch;
 use crate::engine::StableDiffusion;
 use crate::engine::autograd::GradientAccumulator;
 use crate::engine::device::{device_name, open_device};
-use crate::engine::edit::{CachePolicy, EditRequest, TuneEvent, edit_photo, tune_photo};
+use crate::engine::edit::{
+    CachePolicy, EditMethod, EditRequest, TuneEvent, edit_photo, tune_photo,
+};
 use crate::engine::finetune::{
     Adapter, IN_MEMORY_LIMIT_BYTES, PAPER_SNAPSHOTS, RARE_TOKEN, Snapshot, SnapshotCache,
     TrainMode, TrainingBatch, TuneObserver, TuneProgress, TuneSettings, fine_tune, training_pass,
@@ -547,6 +549,7 @@ fn measure_run(
         device.synchronize()?;
         tune_seconds = started.elapsed().as_secs_f64();
         let request = EditRequest {
+            method: EditMethod::UniTune,
             original: photo,
             working: photo,
             prompt: "a cat wearing sunglasses",

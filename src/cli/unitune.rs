@@ -15,10 +15,14 @@ use super::session::{
     choose_seed, load_model, sampling_observer, step_bar,
 };
 use crate::engine::edit::{
-    CachePolicy, EditRequest, TuneEvent, TunedPhoto, edit_photo, model_prompt, tune_photo,
+    CachePolicy, EditMethod, EditRequest, TuneEvent, TunedPhoto, edit_photo, model_prompt,
+    tune_photo,
 };
 use crate::engine::fidelity::parameters_for;
 use crate::engine::finetune::{SnapshotCache, TrainMode, TuneSettings};
+use crate::engine::instruct::{
+    DEFAULT_INSTRUCT_MODEL, DEFAULT_TEXT_GUIDANCE, image_guidance_for, is_instruct_model,
+};
 use crate::engine::optim::{OptimizerKind, OptimizerSettings};
 use crate::engine::sampling::StepView;
 use crate::imaging::{self, DecodeLimits, ExistingFile, Photo};
@@ -274,23 +278,86 @@ pub fn tune_command(global: &GlobalOptions, args: &TuneArgs, cancel: &CancelFlag
     Ok(())
 }
 
-/// The (snapshot, t0, guidance) an edit uses: the fidelity table, then explicit overrides.
-fn edit_parameters(args: &EditArgs) -> Result<(usize, f64, f64, f64)> {
+/// What one `unitune edit` runs: the method and its settings.
+struct EditPlan {
+    method: EditMethod,
+    tune_steps: usize,
+    /// SDEdit start (UniTune only).
+    t0: Option<f64>,
+    guidance: f64,
+    fidelity: f64,
+}
+
+/// The settings an edit uses: the fidelity table (for instructions, the image guidance it
+/// maps to), then explicit overrides.
+fn edit_plan(args: &EditArgs) -> Result<EditPlan> {
     if let Some(f) = args.fidelity
         && !(0.0..=1.0).contains(&f)
     {
         return Err(UsageError(format!("--fidelity must be between 0 and 1, got {f}")).into());
     }
     let fidelity = args.fidelity.unwrap_or(0.5);
+    if args.instruct.is_none() && args.image_guidance.is_some() {
+        return Err(UsageError(
+            "--image-guidance applies to instruction edits only (--instruct)".into(),
+        )
+        .into());
+    }
+    if args.instruct.is_some() {
+        let guidance = args.guidance.unwrap_or(DEFAULT_TEXT_GUIDANCE);
+        check_guidance(guidance)?;
+        let image_guidance = args
+            .image_guidance
+            .unwrap_or_else(|| image_guidance_for(fidelity));
+        if !image_guidance.is_finite() || image_guidance < 0.0 {
+            return Err(UsageError(format!(
+                "--image-guidance must be a number of at least 0, got {image_guidance}"
+            ))
+            .into());
+        }
+        return Ok(EditPlan {
+            method: EditMethod::Instruct { image_guidance },
+            tune_steps: 0,
+            t0: None,
+            guidance,
+            fidelity,
+        });
+    }
     let table = parameters_for(fidelity, &args.training.snapshots);
-    let steps = args.tune_steps.unwrap_or(table.tune_steps);
+    let tune_steps = args.tune_steps.unwrap_or(table.tune_steps);
     let t0 = args.t0.unwrap_or(table.t0);
     let guidance = args.guidance.unwrap_or(table.guidance);
     if !(0.0..=1.0).contains(&t0) {
         return Err(UsageError(format!("--t0 must be between 0 and 1, got {t0}")).into());
     }
     check_guidance(guidance)?;
-    Ok((steps, t0, guidance, fidelity))
+    Ok(EditPlan {
+        method: EditMethod::UniTune,
+        tune_steps,
+        t0: Some(t0),
+        guidance,
+        fidelity,
+    })
+}
+
+/// Refuses a method the loaded model cannot run, saying what to do instead.
+fn check_method(plan: &EditPlan, loaded: &LoadedModel) -> Result<()> {
+    let instruct_model = is_instruct_model(&loaded.model);
+    match plan.method {
+        EditMethod::Instruct { .. } if !instruct_model => Err(UsageError(format!(
+            "--instruct needs an InstructPix2Pix model and {} is not one (its UNet takes {} input channels, not {}); try --model {DEFAULT_INSTRUCT_MODEL}, or describe the result with --prompt",
+            loaded.name,
+            loaded.model.config.unet.in_channels,
+            2 * loaded.model.config.vae.latent_channels
+        ))
+        .into()),
+        EditMethod::UniTune if instruct_model => Err(UsageError(format!(
+            "{} is an InstructPix2Pix model: say how the photo should change with --instruct \"...\" instead of --prompt",
+            loaded.name
+        ))
+        .into()),
+        _ => Ok(()),
+    }
 }
 
 fn warn_if_truncated(loaded: &LoadedModel, prompt: &str) {
@@ -331,8 +398,15 @@ fn numbered(path: &Path, k: usize, n: usize) -> PathBuf {
 }
 
 pub fn edit_command(global: &GlobalOptions, args: &EditArgs, cancel: &CancelFlag) -> Result<()> {
-    check_prompt(&args.prompt)?;
-    let (tune_steps, t0, guidance, fidelity) = edit_parameters(args)?;
+    // clap makes sure exactly one of the two is given.
+    let prompt = args
+        .instruct
+        .as_deref()
+        .or(args.prompt.as_deref())
+        .unwrap_or_default();
+    check_prompt(prompt)?;
+    let plan = edit_plan(args)?;
+    let tune_steps = plan.tune_steps;
     check_sampling_steps(args.sampling_steps)?;
     if args.samples == 0 {
         return Err(UsageError("--samples must be at least 1".into()).into());
@@ -356,6 +430,7 @@ pub fn edit_command(global: &GlobalOptions, args: &EditArgs, cancel: &CancelFlag
         None => None,
     };
     let mut loaded = load_model(global)?;
+    check_method(&plan, &loaded)?;
     let photos = fit_photo(photo, &loaded, args.size.as_deref())?;
     let tuned = if tune_steps > 0 {
         Some(tune(
@@ -369,10 +444,18 @@ pub fn edit_command(global: &GlobalOptions, args: &EditArgs, cancel: &CancelFlag
         None
     };
     let token = tuned.as_ref().map(|t| t.settings.token.clone());
-    warn_if_truncated(&loaded, &model_prompt(token.as_deref(), &args.prompt));
-    eprintln!(
-        "editing: {tune_steps} fine-tuning steps, t0 {t0:.3}, guidance {guidance:.2}, first seed {seed}"
-    );
+    let model_text = model_prompt(token.as_deref(), prompt);
+    warn_if_truncated(&loaded, &model_text);
+    let guidance = plan.guidance;
+    match (plan.method, plan.t0) {
+        (EditMethod::Instruct { image_guidance }, _) => eprintln!(
+            "editing by instruction: text guidance {guidance:.2}, image guidance {image_guidance:.2}, first seed {seed}"
+        ),
+        (EditMethod::UniTune, t0) => eprintln!(
+            "editing: {tune_steps} fine-tuning steps, t0 {:.3}, guidance {guidance:.2}, first seed {seed}",
+            t0.unwrap_or(1.0)
+        ),
+    }
 
     let default = default_edit_path(&args.image);
     let base_out = match &args.out {
@@ -382,12 +465,13 @@ pub fn edit_command(global: &GlobalOptions, args: &EditArgs, cancel: &CancelFlag
     for k in 0..args.samples {
         let sample_seed = seed + k as u64;
         let request = EditRequest {
+            method: plan.method,
             original: &photos.photo.rgb,
             working: &photos.working,
-            prompt: &args.prompt,
+            prompt,
             baseline_prompt: args.baseline_prompt.as_deref(),
             tune_steps,
-            t0,
+            t0: plan.t0.unwrap_or(1.0),
             guidance,
             sampling_steps: args.sampling_steps,
             seed: sample_seed,
@@ -401,13 +485,18 @@ pub fn edit_command(global: &GlobalOptions, args: &EditArgs, cancel: &CancelFlag
         let result = result?;
 
         let recipe = Recipe {
-            model_prompt: model_prompt(token.as_deref(), &args.prompt),
+            method: plan.method.recipe_name(tune_steps),
+            image_guidance: match plan.method {
+                EditMethod::Instruct { image_guidance } => Some(image_guidance),
+                EditMethod::UniTune => None,
+            },
+            model_prompt: model_text.clone(),
             baseline_prompt: args.baseline_prompt.clone().unwrap_or_default(),
             seed: sample_seed,
             sampling_steps: args.sampling_steps,
             guidance_weight: guidance,
-            t0: Some(t0),
-            fidelity: args.fidelity.map(|_| fidelity),
+            t0: plan.t0,
+            fidelity: args.fidelity.map(|_| plan.fidelity),
             tune_steps,
             tuning: tuned
                 .as_ref()
@@ -424,7 +513,7 @@ pub fn edit_command(global: &GlobalOptions, args: &EditArgs, cancel: &CancelFlag
                 .map(|n| n.to_string_lossy().into_owned()),
             ..Recipe::new(
                 "edit",
-                &args.prompt,
+                prompt,
                 &loaded.name,
                 loaded.prediction_type(),
                 loaded.precision(),
@@ -477,6 +566,7 @@ pub fn grid_command(global: &GlobalOptions, args: &GridArgs, cancel: &CancelFlag
         let mut row = Vec::with_capacity(columns.len());
         for &steps in &columns {
             let request = EditRequest {
+                method: EditMethod::UniTune,
                 original: &photos.working,
                 working: &photos.working,
                 prompt: &args.prompt,

@@ -13,6 +13,7 @@ use super::finetune::{
     Adapter, CacheLookup, IN_MEMORY_LIMIT_BYTES, Snapshot, SnapshotCache, TrainingState,
     TuneObserver, TuneProgress, TuneSettings, fine_tune_from, write_safetensors,
 };
+use super::instruct::{InstructRequest, sample_instruct};
 use super::model::StableDiffusion;
 use super::noise::NoiseSource;
 use super::precision::dtype_name;
@@ -347,9 +348,34 @@ pub fn tune_photo(
     Ok(tuned)
 }
 
+/// How an edit is made.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum EditMethod {
+    /// UniTune: SDEdit toward "token prompt" from the snapshot `tune_steps` (0 = plain SDEdit
+    /// from the untuned model, the paper's baseline).
+    UniTune,
+    /// InstructPix2Pix: the prompt is an instruction ("make it winter") for an
+    /// InstructPix2Pix model; `guidance` is the text guidance. No fine-tuning and no t0: the
+    /// photo conditions every step instead.
+    Instruct { image_guidance: f64 },
+}
+
+impl EditMethod {
+    /// The name the recipe records: `unitune`, `sdedit` (UniTune without fine-tuning) or
+    /// `instruct-pix2pix`.
+    pub fn recipe_name(&self, tune_steps: usize) -> &'static str {
+        match self {
+            EditMethod::Instruct { .. } => "instruct-pix2pix",
+            EditMethod::UniTune if tune_steps == 0 => "sdedit",
+            EditMethod::UniTune => "unitune",
+        }
+    }
+}
+
 /// One edit of one photo.
 #[derive(Debug, Clone)]
 pub struct EditRequest<'a> {
+    pub method: EditMethod,
     /// The photo at its own size.
     pub original: &'a RgbImage,
     /// The photo fitted to the model's working size.
@@ -357,8 +383,9 @@ pub struct EditRequest<'a> {
     pub prompt: &'a str,
     /// Prompt guidance's baseline (a description of the photo); `None` = classifier-free.
     pub baseline_prompt: Option<&'a str>,
-    /// Which snapshot to sample from (0 = no fine-tuning: plain SDEdit).
+    /// Which snapshot to sample from (0 = no fine-tuning: plain SDEdit). 0 for instructions.
     pub tune_steps: usize,
+    /// SDEdit start (unused by instructions).
     pub t0: f64,
     pub guidance: f64,
     pub sampling_steps: usize,
@@ -384,6 +411,58 @@ pub fn edit_photo(
     request: &EditRequest,
     observer: &mut dyn StepObserver,
 ) -> Result<RgbImage> {
+    let (w, h) = request.working.dimensions();
+    let working_mask = request.mask.map(|m| imaging::resize_gray(m, w, h));
+    let sampled = match request.method {
+        EditMethod::UniTune => {
+            sample_unitune(model, tuned, request, working_mask.as_ref(), observer)?
+        }
+        EditMethod::Instruct { image_guidance } => {
+            if request.tune_steps > 0 {
+                return Err(EngineError::InvalidRequest(
+                    "instruction edits use the model as it is; fine-tuning steps cannot be chosen with them".into(),
+                ));
+            }
+            if let Some(tuned) = tuned {
+                tuned.select(0)?;
+            }
+            let instruct = InstructRequest {
+                image: request.working,
+                instruction: request.prompt,
+                text_guidance: request.guidance,
+                image_guidance,
+                sampling_steps: request.sampling_steps,
+                seed: request.seed,
+                mask: working_mask.as_ref(),
+            };
+            sample_instruct(model, &instruct, observer)?.image
+        }
+    };
+    // Each full-resolution stage below can take as long as a step on a large photo.
+    check_proceed(observer)?;
+    let (ow, oh) = request.original.dimensions();
+    let mut result = imaging::resize_rgb(&sampled, ow, oh);
+    if let Some(mask) = request.mask {
+        check_proceed(observer)?;
+        let radius = imaging::default_feather_radius(ow, oh);
+        result = imaging::paste_outside_mask(request.original, &result, mask, radius)?;
+    }
+    if request.interpolate {
+        check_proceed(observer)?;
+        let settings = imaging::InterpolationSettings::for_size(ow, oh);
+        result = imaging::interpolate_toward_original(request.original, &result, &settings)?;
+    }
+    Ok(result)
+}
+
+/// UniTune's sampling at the working size: "token prompt" from the chosen snapshot.
+fn sample_unitune(
+    model: &StableDiffusion,
+    tuned: Option<&TunedPhoto>,
+    request: &EditRequest,
+    working_mask: Option<&GrayImage>,
+    observer: &mut dyn StepObserver,
+) -> Result<RgbImage> {
     let token = match (request.tune_steps, tuned) {
         (0, Some(tuned)) => {
             tuned.select(0)?;
@@ -405,8 +484,6 @@ pub fn edit_photo(
         .baseline_prompt
         .map(|b| model_prompt(token, b))
         .unwrap_or_default();
-    let (w, h) = request.working.dimensions();
-    let working_mask = request.mask.map(|m| imaging::resize_gray(m, w, h));
     let sample_request = SampleRequest {
         prompt: &prompt,
         baseline_prompt: &baseline,
@@ -416,23 +493,8 @@ pub fn edit_photo(
         start: Start::Photo {
             image: request.working,
             t0_fraction: request.t0,
-            mask: working_mask.as_ref(),
+            mask: working_mask,
         },
     };
-    let output = sample(model, &sample_request, observer)?;
-    // Each full-resolution stage below can take as long as a step on a large photo.
-    check_proceed(observer)?;
-    let (ow, oh) = request.original.dimensions();
-    let mut result = imaging::resize_rgb(&output.image, ow, oh);
-    if let Some(mask) = request.mask {
-        check_proceed(observer)?;
-        let radius = imaging::default_feather_radius(ow, oh);
-        result = imaging::paste_outside_mask(request.original, &result, mask, radius)?;
-    }
-    if request.interpolate {
-        check_proceed(observer)?;
-        let settings = imaging::InterpolationSettings::for_size(ow, oh);
-        result = imaging::interpolate_toward_original(request.original, &result, &settings)?;
-    }
-    Ok(result)
+    Ok(sample(model, &sample_request, observer)?.image)
 }

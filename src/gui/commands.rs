@@ -32,6 +32,8 @@ pub enum Command {
     DownloadModel,
     CancelDownload,
     ChooseModelFolder,
+    /// Load another model by hub id or folder (downloads wait for the user's consent).
+    SwitchModel(String),
     RetryModel,
     DismissNotice,
     ResetView,
@@ -110,6 +112,7 @@ impl EditorApp {
             }
             Command::CancelDownload => self.model.cancel_download(),
             Command::ChooseModelFolder => self.chores.pick_model_folder(),
+            Command::SwitchModel(model) => self.load_model(model, false),
             Command::RetryModel => {
                 let model = self.model.name();
                 self.load_model(model, false);

@@ -1,6 +1,7 @@
 //! Export: the shown result at full resolution (read back from disk on the export thread),
 //! with its recipe in the PNG, to where the save dialog says; a failure keeps it to try again.
 
+use crate::jobs::EditMethod;
 use std::path::PathBuf;
 
 use super::app::EditorApp;
@@ -86,13 +87,19 @@ impl EditorApp {
         let settings = &variant.settings;
         let token = (settings.tune_steps > 0).then_some(edit.tune.token.as_str());
         let (width, height) = doc.photo.dimensions();
+        let (image_guidance, t0) = match settings.method {
+            EditMethod::Instruct { image_guidance } => (Some(image_guidance), None),
+            EditMethod::UniTune => (None, Some(settings.t0)),
+        };
         let recipe = Recipe {
+            method: settings.method.recipe_name(settings.tune_steps),
+            image_guidance,
             model_prompt: crate::jobs::model_prompt(token, &edit.prompt),
             baseline_prompt: edit.baseline_prompt.clone(),
             seed: settings.seed,
             sampling_steps: edit.sampling_steps,
             guidance_weight: settings.guidance,
-            t0: Some(settings.t0),
+            t0,
             fidelity: settings.fidelity,
             tune_steps: settings.tune_steps,
             tuning: (settings.tune_steps > 0).then(|| TuneRecipe::from_settings(&edit.tune)),

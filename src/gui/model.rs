@@ -31,6 +31,8 @@ pub enum ModelStatus {
         device: String,
         prediction_type: &'static str,
         precision: &'static str,
+        /// An InstructPix2Pix model: edits are instructions, without fine-tuning.
+        instruct: bool,
     },
 }
 
@@ -62,6 +64,11 @@ impl ModelState {
             | ModelStatus::Failed { model, .. } => model.clone(),
             ModelStatus::Ready { name, .. } => name.clone(),
         }
+    }
+
+    /// Whether the loaded model edits by instruction (InstructPix2Pix).
+    pub fn is_instruct(&self) -> bool {
+        matches!(self.status, ModelStatus::Ready { instruct: true, .. })
     }
 
     pub fn cancel_download(&self) {
@@ -100,6 +107,7 @@ impl ModelState {
                         device: loaded.device.clone(),
                         prediction_type: loaded.prediction_type,
                         precision: loaded.precision,
+                        instruct: loaded.instruct,
                     };
                     ended(self, status);
                     self.runner = Some(loaded.runner);

@@ -13,7 +13,8 @@ use super::model::ModelStatus;
 use super::session::{self, TuneStatus};
 use super::variants::VariantState;
 use crate::jobs::{
-    Precision, TrainMode, approximate_download_bytes, license_notice, parse_model_arg,
+    DEFAULT_INSTRUCT_MODEL, DEFAULT_MODEL, Precision, TrainMode, approximate_download_bytes,
+    license_notice, parse_model_arg,
 };
 
 pub fn show(ui: &mut Ui, app: &mut EditorApp) -> Vec<Command> {
@@ -114,10 +115,16 @@ fn side_panel(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
     ui.separator();
 
     ui.heading("Edit");
-    let label = ui.label("What should the photo become?");
+    // An InstructPix2Pix model takes instructions; the others a description of the result.
+    let (question, example) = if app.model.is_instruct() {
+        ("How should the photo change?", "make it winter")
+    } else {
+        ("What should the photo become?", "a cat wearing sunglasses")
+    };
+    let label = ui.label(question);
     let prompt = ui.add(
         egui::TextEdit::singleline(&mut app.form.prompt)
-            .hint_text("a cat wearing sunglasses")
+            .hint_text(example)
             .desired_width(f32::INFINITY),
     );
     let prompt = prompt.labelled_by(label.id);
@@ -168,10 +175,7 @@ fn side_panel(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
         commands.push(Command::SliderDragged);
     }
     if let Some((_, settings)) = app.shown_variant() {
-        ui.small(format!(
-            "Showing: {} fine-tuning steps, t0 {:.2}, guidance {:.1}, seed {}",
-            settings.tune_steps, settings.t0, settings.guidance, settings.seed
-        ));
+        ui.small(format!("Showing: {}", settings.describe()));
     }
     ui.horizontal(|ui| {
         let mut split = app.view.split.is_some();
@@ -197,13 +201,28 @@ fn model_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) 
             name,
             source,
             device,
+            instruct,
             ..
         } => {
             ui.label(name.to_string());
             ui.small(format!("{source} · on {device}"));
-            if ui.small_button("Choose another folder...").clicked() {
-                commands.push(Command::ChooseModelFolder);
+            if *instruct {
+                ui.small("Edits by instruction (InstructPix2Pix): no learning step; the slider sets how closely the result keeps the photo.");
             }
+            ui.horizontal(|ui| {
+                if ui.small_button("Choose another folder...").clicked() {
+                    commands.push(Command::ChooseModelFolder);
+                }
+                // The other kind of edit is one model switch away.
+                let (other, label, hint) = if *instruct {
+                    (DEFAULT_MODEL, "Use Stable Diffusion", "Describe the result; the model learns your photo first (UniTune)")
+                } else {
+                    (DEFAULT_INSTRUCT_MODEL, "Use InstructPix2Pix", "Edit by instruction (\"make it winter\") with timbrooks/instruct-pix2pix, downloaded after you accept its license")
+                };
+                if ui.small_button(label).on_hover_text(hint).clicked() {
+                    commands.push(Command::SwitchModel(other.to_string()));
+                }
+            });
         }
         ModelStatus::Loading { model, detail } => {
             ui.horizontal(|ui| {
@@ -514,10 +533,7 @@ fn strip(ui: &mut Ui, app: &EditorApp, commands: &mut Vec<Command>) {
                         }
                         None => ui.add_sized([160.0, 120.0], egui::Button::new(&label)),
                     };
-                    let response = response.on_hover_text(format!(
-                        "{name}\n{} fine-tuning steps · t0 {:.2} · guidance {:.1} · seed {}",
-                        s.tune_steps, s.t0, s.guidance, s.seed
-                    ));
+                    let response = response.on_hover_text(format!("{name}\n{}", s.describe()));
                     if response.clicked() && variant.result().is_some() {
                         commands.push(Command::SelectVariant(index));
                     }

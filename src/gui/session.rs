@@ -7,7 +7,10 @@ use super::app::EditorApp;
 use super::background::PreparedVariant;
 use super::textures::{self, VariantTextures};
 use super::variants::{FIRST_POSITIONS, VariantSet, VariantSettings, VariantState};
-use crate::jobs::{JobEvent, JobId, JobRequest, Stage, TuneSettings, parameters_for, time_left};
+use crate::jobs::{
+    DEFAULT_TEXT_GUIDANCE, EditMethod, JobEvent, JobId, JobRequest, Stage, TuneSettings,
+    image_guidance_for, parameters_for, time_left,
+};
 
 /// The longest the UI spends reading job events per frame.
 const EVENT_BUDGET: Duration = Duration::from_millis(4);
@@ -122,6 +125,9 @@ pub struct EditContext {
     pub seed: u64,
     pub sampling_steps: usize,
     pub interpolate: bool,
+    /// An instruction for an InstructPix2Pix model: no fine-tuning, the slider sets the image
+    /// guidance.
+    pub instruct: bool,
 }
 
 /// The fine-tune, the edit and its variants, for the open photo.
@@ -343,9 +349,13 @@ impl EditorApp {
         let Some(doc) = &self.doc else {
             return self.error("Open a photo first (File > Open, or drop one on the window).");
         };
+        let instruct = self.model.is_instruct();
         if prompt.is_empty() {
-            return self
-                .error("Type what the photo should become, e.g. \"a cat wearing sunglasses\".");
+            return self.error(if instruct {
+                "Type how the photo should change, e.g. \"make it winter\"."
+            } else {
+                "Type what the photo should become, e.g. \"a cat wearing sunglasses\"."
+            });
         }
         if self.model.runner.is_none() {
             return self.error("The model is not ready yet; see the Model section.");
@@ -382,9 +392,10 @@ impl EditorApp {
             seed,
             sampling_steps: self.settings.sampling_steps.max(1),
             interpolate: self.settings.interpolate,
+            instruct,
         });
-        // Later edits of the same photo reuse its snapshots.
-        if self.session.tuned_for.as_ref() != Some(&(version, tune.clone())) {
+        // Later edits of the same photo reuse its snapshots; instructions need none.
+        if !instruct && self.session.tuned_for.as_ref() != Some(&(version, tune.clone())) {
             let request = JobRequest::Tune {
                 photo,
                 settings: tune.clone(),
@@ -424,7 +435,7 @@ impl EditorApp {
             );
             positions.truncate(FIRST_POSITIONS.len());
             for position in positions {
-                let settings = settings_at(position, seed, &tune.snapshot_steps);
+                let settings = settings_at(position, seed, &tune.snapshot_steps, instruct);
                 self.queue_variant(settings, false);
             }
         }
@@ -436,12 +447,13 @@ impl EditorApp {
             return self.error("Run an edit first; more seeds add variants to it.");
         };
         let ladder = edit.ladder.clone();
+        let instruct = edit.instruct;
         for _ in 0..2 {
             let seed = rand::random::<u32>() as u64;
             let settings = if self.form.advanced.custom {
                 self.advanced_settings(seed)
             } else {
-                settings_at(self.form.fidelity, seed, &ladder)
+                settings_at(self.form.fidelity, seed, &ladder, instruct)
             };
             self.queue_variant(settings, false);
         }
@@ -453,14 +465,23 @@ impl EditorApp {
             && !self.form.advanced.custom
             && self.session.variants.needs_job_at(self.form.fidelity)
         {
-            let settings = settings_at(self.form.fidelity, edit.seed, &edit.ladder);
+            let settings = settings_at(self.form.fidelity, edit.seed, &edit.ladder, edit.instruct);
             self.queue_variant(settings, true);
         }
     }
 
     fn advanced_settings(&self, seed: u64) -> VariantSettings {
         let advanced = &self.form.advanced;
+        if self.model.is_instruct() {
+            // Instructions take no snapshot or t0; the slider still sets the image guidance.
+            return VariantSettings {
+                guidance: advanced.guidance,
+                fidelity: None,
+                ..settings_at(self.form.fidelity, seed, &[], true)
+            };
+        }
         VariantSettings {
+            method: EditMethod::UniTune,
             fidelity: None,
             tune_steps: advanced.tune_steps,
             t0: advanced.t0,
@@ -479,6 +500,7 @@ impl EditorApp {
             return self.error("The photo changed since this edit; press Edit again.");
         }
         let request = JobRequest::Edit {
+            method: settings.method,
             photo: doc.photo.clone(),
             mask: edit.mask.clone(),
             prompt: edit.prompt.clone(),
@@ -559,10 +581,24 @@ impl EditorApp {
     }
 }
 
-/// The variant at slider `position`, using the snapshots in `ladder` (none = untuned).
-fn settings_at(position: f64, seed: u64, ladder: &[usize]) -> VariantSettings {
+/// The variant at slider `position`, using the snapshots in `ladder` (none = untuned); for
+/// an instruction, the slider sets the image guidance (see `image_guidance_for`).
+fn settings_at(position: f64, seed: u64, ladder: &[usize], instruct: bool) -> VariantSettings {
+    if instruct {
+        return VariantSettings {
+            method: EditMethod::Instruct {
+                image_guidance: image_guidance_for(position),
+            },
+            fidelity: Some(position),
+            tune_steps: 0,
+            t0: 1.0,
+            guidance: DEFAULT_TEXT_GUIDANCE,
+            seed,
+        };
+    }
     let p = parameters_for(position, ladder);
     VariantSettings {
+        method: EditMethod::UniTune,
         fidelity: Some(position),
         tune_steps: p.tune_steps,
         t0: p.t0,

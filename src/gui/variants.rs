@@ -2,7 +2,7 @@
 //! seeds), which the slider browses. No egui here, so the browsing rules are unit-tested.
 
 use super::results::StoredResult;
-use crate::jobs::JobId;
+use crate::jobs::{EditMethod, JobId};
 
 /// Where an edit first computes variants, in the order they are queued: the middle first
 /// (where the slider starts), then the ends, so the range fills in from what is shown.
@@ -14,12 +14,30 @@ const SAME_POSITION: f64 = 0.02;
 /// The settings one variant was (or will be) made with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VariantSettings {
+    /// UniTune, or an instruction (whose image guidance the slider chose).
+    pub method: EditMethod,
     /// The slider position; `None` when the Advanced settings chose the values.
     pub fidelity: Option<f64>,
     pub tune_steps: usize,
     pub t0: f64,
     pub guidance: f64,
     pub seed: u64,
+}
+
+impl VariantSettings {
+    /// The settings in words, e.g. "64 fine-tuning steps · t0 0.96 · guidance 9.0 · seed 7".
+    pub fn describe(&self) -> String {
+        match self.method {
+            EditMethod::Instruct { image_guidance } => format!(
+                "instruction · image guidance {image_guidance:.2} · guidance {:.1} · seed {}",
+                self.guidance, self.seed
+            ),
+            EditMethod::UniTune => format!(
+                "{} fine-tuning steps · t0 {:.2} · guidance {:.1} · seed {}",
+                self.tune_steps, self.t0, self.guidance, self.seed
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -181,6 +199,7 @@ mod tests {
 
     fn settings(fidelity: f64, seed: u64) -> VariantSettings {
         VariantSettings {
+            method: EditMethod::UniTune,
             fidelity: Some(fidelity),
             tune_steps: 16,
             t0: 1.0,

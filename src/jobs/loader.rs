@@ -2,6 +2,7 @@
 //! starting a [`JobRunner`] with it. The GUI starts one, polls its events each frame and
 //! never waits on it.
 
+use crate::engine::instruct::is_instruct_model;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,6 +45,8 @@ pub struct LoadedModel {
     pub prediction_type: &'static str,
     /// The compute precision ("f32", "f16", "bf16"), for recipes.
     pub precision: &'static str,
+    /// An InstructPix2Pix model: edits are instructions, without fine-tuning.
+    pub instruct: bool,
 }
 
 /// How a download is going, for a progress bar.
@@ -240,6 +243,7 @@ fn load(request: &LoadRequest, cancel: &Arc<AtomicBool>, outbox: &Outbox) -> Loa
         return LoadEvent::Cancelled;
     }
     let prediction_type = model.config.scheduler.prediction_type.as_str();
+    let instruct = is_instruct_model(&model);
     let options = RunnerOptions {
         cache: request.snapshot_cache.clone(),
         model_identity,
@@ -261,6 +265,7 @@ fn load(request: &LoadRequest, cancel: &Arc<AtomicBool>, outbox: &Outbox) -> Loa
         device: device_name(&device),
         prediction_type,
         precision: dtype_name(dtype),
+        instruct,
     }))
 }
 

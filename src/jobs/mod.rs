@@ -29,10 +29,13 @@ use image::{GrayImage, RgbImage};
 pub use loader::{DownloadStatus, LoadEvent, LoadRequest, LoadedModel, ModelLoader};
 
 pub use crate::engine::device::DeviceChoice;
-pub use crate::engine::edit::model_prompt;
+pub use crate::engine::edit::{EditMethod, model_prompt};
 pub use crate::engine::fidelity::{EditParameters, parameters_for};
 pub use crate::engine::finetune::{CacheEntry, time_left};
 pub use crate::engine::finetune::{PAPER_SNAPSHOTS, SnapshotCache, TrainMode, TuneSettings};
+pub use crate::engine::instruct::{
+    DEFAULT_INSTRUCT_MODEL, DEFAULT_TEXT_GUIDANCE, image_guidance_for,
+};
 use crate::engine::model::StableDiffusion;
 pub use crate::engine::precision::Precision;
 pub use crate::model_files::{
@@ -72,6 +75,8 @@ pub enum JobRequest {
     },
     /// Edit `photo` toward `prompt`; the result comes back at the photo's size.
     Edit {
+        /// UniTune (or plain SDEdit), or an instruction for an InstructPix2Pix model.
+        method: EditMethod,
         photo: Arc<RgbImage>,
         /// White = may change. Any size: the worker scales it to the photo's (which, for a
         /// large photo, is too slow for a caller's UI thread).

@@ -248,6 +248,7 @@ impl Worker {
                 Ok(outcome)
             }
             JobRequest::Edit {
+                method,
                 photo,
                 mask,
                 prompt,
@@ -273,6 +274,7 @@ impl Worker {
                     }
                 };
                 let request = EditRequest {
+                    method,
                     original: &photo,
                     working: &working,
                     prompt: &prompt,
