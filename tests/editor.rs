@@ -160,12 +160,17 @@ fn drop_file(harness: &mut Harness<'_, EditorApp>, path: PathBuf) {
 }
 
 fn type_prompt(harness: &mut Harness<'_, EditorApp>, prompt: &str) {
-    let field = harness.get_by_role_and_label(Role::TextInput, "What should the photo become?");
-    field.click();
+    type_into(harness, "What should the photo become?", prompt);
+}
+
+fn type_into(harness: &mut Harness<'_, EditorApp>, label: &str, text: &str) {
+    harness
+        .get_by_role_and_label(Role::TextInput, label)
+        .click();
     harness.step();
     harness
-        .get_by_role_and_label(Role::TextInput, "What should the photo become?")
-        .type_text(prompt);
+        .get_by_role_and_label(Role::TextInput, label)
+        .type_text(text);
     harness.step();
 }
 
@@ -738,4 +743,73 @@ fn the_cache_window_lists_removes_and_clears_snapshot_cache_entries() {
         !app.cache_busy() && app.cache_keys().is_empty()
     });
     assert!(cache.entries().is_empty());
+}
+
+/// Issue 12 (item 4): with an InstructPix2Pix model the edit box takes an instruction, no
+/// fine-tune runs, the slider's variants differ in image guidance, and the export says so.
+#[test]
+fn an_instruct_model_edits_by_instruction_without_learning_the_photo() {
+    let setup = Setup::new(2);
+    let mut options = setup.options(None);
+    // Under the crate root and named relatively when possible, so the snapshot's model line
+    // reads the same on every machine.
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("editor-instruct");
+    let _ = std::fs::remove_dir_all(&target);
+    let model = common::instruct_model_dir(&target);
+    options.model = match model.strip_prefix(env!("CARGO_MANIFEST_DIR")) {
+        Ok(relative) => format!("./{}", relative.display()),
+        Err(_) => model.display().to_string(),
+    };
+    options.photo = Some(photo("chelsea.png"));
+    let mut harness = Harness::builder()
+        .with_size([1100.0, 760.0])
+        .build_eframe(move |cc| EditorApp::new(cc, options));
+    ready_with_photo(&mut harness);
+
+    harness.get_by_label("Advanced").click();
+    harness.step();
+    type_into(&mut harness, "Seed (empty = random)", "7");
+    harness.get_by_label("Advanced").click();
+    harness.step();
+    type_into(
+        &mut harness,
+        "How should the photo change?",
+        "make it winter",
+    );
+    click_edit(&mut harness);
+    step_until(
+        &mut harness,
+        Duration::from_secs(240),
+        "four variants",
+        |app| {
+            assert!(
+                app.tune_step().is_none(),
+                "an instruction needs no fine-tune"
+            );
+            all_variants_done(app)
+        },
+    );
+    let (_, settings) = harness.state().shown_variant().unwrap();
+    assert_eq!(
+        settings.method,
+        unitune::jobs::EditMethod::Instruct {
+            image_guidance: 1.5
+        },
+        "the slider's middle is the published image guidance"
+    );
+    harness.snapshot_options("editor_instruct_results", &tolerant(2000));
+
+    let out = setup.state.path().join("winter.png");
+    *setup.dialogs.save_path.lock().unwrap() = Some(out.clone());
+    harness.key_press_modifiers(Modifiers::COMMAND, Key::S);
+    step_until(&mut harness, Duration::from_secs(30), "the export", |app| {
+        app.last_export().is_some()
+    });
+    let text = unitune::imaging::read_png_text(&out).unwrap();
+    let recipe = &text.iter().find(|(k, _)| k == "unitune").unwrap().1;
+    let recipe: serde_json::Value = serde_json::from_str(recipe).unwrap();
+    assert_eq!(recipe["method"], "instruct-pix2pix");
+    assert_eq!(recipe["model_prompt"], "make it winter");
+    assert_eq!(recipe["image_guidance"], 1.5);
+    assert!(recipe["t0"].is_null() && recipe["tuning"].is_null());
 }
