@@ -12,9 +12,13 @@ use std::ops::ControlFlow;
 use candle_core::{DType, Device, Tensor};
 use common::{Reference, assert_close, instruct_model_dir, load_model, max_abs_diff};
 use unitune::engine::StableDiffusion;
+use unitune::engine::edit::{CachePolicy, tune_photo};
+use unitune::engine::finetune::TuneSettings;
 use unitune::engine::instruct::{InstructGuidance, InstructRequest, sample_instruct};
 use unitune::engine::noise::NoiseSource;
-use unitune::engine::sampling::{StepObserver, StepView, denoise, no_observer};
+use unitune::engine::sampling::{
+    SampleRequest, Start, StepObserver, StepView, denoise, no_observer, sample,
+};
 use unitune::model_files::locate_in_folder;
 
 const TOLERANCE: f32 = 1e-3;
@@ -222,6 +226,45 @@ fn instructions_are_refused_clearly_where_they_cannot_run() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("instruction is empty"), "{err}");
+    // Describing the result (SDEdit, text-to-image) and fine-tuning need a text-to-image UNet.
+    let describe = SampleRequest {
+        prompt: "a snowy cat",
+        baseline_prompt: "",
+        guidance_weight: 7.5,
+        sampling_steps: 2,
+        seed: 1,
+        start: Start::Noise {
+            width: 32,
+            height: 32,
+        },
+    };
+    let err = sample(&model, &describe, &mut no_observer())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("InstructPix2Pix model: it edits by instruction"),
+        "{err}"
+    );
+    let mut model = model;
+    let settings = TuneSettings {
+        snapshot_steps: vec![1],
+        ..TuneSettings::default()
+    };
+    let policy = CachePolicy {
+        cache: None,
+        model_identity: "ip2p-tiny",
+    };
+    let err = tune_photo(&mut model, &photo, &settings, &policy, None, &mut |_| {
+        ControlFlow::Continue(())
+    })
+    .unwrap_err()
+    .error
+    .to_string();
+    assert!(
+        err.contains("InstructPix2Pix model: it edits by instruction"),
+        "{err}"
+    );
+
     let negative = request(&photo, -1.0);
     let err = sample_instruct(&model, &negative, &mut no_observer())
         .unwrap_err()

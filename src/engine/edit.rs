@@ -17,7 +17,9 @@ use super::instruct::{InstructRequest, sample_instruct};
 use super::model::StableDiffusion;
 use super::noise::NoiseSource;
 use super::precision::dtype_name;
-use super::sampling::{SampleRequest, Start, StepObserver, check_proceed, sample};
+use super::sampling::{
+    SampleRequest, Start, StepObserver, check_proceed, check_text_to_image, sample,
+};
 use crate::imaging;
 
 /// A photo the model has been fine-tuned on: the trainable weights and their snapshots.
@@ -262,6 +264,7 @@ pub fn tune_photo(
     on_event: &mut dyn FnMut(TuneEvent) -> ControlFlow<()>,
 ) -> std::result::Result<TunedPhoto, TuneStopped> {
     settings.validate()?;
+    check_text_to_image(model)?;
     // LoRA's A factors are the only random initial weights; they come from the recipe's seed.
     let mut init_noise = NoiseSource::from_seed(settings.seed ^ 0x5eed_1a1a);
     let adapter = Adapter::attach(model, settings.mode, &mut init_noise)?;

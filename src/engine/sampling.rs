@@ -254,6 +254,25 @@ pub fn denoise(
     Ok(latents)
 }
 
+/// Refuses a model whose UNet takes more than the noisy latents (an InstructPix2Pix or an
+/// in-painting model) for text-to-image sampling, SDEdit and fine-tuning, saying what it is.
+pub fn check_text_to_image(model: &StableDiffusion) -> Result<()> {
+    let latent = model.config.vae.latent_channels;
+    let unet = model.config.unet.in_channels;
+    if unet == latent {
+        return Ok(());
+    }
+    Err(EngineError::InvalidRequest(
+        if super::instruct::is_instruct_model(model) {
+            "this is an InstructPix2Pix model: it edits by instruction (\"make it winter\") without fine-tuning, not by a description of the result".into()
+        } else {
+            format!(
+                "this model's UNet takes {unet} input channels (an in-painting model?), but fine-tuning and sampling from a description need a text-to-image model whose UNet takes the {latent} latent channels"
+            )
+        },
+    ))
+}
+
 /// Samples one image. Noise is drawn from the request's seed in a fixed order: the photo's
 /// latent sample first (SDEdit only), then the starting noise.
 pub fn sample(
@@ -262,6 +281,7 @@ pub fn sample(
     observer: &mut dyn StepObserver,
 ) -> Result<SampleOutput> {
     // 1. Check the request.
+    check_text_to_image(model)?;
     if request.prompt.trim().is_empty() {
         return Err(EngineError::InvalidRequest(
             "the prompt is empty; describe what the image should show".into(),
