@@ -10,6 +10,7 @@ pub mod error;
 pub mod fidelity;
 pub mod finetune;
 pub mod layers;
+pub mod lora;
 pub mod memory;
 pub mod model;
 pub mod noise;
