@@ -95,9 +95,8 @@ fn an_applied_lora_reproduces_diffusers_load_lora_weights() {
 fn the_weight_scales_the_change_linearly() {
     let reference = Reference::load("lora");
     let lora = fixture_lora();
-    let weight_of = |name: &str, w: f64| {
-        load_with(&[(&lora, w)]).unwrap().unet_weights()[name].clone()
-    };
+    let weight_of =
+        |name: &str, w: f64| load_with(&[(&lora, w)]).unwrap().unet_weights()[name].clone();
     let name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight";
     let base = weight_of(name, 0.0);
     let one = (weight_of(name, 1.0) - &base).unwrap();
@@ -174,18 +173,16 @@ fn an_exported_lora_fine_tune_applied_to_the_base_reproduces_the_fine_tuned_unet
         cache: None,
         model_identity: "test",
     };
-    let tuned = tune_photo(
-        &mut model,
-        &photo(),
-        &settings,
-        &policy,
-        None,
-        &mut |_| ControlFlow::Continue(()),
-    )
+    let tuned = tune_photo(&mut model, &photo(), &settings, &policy, None, &mut |_| {
+        ControlFlow::Continue(())
+    })
     .unwrap();
     tuned.select(2).unwrap();
     let tuned_out = unet_out(&model, &reference);
-    assert!(max_abs_diff(&tuned_out, &base_out) > 1e-3, "the fine-tune changed nothing");
+    assert!(
+        max_abs_diff(&tuned_out, &base_out) > 1e-3,
+        "the fine-tune changed nothing"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("photo.safetensors");
@@ -214,7 +211,11 @@ fn an_exported_lora_fine_tune_applied_to_the_base_reproduces_the_fine_tuned_unet
         .keys()
         .filter(|n| TrainMode::Lora { rank: 2 }.adapts(n))
         .count();
-    assert_eq!(layers.len(), projections, "every attention projection of the tiny UNet");
+    assert_eq!(
+        layers.len(),
+        projections,
+        "every attention projection of the tiny UNet"
+    );
     assert!(layers.iter().all(|l| l.alpha == Some(2.0) && l.rank() == 2));
     for (key, value) in [
         ("ss_network_module", "networks.lora"),
@@ -251,7 +252,10 @@ fn an_exported_lora_fine_tune_applied_to_the_base_reproduces_the_fine_tuned_unet
     )
     .unwrap_err()
     .to_string();
-    assert!(refused.contains("only a fine-tune in lora mode"), "{refused}");
+    assert!(
+        refused.contains("only a fine-tune in lora mode"),
+        "{refused}"
+    );
     assert!(!dir.path().join("no.safetensors").exists());
 }
 
@@ -261,12 +265,21 @@ fn the_untrained_values_read_back_for_fine_tuning_carry_the_lora() {
     let lora = fixture_lora();
     let mut model = load_with(&[(&lora, 1.0)]).unwrap();
     let name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight".to_string();
-    let read = model.read_unet_weights(std::slice::from_ref(&name)).unwrap();
-    assert_eq!(max_abs_diff(&read[&name], &model.unet_weights()[&name]), 0.0);
+    let read = model
+        .read_unet_weights(std::slice::from_ref(&name))
+        .unwrap();
+    assert_eq!(
+        max_abs_diff(&read[&name], &model.unet_weights()[&name]),
+        0.0
+    );
     // A fine-tune's snapshot 0 (the untrained weights, read back from the model's file) is
     // the model with its LoRA, not the file's bare weights.
-    let adapter =
-        Adapter::attach(&mut model, TrainMode::Attention, &mut NoiseSource::from_seed(1)).unwrap();
+    let adapter = Adapter::attach(
+        &mut model,
+        TrainMode::Attention,
+        &mut NoiseSource::from_seed(1),
+    )
+    .unwrap();
     let zeros = adapter
         .vars()
         .iter()
@@ -359,14 +372,24 @@ pub fn bad_loras(dir: &Path) -> Vec<(PathBuf, &'static str)> {
                 dir,
                 "ldm.safetensors",
                 &[
-                    ("lora_unet_input_blocks_1_1_proj_in.lora_down.weight", vec![4, 32]),
-                    ("lora_unet_input_blocks_1_1_proj_in.lora_up.weight", vec![32, 4]),
+                    (
+                        "lora_unet_input_blocks_1_1_proj_in.lora_down.weight",
+                        vec![4, 32],
+                    ),
+                    (
+                        "lora_unet_input_blocks_1_1_proj_in.lora_up.weight",
+                        vec![32, 4],
+                    ),
                 ],
             ),
             "`lora_unet_input_blocks_1_1_proj_in`, which this model does not have",
         ),
         (
-            write_lora(dir, "half.safetensors", &[(&format!("{q}.lora_down.weight"), vec![4, 32])]),
+            write_lora(
+                dir,
+                "half.safetensors",
+                &[(&format!("{q}.lora_down.weight"), vec![4, 32])],
+            ),
             "lacks",
         ),
     ]

@@ -94,6 +94,7 @@ fn run(
         Command::Tune(args) => unitune::tune_command(global, args, cancel),
         Command::Edit(args) => unitune::edit_command(global, args, cancel),
         Command::Grid(args) => unitune::grid_command(global, args, cancel),
+        Command::ExportLora(args) => unitune::export_lora_command(global, args, cancel),
         Command::Cache(args) => cache::cache_command(args),
         Command::Bench(args) => bench::bench_command(global, args, cancel),
     }

@@ -145,8 +145,7 @@ impl StableDiffusion {
         let mut unet_weights = read_weights("UNet", &files.unet_weights, None, dtype, device)?;
         let text_error = weights_error("text encoder", &files.text_encoder_weights);
         let (text_encoder, loras) = if files.loras.is_empty() {
-            let text_vb =
-                open_weights("text encoder", &files.text_encoder_weights, dtype, device)?;
+            let text_vb = open_weights("text encoder", &files.text_encoder_weights, dtype, device)?;
             let encoder = TextEncoder::new(&config.text_encoder, text_vb).map_err(text_error)?;
             (encoder, AppliedLoras::default())
         } else {

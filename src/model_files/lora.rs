@@ -24,7 +24,9 @@ impl LoraChoice {
             _ => (text, 1.0),
         };
         if path.trim().is_empty() {
-            return Err(format!("--lora {text} names no file; use --lora FILE[:WEIGHT]"));
+            return Err(format!(
+                "--lora {text} names no file; use --lora FILE[:WEIGHT]"
+            ));
         }
         if !weight.is_finite() {
             return Err(format!("--lora {text}: the weight must be a finite number"));
@@ -51,7 +53,10 @@ mod tests {
     #[test]
     fn parses_a_file_with_and_without_a_weight() {
         let plain = LoraChoice::parse("style.safetensors").unwrap();
-        assert_eq!((plain.path, plain.weight), ("style.safetensors".into(), 1.0));
+        assert_eq!(
+            (plain.path, plain.weight),
+            ("style.safetensors".into(), 1.0)
+        );
         let weighted = LoraChoice::parse("dir/style.safetensors:0.8").unwrap();
         assert_eq!(
             (weighted.path, weighted.weight),
@@ -60,7 +65,9 @@ mod tests {
         let windows = LoraChoice::parse(r"C:\loras\style.safetensors").unwrap();
         assert_eq!(windows.path, PathBuf::from(r"C:\loras\style.safetensors"));
         assert_eq!(
-            LoraChoice::parse(r"C:\l\s.safetensors:-0.5").unwrap().weight,
+            LoraChoice::parse(r"C:\l\s.safetensors:-0.5")
+                .unwrap()
+                .weight,
             -0.5
         );
         assert!(LoraChoice::parse(":0.5").is_err());

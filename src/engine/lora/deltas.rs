@@ -92,7 +92,10 @@ impl AppliedLoras {
                 .iter()
                 .filter_map(|(name, t)| {
                     let module = name.strip_suffix(".weight")?;
-                    Some((kohya_name(component, module), (name.clone(), t.dims().to_vec())))
+                    Some((
+                        kohya_name(component, module),
+                        (name.clone(), t.dims().to_vec()),
+                    ))
                 })
                 .collect::<HashMap<_, _>>()
         };

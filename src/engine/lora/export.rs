@@ -44,9 +44,13 @@ pub fn layers_from_adapter_values(values: &[(String, Tensor)]) -> Result<Vec<Koh
         let Some(module) = name.strip_suffix(LORA_A) else {
             continue;
         };
-        let up = by_name.get(format!("{module}{LORA_B}").as_str()).ok_or_else(|| {
-            EngineError::InvalidRequest(format!("the fine-tune has {name} but no {module}{LORA_B}"))
-        })?;
+        let up = by_name
+            .get(format!("{module}{LORA_B}").as_str())
+            .ok_or_else(|| {
+                EngineError::InvalidRequest(format!(
+                    "the fine-tune has {name} but no {module}{LORA_B}"
+                ))
+            })?;
         let rank = down.dims().first().copied().unwrap_or(0);
         layers.push(KohyaLayer {
             name: kohya_name(Component::Unet, module),
@@ -89,7 +93,10 @@ pub fn kohya_metadata(
         ("ss_sd_model_name", info.base_model_name.to_string()),
         ("ss_resolution", format!("({side}, {side})")),
         ("ss_max_train_steps", info.steps.to_string()),
-        ("ss_training_finished_at", info.created_unix_secs.to_string()),
+        (
+            "ss_training_finished_at",
+            info.created_unix_secs.to_string(),
+        ),
         (
             "ss_training_comment",
             format!(
@@ -129,10 +136,7 @@ pub fn kohya_metadata(
         ("unitune.recipe", info.recipe_json.to_string()),
         ("unitune.program", crate::build_info::describe()),
     ];
-    pairs
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
+    pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
 /// `YYYY-MM-DD` of a Unix time (UTC), as `modelspec.date` has it.

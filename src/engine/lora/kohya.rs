@@ -49,9 +49,11 @@ pub(super) fn refused(path: &Path, problem: impl Into<String>) -> EngineError {
 fn unsupported_key(key: &str) -> String {
     let kind = if key.contains("dora_scale") {
         "a DoRA tensor"
-    } else if ["hada_", "lokr_", "lora_mid", ".diff", "diff_b", ".w_norm", ".b_norm"]
-        .iter()
-        .any(|k| key.contains(k))
+    } else if [
+        "hada_", "lokr_", "lora_mid", ".diff", "diff_b", ".w_norm", ".b_norm",
+    ]
+    .iter()
+    .any(|k| key.contains(k))
     {
         "a LyCORIS (LoHa, LoKr, LoCon with a middle factor, or full-difference) tensor"
     } else if key.starts_with("lora_te1_") || key.starts_with("lora_te2_") {
@@ -111,10 +113,18 @@ pub fn read_kohya_file(path: &Path) -> Result<(Vec<KohyaLayer>, HashMap<String, 
             _ => {
                 let alpha = match tensor.elem_count() {
                     1 => tensor.flatten_all()?.to_vec1::<f32>()?[0] as f64,
-                    _ => return Err(refused(path, format!("has an alpha {key} that is not one number"))),
+                    _ => {
+                        return Err(refused(
+                            path,
+                            format!("has an alpha {key} that is not one number"),
+                        ));
+                    }
                 };
                 if !alpha.is_finite() {
-                    return Err(refused(path, format!("has an alpha {key} that is not finite")));
+                    return Err(refused(
+                        path,
+                        format!("has an alpha {key} that is not finite"),
+                    ));
                 }
                 entry.2 = Some(alpha);
             }
@@ -125,7 +135,9 @@ pub fn read_kohya_file(path: &Path) -> Result<(Vec<KohyaLayer>, HashMap<String, 
         let (Some(down), Some(up)) = (down, up) else {
             return Err(refused(
                 path,
-                format!("lacks {name}.lora_down.weight or {name}.lora_up.weight (each layer needs both)"),
+                format!(
+                    "lacks {name}.lora_down.weight or {name}.lora_up.weight (each layer needs both)"
+                ),
             ));
         };
         layers.push(KohyaLayer {
@@ -163,6 +175,9 @@ pub fn write_kohya_file(
             EngineError::Cache(reason) => reason,
             other => other.to_string(),
         };
-        EngineError::Write(format!("the LoRA was not saved to {}: {reason}", path.display()))
+        EngineError::Write(format!(
+            "the LoRA was not saved to {}: {reason}",
+            path.display()
+        ))
     })
 }
