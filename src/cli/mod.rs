@@ -42,12 +42,23 @@ pub fn main_with_exit_code() -> i32 {
     };
     let Some(command) = &cli.command else {
         // No command: the desktop editor, which reports its own errors in its window.
-        return match crate::gui::run(crate::gui::EditorOptions::new(
-            &cli.global.model,
-            cli.global.device,
-            cli.global.offline,
-            cli.photo.clone(),
-        )) {
+        let loras = match session::lora_choices(&cli.global) {
+            Ok(loras) => loras,
+            Err(error) => {
+                eprintln!("error: {}", error_line(&error));
+                return EXIT_INVALID_INPUT;
+            }
+        };
+        let options = crate::gui::EditorOptions {
+            loras,
+            ..crate::gui::EditorOptions::new(
+                &cli.global.model,
+                cli.global.device,
+                cli.global.offline,
+                cli.photo.clone(),
+            )
+        };
+        return match crate::gui::run(options) {
             Ok(()) => EXIT_OK,
             Err(error) => {
                 eprintln!("error: {}", error_line(&error));

@@ -1,6 +1,7 @@
 //! The model: loading it (and downloading, after the user agrees), and the job runner it
 //! ends in.
 
+use crate::recipe::LoraRecipe;
 use std::sync::Arc;
 
 use super::app::EditorApp;
@@ -31,6 +32,8 @@ pub enum ModelStatus {
         device: String,
         prediction_type: &'static str,
         precision: &'static str,
+        /// The LoRAs applied to it (`--lora`).
+        loras: Vec<LoraRecipe>,
     },
 }
 
@@ -100,6 +103,7 @@ impl ModelState {
                         device: loaded.device.clone(),
                         prediction_type: loaded.prediction_type,
                         precision: loaded.precision,
+                        loras: loaded.loras.clone(),
                     };
                     ended(self, status);
                     self.runner = Some(loaded.runner);
@@ -140,6 +144,7 @@ impl EditorApp {
             allow_download,
             hub: self.options.hub.clone(),
             snapshot_cache: self.options.snapshot_cache.clone(),
+            loras: self.options.loras.clone(),
         };
         let repaint = self.ctx.clone();
         match ModelLoader::start(request, Arc::new(move || repaint.request_repaint())) {

@@ -73,6 +73,17 @@ fn menu_bar(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
             if ui.button("Export...  (Ctrl+S)").clicked() {
                 commands.push(Command::Export);
             }
+            let lora_tuned = app.lora_export_steps().is_some();
+            if ui
+                .add_enabled(lora_tuned, egui::Button::new("Export LoRA..."))
+                .on_hover_text(
+                    "The fine-tune as a LoRA file for AUTOMATIC1111, ComfyUI and diffusers",
+                )
+                .on_disabled_hover_text("Fine-tune with the lora training mode (Advanced) first")
+                .clicked()
+            {
+                commands.push(Command::ExportLora);
+            }
             ui.separator();
             if ui
                 .button("Snapshot cache...")
@@ -197,10 +208,15 @@ fn model_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) 
             name,
             source,
             device,
+            loras,
             ..
         } => {
             ui.label(name.to_string());
             ui.small(format!("{source} · on {device}"));
+            for lora in loras {
+                ui.small(format!("with LoRA {} at {}", lora.file, lora.weight))
+                    .on_hover_text(lora.hash.as_str());
+            }
             if ui.small_button("Choose another folder...").clicked() {
                 commands.push(Command::ChooseModelFolder);
             }
