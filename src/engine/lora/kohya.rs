@@ -66,6 +66,9 @@ fn unsupported_key(key: &str) -> String {
     )
 }
 
+/// A layer's tensors as they are found: down, up, alpha.
+type Parts = (Option<Tensor>, Option<Tensor>, Option<f64>);
+
 /// Reads a kohya-format LoRA file: its layers (factors on the CPU in f32) and metadata.
 /// Pickle files are refused without being read: loading them can run code.
 pub fn read_kohya_file(path: &Path) -> Result<(Vec<KohyaLayer>, HashMap<String, String>)> {
@@ -89,12 +92,11 @@ pub fn read_kohya_file(path: &Path) -> Result<(Vec<KohyaLayer>, HashMap<String, 
 
     // Grouped by layer name, in name order (the order layers apply in does not matter; a
     // fixed one keeps results bit-identical run to run).
-    let mut parts: BTreeMap<String, (Option<Tensor>, Option<Tensor>, Option<f64>)> =
-        BTreeMap::new();
+    let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
     let mut names = tensors.names();
     names.sort();
     for key in names {
-        let (layer, suffix) = key.split_once('.').unwrap_or((&key[..], ""));
+        let (layer, suffix) = key.split_once('.').unwrap_or((key, ""));
         if !(layer.starts_with("lora_unet_") || layer.starts_with("lora_te_"))
             || ![DOWN, UP, ALPHA].contains(&suffix)
         {
