@@ -18,10 +18,11 @@ impl LoraChoice {
     /// number, so that `C:\loras\style.safetensors` stays a path.
     pub fn parse(text: &str) -> Result<Self, String> {
         let (path, weight) = match text.rsplit_once(':') {
-            Some((path, weight)) if !path.is_empty() && weight.trim().parse::<f64>().is_ok() => {
-                (path, weight.trim().parse::<f64>().unwrap_or(1.0))
-            }
-            _ => (text, 1.0),
+            Some((path, weight)) => match weight.trim().parse::<f64>() {
+                Ok(weight) => (path, weight),
+                Err(_) => (text, 1.0),
+            },
+            None => (text, 1.0),
         };
         if path.trim().is_empty() {
             return Err(format!(
