@@ -143,6 +143,7 @@ fn main() {
             micro_batch_size: 2,
             ..TuneSettings::default()
         }),
+        loras: Vec::new(),
     };
     let mut harness = Harness::builder()
         .with_size([1280.0, 800.0])

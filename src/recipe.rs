@@ -36,6 +36,16 @@ impl TuneRecipe {
     }
 }
 
+/// A LoRA applied to the base model (`--lora FILE:WEIGHT`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LoraRecipe {
+    /// The file's name.
+    pub file: String,
+    /// Its content hash, `sha256:<hex>`.
+    pub hash: String,
+    pub weight: f64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Recipe {
     pub mode: &'static str,
@@ -67,6 +77,9 @@ pub struct Recipe {
     pub working_width: u32,
     pub working_height: u32,
     pub model: String,
+    /// LoRAs applied to the model, in order (absent when none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraRecipe>,
     pub prediction_type: &'static str,
     /// The number format the model computed in (`f32`, `f16`, `bf16`).
     pub precision: &'static str,
@@ -111,6 +124,7 @@ impl Recipe {
             working_width: 0,
             working_height: 0,
             model: model.to_string(),
+            loras: Vec::new(),
             prediction_type,
             precision,
             source_image: None,
@@ -152,6 +166,11 @@ impl Recipe {
             build_info::describe().replace(',', "")
         ));
         let mut text = self.model_prompt.clone();
+        // AUTOMATIC1111 names applied LoRAs in the prompt as `<lora:NAME:WEIGHT>`.
+        for lora in &self.loras {
+            let name = lora.file.strip_suffix(".safetensors").unwrap_or(&lora.file);
+            text.push_str(&format!(" <lora:{name}:{}>", lora.weight));
+        }
         if !self.baseline_prompt.is_empty() {
             text.push_str(&format!("\nNegative prompt: {}", self.baseline_prompt));
         }

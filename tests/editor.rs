@@ -90,6 +90,7 @@ impl Setup {
                 micro_batch_size: 1,
                 ..TuneSettings::default()
             }),
+            loras: Vec::new(),
         }
     }
 
@@ -761,6 +762,28 @@ fn an_instruct_model_edits_by_instruction_without_learning_the_photo() {
         Err(_) => model.display().to_string(),
     };
     options.photo = Some(photo("chelsea.png"));
+#[test]
+fn a_lora_applies_to_the_loaded_model_and_file_export_lora_writes_the_lora_fine_tune() {
+    let setup = Setup::new(2);
+    // The training mode is a setting of the editor (Advanced).
+    let settings = Settings {
+        sampling_steps: 2,
+        train_mode: unitune::engine::finetune::TrainMode::Lora { rank: 2 },
+        ..Settings::default()
+    };
+    std::fs::write(
+        setup.state.path().join("settings.json"),
+        serde_json::to_string(&settings).unwrap(),
+    )
+    .unwrap();
+    let lora = common::fixtures().join("models/sd15-tiny-lora.safetensors");
+    let options = EditorOptions {
+        loras: vec![unitune::model_files::LoraChoice {
+            path: lora,
+            weight: 0.8,
+        }],
+        ..setup.options(Some(photo("chelsea.png")))
+    };
     let mut harness = Harness::builder()
         .with_size([1100.0, 760.0])
         .build_eframe(move |cc| EditorApp::new(cc, options));
@@ -812,4 +835,36 @@ fn an_instruct_model_edits_by_instruction_without_learning_the_photo() {
     assert_eq!(recipe["model_prompt"], "make it winter");
     assert_eq!(recipe["image_guidance"], 1.5);
     assert!(recipe["t0"].is_null() && recipe["tuning"].is_null());
+    harness.get_by_label("with LoRA sd15-tiny-lora.safetensors at 0.8");
+
+    // Nothing is tuned yet: the menu item is off and the command says why.
+    harness.state_mut().apply(Command::ExportLora);
+    harness.step();
+    assert!(
+        harness
+            .state()
+            .notice_text()
+            .unwrap()
+            .contains("lora training mode"),
+        "{:?}",
+        harness.state().notice_text()
+    );
+
+    type_prompt(&mut harness, "a cat wearing sunglasses");
+    click_edit(&mut harness);
+    step_until(
+        &mut harness,
+        Duration::from_secs(300),
+        "four variants",
+        all_variants_done,
+    );
+    let out = setup.state.path().join("photo-lora.safetensors");
+    *setup.dialogs.save_path.lock().unwrap() = Some(out.clone());
+    harness.state_mut().apply(Command::ExportLora);
+    let notice = wait_for_notice(&mut harness, "LoRA written to");
+    assert!(notice.contains("photo-lora.safetensors"), "{notice}");
+    let (layers, metadata) = unitune::engine::lora::read_kohya_file(&out).unwrap();
+    assert!(layers.iter().all(|l| l.rank() == 2 && l.alpha == Some(2.0)));
+    assert_eq!(metadata["ss_network_module"], "networks.lora");
+    assert!(metadata["unitune.recipe"].contains("sd15-tiny-lora.safetensors"));
 }

@@ -114,6 +114,7 @@ fn full_precision_folder_is_located() {
         special_tokens_map: Some(root.join("tokenizer/special_tokens_map.json")),
         scheduler_config: root.join("scheduler/scheduler_config.json"),
         source: ModelSource::LocalFolder,
+        loras: Vec::new(),
     };
     assert_eq!(files, expected);
 }

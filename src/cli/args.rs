@@ -51,6 +51,12 @@ pub struct GlobalOptions {
     /// Never contact the hub; use only local folders and the Hugging Face cache.
     #[arg(long, global = true)]
     pub offline: bool,
+
+    /// Apply a LoRA (kohya-format .safetensors, as AUTOMATIC1111, ComfyUI and diffusers use)
+    /// to the model before fine-tuning and sampling; WEIGHT scales it (default 1). Repeat for
+    /// several, applied in order.
+    #[arg(long = "lora", global = true, value_name = "FILE[:WEIGHT]")]
+    pub loras: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -63,6 +69,10 @@ pub enum Command {
     Edit(EditArgs),
     /// The paper's figure 10: one fine-tuning run, columns = snapshots, rows = t0 values.
     Grid(GridArgs),
+    /// Write a photo's cached fine-tune (trained with --train lora) as a LoRA file for
+    /// AUTOMATIC1111, ComfyUI and diffusers, without training again: give the photo and the
+    /// options of the `tune` or `edit` that made it.
+    ExportLora(ExportLoraArgs),
     /// List the snapshot cache (fine-tunes kept so that editing a photo again never
     /// retrains), remove one entry, or clear it.
     Cache(CacheArgs),
@@ -216,6 +226,32 @@ pub struct TuneArgs {
 
     /// Working size WxH (multiples of 64). Default: the model's native area at the photo's
     /// aspect ratio.
+    #[arg(long, value_name = "WxH")]
+    pub size: Option<String>,
+
+    #[command(flatten)]
+    pub training: TrainingOptions,
+
+    /// Also write the last snapshot as a LoRA file (.safetensors, kohya format; an existing
+    /// file is replaced) for AUTOMATIC1111, ComfyUI and diffusers; needs --train lora.
+    #[arg(long, value_name = "FILE")]
+    pub export_lora: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportLoraArgs {
+    /// The photo that was fine-tuned on.
+    pub image: PathBuf,
+
+    /// The LoRA file to write (.safetensors; an existing file is replaced).
+    #[arg(long, short, value_name = "FILE")]
+    pub out: PathBuf,
+
+    /// Which snapshot: the one after N fine-tuning steps. Default: the last.
+    #[arg(long, value_name = "N")]
+    pub steps: Option<usize>,
+
+    /// Working size WxH the fine-tune used (as given to `tune` or `edit`).
     #[arg(long, value_name = "WxH")]
     pub size: Option<String>,
 
@@ -385,6 +421,12 @@ pub struct EditArgs {
 
     #[command(flatten)]
     pub training: TrainingOptions,
+
+    /// Also write the snapshot the edit samples from as a LoRA file (.safetensors, kohya
+    /// format; an existing file is replaced) for AUTOMATIC1111, ComfyUI and diffusers; needs
+    /// --train lora.
+    #[arg(long, value_name = "FILE")]
+    pub export_lora: Option<PathBuf>,
 
     /// Random seed of the first sample; the same seed and inputs give the same image.
     /// Random when omitted (and printed).

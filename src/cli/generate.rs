@@ -50,6 +50,7 @@ pub fn generate_command(
         height,
         working_width: width,
         working_height: height,
+        loras: loaded.loras.clone(),
         ..Recipe::new(
             "generate",
             &args.prompt,

@@ -42,12 +42,23 @@ pub fn main_with_exit_code() -> i32 {
     };
     let Some(command) = &cli.command else {
         // No command: the desktop editor, which reports its own errors in its window.
-        return match crate::gui::run(crate::gui::EditorOptions::new(
-            &cli.global.model,
-            cli.global.device,
-            cli.global.offline,
-            cli.photo.clone(),
-        )) {
+        let loras = match session::lora_choices(&cli.global) {
+            Ok(loras) => loras,
+            Err(error) => {
+                eprintln!("error: {}", error_line(&error));
+                return EXIT_INVALID_INPUT;
+            }
+        };
+        let options = crate::gui::EditorOptions {
+            loras,
+            ..crate::gui::EditorOptions::new(
+                &cli.global.model,
+                cli.global.device,
+                cli.global.offline,
+                cli.photo.clone(),
+            )
+        };
+        return match crate::gui::run(options) {
             Ok(()) => EXIT_OK,
             Err(error) => {
                 eprintln!("error: {}", error_line(&error));
@@ -94,6 +105,7 @@ fn run(
         Command::Tune(args) => unitune::tune_command(global, args, cancel),
         Command::Edit(args) => unitune::edit_command(global, args, cancel),
         Command::Grid(args) => unitune::grid_command(global, args, cancel),
+        Command::ExportLora(args) => unitune::export_lora_command(global, args, cancel),
         Command::Cache(args) => cache::cache_command(args),
         Command::Bench(args) => bench::bench_command(global, args, cancel),
     }

@@ -15,15 +15,20 @@ use crate::engine::device::{device_name, open_device};
 use crate::engine::precision::dtype_name;
 use crate::engine::sampling::{SampleOutput, SampleRequest, StepObserver, StepView, sample};
 use crate::imaging::{self, ExistingFile};
-use crate::model_files::{self, DownloadProgress, HubOptions, ModelSpec, TerminalProgress};
+use crate::model_files::{
+    self, DownloadProgress, HubOptions, LoraChoice, ModelFiles, ModelSpec, TerminalProgress,
+};
+use crate::recipe::LoraRecipe;
 
 /// A loaded model and a name for it in recipes.
 pub(super) struct LoadedModel {
     pub model: StableDiffusion,
     /// How recipes name the model.
     pub name: String,
-    /// Names the exact weights, for the snapshot cache key.
+    /// Names the exact weights (with the applied LoRAs), for the snapshot cache key.
     pub identity: String,
+    /// The LoRAs applied to the model (`--lora`), for recipes.
+    pub loras: Vec<LoraRecipe>,
 }
 
 impl LoadedModel {
@@ -37,7 +42,27 @@ impl LoadedModel {
     }
 }
 
+/// `--lora FILE[:WEIGHT]` arguments, checked before anything slow.
+pub(super) fn lora_choices(global: &GlobalOptions) -> Result<Vec<LoraChoice>> {
+    global
+        .loras
+        .iter()
+        .map(|text| {
+            let choice = LoraChoice::parse(text).map_err(UsageError)?;
+            if !choice.path.is_file() {
+                return Err(UsageError(format!(
+                    "--lora {}: there is no such file",
+                    choice.path.display()
+                ))
+                .into());
+            }
+            Ok(choice)
+        })
+        .collect()
+}
+
 pub(super) fn load_model(global: &GlobalOptions) -> Result<LoadedModel> {
+    let loras = lora_choices(global)?;
     let spec = model_files::parse_model_arg(&global.model)?;
     let options = HubOptions {
         offline: global.offline,
@@ -47,7 +72,10 @@ pub(super) fn load_model(global: &GlobalOptions) -> Result<LoadedModel> {
         notice: model_files::license_notice(&spec),
         inner: TerminalProgress::new(),
     };
-    let files = model_files::resolve(&spec, &options, &mut progress)?;
+    let files = ModelFiles {
+        loras,
+        ..model_files::resolve(&spec, &options, &mut progress)?
+    };
     let device = open_device(global.device)?;
     let dtype = global.precision.resolve(&device)?;
     eprintln!(
@@ -57,15 +85,35 @@ pub(super) fn load_model(global: &GlobalOptions) -> Result<LoadedModel> {
     );
     eprintln!("loading model {} ({})", spec, files.source);
     let model = StableDiffusion::load(&files, &device, dtype)?;
+    if !files.loras.is_empty() {
+        eprintln!(
+            "applied {} LoRA(s): {} UNet and {} text-encoder weights changed",
+            files.loras.len(),
+            model.loras().unet.len(),
+            model.loras().text_encoder.len()
+        );
+    }
     let name = match &spec {
         ModelSpec::Folder(path) => path.display().to_string(),
         ModelSpec::Hub { .. } => spec.to_string(),
     };
-    let identity = files.fingerprint(crate::model_files::default_memo_path().as_deref())?;
+    let memo = crate::model_files::default_memo_path();
+    let identity = files.fingerprint(memo.as_deref())?;
+    let loras = files
+        .loras
+        .iter()
+        .zip(files.lora_hashes(memo.as_deref())?)
+        .map(|(choice, hash)| LoraRecipe {
+            file: choice.file_name(),
+            hash,
+            weight: choice.weight,
+        })
+        .collect();
     Ok(LoadedModel {
         model,
         name,
         identity,
+        loras,
     })
 }
 

@@ -8,7 +8,7 @@ use image::RgbImage;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::UsageError;
-use super::args::{EditArgs, GlobalOptions, GridArgs, TrainingOptions, TuneArgs};
+use super::args::{EditArgs, ExportLoraArgs, GlobalOptions, GridArgs, TrainingOptions, TuneArgs};
 use super::cancel::CancelFlag;
 use super::session::{
     LoadedModel, check_guidance, check_output_extension, check_prompt, check_sampling_steps,
@@ -23,6 +23,7 @@ use crate::engine::finetune::{SnapshotCache, TrainMode, TuneSettings};
 use crate::engine::instruct::{
     DEFAULT_INSTRUCT_MODEL, DEFAULT_TEXT_GUIDANCE, image_guidance_for, is_instruct_model,
 };
+use crate::engine::lora::{LoraExportInfo, export_tuned};
 use crate::engine::optim::{OptimizerKind, OptimizerSettings};
 use crate::engine::sampling::StepView;
 use crate::imaging::{self, DecodeLimits, ExistingFile, Photo};
@@ -263,7 +264,10 @@ fn tune(
 
 pub fn tune_command(global: &GlobalOptions, args: &TuneArgs, cancel: &CancelFlag) -> Result<()> {
     let settings = tune_settings(&args.training, None)?;
-    let (_, _, tuned) = load_and_tune(
+    if let Some(path) = &args.export_lora {
+        check_lora_export(path, &settings)?;
+    }
+    let (loaded, photos, tuned) = load_and_tune(
         global,
         &args.image,
         args.size.as_deref(),
@@ -275,7 +279,146 @@ pub fn tune_command(global: &GlobalOptions, args: &TuneArgs, cancel: &CancelFlag
         Some(path) => println!("{}", path.display()),
         None => eprintln!("snapshots were not cached"),
     }
+    if let Some(path) = &args.export_lora {
+        let steps = settings.total_steps();
+        write_lora(&loaded, &photos, &tuned, steps, path, &args.image)?;
+    }
     Ok(())
+}
+
+/// Refuses a LoRA export that cannot work, before anything slow: only a fine-tune in lora
+/// mode is a LoRA, and the file must be a `.safetensors`.
+fn check_lora_export(path: &Path, settings: &TuneSettings) -> Result<()> {
+    if !matches!(settings.mode, TrainMode::Lora { .. }) {
+        return Err(UsageError(format!(
+            "a LoRA can be exported only from a fine-tune in lora mode, not {}; add --train lora",
+            settings.mode
+        ))
+        .into());
+    }
+    let is_safetensors = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+    if !is_safetensors {
+        return Err(UsageError(format!(
+            "the LoRA file {} must end in .safetensors",
+            path.display()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// Writes the snapshot after `steps` fine-tuning steps of `tuned` as a kohya-format LoRA.
+fn write_lora(
+    loaded: &LoadedModel,
+    photos: &Photos,
+    tuned: &TunedPhoto,
+    steps: usize,
+    path: &Path,
+    image: &Path,
+) -> Result<()> {
+    let recipe_json = serde_json::json!({
+        "tuning": TuneRecipe::from_settings(&tuned.settings),
+        "model": loaded.name,
+        "loras": loaded.loras,
+        "precision": loaded.precision(),
+        "working_width": photos.working.width(),
+        "working_height": photos.working.height(),
+        "source_image": image.file_name().map(|n| n.to_string_lossy().into_owned()),
+    })
+    .to_string();
+    let output_name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let info = LoraExportInfo {
+        output_name: &output_name,
+        base_model_name: &loaded.name,
+        base_model_fingerprint: &loaded.identity,
+        recipe_json: &recipe_json,
+        token: &tuned.settings.token,
+        steps,
+        created_unix_secs: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    export_tuned(tuned, &loaded.model.config, path, &info)?;
+    eprintln!(
+        "LoRA of the snapshot after {steps} steps written (use the prompt \"{} ...\")",
+        tuned.settings.token
+    );
+    println!("{}", path.display());
+    Ok(())
+}
+
+/// `unitune export-lora`: the cached fine-tune of the photo and recipe as a LoRA file. Never
+/// trains: without a cached snapshot it says which command makes one.
+pub fn export_lora_command(
+    global: &GlobalOptions,
+    args: &ExportLoraArgs,
+    cancel: &CancelFlag,
+) -> Result<()> {
+    let settings = tune_settings(&args.training, None)?;
+    check_lora_export(&args.out, &settings)?;
+    let steps = args.steps.unwrap_or_else(|| settings.total_steps());
+    if !settings.snapshot_steps.contains(&steps) {
+        return Err(UsageError(format!(
+            "--steps {steps} is not one of the recipe's snapshots {:?}",
+            settings.snapshot_steps
+        ))
+        .into());
+    }
+    if args.training.no_cache {
+        return Err(UsageError(
+            "export-lora reads the snapshot cache; --no-cache leaves nothing to export".into(),
+        )
+        .into());
+    }
+    let photo = load_photo(&args.image)?;
+    let mut loaded = load_model(global)?;
+    let photos = fit_photo(photo, &loaded, args.size.as_deref())?;
+    let cache = snapshot_cache(&args.training)?;
+    let policy = CachePolicy {
+        cache: cache.as_ref(),
+        model_identity: &loaded.identity,
+    };
+    // Training would start: stop at once and keep what the cache already held.
+    let mut would_train = false;
+    let mut on_event = |event: TuneEvent| match event {
+        TuneEvent::Preparing | TuneEvent::Progress(_) => {
+            would_train = true;
+            std::ops::ControlFlow::Break(())
+        }
+        TuneEvent::CacheHit(dir) => {
+            eprintln!("using cached snapshots: {}", dir.display());
+            cancel.check()
+        }
+        _ => cancel.check(),
+    };
+    let tuned = match tune_photo(
+        &mut loaded.model,
+        &photos.working,
+        &settings,
+        &policy,
+        None,
+        &mut on_event,
+    ) {
+        Ok(tuned) => tuned,
+        Err(stopped) if would_train => match stopped.partial {
+            Some(partial) if partial.snapshot_steps().contains(&steps) => *partial,
+            _ => {
+                return Err(UsageError(format!(
+                    "there is no cached fine-tune of {} with these options (snapshot after {steps} steps); run `unitune tune {} --train lora` with the same options first, or add --export-lora to it",
+                    args.image.display(),
+                    args.image.display()
+                ))
+                .into());
+            }
+        },
+        Err(stopped) => return Err(stopped.error.into()),
+    };
+    write_lora(&loaded, &photos, &tuned, steps, &args.out, &args.image)
 }
 
 /// What one `unitune edit` runs: the method and its settings.
@@ -415,6 +558,15 @@ pub fn edit_command(global: &GlobalOptions, args: &EditArgs, cancel: &CancelFlag
         check_output_extension(out)?;
     }
     let settings = tune_settings(&args.training, Some(tune_steps))?;
+    if let Some(path) = &args.export_lora {
+        check_lora_export(path, &settings)?;
+        if tune_steps == 0 {
+            return Err(UsageError(
+                "--export-lora needs a fine-tune, and --tune-steps 0 skips it".into(),
+            )
+            .into());
+        }
+    }
     let seed = choose_seed(args.seed);
 
     // Read the inputs before the slow parts, so a bad file fails at once.
@@ -443,6 +595,9 @@ pub fn edit_command(global: &GlobalOptions, args: &EditArgs, cancel: &CancelFlag
     } else {
         None
     };
+    if let (Some(path), Some(tuned)) = (&args.export_lora, &tuned) {
+        write_lora(&loaded, &photos, tuned, tune_steps, path, &args.image)?;
+    }
     let token = tuned.as_ref().map(|t| t.settings.token.clone());
     let model_text = model_prompt(token.as_deref(), prompt);
     warn_if_truncated(&loaded, &model_text);
@@ -511,6 +666,7 @@ pub fn edit_command(global: &GlobalOptions, args: &EditArgs, cancel: &CancelFlag
                 .image
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned()),
+            loras: loaded.loras.clone(),
             ..Recipe::new(
                 "edit",
                 prompt,
@@ -623,6 +779,7 @@ pub fn grid_command(global: &GlobalOptions, args: &GridArgs, cancel: &CancelFlag
             .image
             .file_name()
             .map(|n| n.to_string_lossy().into_owned()),
+        loras: loaded.loras.clone(),
         ..Recipe::new(
             "grid",
             &args.prompt,

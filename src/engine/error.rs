@@ -41,6 +41,14 @@ pub enum EngineError {
     #[error("{0}")]
     Device(String),
 
+    /// A LoRA file that cannot be applied to this model.
+    #[error("the LoRA {} {problem}", file.display())]
+    Lora { file: PathBuf, problem: String },
+
+    /// A file the user asked for could not be written (a full disk, a read-only folder).
+    #[error("{0}")]
+    Write(String),
+
     /// The snapshot cache could not be written.
     #[error("{0}")]
     Cache(String),
@@ -100,6 +108,7 @@ impl EngineError {
                 | EngineError::ConfigUnreadable { .. }
                 | EngineError::Weights { .. }
                 | EngineError::Tokenizer { .. }
+                | EngineError::Lora { .. }
                 | EngineError::InvalidRequest(_)
                 | EngineError::Device(_)
         )

@@ -11,6 +11,7 @@ pub mod fidelity;
 pub mod finetune;
 pub mod instruct;
 pub mod layers;
+pub mod lora;
 pub mod memory;
 pub mod model;
 pub mod noise;

@@ -10,6 +10,7 @@ use image::RgbImage;
 
 use super::config::{PipelineConfig, SchedulerConfig, TextEncoderConfig, UnetConfig, VaeConfig};
 use super::error::{EngineError, Result};
+use super::lora::AppliedLoras;
 use super::noise::NoiseSource;
 use super::scheduler::DdimScheduler;
 use super::text_encoder::TextEncoder;
@@ -31,6 +32,9 @@ pub struct StableDiffusion {
     /// Where the UNet's weights were read from: the untrained values are read back from it
     /// rather than kept in memory.
     unet_file: PathBuf,
+    /// The LoRAs applied at load (`ModelFiles::loras`): merged into the weights, and into
+    /// the untrained values read back from `unet_file`.
+    loras: AppliedLoras,
     pub vae: Vae,
     pub scheduler: DdimScheduler,
     device: Device,
@@ -137,11 +141,29 @@ impl StableDiffusion {
             config.text_encoder.max_position_embeddings,
         )?;
 
-        let text_vb = open_weights("text encoder", &files.text_encoder_weights, dtype, device)?;
-        let text_encoder = TextEncoder::new(&config.text_encoder, text_vb)
-            .map_err(weights_error("text encoder", &files.text_encoder_weights))?;
         // The UNet's tensors are kept by name: fine-tuning rebuilds the UNet around them.
-        let unet_weights = read_weights("UNet", &files.unet_weights, None, dtype, device)?;
+        let mut unet_weights = read_weights("UNet", &files.unet_weights, None, dtype, device)?;
+        let text_error = weights_error("text encoder", &files.text_encoder_weights);
+        let (text_encoder, loras) = if files.loras.is_empty() {
+            let text_vb = open_weights("text encoder", &files.text_encoder_weights, dtype, device)?;
+            let encoder = TextEncoder::new(&config.text_encoder, text_vb).map_err(text_error)?;
+            (encoder, AppliedLoras::default())
+        } else {
+            // LoRAs change weights: the text encoder is built from merged tensors.
+            let mut text_weights = read_weights(
+                "text encoder",
+                &files.text_encoder_weights,
+                None,
+                dtype,
+                device,
+            )?;
+            let loras = AppliedLoras::load(&files.loras, &unet_weights, &text_weights)?;
+            loras.unet.merge_into(&mut unet_weights)?;
+            loras.text_encoder.merge_into(&mut text_weights)?;
+            let text_vb = VarBuilder::from_tensors(text_weights, dtype, device);
+            let encoder = TextEncoder::new(&config.text_encoder, text_vb).map_err(text_error)?;
+            (encoder, loras)
+        };
         let unet = UNet::new(
             &config.unet,
             VarBuilder::from_tensors(unet_weights.clone(), dtype, device),
@@ -163,6 +185,7 @@ impl StableDiffusion {
             unet,
             unet_weights,
             unet_file: files.unet_weights.clone(),
+            loras,
             vae,
             scheduler,
             device: device.clone(),
@@ -182,16 +205,23 @@ impl StableDiffusion {
         self.unet = unet;
     }
 
-    /// The named UNet weights as the model file holds them, in the compute dtype: the untrained
-    /// values, without keeping a copy of them in memory.
+    /// The named UNet weights as the model file holds them, in the compute dtype, with the
+    /// applied LoRAs merged in: the untrained values, without keeping a copy of them in memory.
     pub fn read_unet_weights(&self, names: &[String]) -> Result<HashMap<String, Tensor>> {
-        read_weights(
+        let mut weights = read_weights(
             "UNet",
             &self.unet_file,
             Some(names),
             self.dtype,
             &self.device,
-        )
+        )?;
+        self.loras.unet.merge_into(&mut weights)?;
+        Ok(weights)
+    }
+
+    /// The LoRAs applied to the base weights (empty when none were chosen).
+    pub fn loras(&self) -> &AppliedLoras {
+        &self.loras
     }
 
     /// The safetensors file the UNet was loaded from.

@@ -242,7 +242,9 @@ impl EditorApp {
                 self.on_session_restored(request, restored)
             }
             ChoreResult::PhotoChosen(Some(path)) => self.apply(Command::Open(path)),
-            ChoreResult::PhotoChosen(None)
+            ChoreResult::LoraPathChosen(Some(path), steps) => self.write_lora(path, steps),
+            ChoreResult::LoraPathChosen(None, _)
+            | ChoreResult::PhotoChosen(None)
             | ChoreResult::ModelFolderChosen(None)
             | ChoreResult::CleanedUp => {}
             ChoreResult::ModelFolderChosen(Some(path)) => {

@@ -126,6 +126,9 @@ pub enum ChoreResult {
     },
     CacheListed(CacheListing),
     PhotoChosen(Option<PathBuf>),
+    /// Where to write a LoRA file, with the snapshot it is for (`None`: the dialog was
+    /// closed).
+    LoraPathChosen(Option<PathBuf>, usize),
     ModelFolderChosen(Option<PathBuf>),
     Exported {
         path: PathBuf,
@@ -351,6 +354,24 @@ impl Chores {
         let dialogs = self.dialogs.clone();
         self.spawn(Chore::Dialog, move || {
             ChoreResult::PhotoChosen(dialogs.pick_photo(directory.as_deref()))
+        });
+    }
+
+    /// Asks where to write a LoRA of the snapshot after `steps` steps.
+    pub fn pick_lora_path(&self, directory: Option<PathBuf>, suggested_name: String, steps: usize) {
+        let dialogs = self.dialogs.clone();
+        self.spawn(Chore::Dialog, move || {
+            let path = dialogs.pick_save_path(directory.as_deref(), &suggested_name);
+            let with_extension = path.map(|p| {
+                if p.extension()
+                    .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+                {
+                    p
+                } else {
+                    p.with_extension("safetensors")
+                }
+            });
+            ChoreResult::LoraPathChosen(with_extension, steps)
         });
     }
 

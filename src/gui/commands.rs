@@ -25,6 +25,8 @@ pub enum Command {
     SelectVariant(usize),
     Export,
     RetryExport,
+    /// Ask where to write the current lora-mode fine-tune as a LoRA file.
+    ExportLora,
     Undo,
     Redo,
     ClearMask,
@@ -89,6 +91,7 @@ impl EditorApp {
             }
             Command::Export => self.export(),
             Command::RetryExport => self.retry_export(),
+            Command::ExportLora => self.export_lora(),
             Command::Undo | Command::Redo | Command::ClearMask | Command::InvertMask => {
                 if let Some(doc) = &mut self.doc {
                     match command {

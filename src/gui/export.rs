@@ -7,7 +7,10 @@ use std::path::PathBuf;
 use super::app::EditorApp;
 use super::background::ExportRequest;
 use super::model::ModelStatus;
+use super::session::TuneStatus;
 use super::variants::VariantState;
+use crate::engine::finetune::TrainMode;
+use crate::jobs::JobRequest;
 use crate::recipe::{Recipe, TuneRecipe};
 
 /// Where exports stand.
@@ -18,6 +21,8 @@ pub struct ExportState {
     pub failed: Option<(PathBuf, ExportRequest)>,
     /// Where the last export went.
     pub last: Option<PathBuf>,
+    /// The job writing a LoRA file, while it runs.
+    pub lora_job: Option<crate::jobs::JobId>,
 }
 
 impl EditorApp {
@@ -28,6 +33,78 @@ impl EditorApp {
                 self.chores.export(request);
             }
             Err(message) => self.error(message),
+        }
+    }
+
+    /// The snapshot File > Export LoRA writes, when the photo's fine-tune is in lora mode:
+    /// the one the shown result used, else the last one kept.
+    pub(crate) fn lora_export_steps(&self) -> Option<usize> {
+        let (_, tune) = self.session.tuned_for.as_ref()?;
+        if !matches!(tune.mode, TrainMode::Lora { .. }) || self.exports.lora_job.is_some() {
+            return None;
+        }
+        let kept = match &self.session.tune {
+            TuneStatus::Done { snapshots, .. } => snapshots.clone(),
+            TuneStatus::Running { kept, .. } => kept.clone(),
+            TuneStatus::None => Vec::new(),
+        };
+        let shown = self
+            .session
+            .variants
+            .shown(self.form.fidelity)
+            .map(|(_, v)| v.settings.tune_steps)
+            .filter(|steps| kept.contains(steps));
+        shown.or_else(|| kept.iter().max().copied())
+    }
+
+    /// File > Export LoRA: asks where, then the engine thread writes the file.
+    pub(super) fn export_lora(&mut self) {
+        let Some(steps) = self.lora_export_steps() else {
+            self.error(
+                "Export LoRA needs a finished fine-tune in the lora training mode (Advanced).",
+            );
+            return;
+        };
+        let doc = self.doc.as_ref();
+        let stem = doc
+            .and_then(|d| d.source.as_ref())
+            .and_then(|p| p.file_stem())
+            .map_or("photo".to_string(), |s| s.to_string_lossy().into_owned());
+        let directory = doc
+            .and_then(|d| d.source.as_ref())
+            .and_then(|p| p.parent().map(PathBuf::from));
+        self.chores
+            .pick_lora_path(directory, format!("{stem}-lora.safetensors"), steps);
+    }
+
+    /// Sends the LoRA export to the engine thread (which holds the fine-tune).
+    pub(super) fn write_lora(&mut self, path: PathBuf, steps: usize) {
+        let (model_name, loras) = match &self.model.status {
+            ModelStatus::Ready { name, loras, .. } => (name.clone(), loras.clone()),
+            _ => return self.error("The model is not loaded; load it to export the LoRA."),
+        };
+        let Some((_, tune)) = &self.session.tuned_for else {
+            return;
+        };
+        let recipe_json = serde_json::json!({
+            "tuning": TuneRecipe::from_settings(tune),
+            "model": model_name,
+            "loras": loras,
+            "source_image": self.doc.as_ref().and_then(|d| d.source.as_ref()).map(|p| p.display().to_string()),
+        })
+        .to_string();
+        let request = JobRequest::ExportLora {
+            path,
+            steps,
+            model_name,
+            recipe_json,
+        };
+        let Some(runner) = self.model.runner.as_mut() else {
+            return self.error("The model is not loaded; load it to export the LoRA.");
+        };
+        match runner.submit(request) {
+            Ok(id) => self.exports.lora_job = Some(id),
+            Err(err) => self.error(format!("The LoRA was not written: {err}")),
         }
     }
 
@@ -75,13 +152,14 @@ impl EditorApp {
         };
         let edit = self.session.edit.as_ref().ok_or("Nothing to export yet.")?;
         let doc = self.doc.as_ref().ok_or("Nothing to export yet.")?;
-        let (model, prediction_type, precision) = match &self.model.status {
+        let (model, prediction_type, precision, loras) = match &self.model.status {
             ModelStatus::Ready {
                 name,
                 prediction_type,
                 precision,
+                loras,
                 ..
-            } => (name.clone(), *prediction_type, *precision),
+            } => (name.clone(), *prediction_type, *precision, loras.clone()),
             _ => return Err("The model is not loaded; load it to export with its recipe.".into()),
         };
         let settings = &variant.settings;
@@ -114,6 +192,7 @@ impl EditorApp {
             working_width: working_size.0,
             working_height: working_size.1,
             source_image: doc.source.as_ref().map(|p| p.display().to_string()),
+            loras,
             ..Recipe::new("edit", &edit.prompt, &model, prediction_type, precision)
         };
         let stem = doc

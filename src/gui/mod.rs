@@ -52,6 +52,8 @@ pub struct EditorOptions {
     pub dialogs: Arc<dyn FileDialogs>,
     /// The fine-tuning recipe; `None` = the paper's, with the ladder from the settings.
     pub tune: Option<TuneSettings>,
+    /// LoRA files applied to every model loaded (`--lora`).
+    pub loras: Vec<crate::model_files::LoraChoice>,
 }
 
 impl EditorOptions {
@@ -69,6 +71,7 @@ impl EditorOptions {
             snapshot_cache: SnapshotCache::default_dir().map(SnapshotCache::new),
             dialogs: Arc::new(SystemDialogs),
             tune: None,
+            loras: Vec::new(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! The model: loading it (and downloading, after the user agrees), and the job runner it
 //! ends in.
 
+use crate::recipe::LoraRecipe;
 use std::sync::Arc;
 
 use super::app::EditorApp;
@@ -33,6 +34,8 @@ pub enum ModelStatus {
         precision: &'static str,
         /// An InstructPix2Pix model: edits are instructions, without fine-tuning.
         instruct: bool,
+        /// The LoRAs applied to it (`--lora`).
+        loras: Vec<LoraRecipe>,
     },
 }
 
@@ -108,6 +111,7 @@ impl ModelState {
                         prediction_type: loaded.prediction_type,
                         precision: loaded.precision,
                         instruct: loaded.instruct,
+                        loras: loaded.loras.clone(),
                     };
                     ended(self, status);
                     self.runner = Some(loaded.runner);
@@ -148,6 +152,7 @@ impl EditorApp {
             allow_download,
             hub: self.options.hub.clone(),
             snapshot_cache: self.options.snapshot_cache.clone(),
+            loras: self.options.loras.clone(),
         };
         let repaint = self.ctx.clone();
         match ModelLoader::start(request, Arc::new(move || repaint.request_repaint())) {

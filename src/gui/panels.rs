@@ -74,6 +74,17 @@ fn menu_bar(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
             if ui.button("Export...  (Ctrl+S)").clicked() {
                 commands.push(Command::Export);
             }
+            let lora_tuned = app.lora_export_steps().is_some();
+            if ui
+                .add_enabled(lora_tuned, egui::Button::new("Export LoRA..."))
+                .on_hover_text(
+                    "The fine-tune as a LoRA file for AUTOMATIC1111, ComfyUI and diffusers",
+                )
+                .on_disabled_hover_text("Fine-tune with the lora training mode (Advanced) first")
+                .clicked()
+            {
+                commands.push(Command::ExportLora);
+            }
             ui.separator();
             if ui
                 .button("Snapshot cache...")
@@ -202,12 +213,17 @@ fn model_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) 
             source,
             device,
             instruct,
+            loras,
             ..
         } => {
             ui.label(name.to_string());
             ui.small(format!("{source} · on {device}"));
             if *instruct {
                 ui.small("Edits by instruction (InstructPix2Pix): no learning step; the slider sets how closely the result keeps the photo.");
+            }
+            for lora in loras {
+                ui.small(format!("with LoRA {} at {}", lora.file, lora.weight))
+                    .on_hover_text(lora.hash.as_str());
             }
             ui.horizontal(|ui| {
                 if ui.small_button("Choose another folder...").clicked() {

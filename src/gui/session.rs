@@ -230,6 +230,14 @@ impl EditorApp {
                         .prepare_variant(id, result, working_size, self.results.clone());
                 }
             }
+            JobEvent::LoraExported { path, .. } => {
+                self.exports.lora_job = None;
+                self.info(format!("LoRA written to {}.", path.display()));
+            }
+            JobEvent::Failed { id, message } if Some(id) == self.exports.lora_job => {
+                self.exports.lora_job = None;
+                self.error(format!("The LoRA was not written: {message}"));
+            }
             JobEvent::Failed { id, message } => {
                 if is_tune {
                     self.tune_stopped();

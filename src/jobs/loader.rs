@@ -16,7 +16,10 @@ use crate::engine::StableDiffusion;
 use crate::engine::device::{DeviceChoice, device_name, open_device};
 use crate::engine::precision::{Precision, dtype_name};
 use crate::imaging::one_line;
-use crate::model_files::{self, DownloadProgress, HubOptions, ModelFilesError, ModelSpec};
+use crate::model_files::{
+    self, DownloadProgress, HubOptions, LoraChoice, ModelFiles, ModelFilesError, ModelSpec,
+};
+use crate::recipe::LoraRecipe;
 
 /// What to load and how far to go for it.
 #[derive(Debug, Clone)]
@@ -30,6 +33,8 @@ pub struct LoadRequest {
     pub hub: HubOptions,
     /// Where tunes keep their snapshots; `None` disables the cache.
     pub snapshot_cache: Option<SnapshotCache>,
+    /// LoRA files applied to the model (`--lora`), in order.
+    pub loras: Vec<LoraChoice>,
 }
 
 /// A model ready for jobs, and how to describe it to the user.
@@ -47,6 +52,8 @@ pub struct LoadedModel {
     pub precision: &'static str,
     /// An InstructPix2Pix model: edits are instructions, without fine-tuning.
     pub instruct: bool,
+    /// The LoRAs applied to it, for recipes and the model panel.
+    pub loras: Vec<LoraRecipe>,
 }
 
 /// How a download is going, for a progress bar.
@@ -202,7 +209,10 @@ fn load(request: &LoadRequest, cancel: &Arc<AtomicBool>, outbox: &Outbox) -> Loa
         last_report: None,
     };
     let files = match model_files::resolve(&spec, &hub, &mut progress) {
-        Ok(files) => files,
+        Ok(files) => ModelFiles {
+            loras: request.loras.clone(),
+            ..files
+        },
         Err(ModelFilesError::NotCached { .. })
             if !request.allow_download && !request.hub.is_offline() =>
         {
@@ -234,11 +244,24 @@ fn load(request: &LoadRequest, cancel: &Arc<AtomicBool>, outbox: &Outbox) -> Loa
         return LoadEvent::Cancelled;
     }
     // Read once per file and remembered: the snapshot cache follows the weights, not paths.
-    let model_identity = match files.fingerprint(crate::model_files::default_memo_path().as_deref())
+    let memo = crate::model_files::default_memo_path();
+    let (model_identity, lora_hashes) = match files
+        .fingerprint(memo.as_deref())
+        .and_then(|identity| Ok((identity, files.lora_hashes(memo.as_deref())?)))
     {
-        Ok(identity) => identity,
+        Ok(found) => found,
         Err(err) => return failed(one_line(&err.to_string())),
     };
+    let loras = files
+        .loras
+        .iter()
+        .zip(lora_hashes)
+        .map(|(choice, hash)| LoraRecipe {
+            file: choice.file_name(),
+            hash,
+            weight: choice.weight,
+        })
+        .collect();
     if cancel.load(Ordering::Relaxed) {
         return LoadEvent::Cancelled;
     }
@@ -266,6 +289,7 @@ fn load(request: &LoadRequest, cancel: &Arc<AtomicBool>, outbox: &Outbox) -> Loa
         prediction_type,
         precision: dtype_name(dtype),
         instruct,
+        loras,
     }))
 }
 

@@ -18,6 +18,7 @@ mod loader;
 mod worker;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -93,6 +94,16 @@ pub enum JobRequest {
         interpolate: bool,
         size: Option<(u32, u32)>,
     },
+    /// Write the snapshot after `steps` steps of the last tune (in lora mode) as a
+    /// kohya-format LoRA file at `path`.
+    ExportLora {
+        path: PathBuf,
+        steps: usize,
+        /// How the metadata names the base model.
+        model_name: String,
+        /// The recipe, as JSON, for the metadata.
+        recipe_json: String,
+    },
 }
 
 /// What the worker reports. Every job ends with exactly one of `Finished`, `Tuned`, `Failed`
@@ -134,6 +145,11 @@ pub enum JobEvent {
         snapshot_steps: Vec<usize>,
         from_cache: bool,
     },
+    /// A LoRA file was written.
+    LoraExported {
+        id: JobId,
+        path: PathBuf,
+    },
     /// One sentence for the user.
     Failed {
         id: JobId,
@@ -152,6 +168,7 @@ impl JobEvent {
             | JobEvent::SnapshotKept { id, .. }
             | JobEvent::Finished { id, .. }
             | JobEvent::Tuned { id, .. }
+            | JobEvent::LoraExported { id, .. }
             | JobEvent::Failed { id, .. }
             | JobEvent::Cancelled { id } => *id,
         }

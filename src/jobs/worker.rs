@@ -2,6 +2,7 @@
 
 use std::ops::ControlFlow;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -13,6 +14,7 @@ use crate::engine::EngineError;
 use crate::engine::edit::{
     CachePolicy, EditRequest, TuneEvent, TunedPhoto, edit_photo, tune_photo,
 };
+use crate::engine::lora::{LoraExportInfo, export_tuned};
 use crate::engine::model::StableDiffusion;
 use crate::engine::preview::LatentPreview;
 use crate::engine::sampling::{StepObserver, StepView};
@@ -113,6 +115,9 @@ enum Outcome {
         snapshot_steps: Vec<usize>,
         from_cache: bool,
     },
+    LoraExported {
+        path: PathBuf,
+    },
 }
 
 pub(super) struct Worker {
@@ -163,6 +168,7 @@ impl Worker {
                     snapshot_steps,
                     from_cache,
                 },
+                Ok(Outcome::LoraExported { path }) => JobEvent::LoraExported { id, path },
                 Err(_) if cancel.load(Ordering::Relaxed) => JobEvent::Cancelled { id },
                 Err(message) => JobEvent::Failed { id, message },
             };
@@ -298,6 +304,36 @@ impl Worker {
                     result,
                     working_size: working.dimensions(),
                 })
+            }
+            JobRequest::ExportLora {
+                path,
+                steps,
+                model_name,
+                recipe_json,
+            } => {
+                let tuned = self.tuned.as_ref().ok_or_else(|| {
+                    EngineError::InvalidRequest(
+                        "nothing has been fine-tuned yet; run an edit with lora training first"
+                            .into(),
+                    )
+                })?;
+                let output_name = path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let info = LoraExportInfo {
+                    output_name: &output_name,
+                    base_model_name: &model_name,
+                    base_model_fingerprint: &self.options.model_identity,
+                    recipe_json: &recipe_json,
+                    token: &tuned.photo.settings.token,
+                    steps,
+                    created_unix_secs: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                };
+                export_tuned(&tuned.photo, &self.model.config, &path, &info)?;
+                Ok(Outcome::LoraExported { path })
             }
         }
     }

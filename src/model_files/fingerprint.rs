@@ -9,7 +9,8 @@
 //!   result is remembered in a small file keyed by the file's path, length and modification
 //!   time: a folder is hashed once, a copy once more.
 //!
-//! The model's fingerprint is the SHA-256 of the roles and hashes of all its files.
+//! The model's fingerprint is the SHA-256 of the roles and hashes of all its files, and of
+//! the LoRA files applied to it with their weights.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -37,6 +38,12 @@ impl ModelFiles {
             let content = content_hash(path, &mut remembered)?;
             hash.update(format!("{role}={content}\n").as_bytes());
         }
+        // Applied LoRAs change the weights: each one's contents and weight, in order (none
+        // adds nothing, so a plain model keeps its fingerprint).
+        for lora in &self.loras {
+            let content = content_hash(&lora.path, &mut remembered)?;
+            hash.update(format!("lora={content}*{:?}\n", lora.weight).as_bytes());
+        }
         if let Some(memo) = memo
             && remembered.len() != before
         {
@@ -44,6 +51,15 @@ impl ModelFiles {
             let _ = write_memo(memo, &remembered);
         }
         Ok(hex(&hash.finalize()))
+    }
+
+    /// The content hash of each applied LoRA file (`sha256:<hex>`), in order, for recipes.
+    pub fn lora_hashes(&self, memo: Option<&Path>) -> Result<Vec<String>, ModelFilesError> {
+        let mut remembered = memo.map(read_memo).unwrap_or_default();
+        self.loras
+            .iter()
+            .map(|lora| content_hash(&lora.path, &mut remembered))
+            .collect()
     }
 
     /// Every file the engine reads, named by what it is for (not by where it is).

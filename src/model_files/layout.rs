@@ -88,6 +88,8 @@ pub struct ModelFiles {
     pub special_tokens_map: Option<PathBuf>,
     pub scheduler_config: PathBuf,
     pub source: ModelSource,
+    /// LoRA files applied to the base model when it loads, in order (none unless chosen).
+    pub loras: Vec<super::lora::LoraChoice>,
 }
 
 /// Checks a diffusers-format folder and returns its files, preferring full-precision
@@ -320,6 +322,7 @@ impl Plan {
             special_tokens_map: self.special_tokens_map.as_deref().map(at),
             scheduler_config: at(&self.scheduler_config),
             source,
+            loras: Vec::new(),
         }
     }
 }

@@ -18,6 +18,7 @@ mod error;
 mod fingerprint;
 mod hub;
 mod layout;
+mod lora;
 mod notice;
 mod progress;
 mod spec;
@@ -28,6 +29,7 @@ pub use hub::{HubOptions, default_cache_dir, repo_cache_dir, resolve};
 pub use layout::{
     ModelFiles, ModelSource, WeightsPreference, locate_in_folder, locate_in_folder_with,
 };
+pub use lora::LoraChoice;
 pub use notice::{DEFAULT_MODEL_DOWNLOAD_BYTES, approximate_download_bytes, license_notice};
 pub use progress::{DownloadProgress, NoProgress, TerminalProgress};
 pub use spec::{DEFAULT_MODEL, DEFAULT_REVISION, ModelSpec, parse_model_arg};

@@ -119,11 +119,15 @@ impl Adapter {
             )));
         }
         // LoRA trains new factors (small: kept); every other mode trains loaded weights,
-        // whose untrained values the model file holds.
+        // whose untrained values the model file holds (plus the LoRAs applied at load).
         let base = if matches!(mode, TrainMode::Lora { .. }) {
             Snapshot::in_memory(0, lora_init)
         } else {
-            Snapshot::in_file(0, model.unet_file().to_path_buf(), names.clone())
+            Snapshot::in_model_file(
+                model.unet_file().to_path_buf(),
+                names.clone(),
+                model.loras().unet.clone(),
+            )
         };
 
         let dtype = model.dtype();

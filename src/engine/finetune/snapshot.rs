@@ -15,6 +15,7 @@ use safetensors::tensor::Dtype;
 
 use super::adapter::new_snapshot_id;
 use crate::engine::error::{EngineError, Result};
+use crate::engine::lora::WeightDeltas;
 
 /// Snapshots up to this size are also kept in host memory, so switching to them reads nothing.
 pub const IN_MEMORY_LIMIT_BYTES: usize = 512 << 20;
@@ -32,8 +33,13 @@ pub struct Snapshot {
 enum Data {
     /// Host tensors in the adapter's variable order.
     Memory(Vec<Tensor>),
-    /// Tensors named `keys[i]` (in variable order) in a safetensors file.
-    File { path: PathBuf, keys: Vec<String> },
+    /// Tensors named `keys[i]` (in variable order) in a safetensors file, with `deltas`
+    /// added (the LoRAs applied to the model, when this is the model's own file).
+    File {
+        path: PathBuf,
+        keys: Vec<String>,
+        deltas: WeightDeltas,
+    },
 }
 
 impl Snapshot {
@@ -49,7 +55,21 @@ impl Snapshot {
         Self {
             steps,
             id: new_snapshot_id(),
-            data: Data::File { path, keys },
+            data: Data::File {
+                path,
+                keys,
+                deltas: WeightDeltas::default(),
+            },
+        }
+    }
+
+    /// The untrained values in the model's own weights file, with the LoRAs applied to the
+    /// model (`deltas`) added as they are read.
+    pub fn in_model_file(path: PathBuf, keys: Vec<String>, deltas: WeightDeltas) -> Self {
+        Self {
+            steps: 0,
+            id: new_snapshot_id(),
+            data: Data::File { path, keys, deltas },
         }
     }
 
@@ -70,11 +90,11 @@ impl Snapshot {
     pub fn for_each(&self, mut f: impl FnMut(usize, &Tensor) -> Result<()>) -> Result<()> {
         match &self.data {
             Data::Memory(tensors) => tensors.iter().enumerate().try_for_each(|(i, t)| f(i, t)),
-            Data::File { path, keys } => {
+            Data::File { path, keys, deltas } => {
                 let file = MappedFile::open(path)?;
                 let tensors = file.tensors()?;
                 for (i, key) in keys.iter().enumerate() {
-                    f(i, &file.load(&tensors, key)?)?;
+                    f(i, &deltas.merged(key, file.load(&tensors, key)?)?)?;
                 }
                 Ok(())
             }
