@@ -746,22 +746,6 @@ fn the_cache_window_lists_removes_and_clears_snapshot_cache_entries() {
     assert!(cache.entries().is_empty());
 }
 
-/// Issue 12 (item 4): with an InstructPix2Pix model the edit box takes an instruction, no
-/// fine-tune runs, the slider's variants differ in image guidance, and the export says so.
-#[test]
-fn an_instruct_model_edits_by_instruction_without_learning_the_photo() {
-    let setup = Setup::new(2);
-    let mut options = setup.options(None);
-    // Under the crate root and named relatively when possible, so the snapshot's model line
-    // reads the same on every machine.
-    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("editor-instruct");
-    let _ = std::fs::remove_dir_all(&target);
-    let model = common::instruct_model_dir(&target);
-    options.model = match model.strip_prefix(env!("CARGO_MANIFEST_DIR")) {
-        Ok(relative) => format!("./{}", relative.display()),
-        Err(_) => model.display().to_string(),
-    };
-    options.photo = Some(photo("chelsea.png"));
 #[test]
 fn a_lora_applies_to_the_loaded_model_and_file_export_lora_writes_the_lora_fine_tune() {
     let setup = Setup::new(2);
@@ -784,6 +768,60 @@ fn a_lora_applies_to_the_loaded_model_and_file_export_lora_writes_the_lora_fine_
         }],
         ..setup.options(Some(photo("chelsea.png")))
     };
+    let mut harness = Harness::builder()
+        .with_size([1100.0, 760.0])
+        .build_eframe(move |cc| EditorApp::new(cc, options));
+    ready_with_photo(&mut harness);
+    harness.get_by_label("with LoRA sd15-tiny-lora.safetensors at 0.8");
+
+    // Nothing is tuned yet: the menu item is off and the command says why.
+    harness.state_mut().apply(Command::ExportLora);
+    harness.step();
+    assert!(
+        harness
+            .state()
+            .notice_text()
+            .unwrap()
+            .contains("lora training mode"),
+        "{:?}",
+        harness.state().notice_text()
+    );
+
+    type_prompt(&mut harness, "a cat wearing sunglasses");
+    click_edit(&mut harness);
+    step_until(
+        &mut harness,
+        Duration::from_secs(300),
+        "four variants",
+        all_variants_done,
+    );
+    let out = setup.state.path().join("photo-lora.safetensors");
+    *setup.dialogs.save_path.lock().unwrap() = Some(out.clone());
+    harness.state_mut().apply(Command::ExportLora);
+    let notice = wait_for_notice(&mut harness, "LoRA written to");
+    assert!(notice.contains("photo-lora.safetensors"), "{notice}");
+    let (layers, metadata) = unitune::engine::lora::read_kohya_file(&out).unwrap();
+    assert!(layers.iter().all(|l| l.rank() == 2 && l.alpha == Some(2.0)));
+    assert_eq!(metadata["ss_network_module"], "networks.lora");
+    assert!(metadata["unitune.recipe"].contains("sd15-tiny-lora.safetensors"));
+}
+
+/// Issue 12 (item 4): with an InstructPix2Pix model the edit box takes an instruction, no
+/// fine-tune runs, the slider's variants differ in image guidance, and the export says so.
+#[test]
+fn an_instruct_model_edits_by_instruction_without_learning_the_photo() {
+    let setup = Setup::new(2);
+    let mut options = setup.options(None);
+    // Under the crate root and named relatively when possible, so the snapshot's model line
+    // reads the same on every machine.
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("editor-instruct");
+    let _ = std::fs::remove_dir_all(&target);
+    let model = common::instruct_model_dir(&target);
+    options.model = match model.strip_prefix(env!("CARGO_MANIFEST_DIR")) {
+        Ok(relative) => format!("./{}", relative.display()),
+        Err(_) => model.display().to_string(),
+    };
+    options.photo = Some(photo("chelsea.png"));
     let mut harness = Harness::builder()
         .with_size([1100.0, 760.0])
         .build_eframe(move |cc| EditorApp::new(cc, options));
@@ -835,36 +873,4 @@ fn a_lora_applies_to_the_loaded_model_and_file_export_lora_writes_the_lora_fine_
     assert_eq!(recipe["model_prompt"], "make it winter");
     assert_eq!(recipe["image_guidance"], 1.5);
     assert!(recipe["t0"].is_null() && recipe["tuning"].is_null());
-    harness.get_by_label("with LoRA sd15-tiny-lora.safetensors at 0.8");
-
-    // Nothing is tuned yet: the menu item is off and the command says why.
-    harness.state_mut().apply(Command::ExportLora);
-    harness.step();
-    assert!(
-        harness
-            .state()
-            .notice_text()
-            .unwrap()
-            .contains("lora training mode"),
-        "{:?}",
-        harness.state().notice_text()
-    );
-
-    type_prompt(&mut harness, "a cat wearing sunglasses");
-    click_edit(&mut harness);
-    step_until(
-        &mut harness,
-        Duration::from_secs(300),
-        "four variants",
-        all_variants_done,
-    );
-    let out = setup.state.path().join("photo-lora.safetensors");
-    *setup.dialogs.save_path.lock().unwrap() = Some(out.clone());
-    harness.state_mut().apply(Command::ExportLora);
-    let notice = wait_for_notice(&mut harness, "LoRA written to");
-    assert!(notice.contains("photo-lora.safetensors"), "{notice}");
-    let (layers, metadata) = unitune::engine::lora::read_kohya_file(&out).unwrap();
-    assert!(layers.iter().all(|l| l.rank() == 2 && l.alpha == Some(2.0)));
-    assert_eq!(metadata["ss_network_module"], "networks.lora");
-    assert!(metadata["unitune.recipe"].contains("sd15-tiny-lora.safetensors"));
 }
