@@ -130,3 +130,50 @@ impl<'a> PreviewFile<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+    use indicatif::ProgressBar;
+
+    use super::*;
+    use crate::cli::cancel::CancelFlag;
+    use crate::cli::session::sampling_observer;
+    use crate::engine::sampling::{StepObserver, StepView};
+
+    /// At a run's last step the latents and the x0 prediction nearly coincide, so the end to
+    /// end test cannot tell them apart: here they differ, and the file must show x0.
+    #[test]
+    fn the_sampling_observer_writes_the_steps_x0_prediction() {
+        let previews = Previews {
+            fast: Some(LatentPreview::from_parts(
+                vec![[0.5, 0.2, -0.3]; 4],
+                [0.0; 3],
+                1.0,
+            )),
+            tiny: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.png");
+        let mut file = PreviewFile::new(&previews, PreviewMode::Fast, path.clone()).unwrap();
+        let (bar, cancel) = (ProgressBar::hidden(), CancelFlag::default());
+        let latents = Tensor::full(-0.8f32, (1, 4, 2, 3), &Device::Cpu).unwrap();
+        let x0 = Tensor::full(0.6f32, (1, 4, 2, 3), &Device::Cpu).unwrap();
+        let mut observer = sampling_observer(&bar, &cancel, Some(&mut file));
+        let view = StepView {
+            step: 1,
+            total_steps: 2,
+            timestep: 500,
+            latents: &latents,
+            predicted_x0: &x0,
+        };
+        assert!(observer.observe(&view).is_continue());
+        let written = image::open(&path).unwrap().to_rgb8();
+        let fast = previews.pick(PreviewMode::Fast).unwrap();
+        assert_eq!(
+            written,
+            fast.render(&x0.to_dtype(DType::F32).unwrap()).unwrap()
+        );
+        assert_ne!(written, fast.render(&latents).unwrap());
+    }
+}
