@@ -5,16 +5,19 @@ mod common;
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use common::{Reference, assert_close, load_model, model_dir};
+use image::RgbImage;
 use unitune::engine::config::{TinyVaeConfig, VaeConfig};
 use unitune::engine::preview::{LatentPreview, PreviewMode, Previews, TinyPreview};
 use unitune::engine::sampling::{SampleRequest, Start, StepView, sample};
 use unitune::engine::taesd::TinyAutoencoder;
 use unitune::engine::vae::Vae;
+use unitune::jobs::{JobEvent, JobRequest, JobRunner, RunnerOptions};
 
 /// diffusers computes in float32 too; the tiny decoder is 8 convolutions deep.
 const TOLERANCE: f32 = 1e-4;
@@ -142,6 +145,68 @@ fn bad_input_shapes_are_errors_not_panics() {
     assert!(tiny.decode(&three_channels).is_err());
     let odd = Tensor::zeros((1, 3, 7, 8), DType::F32, &Device::Cpu).unwrap();
     assert!(tiny.encode(&odd).is_err());
+}
+
+/// The editor's worker sends the tiny VAE's previews (image size) while the mode is taesd,
+/// the fast map's (latent size) when switched to fast, and none when switched off.
+#[test]
+fn the_worker_previews_with_the_mode_the_ui_chose() {
+    let model = load_model("sd15-tiny");
+    let (config, weights) = fixture();
+    let tiny = TinyPreview::load(&config, &weights, &model).unwrap();
+    let options = RunnerOptions {
+        cache: None,
+        model_identity: "sd15-tiny".into(),
+        preview_seed: 0,
+        preview: PreviewMode::Taesd,
+        tiny_preview: Some(tiny),
+    };
+    let mut runner = JobRunner::start(model, options, Box::new(|| {})).unwrap();
+    assert!(runner.has_tiny_preview());
+    let edit = || JobRequest::Edit {
+        photo: Arc::new(RgbImage::from_fn(64, 64, |x, y| {
+            image::Rgb([(x * 4) as u8, (y * 4) as u8, 90])
+        })),
+        mask: None,
+        prompt: "a photo of a cat".into(),
+        baseline_prompt: None,
+        tune_steps: 0,
+        t0_fraction: 1.0,
+        guidance_weight: 1.0,
+        sampling_steps: 3,
+        seed: 1,
+        interpolate: false,
+        size: Some((64, 64)),
+    };
+    let preview_sizes = |runner: &mut JobRunner| {
+        let id = runner.submit(edit()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut sizes = Vec::new();
+        loop {
+            assert!(Instant::now() < deadline, "the edit did not end");
+            match runner.next_event_timeout(Duration::from_millis(200)) {
+                Some(JobEvent::Preview { image, .. }) => sizes.push(image.dimensions()),
+                Some(event) if event.is_final() && event.id() == id => {
+                    assert!(matches!(event, JobEvent::Finished { .. }), "{event:?}");
+                    return sizes;
+                }
+                _ => {}
+            }
+        }
+    };
+    let sizes = preview_sizes(&mut runner);
+    assert!(
+        !sizes.is_empty() && sizes.iter().all(|s| *s == (64, 64)),
+        "{sizes:?}"
+    );
+    runner.set_preview(PreviewMode::Fast);
+    let sizes = preview_sizes(&mut runner);
+    assert!(
+        !sizes.is_empty() && sizes.iter().all(|s| *s == (32, 32)),
+        "{sizes:?}"
+    );
+    runner.set_preview(PreviewMode::Off);
+    assert_eq!(preview_sizes(&mut runner), Vec::<(u32, u32)>::new());
 }
 
 /// Milliseconds per call of `f`, the best of `runs` after one warm-up.

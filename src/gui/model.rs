@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::app::EditorApp;
-use crate::jobs::{DownloadStatus, JobRunner, LoadEvent, LoadRequest, ModelLoader};
+use crate::jobs::{DownloadStatus, JobRunner, LoadEvent, LoadRequest, ModelLoader, PreviewMode};
 
 /// Where the model stands.
 pub enum ModelStatus {
@@ -39,6 +39,8 @@ pub struct ModelState {
     pub status: ModelStatus,
     pub loader: Option<ModelLoader>,
     pub runner: Option<JobRunner>,
+    /// Why the tiny VAE preview could not be had, until shown.
+    pub preview_notice: Option<String>,
 }
 
 impl ModelState {
@@ -50,6 +52,7 @@ impl ModelState {
             },
             loader: None,
             runner: None,
+            preview_notice: None,
         }
     }
 
@@ -102,6 +105,7 @@ impl ModelState {
                         precision: loaded.precision,
                     };
                     ended(self, status);
+                    self.preview_notice = loaded.preview_notice;
                     self.runner = Some(loaded.runner);
                     return Some(model);
                 }
@@ -140,6 +144,7 @@ impl EditorApp {
             allow_download,
             hub: self.options.hub.clone(),
             snapshot_cache: self.options.snapshot_cache.clone(),
+            preview: self.settings.preview,
         };
         let repaint = self.ctx.clone();
         match ModelLoader::start(request, Arc::new(move || repaint.request_repaint())) {
@@ -162,6 +167,23 @@ impl EditorApp {
     pub(super) fn poll_loader(&mut self) {
         if let Some(model) = self.model.poll() {
             self.settings.model = Some(model);
+        }
+        if let Some(notice) = self.model.preview_notice.take() {
+            self.info(notice);
+        }
+    }
+
+    /// The preview setting changed: the runner switches at once; the tiny VAE, if the
+    /// runner lacks it, comes with loading the model again.
+    pub(super) fn set_preview(&mut self, mode: PreviewMode) {
+        self.settings.preview = mode;
+        match &self.model.runner {
+            Some(runner) if mode == PreviewMode::Taesd && !runner.has_tiny_preview() => {
+                let model = self.model.name();
+                self.load_model(model, false);
+            }
+            Some(runner) => runner.set_preview(mode),
+            None => {}
         }
     }
 }

@@ -21,7 +21,7 @@ use image::{GrayImage, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use crate::imaging::{self, DecodeLimits, ExistingFile};
-use crate::jobs::{PAPER_SNAPSHOTS, TrainMode, panic_text};
+use crate::jobs::{PAPER_SNAPSHOTS, PreviewMode, TrainMode, panic_text};
 
 /// How many recent files the File menu lists.
 pub const RECENT_FILES: usize = 10;
@@ -48,6 +48,8 @@ pub struct Settings {
     pub precision: String,
     /// Photos per fine-tuning pass: `auto` or a number.
     pub micro_batch: String,
+    /// How the denoising is previewed on the canvas.
+    pub preview: PreviewMode,
 }
 
 impl Default for Settings {
@@ -64,6 +66,7 @@ impl Default for Settings {
             snapshot_steps: PAPER_SNAPSHOTS.to_vec(),
             precision: "auto".into(),
             micro_batch: "auto".into(),
+            preview: PreviewMode::Fast,
         }
     }
 }
