@@ -2,6 +2,8 @@
 //! preview of a model's denoising: references from tests/fixtures/make_taesd_fixtures.py.
 
 mod common;
+#[path = "common/fake_hub.rs"]
+mod fake_hub;
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -127,15 +129,16 @@ fn damaged_files_are_one_sentence_naming_the_file() {
         error.contains("tiny VAE weights") && error.contains("diffusion_pytorch_model"),
         "{error}"
     );
+    assert!(!error.contains('\n'), "{error}");
     let bad_config = dir.path().join("config.json");
     std::fs::write(&bad_config, r#"{"act_fn": "tanh"}"#).unwrap();
     let error = TinyAutoencoder::load(&bad_config, &weights, &Device::Cpu, DType::F32)
         .unwrap_err()
         .to_string();
-    assert!(error.contains("`act_fn`"), "{error}");
-    for error in [error] {
-        assert!(!error.contains('\n'), "{error}");
-    }
+    assert!(
+        error.contains("`act_fn`") && !error.contains('\n'),
+        "{error}"
+    );
 }
 
 #[test]
@@ -145,6 +148,57 @@ fn bad_input_shapes_are_errors_not_panics() {
     assert!(tiny.decode(&three_channels).is_err());
     let odd = Tensor::zeros((1, 3, 7, 8), DType::F32, &Device::Cpu).unwrap();
     assert!(tiny.encode(&odd).is_err());
+}
+
+#[test]
+fn the_tiny_vae_is_downloaded_once_then_read_from_the_cache_and_a_missing_file_is_named() {
+    use unitune::model_files::{HubOptions, NoProgress, TINY_VAE_REPO, resolve_tiny_vae};
+    let repo = fake_hub::FakeRepo::from_folder(TINY_VAE_REPO, &model_dir("taesd-tiny"));
+    let hub = fake_hub::FakeHub::start(vec![repo.clone()]);
+    let cache = tempfile::tempdir().unwrap();
+    let files = resolve_tiny_vae(&hub.options(cache.path()), &mut NoProgress).unwrap();
+    let snapshot = cache
+        .path()
+        .join("models--madebyollin--taesd/snapshots")
+        .join(&repo.sha);
+    assert_eq!(files.config, snapshot.join("config.json"));
+    assert_eq!(
+        std::fs::read(&files.weights).unwrap(),
+        repo.files["diffusion_pytorch_model.safetensors"]
+    );
+    let requests = hub.log().len();
+    let offline = HubOptions {
+        offline: true,
+        ..hub.options(cache.path())
+    };
+    assert_eq!(resolve_tiny_vae(&offline, &mut NoProgress).unwrap(), files);
+    assert_eq!(hub.log().len(), requests, "the cache was enough");
+
+    let mut incomplete = repo.clone();
+    incomplete.files.remove("config.json");
+    let hub = fake_hub::FakeHub::start(vec![incomplete]);
+    let empty = tempfile::tempdir().unwrap();
+    let error = resolve_tiny_vae(&hub.options(empty.path()), &mut NoProgress)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("madebyollin/taesd") && error.contains("has no config.json"),
+        "{error}"
+    );
+    let error = resolve_tiny_vae(
+        &HubOptions {
+            offline: true,
+            ..hub.options(empty.path())
+        },
+        &mut NoProgress,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("offline") && error.contains("config.json"),
+        "{error}"
+    );
+    assert!(!error.contains("unet"), "not the pipeline's files: {error}");
 }
 
 /// The editor's worker sends the tiny VAE's previews (image size) while the mode is taesd,

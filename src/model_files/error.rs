@@ -124,14 +124,14 @@ pub enum ModelFilesError {
     /// Offline or the hub unreachable, and the cache lacks some of a small repo's files
     /// (the tiny VAE of the previews).
     #[error(
-        "{cause}, and {repo_id} (revision {revision}) is not in the Hugging Face cache: looked \
-         in {} for {files} ({detail}). Download it once while online.",
+        "{cause}, and {repo} is not in the Hugging Face cache: looked in {} for {files} \
+         ({detail}). Download it once while online.",
         repo_cache_dir.display()
     )]
     FilesNotCached {
         cause: String,
-        repo_id: String,
-        revision: String,
+        /// `owner/name (revision R)`.
+        repo: String,
         repo_cache_dir: PathBuf,
         /// The files looked for, comma-separated.
         files: String,

@@ -242,8 +242,7 @@ impl HubModel<'_> {
         if let Some(files) = self.files {
             return ModelFilesError::FilesNotCached {
                 cause,
-                repo_id: self.repo_id.to_owned(),
-                revision: self.revision.to_owned(),
+                repo: format!("{} (revision {})", self.repo_id, self.revision),
                 repo_cache_dir: self.repo_dir(),
                 files: files.join(", "),
                 detail,
