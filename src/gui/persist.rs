@@ -48,7 +48,9 @@ pub struct Settings {
     pub precision: String,
     /// Photos per fine-tuning pass: `auto` or a number.
     pub micro_batch: String,
-    /// How the denoising is previewed on the canvas.
+    /// How the denoising is previewed on the canvas; a name this version does not know
+    /// reads as the default, rather than losing every setting.
+    #[serde(deserialize_with = "preview_or_default")]
     pub preview: PreviewMode,
 }
 
@@ -69,6 +71,13 @@ impl Default for Settings {
             preview: PreviewMode::Fast,
         }
     }
+}
+
+fn preview_or_default<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<PreviewMode, D::Error> {
+    let name = String::deserialize(deserializer)?;
+    Ok(name.parse().unwrap_or(Settings::default().preview))
 }
 
 impl Settings {
@@ -738,6 +747,26 @@ mod tests {
         };
         let json = serde_json::to_string(&settings).unwrap();
         assert!(json.contains(r#""train_mode":"lora:8""#), "{json}");
+        assert_eq!(serde_json::from_str::<Settings>(&json).unwrap(), settings);
+    }
+
+    #[test]
+    fn the_preview_is_saved_by_name_and_an_unknown_one_reads_as_the_default() {
+        for (json, mode) in [
+            (r#"{"preview": "taesd"}"#, PreviewMode::Taesd),
+            (r#"{"preview": "off"}"#, PreviewMode::Off),
+            (r#"{"preview": "something-new"}"#, PreviewMode::Fast),
+            ("{}", PreviewMode::Fast),
+        ] {
+            let settings: Settings = serde_json::from_str(json).unwrap();
+            assert_eq!(settings.preview, mode, "{json}");
+        }
+        let settings = Settings {
+            preview: PreviewMode::Taesd,
+            ..Settings::default()
+        };
+        let json = serde_json::to_string(&settings).unwrap();
+        assert!(json.contains(r#""preview":"taesd""#), "{json}");
         assert_eq!(serde_json::from_str::<Settings>(&json).unwrap(), settings);
     }
 
