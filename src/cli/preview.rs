@@ -45,7 +45,7 @@ pub(super) fn open_previews(
             Ok(tiny) => previews.tiny = Some(tiny),
             Err(error) => eprintln!(
                 "warning: the {TINY_VAE_REPO} preview is not available ({}); showing the fast preview instead",
-                one_line(&super::error_line(&error))
+                super::error_line(&error)
             ),
         }
     }
@@ -125,7 +125,7 @@ impl<'a> PreviewFile<'a> {
             self.given_up = true;
             eprintln!(
                 "warning: no more previews ({}); the edit goes on",
-                one_line(&super::error_line(&error))
+                super::error_line(&error)
             );
         }
     }
