@@ -10,7 +10,9 @@ use candle_core::Tensor;
 use super::UsageError;
 use super::args::{GlobalOptions, PreviewOptions};
 use super::session::{LoadedModel, check_output_extension};
-use crate::engine::preview::{LatentPreview, PreviewMode, Previewer, Previews, TinyPreview};
+use crate::engine::preview::{
+    LatentPreview, PreviewMode, PreviewThrottle, Previewer, Previews, TinyPreview,
+};
 use crate::imaging::{self, ExistingFile, one_line};
 use crate::model_files::{self, HubOptions, TINY_VAE_REPO, TerminalProgress};
 
@@ -89,6 +91,7 @@ pub(super) fn preview_path(options: &PreviewOptions, output: &Path) -> PathBuf {
 pub(super) struct PreviewFile<'a> {
     previewer: Previewer<'a>,
     path: PathBuf,
+    throttle: PreviewThrottle,
     /// Set after a failure: the edit goes on without previews.
     given_up: bool,
 }
@@ -100,6 +103,7 @@ impl<'a> PreviewFile<'a> {
         Some(Self {
             previewer,
             path,
+            throttle: PreviewThrottle::new(),
             given_up: false,
         })
     }
@@ -108,14 +112,16 @@ impl<'a> PreviewFile<'a> {
         &self.path
     }
 
-    /// Renders `x0` (a step's prediction of the clean latents) into the file.
-    pub fn show(&mut self, x0: &Tensor) {
-        if self.given_up {
+    /// Renders `x0` (a step's prediction of the clean latents) into the file, unless the
+    /// last preview was too recent for its cost; the `last` step's always, so the file ends
+    /// with the run's final prediction.
+    pub fn show(&mut self, x0: &Tensor, last: bool) {
+        if self.given_up || !(last || self.throttle.due()) {
             return;
         }
         let written = self
-            .previewer
-            .render(x0)
+            .throttle
+            .render(self.previewer, x0)
             .map_err(anyhow::Error::from)
             .and_then(|image| {
                 imaging::export_image(&self.path, &image, None, &[], ExistingFile::Overwrite)

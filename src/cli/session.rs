@@ -187,7 +187,7 @@ impl StepObserver for BarObserver<'_, '_> {
         self.bar.set_length(view.total_steps as u64);
         self.bar.set_position(view.step as u64);
         if let Some(preview) = self.preview.as_deref_mut() {
-            preview.show(view.predicted_x0);
+            preview.show(view.predicted_x0, view.step == view.total_steps);
         }
         self.cancel.check()
     }

@@ -16,7 +16,7 @@ use crate::engine::edit::{
     CachePolicy, EditRequest, TuneEvent, TunedPhoto, edit_photo, tune_photo,
 };
 use crate::engine::model::StableDiffusion;
-use crate::engine::preview::{LatentPreview, Previewer, Previews};
+use crate::engine::preview::{LatentPreview, PreviewThrottle, Previewer, Previews};
 use crate::engine::sampling::{StepObserver, StepView};
 use crate::imaging::{self, one_line};
 
@@ -300,6 +300,7 @@ impl Worker {
                         previews: &self.previews,
                         mode: &self.preview_mode,
                     },
+                    throttle: PreviewThrottle::new(),
                     cancel,
                 };
                 let result = edit_photo(&self.model, tuned, &request, &mut observer)?;
@@ -346,6 +347,7 @@ struct EditObserver<'a> {
     id: JobId,
     out: &'a Outbox,
     preview: Previewing<'a>,
+    throttle: PreviewThrottle,
     cancel: &'a AtomicBool,
 }
 
@@ -372,11 +374,8 @@ impl StepObserver for EditObserver<'_> {
             total: view.total_steps,
             loss: None,
         });
-        if let Some(image) = self
-            .preview
-            .now()
-            .and_then(|p| p.render(view.predicted_x0).ok())
-        {
+        let preview = self.preview.now().filter(|_| self.throttle.due());
+        if let Some(image) = preview.and_then(|p| self.throttle.render(p, view.predicted_x0).ok()) {
             self.out
                 .offer_preview(JobEvent::Preview { id: self.id, image });
         }
