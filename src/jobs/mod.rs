@@ -106,8 +106,9 @@ pub enum JobEvent {
         /// The fine-tuning loss of this step.
         loss: Option<f32>,
     },
-    /// At latent resolution, the newest only: an edit's current guess of its result, or a
-    /// tune's current reconstruction of the photo (every few steps).
+    /// The newest only, at latent resolution (fast) or the working size (tiny VAE): an
+    /// edit's current guess of its result, or a tune's current reconstruction of the photo
+    /// (every few steps).
     Preview {
         id: JobId,
         image: RgbImage,
