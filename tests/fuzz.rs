@@ -45,6 +45,11 @@ fn vae_config() {
 }
 
 #[test]
+fn tiny_vae_config() {
+    configs::tiny_vae(harness::check);
+}
+
+#[test]
 fn text_encoder_config() {
     configs::text_encoder(harness::check);
 }

@@ -10,7 +10,8 @@ use candle_core::{DType, Device};
 use image::{GrayImage, Luma, RgbImage};
 use unitune::engine::StableDiffusion;
 use unitune::jobs::{
-    JobEvent, JobId, JobRequest, JobRunner, RunnerOptions, Stage, TrainMode, TuneSettings, Waker,
+    JobEvent, JobId, JobRequest, JobRunner, PreviewMode, RunnerOptions, Stage, TrainMode,
+    TuneSettings, Waker,
 };
 use unitune::model_files::locate_in_folder;
 
@@ -34,6 +35,8 @@ fn start_runner_with(waker: Waker) -> JobRunner {
         cache: None,
         model_identity: "sd15-tiny".into(),
         preview_seed: 0,
+        preview: PreviewMode::Fast,
+        tiny_preview: None,
     };
     JobRunner::start(model, options, waker).expect("worker thread starts")
 }

@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::engine::device::DeviceChoice;
 use crate::engine::precision::Precision;
+use crate::engine::preview::PreviewMode;
 use crate::engine::random_model::Architecture;
 use crate::model_files::DEFAULT_MODEL;
 
@@ -331,6 +332,22 @@ pub struct SamplingOptions {
     pub overwrite: bool,
 }
 
+/// Live previews of the denoising, written to an image file after every step.
+#[derive(Debug, Clone, Args)]
+pub struct PreviewOptions {
+    /// Preview each step's guess of the result: taesd (the tiny VAE madebyollin/taesd, about
+    /// 10 MB, fetched once like a model; the fast preview stands in if it cannot be had),
+    /// fast (a linear map, one pixel per latent) or off. The final image always comes from
+    /// the full VAE.
+    #[arg(long, value_name = "KIND", default_value = "off")]
+    pub preview: PreviewMode,
+
+    /// Where the preview goes, replaced after every step (an image viewer that reloads shows
+    /// it live); it keeps the last step's. Default: the output's name with `-preview`.
+    #[arg(long, value_name = "FILE")]
+    pub preview_out: Option<PathBuf>,
+}
+
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
     /// What the image should show.
@@ -343,6 +360,9 @@ pub struct GenerateArgs {
 
     #[command(flatten)]
     pub sampling: SamplingOptions,
+
+    #[command(flatten)]
+    pub previews: PreviewOptions,
 }
 
 #[derive(Debug, Args)]
@@ -445,4 +465,7 @@ pub struct EditArgs {
     /// Replace --out if it already exists (otherwise an existing file is refused).
     #[arg(long)]
     pub overwrite: bool,
+
+    #[command(flatten)]
+    pub previews: PreviewOptions,
 }

@@ -6,6 +6,7 @@ use anyhow::Result;
 
 use super::args::{GenerateArgs, GlobalOptions};
 use super::cancel::CancelFlag;
+use super::preview::{PreviewFile, check_preview_options, open_previews, preview_path};
 use super::session::{
     check_common, check_prompt, choose_seed, load_model, output_path, run_sampling,
 };
@@ -20,6 +21,7 @@ pub fn generate_command(
 ) -> Result<()> {
     check_prompt(&args.prompt)?;
     check_common(&args.sampling)?;
+    check_preview_options(&args.previews)?;
     let requested = args.size.as_deref().map(imaging::parse_size).transpose()?;
     let seed = choose_seed(args.sampling.seed);
 
@@ -40,7 +42,18 @@ pub fn generate_command(
             height: height as usize,
         },
     };
-    let output = run_sampling(model, &request, "sampling", cancel)?;
+    let (path, existing) =
+        output_path(&args.sampling, PathBuf::from(format!("unitune-{seed}.png")));
+    let previews = open_previews(global, &loaded, &args.previews);
+    let mut preview = PreviewFile::new(
+        &previews,
+        args.previews.preview,
+        preview_path(&args.previews, &path),
+    );
+    if let Some(preview) = &preview {
+        eprintln!("live preview: {}", preview.path().display());
+    }
+    let output = run_sampling(model, &request, "sampling", cancel, preview.as_mut())?;
 
     let recipe = Recipe {
         seed,
@@ -59,8 +72,6 @@ pub fn generate_command(
             loaded.precision(),
         )
     };
-    let (path, existing) =
-        output_path(&args.sampling, PathBuf::from(format!("unitune-{seed}.png")));
     imaging::export_image(&path, &output.image, None, &recipe.text_chunks(), existing)?;
     println!("{}", path.display());
     Ok(())

@@ -8,6 +8,7 @@ mod bench;
 mod cache;
 mod cancel;
 mod generate;
+mod preview;
 mod session;
 mod unitune;
 

@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use super::UsageError;
 use super::args::{GlobalOptions, SamplingOptions};
 use super::cancel::CancelFlag;
+use super::preview::PreviewFile;
 use crate::engine::StableDiffusion;
 use crate::engine::device::{device_name, open_device};
 use crate::engine::precision::dtype_name;
@@ -208,24 +209,34 @@ pub(super) fn step_bar(label: &str) -> ProgressBar {
     bar
 }
 
-/// Advances `bar` with each denoising step and stops the loop after Ctrl-C.
+/// Advances `bar` with each denoising step, writes the step's preview (if any) and stops
+/// the loop after Ctrl-C.
 pub(super) fn sampling_observer<'a>(
     bar: &'a ProgressBar,
     cancel: &'a CancelFlag,
+    preview: Option<&'a mut PreviewFile<'_>>,
 ) -> impl StepObserver + 'a {
-    BarObserver { bar, cancel }
+    BarObserver {
+        bar,
+        cancel,
+        preview,
+    }
 }
 
 /// Moves the step bar; Ctrl-C stops after the current step or stage.
-struct BarObserver<'a> {
+struct BarObserver<'a, 'p> {
     bar: &'a ProgressBar,
     cancel: &'a CancelFlag,
+    preview: Option<&'a mut PreviewFile<'p>>,
 }
 
-impl StepObserver for BarObserver<'_> {
+impl StepObserver for BarObserver<'_, '_> {
     fn observe(&mut self, view: &StepView) -> ControlFlow<()> {
         self.bar.set_length(view.total_steps as u64);
         self.bar.set_position(view.step as u64);
+        if let Some(preview) = self.preview.as_deref_mut() {
+            preview.show(view.predicted_x0, view.step == view.total_steps);
+        }
         self.cancel.check()
     }
 
@@ -239,9 +250,10 @@ pub(super) fn run_sampling(
     request: &SampleRequest,
     label: &str,
     cancel: &CancelFlag,
+    preview: Option<&mut PreviewFile<'_>>,
 ) -> Result<SampleOutput> {
     let bar = step_bar(label);
-    let mut observer = sampling_observer(&bar, cancel);
+    let mut observer = sampling_observer(&bar, cancel, preview);
     let output = sample(model, request, &mut observer);
     bar.finish_and_clear();
     let output = output?;

@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use super::UsageError;
 use super::args::{EditArgs, ExportLoraArgs, GlobalOptions, GridArgs, TrainingOptions, TuneArgs};
 use super::cancel::CancelFlag;
+use super::preview::{PreviewFile, check_preview_options, open_previews, preview_path};
 use super::session::{
     LoadedModel, check_guidance, check_output_extension, check_prompt, check_sampling_steps,
     choose_seed, load_model, sampling_observer, step_bar,
@@ -557,6 +558,7 @@ pub fn edit_command(global: &GlobalOptions, args: &EditArgs, cancel: &CancelFlag
     if let Some(out) = &args.out {
         check_output_extension(out)?;
     }
+    check_preview_options(&args.previews)?;
     let settings = tune_settings(&args.training, Some(tune_steps))?;
     if let Some(path) = &args.export_lora {
         check_lora_export(path, &settings)?;
@@ -617,6 +619,15 @@ pub fn edit_command(global: &GlobalOptions, args: &EditArgs, cancel: &CancelFlag
         Some(out) => out.clone(),
         None => default,
     };
+    let previews = open_previews(global, &loaded, &args.previews);
+    let mut preview = PreviewFile::new(
+        &previews,
+        args.previews.preview,
+        preview_path(&args.previews, &base_out),
+    );
+    if let Some(preview) = &preview {
+        eprintln!("live preview: {}", preview.path().display());
+    }
     for k in 0..args.samples {
         let sample_seed = seed + k as u64;
         let request = EditRequest {
@@ -634,7 +645,7 @@ pub fn edit_command(global: &GlobalOptions, args: &EditArgs, cancel: &CancelFlag
             interpolate: args.interpolate,
         };
         let bar = step_bar(&format!("sample {}/{}", k + 1, args.samples));
-        let mut observer = sampling_observer(&bar, cancel);
+        let mut observer = sampling_observer(&bar, cancel, preview.as_mut());
         let result = edit_photo(&loaded.model, tuned.as_ref(), &request, &mut observer);
         bar.finish_and_clear();
         let result = result?;

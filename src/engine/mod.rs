@@ -21,6 +21,7 @@ pub mod preview;
 pub mod random_model;
 pub mod sampling;
 pub mod scheduler;
+pub mod taesd;
 pub mod text_encoder;
 pub mod tokenizer;
 pub mod training;

@@ -49,7 +49,7 @@ pub struct EncodedPrompt {
 }
 
 /// Memory-maps one safetensors file; `dtype` converts on load (fp16 files become f32 on CPU).
-fn open_weights<'a>(
+pub(super) fn open_weights<'a>(
     component: &'static str,
     file: &Path,
     dtype: DType,
@@ -66,7 +66,7 @@ fn open_weights<'a>(
     })
 }
 
-fn weights_error<'a>(
+pub(super) fn weights_error<'a>(
     component: &'static str,
     file: &'a Path,
 ) -> impl Fn(candle_core::Error) -> EngineError + 'a {
@@ -300,17 +300,7 @@ impl StableDiffusion {
 
     /// A `[1, 3, H, W]` tensor in about [-1, 1] back to 8-bit pixels, rounded as diffusers does.
     pub fn tensor_to_image(&self, tensor: &Tensor) -> Result<RgbImage> {
-        let (_, _, h, w) = tensor.dims4()?;
-        let pixels = ((tensor.to_dtype(DType::F32)?.to_device(&Device::Cpu)? / 2.0)? + 0.5)?
-            .clamp(0f32, 1f32)?
-            .squeeze(0)?
-            .permute((1, 2, 0))?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let bytes = pixels.iter().map(|v| (v * 255.0).round() as u8).collect();
-        RgbImage::from_raw(w as u32, h as u32, bytes).ok_or_else(|| {
-            EngineError::InvalidRequest("decoded image has an unexpected size".into())
-        })
+        tensor_to_image(tensor)
     }
 
     /// Encodes a photo into scaled latents, sampling the latent distribution with `noise`.
@@ -332,4 +322,18 @@ impl StableDiffusion {
             .decode(&(latents.to_dtype(self.vae_dtype)? / self.config.vae.scaling_factor)?)?;
         self.tensor_to_image(&decoded)
     }
+}
+
+/// A `[1, 3, H, W]` tensor in about [-1, 1] to 8-bit pixels, rounded as diffusers does.
+pub(crate) fn tensor_to_image(tensor: &Tensor) -> Result<RgbImage> {
+    let (_, _, h, w) = tensor.dims4()?;
+    let pixels = ((tensor.to_dtype(DType::F32)?.to_device(&Device::Cpu)? / 2.0)? + 0.5)?
+        .clamp(0f32, 1f32)?
+        .squeeze(0)?
+        .permute((1, 2, 0))?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let bytes = pixels.iter().map(|v| (v * 255.0).round() as u8).collect();
+    RgbImage::from_raw(w as u32, h as u32, bytes)
+        .ok_or_else(|| EngineError::InvalidRequest("decoded image has an unexpected size".into()))
 }

@@ -7,6 +7,7 @@ use egui::{Context, Key, KeyboardShortcut, Modifiers, Rect};
 
 use super::app::EditorApp;
 use super::canvas::Tool;
+use crate::jobs::PreviewMode;
 
 /// Everything the panels can ask for; applied in [`EditorApp::apply`].
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +38,8 @@ pub enum Command {
     /// Load another model by hub id or folder (downloads wait for the user's consent).
     SwitchModel(String),
     RetryModel,
+    /// The live preview's kind changed.
+    SetPreview(PreviewMode),
     DismissNotice,
     ResetView,
     /// The prompt took the keyboard focus it was given.
@@ -120,6 +123,7 @@ impl EditorApp {
                 let model = self.model.name();
                 self.load_model(model, false);
             }
+            Command::SetPreview(mode) => self.set_preview(mode),
             Command::DismissNotice => self.notice = None,
             Command::ResetView => {
                 self.view.zoom = 1.0;

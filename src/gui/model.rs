@@ -5,7 +5,7 @@ use crate::recipe::LoraRecipe;
 use std::sync::Arc;
 
 use super::app::EditorApp;
-use crate::jobs::{DownloadStatus, JobRunner, LoadEvent, LoadRequest, ModelLoader};
+use crate::jobs::{DownloadStatus, JobRunner, LoadEvent, LoadRequest, ModelLoader, PreviewMode};
 
 /// Where the model stands.
 pub enum ModelStatus {
@@ -44,6 +44,8 @@ pub struct ModelState {
     pub status: ModelStatus,
     pub loader: Option<ModelLoader>,
     pub runner: Option<JobRunner>,
+    /// Why the tiny VAE preview could not be had, until shown.
+    pub preview_notice: Option<String>,
 }
 
 impl ModelState {
@@ -55,6 +57,7 @@ impl ModelState {
             },
             loader: None,
             runner: None,
+            preview_notice: None,
         }
     }
 
@@ -114,6 +117,7 @@ impl ModelState {
                         loras: loaded.loras.clone(),
                     };
                     ended(self, status);
+                    self.preview_notice = loaded.preview_notice;
                     self.runner = Some(loaded.runner);
                     return Some(model);
                 }
@@ -153,6 +157,7 @@ impl EditorApp {
             hub: self.options.hub.clone(),
             snapshot_cache: self.options.snapshot_cache.clone(),
             loras: self.options.loras.clone(),
+            preview: self.settings.preview,
         };
         let repaint = self.ctx.clone();
         match ModelLoader::start(request, Arc::new(move || repaint.request_repaint())) {
@@ -175,6 +180,23 @@ impl EditorApp {
     pub(super) fn poll_loader(&mut self) {
         if let Some(model) = self.model.poll() {
             self.settings.model = Some(model);
+        }
+        if let Some(notice) = self.model.preview_notice.take() {
+            self.info(notice);
+        }
+    }
+
+    /// The preview setting changed: the runner switches at once; the tiny VAE, if the
+    /// runner lacks it, comes with loading the model again.
+    pub(super) fn set_preview(&mut self, mode: PreviewMode) {
+        self.settings.preview = mode;
+        match &self.model.runner {
+            Some(runner) if mode == PreviewMode::Taesd && !runner.has_tiny_preview() => {
+                let model = self.model.name();
+                self.load_model(model, false);
+            }
+            Some(runner) => runner.set_preview(mode),
+            None => {}
         }
     }
 }

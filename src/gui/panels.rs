@@ -13,8 +13,8 @@ use super::model::ModelStatus;
 use super::session::{self, TuneStatus};
 use super::variants::VariantState;
 use crate::jobs::{
-    DEFAULT_INSTRUCT_MODEL, DEFAULT_MODEL, Precision, TrainMode, approximate_download_bytes,
-    license_notice, parse_model_arg,
+    DEFAULT_INSTRUCT_MODEL, DEFAULT_MODEL, Precision, PreviewMode, TrainMode,
+    approximate_download_bytes, license_notice, parse_model_arg,
 };
 
 pub fn show(ui: &mut Ui, app: &mut EditorApp) -> Vec<Command> {
@@ -499,7 +499,31 @@ fn advanced_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command
             // The weights are converted when loaded: load the model again.
             commands.push(Command::RetryModel);
         }
+        let mut preview = app.settings.preview;
+        egui::ComboBox::from_label("Live preview")
+            .selected_text(preview_label(preview))
+            .show_ui(ui, |ui| {
+                for option in PreviewMode::ALL {
+                    ui.selectable_value(&mut preview, option, preview_label(option));
+                }
+            })
+            .response
+            .on_hover_text(
+                "Tiny VAE: madebyollin/taesd, close to the result (downloaded once, about 10 MB). \
+                 Fast: a colour map, one pixel per latent. The result always comes from the full VAE.",
+            );
+        if preview != app.settings.preview {
+            commands.push(Command::SetPreview(preview));
+        }
     });
+}
+
+fn preview_label(mode: PreviewMode) -> &'static str {
+    match mode {
+        PreviewMode::Taesd => "Tiny VAE (taesd)",
+        PreviewMode::Fast => "Fast",
+        PreviewMode::Off => "Off",
+    }
 }
 
 fn labelled_text(ui: &mut Ui, label: &str, text: &mut String) {

@@ -21,7 +21,7 @@ use image::{GrayImage, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use crate::imaging::{self, DecodeLimits, ExistingFile};
-use crate::jobs::{PAPER_SNAPSHOTS, TrainMode, panic_text};
+use crate::jobs::{PAPER_SNAPSHOTS, PreviewMode, TrainMode, panic_text};
 
 /// How many recent files the File menu lists.
 pub const RECENT_FILES: usize = 10;
@@ -48,6 +48,10 @@ pub struct Settings {
     pub precision: String,
     /// Photos per fine-tuning pass: `auto` or a number.
     pub micro_batch: String,
+    /// How the denoising is previewed on the canvas; a name this version does not know
+    /// reads as the default, rather than losing every setting.
+    #[serde(deserialize_with = "preview_or_default")]
+    pub preview: PreviewMode,
 }
 
 impl Default for Settings {
@@ -64,8 +68,16 @@ impl Default for Settings {
             snapshot_steps: PAPER_SNAPSHOTS.to_vec(),
             precision: "auto".into(),
             micro_batch: "auto".into(),
+            preview: PreviewMode::Fast,
         }
     }
+}
+
+fn preview_or_default<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<PreviewMode, D::Error> {
+    let name = String::deserialize(deserializer)?;
+    Ok(name.parse().unwrap_or(Settings::default().preview))
 }
 
 impl Settings {
@@ -735,6 +747,26 @@ mod tests {
         };
         let json = serde_json::to_string(&settings).unwrap();
         assert!(json.contains(r#""train_mode":"lora:8""#), "{json}");
+        assert_eq!(serde_json::from_str::<Settings>(&json).unwrap(), settings);
+    }
+
+    #[test]
+    fn the_preview_is_saved_by_name_and_an_unknown_one_reads_as_the_default() {
+        for (json, mode) in [
+            (r#"{"preview": "taesd"}"#, PreviewMode::Taesd),
+            (r#"{"preview": "off"}"#, PreviewMode::Off),
+            (r#"{"preview": "something-new"}"#, PreviewMode::Fast),
+            ("{}", PreviewMode::Fast),
+        ] {
+            let settings: Settings = serde_json::from_str(json).unwrap();
+            assert_eq!(settings.preview, mode, "{json}");
+        }
+        let settings = Settings {
+            preview: PreviewMode::Taesd,
+            ..Settings::default()
+        };
+        let json = serde_json::to_string(&settings).unwrap();
+        assert!(json.contains(r#""preview":"taesd""#), "{json}");
         assert_eq!(serde_json::from_str::<Settings>(&json).unwrap(), settings);
     }
 

@@ -11,13 +11,15 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 
-use super::{JobRunner, RunnerOptions, SnapshotCache};
+use super::{JobRunner, PreviewMode, RunnerOptions, SnapshotCache};
 use crate::engine::StableDiffusion;
 use crate::engine::device::{DeviceChoice, device_name, open_device};
 use crate::engine::precision::{Precision, dtype_name};
+use crate::engine::preview::TinyPreview;
 use crate::imaging::one_line;
 use crate::model_files::{
     self, DownloadProgress, HubOptions, LoraChoice, ModelFiles, ModelFilesError, ModelSpec,
+    TINY_VAE_REPO,
 };
 use crate::recipe::LoraRecipe;
 
@@ -35,6 +37,9 @@ pub struct LoadRequest {
     pub snapshot_cache: Option<SnapshotCache>,
     /// LoRA files applied to the model (`--lora`), in order.
     pub loras: Vec<LoraChoice>,
+    /// The previews the jobs send; `Taesd` also fetches the tiny VAE (cache first, then a
+    /// download unless offline).
+    pub preview: PreviewMode,
 }
 
 /// A model ready for jobs, and how to describe it to the user.
@@ -54,6 +59,8 @@ pub struct LoadedModel {
     pub instruct: bool,
     /// The LoRAs applied to it, for recipes and the model panel.
     pub loras: Vec<LoraRecipe>,
+    /// One line on why the tiny VAE preview could not be had (the fast one stands in).
+    pub preview_notice: Option<String>,
 }
 
 /// How a download is going, for a progress bar.
@@ -265,12 +272,30 @@ fn load(request: &LoadRequest, cancel: &Arc<AtomicBool>, outbox: &Outbox) -> Loa
     if cancel.load(Ordering::Relaxed) {
         return LoadEvent::Cancelled;
     }
+    let (tiny_preview, preview_notice) = if request.preview == PreviewMode::Taesd {
+        match load_tiny_preview(&request.hub, &model, &mut progress) {
+            Ok(tiny) => (Some(tiny), None),
+            Err(reason) => (
+                None,
+                Some(format!(
+                    "The tiny VAE preview ({TINY_VAE_REPO}) is not available ({reason}); showing the fast preview instead"
+                )),
+            ),
+        }
+    } else {
+        (None, None)
+    };
+    if cancel.load(Ordering::Relaxed) {
+        return LoadEvent::Cancelled;
+    }
     let prediction_type = model.config.scheduler.prediction_type.as_str();
     let instruct = is_instruct_model(&model);
     let options = RunnerOptions {
         cache: request.snapshot_cache.clone(),
         model_identity,
         preview_seed: 0,
+        preview: request.preview,
+        tiny_preview,
     };
     let waker = outbox.waker.clone();
     let runner = match JobRunner::start(model, options, Box::new(move || waker())) {
@@ -290,7 +315,20 @@ fn load(request: &LoadRequest, cancel: &Arc<AtomicBool>, outbox: &Outbox) -> Loa
         precision: dtype_name(dtype),
         instruct,
         loras,
+        preview_notice,
     }))
+}
+
+/// The tiny VAE for `model`'s previews, downloaded (with the model's progress) unless
+/// offline; the reason in one line when it cannot be had.
+fn load_tiny_preview(
+    hub: &HubOptions,
+    model: &StableDiffusion,
+    progress: &mut dyn DownloadProgress,
+) -> Result<TinyPreview, String> {
+    let files =
+        model_files::resolve_tiny_vae(hub, progress).map_err(|e| one_line(&e.to_string()))?;
+    TinyPreview::load(&files.config, &files.weights, model).map_err(|e| one_line(&e.to_string()))
 }
 
 struct LoaderProgress<'a> {

@@ -19,7 +19,7 @@ mod worker;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -39,6 +39,8 @@ pub use crate::engine::instruct::{
 };
 use crate::engine::model::StableDiffusion;
 pub use crate::engine::precision::Precision;
+pub use crate::engine::preview::PreviewMode;
+use crate::engine::preview::{Previews, TinyPreview};
 pub use crate::model_files::{
     DEFAULT_MODEL, HubOptions, ModelSpec, approximate_download_bytes, license_notice,
     parse_model_arg,
@@ -120,8 +122,9 @@ pub enum JobEvent {
         /// The fine-tuning loss of this step.
         loss: Option<f32>,
     },
-    /// At latent resolution, the newest only: an edit's current guess of its result, or a
-    /// tune's current reconstruction of the photo (every few steps).
+    /// The newest only, at latent resolution (fast) or the working size (tiny VAE): an
+    /// edit's current guess of its result, or a tune's current reconstruction of the photo
+    /// (every few steps).
     Preview {
         id: JobId,
         image: RgbImage,
@@ -199,6 +202,34 @@ pub struct RunnerOptions {
     pub model_identity: String,
     /// Seed of the preview map's fit (see `engine::preview`).
     pub preview_seed: u64,
+    /// Which preview the jobs send; [`JobRunner::set_preview`] changes it.
+    pub preview: PreviewMode,
+    /// The tiny VAE, for `PreviewMode::Taesd` (the fast preview stands in without it).
+    pub tiny_preview: Option<TinyPreview>,
+}
+
+/// The preview mode the UI chose, shared with the worker, which reads it at every step.
+#[derive(Clone)]
+struct SharedPreviewMode(Arc<AtomicU8>);
+
+impl SharedPreviewMode {
+    fn new(mode: PreviewMode) -> Self {
+        let shared = Self(Arc::new(AtomicU8::new(0)));
+        shared.set(mode);
+        shared
+    }
+
+    fn set(&self, mode: PreviewMode) {
+        let index = PreviewMode::ALL
+            .iter()
+            .position(|m| *m == mode)
+            .unwrap_or(0);
+        self.0.store(index as u8, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> PreviewMode {
+        PreviewMode::ALL[self.0.load(Ordering::Relaxed) as usize % PreviewMode::ALL.len()]
+    }
 }
 
 /// A request on its way to the worker.
@@ -225,6 +256,8 @@ pub struct JobRunner {
     live: LiveJobs,
     next_id: JobId,
     worker: Option<JoinHandle<()>>,
+    preview_mode: SharedPreviewMode,
+    has_tiny_preview: bool,
 }
 
 impl JobRunner {
@@ -240,11 +273,17 @@ impl JobRunner {
         let (progress_slot, progress_rx) = worker::LatestSlot::new();
         let (preview_slot, preview_rx) = worker::LatestSlot::new();
         let live = LiveJobs::default();
+        let preview_mode = SharedPreviewMode::new(options.preview);
+        let has_tiny_preview = options.tiny_preview.is_some();
         let worker = worker::Worker {
             model,
+            previews: Previews {
+                fast: None,
+                tiny: options.tiny_preview.clone(),
+            },
+            preview_mode: preview_mode.clone(),
             options,
             tuned: None,
-            preview: None,
             scaled_mask: None,
             out: worker::Outbox {
                 events: event_tx,
@@ -265,7 +304,19 @@ impl JobRunner {
             live,
             next_id: 1,
             worker: Some(handle),
+            preview_mode,
+            has_tiny_preview,
         })
+    }
+
+    /// Switches the previews of the running and later jobs (from their next step on).
+    pub fn set_preview(&self, mode: PreviewMode) {
+        self.preview_mode.set(mode);
+    }
+
+    /// Whether the tiny VAE was loaded with the model (without it, `Taesd` previews fast).
+    pub fn has_tiny_preview(&self) -> bool {
+        self.has_tiny_preview
     }
 
     /// Queues a request without blocking.

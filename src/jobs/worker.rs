@@ -9,14 +9,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use image::{GrayImage, RgbImage};
 
-use super::{Envelope, JobEvent, JobId, JobRequest, LiveJobs, RunnerOptions, Stage, Waker};
+use super::{
+    Envelope, JobEvent, JobId, JobRequest, LiveJobs, RunnerOptions, SharedPreviewMode, Stage, Waker,
+};
 use crate::engine::EngineError;
 use crate::engine::edit::{
     CachePolicy, EditRequest, TuneEvent, TunedPhoto, edit_photo, tune_photo,
 };
 use crate::engine::lora::{LoraExportInfo, export_tuned};
 use crate::engine::model::StableDiffusion;
-use crate::engine::preview::LatentPreview;
+use crate::engine::preview::{LatentPreview, PreviewThrottle, Previewer, Previews};
 use crate::engine::sampling::{StepObserver, StepView};
 use crate::imaging::{self, one_line};
 
@@ -124,7 +126,9 @@ pub(super) struct Worker {
     pub model: StableDiffusion,
     pub options: RunnerOptions,
     pub tuned: Option<Tuned>,
-    pub preview: Option<LatentPreview>,
+    /// The fast map (fit when the worker starts) and the tiny VAE (if loaded).
+    pub previews: Previews,
+    pub preview_mode: SharedPreviewMode,
     pub out: Outbox,
     pub live: LiveJobs,
     /// The last mask scaled to its photo's size, with the mask it came from: one Edit queues
@@ -135,8 +139,9 @@ pub(super) struct Worker {
 
 impl Worker {
     pub fn run(mut self, requests: Receiver<Envelope>) {
-        // Without a preview map the jobs still run; they just send no previews.
-        self.preview = LatentPreview::fit(&self.model, self.options.preview_seed).ok();
+        // Without a preview map the jobs still run; they just send no previews (or only the
+        // tiny VAE's).
+        self.previews.fast = LatentPreview::fit(&self.model, self.options.preview_seed).ok();
         for Envelope {
             id,
             cancel,
@@ -195,7 +200,10 @@ impl Worker {
                 // The old snapshots belong to another photo or recipe.
                 self.tuned = None;
                 let out = &self.out;
-                let preview = self.preview.as_ref();
+                let preview = Previewing {
+                    previews: &self.previews,
+                    mode: &self.preview_mode,
+                };
                 let mut on_event = |event: TuneEvent| {
                     if let TuneEvent::SnapshotKept(steps) = event
                         && !out.send(JobEvent::SnapshotKept { id, steps })
@@ -213,7 +221,7 @@ impl Worker {
                         let rendered = p
                             .reconstruction
                             .as_ref()
-                            .and_then(|latents| preview?.render(latents).ok());
+                            .and_then(|latents| preview.now()?.render(latents).ok());
                         if let Some(image) = rendered {
                             out.offer_preview(JobEvent::Preview { id, image });
                         }
@@ -224,7 +232,7 @@ impl Worker {
                     cache: self.options.cache.as_ref(),
                     model_identity: &self.options.model_identity,
                 };
-                let reconstruct_every = preview.map(|_| RECONSTRUCT_EVERY_STEPS);
+                let reconstruct_every = preview.now().map(|_| RECONSTRUCT_EVERY_STEPS);
                 let tuned = match tune_photo(
                     &mut self.model,
                     &working,
@@ -296,7 +304,11 @@ impl Worker {
                 let mut observer = EditObserver {
                     id,
                     out: &self.out,
-                    preview: self.preview.as_ref(),
+                    preview: Previewing {
+                        previews: &self.previews,
+                        mode: &self.preview_mode,
+                    },
+                    throttle: PreviewThrottle::new(),
                     cancel,
                 };
                 let result = edit_photo(&self.model, tuned, &request, &mut observer)?;
@@ -372,8 +384,23 @@ impl Worker {
 struct EditObserver<'a> {
     id: JobId,
     out: &'a Outbox,
-    preview: Option<&'a LatentPreview>,
+    preview: Previewing<'a>,
+    throttle: PreviewThrottle,
     cancel: &'a AtomicBool,
+}
+
+/// The previews at hand and the mode the UI chose, which may change during a job.
+#[derive(Clone, Copy)]
+struct Previewing<'a> {
+    previews: &'a Previews,
+    mode: &'a SharedPreviewMode,
+}
+
+impl Previewing<'_> {
+    /// The preview to send now, if any.
+    fn now(&self) -> Option<Previewer<'_>> {
+        self.previews.pick(self.mode.get())
+    }
 }
 
 impl StepObserver for EditObserver<'_> {
@@ -385,7 +412,8 @@ impl StepObserver for EditObserver<'_> {
             total: view.total_steps,
             loss: None,
         });
-        if let Some(image) = self.preview.and_then(|p| p.render(view.predicted_x0).ok()) {
+        let preview = self.preview.now().filter(|_| self.throttle.due());
+        if let Some(image) = preview.and_then(|p| self.throttle.render(p, view.predicted_x0).ok()) {
             self.out
                 .offer_preview(JobEvent::Preview { id: self.id, image });
         }

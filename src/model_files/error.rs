@@ -121,6 +121,31 @@ pub enum ModelFilesError {
         detail: String,
     },
 
+    /// Offline or the hub unreachable, and the cache lacks some of a small repo's files
+    /// (the tiny VAE of the previews).
+    #[error(
+        "{cause}, and {repo} is not in the Hugging Face cache: looked in {} for {files} \
+         ({detail}). Download it once while online.",
+        repo_cache_dir.display()
+    )]
+    FilesNotCached {
+        cause: String,
+        /// `owner/name (revision R)`.
+        repo: String,
+        repo_cache_dir: PathBuf,
+        /// The files looked for, comma-separated.
+        files: String,
+        detail: String,
+    },
+
+    /// A small repo's file list lacks a file that is needed.
+    #[error("the hub repo {repo_id} (revision {revision}) has no {file}.")]
+    FileNotInRepo {
+        repo_id: String,
+        revision: String,
+        file: String,
+    },
+
     /// A download started but did not finish.
     #[error(
         "downloading {file} of {repo_id} failed: {detail}. Check the network and run again; \
@@ -172,8 +197,10 @@ impl ModelFilesError {
             | Self::MissingWeights { .. }
             | Self::PickleOnly { .. }
             | Self::RepoNotFound { .. }
-            | Self::AccessDenied { .. } => true,
+            | Self::AccessDenied { .. }
+            | Self::FileNotInRepo { .. } => true,
             Self::NotCached { .. }
+            | Self::FilesNotCached { .. }
             | Self::Download { .. }
             | Self::HubResponse { .. }
             | Self::NoCacheDir

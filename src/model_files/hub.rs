@@ -7,13 +7,13 @@
 
 use std::path::{Path, PathBuf};
 
-use hf_hub::api::sync::{ApiBuilder, ApiError};
+use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
 
 use super::error::ModelFilesError;
 use super::layout::{
-    HubFiles, ModelFiles, ModelSource, WeightsPreference, locate_in_folder, locate_in_folder_with,
-    plan,
+    FileSet, HubFiles, ModelFiles, ModelSource, WeightsPreference, locate_in_folder,
+    locate_in_folder_with, plan,
 };
 use super::progress::{DownloadProgress, HubProgress};
 use super::spec::{ModelSpec, parse_hub_id};
@@ -104,6 +104,7 @@ pub fn resolve(
                 revision,
                 cache_dir: opts.effective_cache_dir()?,
                 endpoint: opts.effective_endpoint(),
+                files: None,
             };
             let miss = match hub.lookup_cache() {
                 Ok(files) => return Ok(files),
@@ -120,12 +121,55 @@ pub fn resolve(
     }
 }
 
+/// Named files of a hub repo that is not a Stable Diffusion pipeline (the tiny VAE of the
+/// previews): taken from the cache, else downloaded unless offline, into the same cache
+/// layout. The paths come back in the order of `files`.
+pub fn resolve_repo_files(
+    repo_id: &str,
+    revision: &str,
+    files: &[&str],
+    opts: &HubOptions,
+    progress: &mut dyn DownloadProgress,
+) -> Result<Vec<PathBuf>, ModelFilesError> {
+    let hub = HubModel {
+        repo_id,
+        revision,
+        cache_dir: opts.effective_cache_dir()?,
+        endpoint: opts.effective_endpoint(),
+        files: Some(files),
+    };
+    let miss = match hub.lookup_files(files) {
+        Ok(paths) => return Ok(paths),
+        Err(miss) => miss,
+    };
+    if opts.is_offline() {
+        return Err(hub.not_cached(
+            "unitune is offline (--offline or HF_HUB_OFFLINE)".to_owned(),
+            miss,
+        ));
+    }
+    let (repo, commit, listing) = hub.connect(opts.effective_token(), miss)?;
+    if let Some(file) = files.iter().find(|file| !listing.has_file(file)) {
+        return Err(ModelFilesError::FileNotInRepo {
+            repo_id: repo_id.to_owned(),
+            revision: revision.to_owned(),
+            file: (*file).to_owned(),
+        });
+    }
+    hub.fetch(&repo, &commit, files.iter().copied(), progress)?;
+    let snapshot = hub.snapshot_dir(&commit);
+    Ok(files.iter().map(|file| snapshot.join(file)).collect())
+}
+
 /// One hub model and where it lives.
 struct HubModel<'a> {
     repo_id: &'a str,
     revision: &'a str,
     cache_dir: PathBuf,
     endpoint: String,
+    /// The files wanted, for a repo that is not a Stable Diffusion pipeline; `None` for a
+    /// pipeline, whose files the diffusers layout names.
+    files: Option<&'a [&'a str]>,
 }
 
 impl HubModel<'_> {
@@ -139,25 +183,7 @@ impl HubModel<'_> {
 
     /// The cached model, or what is missing from the cache. Touches no network.
     fn lookup_cache(&self) -> Result<ModelFiles, String> {
-        let repo_dir = self.repo_dir();
-        if !repo_dir.is_dir() {
-            return Err("no copy of this repo is there".to_owned());
-        }
-        let commit = if is_commit_hash(self.revision) && self.snapshot_dir(self.revision).is_dir() {
-            self.revision.to_owned()
-        } else {
-            let ref_path = repo_dir.join("refs").join(self.revision);
-            let commit = std::fs::read_to_string(&ref_path)
-                .map_err(|_| format!("it has no refs/{}", self.revision))?;
-            let commit = commit.trim().to_owned();
-            if !is_safe_commit(&commit) {
-                return Err(format!(
-                    "refs/{} does not hold a commit hash",
-                    self.revision
-                ));
-            }
-            commit
-        };
+        let commit = self.cached_commit()?;
         let snapshot = self.snapshot_dir(&commit);
         let files = locate_in_folder_with(&snapshot, WeightsPreference::Fp16)
             .map_err(|err| describe_cache_gap(&commit, &err))?;
@@ -172,7 +198,56 @@ impl HubModel<'_> {
         })
     }
 
+    /// The cached copies of `files`, or what is missing from the cache. Touches no network.
+    fn lookup_files(&self, files: &[&str]) -> Result<Vec<PathBuf>, String> {
+        let commit = self.cached_commit()?;
+        let snapshot = self.snapshot_dir(&commit);
+        files
+            .iter()
+            .map(|file| {
+                let path = snapshot.join(file);
+                if path.is_file() {
+                    Ok(path)
+                } else {
+                    Err(format!("snapshots/{commit} lacks {file}"))
+                }
+            })
+            .collect()
+    }
+
+    /// The commit the cache holds for the revision.
+    fn cached_commit(&self) -> Result<String, String> {
+        let repo_dir = self.repo_dir();
+        if !repo_dir.is_dir() {
+            return Err("no copy of this repo is there".to_owned());
+        }
+        if is_commit_hash(self.revision) && self.snapshot_dir(self.revision).is_dir() {
+            Ok(self.revision.to_owned())
+        } else {
+            let ref_path = repo_dir.join("refs").join(self.revision);
+            let commit = std::fs::read_to_string(&ref_path)
+                .map_err(|_| format!("it has no refs/{}", self.revision))?;
+            let commit = commit.trim().to_owned();
+            if !is_safe_commit(&commit) {
+                return Err(format!(
+                    "refs/{} does not hold a commit hash",
+                    self.revision
+                ));
+            }
+            Ok(commit)
+        }
+    }
+
     fn not_cached(&self, cause: String, detail: String) -> ModelFilesError {
+        if let Some(files) = self.files {
+            return ModelFilesError::FilesNotCached {
+                cause,
+                repo: format!("{} (revision {})", self.repo_id, self.revision),
+                repo_cache_dir: self.repo_dir(),
+                files: files.join(", "),
+                detail,
+            };
+        }
         ModelFilesError::NotCached {
             cause,
             repo_id: self.repo_id.to_owned(),
@@ -182,13 +257,12 @@ impl HubModel<'_> {
         }
     }
 
-    /// Asks the hub for the file list, downloads the needed files the cache lacks.
-    fn download(
+    /// Connects to the repo at the revision and asks for its commit and file list.
+    fn connect(
         &self,
         token: Option<String>,
-        progress: &mut dyn DownloadProgress,
         cache_miss: String,
-    ) -> Result<ModelFiles, ModelFilesError> {
+    ) -> Result<(ApiRepo, String, HubFiles), ModelFilesError> {
         let api = ApiBuilder::from_cache(Cache::new(self.cache_dir.clone()))
             .with_endpoint(self.endpoint.clone())
             .with_token(token)
@@ -210,12 +284,54 @@ impl HubModel<'_> {
             return Err(self.hub_response(format!("'{}' is not a commit hash", info.sha)));
         }
         let listing = HubFiles::new(info.siblings.into_iter().map(|s| s.rfilename));
+        Ok((repo, info.sha, listing))
+    }
+
+    /// Asks the hub for the file list, downloads the needed files the cache lacks.
+    fn download(
+        &self,
+        token: Option<String>,
+        progress: &mut dyn DownloadProgress,
+        cache_miss: String,
+    ) -> Result<ModelFiles, ModelFilesError> {
+        let (repo, commit, listing) = self.connect(token, cache_miss)?;
         let location = format!("the hub repo {} (revision {})", self.repo_id, self.revision);
         let plan = plan(&listing, WeightsPreference::Fp16, &location)?;
+        let snapshot = self.snapshot_dir(&commit);
+        let files_downloaded = self.fetch(&repo, &commit, plan.files(), progress)?;
 
-        let snapshot = self.snapshot_dir(&info.sha);
+        let files = plan.into_model_files(&snapshot, ModelSource::LocalFolder);
+        let source = if files_downloaded == 0 {
+            ModelSource::HubCache {
+                repo_id: self.repo_id.to_owned(),
+                revision: self.revision.to_owned(),
+                commit,
+                cache_dir: self.cache_dir.clone(),
+            }
+        } else {
+            ModelSource::Downloaded {
+                repo_id: self.repo_id.to_owned(),
+                revision: self.revision.to_owned(),
+                commit,
+                cache_dir: self.cache_dir.clone(),
+                files_downloaded,
+            }
+        };
+        Ok(ModelFiles { source, ..files })
+    }
+
+    /// Downloads the named files the snapshot of `commit` lacks, then points the revision's
+    /// ref at it. Returns how many were downloaded.
+    fn fetch<'f>(
+        &self,
+        repo: &ApiRepo,
+        commit: &str,
+        files: impl IntoIterator<Item = &'f str>,
+        progress: &mut dyn DownloadProgress,
+    ) -> Result<usize, ModelFilesError> {
+        let snapshot = self.snapshot_dir(commit);
         let mut files_downloaded = 0;
-        for file in plan.files() {
+        for file in files {
             if progress.cancelled() {
                 return Err(ModelFilesError::Cancelled);
             }
@@ -231,34 +347,15 @@ impl HubModel<'_> {
                     repo_id: self.repo_id.to_owned(),
                     file: file.to_owned(),
                     detail: format!(
-                        "the repo moved to another commit while downloading (expected {}, got {})",
-                        info.sha,
+                        "the repo moved to another commit while downloading (expected {commit}, got {})",
                         path.display()
                     ),
                 });
             }
             files_downloaded += 1;
         }
-        self.write_ref(&info.sha)?;
-
-        let files = plan.into_model_files(&snapshot, ModelSource::LocalFolder);
-        let source = if files_downloaded == 0 {
-            ModelSource::HubCache {
-                repo_id: self.repo_id.to_owned(),
-                revision: self.revision.to_owned(),
-                commit: info.sha,
-                cache_dir: self.cache_dir.clone(),
-            }
-        } else {
-            ModelSource::Downloaded {
-                repo_id: self.repo_id.to_owned(),
-                revision: self.revision.to_owned(),
-                commit: info.sha,
-                cache_dir: self.cache_dir.clone(),
-                files_downloaded,
-            }
-        };
-        Ok(ModelFiles { source, ..files })
+        self.write_ref(commit)?;
+        Ok(files_downloaded)
     }
 
     /// Points `refs/<revision>` at `commit`, as Python's `huggingface_hub` does (it writes

@@ -22,10 +22,11 @@ mod lora;
 mod notice;
 mod progress;
 mod spec;
+mod tiny_vae;
 
 pub use error::ModelFilesError;
 pub use fingerprint::default_memo_path;
-pub use hub::{HubOptions, default_cache_dir, repo_cache_dir, resolve};
+pub use hub::{HubOptions, default_cache_dir, repo_cache_dir, resolve, resolve_repo_files};
 pub use layout::{
     ModelFiles, ModelSource, WeightsPreference, locate_in_folder, locate_in_folder_with,
 };
@@ -33,3 +34,4 @@ pub use lora::LoraChoice;
 pub use notice::{DEFAULT_MODEL_DOWNLOAD_BYTES, approximate_download_bytes, license_notice};
 pub use progress::{DownloadProgress, NoProgress, TerminalProgress};
 pub use spec::{DEFAULT_MODEL, DEFAULT_REVISION, ModelSpec, parse_model_arg};
+pub use tiny_vae::{TINY_VAE_REPO, TinyVaeFiles, resolve_tiny_vae};

@@ -392,3 +392,52 @@ pub fn model_arg(check: fn(Target)) {
         run: &run,
     });
 }
+
+/// The tiny VAE's `config.json` (diffusers `AutoencoderTiny`): built against the fixture's
+/// weights, then run on tiny latents and images.
+pub fn tiny_vae(check: fn(Target)) {
+    use unitune::engine::config::TinyVaeConfig;
+    use unitune::engine::taesd::TinyAutoencoder;
+
+    let dir = models_dir().join("taesd-tiny");
+    let weights = candle_core::safetensors::load(
+        dir.join("diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .expect("fixture weights load");
+    let run = |input: &[u8]| -> Depth {
+        let Some(Ok(config)) = text(input).map(|t| TinyVaeConfig::from_json(t, Path::new(FILE)))
+        else {
+            return 0;
+        };
+        let Ok(tiny) = TinyAutoencoder::new(config.clone(), builder(&weights), DType::F32) else {
+            return 1;
+        };
+        let factor = config.encoder_downscale_factor().min(16);
+        let ran = (|| -> unitune::engine::Result<()> {
+            let latents =
+                Tensor::zeros((1, config.latent_channels, 2, 2), DType::F32, &Device::Cpu)?;
+            tiny.decode(&latents)?;
+            let image = Tensor::zeros(
+                (1, config.in_channels, 2 * factor, 2 * factor),
+                DType::F32,
+                &Device::Cpu,
+            )?;
+            tiny.encode(&image)?;
+            Ok(())
+        })();
+        if ran.is_ok() { 3 } else { 2 }
+    };
+    // The fixture, and an empty config (taesd's full-size architecture, which the fixture's
+    // weights do not fit).
+    let seeds = vec![
+        std::fs::read(dir.join("config.json")).expect("fixture config is readable"),
+        b"{}".to_vec(),
+    ];
+    check(Target {
+        name: "tiny_vae_config",
+        seeds,
+        mutate: mutate::json,
+        run: &run,
+    });
+}

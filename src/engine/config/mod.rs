@@ -5,6 +5,7 @@
 //! support are refused by name instead of being silently ignored.
 
 mod scheduler;
+mod taesd;
 mod text_encoder;
 mod unet;
 mod vae;
@@ -15,6 +16,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 pub use scheduler::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
+pub use taesd::{TinyActivation, TinyVaeConfig};
 pub use text_encoder::{TextActivation, TextEncoderConfig};
 pub use unet::{BlockAttention, UnetBlockConfig, UnetConfig};
 pub use vae::VaeConfig;

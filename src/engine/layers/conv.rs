@@ -30,26 +30,47 @@ pub fn conv2d(
     padding: usize,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let weight = vb.get_with_hints(
-        (out_channels, in_channels, kernel, kernel),
-        "weight",
-        candle_nn::init::DEFAULT_KAIMING_NORMAL,
+    // The weight first: a random model (`VarMap`) draws its values in this order.
+    let mut conv = conv2d_no_bias(
+        in_channels,
+        out_channels,
+        kernel,
+        stride,
+        padding,
+        vb.clone(),
     )?;
     let bound = 1.0 / (in_channels as f64).sqrt();
-    let bias = vb.get_with_hints(
+    conv.bias = Some(vb.get_with_hints(
         out_channels,
         "bias",
         Init::Uniform {
             lo: -bound,
             up: bound,
         },
-    )?;
+    )?);
+    Ok(conv)
+}
+
+/// A square convolution without a bias (`bias=False` in PyTorch), its `weight` under `vb`.
+pub fn conv2d_no_bias(
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
     if padding >= kernel.max(1) {
         candle_core::bail!("convolution padding {padding} must be below the kernel size {kernel}");
     }
+    let weight = vb.get_with_hints(
+        (out_channels, in_channels, kernel, kernel),
+        "weight",
+        candle_nn::init::DEFAULT_KAIMING_NORMAL,
+    )?;
     Ok(Conv2d {
         weight,
-        bias: Some(bias),
+        bias: None,
         stride,
         padding,
     })

@@ -29,7 +29,7 @@ fn contiguous_elements<'a, T>(data: &'a [T], layout: &Layout, kernel: &str) -> R
 }
 
 pub use attention::attention;
-pub use conv::{Conv2d, conv2d};
+pub use conv::{Conv2d, conv2d, conv2d_no_bias};
 pub use geglu::geglu;
 pub use linear::{Linear, linear, linear_no_bias};
 pub use norm::{GroupNorm, LayerNorm, group_norm, wide};
