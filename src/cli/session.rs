@@ -12,6 +12,7 @@ use super::args::{GlobalOptions, SamplingOptions};
 use super::cancel::CancelFlag;
 use crate::engine::StableDiffusion;
 use crate::engine::device::{device_name, open_device};
+use crate::engine::model::LoadOptions;
 use crate::engine::precision::dtype_name;
 use crate::engine::sampling::{SampleOutput, SampleRequest, StepObserver, StepView, sample};
 use crate::imaging::{self, ExistingFile};
@@ -47,7 +48,10 @@ pub(super) fn load_model(global: &GlobalOptions) -> Result<LoadedModel> {
         notice: model_files::license_notice(&spec),
         inner: TerminalProgress::new(),
     };
-    let files = model_files::resolve(&spec, &options, &mut progress)?;
+    let mut files = model_files::resolve(&spec, &options, &mut progress)?;
+    if let Some(vae) = &global.vae {
+        files.vae_replacement = Some(model_files::parse_vae_arg(vae)?);
+    }
     let device = open_device(global.device)?;
     let dtype = global.precision.resolve(&device)?;
     eprintln!(
@@ -56,7 +60,11 @@ pub(super) fn load_model(global: &GlobalOptions) -> Result<LoadedModel> {
         dtype_name(dtype)
     );
     eprintln!("loading model {} ({})", spec, files.source);
-    let model = StableDiffusion::load(&files, &device, dtype)?;
+    let options = LoadOptions {
+        prediction_type: global.prediction_type.map(Into::into),
+    };
+    let model = StableDiffusion::load_with(&files, &device, dtype, &options)?;
+    eprintln!("model: {}", model.info().describe());
     let name = match &spec {
         ModelSpec::Folder(path) => path.display().to_string(),
         ModelSpec::Hub { .. } => spec.to_string(),

@@ -14,6 +14,7 @@ use safetensors::SafeTensors;
 use safetensors::tensor::Dtype;
 
 use super::adapter::new_snapshot_id;
+use crate::engine::checkpoint::UnetWeightsSource;
 use crate::engine::error::{EngineError, Result};
 
 /// Snapshots up to this size are also kept in host memory, so switching to them reads nothing.
@@ -34,6 +35,12 @@ enum Data {
     Memory(Vec<Tensor>),
     /// Tensors named `keys[i]` (in variable order) in a safetensors file.
     File { path: PathBuf, keys: Vec<String> },
+    /// The model's own UNet weights named `keys[i]` (diffusers names), read through the
+    /// model's weights source (a diffusers file or a single-file checkpoint).
+    Base {
+        source: UnetWeightsSource,
+        keys: Vec<String>,
+    },
 }
 
 impl Snapshot {
@@ -53,6 +60,16 @@ impl Snapshot {
         }
     }
 
+    /// The untrained values of the model's UNet weights `keys`, read from `source` when
+    /// selected.
+    pub fn in_unet_source(steps: usize, source: UnetWeightsSource, keys: Vec<String>) -> Self {
+        Self {
+            steps,
+            id: new_snapshot_id(),
+            data: Data::Base { source, keys },
+        }
+    }
+
     pub(super) fn id(&self) -> u64 {
         self.id
     }
@@ -61,6 +78,7 @@ impl Snapshot {
     pub fn file(&self) -> Option<&Path> {
         match &self.data {
             Data::File { path, .. } => Some(path),
+            Data::Base { source, .. } => Some(source.file()),
             Data::Memory(_) => None,
         }
     }
@@ -78,6 +96,10 @@ impl Snapshot {
                 }
                 Ok(())
             }
+            Data::Base { source, keys } => keys
+                .iter()
+                .enumerate()
+                .try_for_each(|(i, key)| f(i, &source.read_host(key)?)),
         }
     }
 
@@ -94,7 +116,7 @@ impl Snapshot {
     pub fn len(&self) -> usize {
         match &self.data {
             Data::Memory(tensors) => tensors.len(),
-            Data::File { keys, .. } => keys.len(),
+            Data::File { keys, .. } | Data::Base { keys, .. } => keys.len(),
         }
     }
 
