@@ -43,6 +43,9 @@ impl FileDialogs for ScriptedDialogs {
     fn pick_model_folder(&self) -> Option<PathBuf> {
         self.model_folder.lock().unwrap().clone()
     }
+    fn pick_model_file(&self) -> Option<PathBuf> {
+        self.model_folder.lock().unwrap().clone()
+    }
 }
 
 struct Setup {

@@ -32,6 +32,10 @@ pub enum Command {
     DownloadModel,
     CancelDownload,
     ChooseModelFolder,
+    /// Open the file dialog for a single-file `.safetensors` checkpoint.
+    ChooseModelFile,
+    /// Load this single-file checkpoint (dropped on the window).
+    LoadModelFile(PathBuf),
     RetryModel,
     DismissNotice,
     ResetView,
@@ -110,6 +114,8 @@ impl EditorApp {
             }
             Command::CancelDownload => self.model.cancel_download(),
             Command::ChooseModelFolder => self.chores.pick_model_folder(),
+            Command::ChooseModelFile => self.chores.pick_model_file(),
+            Command::LoadModelFile(path) => self.load_model(path.display().to_string(), false),
             Command::RetryModel => {
                 let model = self.model.name();
                 self.load_model(model, false);

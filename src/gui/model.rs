@@ -31,6 +31,8 @@ pub enum ModelStatus {
         device: String,
         prediction_type: &'static str,
         precision: &'static str,
+        /// Family, variant and prediction type, in one line.
+        description: String,
     },
 }
 
@@ -100,6 +102,7 @@ impl ModelState {
                         device: loaded.device.clone(),
                         prediction_type: loaded.prediction_type,
                         precision: loaded.precision,
+                        description: loaded.description.clone(),
                     };
                     ended(self, status);
                     self.runner = Some(loaded.runner);

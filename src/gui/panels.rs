@@ -197,13 +197,24 @@ fn model_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) 
             name,
             source,
             device,
+            description,
             ..
         } => {
             ui.label(name.to_string());
+            ui.small(description.as_str());
             ui.small(format!("{source} · on {device}"));
-            if ui.small_button("Choose another folder...").clicked() {
-                commands.push(Command::ChooseModelFolder);
-            }
+            ui.horizontal(|ui| {
+                if ui.small_button("Choose another folder...").clicked() {
+                    commands.push(Command::ChooseModelFolder);
+                }
+                if ui
+                    .small_button("Checkpoint file...")
+                    .on_hover_text("A single-file .safetensors checkpoint (or drop one here)")
+                    .clicked()
+                {
+                    commands.push(Command::ChooseModelFile);
+                }
+            });
         }
         ModelStatus::Loading { model, detail } => {
             ui.horizontal(|ui| {
@@ -258,6 +269,9 @@ fn model_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) 
                 if ui.button("Choose a model folder...").clicked() {
                     commands.push(Command::ChooseModelFolder);
                 }
+                if ui.button("Checkpoint file...").clicked() {
+                    commands.push(Command::ChooseModelFile);
+                }
             });
         }
         ModelStatus::Failed { message, .. } => {
@@ -268,6 +282,9 @@ fn model_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) 
                 }
                 if ui.button("Choose a model folder...").clicked() {
                     commands.push(Command::ChooseModelFolder);
+                }
+                if ui.button("Checkpoint file...").clicked() {
+                    commands.push(Command::ChooseModelFile);
                 }
             });
         }

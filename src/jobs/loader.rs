@@ -44,6 +44,9 @@ pub struct LoadedModel {
     pub prediction_type: &'static str,
     /// The compute precision ("f32", "f16", "bf16"), for recipes.
     pub precision: &'static str,
+    /// What was loaded: family (detected for a single file), variant, prediction type and
+    /// why, in one line.
+    pub description: String,
 }
 
 /// How a download is going, for a progress bar.
@@ -240,6 +243,7 @@ fn load(request: &LoadRequest, cancel: &Arc<AtomicBool>, outbox: &Outbox) -> Loa
         return LoadEvent::Cancelled;
     }
     let prediction_type = model.config.scheduler.prediction_type.as_str();
+    let description = model.info().describe();
     let options = RunnerOptions {
         cache: request.snapshot_cache.clone(),
         model_identity,
@@ -261,6 +265,7 @@ fn load(request: &LoadRequest, cancel: &Arc<AtomicBool>, outbox: &Outbox) -> Loa
         device: device_name(&device),
         prediction_type,
         precision: dtype_name(dtype),
+        description,
     }))
 }
 
