@@ -540,6 +540,8 @@ fn a_fine_tuned_edit_from_the_file_matches_the_folders() {
                 "2",
                 "--train",
                 "cross-kv",
+                "--snapshots",
+                "1,2",
                 "--t0",
                 "0.9",
                 "--seed",
