@@ -742,3 +742,56 @@ fn the_cache_window_lists_removes_and_clears_snapshot_cache_entries() {
     });
     assert!(cache.entries().is_empty());
 }
+
+#[test]
+fn a_checkpoint_file_dropped_or_chosen_loads_and_the_model_panel_shows_its_family() {
+    let setup = Setup::new(2);
+    let mut harness = setup.editor(None);
+    step_until(&mut harness, Duration::from_secs(60), "the model", |app| {
+        app.model_ready() && !app.is_busy()
+    });
+    // Dropped on the window (the model panel included): a .safetensors file is a model.
+    // Relative, so the model line reads the same on every machine.
+    drop_file(
+        &mut harness,
+        PathBuf::from("./tests/fixtures/models/sd2-ckpt-tiny.safetensors"),
+    );
+    harness.step();
+    step_until(
+        &mut harness,
+        Duration::from_secs(60),
+        "the checkpoint",
+        |app| app.model_ready() && !app.is_busy(),
+    );
+    assert!(
+        harness.state().photo_size().is_none(),
+        "not opened as a photo"
+    );
+    assert!(
+        harness
+            .query_by_label_contains("SD 2.x (OpenCLIP text encoder), text-to-image")
+            .is_some(),
+        "the detected family is shown"
+    );
+    harness.snapshot_options("editor_single_file", &tolerant(0));
+
+    // The file dialog of the model panel.
+    *setup.dialogs.model_folder.lock().unwrap() =
+        Some(common::model_dir("sd15-ckpt-tiny.safetensors"));
+    harness
+        .get_by_role_and_label(Role::Button, "Checkpoint file...")
+        .click();
+    // The dialog answers on a background thread, then the model loads.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while harness
+        .query_by_label_contains("SD 1.x (CLIP text encoder)")
+        .is_none()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the chosen checkpoint did not load"
+        );
+        harness.step();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

@@ -206,8 +206,7 @@ fn choose_prediction(
             Family::Sd1 => (PredictionType::Epsilon, "SD 1.x default".to_owned()),
             Family::Sd2 => (
                 PredictionType::VPrediction,
-                "SD 2.x default (the 768 px model); pass --prediction-type epsilon for a 512 px \
-                 SD 2.x base model"
+                "SD 2.x default, the 768 px model; --prediction-type epsilon for 512 px ones"
                     .to_owned(),
             ),
         }
