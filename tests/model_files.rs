@@ -102,7 +102,7 @@ fn full_precision_folder_is_located() {
     let files = locate_in_folder(root).expect("complete model folder");
     let expected = ModelFiles {
         root: root.to_path_buf(),
-        layout: ModelLayout::Diffusers(DiffusersFiles {
+        layout: ModelLayout::Diffusers(Box::new(DiffusersFiles {
             unet_config: root.join("unet/config.json"),
             unet_weights: root.join("unet/diffusion_pytorch_model.safetensors"),
             vae_config: root.join("vae/config.json"),
@@ -114,7 +114,7 @@ fn full_precision_folder_is_located() {
             tokenizer_config: Some(root.join("tokenizer/tokenizer_config.json")),
             special_tokens_map: Some(root.join("tokenizer/special_tokens_map.json")),
             scheduler_config: root.join("scheduler/scheduler_config.json"),
-        }),
+        })),
         vae_replacement: None,
         source: ModelSource::LocalFolder,
     };

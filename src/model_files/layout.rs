@@ -87,7 +87,7 @@ pub struct ModelFiles {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelLayout {
     /// A diffusers folder: one config and weights file per component.
-    Diffusers(DiffusersFiles),
+    Diffusers(Box<DiffusersFiles>),
     /// One `.safetensors` file in the original LDM layout (`model.diffusion_model.*`,
     /// `first_stage_model.*`, `cond_stage_model.*`), as AUTOMATIC1111 and ComfyUI keep them.
     /// The architecture is read from its tensors; the tokenizer is the bundled CLIP one.
@@ -124,7 +124,7 @@ impl ModelFiles {
     /// The diffusers folder's files; `None` for a single-file checkpoint.
     pub fn diffusers(&self) -> Option<&DiffusersFiles> {
         match &self.layout {
-            ModelLayout::Diffusers(files) => Some(files),
+            ModelLayout::Diffusers(files) => Some(files.as_ref()),
             ModelLayout::SingleFile { .. } => None,
         }
     }
@@ -439,7 +439,7 @@ impl Plan {
         };
         ModelFiles {
             root: root.to_path_buf(),
-            layout: ModelLayout::Diffusers(files),
+            layout: ModelLayout::Diffusers(Box::new(files)),
             vae_replacement: None,
             source,
         }
