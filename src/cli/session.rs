@@ -69,7 +69,11 @@ pub(super) fn load_model(global: &GlobalOptions) -> Result<LoadedModel> {
         ModelSpec::Folder(path) => path.display().to_string(),
         ModelSpec::Hub { .. } => spec.to_string(),
     };
-    let identity = files.fingerprint(crate::model_files::default_memo_path().as_deref())?;
+    let mut identity = files.fingerprint(crate::model_files::default_memo_path().as_deref())?;
+    if let Some(prediction) = options.prediction_type {
+        // The same weights trained towards another target are another model's snapshots.
+        identity.push_str(&format!("+prediction={}", prediction.as_str()));
+    }
     Ok(LoadedModel {
         model,
         name,

@@ -364,7 +364,9 @@ pub(super) fn detect_vae(
             "latent_channels": encoder_out[0] / 2,
             "use_quant_conv": weights.contains("quant_conv.weight"),
             "use_post_quant_conv": weights.contains("post_quant_conv.weight"),
-            "mid_block_add_attention": weights.contains("encoder.mid_block.attentions.0.to_q.weight"),
+            // diffusers' current names, or its old ones (query/key/value).
+            "mid_block_add_attention": weights.contains("encoder.mid_block.attentions.0.to_q.weight")
+                || weights.contains("encoder.mid_block.attentions.0.query.weight"),
         }),
     );
     let config = VaeConfig::from_json(&config.to_string(), file.path())?;
