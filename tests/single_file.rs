@@ -561,3 +561,25 @@ fn a_fine_tuned_edit_from_the_file_matches_the_folders() {
     }
     assert_eq!(outputs[0], outputs[1]);
 }
+
+#[test]
+fn fine_tuning_reads_the_untrained_weights_back_through_the_name_map() {
+    use unitune::engine::finetune::{Adapter, TrainMode};
+    let mut folder = load(&model_dir("sd15-ckpt-tiny"));
+    let mut file = load(&single("sd15-ckpt-tiny"));
+    let mut noise = NoiseSource::from_seed(1);
+    let a = Adapter::attach(&mut folder, TrainMode::Attention, &mut noise).unwrap();
+    let b = Adapter::attach(&mut file, TrainMode::Attention, &mut noise).unwrap();
+    assert_eq!(a.names(), b.names());
+    // The base snapshot (the untrained values) is read from the model's own file.
+    assert_eq!(b.base().file(), Some(single("sd15-ckpt-tiny").as_path()));
+    let (ta, tb) = (a.base().tensors().unwrap(), b.base().tensors().unwrap());
+    assert_eq!(ta.len(), tb.len());
+    for ((name, x), y) in a.names().iter().zip(&ta).zip(&tb) {
+        let (x, y) = (
+            x.to_dtype(DType::F32).unwrap(),
+            y.to_dtype(DType::F32).unwrap(),
+        );
+        assert!(same(&x, &y), "base {name} differs");
+    }
+}
