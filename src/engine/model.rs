@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -79,35 +78,6 @@ fn weights_error<'a>(
         file: file.to_path_buf(),
         reason: e.to_string(),
     }
-}
-
-/// Reads tensors of one safetensors file (all when `names` is `None`), converted to `dtype` on
-/// `device`, one tensor at a time (the file is mapped, never read whole into memory).
-fn read_weights(
-    component: &'static str,
-    file: &Path,
-    names: Option<&[String]>,
-    dtype: DType,
-    device: &Device,
-) -> Result<HashMap<String, Tensor>> {
-    let error = weights_error(component, file);
-    // SAFETY: as in `open_weights`.
-    let mapped =
-        unsafe { candle_core::safetensors::MmapedSafetensors::new(file) }.map_err(&error)?;
-    let wanted: Vec<String> = match names {
-        Some(names) => names.to_vec(),
-        None => mapped.tensors().into_iter().map(|(name, _)| name).collect(),
-    };
-    wanted
-        .into_iter()
-        .map(|name| {
-            let t = mapped
-                .load(&name, device)
-                .and_then(|t| t.to_dtype(dtype))
-                .map_err(&error)?;
-            Ok((name, t))
-        })
-        .collect()
 }
 
 /// What `--model` and friends decide beyond the files themselves.
@@ -235,31 +205,7 @@ impl StableDiffusion {
                 TextEncoder::new(&config.text_encoder, vb)
             })?;
         // The UNet's tensors are kept by name: fine-tuning rebuilds the UNet around them.
-        let (unet, unet_weights) = match &files.layout {
-            ModelLayout::Diffusers(folder) => {
-                let weights = read_weights("UNet", &folder.unet_weights, None, dtype, device)?;
-                let unet = UNet::new(
-                    &config.unet,
-                    VarBuilder::from_tensors(weights.clone(), dtype, device),
-                )
-                .map_err(weights_error("UNet", &folder.unet_weights))?;
-                (unet, weights)
-            }
-            ModelLayout::SingleFile { .. } => {
-                let named = parts.unet_source.weights();
-                let record = Arc::new(Mutex::new(HashMap::new()));
-                let unet = UNet::new(
-                    &config.unet,
-                    named.var_builder(dtype, device, Some(record.clone())),
-                )
-                .map_err(|e| named.error(e))?;
-                let weights = record
-                    .lock()
-                    .map(|mut map| std::mem::take(&mut *map))
-                    .map_err(|_| named.error("loading the UNet failed"))?;
-                (unet, weights)
-            }
-        };
+        let (unet, unet_weights) = parts.unet_source.build_unet(&config.unet, dtype, device)?;
         let vae_dtype = if dtype == DType::F16 && config.vae.force_upcast {
             DType::F32
         } else {

@@ -15,7 +15,9 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 
 use super::names::{Naming, Source};
+use crate::engine::config::UnetConfig;
 use crate::engine::error::{EngineError, Result};
+use crate::engine::unet::UNet;
 
 /// One mapped safetensors file with its header.
 #[derive(Clone)]
@@ -338,7 +340,8 @@ impl SimpleBackend for Backend {
 
 /// Where the UNet's untrained weights are read from by diffusers name: a diffusers
 /// `unet/` weights file or a single-file checkpoint through its name map. The one place base
-/// UNet values come from (loading, and fine-tuning putting trained weights back).
+/// UNet values come from: loading ([`Self::build_unet`]) and fine-tuning putting trained
+/// weights back ([`Self::read`]) both read through [`NamedWeights`]' one `load`.
 #[derive(Debug, Clone)]
 pub struct UnetWeightsSource {
     weights: NamedWeights,
@@ -357,6 +360,26 @@ impl UnetWeightsSource {
                 prefix: String::new(),
             },
         )))
+    }
+
+    /// Builds the UNet of `config` from these weights, checking every shape, and returns it
+    /// with the tensors it holds by diffusers name (shared storage, not a copy).
+    pub fn build_unet(
+        &self,
+        config: &UnetConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(UNet, HashMap<String, Tensor>)> {
+        let record = Arc::new(Mutex::new(HashMap::new()));
+        let vb = self
+            .weights
+            .var_builder(dtype, device, Some(record.clone()));
+        let unet = UNet::new(config, vb).map_err(|e| self.weights.error(e))?;
+        let weights = record
+            .lock()
+            .map(|mut map| std::mem::take(&mut *map))
+            .map_err(|_| self.weights.error("loading the UNet failed"))?;
+        Ok((unet, weights))
     }
 
     /// The named tensors in `dtype` on `device`.
