@@ -43,6 +43,9 @@ impl FileDialogs for ScriptedDialogs {
     fn pick_model_folder(&self) -> Option<PathBuf> {
         self.model_folder.lock().unwrap().clone()
     }
+    fn pick_model_file(&self) -> Option<PathBuf> {
+        self.model_folder.lock().unwrap().clone()
+    }
 }
 
 struct Setup {
@@ -873,4 +876,57 @@ fn an_instruct_model_edits_by_instruction_without_learning_the_photo() {
     assert_eq!(recipe["model_prompt"], "make it winter");
     assert_eq!(recipe["image_guidance"], 1.5);
     assert!(recipe["t0"].is_null() && recipe["tuning"].is_null());
+}
+
+#[test]
+fn a_checkpoint_file_dropped_or_chosen_loads_and_the_model_panel_shows_its_family() {
+    let setup = Setup::new(2);
+    let mut harness = setup.editor(None);
+    step_until(&mut harness, Duration::from_secs(60), "the model", |app| {
+        app.model_ready() && !app.is_busy()
+    });
+    // Dropped on the window (the model panel included): a .safetensors file is a model.
+    // Relative, so the model line reads the same on every machine.
+    drop_file(
+        &mut harness,
+        PathBuf::from("./tests/fixtures/models/sd2-ckpt-tiny.safetensors"),
+    );
+    harness.step();
+    step_until(
+        &mut harness,
+        Duration::from_secs(60),
+        "the checkpoint",
+        |app| app.model_ready() && !app.is_busy(),
+    );
+    assert!(
+        harness.state().photo_size().is_none(),
+        "not opened as a photo"
+    );
+    assert!(
+        harness
+            .query_by_label_contains("SD 2.x (OpenCLIP text encoder), text-to-image")
+            .is_some(),
+        "the detected family is shown"
+    );
+    harness.snapshot_options("editor_single_file", &tolerant(0));
+
+    // The file dialog of the model panel.
+    *setup.dialogs.model_folder.lock().unwrap() =
+        Some(common::model_dir("sd15-ckpt-tiny.safetensors"));
+    harness
+        .get_by_role_and_label(Role::Button, "Checkpoint file...")
+        .click();
+    // The dialog answers on a background thread, then the model loads.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while harness
+        .query_by_label_contains("SD 1.x (CLIP text encoder)")
+        .is_none()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the chosen checkpoint did not load"
+        );
+        harness.step();
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }

@@ -44,11 +44,17 @@ fn load_in(dtype: DType) -> StableDiffusion {
 /// The UNet's weights read straight from the file, converted to f64 (exactly) as the model
 /// converts them.
 fn weights_on_disk() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(model_files(MODEL).unet_weights, &Device::Cpu)
-        .unwrap()
-        .into_iter()
-        .map(|(name, t)| (name, t.to_dtype(DType::F64).unwrap()))
-        .collect()
+    candle_core::safetensors::load(
+        &model_files(MODEL)
+            .diffusers()
+            .expect("a folder")
+            .unet_weights,
+        &Device::Cpu,
+    )
+    .unwrap()
+    .into_iter()
+    .map(|(name, t)| (name, t.to_dtype(DType::F64).unwrap()))
+    .collect()
 }
 
 /// `Some((attention, projection, parameter))` for `...attn1.to_out.0.weight` and the like.

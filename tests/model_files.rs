@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use fake_hub::{FakeHub, FakeRepo};
 
 use unitune::model_files::{
-    DEFAULT_MODEL, DownloadProgress, HubOptions, ModelFiles, ModelFilesError, ModelSource,
-    ModelSpec, NoProgress, WeightsPreference, locate_in_folder, locate_in_folder_with,
-    parse_model_arg, repo_cache_dir, resolve,
+    DEFAULT_MODEL, DiffusersFiles, DownloadProgress, HubOptions, ModelFiles, ModelFilesError,
+    ModelLayout, ModelSource, ModelSpec, NoProgress, WeightsPreference, locate_in_folder,
+    locate_in_folder_with, parse_model_arg, repo_cache_dir, resolve,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -102,17 +102,20 @@ fn full_precision_folder_is_located() {
     let files = locate_in_folder(root).expect("complete model folder");
     let expected = ModelFiles {
         root: root.to_path_buf(),
-        unet_config: root.join("unet/config.json"),
-        unet_weights: root.join("unet/diffusion_pytorch_model.safetensors"),
-        vae_config: root.join("vae/config.json"),
-        vae_weights: root.join("vae/diffusion_pytorch_model.safetensors"),
-        text_encoder_config: root.join("text_encoder/config.json"),
-        text_encoder_weights: root.join("text_encoder/model.safetensors"),
-        tokenizer_vocab: root.join("tokenizer/vocab.json"),
-        tokenizer_merges: root.join("tokenizer/merges.txt"),
-        tokenizer_config: Some(root.join("tokenizer/tokenizer_config.json")),
-        special_tokens_map: Some(root.join("tokenizer/special_tokens_map.json")),
-        scheduler_config: root.join("scheduler/scheduler_config.json"),
+        layout: ModelLayout::Diffusers(Box::new(DiffusersFiles {
+            unet_config: root.join("unet/config.json"),
+            unet_weights: root.join("unet/diffusion_pytorch_model.safetensors"),
+            vae_config: root.join("vae/config.json"),
+            vae_weights: root.join("vae/diffusion_pytorch_model.safetensors"),
+            text_encoder_config: root.join("text_encoder/config.json"),
+            text_encoder_weights: root.join("text_encoder/model.safetensors"),
+            tokenizer_vocab: root.join("tokenizer/vocab.json"),
+            tokenizer_merges: root.join("tokenizer/merges.txt"),
+            tokenizer_config: Some(root.join("tokenizer/tokenizer_config.json")),
+            special_tokens_map: Some(root.join("tokenizer/special_tokens_map.json")),
+            scheduler_config: root.join("scheduler/scheduler_config.json"),
+        })),
+        vae_replacement: None,
         source: ModelSource::LocalFolder,
         loras: Vec::new(),
     };
@@ -126,17 +129,17 @@ fn fp16_only_folder_is_located_whatever_the_preference() {
     for preference in [WeightsPreference::Full, WeightsPreference::Fp16] {
         let files = locate_in_folder_with(dir.path(), preference).expect("fp16-only folder");
         assert!(
-            files
+            d(&files)
                 .unet_weights
                 .ends_with("unet/diffusion_pytorch_model.fp16.safetensors")
         );
         assert!(
-            files
+            d(&files)
                 .vae_weights
                 .ends_with("vae/diffusion_pytorch_model.fp16.safetensors")
         );
         assert!(
-            files
+            d(&files)
                 .text_encoder_weights
                 .ends_with("text_encoder/model.fp16.safetensors")
         );
@@ -151,25 +154,30 @@ fn both_kinds_of_weights_follow_the_preference() {
 
     let full = locate_in_folder_with(dir.path(), WeightsPreference::Full).expect("full");
     assert!(
-        full.unet_weights
+        d(&full)
+            .unet_weights
             .ends_with("unet/diffusion_pytorch_model.safetensors")
     );
     assert!(
-        full.text_encoder_weights
+        d(&full)
+            .text_encoder_weights
             .ends_with("text_encoder/model.safetensors")
     );
 
     let half = locate_in_folder_with(dir.path(), WeightsPreference::Fp16).expect("fp16");
     assert!(
-        half.unet_weights
+        d(&half)
+            .unet_weights
             .ends_with("unet/diffusion_pytorch_model.fp16.safetensors")
     );
     assert!(
-        half.vae_weights
+        d(&half)
+            .vae_weights
             .ends_with("vae/diffusion_pytorch_model.fp16.safetensors")
     );
     assert!(
-        half.text_encoder_weights
+        d(&half)
+            .text_encoder_weights
             .ends_with("text_encoder/model.fp16.safetensors")
     );
 
@@ -187,8 +195,8 @@ fn optional_tokenizer_files_may_be_absent() {
         .collect();
     write_model(dir.path(), &files);
     let located = locate_in_folder(dir.path()).expect("tokenizer without optional files");
-    assert_eq!(located.tokenizer_config, None);
-    assert_eq!(located.special_tokens_map, None);
+    assert_eq!(d(&located).tokenizer_config, None);
+    assert_eq!(d(&located).special_tokens_map, None);
 }
 
 #[test]
@@ -253,23 +261,27 @@ fn missing_component_config_or_weights_is_named() {
 }
 
 #[test]
-fn single_file_checkpoint_is_refused() {
+fn single_files_are_taken_and_pickle_files_refused() {
     let dir = temp_dir();
-    for name in ["model.safetensors", "v1-5-pruned.ckpt"] {
-        let path = dir.path().join(name);
-        std::fs::write(&path, b"not really weights").expect("write checkpoint");
-        let err = locate_in_folder(&path).expect_err("single file");
-        assert!(
-            matches!(err, ModelFilesError::SingleFileCheckpoint { .. }),
-            "{err:?}"
-        );
-        assert!(err.is_invalid_input());
-        assert_mentions(&err, &[name, "not support", "diffusers"]);
-    }
-    // A folder that holds only a checkpoint says the same about that file.
+    let path = dir.path().join("model.safetensors");
+    std::fs::write(&path, b"not really weights").expect("write checkpoint");
+    let files = locate_in_folder(&path).expect("a .safetensors file is a checkpoint");
+    assert_eq!(files.checkpoint(), Some(path.as_path()));
+    assert!(files.diffusers().is_none());
+
+    let pickle = dir.path().join("v1-5-pruned.ckpt");
+    std::fs::write(&pickle, b"not really weights").expect("write checkpoint");
+    let err = locate_in_folder(&pickle).expect_err("pickle");
+    assert!(
+        matches!(err, ModelFilesError::PickleCheckpoint { .. }),
+        "{err:?}"
+    );
+    assert!(err.is_invalid_input());
+    assert_mentions(&err, &["v1-5-pruned.ckpt", "pickle", ".safetensors"]);
+    // A folder that holds only checkpoints points at the file.
     let err = locate_in_folder(dir.path()).expect_err("folder with only checkpoints");
     assert!(
-        matches!(err, ModelFilesError::SingleFileCheckpoint { .. }),
+        matches!(err, ModelFilesError::CheckpointInFolder { .. }),
         "{err:?}"
     );
 
@@ -297,17 +309,20 @@ fn generated_fixture_models_are_located() {
     }
     let sd15 = locate_in_folder(&models.join("sd15-tiny")).expect("sd15-tiny");
     assert!(
-        sd15.unet_weights
+        d(&sd15)
+            .unet_weights
             .ends_with("unet/diffusion_pytorch_model.safetensors")
     );
-    assert!(sd15.tokenizer_config.is_some());
+    assert!(d(&sd15).tokenizer_config.is_some());
     let sd2 = locate_in_folder(&models.join("sd2-tiny")).expect("sd2-tiny");
     assert!(
-        sd2.unet_weights
+        d(&sd2)
+            .unet_weights
             .ends_with("unet/diffusion_pytorch_model.fp16.safetensors")
     );
     assert!(
-        sd2.text_encoder_weights
+        d(&sd2)
+            .text_encoder_weights
             .ends_with("text_encoder/model.fp16.safetensors")
     );
 }
@@ -440,11 +455,11 @@ fn cached_model_is_found_offline() {
     assert_eq!(files.root, snapshot);
     // A hub model prefers fp16 weights.
     assert_eq!(
-        files.unet_weights,
+        d(&files).unet_weights,
         snapshot.join("unet/diffusion_pytorch_model.fp16.safetensors")
     );
     assert_eq!(
-        std::fs::read(&files.vae_weights).expect("read through the link"),
+        std::fs::read(&d(&files).vae_weights).expect("read through the link"),
         contents("vae/diffusion_pytorch_model.fp16.safetensors")
     );
     assert_eq!(
@@ -476,7 +491,7 @@ fn cached_model_is_found_by_commit_without_a_ref() {
         .expect("snapshot by commit");
     assert_eq!(files.root, snapshot);
     assert!(
-        files
+        d(&files)
             .unet_weights
             .ends_with("unet/diffusion_pytorch_model.safetensors")
     );
@@ -645,11 +660,11 @@ fn download_fetches_only_the_needed_files_into_the_standard_cache() {
     let snapshot = repo_dir.join("snapshots").join(SHA);
     assert_eq!(files.root, snapshot);
     assert_eq!(
-        files.unet_weights,
+        d(&files).unet_weights,
         snapshot.join("unet/diffusion_pytorch_model.fp16.safetensors")
     );
     assert_eq!(
-        files.text_encoder_weights,
+        d(&files).text_encoder_weights,
         snapshot.join("text_encoder/model.fp16.safetensors")
     );
     assert_eq!(
@@ -700,7 +715,7 @@ fn download_fetches_only_the_needed_files_into_the_standard_cache() {
     let requests_before = hub.log().len();
     let again = resolve(&spec, &opts, &mut NoProgress).expect("from the cache");
     assert_eq!(hub.log().len(), requests_before);
-    assert_eq!(again.unet_weights, files.unet_weights);
+    assert_eq!(d(&again).unet_weights, d(&files).unet_weights);
     assert!(
         matches!(again.source, ModelSource::HubCache { .. }),
         "{:?}",
@@ -714,7 +729,7 @@ fn download_fetches_only_the_needed_files_into_the_standard_cache() {
         ..opts
     };
     let cached = resolve(&spec, &offline, &mut NoProgress).expect("offline from the cache");
-    assert_eq!(cached.vae_weights, files.vae_weights);
+    assert_eq!(d(&cached).vae_weights, d(&files).vae_weights);
 }
 
 #[test]
@@ -735,7 +750,7 @@ fn full_weights_are_downloaded_when_the_repo_has_no_fp16() {
     )
     .expect("download");
     assert!(
-        located
+        d(&located)
             .unet_weights
             .ends_with("unet/diffusion_pytorch_model.safetensors")
     );
@@ -771,7 +786,7 @@ fn a_partial_cache_downloads_only_what_it_lacks() {
         ["vae/diffusion_pytorch_model.fp16.safetensors"]
     );
     assert_eq!(
-        std::fs::read(&files.vae_weights).expect("downloaded vae"),
+        std::fs::read(&d(&files).vae_weights).expect("downloaded vae"),
         contents("vae/diffusion_pytorch_model.fp16.safetensors")
     );
     assert!(matches!(
@@ -919,7 +934,7 @@ fn cancelling_stops_between_files_and_a_later_run_finishes() {
         all_runs[2..].iter().all(|f| !first_run.contains(f)),
         "nothing fetched twice: {all_runs:?}"
     );
-    assert!(files.unet_weights.is_file());
+    assert!(d(&files).unet_weights.is_file());
 }
 
 #[test]
@@ -1046,4 +1061,9 @@ fn a_hub_model_is_fingerprinted_by_its_blob_names() {
         .path();
     std::fs::write(&blob, b"changed under the same name").unwrap();
     assert_eq!(link_all(&"d".repeat(40), None), first);
+}
+
+/// The diffusers files of a folder model.
+fn d(files: &ModelFiles) -> &DiffusersFiles {
+    files.diffusers().expect("a diffusers folder")
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::engine::config::PredictionType;
 use crate::engine::device::DeviceChoice;
 use crate::engine::precision::Precision;
 use crate::engine::preview::PreviewMode;
@@ -17,7 +18,8 @@ use crate::model_files::DEFAULT_MODEL;
     about = "Edit a photo by typing what it should become (UniTune on Stable Diffusion).",
     long_about = "Edit a photo by typing what it should become (UniTune on Stable Diffusion).\n\n\
 Models are diffusers-format folders (unet/, vae/, text_encoder/, tokenizer/, scheduler/) with \
-.safetensors weights, or Hugging Face hub ids, which are looked up in the standard Hugging Face \
+.safetensors weights, single-file .safetensors checkpoints (SD 1.x/2.x, as AUTOMATIC1111 and \
+ComfyUI keep them), or Hugging Face hub ids, which are looked up in the standard Hugging Face \
 cache first and downloaded otherwise.\n\n\
 Exit codes: 0 success, 2 invalid input or usage, 1 any other failure."
 )]
@@ -34,10 +36,20 @@ pub struct Cli {
 
 #[derive(Debug, Clone, Args)]
 pub struct GlobalOptions {
-    /// Model: a diffusers folder (absolute, ./ or ../ path) or a Hugging Face hub id
-    /// (owner/name, optionally @revision).
+    /// Model: a diffusers folder or a single-file .safetensors checkpoint (absolute, ./, ../
+    /// or ~/ path), or a Hugging Face hub id (owner/name, optionally @revision).
     #[arg(long, global = true, value_name = "M", default_value = DEFAULT_MODEL)]
     pub model: String,
+
+    /// Replace the model's VAE: a VAE .safetensors file (LDM or diffusers names) or a
+    /// diffusers vae/ folder (or a folder holding one).
+    #[arg(long, global = true, value_name = "FILE_OR_FOLDER")]
+    pub vae: Option<String>,
+
+    /// What the UNet predicts, when the model cannot say: a single file's metadata is read,
+    /// else SD 1.x means epsilon and SD 2.x v_prediction (the 768 px model).
+    #[arg(long, global = true, value_name = "P")]
+    pub prediction_type: Option<PredictionArg>,
 
     /// Where to compute: auto picks CUDA, then Metal, then the CPU.
     #[arg(long, global = true, value_name = "D", default_value = "auto")]
@@ -58,6 +70,23 @@ pub struct GlobalOptions {
     /// several, applied in order.
     #[arg(long = "lora", global = true, value_name = "FILE[:WEIGHT]")]
     pub loras: Vec<String>,
+}
+
+/// `--prediction-type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PredictionArg {
+    Epsilon,
+    #[value(name = "v_prediction", alias = "v")]
+    VPrediction,
+}
+
+impl From<PredictionArg> for PredictionType {
+    fn from(arg: PredictionArg) -> Self {
+        match arg {
+            PredictionArg::Epsilon => PredictionType::Epsilon,
+            PredictionArg::VPrediction => PredictionType::VPrediction,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -13,6 +13,7 @@ use super::cancel::CancelFlag;
 use super::preview::PreviewFile;
 use crate::engine::StableDiffusion;
 use crate::engine::device::{device_name, open_device};
+use crate::engine::model::LoadOptions;
 use crate::engine::precision::dtype_name;
 use crate::engine::sampling::{SampleOutput, SampleRequest, StepObserver, StepView, sample};
 use crate::imaging::{self, ExistingFile};
@@ -73,10 +74,13 @@ pub(super) fn load_model(global: &GlobalOptions) -> Result<LoadedModel> {
         notice: model_files::license_notice(&spec),
         inner: TerminalProgress::new(),
     };
-    let files = ModelFiles {
+    let mut files = ModelFiles {
         loras,
         ..model_files::resolve(&spec, &options, &mut progress)?
     };
+    if let Some(vae) = &global.vae {
+        files.vae_replacement = Some(model_files::parse_vae_arg(vae)?);
+    }
     let device = open_device(global.device)?;
     let dtype = global.precision.resolve(&device)?;
     eprintln!(
@@ -85,7 +89,11 @@ pub(super) fn load_model(global: &GlobalOptions) -> Result<LoadedModel> {
         dtype_name(dtype)
     );
     eprintln!("loading model {} ({})", spec, files.source);
-    let model = StableDiffusion::load(&files, &device, dtype)?;
+    let options = LoadOptions {
+        prediction_type: global.prediction_type.map(Into::into),
+    };
+    let model = StableDiffusion::load_with(&files, &device, dtype, &options)?;
+    eprintln!("model: {}", model.info().describe());
     if !files.loras.is_empty() {
         eprintln!(
             "applied {} LoRA(s): {} UNet and {} text-encoder weights changed",
@@ -99,7 +107,7 @@ pub(super) fn load_model(global: &GlobalOptions) -> Result<LoadedModel> {
         ModelSpec::Hub { .. } => spec.to_string(),
     };
     let memo = crate::model_files::default_memo_path();
-    let identity = files.fingerprint(memo.as_deref())?;
+    let mut identity = files.fingerprint(memo.as_deref())?;
     let loras = files
         .loras
         .iter()
@@ -110,6 +118,10 @@ pub(super) fn load_model(global: &GlobalOptions) -> Result<LoadedModel> {
             weight: choice.weight,
         })
         .collect();
+    if let Some(prediction) = options.prediction_type {
+        // The same weights trained towards another target are another model's snapshots.
+        identity.push_str(&format!("+prediction={}", prediction.as_str()));
+    }
     Ok(LoadedModel {
         model,
         name,

@@ -28,6 +28,11 @@ pub enum EngineError {
         reason: String,
     },
 
+    /// A single-file checkpoint or VAE file that cannot be loaded: a missing tensor, a wrong
+    /// shape, a layout that is not Stable Diffusion's.
+    #[error("{file} cannot be loaded: {problem}")]
+    Checkpoint { file: PathBuf, problem: String },
+
     #[error(
         "the tokenizer files in {folder} could not be loaded ({reason}); download the model again"
     )]
@@ -107,6 +112,7 @@ impl EngineError {
             EngineError::Config { .. }
                 | EngineError::ConfigUnreadable { .. }
                 | EngineError::Weights { .. }
+                | EngineError::Checkpoint { .. }
                 | EngineError::Tokenizer { .. }
                 | EngineError::Lora { .. }
                 | EngineError::InvalidRequest(_)

@@ -1,14 +1,22 @@
-//! A whole Stable Diffusion pipeline loaded from a diffusers folder: configs, tokenizer, text
-//! encoder, UNet, VAE and noise schedule, plus the conversions between photos and latents.
+//! A whole Stable Diffusion pipeline loaded from a diffusers folder or a single-file
+//! checkpoint: configs, tokenizer, text encoder, UNet, VAE and noise schedule, plus the
+//! conversions between photos and latents.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use image::RgbImage;
 
-use super::config::{PipelineConfig, SchedulerConfig, TextEncoderConfig, UnetConfig, VaeConfig};
+use super::checkpoint::{
+    self, Checkpoint, Family, NamedWeights, Naming, PredictionChoice, UnetVariant,
+    UnetWeightsSource, WeightsFile,
+};
+use super::config::{
+    PipelineConfig, PredictionType, SchedulerConfig, TextEncoderConfig, UnetConfig, VaeConfig,
+};
 use super::error::{EngineError, Result};
 use super::lora::AppliedLoras;
 use super::noise::NoiseSource;
@@ -17,7 +25,7 @@ use super::text_encoder::TextEncoder;
 use super::tokenizer::{ClipTokenizer, TokenizedPrompt, TokenizerFiles};
 use super::unet::UNet;
 use super::vae::Vae;
-use crate::model_files::ModelFiles;
+use crate::model_files::{DiffusersFiles, ModelFiles, ModelLayout, VaeFiles};
 
 pub struct StableDiffusion {
     pub config: PipelineConfig,
@@ -31,9 +39,10 @@ pub struct StableDiffusion {
     unet_weights: HashMap<String, Tensor>,
     /// Where the UNet's weights were read from: the untrained values are read back from it
     /// rather than kept in memory.
-    unet_file: PathBuf,
-    /// The LoRAs applied at load (`ModelFiles::loras`): merged into the weights, and into
-    /// the untrained values read back from `unet_file`.
+    unet_source: UnetWeightsSource,
+    info: ModelInfo,
+    /// The LoRAs applied at load (`ModelFiles::loras`): merged into the weights; the UNet's
+    /// also into the untrained values `unet_source` reads back.
     loras: AppliedLoras,
     pub vae: Vae,
     pub scheduler: DdimScheduler,
@@ -77,33 +86,105 @@ pub(super) fn weights_error<'a>(
     }
 }
 
-/// Reads tensors of one safetensors file (all when `names` is `None`), converted to `dtype` on
-/// `device`, one tensor at a time (the file is mapped, never read whole into memory).
-fn read_weights(
-    component: &'static str,
-    file: &Path,
-    names: Option<&[String]>,
-    dtype: DType,
-    device: &Device,
-) -> Result<HashMap<String, Tensor>> {
-    let error = weights_error(component, file);
-    // SAFETY: as in `open_weights`.
-    let mapped =
-        unsafe { candle_core::safetensors::MmapedSafetensors::new(file) }.map_err(&error)?;
-    let wanted: Vec<String> = match names {
-        Some(names) => names.to_vec(),
-        None => mapped.tensors().into_iter().map(|(name, _)| name).collect(),
-    };
-    wanted
-        .into_iter()
-        .map(|name| {
-            let t = mapped
-                .load(&name, device)
-                .and_then(|t| t.to_dtype(dtype))
-                .map_err(&error)?;
-            Ok((name, t))
-        })
-        .collect()
+/// What `--model` and friends decide beyond the files themselves.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// `--prediction-type`: wins over a folder's scheduler config and a checkpoint's metadata.
+    pub prediction_type: Option<PredictionType>,
+}
+
+/// What was loaded, for one line of output and the editor's model panel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelInfo {
+    /// Detected from a single file's tensors; `None` for a diffusers folder (its configs say).
+    pub family: Option<Family>,
+    pub variant: UnetVariant,
+    pub prediction: PredictionChoice,
+}
+
+impl ModelInfo {
+    /// e.g. "SD 2.x (OpenCLIP text encoder), text-to-image, v_prediction (SD 2.x default...)".
+    pub fn describe(&self) -> String {
+        match self.family {
+            Some(family) => checkpoint::describe(family, self.variant, &self.prediction),
+            None => format!("diffusers folder, {}, {}", self.variant, self.prediction),
+        }
+    }
+}
+
+/// Where a component's weights are: a diffusers component file, or named weights (a
+/// single-file checkpoint or a standalone VAE file) read through a name map.
+enum ComponentWeights {
+    File(PathBuf),
+    Named(NamedWeights),
+}
+
+impl ComponentWeights {
+    /// Builds a component from its weights: `build` gets a `VarBuilder` over them.
+    fn build<T>(
+        &self,
+        component: &'static str,
+        dtype: DType,
+        device: &Device,
+        build: impl FnOnce(VarBuilder) -> candle_core::Result<T>,
+    ) -> Result<T> {
+        match self {
+            ComponentWeights::File(file) => {
+                let vb = open_weights(component, file, dtype, device)?;
+                build(vb).map_err(weights_error(component, file))
+            }
+            ComponentWeights::Named(named) => {
+                build(named.var_builder(dtype, device, None)).map_err(|e| named.error(e))
+            }
+        }
+    }
+
+    /// Every tensor `build` reads, by the (diffusers) name it asks for: to change them before
+    /// building the component from them (LoRAs). Each is read once.
+    fn tensors<T>(
+        &self,
+        component: &'static str,
+        dtype: DType,
+        device: &Device,
+        build: impl FnOnce(VarBuilder) -> candle_core::Result<T>,
+    ) -> Result<HashMap<String, Tensor>> {
+        let named = match self {
+            ComponentWeights::File(file) => NamedWeights::new(
+                WeightsFile::open(file)?,
+                Naming::Diffusers {
+                    prefix: String::new(),
+                },
+            ),
+            ComponentWeights::Named(named) => named.clone(),
+        };
+        let record = Arc::new(Mutex::new(HashMap::new()));
+        build(named.var_builder(dtype, device, Some(record.clone())))
+            .map_err(|e| named.error(e))?;
+        let mut recorded = record.lock().map_err(|_| {
+            EngineError::InvalidRequest(format!("reading the {component} weights failed"))
+        })?;
+        Ok(std::mem::take(&mut *recorded))
+    }
+}
+
+/// The model without its VAE, which a `--vae` may replace.
+struct Parts {
+    unet: UnetConfig,
+    text_encoder_config: TextEncoderConfig,
+    scheduler: SchedulerConfig,
+    tokenizer: ClipTokenizer,
+    text_weights: ComponentWeights,
+    vae: (VaeConfig, ComponentWeights),
+    unet_source: UnetWeightsSource,
+    info: ModelInfo,
+}
+
+fn variant_of(unet: &UnetConfig) -> UnetVariant {
+    match unet.in_channels {
+        9 => UnetVariant::Inpainting,
+        8 => UnetVariant::InstructPix2Pix,
+        _ => UnetVariant::TextToImage,
+    }
 }
 
 impl StableDiffusion {
@@ -111,80 +192,87 @@ impl StableDiffusion {
     /// (see [`super::precision::Precision`]). The VAE computes in f32 instead of f16 when its
     /// config asks for it (`force_upcast`, as diffusers does: SD 1.x's VAE overflows in f16).
     pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Self> {
-        let config = PipelineConfig {
-            unet: UnetConfig::load(&files.unet_config)?,
-            vae: VaeConfig::load(&files.vae_config)?,
-            text_encoder: TextEncoderConfig::load(&files.text_encoder_config)?,
-            scheduler: SchedulerConfig::load(&files.scheduler_config)?,
-        };
-        if config.unet.cross_attention_dim != config.text_encoder.hidden_size {
-            return Err(EngineError::config(
-                &files.unet_config,
-                "cross_attention_dim",
-                format!(
-                    "({}) does not match the text encoder's hidden_size ({})",
-                    config.unet.cross_attention_dim, config.text_encoder.hidden_size
-                ),
-            ));
-        }
-        let special: Vec<&Path> = [&files.special_tokens_map, &files.tokenizer_config]
-            .into_iter()
-            .flatten()
-            .map(|p| p.as_path())
-            .collect();
-        let tokenizer = ClipTokenizer::load(
-            &TokenizerFiles {
-                vocab: &files.tokenizer_vocab,
-                merges: &files.tokenizer_merges,
-                special_tokens: &special,
-            },
-            config.text_encoder.max_position_embeddings,
-        )?;
+        Self::load_with(files, device, dtype, &LoadOptions::default())
+    }
 
+    /// [`Self::load`] with options: a diffusers folder or a single-file checkpoint, and a
+    /// replacement VAE when `files.vae_replacement` names one.
+    pub fn load_with(
+        files: &ModelFiles,
+        device: &Device,
+        dtype: DType,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        let parts = match &files.layout {
+            ModelLayout::Diffusers(folder) => diffusers_parts(folder, options)?,
+            ModelLayout::SingleFile { checkpoint } => checkpoint_parts(checkpoint, options)?,
+        };
+        let (vae_config, vae_weights) = match &files.vae_replacement {
+            None => parts.vae,
+            Some(VaeFiles::Folder { config, weights }) => (
+                VaeConfig::load(config)?,
+                ComponentWeights::File(weights.clone()),
+            ),
+            Some(VaeFiles::File { weights }) => {
+                let family = parts.info.family.unwrap_or(Family::Sd1);
+                let (config, named) = checkpoint::open_vae_file(weights, family)?;
+                (config, ComponentWeights::Named(named))
+            }
+        };
+        if vae_config.latent_channels != parts.unet.out_channels {
+            return Err(EngineError::InvalidRequest(format!(
+                "the VAE makes {}-channel latents but the UNet works on {}; the VAE does not \
+                 belong to this model",
+                vae_config.latent_channels, parts.unet.out_channels
+            )));
+        }
+        let config = PipelineConfig {
+            unet: parts.unet,
+            vae: vae_config,
+            text_encoder: parts.text_encoder_config,
+            scheduler: parts.scheduler,
+        };
         // The UNet's tensors are kept by name: fine-tuning rebuilds the UNet around them.
-        let mut unet_weights = read_weights("UNet", &files.unet_weights, None, dtype, device)?;
-        let text_error = weights_error("text encoder", &files.text_encoder_weights);
+        let (mut unet, mut unet_weights) =
+            parts.unet_source.build_unet(&config.unet, dtype, device)?;
+        let build_text = |vb: VarBuilder| TextEncoder::new(&config.text_encoder, vb);
         let (text_encoder, loras) = if files.loras.is_empty() {
-            let text_vb = open_weights("text encoder", &files.text_encoder_weights, dtype, device)?;
-            let encoder = TextEncoder::new(&config.text_encoder, text_vb).map_err(text_error)?;
+            let encoder = parts
+                .text_weights
+                .build("text encoder", dtype, device, build_text)?;
             (encoder, AppliedLoras::default())
         } else {
-            // LoRAs change weights: the text encoder is built from merged tensors.
-            let mut text_weights = read_weights(
-                "text encoder",
-                &files.text_encoder_weights,
-                None,
-                dtype,
-                device,
-            )?;
+            // LoRAs change weights: both models are built again around the merged tensors.
+            let mut text_weights =
+                parts
+                    .text_weights
+                    .tensors("text encoder", dtype, device, build_text)?;
             let loras = AppliedLoras::load(&files.loras, &unet_weights, &text_weights)?;
-            loras.unet.merge_into(&mut unet_weights)?;
             loras.text_encoder.merge_into(&mut text_weights)?;
-            let text_vb = VarBuilder::from_tensors(text_weights, dtype, device);
-            let encoder = TextEncoder::new(&config.text_encoder, text_vb).map_err(text_error)?;
+            loras.unet.merge_into(&mut unet_weights)?;
+            let encoder = build_text(VarBuilder::from_tensors(text_weights, dtype, device))?;
+            unet = UNet::new(
+                &config.unet,
+                VarBuilder::from_tensors(unet_weights.clone(), dtype, device),
+            )?;
             (encoder, loras)
         };
-        let unet = UNet::new(
-            &config.unet,
-            VarBuilder::from_tensors(unet_weights.clone(), dtype, device),
-        )
-        .map_err(weights_error("UNet", &files.unet_weights))?;
+        let unet_source = parts.unet_source.with_deltas(loras.unet.clone());
         let vae_dtype = if dtype == DType::F16 && config.vae.force_upcast {
             DType::F32
         } else {
             dtype
         };
-        let vae_vb = open_weights("VAE", &files.vae_weights, vae_dtype, device)?;
-        let vae =
-            Vae::new(&config.vae, vae_vb).map_err(weights_error("VAE", &files.vae_weights))?;
+        let vae = vae_weights.build("VAE", vae_dtype, device, |vb| Vae::new(&config.vae, vb))?;
         let scheduler = DdimScheduler::new(&config.scheduler);
         Ok(Self {
             config,
-            tokenizer,
+            tokenizer: parts.tokenizer,
             text_encoder,
             unet,
             unet_weights,
-            unet_file: files.unet_weights.clone(),
+            unet_source,
+            info: parts.info,
             loras,
             vae,
             scheduler,
@@ -205,18 +293,12 @@ impl StableDiffusion {
         self.unet = unet;
     }
 
-    /// The named UNet weights as the model file holds them, in the compute dtype, with the
-    /// applied LoRAs merged in: the untrained values, without keeping a copy of them in memory.
+    /// The named UNet weights (diffusers names) as the model file holds them, in the compute
+    /// dtype, with the applied LoRAs merged in: the untrained values, without keeping a copy of
+    /// them in memory. Works alike for a diffusers folder and a single-file checkpoint (see
+    /// [`UnetWeightsSource`]).
     pub fn read_unet_weights(&self, names: &[String]) -> Result<HashMap<String, Tensor>> {
-        let mut weights = read_weights(
-            "UNet",
-            &self.unet_file,
-            Some(names),
-            self.dtype,
-            &self.device,
-        )?;
-        self.loras.unet.merge_into(&mut weights)?;
-        Ok(weights)
+        self.unet_source.read(names, self.dtype, &self.device)
     }
 
     /// The LoRAs applied to the base weights (empty when none were chosen).
@@ -224,9 +306,19 @@ impl StableDiffusion {
         &self.loras
     }
 
-    /// The safetensors file the UNet was loaded from.
+    /// Where the UNet's untrained weights are read from.
+    pub fn unet_source(&self) -> &UnetWeightsSource {
+        &self.unet_source
+    }
+
+    /// The file the UNet was loaded from (a diffusers UNet file or the single-file checkpoint).
     pub fn unet_file(&self) -> &Path {
-        &self.unet_file
+        self.unet_source.file()
+    }
+
+    /// What was loaded: family, variant, prediction type and why.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
     }
 
     /// The dtype the VAE computes in (f32 where f16 would overflow).
@@ -336,4 +428,88 @@ pub(crate) fn tensor_to_image(tensor: &Tensor) -> Result<RgbImage> {
     let bytes = pixels.iter().map(|v| (v * 255.0).round() as u8).collect();
     RgbImage::from_raw(w as u32, h as u32, bytes)
         .ok_or_else(|| EngineError::InvalidRequest("decoded image has an unexpected size".into()))
+}
+
+/// A diffusers folder's configs, tokenizer and weight files.
+fn diffusers_parts(files: &DiffusersFiles, options: &LoadOptions) -> Result<Parts> {
+    let unet = UnetConfig::load(&files.unet_config)?;
+    let text_encoder_config = TextEncoderConfig::load(&files.text_encoder_config)?;
+    let mut scheduler = SchedulerConfig::load(&files.scheduler_config)?;
+    if unet.cross_attention_dim != text_encoder_config.hidden_size {
+        return Err(EngineError::config(
+            &files.unet_config,
+            "cross_attention_dim",
+            format!(
+                "({}) does not match the text encoder's hidden_size ({})",
+                unet.cross_attention_dim, text_encoder_config.hidden_size
+            ),
+        ));
+    }
+    let reason = match options.prediction_type {
+        Some(flag) => {
+            scheduler.prediction_type = flag;
+            "--prediction-type"
+        }
+        None => "the model's scheduler_config.json",
+    };
+    let prediction = PredictionChoice {
+        prediction_type: scheduler.prediction_type,
+        reason: reason.to_owned(),
+    };
+    let special: Vec<&Path> = [&files.special_tokens_map, &files.tokenizer_config]
+        .into_iter()
+        .flatten()
+        .map(|p| p.as_path())
+        .collect();
+    let tokenizer = ClipTokenizer::load(
+        &TokenizerFiles {
+            vocab: &files.tokenizer_vocab,
+            merges: &files.tokenizer_merges,
+            special_tokens: &special,
+        },
+        text_encoder_config.max_position_embeddings,
+    )?;
+    Ok(Parts {
+        info: ModelInfo {
+            family: None,
+            variant: variant_of(&unet),
+            prediction,
+        },
+        unet,
+        text_encoder_config,
+        scheduler,
+        tokenizer,
+        text_weights: ComponentWeights::File(files.text_encoder_weights.clone()),
+        vae: (
+            VaeConfig::load(&files.vae_config)?,
+            ComponentWeights::File(files.vae_weights.clone()),
+        ),
+        unet_source: UnetWeightsSource::diffusers_file(&files.unet_weights)?,
+    })
+}
+
+/// A single-file checkpoint: the architecture from its tensors, the bundled tokenizer.
+fn checkpoint_parts(file: &Path, options: &LoadOptions) -> Result<Parts> {
+    let checkpoint = Checkpoint::open(file, options.prediction_type)?;
+    let tokenizer = ClipTokenizer::bundled(
+        checkpoint.family.pad_token(),
+        checkpoint.text_encoder.max_position_embeddings,
+    )?;
+    Ok(Parts {
+        info: ModelInfo {
+            family: Some(checkpoint.family),
+            variant: checkpoint.variant,
+            prediction: checkpoint.prediction,
+        },
+        unet: checkpoint.unet,
+        text_encoder_config: checkpoint.text_encoder,
+        scheduler: checkpoint.scheduler,
+        tokenizer,
+        text_weights: ComponentWeights::Named(checkpoint.text_encoder_weights),
+        vae: (
+            checkpoint.vae,
+            ComponentWeights::Named(checkpoint.vae_weights),
+        ),
+        unet_source: UnetWeightsSource::new(checkpoint.unet_weights),
+    })
 }

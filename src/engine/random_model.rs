@@ -16,6 +16,7 @@ use super::error::{EngineError, Result};
 use super::text_encoder::TextEncoder;
 use super::unet::UNet;
 use super::vae::Vae;
+use crate::model_files::BUNDLED_TOKENIZER;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Architecture {
@@ -47,26 +48,6 @@ const SD21: ArchFiles = ArchFiles {
     text_encoder: include_str!("../../assets/arch/sd21/text_encoder.json"),
     scheduler: include_str!("../../assets/arch/sd21/scheduler.json"),
 };
-
-/// The CLIP tokenizer files every SD 1.x and 2.x model ships.
-const TOKENIZER: [(&str, &[u8]); 4] = [
-    (
-        "vocab.json",
-        include_bytes!("../../assets/clip-tokenizer/vocab.json"),
-    ),
-    (
-        "merges.txt",
-        include_bytes!("../../assets/clip-tokenizer/merges.txt"),
-    ),
-    (
-        "special_tokens_map.json",
-        include_bytes!("../../assets/clip-tokenizer/special_tokens_map.json"),
-    ),
-    (
-        "tokenizer_config.json",
-        include_bytes!("../../assets/clip-tokenizer/tokenizer_config.json"),
-    ),
-];
 
 /// Written last: a folder without it is incomplete and is rebuilt.
 const COMPLETE_MARKER: &str = "unitune-random-model";
@@ -139,7 +120,7 @@ pub fn ensure_random_model(arch: Architecture, dir: &Path) -> Result<PathBuf> {
         "scheduler/scheduler_config.json",
         files.scheduler.as_bytes(),
     )?;
-    for (name, bytes) in TOKENIZER {
+    for (name, bytes) in BUNDLED_TOKENIZER {
         write(&format!("tokenizer/{name}"), bytes)?;
     }
 

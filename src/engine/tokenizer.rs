@@ -69,7 +69,49 @@ impl ClipTokenizer {
             .end_of_word_suffix("</w>".into())
             .build()
             .map_err(|e| fail(e.to_string()))?;
+        let pad_token =
+            read_pad_token(files.special_tokens).unwrap_or_else(|| END_OF_TEXT.to_string());
+        Self::from_bpe(bpe, &pad_token, max_length, folder)
+    }
 
+    /// The CLIP tokenizer that ships with the program (single-file checkpoints have none),
+    /// padding with `pad_token` (SD 2.x pads with `!`, SD 1.x with `<|endoftext|>`).
+    pub fn bundled(pad_token: &str, max_length: usize) -> Result<Self> {
+        let folder = PathBuf::from("assets/clip-tokenizer");
+        let fail = |reason: String| EngineError::Tokenizer {
+            folder: folder.clone(),
+            reason,
+        };
+        let vocab: std::collections::HashMap<String, u32> =
+            serde_json::from_slice(crate::model_files::BUNDLED_VOCAB)
+                .map_err(|e| fail(e.to_string()))?;
+        let merges = std::str::from_utf8(crate::model_files::BUNDLED_MERGES)
+            .map_err(|e| fail(e.to_string()))?
+            .lines()
+            .filter(|line| !line.starts_with("#version") && !line.trim().is_empty())
+            .map(|line| {
+                line.split_once(' ')
+                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                    .ok_or_else(|| fail(format!("bad merge line `{line}`")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let vocab: tokenizers::models::bpe::Vocab = vocab.into_iter().collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .unk_token(END_OF_TEXT.into())
+            .continuing_subword_prefix(String::new())
+            .end_of_word_suffix("</w>".into())
+            .build()
+            .map_err(|e| fail(e.to_string()))?;
+        Self::from_bpe(bpe, pad_token, max_length, folder)
+    }
+
+    fn from_bpe(bpe: BPE, pad_token: &str, max_length: usize, folder: PathBuf) -> Result<Self> {
+        let fail = |reason: String| EngineError::Tokenizer {
+            folder: folder.clone(),
+            reason,
+        };
+        let pad_token = pad_token.to_owned();
         let mut inner = Tokenizer::new(bpe);
         let collapse_whitespace = Replace::new(
             tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
@@ -96,8 +138,6 @@ impl ClipTokenizer {
             AddedToken::from(END_OF_TEXT, true),
         ]);
 
-        let pad_token =
-            read_pad_token(files.special_tokens).unwrap_or_else(|| END_OF_TEXT.to_string());
         // transformers treats the pad token as a special token that splits any text it occurs
         // in: with SD 2.x's pad token "!", "wow!!" tokenizes as "wow", "!", "!". Match it.
         if pad_token != START_OF_TEXT && pad_token != END_OF_TEXT {

@@ -245,9 +245,9 @@ impl EditorApp {
             ChoreResult::LoraPathChosen(Some(path), steps) => self.write_lora(path, steps),
             ChoreResult::LoraPathChosen(None, _)
             | ChoreResult::PhotoChosen(None)
-            | ChoreResult::ModelFolderChosen(None)
+            | ChoreResult::ModelChosen(None)
             | ChoreResult::CleanedUp => {}
-            ChoreResult::ModelFolderChosen(Some(path)) => {
+            ChoreResult::ModelChosen(Some(path)) => {
                 self.load_model(path.display().to_string(), false)
             }
             ChoreResult::Exported {
@@ -330,8 +330,14 @@ impl EditorApp {
                 .filter(|p| !p.as_os_str().is_empty())
                 .collect()
         });
+        // A checkpoint dropped anywhere (the model panel included) loads as the model; any
+        // other file opens as the photo.
         if let Some(path) = dropped.into_iter().next() {
-            commands.push(Command::Open(path));
+            commands.push(if is_checkpoint(&path) {
+                Command::LoadModelFile(path)
+            } else {
+                Command::Open(path)
+            });
         }
         if let Some(doc) = &mut self.doc
             && let Some(dirty) = doc.mask.take_dirty()
@@ -374,4 +380,11 @@ impl eframe::App for EditorApp {
         }
         self.results.remove_all();
     }
+}
+
+/// Whether a dropped file is a single-file model checkpoint rather than a photo.
+fn is_checkpoint(path: &std::path::Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
 }

@@ -27,6 +27,8 @@ pub trait FileDialogs: Send + Sync {
     fn pick_photo(&self, directory: Option<&Path>) -> Option<PathBuf>;
     fn pick_save_path(&self, directory: Option<&Path>, file_name: &str) -> Option<PathBuf>;
     fn pick_model_folder(&self) -> Option<PathBuf>;
+    /// A single-file `.safetensors` checkpoint.
+    fn pick_model_file(&self) -> Option<PathBuf>;
 }
 
 /// The system's dialogs (xdg portal on Linux, native on Windows and macOS).
@@ -60,6 +62,13 @@ impl FileDialogs for SystemDialogs {
         rfd::FileDialog::new()
             .set_title("Choose a diffusers model folder")
             .pick_folder()
+    }
+
+    fn pick_model_file(&self) -> Option<PathBuf> {
+        rfd::FileDialog::new()
+            .set_title("Choose a Stable Diffusion checkpoint")
+            .add_filter("Checkpoints", &["safetensors"])
+            .pick_file()
     }
 }
 
@@ -129,7 +138,7 @@ pub enum ChoreResult {
     /// Where to write a LoRA file, with the snapshot it is for (`None`: the dialog was
     /// closed).
     LoraPathChosen(Option<PathBuf>, usize),
-    ModelFolderChosen(Option<PathBuf>),
+    ModelChosen(Option<PathBuf>),
     Exported {
         path: PathBuf,
         result: Result<(), String>,
@@ -378,7 +387,14 @@ impl Chores {
     pub fn pick_model_folder(&self) {
         let dialogs = self.dialogs.clone();
         self.spawn(Chore::Dialog, move || {
-            ChoreResult::ModelFolderChosen(dialogs.pick_model_folder())
+            ChoreResult::ModelChosen(dialogs.pick_model_folder())
+        });
+    }
+
+    pub fn pick_model_file(&self) {
+        let dialogs = self.dialogs.clone();
+        self.spawn(Chore::Dialog, move || {
+            ChoreResult::ModelChosen(dialogs.pick_model_file())
         });
     }
 

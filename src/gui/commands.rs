@@ -37,6 +37,10 @@ pub enum Command {
     ChooseModelFolder,
     /// Load another model by hub id or folder (downloads wait for the user's consent).
     SwitchModel(String),
+    /// Open the file dialog for a single-file `.safetensors` checkpoint.
+    ChooseModelFile,
+    /// Load this single-file checkpoint (dropped on the window).
+    LoadModelFile(PathBuf),
     RetryModel,
     /// The live preview's kind changed.
     SetPreview(PreviewMode),
@@ -119,6 +123,8 @@ impl EditorApp {
             Command::CancelDownload => self.model.cancel_download(),
             Command::ChooseModelFolder => self.chores.pick_model_folder(),
             Command::SwitchModel(model) => self.load_model(model, false),
+            Command::ChooseModelFile => self.chores.pick_model_file(),
+            Command::LoadModelFile(path) => self.load_model(path.display().to_string(), false),
             Command::RetryModel => {
                 let model = self.model.name();
                 self.load_model(model, false);

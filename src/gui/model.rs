@@ -36,6 +36,8 @@ pub enum ModelStatus {
         instruct: bool,
         /// The LoRAs applied to it (`--lora`).
         loras: Vec<LoraRecipe>,
+        /// Family, variant and prediction type, in one line.
+        description: String,
     },
 }
 
@@ -115,6 +117,7 @@ impl ModelState {
                         precision: loaded.precision,
                         instruct: loaded.instruct,
                         loras: loaded.loras.clone(),
+                        description: loaded.description.clone(),
                     };
                     ended(self, status);
                     self.preview_notice = loaded.preview_notice;

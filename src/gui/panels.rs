@@ -214,9 +214,11 @@ fn model_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) 
             device,
             instruct,
             loras,
+            description,
             ..
         } => {
             ui.label(name.to_string());
+            ui.small(description.as_str());
             ui.small(format!("{source} · on {device}"));
             if *instruct {
                 ui.small("Edits by instruction (InstructPix2Pix): no learning step; the slider sets how closely the result keeps the photo.");
@@ -229,12 +231,29 @@ fn model_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) 
                 if ui.small_button("Choose another folder...").clicked() {
                     commands.push(Command::ChooseModelFolder);
                 }
-                // The other kind of edit is one model switch away.
-                let (other, label, hint) = if *instruct {
-                    (DEFAULT_MODEL, "Use Stable Diffusion", "Describe the result; the model learns your photo first (UniTune)")
-                } else {
-                    (DEFAULT_INSTRUCT_MODEL, "Use InstructPix2Pix", "Edit by instruction (\"make it winter\") with timbrooks/instruct-pix2pix, downloaded after you accept its license")
-                };
+                if ui
+                    .small_button("Checkpoint file...")
+                    .on_hover_text("A single-file .safetensors checkpoint (or drop one here)")
+                    .clicked()
+                {
+                    commands.push(Command::ChooseModelFile);
+                }
+            });
+            // The other kind of edit is one model switch away.
+            let (other, label, hint) = if *instruct {
+                (
+                    DEFAULT_MODEL,
+                    "Use Stable Diffusion",
+                    "Describe the result; the model learns your photo first (UniTune)",
+                )
+            } else {
+                (
+                    DEFAULT_INSTRUCT_MODEL,
+                    "Use InstructPix2Pix",
+                    "Edit by instruction (\"make it winter\") with timbrooks/instruct-pix2pix, downloaded after you accept its license",
+                )
+            };
+            ui.horizontal(|ui| {
                 if ui.small_button(label).on_hover_text(hint).clicked() {
                     commands.push(Command::SwitchModel(other.to_string()));
                 }
@@ -293,6 +312,9 @@ fn model_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) 
                 if ui.button("Choose a model folder...").clicked() {
                     commands.push(Command::ChooseModelFolder);
                 }
+                if ui.button("Checkpoint file...").clicked() {
+                    commands.push(Command::ChooseModelFile);
+                }
             });
         }
         ModelStatus::Failed { message, .. } => {
@@ -303,6 +325,9 @@ fn model_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) 
                 }
                 if ui.button("Choose a model folder...").clicked() {
                     commands.push(Command::ChooseModelFolder);
+                }
+                if ui.button("Checkpoint file...").clicked() {
+                    commands.push(Command::ChooseModelFile);
                 }
             });
         }

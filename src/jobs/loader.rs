@@ -61,6 +61,9 @@ pub struct LoadedModel {
     pub loras: Vec<LoraRecipe>,
     /// One line on why the tiny VAE preview could not be had (the fast one stands in).
     pub preview_notice: Option<String>,
+    /// What was loaded: family (detected for a single file), variant, prediction type and
+    /// why, in one line.
+    pub description: String,
 }
 
 /// How a download is going, for a progress bar.
@@ -290,6 +293,7 @@ fn load(request: &LoadRequest, cancel: &Arc<AtomicBool>, outbox: &Outbox) -> Loa
     }
     let prediction_type = model.config.scheduler.prediction_type.as_str();
     let instruct = is_instruct_model(&model);
+    let description = model.info().describe();
     let options = RunnerOptions {
         cache: request.snapshot_cache.clone(),
         model_identity,
@@ -316,6 +320,7 @@ fn load(request: &LoadRequest, cancel: &Arc<AtomicBool>, outbox: &Outbox) -> Loa
         instruct,
         loras,
         preview_notice,
+        description,
     }))
 }
 

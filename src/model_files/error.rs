@@ -12,39 +12,57 @@ use super::spec::DEFAULT_MODEL;
 pub enum ModelFilesError {
     /// The `--model` argument is neither an existing path nor a hub id.
     #[error(
-        "'{arg}' is not a usable model: {reason}. Pass a folder holding a diffusers model (an \
-         absolute path, or one starting with ./, ../ or ~/), or a Hugging Face id of the form \
+        "'{arg}' is not a usable model: {reason}. Pass a diffusers model folder or a single-file \
+         .safetensors checkpoint (an absolute path, or one starting with ./, ../ or ~/), or a Hugging Face id of the form \
          owner/name or owner/name@revision, such as {DEFAULT_MODEL}."
     )]
     InvalidModelArg { arg: String, reason: String },
 
     /// A path was given that does not exist.
     #[error(
-        "the model folder {} does not exist. Pass a folder holding a diffusers model (with \
-         unet/, vae/, text_encoder/, tokenizer/ and scheduler/), or a Hugging Face id such as \
-         {DEFAULT_MODEL}.",
+        "the model {} does not exist. Pass a folder holding a diffusers model (with unet/, \
+         vae/, text_encoder/, tokenizer/ and scheduler/), a single-file .safetensors \
+         checkpoint, or a Hugging Face id such as {DEFAULT_MODEL}.",
         path.display()
     )]
     FolderNotFound { path: PathBuf },
 
     /// A path was given that is a file, but not a checkpoint file.
     #[error(
-        "{} is a file, not a model folder. Pass the folder that holds unet/, vae/, \
-         text_encoder/, tokenizer/ and scheduler/.",
+        "{} is neither a model folder nor a .safetensors checkpoint. Pass the folder that \
+         holds unet/, vae/, text_encoder/, tokenizer/ and scheduler/, or a single-file \
+         .safetensors checkpoint.",
         path.display()
     )]
     NotAFolder { path: PathBuf },
 
-    /// A single-file checkpoint (`*.safetensors`, `*.ckpt`) was given instead of a folder.
+    /// A folder without unet/ that holds single-file checkpoints.
     #[error(
-        "{} is a single-file checkpoint, which unitune does not support yet. Give a \
-         diffusers-format folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a \
-         Hugging Face id such as {DEFAULT_MODEL}; diffusers converts a single file with \
-         `StableDiffusionPipeline.from_single_file(path).save_pretrained(folder, \
-         safe_serialization=True)`.",
+        "{} holds a single-file checkpoint but no diffusers model; pass the file itself \
+         (--model {}).",
+        folder.display(),
+        checkpoint.display()
+    )]
+    CheckpointInFolder {
+        folder: PathBuf,
+        checkpoint: PathBuf,
+    },
+
+    /// A pickle checkpoint (`*.ckpt`, `*.pt`, `*.bin`, `*.pth`) was given.
+    #[error(
+        "{} is a pickle file, which can run arbitrary code when it is loaded, so unitune only \
+         loads .safetensors; download the model's .safetensors version or convert it (e.g. \
+         with diffusers' `StableDiffusionPipeline.from_single_file`).",
         path.display()
     )]
-    SingleFileCheckpoint { path: PathBuf },
+    PickleCheckpoint { path: PathBuf },
+
+    /// The `--vae` path does not exist.
+    #[error(
+        "the VAE {} does not exist; pass a VAE .safetensors file or a diffusers vae/ folder.",
+        path.display()
+    )]
+    VaeNotFound { path: PathBuf },
 
     /// A config or tokenizer file the engine needs is absent.
     #[error(
@@ -192,7 +210,9 @@ impl ModelFilesError {
             Self::InvalidModelArg { .. }
             | Self::FolderNotFound { .. }
             | Self::NotAFolder { .. }
-            | Self::SingleFileCheckpoint { .. }
+            | Self::CheckpointInFolder { .. }
+            | Self::PickleCheckpoint { .. }
+            | Self::VaeNotFound { .. }
             | Self::MissingFile { .. }
             | Self::MissingWeights { .. }
             | Self::PickleOnly { .. }

@@ -19,8 +19,9 @@ use std::time::UNIX_EPOCH;
 
 use sha2::{Digest, Sha256};
 
+use super::bundled::BUNDLED_TOKENIZER;
 use super::error::ModelFilesError;
-use super::layout::ModelFiles;
+use super::layout::{ModelFiles, ModelLayout, VaeFiles};
 
 /// Remembered file hashes, in the user cache (next to the snapshot cache).
 pub fn default_memo_path() -> Option<PathBuf> {
@@ -37,6 +38,10 @@ impl ModelFiles {
         for (role, path) in self.files_by_role() {
             let content = content_hash(path, &mut remembered)?;
             hash.update(format!("{role}={content}\n").as_bytes());
+        }
+        if self.checkpoint().is_some() {
+            // A single file is read with the bundled tokenizer: a new one is a new model.
+            hash.update(format!("tokenizer=bundled:{}\n", bundled_tokenizer_hash()).as_bytes());
         }
         // Applied LoRAs change the weights: each one's contents and weight, in order (none
         // adds nothing, so a plain model keeps its fingerprint).
@@ -64,29 +69,53 @@ impl ModelFiles {
 
     /// Every file the engine reads, named by what it is for (not by where it is).
     fn files_by_role(&self) -> Vec<(&'static str, &Path)> {
-        let mut files = vec![
-            ("unet_config", self.unet_config.as_path()),
-            ("unet_weights", &self.unet_weights),
-            ("vae_config", &self.vae_config),
-            ("vae_weights", &self.vae_weights),
-            ("text_encoder_config", &self.text_encoder_config),
-            ("text_encoder_weights", &self.text_encoder_weights),
-            ("tokenizer_vocab", &self.tokenizer_vocab),
-            ("tokenizer_merges", &self.tokenizer_merges),
-            ("scheduler_config", &self.scheduler_config),
-        ];
-        files.extend(
-            self.tokenizer_config
-                .as_deref()
-                .map(|p| ("tokenizer_config", p)),
-        );
-        files.extend(
-            self.special_tokens_map
-                .as_deref()
-                .map(|p| ("special_tokens_map", p)),
-        );
+        let mut files: Vec<(&'static str, &Path)> = match &self.layout {
+            ModelLayout::SingleFile { checkpoint } => vec![("checkpoint", checkpoint.as_path())],
+            ModelLayout::Diffusers(d) => {
+                let mut files = vec![
+                    ("unet_config", d.unet_config.as_path()),
+                    ("unet_weights", &d.unet_weights),
+                    ("vae_config", &d.vae_config),
+                    ("vae_weights", &d.vae_weights),
+                    ("text_encoder_config", &d.text_encoder_config),
+                    ("text_encoder_weights", &d.text_encoder_weights),
+                    ("tokenizer_vocab", &d.tokenizer_vocab),
+                    ("tokenizer_merges", &d.tokenizer_merges),
+                    ("scheduler_config", &d.scheduler_config),
+                ];
+                files.extend(
+                    d.tokenizer_config
+                        .as_deref()
+                        .map(|p| ("tokenizer_config", p)),
+                );
+                files.extend(
+                    d.special_tokens_map
+                        .as_deref()
+                        .map(|p| ("special_tokens_map", p)),
+                );
+                files
+            }
+        };
+        match &self.vae_replacement {
+            Some(VaeFiles::Folder { config, weights }) => {
+                files.push(("vae_replacement_config", config));
+                files.push(("vae_replacement_weights", weights));
+            }
+            Some(VaeFiles::File { weights }) => files.push(("vae_replacement_weights", weights)),
+            None => {}
+        }
         files
     }
+}
+
+/// The SHA-256 of the bundled CLIP tokenizer's files.
+fn bundled_tokenizer_hash() -> String {
+    let mut hash = Sha256::new();
+    for (name, bytes) in BUNDLED_TOKENIZER {
+        hash.update(name.as_bytes());
+        hash.update(bytes);
+    }
+    hex(&hash.finalize())
 }
 
 /// The memo's key for a file: where it is and what its metadata says about its contents.

@@ -74,8 +74,31 @@ impl fmt::Display for ModelSource {
 /// Every file the engine reads for one Stable Diffusion model. All paths exist.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelFiles {
-    /// The model folder (for a hub model, its snapshot folder in the cache).
+    /// The model folder (for a hub model, its snapshot folder in the cache; for a single-file
+    /// checkpoint, the folder that holds it).
     pub root: PathBuf,
+    pub layout: ModelLayout,
+    /// A VAE that replaces the model's own (`--vae`), see [`locate_vae`].
+    pub vae_replacement: Option<VaeFiles>,
+    pub source: ModelSource,
+    /// LoRA files applied to the base model when it loads, in order (none unless chosen).
+    pub loras: Vec<super::lora::LoraChoice>,
+}
+
+/// How a model's weights are laid out on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelLayout {
+    /// A diffusers folder: one config and weights file per component.
+    Diffusers(Box<DiffusersFiles>),
+    /// One `.safetensors` file in the original LDM layout (`model.diffusion_model.*`,
+    /// `first_stage_model.*`, `cond_stage_model.*`), as AUTOMATIC1111 and ComfyUI keep them.
+    /// The architecture is read from its tensors; the tokenizer is the bundled CLIP one.
+    SingleFile { checkpoint: PathBuf },
+}
+
+/// The files of a diffusers-format folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiffusersFiles {
     pub unet_config: PathBuf,
     pub unet_weights: PathBuf,
     pub vae_config: PathBuf,
@@ -87,13 +110,38 @@ pub struct ModelFiles {
     pub tokenizer_config: Option<PathBuf>,
     pub special_tokens_map: Option<PathBuf>,
     pub scheduler_config: PathBuf,
-    pub source: ModelSource,
-    /// LoRA files applied to the base model when it loads, in order (none unless chosen).
-    pub loras: Vec<super::lora::LoraChoice>,
 }
 
-/// Checks a diffusers-format folder and returns its files, preferring full-precision
-/// weights where a component has both kinds.
+/// A replacement VAE (`--vae`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VaeFiles {
+    /// A diffusers `vae/` folder: `config.json` and its weights.
+    Folder { config: PathBuf, weights: PathBuf },
+    /// One `.safetensors` file, in LDM names (`encoder.down.0.block.0...`, with or without
+    /// `first_stage_model.`) or diffusers names; its architecture is read from its tensors.
+    File { weights: PathBuf },
+}
+
+impl ModelFiles {
+    /// The diffusers folder's files; `None` for a single-file checkpoint.
+    pub fn diffusers(&self) -> Option<&DiffusersFiles> {
+        match &self.layout {
+            ModelLayout::Diffusers(files) => Some(files.as_ref()),
+            ModelLayout::SingleFile { .. } => None,
+        }
+    }
+
+    /// The single-file checkpoint, if the model is one.
+    pub fn checkpoint(&self) -> Option<&Path> {
+        match &self.layout {
+            ModelLayout::SingleFile { checkpoint } => Some(checkpoint),
+            ModelLayout::Diffusers(_) => None,
+        }
+    }
+}
+
+/// Checks a diffusers-format folder, or takes a single-file `.safetensors` checkpoint, and
+/// returns its files, preferring full-precision weights where a component has both kinds.
 pub fn locate_in_folder(root: &Path) -> Result<ModelFiles, ModelFilesError> {
     locate_in_folder_with(root, WeightsPreference::Full)
 }
@@ -104,15 +152,7 @@ pub fn locate_in_folder_with(
     preference: WeightsPreference,
 ) -> Result<ModelFiles, ModelFilesError> {
     if root.is_file() {
-        return Err(if is_checkpoint_file(root) {
-            ModelFilesError::SingleFileCheckpoint {
-                path: root.to_path_buf(),
-            }
-        } else {
-            ModelFilesError::NotAFolder {
-                path: root.to_path_buf(),
-            }
-        });
+        return locate_single_file(root);
     }
     if !root.is_dir() {
         return Err(ModelFilesError::FolderNotFound {
@@ -120,7 +160,7 @@ pub fn locate_in_folder_with(
         });
     }
     let files = FolderFiles(root);
-    // A folder holding only a single-file checkpoint (no unet/) gets the clearer error.
+    // A folder holding only single-file checkpoints (no unet/) gets the clearer error.
     if !root.join(UNET.dir).is_dir()
         && let Some(checkpoint) = files
             .files_in("")
@@ -128,11 +168,81 @@ pub fn locate_in_folder_with(
             .map(|name| root.join(name))
             .find(|path| is_checkpoint_file(path))
     {
-        return Err(ModelFilesError::SingleFileCheckpoint { path: checkpoint });
+        return Err(ModelFilesError::CheckpointInFolder {
+            folder: root.to_path_buf(),
+            checkpoint,
+        });
     }
     let location = format!("the model folder {}", root.display());
     let plan = plan(&files, preference, &location)?;
     Ok(plan.into_model_files(root, ModelSource::LocalFolder))
+}
+
+/// A single-file checkpoint: `.safetensors` is taken, pickle files are refused.
+fn locate_single_file(path: &Path) -> Result<ModelFiles, ModelFilesError> {
+    let checkpoint = check_safetensors_file(path)?;
+    Ok(ModelFiles {
+        root: checkpoint
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default(),
+        layout: ModelLayout::SingleFile { checkpoint },
+        vae_replacement: None,
+        loras: Vec::new(),
+        source: ModelSource::LocalFolder,
+    })
+}
+
+/// `path` when it is a `.safetensors` file; a pickle file or anything else is refused.
+fn check_safetensors_file(path: &Path) -> Result<PathBuf, ModelFilesError> {
+    let extension = path.to_str().and_then(extension_of);
+    match extension.as_deref() {
+        Some("safetensors") => Ok(path.to_path_buf()),
+        Some(ext) if PICKLE_EXTENSIONS.contains(&ext) => Err(ModelFilesError::PickleCheckpoint {
+            path: path.to_path_buf(),
+        }),
+        _ => Err(ModelFilesError::NotAFolder {
+            path: path.to_path_buf(),
+        }),
+    }
+}
+
+/// Finds a replacement VAE (`--vae`): a `.safetensors` file, a diffusers `vae/` folder
+/// (`config.json` and weights), or a folder that holds one.
+pub fn locate_vae(path: &Path) -> Result<VaeFiles, ModelFilesError> {
+    if path.is_file() {
+        return Ok(VaeFiles::File {
+            weights: check_safetensors_file(path)?,
+        });
+    }
+    if !path.is_dir() {
+        return Err(ModelFilesError::VaeNotFound {
+            path: path.to_path_buf(),
+        });
+    }
+    let folder = if path.join("config.json").is_file() {
+        path.to_path_buf()
+    } else if path.join(VAE.config).is_file() {
+        path.join(VAE.dir)
+    } else {
+        return Err(ModelFilesError::MissingFile {
+            location: format!("the VAE folder {}", path.display()),
+            file: "config.json (or vae/config.json)".to_owned(),
+        });
+    };
+    let files = FolderFiles(&folder);
+    let component = Component {
+        dir: "",
+        config: "config.json",
+        weights_stem: "diffusion_pytorch_model",
+        ..VAE
+    };
+    let location = format!("the VAE folder {}", folder.display());
+    let weights = choose_weights(&files, &component, WeightsPreference::Full, &location)?;
+    Ok(VaeFiles::Folder {
+        config: folder.join("config.json"),
+        weights: folder.join(weights),
+    })
 }
 
 /// One model component with its own config and weights.
@@ -189,6 +299,15 @@ fn is_checkpoint_file(path: &Path) -> bool {
             .to_str()
             .and_then(extension_of)
             .is_some_and(|ext| CHECKPOINT_EXTENSIONS.contains(&ext.as_str()))
+}
+
+/// `name` inside `dir` ("" for the top level), with '/'.
+fn in_dir(dir: &str, name: &str) -> String {
+    if dir.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{dir}/{name}")
+    }
 }
 
 /// The files the engine needs, described for a person (used when a cache lookup fails).
@@ -308,8 +427,7 @@ impl Plan {
 
     pub(crate) fn into_model_files(self, root: &Path, source: ModelSource) -> ModelFiles {
         let at = |relative: &str| root.join(relative);
-        ModelFiles {
-            root: root.to_path_buf(),
+        let files = DiffusersFiles {
             unet_config: at(&self.unet_config),
             unet_weights: at(&self.unet_weights),
             vae_config: at(&self.vae_config),
@@ -321,6 +439,11 @@ impl Plan {
             tokenizer_config: self.tokenizer_config.as_deref().map(at),
             special_tokens_map: self.special_tokens_map.as_deref().map(at),
             scheduler_config: at(&self.scheduler_config),
+        };
+        ModelFiles {
+            root: root.to_path_buf(),
+            layout: ModelLayout::Diffusers(Box::new(files)),
+            vae_replacement: None,
             source,
             loras: Vec::new(),
         }
@@ -391,7 +514,7 @@ fn choose_weights(
         .filter(|name| {
             extension_of(name).is_some_and(|ext| PICKLE_EXTENSIONS.contains(&ext.as_str()))
         })
-        .map(|name| format!("{}/{name}", component.dir))
+        .map(|name| in_dir(component.dir, name))
         .collect();
     if !pickles.is_empty() {
         return Err(ModelFilesError::PickleOnly {
@@ -403,7 +526,7 @@ fn choose_weights(
     let other_weights: Vec<String> = present
         .iter()
         .filter(|name| name.ends_with(".safetensors") || name.ends_with(".safetensors.index.json"))
-        .map(|name| format!("{}/{name}", component.dir))
+        .map(|name| in_dir(component.dir, name))
         .collect();
     let found = if other_weights.is_empty() {
         String::new()

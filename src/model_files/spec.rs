@@ -72,6 +72,12 @@ pub fn parse_model_arg(arg: &str) -> Result<ModelSpec, ModelFilesError> {
     Ok(ModelSpec::Hub { repo_id, revision })
 }
 
+/// Reads the `--vae` argument: a path (a leading `~` is the home folder), see
+/// [`locate_vae`](super::locate_vae).
+pub fn parse_vae_arg(arg: &str) -> Result<super::VaeFiles, ModelFilesError> {
+    super::locate_vae(&expand_home(arg, dirs::home_dir().as_deref()))
+}
+
 fn invalid(arg: &str, reason: &str) -> ModelFilesError {
     ModelFilesError::InvalidModelArg {
         arg: arg.to_owned(),

@@ -123,11 +123,7 @@ impl Adapter {
         let base = if matches!(mode, TrainMode::Lora { .. }) {
             Snapshot::in_memory(0, lora_init)
         } else {
-            Snapshot::in_model_file(
-                model.unet_file().to_path_buf(),
-                names.clone(),
-                model.loras().unet.clone(),
-            )
+            Snapshot::in_unet_source(0, model.unet_source().clone(), names.clone())
         };
 
         let dtype = model.dtype();

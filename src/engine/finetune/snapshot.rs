@@ -14,8 +14,8 @@ use safetensors::SafeTensors;
 use safetensors::tensor::Dtype;
 
 use super::adapter::new_snapshot_id;
+use crate::engine::checkpoint::UnetWeightsSource;
 use crate::engine::error::{EngineError, Result};
-use crate::engine::lora::WeightDeltas;
 
 /// Snapshots up to this size are also kept in host memory, so switching to them reads nothing.
 pub const IN_MEMORY_LIMIT_BYTES: usize = 512 << 20;
@@ -33,12 +33,13 @@ pub struct Snapshot {
 enum Data {
     /// Host tensors in the adapter's variable order.
     Memory(Vec<Tensor>),
-    /// Tensors named `keys[i]` (in variable order) in a safetensors file, with `deltas`
-    /// added (the LoRAs applied to the model, when this is the model's own file).
-    File {
-        path: PathBuf,
+    /// Tensors named `keys[i]` (in variable order) in a safetensors file.
+    File { path: PathBuf, keys: Vec<String> },
+    /// The model's own UNet weights named `keys[i]` (diffusers names), read through the
+    /// model's weights source (a diffusers file or a single-file checkpoint).
+    Base {
+        source: UnetWeightsSource,
         keys: Vec<String>,
-        deltas: WeightDeltas,
     },
 }
 
@@ -55,21 +56,17 @@ impl Snapshot {
         Self {
             steps,
             id: new_snapshot_id(),
-            data: Data::File {
-                path,
-                keys,
-                deltas: WeightDeltas::default(),
-            },
+            data: Data::File { path, keys },
         }
     }
 
-    /// The untrained values in the model's own weights file, with the LoRAs applied to the
-    /// model (`deltas`) added as they are read.
-    pub fn in_model_file(path: PathBuf, keys: Vec<String>, deltas: WeightDeltas) -> Self {
+    /// The untrained values of the model's UNet weights `keys`, read from `source` when
+    /// selected.
+    pub fn in_unet_source(steps: usize, source: UnetWeightsSource, keys: Vec<String>) -> Self {
         Self {
-            steps: 0,
+            steps,
             id: new_snapshot_id(),
-            data: Data::File { path, keys, deltas },
+            data: Data::Base { source, keys },
         }
     }
 
@@ -81,6 +78,7 @@ impl Snapshot {
     pub fn file(&self) -> Option<&Path> {
         match &self.data {
             Data::File { path, .. } => Some(path),
+            Data::Base { source, .. } => Some(source.file()),
             Data::Memory(_) => None,
         }
     }
@@ -90,14 +88,18 @@ impl Snapshot {
     pub fn for_each(&self, mut f: impl FnMut(usize, &Tensor) -> Result<()>) -> Result<()> {
         match &self.data {
             Data::Memory(tensors) => tensors.iter().enumerate().try_for_each(|(i, t)| f(i, t)),
-            Data::File { path, keys, deltas } => {
+            Data::File { path, keys } => {
                 let file = MappedFile::open(path)?;
                 let tensors = file.tensors()?;
                 for (i, key) in keys.iter().enumerate() {
-                    f(i, &deltas.merged(key, file.load(&tensors, key)?)?)?;
+                    f(i, &file.load(&tensors, key)?)?;
                 }
                 Ok(())
             }
+            Data::Base { source, keys } => keys
+                .iter()
+                .enumerate()
+                .try_for_each(|(i, key)| f(i, &source.read_host(key)?)),
         }
     }
 
@@ -114,7 +116,7 @@ impl Snapshot {
     pub fn len(&self) -> usize {
         match &self.data {
             Data::Memory(tensors) => tensors.len(),
-            Data::File { keys, .. } => keys.len(),
+            Data::File { keys, .. } | Data::Base { keys, .. } => keys.len(),
         }
     }
 
