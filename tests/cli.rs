@@ -299,7 +299,7 @@ fn bad_model_folders_are_input_errors() {
     assert_fails(
         &edit_with_model(&path_str(&mismatched), dir.path()),
         2,
-        "do not match",
+        "where this architecture needs",
     );
 
     // An architecture we do not run, named by its field.
