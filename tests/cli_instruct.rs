@@ -4,30 +4,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
-use common::{fixtures, instruct_model_dir, model_dir};
+use common::{fixtures, instruct_model_dir, model_dir, unitune};
 use unitune::imaging::read_png_text;
-
-struct Run {
-    code: i32,
-    stderr: String,
-}
-
-fn unitune(args: &[&str], home: &Path) -> Run {
-    let output = Command::new(env!("CARGO_BIN_EXE_unitune"))
-        .args(args)
-        .env("XDG_CACHE_HOME", home.join("cache"))
-        .env("HF_HUB_OFFLINE", "1")
-        .env("HF_HUB_CACHE", home.join("hf"))
-        .current_dir(home)
-        .output()
-        .expect("unitune runs");
-    Run {
-        code: output.status.code().unwrap_or(-1),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
 
 fn photo() -> String {
     fixtures().join("photos/chelsea.png").display().to_string()

@@ -6,33 +6,10 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixtures, model_dir};
+use common::{Run, fixtures, model_dir, unitune};
 use unitune::imaging::read_png_text;
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn unitune(args: &[&str], home: &Path) -> Run {
-    let output = Command::new(env!("CARGO_BIN_EXE_unitune"))
-        .args(args)
-        .env("XDG_CACHE_HOME", home.join("cache"))
-        .env("HF_HUB_OFFLINE", "1")
-        .env("HF_HUB_CACHE", home.join("hf"))
-        .current_dir(home)
-        .output()
-        .expect("unitune runs");
-    Run {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
 
 fn model() -> String {
     model_dir("sd15-tiny").display().to_string()

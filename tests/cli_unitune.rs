@@ -11,28 +11,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{copy_dir, fixtures, model_dir};
+use common::{copy_dir, fixtures, model_dir, unitune};
 use unitune::imaging::read_png_text;
-
-struct Run {
-    code: i32,
-    stderr: String,
-}
-
-fn unitune(args: &[&str], home: &Path) -> Run {
-    let output = Command::new(env!("CARGO_BIN_EXE_unitune"))
-        .args(args)
-        .env("XDG_CACHE_HOME", home.join("cache"))
-        .env("HF_HUB_OFFLINE", "1")
-        .env("HF_HUB_CACHE", home.join("hf"))
-        .current_dir(home)
-        .output()
-        .expect("unitune runs");
-    Run {
-        code: output.status.code().unwrap_or(-1),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
 
 fn model() -> String {
     model_dir("sd15-tiny").display().to_string()

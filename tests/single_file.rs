@@ -7,10 +7,9 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
-use common::{copy_dir, model_dir};
+use common::{Run, copy_dir, model_dir, unitune};
 use safetensors::tensor::TensorView;
 use unitune::engine::StableDiffusion;
 use unitune::engine::checkpoint::{Checkpoint, Family, UnetVariant};
@@ -349,26 +348,6 @@ fn pickle_files_and_folders_of_checkpoints_are_refused() {
         "{err:?}"
     );
     assert!(err.to_string().contains("m.safetensors"));
-}
-
-struct Run {
-    code: i32,
-    stderr: String,
-}
-
-fn unitune(args: &[&str], home: &Path) -> Run {
-    let output = Command::new(env!("CARGO_BIN_EXE_unitune"))
-        .args(args)
-        .env("XDG_CACHE_HOME", home.join("cache"))
-        .env("HF_HUB_OFFLINE", "1")
-        .env("HF_HUB_CACHE", home.join("hf"))
-        .current_dir(home)
-        .output()
-        .expect("unitune runs");
-    Run {
-        code: output.status.code().unwrap_or(-1),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
 }
 
 fn generate(model: &Path, extra: &[&str], out: &str, home: &Path) -> Run {

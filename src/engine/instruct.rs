@@ -15,7 +15,8 @@ use super::error::{EngineError, Result};
 use super::model::StableDiffusion;
 use super::noise::NoiseSource;
 use super::sampling::{
-    KnownRegion, NoisePredictor, SampleOutput, StepObserver, check_proceed, denoise, latent_mask,
+    KnownRegion, NoisePredictor, SampleOutput, StepObserver, check_mask_size, check_proceed,
+    denoise, latent_mask,
 };
 
 /// InstructPix2Pix's published defaults.
@@ -164,17 +165,7 @@ pub fn sample_instruct(
         ));
     }
     let image = request.image;
-    if let Some(mask) = request.mask
-        && mask.dimensions() != image.dimensions()
-    {
-        return Err(EngineError::InvalidRequest(format!(
-            "the mask is {}x{} but the photo is {}x{}",
-            mask.width(),
-            mask.height(),
-            image.width(),
-            image.height()
-        )));
-    }
+    check_mask_size(request.mask, image)?;
     let (channels, latent_h, latent_w) =
         model.latent_dims(image.width() as usize, image.height() as usize)?;
     let device = model.device();

@@ -196,6 +196,22 @@ impl KnownRegion {
     }
 }
 
+/// Refuses a mask whose size is not the photo's.
+pub(crate) fn check_mask_size(mask: Option<&GrayImage>, image: &RgbImage) -> Result<()> {
+    match mask {
+        Some(mask) if mask.dimensions() != image.dimensions() => {
+            Err(EngineError::InvalidRequest(format!(
+                "the mask is {}x{} but the photo is {}x{}",
+                mask.width(),
+                mask.height(),
+                image.width(),
+                image.height()
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// A pixel mask as a latent-resolution mask `[1, 1, h, w]` in [0, 1] (area-averaged).
 pub fn latent_mask(
     model: &StableDiffusion,
@@ -299,17 +315,7 @@ pub fn sample(
                     "t0 must be between 0 and 1, got {t0_fraction}"
                 )));
             }
-            if let Some(mask) = mask
-                && mask.dimensions() != image.dimensions()
-            {
-                return Err(EngineError::InvalidRequest(format!(
-                    "the mask is {}x{} but the photo is {}x{}",
-                    mask.width(),
-                    mask.height(),
-                    image.width(),
-                    image.height()
-                )));
-            }
+            check_mask_size(mask, image)?;
             (image.width() as usize, image.height() as usize, mask)
         }
     };

@@ -329,10 +329,7 @@ impl Worker {
                             .into(),
                     )
                 })?;
-                let output_name = path
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default();
+                let output_name = crate::engine::lora::output_name(&path);
                 let info = LoraExportInfo {
                     output_name: &output_name,
                     base_model_name: &model_name,

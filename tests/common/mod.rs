@@ -137,3 +137,28 @@ pub fn instruct_model_dir(dir: &Path) -> PathBuf {
     );
     root
 }
+
+/// What a run of the `unitune` binary did.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the `unitune` binary in `home`, with its snapshot and Hugging Face caches there and
+/// the hub offline, so that runs never share state or touch the network.
+pub fn unitune(args: &[&str], home: &Path) -> Run {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_unitune"))
+        .args(args)
+        .env("XDG_CACHE_HOME", home.join("cache"))
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_CACHE", home.join("hf"))
+        .current_dir(home)
+        .output()
+        .expect("unitune runs");
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}

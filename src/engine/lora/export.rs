@@ -34,6 +34,13 @@ pub struct LoraExportInfo<'a> {
     pub created_unix_secs: u64,
 }
 
+/// The name tools show for a LoRA file: its file name without the extension.
+pub fn output_name(path: &std::path::Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 /// The adapter's factors (`<module>.lora_A.weight` [rank, in] and `.lora_B.weight`
 /// [out, rank], UNet modules) as kohya layers. The project's UNet adds `B (A x)` unscaled, so
 /// alpha = rank (scale 1) reproduces it exactly.

@@ -25,7 +25,9 @@ mod export;
 mod kohya;
 
 pub use deltas::{AppliedLoras, WeightDeltas};
-pub use export::{LoraExportInfo, export_tuned, kohya_metadata, layers_from_adapter_values};
+pub use export::{
+    LoraExportInfo, export_tuned, kohya_metadata, layers_from_adapter_values, output_name,
+};
 pub use kohya::{KohyaLayer, kohya_name, read_kohya_file, write_kohya_file};
 
 /// The part of the model a LoRA layer changes.
