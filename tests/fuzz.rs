@@ -80,6 +80,11 @@ fn model_weights() {
 }
 
 #[test]
+fn checkpoint_file() {
+    weights::checkpoint_file(harness::check);
+}
+
+#[test]
 fn snapshot_file() {
     weights::snapshot_file(harness::check);
 }

@@ -227,6 +227,53 @@ pub fn model_weights(check: fn(Target)) {
     });
 }
 
+/// Single-file (LDM) checkpoints: the family and architecture are read from the tensors
+/// themselves, so damaged names, shapes, dtypes and headers must all end in a refusal.
+pub fn checkpoint_file(check: fn(Target)) {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let fixtures = sd15()
+        .parent()
+        .expect("fixture models folder")
+        .to_path_buf();
+    let seeds = ["sd15-ckpt-tiny.safetensors", "sd2-ckpt-tiny.safetensors"]
+        .iter()
+        .map(|name| std::fs::read(fixtures.join(name)).expect("fixture checkpoint"))
+        .collect();
+    let path = dir.path().join("model.safetensors");
+    let run = |input: &[u8]| -> Depth {
+        // Replaced, not rewritten in place: the previous input's model may still map it.
+        let staged = path.with_extension("staged");
+        std::fs::write(&staged, input).expect("temporary file");
+        std::fs::rename(&staged, &path).expect("temporary file");
+        let Ok(files) = locate_in_folder(&path) else {
+            return 0;
+        };
+        let Ok(model) = StableDiffusion::load(&files, &Device::Cpu, DType::F32) else {
+            return 1;
+        };
+        // A checkpoint that loads must also compute: a prompt, one UNet step, a decode.
+        let ran = (|| -> unitune::engine::Result<()> {
+            let prompt = model.encode_prompt("a cat")?;
+            let side = model.config.pixel_multiple();
+            let (channels, h, w) = model.latent_dims(side, side)?;
+            let latents = Tensor::zeros((1, channels, h, w), DType::F32, &Device::Cpu)?;
+            let t = Tensor::new(&[10u32], &Device::Cpu)?;
+            if model.config.unet.in_channels == channels {
+                model.unet.forward(&latents, &t, &prompt.embedding)?;
+            }
+            model.decode_latents(&latents)?;
+            Ok(())
+        })();
+        2 + u32::from(ran.is_ok())
+    };
+    check(Target {
+        name: "checkpoint_file",
+        seeds,
+        mutate: mutate::safetensors,
+        run: &run,
+    });
+}
+
 pub fn snapshot_file(check: fn(Target)) {
     let dir = tempfile::tempdir().expect("temporary folder");
     let keys = vec!["down.weight".to_string(), "up.bias".to_string()];
