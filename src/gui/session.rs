@@ -507,6 +507,11 @@ impl EditorApp {
         if doc.version != edit.photo_version {
             return self.error("The photo changed since this edit; press Edit again.");
         }
+        if edit.instruct != self.model.is_instruct() {
+            // Instructions need an InstructPix2Pix model and descriptions the others; the
+            // variants made so far stay to look at and export.
+            return self.error("The model changed since this edit; press Edit again.");
+        }
         let request = JobRequest::Edit {
             method: settings.method,
             photo: doc.photo.clone(),
