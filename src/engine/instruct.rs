@@ -31,9 +31,10 @@ pub fn is_instruct_model(model: &StableDiffusion) -> bool {
     model.config.unet.in_channels == 2 * model.config.vae.latent_channels
 }
 
-/// The image guidance for the fidelity knob: 0 (expressive) is 1.0, i.e. the photo only
-/// conditions, 0.5 is the published default 1.5, 1 (faithful) is 2.5 (the top of the range the
-/// InstructPix2Pix paper explores); linear in between.
+/// The image guidance for the fidelity knob: 0 (expressive) is 1.0 (the photo conditions
+/// but is not pushed towards), 0.5 the published default 1.5, 1 (faithful) 2.5, close to the
+/// photo; piecewise linear through those three points, so the slider's middle is the
+/// default.
 pub fn image_guidance_for(fidelity: f64) -> f64 {
     let f = if fidelity.is_nan() {
         0.5
