@@ -3,19 +3,11 @@
 
 mod common;
 
-use std::path::Path;
-
-use common::{fixtures, instruct_model_dir, model_dir, unitune};
+use common::{fixtures, instruct_model_dir, model_dir, png_recipe, unitune};
 use unitune::imaging::read_png_text;
 
 fn photo() -> String {
     fixtures().join("photos/chelsea.png").display().to_string()
-}
-
-fn recipe(path: &Path) -> serde_json::Value {
-    let text = read_png_text(path).unwrap();
-    let json = &text.iter().find(|(k, _)| k == "unitune").unwrap().1;
-    serde_json::from_str(json).unwrap()
 }
 
 #[test]
@@ -61,7 +53,7 @@ fn an_instruction_edit_needs_no_fine_tuning_and_records_its_method() {
         (451, 300),
         "the photo's own size"
     );
-    let r = recipe(&h.join("winter.png"));
+    let r = png_recipe(&h.join("winter.png"));
     assert_eq!(r["method"], "instruct-pix2pix");
     assert_eq!(r["image_guidance"], 1.5);
     assert_eq!(r["guidance_weight"], 7.5);
@@ -78,7 +70,7 @@ fn an_instruction_edit_needs_no_fine_tuning_and_records_its_method() {
     // The fidelity knob moves the image guidance, and so the result.
     let faithful = edit("faithful.png", &["--fidelity", "1"]);
     assert_eq!(faithful.code, 0, "{}", faithful.stderr);
-    assert_eq!(recipe(&h.join("faithful.png"))["image_guidance"], 2.5);
+    assert_eq!(png_recipe(&h.join("faithful.png"))["image_guidance"], 2.5);
     assert_ne!(
         image::open(h.join("faithful.png")).unwrap().to_rgb8(),
         written.to_rgb8()

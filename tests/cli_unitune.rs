@@ -98,9 +98,7 @@ fn a_second_edit_of_the_same_photo_reuses_the_snapshots_and_a_damaged_entry_is_r
     );
 
     // The recipe in the PNG names the fine-tuning.
-    let text = read_png_text(&h.join("a.png")).unwrap();
-    let recipe: serde_json::Value =
-        serde_json::from_str(&text.iter().find(|(k, _)| k == "unitune").unwrap().1).unwrap();
+    let recipe = common::png_recipe(&h.join("a.png"));
     assert_eq!(recipe["tune_steps"], 2);
     assert_eq!(recipe["tuning"]["train"], "cross-kv");
     assert_eq!(

@@ -311,9 +311,7 @@ fn edit_streams_variants_and_the_slider_browses_them_then_export_keeps_the_recip
     step_until(&mut harness, Duration::from_secs(30), "the export", |app| {
         app.last_export().is_some()
     });
-    let text = unitune::imaging::read_png_text(&out).unwrap();
-    let recipe = &text.iter().find(|(k, _)| k == "unitune").unwrap().1;
-    let recipe: serde_json::Value = serde_json::from_str(recipe).unwrap();
+    let recipe = common::png_recipe(&out);
     assert_eq!(recipe["prompt"], "a cat wearing sunglasses");
     assert_eq!(recipe["model_prompt"], "beikkpic a cat wearing sunglasses");
     assert_eq!(recipe["width"], 451);
@@ -869,9 +867,7 @@ fn an_instruct_model_edits_by_instruction_without_learning_the_photo() {
     step_until(&mut harness, Duration::from_secs(30), "the export", |app| {
         app.last_export().is_some()
     });
-    let text = unitune::imaging::read_png_text(&out).unwrap();
-    let recipe = &text.iter().find(|(k, _)| k == "unitune").unwrap().1;
-    let recipe: serde_json::Value = serde_json::from_str(recipe).unwrap();
+    let recipe = common::png_recipe(&out);
     assert_eq!(recipe["method"], "instruct-pix2pix");
     assert_eq!(recipe["model_prompt"], "make it winter");
     assert_eq!(recipe["image_guidance"], 1.5);

@@ -162,3 +162,14 @@ pub fn unitune(args: &[&str], home: &Path) -> Run {
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
 }
+
+/// The full recipe (the `unitune` text chunk) of an exported PNG.
+pub fn png_recipe(path: &Path) -> serde_json::Value {
+    let text = unitune::imaging::read_png_text(path).expect("the PNG has text chunks");
+    let json = &text
+        .iter()
+        .find(|(k, _)| k == "unitune")
+        .expect("the PNG has a recipe")
+        .1;
+    serde_json::from_str(json).expect("the recipe is JSON")
+}
