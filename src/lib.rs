@@ -11,6 +11,7 @@
 //! - [`engine`]: candle only: the models, the noise schedule, fine-tuning, sampling, edits.
 //! - [`model_files`]: where a model's files come from (local folder, Hugging Face cache, download).
 //! - [`imaging`]: decoding with limits, fitting to the model's resolution, atomic export.
+//! - [`world`]: the demo world the demo model is trained on, and the scorer of its edits.
 
 pub mod build_info;
 pub mod cli;
@@ -20,3 +21,4 @@ pub mod imaging;
 pub mod jobs;
 pub mod model_files;
 pub mod recipe;
+pub mod world;

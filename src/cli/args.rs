@@ -109,6 +109,25 @@ pub enum Command {
     /// Measure speed and peak memory at full size (random weights, no download) and print
     /// JSON; `benches/diffusers/` prints the same measurements from diffusers.
     Bench(BenchArgs),
+    /// Write the demo world's training set (scenes, renders, captions) for
+    /// assets/demo-model/train.py.
+    #[command(hide = true)]
+    World(WorldArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WorldArgs {
+    /// Folder to write images.rgb and captions.jsonl into.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// How many scenes.
+    #[arg(long, value_name = "N", default_value_t = 50_000)]
+    pub count: usize,
+
+    /// Seed of the scenes and their captions.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub seed: u64,
 }
 
 #[derive(Debug, Args)]

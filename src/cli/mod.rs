@@ -109,6 +109,7 @@ fn run(
         Command::ExportLora(args) => unitune::export_lora_command(global, args, cancel),
         Command::Cache(args) => cache::cache_command(args),
         Command::Bench(args) => bench::bench_command(global, args, cancel),
+        Command::World(args) => crate::world::write_dataset(&args.out, args.count, args.seed),
     }
 }
 

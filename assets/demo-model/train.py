@@ -1,0 +1,314 @@
+"""Trains the demo model: Stable Diffusion's architecture, small, on unitune's demo world.
+
+    cargo run --release -- world --out /tmp/world --count 20000 --seed 0
+    python assets/demo-model/train.py --data /tmp/world --out assets/demo-model
+
+(`tests/scripts/train-demo-model` does both in a fresh virtual environment.) Seeded
+throughout; on 2 CPU cores it takes about an hour. What it writes is a diffusers
+StableDiffusionPipeline folder in fp16 (`*.fp16.safetensors`), which unitune loads like any
+model:
+
+1. The VAE (AutoencoderKL, 64 px -> 16x16x4 latents) learns to reconstruct the scenes.
+2. Every scene is encoded once; `scaling_factor` is set to 1 / the latents' standard
+   deviation, as Stable Diffusion's was.
+3. The UNet and the CLIP text encoder (the real CLIP vocabulary, from the project's bundled
+   tokenizer) learn to denoise those latents given a caption: the full caption half the
+   time, a partial one (some objects, or only the background) 40 %, no caption 10 % (for
+   classifier-free guidance), with Stable Diffusion's noise schedule and epsilon loss.
+"""
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+HERE = Path(__file__).resolve().parent
+TOKENIZER = HERE.parent / "clip-tokenizer"
+IMAGE = 64
+CROP = 32
+
+
+def vae_model():
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=IMAGE,
+    )
+
+
+def text_model():
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=128,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=1,
+        )
+    )
+
+
+def unet_model():
+    return UNet2DConditionModel(
+        sample_size=IMAGE // 4,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(64, 128, 192),
+        layers_per_block=1,
+        cross_attention_dim=128,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def scheduler():
+    # Stable Diffusion 1.5's own scheduler config.
+    return PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+    )
+
+
+def load_world(data: Path):
+    raw = np.fromfile(data / "images.rgb", dtype=np.uint8)
+    images = torch.from_numpy(raw.reshape(-1, IMAGE, IMAGE, 3)).permute(0, 3, 1, 2)
+    captions = [json.loads(line) for line in (data / "captions.jsonl").read_text().splitlines()]
+    assert len(captions) == len(images), "one caption line per image"
+    return images, captions
+
+
+def to_unit(images_u8):
+    return images_u8.float() / 127.5 - 1.0
+
+
+def lr_at(step, steps, peak, warmup):
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_vae(vae, images, steps, batch, generator, log):
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    vae.train()
+    start = time.time()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, 1e-3, 50)
+        idx = torch.randint(len(images), (batch,), generator=generator)
+        # 32 px crops: the VAE is convolutional, so it learns the same from a quarter of the
+        # pixels at a quarter of the cost (what fit the 2-core budget).
+        ox, oy = torch.randint(0, IMAGE - CROP + 1, (2,), generator=generator).tolist()
+        x = to_unit(images[idx, :, oy : oy + CROP, ox : ox + CROP])
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(
+            posterior.mean.shape, generator=generator
+        )
+        rec = vae.decode(z).sample
+        # Sharp flat colours matter more than anything: L1 + MSE, and a KL just strong
+        # enough to keep the latents smooth.
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"vae step {step}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f} s)")
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_all(vae, images, batch=256):
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        d = vae.encode(to_unit(images[i : i + batch])).latent_dist
+        means.append(d.mean)
+        stds.append(d.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def tokenize(tokenizer, texts):
+    return tokenizer(
+        texts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def train_unet(unet, text_encoder, tokenizer, means, stds, scale, captions, args, generator, log):
+    noise_schedule = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+    )
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    unet.train()
+    text_encoder.train()
+    rng = np.random.default_rng(args.seed)
+    start = time.time()
+    for step in range(args.unet_steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.unet_steps, args.lr, 200)
+        idx = torch.randint(len(means), (args.batch,), generator=generator)
+        latents = (
+            means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=generator)
+        ) * scale
+        texts = []
+        for i in idx.tolist():
+            u = rng.random()
+            if u < 0.1:
+                texts.append("")
+            elif u < 0.6:
+                texts.append(captions[i][0])
+            else:
+                texts.append(captions[i][1 + rng.integers(len(captions[i]) - 1)])
+        context = text_encoder(tokenize(tokenizer, texts))[0]
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(0, 1000, (args.batch,), generator=generator)
+        noisy = noise_schedule.add_noise(latents, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=context).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 25 == 0 or step == args.unet_steps - 1:
+            elapsed = time.time() - start
+            log(
+                f"unet step {step}/{args.unet_steps} loss {loss.item():.4f} "
+                f"({elapsed:.0f} s, {elapsed / (step + 1):.2f} s/step)"
+            )
+        if args.checkpoint_every and step and step % args.checkpoint_every == 0:
+            yield step
+    unet.eval()
+    text_encoder.eval()
+
+
+def save(out: Path, vae, text_encoder, tokenizer, unet):
+    # Copies: rounding the modules being trained to fp16 would change them.
+    half = lambda module: copy.deepcopy(module).to(torch.float16)
+    pipe = StableDiffusionPipeline(
+        vae=half(vae),
+        text_encoder=half(text_encoder),
+        tokenizer=tokenizer,
+        unet=half(unet),
+        scheduler=scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    pipe.save_pretrained(staging, variant="fp16", safe_serialization=True)
+    for part in ["model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"]:
+        target = out / part
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        shutil.move(str(staging / part), str(target))
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="from `unitune world`")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae-steps", type=int, default=1200)
+    parser.add_argument("--vae-batch", type=int, default=32)
+    parser.add_argument("--unet-steps", type=int, default=1600)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=400, help="save the model every N UNet steps"
+    )
+    parser.add_argument("--vae-from", type=Path, help="reuse a trained VAE (a model folder)")
+    args = parser.parse_args()
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    generator = torch.Generator().manual_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_file = open(args.out / "train.log", "a")
+
+    def log(text):
+        line = f"[{time.strftime('%H:%M:%S')}] {text}"
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    log(f"train.py {vars(args)}")
+    images, captions = load_world(args.data)
+    log(f"{len(images)} scenes from {args.data}")
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)
+
+    if args.vae_from:
+        vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae", variant="fp16").float()
+    else:
+        vae = vae_model()
+        train_vae(vae, images, args.vae_steps, args.vae_batch, generator, log)
+    vae.eval()
+    means, stds = encode_all(vae, images)
+    scale = 1.0 / means.std().item()
+    vae.register_to_config(scaling_factor=scale)
+    with torch.no_grad():
+        sample = to_unit(images[:256])
+        rec = vae.decode(vae.encode(sample).latent_dist.mean).sample
+        log(f"vae reconstruction MSE {F.mse_loss(rec, sample).item():.5f}, scaling_factor {scale:.4f}")
+
+    text_encoder = text_model()
+    unet = unet_model()
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    log(
+        f"parameters: unet {count(unet) / 1e6:.2f} M, text encoder {count(text_encoder) / 1e6:.2f} M, "
+        f"vae {count(vae) / 1e6:.2f} M"
+    )
+    for step in train_unet(
+        unet, text_encoder, tokenizer, means, stds, scale, captions, args, generator, log
+    ):
+        save(args.out, vae, text_encoder, tokenizer, unet)
+        log(f"saved at step {step}")
+        unet.train()
+        text_encoder.train()
+    save(args.out, vae, text_encoder, tokenizer, unet)
+    log("done")
+
+
+if __name__ == "__main__":
+    main()
