@@ -114,6 +114,7 @@ fn full_precision_folder_is_located() {
             tokenizer_config: Some(root.join("tokenizer/tokenizer_config.json")),
             special_tokens_map: Some(root.join("tokenizer/special_tokens_map.json")),
             scheduler_config: root.join("scheduler/scheduler_config.json"),
+            model_index: Some(root.join("model_index.json")),
         })),
         vae_replacement: None,
         source: ModelSource::LocalFolder,

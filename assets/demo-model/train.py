@@ -242,6 +242,12 @@ def save(out: Path, vae, text_encoder, tokenizer, unet):
             target.unlink()
         shutil.move(str(staging / part), str(target))
     shutil.rmtree(staging, ignore_errors=True)
+    # unitune's own key (diffusers ignores keys starting with "_"): the fidelity slider uses
+    # the table calibrated for this model (src/engine/fidelity.rs).
+    index_path = out / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["_unitune_fidelity_table"] = "demo"
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def main():

@@ -109,10 +109,49 @@ pub enum Command {
     /// Measure speed and peak memory at full size (random weights, no download) and print
     /// JSON; `benches/diffusers/` prints the same measurements from diffusers.
     Bench(BenchArgs),
+    /// The edit-quality benchmark on the demo world (use with --model demo): every method and
+    /// setting edits the same scenes; prints success and fidelity, writes JSON and a plot.
+    Eval(EvalArgs),
     /// Write the demo world's training set (scenes, renders, captions) for
     /// assets/demo-model/train.py.
     #[command(hide = true)]
     World(WorldArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Folder for edit-quality.json, edit-quality.png (the trade-off plot) and
+    /// slider-examples.png.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// How many scenes (each fine-tuned on, then edited two or three ways).
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub scenes: usize,
+
+    /// Seed of the scenes, their edits and the sampling noise.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub seed: u64,
+
+    /// SDEdit starts swept by each method's curve, comma-separated.
+    #[arg(
+        long,
+        value_name = "F,F,..",
+        value_delimiter = ',',
+        default_value = "0.5,0.6,0.7,0.8,0.9,1.0"
+    )]
+    pub t0_values: Vec<f64>,
+
+    /// Guidance weight of the swept curves (the slider's comes from the fidelity table).
+    #[arg(long, value_name = "W", default_value_t = 7.5)]
+    pub guidance: f64,
+
+    /// Denoising steps (DDIM).
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub sampling_steps: usize,
+
+    #[command(flatten)]
+    pub training: TrainingOptions,
 }
 
 #[derive(Debug, Args)]

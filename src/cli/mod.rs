@@ -7,6 +7,7 @@ mod args;
 mod bench;
 mod cache;
 mod cancel;
+mod eval;
 mod generate;
 mod preview;
 mod session;
@@ -109,6 +110,7 @@ fn run(
         Command::ExportLora(args) => unitune::export_lora_command(global, args, cancel),
         Command::Cache(args) => cache::cache_command(args),
         Command::Bench(args) => bench::bench_command(global, args, cancel),
+        Command::Eval(args) => eval::eval_command(global, args, cancel),
         Command::World(args) => crate::world::write_dataset(&args.out, args.count, args.seed),
     }
 }

@@ -104,7 +104,7 @@ pub(super) fn load_model(global: &GlobalOptions) -> Result<LoadedModel> {
     }
     let name = match &spec {
         ModelSpec::Folder(path) => path.display().to_string(),
-        ModelSpec::Hub { .. } => spec.to_string(),
+        ModelSpec::Hub { .. } | ModelSpec::Demo => spec.to_string(),
     };
     let memo = crate::model_files::default_memo_path();
     let mut identity = files.fingerprint(memo.as_deref())?;

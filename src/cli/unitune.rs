@@ -19,7 +19,7 @@ use crate::engine::edit::{
     CachePolicy, EditMethod, EditRequest, TuneEvent, TunedPhoto, edit_photo, model_prompt,
     tune_photo,
 };
-use crate::engine::fidelity::parameters_for;
+use crate::engine::fidelity::FidelityTable;
 use crate::engine::finetune::{SnapshotCache, TrainMode, TuneSettings};
 use crate::engine::instruct::{
     DEFAULT_INSTRUCT_MODEL, DEFAULT_TEXT_GUIDANCE, image_guidance_for, is_instruct_model,
@@ -51,7 +51,10 @@ fn fit_photo(photo: Photo, loaded: &LoadedModel, size: Option<&str>) -> Result<P
 }
 
 /// The fine-tuning recipe from the command line.
-fn tune_settings(options: &TrainingOptions, extra_snapshot: Option<usize>) -> Result<TuneSettings> {
+pub(super) fn tune_settings(
+    options: &TrainingOptions,
+    extra_snapshot: Option<usize>,
+) -> Result<TuneSettings> {
     let usage = |m: String| anyhow::Error::from(UsageError(m));
     let mut mode: TrainMode = options.train.parse().map_err(usage)?;
     if let TrainMode::Lora { rank } = &mut mode {
@@ -125,14 +128,14 @@ fn load_and_tune(
     let photo = load_photo(image)?;
     let mut loaded = load_model(global)?;
     let photos = fit_photo(photo, &loaded, size)?;
-    let tuned = tune(&mut loaded, &photos, settings, training, cancel)?;
+    let tuned = tune(&mut loaded, &photos.working, settings, training, cancel)?;
     Ok((loaded, photos, tuned))
 }
 
 /// Fine-tunes (or loads cached snapshots) with a progress bar showing loss and ETA.
-fn tune(
+pub(super) fn tune(
     loaded: &mut LoadedModel,
-    photos: &Photos,
+    working: &RgbImage,
     settings: &TuneSettings,
     training: &TrainingOptions,
     cancel: &CancelFlag,
@@ -240,7 +243,7 @@ fn tune(
     };
     let result = tune_photo(
         &mut loaded.model,
-        &photos.working,
+        working,
         settings,
         &policy,
         None,
@@ -429,56 +432,63 @@ struct EditPlan {
     fidelity: f64,
 }
 
-/// The settings an edit uses: the fidelity table (for instructions, the image guidance it
-/// maps to), then explicit overrides.
-fn edit_plan(args: &EditArgs) -> Result<EditPlan> {
+/// Refuses bad edit flags before anything slow starts.
+fn check_edit_flags(args: &EditArgs) -> Result<()> {
     if let Some(f) = args.fidelity
         && !(0.0..=1.0).contains(&f)
     {
         return Err(UsageError(format!("--fidelity must be between 0 and 1, got {f}")).into());
     }
-    let fidelity = args.fidelity.unwrap_or(0.5);
     if args.instruct.is_none() && args.image_guidance.is_some() {
         return Err(UsageError(
             "--image-guidance applies to instruction edits only (--instruct)".into(),
         )
         .into());
     }
-    if args.instruct.is_some() {
-        let guidance = args.guidance.unwrap_or(DEFAULT_TEXT_GUIDANCE);
-        check_guidance(guidance)?;
-        let image_guidance = args
-            .image_guidance
-            .unwrap_or_else(|| image_guidance_for(fidelity));
-        if !image_guidance.is_finite() || image_guidance < 0.0 {
-            return Err(UsageError(format!(
-                "--image-guidance must be a number of at least 0, got {image_guidance}"
-            ))
-            .into());
-        }
-        return Ok(EditPlan {
-            method: EditMethod::Instruct { image_guidance },
-            tune_steps: 0,
-            t0: None,
-            guidance,
-            fidelity,
-        });
+    if let Some(image_guidance) = args.image_guidance
+        && (!image_guidance.is_finite() || image_guidance < 0.0)
+    {
+        return Err(UsageError(format!(
+            "--image-guidance must be a number of at least 0, got {image_guidance}"
+        ))
+        .into());
     }
-    let table = parameters_for(fidelity, &args.training.snapshots);
-    let tune_steps = args.tune_steps.unwrap_or(table.tune_steps);
-    let t0 = args.t0.unwrap_or(table.t0);
-    let guidance = args.guidance.unwrap_or(table.guidance);
-    if !(0.0..=1.0).contains(&t0) {
+    if let Some(t0) = args.t0
+        && !(0.0..=1.0).contains(&t0)
+    {
         return Err(UsageError(format!("--t0 must be between 0 and 1, got {t0}")).into());
     }
-    check_guidance(guidance)?;
-    Ok(EditPlan {
+    if let Some(guidance) = args.guidance {
+        check_guidance(guidance)?;
+    }
+    Ok(())
+}
+
+/// The settings an edit uses: the loaded model's fidelity table (for instructions, the image
+/// guidance fidelity maps to), then the explicit overrides (checked by `check_edit_flags`).
+fn edit_plan(args: &EditArgs, table: &FidelityTable) -> EditPlan {
+    let fidelity = args.fidelity.unwrap_or(0.5);
+    if args.instruct.is_some() {
+        return EditPlan {
+            method: EditMethod::Instruct {
+                image_guidance: args
+                    .image_guidance
+                    .unwrap_or_else(|| image_guidance_for(fidelity)),
+            },
+            tune_steps: 0,
+            t0: None,
+            guidance: args.guidance.unwrap_or(DEFAULT_TEXT_GUIDANCE),
+            fidelity,
+        };
+    }
+    let row = table.parameters_for(fidelity, &args.training.snapshots);
+    EditPlan {
         method: EditMethod::UniTune,
-        tune_steps,
-        t0: Some(t0),
-        guidance,
+        tune_steps: args.tune_steps.unwrap_or(row.tune_steps),
+        t0: Some(args.t0.unwrap_or(row.t0)),
+        guidance: args.guidance.unwrap_or(row.guidance),
         fidelity,
-    })
+    }
 }
 
 /// Refuses a method the loaded model cannot run, saying what to do instead.
@@ -546,8 +556,7 @@ pub fn edit_command(global: &GlobalOptions, args: &EditArgs, cancel: &CancelFlag
         .or(args.prompt.as_deref())
         .unwrap_or_default();
     check_prompt(prompt)?;
-    let plan = edit_plan(args)?;
-    let tune_steps = plan.tune_steps;
+    check_edit_flags(args)?;
     check_sampling_steps(args.sampling_steps)?;
     if args.samples == 0 {
         return Err(UsageError("--samples must be at least 1".into()).into());
@@ -556,10 +565,10 @@ pub fn edit_command(global: &GlobalOptions, args: &EditArgs, cancel: &CancelFlag
         check_output_extension(out)?;
     }
     check_preview_options(&args.previews)?;
-    let settings = tune_settings(&args.training, Some(tune_steps))?;
     if let Some(path) = &args.export_lora {
-        check_lora_export(path, &settings)?;
-        if tune_steps == 0 {
+        check_lora_export(path, &tune_settings(&args.training, args.tune_steps)?)?;
+        // The tables never choose 0 steps (the ladder is never empty); only the flag can.
+        if args.tune_steps == Some(0) {
             return Err(UsageError(
                 "--export-lora needs a fine-tune, and --tune-steps 0 skips it".into(),
             )
@@ -581,12 +590,15 @@ pub fn edit_command(global: &GlobalOptions, args: &EditArgs, cancel: &CancelFlag
         None => None,
     };
     let mut loaded = load_model(global)?;
+    let plan = edit_plan(args, loaded.model.info().fidelity_table);
+    let tune_steps = plan.tune_steps;
     check_method(&plan, &loaded)?;
+    let settings = tune_settings(&args.training, Some(tune_steps))?;
     let photos = fit_photo(photo, &loaded, args.size.as_deref())?;
     let tuned = if tune_steps > 0 {
         Some(tune(
             &mut loaded,
-            &photos,
+            &photos.working,
             &settings,
             &args.training,
             cancel,

@@ -1,7 +1,9 @@
 //! The one fidelity-expressiveness knob: `fidelity` in [0, 1] chooses how many fine-tuning
 //! steps (which snapshot), the SDEdit start t0 and the guidance weight together.
 //!
-//! The table (UniTune table 1 and section 3.3, adapted to Stable Diffusion's guidance range):
+//! Each model family has its own table ([`FidelityTable`]): what a fidelity means in steps,
+//! t0 and guidance depends on the model. Stable Diffusion's (UniTune table 1 and section 3.3,
+//! adapted to Stable Diffusion's guidance range, not yet measured on SD):
 //!
 //! | fidelity | snapshot (steps) | t0   | guidance |
 //! |----------|------------------|------|----------|
@@ -27,69 +29,86 @@ pub struct EditParameters {
     pub guidance: f64,
 }
 
-const TABLE: [(f64, EditParameters); 5] = [
-    (
-        0.00,
-        EditParameters {
-            tune_steps: 16,
-            t0: 1.00,
-            guidance: 12.0,
-        },
-    ),
-    (
-        0.25,
-        EditParameters {
-            tune_steps: 32,
-            t0: 1.00,
-            guidance: 10.0,
-        },
-    ),
-    (
-        0.50,
-        EditParameters {
-            tune_steps: 64,
-            t0: 0.96,
-            guidance: 9.0,
-        },
-    ),
-    (
-        0.75,
-        EditParameters {
-            tune_steps: 64,
-            t0: 0.92,
-            guidance: 8.0,
-        },
-    ),
-    (
-        1.00,
-        EditParameters {
-            tune_steps: 128,
-            t0: 0.88,
-            guidance: 7.5,
-        },
-    ),
-];
+/// A model family's fidelity table: rows at fidelity 0, 0.25, 0.5, 0.75 and 1.
+#[derive(Debug, PartialEq)]
+pub struct FidelityTable {
+    /// The name a model folder's `model_index.json` gives in `_unitune_fidelity_table`.
+    pub name: &'static str,
+    /// Where the numbers come from, in a few words (the model panel and recipes say it).
+    pub source: &'static str,
+    rows: [(f64, EditParameters); 5],
+}
 
-/// The parameters for `fidelity` (clamped to [0, 1]) given the snapshots that exist.
-pub fn parameters_for(fidelity: f64, snapshots: &[usize]) -> EditParameters {
-    let f = if fidelity.is_nan() {
-        0.5
-    } else {
-        fidelity.clamp(0.0, 1.0)
-    };
-    let upper = TABLE
-        .iter()
-        .position(|(x, _)| *x >= f)
-        .unwrap_or(TABLE.len() - 1)
-        .max(1);
-    let (x0, a) = TABLE[upper - 1];
-    let (x1, b) = TABLE[upper];
-    let s = (f - x0) / (x1 - x0);
-    let nearest = if s < 0.5 { a } else { b };
-    EditParameters {
-        tune_steps: nearest_snapshot(nearest.tune_steps, snapshots),
-        t0: a.t0 + (b.t0 - a.t0) * s,
-        guidance: a.guidance + (b.guidance - a.guidance) * s,
+const fn row(fidelity: f64, tune_steps: usize, t0: f64, guidance: f64) -> (f64, EditParameters) {
+    (
+        fidelity,
+        EditParameters {
+            tune_steps,
+            t0,
+            guidance,
+        },
+    )
+}
+
+/// Stable Diffusion (1.x and 2.x): the table above, starting points adapted from the paper,
+/// not yet measured on SD (no SD weights reach our machines).
+pub static STABLE_DIFFUSION: FidelityTable = FidelityTable {
+    name: "stable-diffusion",
+    source: "adapted from the paper, not yet calibrated",
+    rows: [
+        row(0.00, 16, 1.00, 12.0),
+        row(0.25, 32, 1.00, 10.0),
+        row(0.50, 64, 0.96, 9.0),
+        row(0.75, 64, 0.92, 8.0),
+        row(1.00, 128, 0.88, 7.5),
+    ],
+};
+
+/// The demo model (`assets/demo-model`), calibrated with `unitune eval` (see
+/// docs/edit-quality.md for the measurements each row comes from).
+pub static DEMO: FidelityTable = FidelityTable {
+    name: "demo",
+    source: "calibrated with unitune eval",
+    rows: [
+        row(0.00, 16, 1.00, 12.0),
+        row(0.25, 32, 1.00, 10.0),
+        row(0.50, 64, 0.96, 9.0),
+        row(0.75, 64, 0.92, 8.0),
+        row(1.00, 128, 0.88, 7.5),
+    ],
+};
+
+/// Every built-in table; a model names its own, else Stable Diffusion's applies.
+pub static TABLES: [&FidelityTable; 2] = [&STABLE_DIFFUSION, &DEMO];
+
+impl FidelityTable {
+    /// The built-in table called `name`.
+    pub fn named(name: &str) -> Option<&'static FidelityTable> {
+        TABLES.iter().copied().find(|t| t.name == name)
+    }
+
+    /// The parameters for `fidelity` (clamped to [0, 1]) given the snapshots that exist.
+    pub fn parameters_for(&self, fidelity: f64, snapshots: &[usize]) -> EditParameters {
+        let f = if fidelity.is_nan() {
+            0.5
+        } else {
+            fidelity.clamp(0.0, 1.0)
+        };
+        let rows = &self.rows;
+        let upper = rows
+            .iter()
+            .position(|(x, _)| *x >= f)
+            .unwrap_or(rows.len() - 1)
+            .max(1);
+        let (x0, a) = rows[upper - 1];
+        let (x1, b) = rows[upper];
+        let s = (f - x0) / (x1 - x0);
+        let nearest = if s < 0.5 { a } else { b };
+        EditParameters {
+            tune_steps: nearest_snapshot(nearest.tune_steps, snapshots),
+            t0: a.t0 + (b.t0 - a.t0) * s,
+            guidance: a.guidance + (b.guidance - a.guidance) * s,
+        }
     }
 }
 
@@ -115,14 +134,22 @@ mod tests {
 
     #[test]
     fn table_rows_are_hit_exactly() {
-        for (f, row) in TABLE {
-            assert_eq!(parameters_for(f, &PAPER), row);
+        for table in TABLES {
+            for (f, row) in table.rows {
+                assert_eq!(table.parameters_for(f, &PAPER), row);
+            }
+            assert_eq!(FidelityTable::named(table.name), Some(table));
         }
+        assert_eq!(FidelityTable::named("sdxl"), None);
     }
 
     #[test]
     fn higher_fidelity_never_means_fewer_steps_later_t0_or_stronger_guidance() {
-        for snapshots in [&PAPER[..], &[8, 100][..], &[64][..], &[][..]] {
+        for (table, snapshots) in TABLES
+            .iter()
+            .flat_map(|t| [&PAPER[..], &[8, 100][..], &[64][..], &[][..]].map(|s| (t, s)))
+        {
+            let parameters_for = |f, s: &[usize]| table.parameters_for(f, s);
             let mut previous = parameters_for(0.0, snapshots);
             for i in 1..=1000 {
                 let p = parameters_for(i as f64 / 1000.0, snapshots);
@@ -142,6 +169,7 @@ mod tests {
 
     #[test]
     fn out_of_range_and_missing_snapshots_are_handled() {
+        let parameters_for = |f, s: &[usize]| STABLE_DIFFUSION.parameters_for(f, s);
         assert_eq!(parameters_for(-3.0, &PAPER), parameters_for(0.0, &PAPER));
         assert_eq!(parameters_for(7.0, &PAPER), parameters_for(1.0, &PAPER));
         assert_eq!(parameters_for(1.0, &[10, 20]).tune_steps, 20);

@@ -18,6 +18,7 @@ use super::config::{
     PipelineConfig, PredictionType, SchedulerConfig, TextEncoderConfig, UnetConfig, VaeConfig,
 };
 use super::error::{EngineError, Result};
+use super::fidelity::{FidelityTable, STABLE_DIFFUSION};
 use super::lora::AppliedLoras;
 use super::noise::NoiseSource;
 use super::scheduler::DdimScheduler;
@@ -94,22 +95,49 @@ pub struct LoadOptions {
 }
 
 /// What was loaded, for one line of output and the editor's model panel.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelInfo {
     /// Detected from a single file's tensors; `None` for a diffusers folder (its configs say).
     pub family: Option<Family>,
     pub variant: UnetVariant,
     pub prediction: PredictionChoice,
+    /// What the fidelity slider means for this model: the table its folder names, else
+    /// Stable Diffusion's.
+    pub fidelity_table: &'static FidelityTable,
 }
 
 impl ModelInfo {
     /// e.g. "SD 2.x (OpenCLIP text encoder), text-to-image, v_prediction (SD 2.x default...)".
     pub fn describe(&self) -> String {
-        match self.family {
+        let described = match self.family {
             Some(family) => checkpoint::describe(family, self.variant, &self.prediction),
             None => format!("diffusers folder, {}, {}", self.variant, self.prediction),
+        };
+        if std::ptr::eq(self.fidelity_table, &STABLE_DIFFUSION) {
+            described
+        } else {
+            let table = self.fidelity_table;
+            format!(
+                "{described}, fidelity table {} ({})",
+                table.name, table.source
+            )
         }
     }
+}
+
+/// The built-in fidelity table a diffusers folder names in its `model_index.json`
+/// (`"_unitune_fidelity_table": "demo"`; diffusers ignores keys starting with `_`). The engine
+/// never needed the index otherwise, so a missing, unreadable or unknown entry means Stable
+/// Diffusion's table rather than a refusal to load.
+fn fidelity_table_of(model_index: Option<&Path>) -> &'static FidelityTable {
+    model_index
+        .and_then(|path| std::fs::read(path).ok())
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+        .and_then(|index| {
+            let name = index.get("_unitune_fidelity_table")?.as_str()?;
+            FidelityTable::named(name)
+        })
+        .unwrap_or(&STABLE_DIFFUSION)
 }
 
 /// Where a component's weights are: a diffusers component file, or named weights (a
@@ -474,6 +502,7 @@ fn diffusers_parts(files: &DiffusersFiles, options: &LoadOptions) -> Result<Part
             family: None,
             variant: variant_of(&unet),
             prediction,
+            fidelity_table: fidelity_table_of(files.model_index.as_deref()),
         },
         unet,
         text_encoder_config,
@@ -500,6 +529,7 @@ fn checkpoint_parts(file: &Path, options: &LoadOptions) -> Result<Parts> {
             family: Some(checkpoint.family),
             variant: checkpoint.variant,
             prediction: checkpoint.prediction,
+            fidelity_table: &STABLE_DIFFUSION,
         },
         unet: checkpoint.unet,
         text_encoder_config: checkpoint.text_encoder,

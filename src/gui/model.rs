@@ -5,7 +5,13 @@ use crate::recipe::LoraRecipe;
 use std::sync::Arc;
 
 use super::app::EditorApp;
-use crate::jobs::{DownloadStatus, JobRunner, LoadEvent, LoadRequest, ModelLoader, PreviewMode};
+use super::commands::Command;
+
+use crate::jobs::{
+    DEMO_MODEL, DownloadStatus, FidelityTable, JobRunner, LoadEvent, LoadRequest, ModelLoader,
+    PreviewMode, STABLE_DIFFUSION,
+};
+use crate::world;
 
 /// Where the model stands.
 pub enum ModelStatus {
@@ -34,6 +40,8 @@ pub enum ModelStatus {
         precision: &'static str,
         /// An InstructPix2Pix model: edits are instructions, without fine-tuning.
         instruct: bool,
+        /// What the fidelity slider means for this model.
+        fidelity_table: &'static FidelityTable,
         /// The LoRAs applied to it (`--lora`).
         loras: Vec<LoraRecipe>,
         /// Family, variant and prediction type, in one line.
@@ -79,6 +87,19 @@ impl ModelState {
         matches!(self.status, ModelStatus::Ready { instruct: true, .. })
     }
 
+    /// Whether the demo model (`--model demo`) is loaded.
+    pub fn is_demo(&self) -> bool {
+        matches!(&self.status, ModelStatus::Ready { name, .. } if name == DEMO_MODEL)
+    }
+
+    /// The loaded model's fidelity table (Stable Diffusion's while none is loaded).
+    pub fn fidelity_table(&self) -> &'static FidelityTable {
+        match self.status {
+            ModelStatus::Ready { fidelity_table, .. } => fidelity_table,
+            _ => &STABLE_DIFFUSION,
+        }
+    }
+
     pub fn cancel_download(&self) {
         if let Some(loader) = &self.loader {
             loader.cancel();
@@ -116,6 +137,7 @@ impl ModelState {
                         prediction_type: loaded.prediction_type,
                         precision: loaded.precision,
                         instruct: loaded.instruct,
+                        fidelity_table: loaded.fidelity_table,
                         loras: loaded.loras.clone(),
                         description: loaded.description.clone(),
                     };
@@ -183,9 +205,38 @@ impl EditorApp {
     pub(super) fn poll_loader(&mut self) {
         if let Some(model) = self.model.poll() {
             self.settings.model = Some(model);
+            if self.model.is_demo() && self.doc.is_none() && !self.opening.in_progress() {
+                self.open_demo_scene();
+            }
         }
         if let Some(notice) = self.model.preview_notice.take() {
             self.info(notice);
+        }
+    }
+
+    /// With the demo model and nothing open, a scene of its world opens, with an edit to try
+    /// in the prompt box: a newcomer can press Edit at once.
+    fn open_demo_scene(&mut self) {
+        let path = self.options.state.root().join("demo-scene.png");
+        let written = std::fs::create_dir_all(self.options.state.root())
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                world::example_scene()
+                    .render()
+                    .save(&path)
+                    .map_err(|e| e.to_string())
+            });
+        match written {
+            Ok(()) => {
+                if self.form.prompt.trim().is_empty() {
+                    self.form.prompt = world::EXAMPLE_PROMPT.to_string();
+                }
+                self.apply(Command::Open(path));
+            }
+            Err(err) => self.error(format!(
+                "cannot write the demo scene to {}: {err}",
+                path.display()
+            )),
         }
     }
 

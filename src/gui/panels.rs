@@ -13,9 +13,10 @@ use super::model::ModelStatus;
 use super::session::{self, TuneStatus};
 use super::variants::VariantState;
 use crate::jobs::{
-    DEFAULT_INSTRUCT_MODEL, DEFAULT_MODEL, Precision, PreviewMode, TrainMode,
+    DEFAULT_INSTRUCT_MODEL, DEFAULT_MODEL, DEMO_MODEL, Precision, PreviewMode, TrainMode,
     approximate_download_bytes, license_notice, parse_model_arg,
 };
+use crate::world;
 
 pub fn show(ui: &mut Ui, app: &mut EditorApp) -> Vec<Command> {
     let mut commands = Vec::new();
@@ -129,6 +130,8 @@ fn side_panel(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
     // An InstructPix2Pix model takes instructions; the others a description of the result.
     let (question, example) = if app.model.is_instruct() {
         ("How should the photo change?", "make it winter")
+    } else if app.model.is_demo() {
+        ("What should the photo become?", world::EXAMPLE_PROMPT)
     } else {
         ("What should the photo become?", "a cat wearing sunglasses")
     };
@@ -253,9 +256,13 @@ fn model_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) 
                     "Edit by instruction (\"make it winter\") with timbrooks/instruct-pix2pix, downloaded after you accept its license",
                 )
             };
+            let demo = app.model.is_demo();
             ui.horizontal(|ui| {
                 if ui.small_button(label).on_hover_text(hint).clicked() {
                     commands.push(Command::SwitchModel(other.to_string()));
+                }
+                if !demo {
+                    demo_button(ui, commands, true);
                 }
             });
         }
@@ -316,6 +323,7 @@ fn model_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) 
                     commands.push(Command::ChooseModelFile);
                 }
             });
+            demo_button(ui, commands, false);
         }
         ModelStatus::Failed { message, .. } => {
             ui.colored_label(ui.visuals().error_fg_color, message);
@@ -330,7 +338,28 @@ fn model_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) 
                     commands.push(Command::ChooseModelFile);
                 }
             });
+            demo_button(ui, commands, false);
         }
+    }
+}
+
+/// Loads the demo model: small, shipped with unitune, trained on coloured shapes; a whole edit
+/// without downloading anything.
+fn demo_button(ui: &mut Ui, commands: &mut Vec<Command>, small: bool) {
+    let text = "Demo model (offline)";
+    let button = if small {
+        ui.small_button(text)
+    } else {
+        ui.button(text)
+    };
+    if button
+        .on_hover_text(
+            "A small model shipped with unitune, trained on scenes of coloured shapes: try a \
+             whole edit now, without downloading anything",
+        )
+        .clicked()
+    {
+        commands.push(Command::SwitchModel(DEMO_MODEL.to_string()));
     }
 }
 

@@ -8,8 +8,8 @@ use super::background::PreparedVariant;
 use super::textures::{self, VariantTextures};
 use super::variants::{FIRST_POSITIONS, VariantSet, VariantSettings, VariantState};
 use crate::jobs::{
-    DEFAULT_TEXT_GUIDANCE, EditMethod, JobEvent, JobId, JobRequest, Stage, TuneSettings,
-    image_guidance_for, parameters_for, time_left,
+    DEFAULT_TEXT_GUIDANCE, EditMethod, FidelityTable, JobEvent, JobId, JobRequest,
+    STABLE_DIFFUSION, Stage, TuneSettings, image_guidance_for, time_left,
 };
 
 /// The longest the UI spends reading job events per frame.
@@ -128,6 +128,8 @@ pub struct EditContext {
     /// An instruction for an InstructPix2Pix model: no fine-tuning, the slider sets the image
     /// guidance.
     pub instruct: bool,
+    /// The model's fidelity table, for every variant of this edit.
+    pub table: &'static FidelityTable,
 }
 
 /// The fine-tune, the edit and its variants, for the open photo.
@@ -358,6 +360,7 @@ impl EditorApp {
             return self.error("Open a photo first (File > Open, or drop one on the window).");
         };
         let instruct = self.model.is_instruct();
+        let table = self.model.fidelity_table();
         if prompt.is_empty() {
             return self.error(if instruct {
                 "Type how the photo should change, e.g. \"make it winter\"."
@@ -401,6 +404,7 @@ impl EditorApp {
             sampling_steps: self.settings.sampling_steps.max(1),
             interpolate: self.settings.interpolate,
             instruct,
+            table,
         });
         // Later edits of the same photo reuse its snapshots; instructions need none.
         if !instruct && self.session.tuned_for.as_ref() != Some(&(version, tune.clone())) {
@@ -443,7 +447,7 @@ impl EditorApp {
             );
             positions.truncate(FIRST_POSITIONS.len());
             for position in positions {
-                let settings = settings_at(position, seed, &tune.snapshot_steps, instruct);
+                let settings = settings_at(position, seed, &tune.snapshot_steps, instruct, table);
                 self.queue_variant(settings, false);
             }
         }
@@ -455,13 +459,13 @@ impl EditorApp {
             return self.error("Run an edit first; more seeds add variants to it.");
         };
         let ladder = edit.ladder.clone();
-        let instruct = edit.instruct;
+        let (instruct, table) = (edit.instruct, edit.table);
         for _ in 0..2 {
             let seed = rand::random::<u32>() as u64;
             let settings = if self.form.advanced.custom {
                 self.advanced_settings(seed)
             } else {
-                settings_at(self.form.fidelity, seed, &ladder, instruct)
+                settings_at(self.form.fidelity, seed, &ladder, instruct, table)
             };
             self.queue_variant(settings, false);
         }
@@ -473,7 +477,13 @@ impl EditorApp {
             && !self.form.advanced.custom
             && self.session.variants.needs_job_at(self.form.fidelity)
         {
-            let settings = settings_at(self.form.fidelity, edit.seed, &edit.ladder, edit.instruct);
+            let settings = settings_at(
+                self.form.fidelity,
+                edit.seed,
+                &edit.ladder,
+                edit.instruct,
+                edit.table,
+            );
             self.queue_variant(settings, true);
         }
     }
@@ -485,7 +495,7 @@ impl EditorApp {
             return VariantSettings {
                 guidance: advanced.guidance,
                 fidelity: None,
-                ..settings_at(self.form.fidelity, seed, &[], true)
+                ..settings_at(self.form.fidelity, seed, &[], true, &STABLE_DIFFUSION)
             };
         }
         VariantSettings {
@@ -596,7 +606,13 @@ impl EditorApp {
 
 /// The variant at slider `position`, using the snapshots in `ladder` (none = untuned); for
 /// an instruction, the slider sets the image guidance (see `image_guidance_for`).
-fn settings_at(position: f64, seed: u64, ladder: &[usize], instruct: bool) -> VariantSettings {
+fn settings_at(
+    position: f64,
+    seed: u64,
+    ladder: &[usize],
+    instruct: bool,
+    table: &FidelityTable,
+) -> VariantSettings {
     if instruct {
         return VariantSettings {
             method: EditMethod::Instruct {
@@ -609,7 +625,7 @@ fn settings_at(position: f64, seed: u64, ladder: &[usize], instruct: bool) -> Va
             seed,
         };
     }
-    let p = parameters_for(position, ladder);
+    let p = table.parameters_for(position, ladder);
     VariantSettings {
         method: EditMethod::UniTune,
         fidelity: Some(position),

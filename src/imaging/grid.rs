@@ -55,17 +55,17 @@ pub fn labelled_grid(
         let max_px = layout.width - 2 * layout.gap;
         let text = fit_label(title, max_px, glyph);
         let x = layout.gap + (max_px - text_width(&text, glyph)) / 2;
-        draw_text(&mut canvas, &text, x, layout.gap, layout.scale);
+        draw_text(&mut canvas, &text, x, layout.gap, layout.scale, TEXT);
     }
     for (column, label) in column_labels.iter().enumerate() {
         let text = fit_label(label, layout.cell_width, glyph);
         let x = layout.column_x(column) + (layout.cell_width - text_width(&text, glyph)) / 2;
-        draw_text(&mut canvas, &text, x, layout.header_y, layout.scale);
+        draw_text(&mut canvas, &text, x, layout.header_y, layout.scale, TEXT);
     }
     for (row, label) in row_labels.iter().enumerate() {
         let text = fit_label(label, layout.row_label_width, glyph);
         let y = layout.row_y(row) + layout.cell_height.saturating_sub(glyph) / 2;
-        draw_text(&mut canvas, &text, layout.gap, y, layout.scale);
+        draw_text(&mut canvas, &text, layout.gap, y, layout.scale, TEXT);
     }
     for (row, images) in cells.iter().enumerate() {
         for (column, cell) in images.iter().enumerate() {
@@ -264,7 +264,15 @@ fn text_width(text: &[char], glyph_px: u32) -> u32 {
 
 /// Draws `text` with its top-left corner at (`x`, `y`), each font pixel `scale` pixels
 /// square; whatever falls outside the canvas is left out.
-fn draw_text(canvas: &mut RgbImage, text: &[char], x: u32, y: u32, scale: u32) {
+/// Draws `text` with its top left at (`x`, `y`), each glyph pixel `scale` pixels wide.
+pub(super) fn draw_text(
+    canvas: &mut RgbImage,
+    text: &[char],
+    x: u32,
+    y: u32,
+    scale: u32,
+    colour: Rgb<u8>,
+) {
     let glyph_px = GLYPH_PX * scale;
     for (index, &c) in text.iter().enumerate() {
         let left = x + index as u32 * glyph_px;
@@ -279,7 +287,7 @@ fn draw_text(canvas: &mut RgbImage, text: &[char], x: u32, y: u32, scale: u32) {
                         let px = left + column * scale + dx;
                         let py = y + row as u32 * scale + dy;
                         if px < canvas.width() && py < canvas.height() {
-                            canvas.put_pixel(px, py, TEXT);
+                            canvas.put_pixel(px, py, colour);
                         }
                     }
                 }

@@ -19,6 +19,7 @@ mod export;
 mod grid;
 mod interpolate;
 mod mask;
+mod plot;
 mod size;
 
 pub use composite::{default_feather_radius, feather, paste_outside_mask};
@@ -29,4 +30,5 @@ pub use export::{ExistingFile, JPEG_QUALITY, export_image, next_free_path, read_
 pub use grid::labelled_grid;
 pub use interpolate::{InterpolationSettings, interpolate_toward_original, similarity_map};
 pub use mask::load_mask;
+pub use plot::{TradeOffCurve, trade_off_plot};
 pub use size::{SIZE_STEP, parse_size, resize_gray, resize_rgb, working_size};

@@ -2,6 +2,7 @@
 //! starting a [`JobRunner`] with it. The GUI starts one, polls its events each frame and
 //! never waits on it.
 
+use crate::engine::fidelity::FidelityTable;
 use crate::engine::instruct::is_instruct_model;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::Arc;
@@ -57,6 +58,8 @@ pub struct LoadedModel {
     pub precision: &'static str,
     /// An InstructPix2Pix model: edits are instructions, without fine-tuning.
     pub instruct: bool,
+    /// What the fidelity slider means for this model.
+    pub fidelity_table: &'static FidelityTable,
     /// The LoRAs applied to it, for recipes and the model panel.
     pub loras: Vec<LoraRecipe>,
     /// One line on why the tiny VAE preview could not be had (the fast one stands in).
@@ -293,6 +296,7 @@ fn load(request: &LoadRequest, cancel: &Arc<AtomicBool>, outbox: &Outbox) -> Loa
     }
     let prediction_type = model.config.scheduler.prediction_type.as_str();
     let instruct = is_instruct_model(&model);
+    let fidelity_table = model.info().fidelity_table;
     let description = model.info().describe();
     let options = RunnerOptions {
         cache: request.snapshot_cache.clone(),
@@ -308,7 +312,7 @@ fn load(request: &LoadRequest, cancel: &Arc<AtomicBool>, outbox: &Outbox) -> Loa
     };
     let name = match &spec {
         ModelSpec::Folder(path) => path.display().to_string(),
-        ModelSpec::Hub { .. } => spec.to_string(),
+        ModelSpec::Hub { .. } | ModelSpec::Demo => spec.to_string(),
     };
     LoadEvent::Ready(Box::new(LoadedModel {
         runner,
@@ -318,6 +322,7 @@ fn load(request: &LoadRequest, cancel: &Arc<AtomicBool>, outbox: &Outbox) -> Loa
         prediction_type,
         precision: dtype_name(dtype),
         instruct,
+        fidelity_table,
         loras,
         preview_notice,
         description,

@@ -31,7 +31,7 @@ pub use loader::{DownloadStatus, LoadEvent, LoadRequest, LoadedModel, ModelLoade
 
 pub use crate::engine::device::DeviceChoice;
 pub use crate::engine::edit::{EditMethod, model_prompt};
-pub use crate::engine::fidelity::{EditParameters, parameters_for};
+pub use crate::engine::fidelity::{EditParameters, FidelityTable, STABLE_DIFFUSION};
 pub use crate::engine::finetune::{CacheEntry, time_left};
 pub use crate::engine::finetune::{PAPER_SNAPSHOTS, SnapshotCache, TrainMode, TuneSettings};
 pub use crate::engine::instruct::{
@@ -42,7 +42,7 @@ pub use crate::engine::precision::Precision;
 pub use crate::engine::preview::PreviewMode;
 use crate::engine::preview::{Previews, TinyPreview};
 pub use crate::model_files::{
-    DEFAULT_MODEL, HubOptions, ModelSpec, approximate_download_bytes, license_notice,
+    DEFAULT_MODEL, DEMO_MODEL, HubOptions, ModelSpec, approximate_download_bytes, license_notice,
     parse_model_arg,
 };
 

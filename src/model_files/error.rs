@@ -27,6 +27,14 @@ pub enum ModelFilesError {
     )]
     FolderNotFound { path: PathBuf },
 
+    /// `--model demo`, but the demo model's folder is not where unitune looks for it.
+    #[error(
+        "the demo model is not on this machine (looked in {}); set UNITUNE_DEMO_MODEL to its \
+         folder (assets/demo-model in unitune's source)",
+        looked.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    DemoModelMissing { looked: Vec<PathBuf> },
+
     /// A path was given that is a file, but not a checkpoint file.
     #[error(
         "{} is neither a model folder nor a .safetensors checkpoint. Pass the folder that \
@@ -224,6 +232,7 @@ impl ModelFilesError {
             | Self::Download { .. }
             | Self::HubResponse { .. }
             | Self::NoCacheDir
+            | Self::DemoModelMissing { .. }
             | Self::Io { .. }
             | Self::Cancelled => false,
         }

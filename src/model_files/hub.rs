@@ -92,6 +92,11 @@ pub fn resolve(
 ) -> Result<ModelFiles, ModelFilesError> {
     match spec {
         ModelSpec::Folder(path) => locate_in_folder(path),
+        ModelSpec::Demo => {
+            let mut files = locate_in_folder(&super::demo::demo_model_dir()?)?;
+            files.source = ModelSource::Demo;
+            Ok(files)
+        }
         ModelSpec::Hub { repo_id, revision } => {
             // Both become paths in the cache: refuse what parse_model_arg would refuse.
             let typed = format!("{repo_id}@{revision}");

@@ -23,6 +23,8 @@ pub enum WeightsPreference {
 pub enum ModelSource {
     /// A folder given by the user.
     LocalFolder,
+    /// The demo model's folder (`--model demo`).
+    Demo,
     /// Found complete in the Hugging Face cache; nothing was downloaded.
     HubCache {
         repo_id: String,
@@ -45,6 +47,7 @@ impl fmt::Display for ModelSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::LocalFolder => write!(f, "local folder"),
+            Self::Demo => write!(f, "the demo model shipped with unitune (offline)"),
             Self::HubCache {
                 repo_id,
                 revision,
@@ -110,6 +113,9 @@ pub struct DiffusersFiles {
     pub tokenizer_config: Option<PathBuf>,
     pub special_tokens_map: Option<PathBuf>,
     pub scheduler_config: PathBuf,
+    /// The pipeline's index; the engine reads only unitune's own key in it (which built-in
+    /// fidelity table the model uses, see `engine::fidelity`).
+    pub model_index: Option<PathBuf>,
 }
 
 /// A replacement VAE (`--vae`).
@@ -396,8 +402,8 @@ pub(crate) struct Plan {
     pub(crate) tokenizer_config: Option<String>,
     pub(crate) special_tokens_map: Option<String>,
     pub(crate) scheduler_config: String,
-    /// Not read by the engine; fetched from the hub so the cached copy is a valid
-    /// diffusers folder for other tools.
+    /// Fetched from the hub so the cached copy is a valid diffusers folder for other tools;
+    /// the engine reads only unitune's own key in it.
     pub(crate) model_index: Option<String>,
 }
 
@@ -439,6 +445,7 @@ impl Plan {
             tokenizer_config: self.tokenizer_config.as_deref().map(at),
             special_tokens_map: self.special_tokens_map.as_deref().map(at),
             scheduler_config: at(&self.scheduler_config),
+            model_index: self.model_index.as_deref().map(at),
         };
         ModelFiles {
             root: root.to_path_buf(),

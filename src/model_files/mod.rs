@@ -18,6 +18,7 @@
 //!   same cache layout Python's `huggingface_hub` uses, so both share one copy.
 
 mod bundled;
+mod demo;
 mod error;
 mod fingerprint;
 mod hub;
@@ -29,6 +30,7 @@ mod spec;
 mod tiny_vae;
 
 pub use bundled::{BUNDLED_MERGES, BUNDLED_TOKENIZER, BUNDLED_VOCAB};
+pub use demo::demo_model_dir;
 pub use error::ModelFilesError;
 pub use fingerprint::default_memo_path;
 pub use hub::{HubOptions, default_cache_dir, repo_cache_dir, resolve, resolve_repo_files};
@@ -39,5 +41,7 @@ pub use layout::{
 pub use lora::LoraChoice;
 pub use notice::{DEFAULT_MODEL_DOWNLOAD_BYTES, approximate_download_bytes, license_notice};
 pub use progress::{DownloadProgress, NoProgress, TerminalProgress};
-pub use spec::{DEFAULT_MODEL, DEFAULT_REVISION, ModelSpec, parse_model_arg, parse_vae_arg};
+pub use spec::{
+    DEFAULT_MODEL, DEFAULT_REVISION, DEMO_MODEL, ModelSpec, parse_model_arg, parse_vae_arg,
+};
 pub use tiny_vae::{TINY_VAE_REPO, TinyVaeFiles, resolve_tiny_vae};

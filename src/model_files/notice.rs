@@ -16,7 +16,7 @@ pub fn license_notice(spec: &ModelSpec) -> Option<&'static str> {
         ModelSpec::Hub { .. } => Some(
             "This model comes with its own license; read its model card on the hub before use.\n",
         ),
-        ModelSpec::Folder(_) => None,
+        ModelSpec::Folder(_) | ModelSpec::Demo => None,
     }
 }
 

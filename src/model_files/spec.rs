@@ -8,6 +8,9 @@ use super::error::ModelFilesError;
 /// The model used when none is given.
 pub const DEFAULT_MODEL: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
 
+/// The `--model` value of the demo model that ships with unitune (`assets/demo-model`).
+pub const DEMO_MODEL: &str = "demo";
+
 /// The revision used when a hub id names none.
 pub const DEFAULT_REVISION: &str = "main";
 
@@ -18,6 +21,8 @@ pub enum ModelSpec {
     Folder(PathBuf),
     /// A Hugging Face model repo; `revision` is a branch, tag or commit.
     Hub { repo_id: String, revision: String },
+    /// The demo model shipped with unitune (offline, small, trained on the demo world).
+    Demo,
 }
 
 impl ModelSpec {
@@ -44,6 +49,7 @@ impl fmt::Display for ModelSpec {
                 write!(f, "{repo_id}")
             }
             Self::Hub { repo_id, revision } => write!(f, "{repo_id}@{revision}"),
+            Self::Demo => write!(f, "{DEMO_MODEL}"),
         }
     }
 }
@@ -51,7 +57,8 @@ impl fmt::Display for ModelSpec {
 /// Reads the `--model` argument.
 ///
 /// A path (absolute, starting with `./`, `../` or `~/`, or naming something that exists) is
-/// a folder, and must exist. Otherwise `owner/name` or `owner/name@revision` is a hub id.
+/// a folder, and must exist; `demo` is the demo model (a folder of that name is `./demo`).
+/// Otherwise `owner/name` or `owner/name@revision` is a hub id.
 /// Anything else is an input error that explains both forms.
 pub fn parse_model_arg(arg: &str) -> Result<ModelSpec, ModelFilesError> {
     if arg.trim().is_empty() {
@@ -64,6 +71,9 @@ pub fn parse_model_arg(arg: &str) -> Result<ModelSpec, ModelFilesError> {
         } else {
             Err(ModelFilesError::FolderNotFound { path })
         };
+    }
+    if arg == DEMO_MODEL {
+        return Ok(ModelSpec::Demo);
     }
     if Path::new(arg).exists() {
         return Ok(ModelSpec::Folder(PathBuf::from(arg)));

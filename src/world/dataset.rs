@@ -66,6 +66,9 @@ mod tests {
         // Same seed, same bytes.
         let again = tempfile::tempdir().unwrap();
         write_dataset(again.path(), 5, 9).unwrap();
-        assert_eq!(std::fs::read(again.path().join("images.rgb")).unwrap(), images);
+        assert_eq!(
+            std::fs::read(again.path().join("images.rgb")).unwrap(),
+            images
+        );
     }
 }

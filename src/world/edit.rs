@@ -1,8 +1,11 @@
 //! Edits of a scene: what the user asks for, the prompt that asks the model, and the scene that
 //! should come out.
 
+use image::{GrayImage, Luma};
+
 use super::caption;
-use super::scene::{Colour, Column, Object, Scene};
+use super::read::column_of;
+use super::scene::{Colour, Column, Object, SIZE, Scene};
 
 /// One change to a scene, named by where it happens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,8 +48,7 @@ impl Edit {
                 out.sort();
             }
             Edit::Background(colour) => {
-                if colour == scene.background || scene.objects.iter().any(|o| o.colour == colour)
-                {
+                if colour == scene.background || scene.objects.iter().any(|o| o.colour == colour) {
                     return None;
                 }
                 out.background = colour;
@@ -95,6 +97,27 @@ impl Edit {
             Edit::Move { from, to } => vec![from, to],
             Edit::Background(_) => Vec::new(),
         }
+    }
+
+    /// Where the edit may change the image, for a masked edit (white = may change): the
+    /// touched columns from top to bottom, or for a new background everything but the
+    /// objects (with a 2 px margin, so their edges stay theirs).
+    pub fn mask(&self, scene: &Scene) -> GrayImage {
+        let columns = self.touched_columns();
+        if !columns.is_empty() {
+            return GrayImage::from_fn(SIZE, SIZE, |x, _| {
+                let column = column_of(x);
+                Luma([if columns.contains(&column) { 255 } else { 0 }])
+            });
+        }
+        let covered = scene.render_coverage();
+        GrayImage::from_fn(SIZE, SIZE, |x, y| {
+            let near_object = (x.saturating_sub(2)..=(x + 2).min(SIZE - 1)).any(|nx| {
+                (y.saturating_sub(2)..=(y + 2).min(SIZE - 1))
+                    .any(|ny| covered[(ny * SIZE + nx) as usize])
+            });
+            Luma([if near_object { 0 } else { 255 }])
+        })
     }
 
     pub fn kind(&self) -> &'static str {
@@ -165,10 +188,7 @@ mod tests {
         );
         let background = Edit::Background(Colour::White);
         assert_eq!(background.apply(&scene).unwrap().objects, scene.objects);
-        assert_eq!(
-            background.prompt(&scene).unwrap(),
-            "on a white background"
-        );
+        assert_eq!(background.prompt(&scene).unwrap(), "on a white background");
     }
 
     #[test]
@@ -194,5 +214,22 @@ mod tests {
         });
         assert!(taken.apply(&scene).is_none());
         assert!(Edit::Background(Colour::Red).apply(&scene).is_none());
+    }
+
+    #[test]
+    fn masks_cover_what_the_edit_changes_and_nothing_it_keeps() {
+        let scene = scene();
+        let white = |mask: &GrayImage, x, y| mask.get_pixel(x, y).0[0] == 255;
+        let recolour = Edit::Recolour {
+            column: Column::Left,
+            colour: Colour::Blue,
+        }
+        .mask(&scene);
+        assert!(white(&recolour, 11, 32) && white(&recolour, 3, 60));
+        assert!(!white(&recolour, 32, 32) && !white(&recolour, 60, 5));
+        let background = Edit::Background(Colour::White).mask(&scene);
+        assert!(!white(&background, 11, 32), "the circle stays");
+        assert!(!white(&background, 11 + 7, 32), "and its rim");
+        assert!(white(&background, 40, 10) && white(&background, 11, 60));
     }
 }

@@ -16,5 +16,7 @@ pub use caption::{full as caption, partial as partial_caption};
 pub use dataset::write_dataset;
 pub use edit::Edit;
 pub use read::read;
-pub use scene::{Colour, Column, Object, Row, SIZE, Scene, Shape, Size};
+pub use scene::{
+    Colour, Column, EXAMPLE_PROMPT, Object, Row, SIZE, Scene, Shape, Size, example_scene,
+};
 pub use score::{EditScore, agreement, score_edit};

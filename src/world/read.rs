@@ -44,6 +44,14 @@ pub fn read(image: &RgbImage) -> Scene {
     }
 }
 
+/// The column whose band holds pixel column `x`.
+pub(super) fn column_of(x: u32) -> Column {
+    Column::ALL
+        .into_iter()
+        .find(|c| x < COLUMN_BANDS[c.index()].1)
+        .unwrap_or(Column::Right)
+}
+
 fn read_column(
     class: &impl Fn(u32, u32) -> Colour,
     background: Colour,
@@ -59,7 +67,11 @@ fn read_column(
         return None;
     }
     let colour = majority(foreground.into_iter())?;
-    let patch = largest_patch(&band().filter(|&(x, y)| class(x, y) == colour).collect::<Vec<_>>());
+    let patch = largest_patch(
+        &band()
+            .filter(|&(x, y)| class(x, y) == colour)
+            .collect::<Vec<_>>(),
+    );
     if patch.len() < MIN_OBJECT_PIXELS {
         return None;
     }
@@ -213,7 +225,12 @@ mod tests {
             }
             let read_back = read(&soft);
             assert_eq!(read_back.background, scene.background);
-            let colours = |s: &Scene| s.objects.iter().map(|o| (o.column, o.colour, o.row)).collect::<Vec<_>>();
+            let colours = |s: &Scene| {
+                s.objects
+                    .iter()
+                    .map(|o| (o.column, o.colour, o.row))
+                    .collect::<Vec<_>>()
+            };
             assert_eq!(colours(&read_back), colours(&scene), "{scene:?}");
             // Twice the size, as the real SD VAE would give at 128 px.
             let big = resize(&image, 128, 128, FilterType::Nearest);

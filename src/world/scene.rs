@@ -222,6 +222,16 @@ impl Scene {
         self.objects.sort_by_key(|o| o.column);
     }
 
+    /// Which pixels (row-major) an object covers.
+    pub fn render_coverage(&self) -> Vec<bool> {
+        (0..SIZE * SIZE)
+            .map(|i| {
+                let (x, y) = ((i % SIZE) as f32 + 0.5, (i / SIZE) as f32 + 0.5);
+                self.objects.iter().any(|o| o.covers(x, y))
+            })
+            .collect()
+    }
+
     pub fn render(&self) -> RgbImage {
         RgbImage::from_fn(SIZE, SIZE, |x, y| {
             let (cx, cy) = (x as f32 + 0.5, y as f32 + 0.5);
@@ -234,6 +244,33 @@ impl Scene {
         })
     }
 }
+
+/// The scene the editor opens with the demo model when no photo is open (and the README's
+/// example): two objects and a free column, so every kind of edit applies to it.
+pub fn example_scene() -> Scene {
+    Scene {
+        background: Colour::White,
+        objects: vec![
+            Object {
+                shape: Shape::Circle,
+                colour: Colour::Red,
+                size: Size::Large,
+                column: Column::Left,
+                row: Row::Middle,
+            },
+            Object {
+                shape: Shape::Square,
+                colour: Colour::Blue,
+                size: Size::Large,
+                column: Column::Middle,
+                row: Row::Middle,
+            },
+        ],
+    }
+}
+
+/// An edit to try on [`example_scene`], in the words the demo model knows.
+pub const EXAMPLE_PROMPT: &str = "a large yellow triangle on the right";
 
 pub(crate) fn random_colour_except(rng: &mut impl RngExt, except: Colour) -> Colour {
     let others: Vec<Colour> = Colour::ALL.into_iter().filter(|&c| c != except).collect();
@@ -250,7 +287,9 @@ mod tests {
     fn random_scenes_are_reproducible_and_follow_the_rules() {
         let draw = |seed| {
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
-            (0..200).map(|_| Scene::random(&mut rng)).collect::<Vec<_>>()
+            (0..200)
+                .map(|_| Scene::random(&mut rng))
+                .collect::<Vec<_>>()
         };
         let scenes = draw(7);
         assert_eq!(scenes, draw(7), "same seed, same scenes");
@@ -262,10 +301,22 @@ mod tests {
         }
         // Every colour, shape, size, column and row turns up.
         let objects: Vec<&Object> = scenes.iter().flat_map(|s| &s.objects).collect();
-        assert!(Colour::ALL.iter().all(|c| objects.iter().any(|o| o.colour == *c)));
-        assert!(Shape::ALL.iter().all(|s| objects.iter().any(|o| o.shape == *s)));
+        assert!(
+            Colour::ALL
+                .iter()
+                .all(|c| objects.iter().any(|o| o.colour == *c))
+        );
+        assert!(
+            Shape::ALL
+                .iter()
+                .all(|s| objects.iter().any(|o| o.shape == *s))
+        );
         assert!(Row::ALL.iter().all(|r| objects.iter().any(|o| o.row == *r)));
-        assert!(Size::ALL.iter().all(|s| objects.iter().any(|o| o.size == *s)));
+        assert!(
+            Size::ALL
+                .iter()
+                .all(|s| objects.iter().any(|o| o.size == *s))
+        );
     }
 
     #[test]
@@ -289,7 +340,10 @@ mod tests {
             let square = area(Shape::Square, size);
             assert!((square / (side * side) - 1.0).abs() < 0.2, "{square}");
             let circle = area(Shape::Circle, size) / square;
-            assert!((circle - std::f32::consts::FRAC_PI_4).abs() < 0.06, "{circle}");
+            assert!(
+                (circle - std::f32::consts::FRAC_PI_4).abs() < 0.06,
+                "{circle}"
+            );
             let triangle = area(Shape::Triangle, size) / square;
             assert!((triangle - 0.5).abs() < 0.08, "{triangle}");
         }

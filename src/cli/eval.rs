@@ -1,0 +1,462 @@
+//! `unitune eval`: the edit-quality benchmark. Scenes of the demo world are edited by every
+//! method and setting, each result is read back by the world's scorer, and success (the asked
+//! change is there) and fidelity (what was not asked for is unchanged) are tallied per
+//! setting, printed, written as JSON and drawn as a trade-off plot.
+//!
+//! Methods (one curve each; t0 sweeps over `--t0-values`):
+//! - SDEdit: the model as it is, prompt alone (UniTune's baseline, the paper's figure 6);
+//! - UniTune at each snapshot: "token prompt" from the photo fine-tuned that many steps;
+//! - UniTune with prompt guidance (the scene's full caption as the baseline), with
+//!   interpolation, and with a mask of the edited region, each at the middle snapshot;
+//! - the fidelity slider at 0, 0.25, 0.5, 0.75 and 1, through the model's fidelity table.
+//!
+//! Also the paper's figure 3: the bare token, sampled from pure noise, at each snapshot
+//! (snapshot 0 = the untuned model given the token), scored by how much of the scene it
+//! reconstructs.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use image::{GrayImage, RgbImage, imageops::FilterType};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use super::UsageError;
+use super::args::{EvalArgs, GlobalOptions};
+use super::cancel::CancelFlag;
+use super::session::{check_sampling_steps, load_model, step_bar};
+use super::unitune::{tune, tune_settings};
+use crate::engine::edit::{EditMethod, EditRequest, TunedPhoto, edit_photo};
+use crate::engine::fidelity::FidelityTable;
+use crate::engine::sampling::StepView;
+use crate::imaging::{self, TradeOffCurve};
+use crate::world::{self, Column, Edit, Object, Row, Scene, Shape, Size};
+
+/// The slider positions the benchmark measures.
+pub const SLIDER_POSITIONS: [f64; 5] = [0.0, 0.25, 0.5, 0.75, 1.0];
+
+/// One way of making an edit: a point on one method's curve.
+#[derive(Debug, Clone, Serialize)]
+pub struct Setting {
+    /// The curve: "SDEdit", "UniTune, 64 steps", "fidelity slider", ...
+    pub method: String,
+    /// The point on it: "t0 0.80", "fidelity 0.50".
+    pub label: String,
+    pub tune_steps: usize,
+    pub t0: f64,
+    pub guidance: f64,
+    pub prompt_guidance: bool,
+    pub interpolate: bool,
+    pub mask: bool,
+}
+
+/// A setting's tally over every edit.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub method: String,
+    pub label: String,
+    pub tune_steps: usize,
+    pub t0: f64,
+    pub guidance: f64,
+    pub edits: usize,
+    /// The share of edits whose asked change is there.
+    pub success: f64,
+    /// The mean share of unasked attributes that are unchanged.
+    pub fidelity: f64,
+}
+
+/// Figure 3: how much of the scene the bare token gives back after so many steps.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reconstruction {
+    pub tune_steps: usize,
+    pub scenes: usize,
+    /// Mean share of the scene's attributes read back.
+    pub agreement: f64,
+    /// Scenes read back exactly.
+    pub exact: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct Report<'a> {
+    model: &'a str,
+    fidelity_table: &'a str,
+    scenes: usize,
+    edits: usize,
+    sampling_steps: usize,
+    seed: u64,
+    reconstruction: Vec<Reconstruction>,
+    summary: Vec<Summary>,
+    samples: Vec<SampleScore>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct SampleScore {
+    scene: usize,
+    edit: String,
+    method: String,
+    label: String,
+    success: bool,
+    fidelity: f32,
+}
+
+pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag) -> Result<()> {
+    check_sampling_steps(args.sampling_steps)?;
+    if args.scenes == 0 {
+        return Err(UsageError("--scenes must be at least 1".into()).into());
+    }
+    if args.t0_values.is_empty() || args.t0_values.iter().any(|t| !(0.0..=1.0).contains(t)) {
+        return Err(UsageError("--t0-values must be numbers between 0 and 1".into()).into());
+    }
+    let settings = tune_settings(&args.training, None)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let mut loaded = load_model(global)?;
+    let table = loaded.model.info().fidelity_table;
+    let side = loaded.model.config.native_image_side().unwrap_or(512) as u32;
+    let plan = settings_plan(args, table, &settings.snapshot_steps);
+    let cases = cases(args.scenes, args.seed);
+    let edit_count: usize = cases.iter().map(|c| c.edits.len()).sum();
+    eprintln!(
+        "{} scenes, {edit_count} edits, {} settings each, fidelity table {}",
+        cases.len(),
+        plan.len(),
+        table.name
+    );
+
+    let mut samples = Vec::new();
+    let mut reconstructions: Vec<(usize, f32)> = Vec::new();
+    let mut example_rows = Vec::new();
+    let mut example_labels = Vec::new();
+    for (index, case) in cases.iter().enumerate() {
+        eprintln!("scene {}: {}", index + 1, world::caption(&case.scene));
+        let working = to_working(&case.scene.render(), side);
+        let tuned = tune(&mut loaded, &working, &settings, &args.training, cancel)?;
+        let run = |request: &EditRequest| -> Result<world::Scene> {
+            let mut observer = |_: &StepView| cancel.check();
+            let image = edit_photo(&loaded.model, Some(&tuned), request, &mut observer)?;
+            Ok(world::read(&image))
+        };
+        for steps in std::iter::once(0).chain(tuned.snapshot_steps()) {
+            let request = reconstruction_request(&working, &tuned, steps, args, index);
+            let read = run(&request)?;
+            reconstructions.push((steps, world::agreement(&case.scene, &read)));
+        }
+        let bar = step_bar(&format!("scene {}/{}", index + 1, cases.len()));
+        bar.set_length((case.edits.len() * plan.len()) as u64);
+        for (e, edit) in case.edits.iter().enumerate() {
+            let prompt = edit
+                .prompt(&case.scene)
+                .expect("cases hold edits that apply");
+            let baseline = world::caption(&case.scene);
+            let mask = resize_mask(&edit.mask(&case.scene), side);
+            let mut slider_row = vec![upscale(&working)];
+            for setting in &plan {
+                let request = EditRequest {
+                    method: EditMethod::UniTune,
+                    original: &working,
+                    working: &working,
+                    prompt: &prompt,
+                    baseline_prompt: setting.prompt_guidance.then_some(baseline.as_str()),
+                    tune_steps: setting.tune_steps,
+                    t0: setting.t0,
+                    guidance: setting.guidance,
+                    sampling_steps: args.sampling_steps,
+                    seed: args.seed * 1000 + (index * 10 + e) as u64,
+                    mask: setting.mask.then_some(&mask),
+                    interpolate: setting.interpolate,
+                };
+                let mut observer = |_: &StepView| cancel.check();
+                let image = edit_photo(&loaded.model, Some(&tuned), &request, &mut observer)?;
+                let score = world::score_edit(edit, &case.scene, &world::read(&image))
+                    .expect("cases hold edits that apply");
+                if setting.method == SLIDER {
+                    slider_row.push(upscale(&image));
+                }
+                samples.push(SampleScore {
+                    scene: index,
+                    edit: edit.describe(&case.scene),
+                    method: setting.method.clone(),
+                    label: setting.label.clone(),
+                    success: score.success,
+                    fidelity: score.fidelity,
+                });
+                bar.inc(1);
+            }
+            example_labels.push(format!("\"{}\"", prompt));
+            example_rows.push(slider_row);
+        }
+        bar.finish_and_clear();
+    }
+
+    let summary = summarize(&plan, &samples);
+    let reconstruction = summarize_reconstruction(&reconstructions);
+    print_report(&summary, &reconstruction);
+    let report = Report {
+        model: &loaded.name,
+        fidelity_table: table.name,
+        scenes: cases.len(),
+        edits: edit_count,
+        sampling_steps: args.sampling_steps,
+        seed: args.seed,
+        reconstruction,
+        summary: summary.clone(),
+        samples,
+    };
+    let json = args.out.join("edit-quality.json");
+    std::fs::write(&json, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("cannot write {}", json.display()))?;
+    let plot = imaging::trade_off_plot(
+        &curves(&summary),
+        "success (the asked change is there)",
+        "fidelity (the rest unchanged)",
+    );
+    save_png(&plot, &args.out.join("edit-quality.png"))?;
+    let mut columns = vec!["photo".to_string()];
+    columns.extend(SLIDER_POSITIONS.iter().map(|f| format!("fidelity {f}")));
+    let examples = imaging::labelled_grid(&example_rows, &columns, &example_labels, None)?;
+    save_png(&examples, &args.out.join("slider-examples.png"))?;
+    eprintln!(
+        "wrote {}, edit-quality.png and slider-examples.png",
+        json.display()
+    );
+    Ok(())
+}
+
+const SLIDER: &str = "fidelity slider";
+
+/// Every setting each edit is made with, in the order of the curves.
+fn settings_plan(args: &EvalArgs, table: &FidelityTable, snapshots: &[usize]) -> Vec<Setting> {
+    let middle = table.parameters_for(0.5, snapshots).tune_steps;
+    let sweep = |method: String, tune_steps: usize, options: (bool, bool, bool)| {
+        args.t0_values
+            .iter()
+            .map(|&t0| Setting {
+                method: method.clone(),
+                label: format!("t0 {t0:.2}"),
+                tune_steps,
+                t0,
+                guidance: args.guidance,
+                prompt_guidance: options.0,
+                interpolate: options.1,
+                mask: options.2,
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut plan = sweep("SDEdit".into(), 0, (false, false, false));
+    for &steps in snapshots {
+        plan.extend(sweep(
+            format!("UniTune, {steps} steps"),
+            steps,
+            (false, false, false),
+        ));
+    }
+    plan.extend(sweep(
+        format!("UniTune {middle} + prompt guidance"),
+        middle,
+        (true, false, false),
+    ));
+    plan.extend(sweep(
+        format!("UniTune {middle} + interpolation"),
+        middle,
+        (false, true, false),
+    ));
+    plan.extend(sweep(
+        format!("UniTune {middle} + mask"),
+        middle,
+        (false, false, true),
+    ));
+    for f in SLIDER_POSITIONS {
+        let p = table.parameters_for(f, snapshots);
+        plan.push(Setting {
+            method: SLIDER.into(),
+            label: format!("fidelity {f:.2}"),
+            tune_steps: p.tune_steps,
+            t0: p.t0,
+            guidance: p.guidance,
+            prompt_guidance: false,
+            interpolate: false,
+            mask: false,
+        });
+    }
+    plan
+}
+
+/// A scene and the edits made on it.
+struct Case {
+    scene: Scene,
+    edits: Vec<Edit>,
+}
+
+/// The benchmark's scenes, each with a recolouring, a new background, and an added object
+/// where a column is free: fixed by `seed`.
+fn cases(count: usize, seed: u64) -> Vec<Case> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..count)
+        .map(|_| {
+            let scene = Scene::random(&mut rng);
+            let edits = edits_for(&scene, &mut rng);
+            Case { scene, edits }
+        })
+        .collect()
+}
+
+fn edits_for(scene: &Scene, rng: &mut ChaCha8Rng) -> Vec<Edit> {
+    let mut edits = Vec::new();
+    let unused: Vec<world::Colour> = world::Colour::ALL
+        .into_iter()
+        .filter(|c| *c != scene.background && scene.objects.iter().all(|o| o.colour != *c))
+        .collect();
+    let pick = |rng: &mut ChaCha8Rng, from: &[world::Colour]| from[rng.random_range(0..from.len())];
+    let object = scene.objects[rng.random_range(0..scene.objects.len())];
+    edits.push(Edit::Recolour {
+        column: object.column,
+        colour: pick(rng, &unused),
+    });
+    edits.push(Edit::Background(pick(rng, &unused)));
+    let free: Vec<Column> = Column::ALL
+        .into_iter()
+        .filter(|c| scene.object_in(*c).is_none())
+        .collect();
+    if !free.is_empty() {
+        edits.push(Edit::Add(Object {
+            shape: Shape::ALL[rng.random_range(0..Shape::ALL.len())],
+            colour: pick(rng, &unused),
+            size: Size::Large,
+            column: free[rng.random_range(0..free.len())],
+            row: Row::Middle,
+        }));
+    }
+    edits.retain(|e| e.apply(scene).is_some());
+    edits
+}
+
+fn reconstruction_request<'a>(
+    working: &'a RgbImage,
+    tuned: &'a TunedPhoto,
+    tune_steps: usize,
+    args: &EvalArgs,
+    scene: usize,
+) -> EditRequest<'a> {
+    EditRequest {
+        method: EditMethod::UniTune,
+        original: working,
+        working,
+        // The untuned model gets the token as its whole prompt; a snapshot puts it in front
+        // of an empty one itself.
+        prompt: if tune_steps == 0 {
+            tuned.settings.token.as_str()
+        } else {
+            ""
+        },
+        baseline_prompt: None,
+        tune_steps,
+        t0: 1.0,
+        guidance: args.guidance,
+        sampling_steps: args.sampling_steps,
+        seed: args.seed * 1000 + scene as u64,
+        mask: None,
+        interpolate: false,
+    }
+}
+
+fn summarize(plan: &[Setting], samples: &[SampleScore]) -> Vec<Summary> {
+    plan.iter()
+        .map(|s| {
+            let mine: Vec<&SampleScore> = samples
+                .iter()
+                .filter(|x| x.method == s.method && x.label == s.label)
+                .collect();
+            let n = mine.len().max(1) as f64;
+            Summary {
+                method: s.method.clone(),
+                label: s.label.clone(),
+                tune_steps: s.tune_steps,
+                t0: s.t0,
+                guidance: s.guidance,
+                edits: mine.len(),
+                success: mine.iter().filter(|x| x.success).count() as f64 / n,
+                fidelity: mine.iter().map(|x| x.fidelity as f64).sum::<f64>() / n,
+            }
+        })
+        .collect()
+}
+
+fn summarize_reconstruction(all: &[(usize, f32)]) -> Vec<Reconstruction> {
+    let mut steps: Vec<usize> = all.iter().map(|(s, _)| *s).collect();
+    steps.sort_unstable();
+    steps.dedup();
+    steps
+        .into_iter()
+        .map(|s| {
+            let mine: Vec<f32> = all.iter().filter(|x| x.0 == s).map(|x| x.1).collect();
+            Reconstruction {
+                tune_steps: s,
+                scenes: mine.len(),
+                agreement: mine.iter().map(|&a| a as f64).sum::<f64>() / mine.len() as f64,
+                exact: mine.iter().filter(|&&a| a == 1.0).count(),
+            }
+        })
+        .collect()
+}
+
+fn print_report(summary: &[Summary], reconstruction: &[Reconstruction]) {
+    println!("bare token from noise (paper figure 3): share of the scene reconstructed");
+    for r in reconstruction {
+        println!(
+            "  {:>4} steps  {:.3}  ({} of {} scenes exact)",
+            r.tune_steps, r.agreement, r.exact, r.scenes
+        );
+    }
+    println!();
+    println!(
+        "{:<36} {:<14} {:>5} {:>5} {:>6} {:>8} {:>8} {:>5}",
+        "method", "setting", "steps", "t0", "guid.", "success", "fidelity", "edits"
+    );
+    for s in summary {
+        println!(
+            "{:<36} {:<14} {:>5} {:>5.2} {:>6.2} {:>8.3} {:>8.3} {:>5}",
+            s.method, s.label, s.tune_steps, s.t0, s.guidance, s.success, s.fidelity, s.edits
+        );
+    }
+}
+
+/// One curve per method, its points in the plan's order.
+fn curves(summary: &[Summary]) -> Vec<TradeOffCurve> {
+    let mut curves: Vec<TradeOffCurve> = Vec::new();
+    for s in summary {
+        let point = (s.success, s.fidelity);
+        match curves.iter_mut().find(|c| c.label == s.method) {
+            Some(curve) => curve.points.push(point),
+            None => curves.push(TradeOffCurve {
+                label: s.method.clone(),
+                points: vec![point],
+            }),
+        }
+    }
+    curves
+}
+
+/// The scene at the model's working size (nearest neighbour keeps its flat colours).
+fn to_working(render: &RgbImage, side: u32) -> RgbImage {
+    if render.width() == side {
+        render.clone()
+    } else {
+        image::imageops::resize(render, side, side, FilterType::Nearest)
+    }
+}
+
+fn resize_mask(mask: &GrayImage, side: u32) -> GrayImage {
+    image::imageops::resize(mask, side, side, FilterType::Nearest)
+}
+
+/// Results drawn at 128 px, so the grid's labels fit over them.
+fn upscale(image: &RgbImage) -> RgbImage {
+    image::imageops::resize(image, 128, 128, FilterType::Nearest)
+}
+
+fn save_png(image: &RgbImage, path: &Path) -> Result<()> {
+    image
+        .save(path)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
