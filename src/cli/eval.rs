@@ -460,3 +460,63 @@ fn save_png(image: &RgbImage, path: &Path) -> Result<()> {
         .save(path)
         .with_context(|| format!("cannot write {}", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cases_are_fixed_by_the_seed_and_every_edit_applies() {
+        let a = cases(20, 1);
+        let b = cases(20, 1);
+        assert_eq!(
+            a.iter().map(|c| &c.scene).collect::<Vec<_>>(),
+            b.iter().map(|c| &c.scene).collect::<Vec<_>>()
+        );
+        for case in &a {
+            assert!((2..=3).contains(&case.edits.len()), "{:?}", case.edits);
+            for edit in &case.edits {
+                assert!(edit.apply(&case.scene).is_some());
+                assert!(edit.prompt(&case.scene).is_some());
+            }
+            let kinds: Vec<&str> = case.edits.iter().map(Edit::kind).collect();
+            assert_eq!(&kinds[..2], &["recolour", "background"]);
+            assert_eq!(kinds.len() == 3, case.scene.objects.len() < 3);
+        }
+    }
+
+    #[test]
+    fn the_summary_tallies_each_setting_and_curves_group_by_method() {
+        let setting = |method: &str, label: &str| Setting {
+            method: method.into(),
+            label: label.into(),
+            tune_steps: 0,
+            t0: 0.5,
+            guidance: 7.5,
+            prompt_guidance: false,
+            interpolate: false,
+            mask: false,
+        };
+        let plan = vec![setting("SDEdit", "t0 0.5"), setting("SDEdit", "t0 1.0")];
+        let sample = |label: &str, success, fidelity| SampleScore {
+            scene: 0,
+            edit: "e".into(),
+            method: "SDEdit".into(),
+            label: label.into(),
+            success,
+            fidelity,
+        };
+        let samples = vec![
+            sample("t0 0.5", false, 1.0),
+            sample("t0 0.5", true, 0.5),
+            sample("t0 1.0", true, 0.25),
+        ];
+        let summary = summarize(&plan, &samples);
+        assert_eq!(summary[0].edits, 2);
+        assert_eq!((summary[0].success, summary[0].fidelity), (0.5, 0.75));
+        assert_eq!((summary[1].success, summary[1].fidelity), (1.0, 0.25));
+        let curves = curves(&summary);
+        assert_eq!(curves.len(), 1);
+        assert_eq!(curves[0].points, vec![(0.5, 0.75), (1.0, 0.25)]);
+    }
+}

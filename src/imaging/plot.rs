@@ -190,6 +190,7 @@ mod tests {
         assert_eq!(at(1.0, 1.0), Rgb(COLOURS[0]));
         assert_eq!(at(0.5, 0.5), Rgb(COLOURS[0]), "the line between them");
         assert_eq!(at(0.5, 0.25), Rgb(COLOURS[1]));
-        assert_eq!(at(0.75, 0.1), WHITE, "nothing where no curve goes");
+        assert_eq!(at(0.6, 0.1), WHITE, "nothing where no curve goes");
+        assert_eq!(at(0.75, 0.1), GRID, "grid lines at the quarters");
     }
 }

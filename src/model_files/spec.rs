@@ -218,5 +218,7 @@ mod tests {
             revision: "v2".to_owned(),
         };
         assert_eq!(pinned.to_string(), "o/n@v2");
+        assert!(matches!(parse_model_arg(DEMO_MODEL), Ok(ModelSpec::Demo)));
+        assert_eq!(ModelSpec::Demo.to_string(), "demo");
     }
 }
