@@ -35,6 +35,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 HERE = Path(__file__).resolve().parent
@@ -214,6 +215,8 @@ def train_unet(unet, text_encoder, tokenizer, means, stds, scale, captions, args
             )
         if args.checkpoint_every and step and step % args.checkpoint_every == 0:
             yield step
+        if args.stop_after and step >= args.stop_after:
+            break
     unet.eval()
     text_encoder.eval()
 
@@ -242,6 +245,25 @@ def save(out: Path, vae, text_encoder, tokenizer, unet):
             target.unlink()
         shutil.move(str(staging / part), str(target))
     shutil.rmtree(staging, ignore_errors=True)
+    standard_layout(out)
+
+
+def standard_layout(out: Path):
+    """What Stable Diffusion's own folders hold, which transformers 5 writes differently."""
+    # Its CLIPTextModel saves weights without the `text_model.` prefix of every SD release.
+    weights = out / "text_encoder" / "model.fp16.safetensors"
+    tensors = load_file(str(weights))
+    save_file(
+        {k if k.startswith("text_model.") else "text_model." + k: v for k, v in tensors.items()},
+        str(weights),
+        metadata={"format": "pt"},
+    )
+    # And the tokenizer as tokenizer.json; SD folders carry vocab.json and merges.txt.
+    tokenizer = out / "tokenizer"
+    shutil.rmtree(tokenizer)
+    tokenizer.mkdir()
+    for name in ["vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"]:
+        shutil.copy(TOKENIZER / name, tokenizer / name)
     # unitune's own key (diffusers ignores keys starting with "_"): the fidelity slider uses
     # the table calibrated for this model (src/engine/fidelity.rs).
     index_path = out / "model_index.json"
@@ -265,6 +287,12 @@ def main():
         "--checkpoint-every", type=int, default=400, help="save the model every N UNet steps"
     )
     parser.add_argument("--vae-from", type=Path, help="reuse a trained VAE (a model folder)")
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        default=0,
+        help="stop (and save) after the UNet step the log numbers N, keeping the --unet-steps schedule",
+    )
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)

@@ -120,8 +120,8 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// Folder for edit-quality.json, edit-quality.png (the trade-off plot) and
-    /// slider-examples.png.
+    /// Folder for edit-quality.json, edit-quality.png (the trade-off plot),
+    /// slider-examples.png (each edit across the slider) and example-edit.png.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
 

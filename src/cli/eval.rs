@@ -28,7 +28,7 @@ use super::cancel::CancelFlag;
 use super::session::{check_sampling_steps, load_model, step_bar};
 use super::unitune::{tune, tune_settings};
 use crate::engine::edit::{EditMethod, EditRequest, TunedPhoto, edit_photo};
-use crate::engine::fidelity::FidelityTable;
+use crate::engine::fidelity::{EditParameters, FidelityTable};
 use crate::engine::sampling::StepView;
 use crate::imaging::{self, TradeOffCurve};
 use crate::world::{self, Column, Edit, Object, Row, Scene, Shape, Size};
@@ -192,6 +192,19 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
     let summary = summarize(&plan, &samples);
     let reconstruction = summarize_reconstruction(&reconstructions);
     print_report(&summary, &reconstruction);
+    match propose_table(&summary) {
+        Some(rows) => {
+            println!();
+            println!("fidelity table these measurements suggest (src/engine/fidelity.rs):");
+            for (f, p) in rows {
+                println!(
+                    "        row({f:.2}, {}, {:.2}, {:.1}),",
+                    p.tune_steps, p.t0, p.guidance
+                );
+            }
+        }
+        None => println!("\nno UniTune setting succeeded: no fidelity table to suggest"),
+    }
     let report = Report {
         model: &loaded.name,
         fidelity_table: table.name,
@@ -216,8 +229,11 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
     columns.extend(SLIDER_POSITIONS.iter().map(|f| format!("fidelity {f}")));
     let examples = imaging::labelled_grid(&example_rows, &columns, &example_labels, None)?;
     save_png(&examples, &args.out.join("slider-examples.png"))?;
+    // The example scene's example edit alone: the README's picture.
+    let example = imaging::labelled_grid(&example_rows[..1], &columns, &[], None)?;
+    save_png(&example, &args.out.join("example-edit.png"))?;
     eprintln!(
-        "wrote {}, edit-quality.png and slider-examples.png",
+        "wrote {}, edit-quality.png, slider-examples.png and example-edit.png",
         json.display()
     );
     Ok(())
@@ -289,16 +305,24 @@ struct Case {
 }
 
 /// The benchmark's scenes, each with a recolouring, a new background, and an added object
-/// where a column is free: fixed by `seed`.
+/// where a column is free: first the editor's example scene with its example edit (the
+/// README's picture), then random ones fixed by `seed`.
 fn cases(count: usize, seed: u64) -> Vec<Case> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    (0..count)
-        .map(|_| {
-            let scene = Scene::random(&mut rng);
-            let edits = edits_for(&scene, &mut rng);
-            Case { scene, edits }
-        })
-        .collect()
+    let example = world::example_scene();
+    let mut example_edits = edits_for(&example, &mut rng);
+    example_edits.retain(|e| e.kind() != "add");
+    example_edits.insert(0, world::example_edit());
+    let mut cases = vec![Case {
+        scene: example,
+        edits: example_edits,
+    }];
+    cases.extend((1..count).map(|_| {
+        let scene = Scene::random(&mut rng);
+        let edits = edits_for(&scene, &mut rng);
+        Case { scene, edits }
+    }));
+    cases
 }
 
 fn edits_for(scene: &Scene, rng: &mut ChaCha8Rng) -> Vec<Edit> {
@@ -400,6 +424,57 @@ fn summarize_reconstruction(all: &[(usize, f32)]) -> Vec<Reconstruction> {
         .collect()
 }
 
+/// A fidelity table for this model, read off the measurements: the Pareto front of the plain
+/// UniTune points (snapshot x t0, one guidance) that succeed at all, from most faithful
+/// (fidelity 1) to most expressive (fidelity 0), made monotone (never fewer steps or a later
+/// t0 at higher fidelity). `None` when no UniTune point ever succeeded.
+pub fn propose_table(summary: &[Summary]) -> Option<Vec<(f64, EditParameters)>> {
+    let candidates: Vec<&Summary> = summary
+        .iter()
+        .filter(|s| s.method.starts_with("UniTune, ") && s.success > 0.0)
+        .collect();
+    let dominated = |a: &Summary| {
+        candidates.iter().any(|b| {
+            b.success >= a.success
+                && b.fidelity >= a.fidelity
+                && (b.success > a.success || b.fidelity > a.fidelity)
+        })
+    };
+    let mut front: Vec<&Summary> = candidates
+        .iter()
+        .copied()
+        .filter(|a| !dominated(a))
+        .collect();
+    if front.is_empty() {
+        return None;
+    }
+    // Most faithful first.
+    front.sort_by(|a, b| b.fidelity.total_cmp(&a.fidelity));
+    let last = front.len() - 1;
+    let mut rows: Vec<(f64, EditParameters)> = SLIDER_POSITIONS
+        .iter()
+        .map(|&f| {
+            let s = front[((1.0 - f) * last as f64).round() as usize];
+            (
+                f,
+                EditParameters {
+                    tune_steps: s.tune_steps,
+                    t0: s.t0,
+                    guidance: s.guidance,
+                },
+            )
+        })
+        .collect();
+    for i in 1..rows.len() {
+        let previous = rows[i - 1].1;
+        let row = &mut rows[i].1;
+        row.tune_steps = row.tune_steps.max(previous.tune_steps);
+        row.t0 = row.t0.min(previous.t0);
+        row.guidance = row.guidance.min(previous.guidance);
+    }
+    Some(rows)
+}
+
 fn print_report(summary: &[Summary], reconstruction: &[Reconstruction]) {
     println!("bare token from noise (paper figure 3): share of the scene reconstructed");
     for r in reconstruction {
@@ -473,7 +548,9 @@ mod tests {
             a.iter().map(|c| &c.scene).collect::<Vec<_>>(),
             b.iter().map(|c| &c.scene).collect::<Vec<_>>()
         );
-        for case in &a {
+        assert_eq!(a[0].scene, world::example_scene());
+        assert_eq!(a[0].edits[0], world::example_edit());
+        for case in &a[1..] {
             assert!((2..=3).contains(&case.edits.len()), "{:?}", case.edits);
             for edit in &case.edits {
                 assert!(edit.apply(&case.scene).is_some());
@@ -518,5 +595,35 @@ mod tests {
         let curves = curves(&summary);
         assert_eq!(curves.len(), 1);
         assert_eq!(curves[0].points, vec![(0.5, 0.75), (1.0, 0.25)]);
+    }
+
+    #[test]
+    fn the_proposed_table_walks_the_pareto_front_monotonely() {
+        let point = |tune_steps, t0, success, fidelity| Summary {
+            method: format!("UniTune, {tune_steps} steps"),
+            label: format!("t0 {t0}"),
+            tune_steps,
+            t0,
+            guidance: 7.5,
+            edits: 10,
+            success,
+            fidelity,
+        };
+        let summary = vec![
+            point(16, 1.0, 0.9, 0.3),
+            point(16, 0.8, 0.6, 0.6),
+            point(64, 0.8, 0.5, 0.8),
+            point(128, 0.6, 0.2, 0.95),
+            // On the front, but fewer steps than a less faithful point: raised to 64.
+            point(32, 0.7, 0.35, 0.9),
+            point(128, 0.5, 0.0, 1.0), // never succeeds: not a candidate
+            point(32, 0.8, 0.4, 0.55), // dominated by (16, 0.8)
+        ];
+        let rows = propose_table(&summary).unwrap();
+        let steps: Vec<usize> = rows.iter().map(|r| r.1.tune_steps).collect();
+        let t0: Vec<f64> = rows.iter().map(|r| r.1.t0).collect();
+        assert_eq!(steps, vec![16, 16, 64, 64, 128]);
+        assert_eq!(t0, vec![1.0, 0.8, 0.8, 0.7, 0.6]);
+        assert!(propose_table(&[point(16, 1.0, 0.0, 1.0)]).is_none());
     }
 }

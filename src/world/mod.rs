@@ -17,6 +17,7 @@ pub use dataset::write_dataset;
 pub use edit::Edit;
 pub use read::read;
 pub use scene::{
-    Colour, Column, EXAMPLE_PROMPT, Object, Row, SIZE, Scene, Shape, Size, example_scene,
+    Colour, Column, EXAMPLE_PROMPT, Object, Row, SIZE, Scene, Shape, Size, example_edit,
+    example_scene,
 };
 pub use score::{EditScore, agreement, score_edit};

@@ -269,8 +269,19 @@ pub fn example_scene() -> Scene {
     }
 }
 
-/// An edit to try on [`example_scene`], in the words the demo model knows.
+/// The edit to try on [`example_scene`] ([`super::Edit::prompt`] of [`example_edit`]).
 pub const EXAMPLE_PROMPT: &str = "a large yellow triangle on the right";
+
+/// Adds a large yellow triangle on the right of [`example_scene`].
+pub fn example_edit() -> super::Edit {
+    super::Edit::Add(Object {
+        shape: Shape::Triangle,
+        colour: Colour::Yellow,
+        size: Size::Large,
+        column: Column::Right,
+        row: Row::Middle,
+    })
+}
 
 pub(crate) fn random_colour_except(rng: &mut impl RngExt, except: Colour) -> Colour {
     let others: Vec<Colour> = Colour::ALL.into_iter().filter(|&c| c != except).collect();
@@ -317,6 +328,12 @@ mod tests {
                 .iter()
                 .all(|s| objects.iter().any(|o| o.size == *s))
         );
+    }
+
+    #[test]
+    fn the_example_prompt_is_the_example_edit_in_words() {
+        let prompt = example_edit().prompt(&example_scene());
+        assert_eq!(prompt.as_deref(), Some(EXAMPLE_PROMPT));
     }
 
     #[test]
