@@ -64,11 +64,11 @@ pub static STABLE_DIFFUSION: FidelityTable = FidelityTable {
     ],
 };
 
-/// The demo model (`assets/demo-model`), calibrated with `unitune eval` (see
-/// docs/edit-quality.md for the measurements each row comes from).
+/// The demo model (`assets/demo-model`): Stable Diffusion's rows until `unitune eval` on a
+/// trained demo model calibrates them (it prints the table its measurements suggest).
 pub static DEMO: FidelityTable = FidelityTable {
     name: "demo",
-    source: "calibrated with unitune eval",
+    source: "Stable Diffusion's rows, not yet calibrated",
     rows: [
         row(0.00, 16, 1.00, 12.0),
         row(0.25, 32, 1.00, 10.0),

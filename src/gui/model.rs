@@ -9,7 +9,7 @@ use super::commands::Command;
 
 use crate::jobs::{
     DEMO_MODEL, DownloadStatus, FidelityTable, JobRunner, LoadEvent, LoadRequest, ModelLoader,
-    PreviewMode, STABLE_DIFFUSION,
+    PreviewMode, STABLE_DIFFUSION, demo_model_dir,
 };
 use crate::world;
 
@@ -56,6 +56,9 @@ pub struct ModelState {
     pub runner: Option<JobRunner>,
     /// Why the tiny VAE preview could not be had, until shown.
     pub preview_notice: Option<String>,
+    /// Whether the demo model's folder is on this machine (looked up once, at start: the
+    /// model panel offers it only then).
+    pub demo_available: bool,
 }
 
 impl ModelState {
@@ -67,6 +70,7 @@ impl ModelState {
             },
             loader: None,
             runner: None,
+            demo_available: demo_model_dir().is_ok(),
             preview_notice: None,
         }
     }

@@ -256,12 +256,12 @@ fn model_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) 
                     "Edit by instruction (\"make it winter\") with timbrooks/instruct-pix2pix, downloaded after you accept its license",
                 )
             };
-            let demo = app.model.is_demo();
+            let offer_demo = app.model.demo_available && !app.model.is_demo();
             ui.horizontal(|ui| {
                 if ui.small_button(label).on_hover_text(hint).clicked() {
                     commands.push(Command::SwitchModel(other.to_string()));
                 }
-                if !demo {
+                if offer_demo {
                     demo_button(ui, commands, true);
                 }
             });
@@ -323,7 +323,9 @@ fn model_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) 
                     commands.push(Command::ChooseModelFile);
                 }
             });
-            demo_button(ui, commands, false);
+            if app.model.demo_available {
+                demo_button(ui, commands, false);
+            }
         }
         ModelStatus::Failed { message, .. } => {
             ui.colored_label(ui.visuals().error_fg_color, message);
@@ -338,7 +340,9 @@ fn model_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) 
                     commands.push(Command::ChooseModelFile);
                 }
             });
-            demo_button(ui, commands, false);
+            if app.model.demo_available {
+                demo_button(ui, commands, false);
+            }
         }
     }
 }

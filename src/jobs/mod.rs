@@ -42,8 +42,8 @@ pub use crate::engine::precision::Precision;
 pub use crate::engine::preview::PreviewMode;
 use crate::engine::preview::{Previews, TinyPreview};
 pub use crate::model_files::{
-    DEFAULT_MODEL, DEMO_MODEL, HubOptions, ModelSpec, approximate_download_bytes, license_notice,
-    parse_model_arg,
+    DEFAULT_MODEL, DEMO_MODEL, HubOptions, ModelSpec, approximate_download_bytes, demo_model_dir,
+    license_notice, parse_model_arg,
 };
 
 /// Names one request; later requests have larger ids.
