@@ -249,7 +249,8 @@ def save(out: Path, vae, text_encoder, tokenizer, unet):
 
 
 def standard_layout(out: Path):
-    """What Stable Diffusion's own folders hold, which transformers 5 writes differently."""
+    """Stable Diffusion's own folder layout, which transformers 5 writes differently, plus
+    unitune's key in the pipeline's index."""
     # Its CLIPTextModel saves weights without the `text_model.` prefix of every SD release.
     weights = out / "text_encoder" / "model.fp16.safetensors"
     tensors = load_file(str(weights))

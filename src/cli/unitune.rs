@@ -565,8 +565,10 @@ pub fn edit_command(global: &GlobalOptions, args: &EditArgs, cancel: &CancelFlag
         check_output_extension(out)?;
     }
     check_preview_options(&args.previews)?;
+    // The training options are checked now; the run's length waits for the model's table.
+    let requested = tune_settings(&args.training, args.tune_steps)?;
     if let Some(path) = &args.export_lora {
-        check_lora_export(path, &tune_settings(&args.training, args.tune_steps)?)?;
+        check_lora_export(path, &requested)?;
         // The tables never choose 0 steps (the ladder is never empty); only the flag can.
         if args.tune_steps == Some(0) {
             return Err(UsageError(
