@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
+    DDIMScheduler,
     DDPMScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
@@ -44,13 +45,14 @@ IMAGE = 64
 CROP = 32
 
 
-def vae_model():
+def vae_model(levels):
+    """`levels` blocks: the latents are 2^(levels-1) times smaller than the image."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=(16, 32, 64, 64)[:levels],
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=8,
@@ -58,13 +60,13 @@ def vae_model():
     )
 
 
-def text_model():
+def text_model(layers):
     return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=49408,
             hidden_size=128,
             intermediate_size=512,
-            num_hidden_layers=4,
+            num_hidden_layers=layers,
             num_attention_heads=4,
             max_position_embeddings=77,
             hidden_act="quick_gelu",
@@ -76,9 +78,9 @@ def text_model():
     )
 
 
-def unet_model():
+def unet_model(latent_side):
     return UNet2DConditionModel(
-        sample_size=IMAGE // 4,
+        sample_size=latent_side,
         in_channels=4,
         out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -193,7 +195,7 @@ def train_unet(unet, text_encoder, tokenizer, means, stds, scale, captions, args
             u = rng.random()
             if u < 0.1:
                 texts.append("")
-            elif u < 0.6:
+            elif u < 0.1 + args.full_caption_p:
                 texts.append(captions[i][0])
             else:
                 texts.append(captions[i][1 + rng.integers(len(captions[i]) - 1)])
@@ -219,6 +221,55 @@ def train_unet(unet, text_encoder, tokenizer, means, stds, scale, captions, args
             break
     unet.eval()
     text_encoder.eval()
+
+
+# The world's palette (src/world/scene.rs), for the conditioning check.
+PALETTE = {
+    "red": (230, 30, 30),
+    "orange": (245, 140, 20),
+    "yellow": (245, 225, 30),
+    "green": (30, 170, 60),
+    "blue": (30, 70, 230),
+    "purple": (150, 50, 200),
+    "white": (245, 245, 245),
+    "black": (25, 25, 25),
+}
+
+
+@torch.no_grad()
+def conditioning_check(vae, text_encoder, tokenizer, unet, seed):
+    """The share of "on a X background" samples whose frame is X: whether the captions are
+    being learned at all (the first run's samples hardly depended on them)."""
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(scheduler().config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    names = list(PALETTE)
+    images = pipe(
+        [f"on a {name} background" for name in names],
+        guidance_scale=4.0,
+        num_inference_steps=20,
+        height=IMAGE,
+        width=IMAGE,
+        output_type="np",
+        generator=torch.Generator().manual_seed(seed),
+    ).images
+    colours = np.array(list(PALETTE.values()), dtype=np.float32)
+    right = 0
+    for name, image in zip(names, images):
+        frame = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]) * 255
+        nearest = np.argmin(((frame[:, None, :] - colours[None]) ** 2).sum(-1), axis=1)
+        right += int(np.bincount(nearest, minlength=len(names)).argmax() == names.index(name))
+    unet.train()
+    text_encoder.train()
+    return right / len(names)
 
 
 def save(out: Path, vae, text_encoder, tokenizer, unet):
@@ -288,6 +339,9 @@ def main():
         "--checkpoint-every", type=int, default=400, help="save the model every N UNet steps"
     )
     parser.add_argument("--vae-from", type=Path, help="reuse a trained VAE (a model folder)")
+    parser.add_argument("--vae-levels", type=int, default=3, help="3: 16x16 latents, 4: 8x8")
+    parser.add_argument("--text-layers", type=int, default=4)
+    parser.add_argument("--full-caption-p", type=float, default=0.5)
     parser.add_argument(
         "--stop-after",
         type=int,
@@ -316,7 +370,7 @@ def main():
     if args.vae_from:
         vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae", variant="fp16").float()
     else:
-        vae = vae_model()
+        vae = vae_model(args.vae_levels)
         train_vae(vae, images, args.vae_steps, args.vae_batch, generator, log)
     vae.eval()
     means, stds = encode_all(vae, images)
@@ -327,8 +381,8 @@ def main():
         rec = vae.decode(vae.encode(sample).latent_dist.mean).sample
         log(f"vae reconstruction MSE {F.mse_loss(rec, sample).item():.5f}, scaling_factor {scale:.4f}")
 
-    text_encoder = text_model()
-    unet = unet_model()
+    text_encoder = text_model(args.text_layers)
+    unet = unet_model(means.shape[-1])
     count = lambda m: sum(p.numel() for p in m.parameters())
     log(
         f"parameters: unet {count(unet) / 1e6:.2f} M, text encoder {count(text_encoder) / 1e6:.2f} M, "
@@ -338,7 +392,8 @@ def main():
         unet, text_encoder, tokenizer, means, stds, scale, captions, args, generator, log
     ):
         save(args.out, vae, text_encoder, tokenizer, unet)
-        log(f"saved at step {step}")
+        accuracy = conditioning_check(vae, text_encoder, tokenizer, unet, args.seed)
+        log(f"saved at step {step}; background prompts followed: {accuracy:.2f}")
         unet.train()
         text_encoder.train()
     save(args.out, vae, text_encoder, tokenizer, unet)

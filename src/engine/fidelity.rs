@@ -50,18 +50,20 @@ const fn row(fidelity: f64, tune_steps: usize, t0: f64, guidance: f64) -> (f64, 
     )
 }
 
-/// Stable Diffusion (1.x and 2.x): the table above, starting points adapted from the paper,
-/// not yet measured on SD (no SD weights reach our machines).
+/// Stable Diffusion's rows (1.x and 2.x): the table above, starting points adapted from the
+/// paper, not yet measured on SD (no SD weights reach our machines).
+const SD_ROWS: [(f64, EditParameters); 5] = [
+    row(0.00, 16, 1.00, 12.0),
+    row(0.25, 32, 1.00, 10.0),
+    row(0.50, 64, 0.96, 9.0),
+    row(0.75, 64, 0.92, 8.0),
+    row(1.00, 128, 0.88, 7.5),
+];
+
 pub static STABLE_DIFFUSION: FidelityTable = FidelityTable {
     name: "stable-diffusion",
     source: "adapted from the paper, not yet calibrated",
-    rows: [
-        row(0.00, 16, 1.00, 12.0),
-        row(0.25, 32, 1.00, 10.0),
-        row(0.50, 64, 0.96, 9.0),
-        row(0.75, 64, 0.92, 8.0),
-        row(1.00, 128, 0.88, 7.5),
-    ],
+    rows: SD_ROWS,
 };
 
 /// The demo model (`assets/demo-model`): Stable Diffusion's rows until `unitune eval` on a
@@ -69,13 +71,7 @@ pub static STABLE_DIFFUSION: FidelityTable = FidelityTable {
 pub static DEMO: FidelityTable = FidelityTable {
     name: "demo",
     source: "Stable Diffusion's rows, not yet calibrated",
-    rows: [
-        row(0.00, 16, 1.00, 12.0),
-        row(0.25, 32, 1.00, 10.0),
-        row(0.50, 64, 0.96, 9.0),
-        row(0.75, 64, 0.92, 8.0),
-        row(1.00, 128, 0.88, 7.5),
-    ],
+    rows: SD_ROWS,
 };
 
 /// Every built-in table; a model names its own, else Stable Diffusion's applies.

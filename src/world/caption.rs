@@ -87,25 +87,7 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     fn two_objects() -> Scene {
-        Scene {
-            background: Colour::Green,
-            objects: vec![
-                Object {
-                    shape: Shape::Circle,
-                    colour: Colour::Red,
-                    size: Size::Small,
-                    column: Column::Left,
-                    row: Row::Middle,
-                },
-                Object {
-                    shape: Shape::Square,
-                    colour: Colour::Blue,
-                    size: Size::Large,
-                    column: Column::Right,
-                    row: Row::Top,
-                },
-            ],
-        }
+        super::super::scene::two_object_scene()
     }
 
     #[test]

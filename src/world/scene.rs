@@ -283,6 +283,31 @@ pub fn example_edit() -> super::Edit {
     })
 }
 
+/// A small red circle on the left and a large blue square at the top right, on green: the
+/// scene the world's unit tests describe in words and numbers.
+#[cfg(test)]
+pub(crate) fn two_object_scene() -> Scene {
+    Scene {
+        background: Colour::Green,
+        objects: vec![
+            Object {
+                shape: Shape::Circle,
+                colour: Colour::Red,
+                size: Size::Small,
+                column: Column::Left,
+                row: Row::Middle,
+            },
+            Object {
+                shape: Shape::Square,
+                colour: Colour::Blue,
+                size: Size::Large,
+                column: Column::Right,
+                row: Row::Top,
+            },
+        ],
+    }
+}
+
 pub(crate) fn random_colour_except(rng: &mut impl RngExt, except: Colour) -> Colour {
     let others: Vec<Colour> = Colour::ALL.into_iter().filter(|&c| c != except).collect();
     others[rng.random_range(0..others.len())]

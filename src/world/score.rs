@@ -103,25 +103,7 @@ mod tests {
     use super::*;
 
     fn scene() -> Scene {
-        Scene {
-            background: Colour::Green,
-            objects: vec![
-                Object {
-                    shape: Shape::Circle,
-                    colour: Colour::Red,
-                    size: Size::Small,
-                    column: Column::Left,
-                    row: Row::Middle,
-                },
-                Object {
-                    shape: Shape::Square,
-                    colour: Colour::Blue,
-                    size: Size::Large,
-                    column: Column::Right,
-                    row: Row::Top,
-                },
-            ],
-        }
+        super::super::scene::two_object_scene()
     }
 
     #[test]
