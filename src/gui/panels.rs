@@ -144,7 +144,12 @@ fn side_panel(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
     let prompt = prompt.labelled_by(label.id);
     if app.focus_prompt {
         prompt.request_focus();
-        commands.push(Command::PromptFocused);
+        // egui lets go of widget focus while the window itself lacks the keyboard (a window
+        // that is focused only after it shows, as under Xvfb or some window managers), so the
+        // request stands until a frame where the window has it.
+        if ui.input(|i| i.focused) {
+            commands.push(Command::PromptFocused);
+        }
     }
     if prompt.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter)) {
         commands.push(Command::Edit);
