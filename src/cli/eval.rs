@@ -132,23 +132,28 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
         eprintln!("scene {}: {}", index + 1, world::caption(&case.scene));
         let working = to_working(&case.scene.render(), side);
         let tuned = tune(&mut loaded, &working, &settings, &args.training, cancel)?;
-        let run = |request: &EditRequest| -> Result<world::Scene> {
+        // Every sample of this scene: from its fine-tune, stopping between steps on Ctrl-C.
+        let run = |request: &EditRequest| -> Result<RgbImage> {
             let mut observer = |_: &StepView| cancel.check();
-            let image = edit_photo(&loaded.model, Some(&tuned), request, &mut observer)?;
-            Ok(world::read(&image))
+            Ok(edit_photo(
+                &loaded.model,
+                Some(&tuned),
+                request,
+                &mut observer,
+            )?)
         };
         for steps in std::iter::once(0).chain(tuned.snapshot_steps()) {
             let request = reconstruction_request(&working, &tuned, steps, args, index);
-            let read = run(&request)?;
+            let read = world::read(&run(&request)?);
             reconstructions.push((steps, world::agreement(&case.scene, &read)));
         }
+        let baseline = world::caption(&case.scene);
         let bar = step_bar(&format!("scene {}/{}", index + 1, cases.len()));
         bar.set_length((case.edits.len() * plan.len()) as u64);
         for (e, edit) in case.edits.iter().enumerate() {
             let prompt = edit
                 .prompt(&case.scene)
                 .expect("cases hold edits that apply");
-            let baseline = world::caption(&case.scene);
             let mask = resize_mask(&edit.mask(&case.scene), side);
             let mut slider_row = vec![upscale(&working)];
             for setting in &plan {
@@ -166,8 +171,7 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
                     mask: setting.mask.then_some(&mask),
                     interpolate: setting.interpolate,
                 };
-                let mut observer = |_: &StepView| cancel.check();
-                let image = edit_photo(&loaded.model, Some(&tuned), &request, &mut observer)?;
+                let image = run(&request)?;
                 let score = world::score_edit(edit, &case.scene, &world::read(&image))
                     .expect("cases hold edits that apply");
                 if setting.method == SLIDER {
@@ -205,6 +209,7 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
         }
         None => println!("\nno UniTune setting succeeded: no fidelity table to suggest"),
     }
+    let curves = curves(&summary);
     let report = Report {
         model: &loaded.name,
         fidelity_table: table.name,
@@ -213,14 +218,14 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
         sampling_steps: args.sampling_steps,
         seed: args.seed,
         reconstruction,
-        summary: summary.clone(),
+        summary,
         samples,
     };
     let json = args.out.join("edit-quality.json");
     std::fs::write(&json, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("cannot write {}", json.display()))?;
     let plot = imaging::trade_off_plot(
-        &curves(&summary),
+        &curves,
         "success (the asked change is there)",
         "fidelity (the rest unchanged)",
     );
