@@ -4,7 +4,7 @@
     python assets/demo-model/train.py --data /tmp/world --out assets/demo-model
 
 (`tests/scripts/train-demo-model` does both in a fresh virtual environment.) Seeded
-throughout; on 2 CPU cores it takes about 55 minutes. What it writes is a diffusers
+throughout; on 2 CPU cores it takes about an hour. What it writes is a diffusers
 StableDiffusionPipeline folder in fp16 (`*.fp16.safetensors`), which unitune loads like any
 model:
 
@@ -435,6 +435,12 @@ def main():
         "--checkpoint-every", type=int, default=400, help="save the model every N UNet steps"
     )
     parser.add_argument("--vae-from", type=Path, help="reuse a trained VAE (a model folder)")
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        help="continue a finished run (a model folder): its VAE, text encoder and UNet, trained "
+        "for another --unet-steps",
+    )
     parser.add_argument("--vae-levels", type=int, default=3, help="3: 16x16 latents, 4: 8x8")
     parser.add_argument("--text-layers", type=int, default=4)
     parser.add_argument("--text-steps", type=int, default=400)
@@ -464,6 +470,8 @@ def main():
     log(f"{len(images)} scenes from {args.data}")
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)
 
+    if args.resume:
+        args.vae_from = args.resume
     if args.vae_from:
         vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae", variant="fp16").float()
     else:
@@ -478,9 +486,19 @@ def main():
         rec = vae.decode(vae.encode(sample).latent_dist.mean).sample
         log(f"vae reconstruction MSE {F.mse_loss(rec, sample).item():.5f}, scaling_factor {scale:.4f}")
 
-    text_encoder = text_model(args.text_layers)
-    pretrain_text_encoder(text_encoder, tokenizer, captions, args.text_steps, generator, log)
-    unet = unet_model(means.shape[-1])
+    if args.resume:
+        # Another UNet schedule on top of a finished run: its frozen text encoder and UNet.
+        text_encoder = CLIPTextModel.from_pretrained(
+            args.resume, subfolder="text_encoder", variant="fp16"
+        ).float()
+        text_encoder.requires_grad_(False)
+        unet = UNet2DConditionModel.from_pretrained(
+            args.resume, subfolder="unet", variant="fp16"
+        ).float()
+    else:
+        text_encoder = text_model(args.text_layers)
+        pretrain_text_encoder(text_encoder, tokenizer, captions, args.text_steps, generator, log)
+        unet = unet_model(means.shape[-1])
     count = lambda m: sum(p.numel() for p in m.parameters())
     log(
         f"parameters: unet {count(unet) / 1e6:.2f} M, text encoder {count(text_encoder) / 1e6:.2f} M, "
@@ -493,7 +511,8 @@ def main():
         accuracy = conditioning_check(vae, text_encoder, tokenizer, unet, args.seed)
         log(f"saved at step {step}; background prompts followed: {accuracy:.2f}")
     save(args.out, vae, text_encoder, tokenizer, unet)
-    log("done")
+    accuracy = conditioning_check(vae, text_encoder, tokenizer, unet, args.seed)
+    log(f"done; background prompts followed: {accuracy:.2f}")
 
 
 if __name__ == "__main__":
