@@ -210,6 +210,28 @@ OBJECT = re.compile(
 BACKGROUND = re.compile(rf"on a ({'|'.join(PALETTE)}) background")
 
 
+def made_up_words(rng, count):
+    """Words that mean nothing here ("qovtre", "zimb"), as rare tokens such as UniTune's
+    "beikkpic" do: captions are sometimes led by one or two of them, so that the text encoder
+    states the caption's facts whatever comes first and the UNet learns that such words change
+    nothing until fine-tuning binds one to a photo. Without them a leading "beikkpic" broke
+    the caption: "beikkpic on a red background" gave a red frame in 4 of 24 samples,
+    "on a red background" in 20 (run 3)."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return " ".join(
+        "".join(letters[i] for i in rng.integers(len(letters), size=rng.integers(3, 10)))
+        for _ in range(count)
+    )
+
+
+def with_made_up_words(rng, text, p):
+    """`text`, led by one or two made-up words with probability `p`."""
+    if rng.random() >= p:
+        return text
+    lead = made_up_words(rng, int(rng.integers(1, 3)))
+    return f"{lead} {text}" if text else lead
+
+
 def caption_facts(text):
     """What a caption states, as class numbers: the background's colour, then colour, shape
     and size in each of the nine places; a fact the caption leaves out is its own class."""
@@ -227,7 +249,7 @@ def caption_facts(text):
     return facts
 
 
-def pretrain_text_encoder(text_encoder, tokenizer, captions, steps, generator, log):
+def pretrain_text_encoder(text_encoder, tokenizer, captions, steps, generator, rng, log):
     """Teaches the text encoder to state its caption's facts (background colour; colour, shape
     and size in each place) linearly at every position from the end of the caption on (the
     padding positions, which the causal mask lets see all of it).
@@ -236,23 +258,24 @@ def pretrain_text_encoder(text_encoder, tokenizer, captions, steps, generator, l
     only one of 77 cross-attention positions differs between "on a red background" and "on a
     blue background": the UNet's output moved by 1 % between them and the first runs never
     learned to follow captions. After this stage ~70 positions carry the caption's facts in a
-    form one linear map (the cross-attention's values) can read.
+    form one linear map (the cross-attention's values) can read. Half the captions are led by
+    made-up words, whose facts are the caption's own.
     """
     texts = sorted({text for scene in captions for text in scene})
-    ids = tokenize(tokenizer, texts)
     facts = torch.tensor([caption_facts(text) for text in texts])
-    eos = (ids == tokenizer.eos_token_id).int().argmax(1)
     classes = len(PALETTE) + 1
     head = torch.nn.Linear(text_encoder.config.hidden_size, facts.shape[1] * classes)
     opt = torch.optim.AdamW(list(text_encoder.parameters()) + list(head.parameters()), lr=1e-3)
     text_encoder.train()
-    positions = torch.arange(ids.shape[1])
+    positions = torch.arange(tokenizer.model_max_length)
     start = time.time()
     for step in range(steps):
         batch = torch.randint(len(texts), (128,), generator=generator)
-        hidden = text_encoder(ids[batch])[0]
+        ids = tokenize(tokenizer, [with_made_up_words(rng, texts[i], 0.5) for i in batch])
+        eos = (ids == tokenizer.eos_token_id).int().argmax(1)
+        hidden = text_encoder(ids)[0]
         logits = head(hidden).view(len(batch), ids.shape[1], facts.shape[1], classes)
-        after_caption = positions[None] >= eos[batch][:, None]
+        after_caption = positions[None] >= eos[:, None]
         target = facts[batch][:, None, :].expand(-1, ids.shape[1], -1)
         logits, target = logits[after_caption], target[after_caption]
         loss = F.cross_entropy(logits.reshape(-1, classes), target.reshape(-1))
@@ -282,7 +305,9 @@ def prompt_sensitivity(unet, text_encoder, tokenizer, latent_side, seed):
     return ((red - blue).norm() / red.norm()).item()
 
 
-def train_unet(unet, text_encoder, tokenizer, means, stds, scale, captions, args, generator, log):
+def train_unet(
+    unet, text_encoder, tokenizer, means, stds, scale, captions, args, generator, rng, log
+):
     # Velocity, not noise: a caption decides the background and the objects only at the
     # noisiest steps (below them the noisy latents already show the colours), where the noise
     # is almost all of the input, so predicting noise there is easy and a model trained on the
@@ -294,7 +319,6 @@ def train_unet(unet, text_encoder, tokenizer, means, stds, scale, captions, args
     params = list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     unet.train()
-    rng = np.random.default_rng(args.seed)
     start = time.time()
     for step in range(args.unet_steps):
         for group in opt.param_groups:
@@ -307,11 +331,12 @@ def train_unet(unet, text_encoder, tokenizer, means, stds, scale, captions, args
         for i in idx.tolist():
             u = rng.random()
             if u < 0.1:
-                texts.append("")
+                text = ""
             elif u < 0.1 + args.full_caption_p:
-                texts.append(captions[i][0])
+                text = captions[i][0]
             else:
-                texts.append(captions[i][1 + rng.integers(len(captions[i]) - 1)])
+                text = captions[i][1 + rng.integers(len(captions[i]) - 1)]
+            texts.append(with_made_up_words(rng, text, args.made_up_p))
         with torch.no_grad():
             context = text_encoder(tokenize(tokenizer, texts))[0]
         noise = torch.randn(latents.shape, generator=generator)
@@ -340,9 +365,11 @@ def train_unet(unet, text_encoder, tokenizer, means, stds, scale, captions, args
 
 
 @torch.no_grad()
-def conditioning_check(vae, text_encoder, tokenizer, unet, seed):
+def conditioning_check(vae, text_encoder, tokenizer, unet, seed, lead=""):
     """The share of "on a X background" samples whose frame is X: whether the captions are
-    being learned at all (the first run's samples hardly depended on them)."""
+    being learned at all (the first run's samples hardly depended on them). With `lead`
+    ("beikkpic "), whether a rare token in front, as UniTune's prompts have, leaves the
+    caption working."""
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -356,7 +383,7 @@ def conditioning_check(vae, text_encoder, tokenizer, unet, seed):
     pipe.set_progress_bar_config(disable=True)
     names = list(PALETTE)
     images = pipe(
-        [f"on a {name} background" for name in names],
+        [f"{lead}on a {name} background" for name in names],
         guidance_scale=4.0,
         num_inference_steps=20,
         height=IMAGE,
@@ -372,6 +399,12 @@ def conditioning_check(vae, text_encoder, tokenizer, unet, seed):
         right += int(np.bincount(nearest, minlength=len(names)).argmax() == names.index(name))
     unet.train()
     return right / len(names)
+
+
+def prompts_followed(vae, text_encoder, tokenizer, unet, seed):
+    plain = conditioning_check(vae, text_encoder, tokenizer, unet, seed)
+    led = conditioning_check(vae, text_encoder, tokenizer, unet, seed, lead="beikkpic ")
+    return f"background prompts followed: {plain:.2f} (led by \"beikkpic\": {led:.2f})"
 
 
 def save(out: Path, vae, text_encoder, tokenizer, unet):
@@ -452,6 +485,9 @@ def main():
     parser.add_argument("--text-steps", type=int, default=400)
     parser.add_argument("--full-caption-p", type=float, default=0.5)
     parser.add_argument(
+        "--made-up-p", type=float, default=0.25, help="share of UNet captions led by made-up words"
+    )
+    parser.add_argument(
         "--stop-after",
         type=int,
         default=0,
@@ -462,6 +498,7 @@ def main():
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     log_file = open(args.out / "train.log", "a")
 
@@ -503,7 +540,9 @@ def main():
         ).float()
     else:
         text_encoder = text_model(args.text_layers)
-        pretrain_text_encoder(text_encoder, tokenizer, captions, args.text_steps, generator, log)
+        pretrain_text_encoder(
+            text_encoder, tokenizer, captions, args.text_steps, generator, rng, log
+        )
         unet = unet_model(means.shape[-1])
     count = lambda m: sum(p.numel() for p in m.parameters())
     log(
@@ -511,14 +550,12 @@ def main():
         f"vae {count(vae) / 1e6:.2f} M"
     )
     for step in train_unet(
-        unet, text_encoder, tokenizer, means, stds, scale, captions, args, generator, log
+        unet, text_encoder, tokenizer, means, stds, scale, captions, args, generator, rng, log
     ):
         save(args.out, vae, text_encoder, tokenizer, unet)
-        accuracy = conditioning_check(vae, text_encoder, tokenizer, unet, args.seed)
-        log(f"saved at step {step}; background prompts followed: {accuracy:.2f}")
+        log(f"saved at step {step}; {prompts_followed(vae, text_encoder, tokenizer, unet, args.seed)}")
     save(args.out, vae, text_encoder, tokenizer, unet)
-    accuracy = conditioning_check(vae, text_encoder, tokenizer, unet, args.seed)
-    log(f"done; background prompts followed: {accuracy:.2f}")
+    log(f"done; {prompts_followed(vae, text_encoder, tokenizer, unet, args.seed)}")
 
 
 if __name__ == "__main__":
