@@ -90,6 +90,51 @@ fn eval_scores_every_setting_and_writes_the_report_plot_and_examples() {
 }
 
 #[test]
+fn eval_measures_only_the_curves_methods_names() {
+    let home = tempfile::tempdir().unwrap();
+    let out = home.path().join("eval");
+    let model = model_dir("sd15-tiny").display().to_string();
+    let run = unitune(
+        &[
+            "eval",
+            "--model",
+            &model,
+            "--device",
+            "cpu",
+            "--scenes",
+            "1",
+            "--train",
+            "cross-kv",
+            "--snapshots",
+            "1",
+            "--t0-values",
+            "0.5",
+            "--sampling-steps",
+            "1",
+            "--methods",
+            "sdedit,mask",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        home.path(),
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(out.join("edit-quality.json")).unwrap()).unwrap();
+    let methods: Vec<&str> = report["summary"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(methods, ["SDEdit", "UniTune 1 + mask"]);
+    assert!(out.join("edit-quality.png").is_file());
+    // No slider measured: no slider pictures, and no table proposed from no UniTune curve.
+    assert!(!out.join("slider-examples.png").exists());
+    assert!(!run.stdout.contains("fidelity table"), "{}", run.stdout);
+}
+
+#[test]
 fn eval_refuses_bad_flags_with_exit_code_2() {
     let home = tempfile::tempdir().unwrap();
     let out = home.path().join("eval").display().to_string();
@@ -97,6 +142,7 @@ fn eval_refuses_bad_flags_with_exit_code_2() {
         vec!["--scenes", "0"],
         vec!["--t0-values", "1.5"],
         vec!["--sampling-steps", "0"],
+        vec!["--methods", "sdedit,magic"],
     ] {
         let mut args = vec!["eval", "--out", &out];
         args.extend(bad.iter().copied());

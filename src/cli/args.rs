@@ -150,8 +150,35 @@ pub struct EvalArgs {
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub sampling_steps: usize,
 
+    /// Which curves to measure, comma-separated (a quicker run measures fewer): sdedit,
+    /// unitune (each snapshot), prompt-guidance, interpolation, mask, slider.
+    #[arg(
+        long,
+        value_name = "M,M,..",
+        value_delimiter = ',',
+        default_value = "sdedit,unitune,prompt-guidance,interpolation,mask,slider"
+    )]
+    pub methods: Vec<EvalMethod>,
+
     #[command(flatten)]
     pub training: TrainingOptions,
+}
+
+/// A curve of `unitune eval` (`--methods`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EvalMethod {
+    /// The untuned model, the prompt alone, at each t0.
+    Sdedit,
+    /// "token prompt" from each snapshot, at each t0.
+    Unitune,
+    /// The middle snapshot with the scene's caption as prompt guidance's baseline.
+    PromptGuidance,
+    /// The middle snapshot, its result interpolated toward the photo.
+    Interpolation,
+    /// The middle snapshot, only the edited region allowed to change.
+    Mask,
+    /// The fidelity slider's five positions, through the model's fidelity table.
+    Slider,
 }
 
 #[derive(Debug, Args)]

@@ -23,7 +23,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use super::UsageError;
-use super::args::{EvalArgs, GlobalOptions};
+use super::args::{EvalArgs, EvalMethod, GlobalOptions};
 use super::cancel::CancelFlag;
 use super::session::{check_sampling_steps, load_model, step_bar};
 use super::unitune::{tune, tune_settings};
@@ -107,6 +107,9 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
     }
     if args.t0_values.is_empty() || args.t0_values.iter().any(|t| !(0.0..=1.0).contains(t)) {
         return Err(UsageError("--t0-values must be numbers between 0 and 1".into()).into());
+    }
+    if args.methods.is_empty() {
+        return Err(UsageError("--methods must name at least one curve".into()).into());
     }
     let settings = tune_settings(&args.training, None)?;
     std::fs::create_dir_all(&args.out)
@@ -197,6 +200,7 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
     let reconstruction = summarize_reconstruction(&reconstructions);
     print_report(&summary, &reconstruction);
     match propose_table(&summary) {
+        _ if !args.methods.contains(&EvalMethod::Unitune) => {}
         Some(rows) => {
             println!();
             println!("fidelity table these measurements suggest (src/engine/fidelity.rs):");
@@ -230,6 +234,10 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
         "fidelity (the rest unchanged)",
     );
     save_png(&plot, &args.out.join("edit-quality.png"))?;
+    if !args.methods.contains(&EvalMethod::Slider) {
+        eprintln!("wrote {} and edit-quality.png", json.display());
+        return Ok(());
+    }
     let mut columns = vec!["photo".to_string()];
     columns.extend(SLIDER_POSITIONS.iter().map(|f| format!("fidelity {f}")));
     let examples = imaging::labelled_grid(&example_rows, &columns, &example_labels, None)?;
@@ -246,9 +254,10 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
 
 const SLIDER: &str = "fidelity slider";
 
-/// Every setting each edit is made with, in the order of the curves.
+/// Every setting each edit is made with, in the order of the curves (those `--methods` names).
 fn settings_plan(args: &EvalArgs, table: &FidelityTable, snapshots: &[usize]) -> Vec<Setting> {
     let middle = table.parameters_for(0.5, snapshots).tune_steps;
+    let wanted = |method: EvalMethod| args.methods.contains(&method);
     let sweep = |method: String, tune_steps: usize, options: (bool, bool, bool)| {
         args.t0_values
             .iter()
@@ -264,29 +273,43 @@ fn settings_plan(args: &EvalArgs, table: &FidelityTable, snapshots: &[usize]) ->
             })
             .collect::<Vec<_>>()
     };
-    let mut plan = sweep("SDEdit".into(), 0, (false, false, false));
-    for &steps in snapshots {
+    let mut plan = Vec::new();
+    if wanted(EvalMethod::Sdedit) {
+        plan.extend(sweep("SDEdit".into(), 0, (false, false, false)));
+    }
+    if wanted(EvalMethod::Unitune) {
+        for &steps in snapshots {
+            plan.extend(sweep(
+                format!("UniTune, {steps} steps"),
+                steps,
+                (false, false, false),
+            ));
+        }
+    }
+    if wanted(EvalMethod::PromptGuidance) {
         plan.extend(sweep(
-            format!("UniTune, {steps} steps"),
-            steps,
-            (false, false, false),
+            format!("UniTune {middle} + prompt guidance"),
+            middle,
+            (true, false, false),
         ));
     }
-    plan.extend(sweep(
-        format!("UniTune {middle} + prompt guidance"),
-        middle,
-        (true, false, false),
-    ));
-    plan.extend(sweep(
-        format!("UniTune {middle} + interpolation"),
-        middle,
-        (false, true, false),
-    ));
-    plan.extend(sweep(
-        format!("UniTune {middle} + mask"),
-        middle,
-        (false, false, true),
-    ));
+    if wanted(EvalMethod::Interpolation) {
+        plan.extend(sweep(
+            format!("UniTune {middle} + interpolation"),
+            middle,
+            (false, true, false),
+        ));
+    }
+    if wanted(EvalMethod::Mask) {
+        plan.extend(sweep(
+            format!("UniTune {middle} + mask"),
+            middle,
+            (false, false, true),
+        ));
+    }
+    if !wanted(EvalMethod::Slider) {
+        return plan;
+    }
     for f in SLIDER_POSITIONS {
         let p = table.parameters_for(f, snapshots);
         plan.push(Setting {
