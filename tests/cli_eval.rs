@@ -61,7 +61,7 @@ fn eval_scores_every_setting_and_writes_the_report_plot_and_examples() {
     for extra in ["prompt guidance", "interpolation", "mask"] {
         assert_eq!(methods.iter().filter(|m| m.ends_with(extra)).count(), 2);
     }
-    // One scene, the example one: adding a triangle, a recolouring, a new background.
+    // One scene, the example one: its example recolouring, a new background, an added object.
     let edits = report["edits"].as_u64().unwrap();
     assert_eq!(edits, 3);
     for summary in report["summary"].as_array().unwrap() {

@@ -440,6 +440,55 @@ fn a_missing_model_is_offered_for_download_and_then_loads() {
     assert!(!hub.resolved_files("tiny/sd15").is_empty());
 }
 
+#[test]
+fn the_demo_model_loads_offline_opens_a_scene_and_edits_it() {
+    // No model on the machine, and no network.
+    let setup = Setup::new(2);
+    let mut options = setup.options(None);
+    options.model = "tiny/not-downloaded".into();
+    let mut harness = Harness::builder()
+        .with_size([1100.0, 760.0])
+        .build_eframe(move |cc| EditorApp::new(cc, options));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while harness
+        .query_by_role_and_label(Role::Button, "Demo model (offline)")
+        .is_none()
+    {
+        assert!(Instant::now() < deadline, "no demo model offered");
+        harness.step();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    harness
+        .get_by_role_and_label(Role::Button, "Demo model (offline)")
+        .click();
+    step_until(
+        &mut harness,
+        Duration::from_secs(60),
+        "the demo model and its scene",
+        |app| app.model_ready() && app.photo_size().is_some() && !app.is_busy(),
+    );
+    // A whole edit at once: a scene of its world is open and an edit is typed in.
+    assert_eq!(harness.state().photo_size(), Some((64, 64)));
+    assert_eq!(harness.state().prompt(), unitune::world::EXAMPLE_PROMPT);
+    assert!(
+        harness
+            .query_by_label_contains("fidelity table demo")
+            .is_some(),
+        "the demo model's own fidelity table is used"
+    );
+    harness.snapshot_options("editor_demo_model", &tolerant(0));
+    click_edit(&mut harness);
+    step_until(
+        &mut harness,
+        Duration::from_secs(240),
+        "the demo edit's variants",
+        all_variants_done,
+    );
+    let (_, settings) = harness.state().shown_variant().unwrap();
+    let table = unitune::engine::fidelity::DEMO.parameters_for(0.5, &[1, 2]);
+    assert_eq!((settings.t0, settings.guidance), (table.t0, table.guidance));
+}
+
 /// Snapshot tolerance: the CPU's float rounding may move a few result pixels by one level,
 /// and the fine-tuning state shows a live step count, loss, time left and reconstruction
 /// (which step the snapshot catches varies), so it allows about one small preview's area.

@@ -339,7 +339,7 @@ fn cases(count: usize, seed: u64) -> Vec<Case> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let example = world::example_scene();
     let mut example_edits = edits_for(&example, &mut rng);
-    example_edits.retain(|e| e.kind() != "add");
+    example_edits.retain(|e| e.kind() != world::example_edit().kind());
     example_edits.insert(0, world::example_edit());
     let mut cases = vec![Case {
         scene: example,

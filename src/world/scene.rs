@@ -270,17 +270,16 @@ pub fn example_scene() -> Scene {
 }
 
 /// The edit to try on [`example_scene`] ([`super::Edit::prompt`] of [`example_edit`]).
-pub const EXAMPLE_PROMPT: &str = "a large yellow triangle on the right";
+pub const EXAMPLE_PROMPT: &str = "a large green square in the middle";
 
-/// Adds a large yellow triangle on the right of [`example_scene`].
+/// Makes the square in the middle of [`example_scene`] green: a recolouring, which the demo
+/// model's UniTune edits make across the whole slider (adding an object, it rarely does;
+/// docs/edit-quality.md).
 pub fn example_edit() -> super::Edit {
-    super::Edit::Add(Object {
-        shape: Shape::Triangle,
-        colour: Colour::Yellow,
-        size: Size::Large,
-        column: Column::Right,
-        row: Row::Middle,
-    })
+    super::Edit::Recolour {
+        column: Column::Middle,
+        colour: Colour::Green,
+    }
 }
 
 /// A small red circle on the left and a large blue square at the top right, on green: the
