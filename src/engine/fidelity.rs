@@ -69,9 +69,9 @@ pub static STABLE_DIFFUSION: FidelityTable = FidelityTable {
 /// The demo model (`assets/demo-model`), calibrated by `unitune eval --model demo` (4 scenes,
 /// 12 edits, t0 0.6/0.8/1.0 at guidance 7.5; docs/edit-quality.md): the Pareto front of its
 /// UniTune points, as the benchmark proposes it. 16 steps at t0 1.0 is the most expressive
-/// (success 0.58, fidelity 0.45), 128 steps at t0 1.0 the middle (0.50, 0.57), 128 steps at
-/// t0 0.8 the most faithful measured (0.42, 0.60; 0.9 in between). Guidance 15 lost fidelity
-/// without adding success (3 scenes), so guidance stays at 7.5.
+/// (success 0.58, fidelity 0.46), 128 steps at t0 1.0 the middle (0.50, 0.54), 128 steps at
+/// t0 0.8 the most faithful (0.42, 0.62; t0 0.9 in between: 0.42, 0.64). Guidance 15 kept
+/// less for at most one more success in 9 (3 scenes), so guidance stays at 7.5.
 pub static DEMO: FidelityTable = FidelityTable {
     name: "demo",
     source: "calibrated on the demo world",
