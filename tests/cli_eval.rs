@@ -6,44 +6,52 @@
 mod common;
 
 use common::{model_dir, unitune};
+use std::path::{Path, PathBuf};
+
 use serde_json::Value;
+
+/// Runs `unitune eval` on the tiny model (cross-kv fine-tuning, one scene) with `extra`
+/// flags; returns the run, its output folder and its report.
+fn tiny_eval(home: &Path, extra: &[&str]) -> (common::Run, PathBuf, Value) {
+    let out = home.join("eval");
+    let model = model_dir("sd15-tiny").display().to_string();
+    let mut args = vec![
+        "eval", "--model", &model, "--device", "cpu", "--scenes", "1", "--train", "cross-kv",
+    ];
+    args.extend_from_slice(extra);
+    args.extend(["--out", out.to_str().unwrap()]);
+    let run = unitune(&args, home);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(out.join("edit-quality.json")).unwrap()).unwrap();
+    (run, out, report)
+}
+
+/// The method of each summary line, in order.
+fn methods(report: &Value) -> Vec<&str> {
+    report["summary"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["method"].as_str().unwrap())
+        .collect()
+}
 
 #[test]
 fn eval_scores_every_setting_and_writes_the_report_plot_and_examples() {
     let home = tempfile::tempdir().unwrap();
-    let out = home.path().join("eval");
-    let model = model_dir("sd15-tiny").display().to_string();
-    let run = unitune(
+    let (run, out, report) = tiny_eval(
+        home.path(),
         &[
-            "eval",
-            "--model",
-            &model,
-            "--device",
-            "cpu",
-            "--scenes",
-            "1",
-            "--train",
-            "cross-kv",
             "--snapshots",
             "1,2",
             "--t0-values",
             "0.5,1.0",
             "--sampling-steps",
             "2",
-            "--out",
-            out.to_str().unwrap(),
         ],
-        home.path(),
     );
-    assert_eq!(run.code, 0, "{}", run.stderr);
-    let report: Value =
-        serde_json::from_slice(&std::fs::read(out.join("edit-quality.json")).unwrap()).unwrap();
-    let methods: Vec<&str> = report["summary"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["method"].as_str().unwrap())
-        .collect();
+    let methods = methods(&report);
     // Two t0 values on SDEdit, each snapshot, prompt guidance, interpolation and the mask;
     // five slider positions.
     for (method, points) in [
@@ -92,19 +100,9 @@ fn eval_scores_every_setting_and_writes_the_report_plot_and_examples() {
 #[test]
 fn eval_measures_only_the_curves_methods_names() {
     let home = tempfile::tempdir().unwrap();
-    let out = home.path().join("eval");
-    let model = model_dir("sd15-tiny").display().to_string();
-    let run = unitune(
+    let (run, out, report) = tiny_eval(
+        home.path(),
         &[
-            "eval",
-            "--model",
-            &model,
-            "--device",
-            "cpu",
-            "--scenes",
-            "1",
-            "--train",
-            "cross-kv",
             "--snapshots",
             "1",
             "--t0-values",
@@ -113,20 +111,9 @@ fn eval_measures_only_the_curves_methods_names() {
             "1",
             "--methods",
             "sdedit,mask",
-            "--out",
-            out.to_str().unwrap(),
         ],
-        home.path(),
     );
-    assert_eq!(run.code, 0, "{}", run.stderr);
-    let report: Value =
-        serde_json::from_slice(&std::fs::read(out.join("edit-quality.json")).unwrap()).unwrap();
-    let methods: Vec<&str> = report["summary"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["method"].as_str().unwrap())
-        .collect();
+    let methods = methods(&report);
     assert_eq!(methods, ["SDEdit", "UniTune 1 + mask"]);
     assert!(out.join("edit-quality.png").is_file());
     // No slider measured: no slider pictures, and no table proposed from no UniTune curve.

@@ -199,19 +199,9 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
     let summary = summarize(&plan, &samples);
     let reconstruction = summarize_reconstruction(&reconstructions);
     print_report(&summary, &reconstruction);
-    match propose_table(&summary) {
-        _ if !args.methods.contains(&EvalMethod::Unitune) => {}
-        Some(rows) => {
-            println!();
-            println!("fidelity table these measurements suggest (src/engine/fidelity.rs):");
-            for (f, p) in rows {
-                println!(
-                    "        row({f:.2}, {}, {:.2}, {:.1}),",
-                    p.tune_steps, p.t0, p.guidance
-                );
-            }
-        }
-        None => println!("\nno UniTune setting succeeded: no fidelity table to suggest"),
+    // Tables are read off the plain UniTune curves; without them there is nothing to propose.
+    if args.methods.contains(&EvalMethod::Unitune) {
+        print_proposed_table(&summary);
     }
     let curves = curves(&summary);
     let report = Report {
@@ -501,6 +491,22 @@ pub fn propose_table(summary: &[Summary]) -> Option<Vec<(f64, EditParameters)>> 
         row.guidance = row.guidance.min(previous.guidance);
     }
     Some(rows)
+}
+
+fn print_proposed_table(summary: &[Summary]) {
+    match propose_table(summary) {
+        Some(rows) => {
+            println!();
+            println!("fidelity table these measurements suggest (src/engine/fidelity.rs):");
+            for (f, p) in rows {
+                println!(
+                    "        row({f:.2}, {}, {:.2}, {:.1}),",
+                    p.tune_steps, p.t0, p.guidance
+                );
+            }
+        }
+        None => println!("\nno UniTune setting succeeded: no fidelity table to suggest"),
+    }
 }
 
 fn print_report(summary: &[Summary], reconstruction: &[Reconstruction]) {
