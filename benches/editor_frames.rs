@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use unitune::gui::{EditorApp, EditorOptions, Settings, StateFiles, SystemDialogs};
-use unitune::jobs::{DeviceChoice, HubOptions, TuneSettings};
+use unitune::jobs::{DeviceChoice, HubOptions, MicroBatch, ModelRequest, TrainingChoice};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -127,23 +127,26 @@ fn main() {
     )
     .unwrap();
     let options = EditorOptions {
-        model: fixtures().join("models/sd15-tiny").display().to_string(),
-        device: DeviceChoice::Cpu,
-        hub: HubOptions {
-            offline: true,
-            ..HubOptions::default()
+        model: ModelRequest {
+            device: DeviceChoice::Cpu,
+            hub: HubOptions {
+                offline: true,
+                ..HubOptions::default()
+            },
+            hash_memo: None,
+            ..ModelRequest::new(&fixtures().join("models/sd15-tiny").display().to_string())
         },
+        precision_override: None,
         photo: Some(photo_path),
         state: StateFiles::new(state.path()),
         snapshot_cache: None,
         dialogs: Arc::new(SystemDialogs),
-        tune: Some(TuneSettings {
+        tune: Some(TrainingChoice {
             snapshot_steps: vec![8, 16],
             batch_size: 2,
-            micro_batch_size: 2,
-            ..TuneSettings::default()
+            micro_batch: MicroBatch::Fixed(2),
+            ..TrainingChoice::default()
         }),
-        loras: Vec::new(),
     };
     let mut harness = Harness::builder()
         .with_size([1280.0, 800.0])

@@ -12,12 +12,17 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device};
 use unitune::engine::StableDiffusion;
-use unitune::engine::edit::{CachePolicy, EditRequest, TuneEvent, edit_photo, tune_photo};
+use unitune::engine::device::DeviceChoice;
+use unitune::engine::edit::{CachePolicy, TuneEvent, tune_photo};
 use unitune::engine::finetune::{SnapshotCache, TrainMode, TuneSettings};
+use unitune::engine::precision::Precision;
 use unitune::engine::sampling::no_observer;
-use unitune::model_files::locate_in_folder;
+use unitune::model_files::{NoProgress, locate_in_folder};
+use unitune::service::{EditKnobs, EditService, EditSpec, ModelRequest, TuneRequest};
 
 struct CountingAllocator;
 
@@ -84,35 +89,44 @@ fn quiet(_: TuneEvent) -> ControlFlow<()> {
     ControlFlow::Continue(())
 }
 
-/// Load the model, tune (or take the cache), sample one edit from the last snapshot.
-fn edit_once(cache: &SnapshotCache, photo: &image::RgbImage) -> bool {
-    let mut model = load();
-    let recipe = settings(TrainMode::Full);
-    let policy = CachePolicy {
-        cache: Some(cache),
-        model_identity: "sd15-tiny (bench)",
+/// Load the model, tune (or take the cache), sample one edit from the last snapshot: the
+/// edit service, as the command line and the editor run it.
+fn edit_once(cache: &SnapshotCache, photo: &Arc<image::RgbImage>) -> bool {
+    let request = ModelRequest {
+        device: DeviceChoice::Cpu,
+        precision: Precision::F32,
+        hash_memo: None,
+        ..ModelRequest::new(&model_dir().display().to_string())
     };
-    let tuned = tune_photo(&mut model, photo, &recipe, &policy, None, &mut quiet).expect("tuning");
-    let request = EditRequest {
-        method: unitune::engine::edit::EditMethod::UniTune,
-        original: photo,
-        working: photo,
-        prompt: "a cat wearing sunglasses",
-        baseline_prompt: None,
-        tune_steps: 16,
-        t0: 0.9,
-        guidance: 9.0,
+    let mut service =
+        EditService::load(&request, Some(cache.clone()), &mut NoProgress).expect("model loads");
+    let recipe = settings(TrainMode::Full);
+    let size = Some(photo.dimensions());
+    let tune = TuneRequest {
+        photo,
+        settings: &recipe,
+        size,
+        reconstruct_every: None,
+    };
+    let tuned = service.tune(&tune, &mut quiet).expect("tuning");
+    let spec = EditSpec {
+        knobs: EditKnobs {
+            tune_steps: Some(16),
+            t0_fraction: Some(0.9),
+            guidance_weight: Some(9.0),
+            ..EditKnobs::default()
+        },
         sampling_steps: 10,
         seed: 1,
-        mask: None,
-        interpolate: false,
+        size,
+        ..EditSpec::new(photo.clone(), "a cat wearing sunglasses")
     };
-    edit_photo(&model, Some(&tuned), &request, &mut no_observer()).expect("edit");
+    service.edit(&spec, &mut no_observer()).expect("edit");
     tuned.from_cache
 }
 
 fn main() {
-    let photo = photo();
+    let photo = Arc::new(photo());
     println!(
         "UniTune on the tiny fixture model (sd15-tiny), CPU f32, 32x32 photo, batch 4, 16 fine-tuning steps, 10 sampling steps"
     );

@@ -21,4 +21,5 @@ pub mod imaging;
 pub mod jobs;
 pub mod model_files;
 pub mod recipe;
+pub mod service;
 pub mod world;

@@ -185,7 +185,7 @@ fn edit_without_fine_tuning_returns_the_photo_size() {
     let text = read_png_text(&out).unwrap();
     assert!(
         text.iter()
-            .any(|(k, v)| k == "unitune" && v.contains("\"t0\":0.5"))
+            .any(|(k, v)| k == "unitune" && v.contains("\"t0_fraction\":0.5"))
     );
 }
 

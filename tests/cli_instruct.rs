@@ -58,7 +58,7 @@ fn an_instruction_edit_needs_no_fine_tuning_and_records_its_method() {
     assert_eq!(r["image_guidance"], 1.5);
     assert_eq!(r["guidance_weight"], 7.5);
     assert_eq!(r["model_prompt"], "make it winter", "no rare token");
-    assert!(r["t0"].is_null() && r["tuning"].is_null());
+    assert!(r["t0_fraction"].is_null() && r["tuning"].is_null());
     let parameters = read_png_text(&h.join("winter.png")).unwrap();
     let a1111 = &parameters
         .iter()

@@ -18,7 +18,7 @@ use egui::{Key, Modifiers, Pos2};
 use egui_kittest::kittest::Queryable;
 use egui_kittest::{Harness, SnapshotOptions};
 use unitune::gui::{Command, EditorApp, EditorOptions, FileDialogs, Settings, StateFiles};
-use unitune::jobs::{DeviceChoice, HubOptions, TuneSettings};
+use unitune::jobs::{DeviceChoice, HubOptions, MicroBatch, ModelRequest, TrainingChoice};
 
 /// Answers file dialogs with prepared paths.
 #[derive(Default)]
@@ -79,24 +79,27 @@ impl Setup {
             // Relative (tests run in the crate root): the model panel, whose width follows its
             // widest line, then looks the same in every checkout (an absolute path made the
             // snapshots depend on where the repository was cloned).
-            model: "./tests/fixtures/models/sd15-tiny".into(),
-            device: DeviceChoice::Cpu,
-            hub: HubOptions {
-                offline: true,
-                cache_dir: Some(self.hub_cache.path().to_path_buf()),
-                ..HubOptions::default()
+            model: ModelRequest {
+                device: DeviceChoice::Cpu,
+                hub: HubOptions {
+                    offline: true,
+                    cache_dir: Some(self.hub_cache.path().to_path_buf()),
+                    ..HubOptions::default()
+                },
+                hash_memo: None,
+                ..ModelRequest::new("./tests/fixtures/models/sd15-tiny")
             },
+            precision_override: None,
             photo,
             state: StateFiles::new(self.state.path()),
             snapshot_cache: None,
             dialogs: self.dialogs.clone(),
-            tune: Some(TuneSettings {
+            tune: Some(TrainingChoice {
                 snapshot_steps: vec![1, 2],
                 batch_size: 1,
-                micro_batch_size: 1,
-                ..TuneSettings::default()
+                micro_batch: MicroBatch::Fixed(1),
+                ..TrainingChoice::default()
             }),
-            loras: Vec::new(),
         }
     }
 
@@ -270,7 +273,7 @@ fn edit_streams_variants_and_the_slider_browses_them_then_export_keeps_the_recip
     );
     let (first, settings) = harness.state().shown_variant().unwrap();
     assert_eq!(
-        settings.fidelity,
+        settings.fidelity(),
         Some(0.5),
         "the slider's position comes first"
     );
@@ -286,7 +289,7 @@ fn edit_streams_variants_and_the_slider_browses_them_then_export_keeps_the_recip
     harness.step();
     let (during, settings) = harness.state().shown_variant().unwrap();
     assert_ne!(during, first);
-    assert_eq!(settings.fidelity, Some(0.0));
+    assert_eq!(settings.fidelity(), Some(0.0));
     harness.drop_at(left);
     harness.step();
     assert!(
@@ -409,8 +412,8 @@ fn a_missing_model_is_offered_for_download_and_then_loads() {
     )]);
     let setup = Setup::new(2);
     let mut options = setup.options(None);
-    options.model = "tiny/sd15".into();
-    options.hub = hub.options(setup.hub_cache.path());
+    options.model.model = "tiny/sd15".into();
+    options.model.hub = hub.options(setup.hub_cache.path());
     let mut harness = Harness::builder()
         .with_size([1100.0, 760.0])
         .build_eframe(move |cc| EditorApp::new(cc, options));
@@ -445,7 +448,7 @@ fn the_demo_model_loads_offline_opens_a_scene_and_edits_it() {
     // No model on the machine, and no network.
     let setup = Setup::new(2);
     let mut options = setup.options(None);
-    options.model = "tiny/not-downloaded".into();
+    options.model.model = "tiny/not-downloaded".into();
     let mut harness = Harness::builder()
         .with_size([1100.0, 760.0])
         .build_eframe(move |cc| EditorApp::new(cc, options));
@@ -486,7 +489,10 @@ fn the_demo_model_loads_offline_opens_a_scene_and_edits_it() {
     );
     let (_, settings) = harness.state().shown_variant().unwrap();
     let table = unitune::engine::fidelity::DEMO.parameters_for(0.5, &[1, 2]);
-    assert_eq!((settings.t0, settings.guidance), (table.t0, table.guidance));
+    assert_eq!(
+        (settings.plan.t0_fraction, settings.plan.guidance_weight),
+        (Some(table.t0), table.guidance)
+    );
 }
 
 /// Snapshot tolerance: the CPU's float rounding may move a few result pixels by one level,
@@ -500,11 +506,11 @@ fn tolerant(max_failed_pixels: usize) -> SnapshotOptions {
 fn snapshots_of_the_main_states() {
     let setup = Setup::new(2);
     let mut options = setup.options(None);
-    options.tune = Some(TuneSettings {
+    options.tune = Some(TrainingChoice {
         snapshot_steps: vec![1, 2, 60],
         batch_size: 1,
-        micro_batch_size: 1,
-        ..TuneSettings::default()
+        micro_batch: MicroBatch::Fixed(1),
+        ..TrainingChoice::default()
     });
     let mut harness = Harness::builder()
         .with_size([1100.0, 760.0])
@@ -811,13 +817,11 @@ fn a_lora_applies_to_the_loaded_model_and_file_export_lora_writes_the_lora_fine_
     )
     .unwrap();
     let lora = common::fixtures().join("models/sd15-tiny-lora.safetensors");
-    let options = EditorOptions {
-        loras: vec![unitune::model_files::LoraChoice {
-            path: lora,
-            weight: 0.8,
-        }],
-        ..setup.options(Some(photo("chelsea.png")))
-    };
+    let mut options = setup.options(Some(photo("chelsea.png")));
+    options.model.loras = vec![unitune::model_files::LoraChoice {
+        path: lora,
+        weight: 0.8,
+    }];
     let mut harness = Harness::builder()
         .with_size([1100.0, 760.0])
         .build_eframe(move |cc| EditorApp::new(cc, options));
@@ -867,7 +871,7 @@ fn an_instruct_model_edits_by_instruction_without_learning_the_photo() {
     let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("editor-instruct");
     let _ = std::fs::remove_dir_all(&target);
     let model = common::instruct_model_dir(&target);
-    options.model = match model.strip_prefix(env!("CARGO_MANIFEST_DIR")) {
+    options.model.model = match model.strip_prefix(env!("CARGO_MANIFEST_DIR")) {
         Ok(relative) => format!("./{}", relative.display()),
         Err(_) => model.display().to_string(),
     };
@@ -902,7 +906,7 @@ fn an_instruct_model_edits_by_instruction_without_learning_the_photo() {
     );
     let (_, settings) = harness.state().shown_variant().unwrap();
     assert_eq!(
-        settings.method,
+        settings.plan.method,
         unitune::jobs::EditMethod::Instruct {
             image_guidance: 1.5
         },
@@ -920,7 +924,7 @@ fn an_instruct_model_edits_by_instruction_without_learning_the_photo() {
     assert_eq!(recipe["method"], "instruct-pix2pix");
     assert_eq!(recipe["model_prompt"], "make it winter");
     assert_eq!(recipe["image_guidance"], 1.5);
-    assert!(recipe["t0"].is_null() && recipe["tuning"].is_null());
+    assert!(recipe["t0_fraction"].is_null() && recipe["tuning"].is_null());
 }
 
 #[test]

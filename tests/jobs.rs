@@ -2,18 +2,17 @@
 //! cancelling and superseding stop jobs within a step, bad requests fail with one line, and
 //! the waker is called. Every wait is bounded by a deadline.
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device};
 use image::{GrayImage, Luma, RgbImage};
-use unitune::engine::StableDiffusion;
 use unitune::jobs::{
-    JobEvent, JobId, JobRequest, JobRunner, PreviewMode, RunnerOptions, Stage, TrainMode,
-    TuneSettings, Waker,
+    EditKnobs, EditSpec, JobEvent, JobId, JobRequest, JobRunner, PreviewMode, RunnerOptions, Stage,
+    TrainMode, TuneSettings, Waker,
 };
-use unitune::model_files::locate_in_folder;
 
 const DEADLINE: Duration = Duration::from_secs(120);
 
@@ -27,18 +26,13 @@ fn start_runner() -> (JobRunner, Arc<AtomicUsize>) {
 }
 
 fn start_runner_with(waker: Waker) -> JobRunner {
-    let dir =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/sd15-tiny");
-    let files = locate_in_folder(&dir).expect("fixture model folder is complete");
-    let model = StableDiffusion::load(&files, &Device::Cpu, DType::F32).expect("model loads");
     let options = RunnerOptions {
-        cache: None,
-        model_identity: "sd15-tiny".into(),
         preview_seed: 0,
         preview: PreviewMode::Fast,
         tiny_preview: None,
     };
-    JobRunner::start(model, options, waker).expect("worker thread starts")
+    JobRunner::start(common::load_service("sd15-tiny"), options, waker)
+        .expect("worker thread starts")
 }
 
 fn photo() -> RgbImage {
@@ -48,21 +42,27 @@ fn photo() -> RgbImage {
 }
 
 fn edit(prompt: &str, t0_fraction: f64, sampling_steps: usize) -> JobRequest {
-    JobRequest::Edit {
-        method: unitune::engine::edit::EditMethod::UniTune,
-        photo: Arc::new(photo()),
-        mask: None,
-        prompt: prompt.into(),
-        baseline_prompt: None,
-        tune_steps: 0,
-        t0_fraction,
-        // 1 = no guidance: one UNet call per step keeps the tests quick.
-        guidance_weight: 1.0,
+    JobRequest::Edit(EditSpec {
+        knobs: EditKnobs {
+            tune_steps: Some(0),
+            t0_fraction: Some(t0_fraction),
+            // 1 = no guidance: one UNet call per step keeps the tests quick.
+            guidance_weight: Some(1.0),
+            ..EditKnobs::default()
+        },
         sampling_steps,
         seed: 1,
-        interpolate: false,
         size: Some((64, 64)),
+        ..EditSpec::new(Arc::new(photo()), prompt)
+    })
+}
+
+/// `request` (an edit) sampled from the snapshot after `steps` fine-tuning steps.
+fn with_tune_steps(mut request: JobRequest, steps: usize) -> JobRequest {
+    if let JobRequest::Edit(spec) = &mut request {
+        spec.knobs.tune_steps = Some(steps);
     }
+    request
 }
 
 /// Every event until each of `ids` has ended; panics at the deadline.
@@ -243,11 +243,7 @@ fn tune_request(snapshot_steps: &[usize]) -> JobRequest {
 }
 
 fn edit_after(tune_steps: usize) -> JobRequest {
-    let mut request = edit("a red apple", 0.5, 4);
-    if let JobRequest::Edit { tune_steps: t, .. } = &mut request {
-        *t = tune_steps;
-    }
-    request
+    with_tune_steps(edit("a red apple", 0.5, 4), tune_steps)
 }
 
 fn result_of(runner: &mut JobRunner, request: JobRequest) -> Result<RgbImage, String> {
@@ -342,10 +338,7 @@ fn a_bad_request_fails_with_one_line_and_the_runner_goes_on() {
         other => panic!("expected Failed, got {other:?}"),
     }
     // Fine-tuning steps without a tune: refused, not a panic.
-    let mut untuned = edit("a red apple", 0.5, 4);
-    if let JobRequest::Edit { tune_steps, .. } = &mut untuned {
-        *tune_steps = 2;
-    }
+    let untuned = with_tune_steps(edit("a red apple", 0.5, 4), 2);
     let untuned = runner.submit(untuned).unwrap();
     let events = events_until_done(&runner, &[untuned]);
     assert!(
@@ -377,10 +370,7 @@ fn a_tune_reports_its_loss_and_its_snapshots_serve_later_edits() {
             size: Some((64, 64)),
         })
         .unwrap();
-    let mut tuned_edit = edit("a red apple", 0.5, 4);
-    if let JobRequest::Edit { tune_steps, .. } = &mut tuned_edit {
-        *tune_steps = 2;
-    }
+    let tuned_edit = with_tune_steps(edit("a red apple", 0.5, 4), 2);
     let edit_id = runner.submit(tuned_edit).unwrap();
     let events = events_until_done(&runner, &[tune, edit_id]);
     let losses: Vec<f32> = events
@@ -466,8 +456,8 @@ fn a_small_mask_is_scaled_to_the_photo_and_each_mask_keeps_its_own_scaling() {
     }));
     let masked = |mask: &Arc<GrayImage>| {
         let mut request = edit("a red apple", 1.0, 3);
-        if let JobRequest::Edit { mask: m, .. } = &mut request {
-            *m = Some(mask.clone());
+        if let JobRequest::Edit(spec) = &mut request {
+            spec.mask = Some(mask.clone());
         }
         request
     };

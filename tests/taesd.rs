@@ -19,7 +19,7 @@ use unitune::engine::preview::{LatentPreview, PreviewMode, Previews, TinyPreview
 use unitune::engine::sampling::{SampleRequest, Start, StepView, sample};
 use unitune::engine::taesd::TinyAutoencoder;
 use unitune::engine::vae::Vae;
-use unitune::jobs::{JobEvent, JobRequest, JobRunner, RunnerOptions};
+use unitune::jobs::{EditKnobs, EditSpec, JobEvent, JobRequest, JobRunner, RunnerOptions};
 
 /// diffusers computes in float32 too; the tiny decoder is 8 convolutions deep.
 const TOLERANCE: f32 = 1e-4;
@@ -205,33 +205,32 @@ fn the_tiny_vae_is_downloaded_once_then_read_from_the_cache_and_a_missing_file_i
 /// the fast map's (latent size) when switched to fast, and none when switched off.
 #[test]
 fn the_worker_previews_with_the_mode_the_ui_chose() {
-    let model = load_model("sd15-tiny");
+    let service = common::load_service("sd15-tiny");
     let (config, weights) = fixture();
-    let tiny = TinyPreview::load(&config, &weights, &model).unwrap();
+    let tiny = TinyPreview::load(&config, &weights, service.engine()).unwrap();
     let options = RunnerOptions {
-        cache: None,
-        model_identity: "sd15-tiny".into(),
         preview_seed: 0,
         preview: PreviewMode::Taesd,
         tiny_preview: Some(tiny),
     };
-    let mut runner = JobRunner::start(model, options, Box::new(|| {})).unwrap();
+    let mut runner = JobRunner::start(service, options, Box::new(|| {})).unwrap();
     assert!(runner.has_tiny_preview());
-    let edit = || JobRequest::Edit {
-        method: unitune::jobs::EditMethod::UniTune,
-        photo: Arc::new(RgbImage::from_fn(64, 64, |x, y| {
+    let edit = || {
+        let photo = Arc::new(RgbImage::from_fn(64, 64, |x, y| {
             image::Rgb([(x * 4) as u8, (y * 4) as u8, 90])
-        })),
-        mask: None,
-        prompt: "a photo of a cat".into(),
-        baseline_prompt: None,
-        tune_steps: 0,
-        t0_fraction: 1.0,
-        guidance_weight: 1.0,
-        sampling_steps: 3,
-        seed: 1,
-        interpolate: false,
-        size: Some((64, 64)),
+        }));
+        JobRequest::Edit(EditSpec {
+            knobs: EditKnobs {
+                tune_steps: Some(0),
+                t0_fraction: Some(1.0),
+                guidance_weight: Some(1.0),
+                ..EditKnobs::default()
+            },
+            sampling_steps: 3,
+            seed: 1,
+            size: Some((64, 64)),
+            ..EditSpec::new(photo, "a photo of a cat")
+        })
     };
     let preview_sizes = |runner: &mut JobRunner| {
         let id = runner.submit(edit()).unwrap();

@@ -31,7 +31,7 @@ pub struct Cli {
     #[arg(value_name = "PHOTO")]
     pub photo: Option<PathBuf>,
     #[command(subcommand)]
-    pub command: Option<Command>,
+    pub command: Option<CliCommand>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -58,8 +58,9 @@ pub struct GlobalOptions {
     /// Number format: auto (bf16 on recent NVIDIA cards, f16 on older ones and on Macs, f32 on
     /// the CPU), f32, f16 or bf16. Half precision halves the memory; norms, softmax and the
     /// optimizer's master weights stay in f32 whatever is chosen.
-    #[arg(long, global = true, value_name = "P", default_value = "auto")]
-    pub precision: Precision,
+    /// (Default auto; the editor then keeps the one chosen in its Advanced section.)
+    #[arg(long, global = true, value_name = "P")]
+    pub precision: Option<Precision>,
 
     /// Never contact the hub; use only local folders and the Hugging Face cache.
     #[arg(long, global = true)]
@@ -90,13 +91,13 @@ impl From<PredictionArg> for PredictionType {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub enum CliCommand {
     /// Make an image from a prompt alone (text-to-image).
     Generate(GenerateArgs),
     /// Fine-tune the model on a photo and keep the snapshots (editing reuses them).
     Tune(TuneArgs),
     /// Edit a photo by text: fine-tunes on it first unless cached snapshots exist.
-    Edit(EditArgs),
+    Edit(Box<EditArgs>),
     /// The paper's figure 10: one fine-tuning run, columns = snapshots, rows = t0 values.
     Grid(GridArgs),
     /// Write a photo's cached fine-tune (trained with --train lora) as a LoRA file for
@@ -489,10 +490,16 @@ pub struct EditArgs {
         long,
         short,
         value_name = "TEXT",
-        required_unless_present = "instruct",
+        required_unless_present_any = ["instruct", "recipe"],
         conflicts_with = "instruct"
     )]
     pub prompt: Option<String>,
+
+    /// Repeat the edit an image unitune exported was made with (a PNG; AUTOMATIC1111's
+    /// infotext is read too): its prompt, seed, fidelity or snapshot, t0 and guidance, sampling
+    /// steps and fine-tuning recipe, on this photo. Flags given as well win over the recipe.
+    #[arg(long, value_name = "PNG")]
+    pub recipe: Option<PathBuf>,
 
     /// How the photo should change, e.g. "make it winter", for an InstructPix2Pix model
     /// (--model timbrooks/instruct-pix2pix): no fine-tuning; --fidelity sets how closely the

@@ -20,13 +20,11 @@ use serde_json::{Value, json};
 use super::UsageError;
 use super::args::{BenchArgs, GlobalOptions};
 use super::cancel::CancelFlag;
-use super::unitune::parse_micro_batch;
+use super::model::model_request;
 use crate::engine::StableDiffusion;
 use crate::engine::autograd::GradientAccumulator;
-use crate::engine::device::{device_name, open_device};
-use crate::engine::edit::{
-    CachePolicy, EditMethod, EditRequest, TuneEvent, edit_photo, tune_photo,
-};
+use crate::engine::device::device_name;
+use crate::engine::edit::TuneEvent;
 use crate::engine::finetune::{
     Adapter, IN_MEMORY_LIMIT_BYTES, PAPER_SNAPSHOTS, RARE_TOKEN, Snapshot, SnapshotCache,
     TrainMode, TrainingBatch, TuneObserver, TuneProgress, TuneSettings, fine_tune, training_pass,
@@ -40,7 +38,8 @@ use crate::engine::precision::dtype_name;
 use crate::engine::random_model::ensure_random_model;
 use crate::engine::sampling::{SampleRequest, Start, StepView, sample};
 use crate::imaging;
-use crate::model_files;
+use crate::model_files::{self, NoProgress};
+use crate::service::{EditKnobs, EditService, EditSpec, MicroBatch, ModelRequest, TuneRequest};
 
 /// Peak memory and time of one measured phase.
 struct Measured {
@@ -144,12 +143,13 @@ pub fn bench_command(global: &GlobalOptions, args: &BenchArgs, cancel: &CancelFl
         None => (side, side),
     };
     let wants = |what: &str| args.measure.iter().any(|m| m == what);
-    let batch_size = TuneSettings::default().batch_size;
-    let (micro_batch_size, auto_micro_batch) = parse_micro_batch(&args.micro_batch, batch_size)?;
+    let (micro_batch_size, auto_micro_batch) = match args.micro_batch.parse() {
+        Ok(MicroBatch::Auto) => (TuneSettings::default().batch_size, true),
+        Ok(MicroBatch::Fixed(n)) => (n, false),
+        Err(message) => return Err(UsageError(format!("--micro-batch: {message}")).into()),
+    };
 
-    let device = open_device(global.device)?;
-    let dtype = global.precision.resolve(&device)?;
-    let probe = MemoryProbe::new(&device);
+    let global_request = model_request(global)?;
     let model_dir = match &args.model_dir {
         Some(dir) => dir.clone(),
         None => dirs::cache_dir()
@@ -158,6 +158,24 @@ pub fn bench_command(global: &GlobalOptions, args: &BenchArgs, cancel: &CancelFl
             .join("bench")
             .join(args.arch.as_str()),
     };
+    ensure_random_model(args.arch, &model_dir)?;
+    let request = ModelRequest {
+        model: model_dir.display().to_string(),
+        device: global_request.device,
+        precision: global_request.precision,
+        ..ModelRequest::new("")
+    };
+    let files = model_files::locate_in_folder(&model_dir)?;
+    let started = Instant::now();
+    let mut service = EditService::load(&request, None, &mut NoProgress)?;
+    let device = service.engine().device().clone();
+    let dtype = service.engine().dtype();
+    let probe = MemoryProbe::new(&device);
+    device.synchronize()?;
+    let load = json!({
+        "seconds": started.elapsed().as_secs_f64(),
+        "memory_bytes": probe.current_bytes(),
+    });
     eprintln!(
         "bench: {} at {width}x{height} on {} in {}; random weights in {}",
         args.arch,
@@ -165,17 +183,6 @@ pub fn bench_command(global: &GlobalOptions, args: &BenchArgs, cancel: &CancelFl
         dtype_name(dtype),
         model_dir.display()
     );
-    ensure_random_model(args.arch, &model_dir)?;
-    let files = model_files::locate_in_folder(&model_dir)?;
-
-    probe.reset_peak();
-    let started = Instant::now();
-    let mut model = StableDiffusion::load(&files, &device, dtype)?;
-    device.synchronize()?;
-    let load = json!({
-        "seconds": started.elapsed().as_secs_f64(),
-        "memory_bytes": probe.current_bytes(),
-    });
     let photo = test_photo(width, height);
     let mut results = Vec::new();
     let mut report = |name: &str, value: Value| {
@@ -192,7 +199,7 @@ pub fn bench_command(global: &GlobalOptions, args: &BenchArgs, cancel: &CancelFl
         for &mode in &modes {
             for &checkpoint in checkpointing {
                 stop_if_cancelled(cancel)?;
-                let m = measure_pass(&mut model, &probe, mode, checkpoint, &photo)?;
+                let m = measure_pass(service.engine_mut(), &probe, mode, checkpoint, &photo)?;
                 report(
                     "pass",
                     m.json(json!({"name": "pass", "mode": mode.name(), "batch": 1, "checkpointing": checkpoint})),
@@ -214,7 +221,8 @@ pub fn bench_command(global: &GlobalOptions, args: &BenchArgs, cancel: &CancelFl
                 auto_micro_batch,
                 ..TuneSettings::default()
             };
-            let (m, micro, spill) = measure_step(&mut model, &probe, &settings, &photo, cancel)?;
+            let (m, micro, spill) =
+                measure_step(service.engine_mut(), &probe, &settings, &photo, cancel)?;
             drop(spill);
             report(
                 "step",
@@ -228,7 +236,7 @@ pub fn bench_command(global: &GlobalOptions, args: &BenchArgs, cancel: &CancelFl
     }
     if wants("sample") {
         stop_if_cancelled(cancel)?;
-        let m = measure_sampling_step(&model, &probe, width as usize, height as usize)?;
+        let m = measure_sampling_step(service.engine(), &probe, width as usize, height as usize)?;
         report(
             "sampling_step",
             m.json(json!({"name": "sampling_step", "guidance": 7.5, "batch": 2})),
@@ -236,13 +244,14 @@ pub fn bench_command(global: &GlobalOptions, args: &BenchArgs, cancel: &CancelFl
     }
     if wants("vae") {
         stop_if_cancelled(cancel)?;
-        let (encode, decode) = measure_vae(&model, &probe, &photo)?;
+        let (encode, decode) = measure_vae(service.engine(), &probe, &photo)?;
         report("vae_encode", encode.json(json!({"name": "vae_encode"})));
         report("vae_decode", decode.json(json!({"name": "vae_decode"})));
     }
     if wants("precision") {
         stop_if_cancelled(cancel)?;
-        let agreement = precision_agreement(&model, &files, width as usize, height as usize)?;
+        let agreement =
+            precision_agreement(service.engine(), &files, width as usize, height as usize)?;
         report("precision", agreement);
     }
     if wants("run") && args.steps > 0 {
@@ -259,7 +268,7 @@ pub fn bench_command(global: &GlobalOptions, args: &BenchArgs, cancel: &CancelFl
             ..TuneSettings::default()
         };
         let (m, tune_seconds, micro) = measure_run(
-            &mut model,
+            &mut service,
             &probe,
             &settings,
             &photo,
@@ -520,7 +529,7 @@ fn precision_agreement(
 /// cache, then one edit from the last snapshot. Returns the measurement and the fine-tuning's
 /// share of the time.
 fn measure_run(
-    model: &mut StableDiffusion,
+    service: &mut EditService,
     probe: &MemoryProbe,
     settings: &TuneSettings,
     photo: &RgbImage,
@@ -528,14 +537,11 @@ fn measure_run(
     cancel: &CancelFlag,
 ) -> Result<(Measured, f64, usize)> {
     let cache_dir = tempfile::tempdir()?;
-    let cache = SnapshotCache::new(cache_dir.path());
-    let policy = CachePolicy {
-        cache: Some(&cache),
-        model_identity: "bench",
-    };
-    let device = model.device().clone();
+    service.set_cache(Some(SnapshotCache::new(cache_dir.path())));
+    let device = service.engine().device().clone();
     let mut tune_seconds = 0.0;
     let mut micro_batch = settings.micro_batch_size;
+    let photo = std::sync::Arc::new(photo.clone());
     let m = measure(probe, &device, || {
         let started = Instant::now();
         let mut on_event = |event: TuneEvent| {
@@ -544,27 +550,33 @@ fn measure_run(
             }
             cancel.check()
         };
-        let tuned = tune_photo(model, photo, settings, &policy, None, &mut on_event)
-            .map_err(crate::engine::EngineError::from)?;
+        let request = TuneRequest {
+            photo: &photo,
+            settings,
+            size: Some(photo.dimensions()),
+            reconstruct_every: None,
+        };
+        service
+            .tune(&request, &mut on_event)
+            .map_err(|stopped| stopped.error)?;
         device.synchronize()?;
         tune_seconds = started.elapsed().as_secs_f64();
-        let request = EditRequest {
-            method: EditMethod::UniTune,
-            original: photo,
-            working: photo,
-            prompt: "a cat wearing sunglasses",
-            baseline_prompt: None,
-            tune_steps: settings.total_steps(),
-            t0: 0.9,
-            guidance: 7.5,
+        let spec = EditSpec {
+            knobs: EditKnobs {
+                tune_steps: Some(settings.total_steps()),
+                t0_fraction: Some(0.9),
+                guidance_weight: Some(7.5),
+                ..EditKnobs::default()
+            },
             sampling_steps,
             seed: 1,
-            mask: None,
-            interpolate: false,
+            size: Some(photo.dimensions()),
+            ..EditSpec::new(photo.clone(), "a cat wearing sunglasses")
         };
         let mut observer = |_: &StepView| cancel.check();
-        edit_photo(model, Some(&tuned), &request, &mut observer)?;
+        service.edit(&spec, &mut observer)?;
         Ok(None)
     })?;
+    service.set_cache(None);
     Ok((m, tune_seconds, micro_batch))
 }

@@ -15,6 +15,7 @@
 //! reconstructs.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use image::{GrayImage, RgbImage, imageops::FilterType};
@@ -25,12 +26,13 @@ use serde::Serialize;
 use super::UsageError;
 use super::args::{EvalArgs, EvalMethod, GlobalOptions};
 use super::cancel::CancelFlag;
-use super::session::{check_sampling_steps, load_model, step_bar};
-use super::unitune::{tune, tune_settings};
-use crate::engine::edit::{EditMethod, EditRequest, TunedPhoto, edit_photo};
+use super::checks::{check_sampling_steps, training_choice};
+use super::model::{load_service, snapshot_cache};
+use super::progress::{step_bar, tune_with_progress};
 use crate::engine::fidelity::{EditParameters, FidelityTable};
 use crate::engine::sampling::StepView;
 use crate::imaging::{self, TradeOffCurve};
+use crate::service::{EditKnobs, EditService, EditSpec, TuneRequest};
 use crate::world::{self, Column, Edit, Object, Row, Scene, Shape, Size};
 
 /// The slider positions the benchmark measures.
@@ -111,12 +113,12 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
     if args.methods.is_empty() {
         return Err(UsageError("--methods must name at least one curve".into()).into());
     }
-    let settings = tune_settings(&args.training, None)?;
+    let settings = training_choice(&args.training)?.settings(None)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
-    let mut loaded = load_model(global)?;
-    let table = loaded.model.info().fidelity_table;
-    let side = loaded.model.config.native_image_side().unwrap_or(512) as u32;
+    let mut service = load_service(global, snapshot_cache(&args.training)?)?;
+    let table = service.fidelity_table();
+    let side = service.native_side();
     let plan = settings_plan(args, table, &settings.snapshot_steps);
     let cases = cases(args.scenes, args.seed);
     let edit_count: usize = cases.iter().map(|c| c.edits.len()).sum();
@@ -133,21 +135,23 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
     let mut example_labels = Vec::new();
     for (index, case) in cases.iter().enumerate() {
         eprintln!("scene {}: {}", index + 1, world::caption(&case.scene));
-        let working = to_working(&case.scene.render(), side);
-        let tuned = tune(&mut loaded, &working, &settings, &args.training, cancel)?;
-        // Every sample of this scene: from its fine-tune, stopping between steps on Ctrl-C.
-        let run = |request: &EditRequest| -> Result<RgbImage> {
-            let mut observer = |_: &StepView| cancel.check();
-            Ok(edit_photo(
-                &loaded.model,
-                Some(&tuned),
-                request,
-                &mut observer,
-            )?)
+        let working = Arc::new(to_working(&case.scene.render(), side));
+        let size = Some(working.dimensions());
+        let request = TuneRequest {
+            photo: &working,
+            settings: &settings,
+            size,
+            reconstruct_every: None,
         };
-        for steps in std::iter::once(0).chain(tuned.snapshot_steps()) {
-            let request = reconstruction_request(&working, &tuned, steps, args, index);
-            let read = world::read(&run(&request)?);
+        let tuned = tune_with_progress(&mut service, &request, cancel)?;
+        // Every sample of this scene: from its fine-tune, stopping between steps on Ctrl-C.
+        let run = |service: &mut EditService, spec: &EditSpec| -> Result<RgbImage> {
+            let mut observer = |_: &StepView| cancel.check();
+            Ok(service.edit(spec, &mut observer)?.image)
+        };
+        for steps in std::iter::once(0).chain(tuned.snapshot_steps.iter().copied()) {
+            let spec = reconstruction_spec(&working, &settings.token, steps, args, index);
+            let read = world::read(&run(&mut service, &spec)?);
             reconstructions.push((steps, world::agreement(&case.scene, &read)));
         }
         let baseline = world::caption(&case.scene);
@@ -157,24 +161,25 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
             let prompt = edit
                 .prompt(&case.scene)
                 .expect("cases hold edits that apply");
-            let mask = resize_mask(&edit.mask(&case.scene), side);
+            let mask = Arc::new(resize_mask(&edit.mask(&case.scene), side));
             let mut slider_row = vec![upscale(&working)];
             for setting in &plan {
-                let request = EditRequest {
-                    method: EditMethod::UniTune,
-                    original: &working,
-                    working: &working,
-                    prompt: &prompt,
-                    baseline_prompt: setting.prompt_guidance.then_some(baseline.as_str()),
-                    tune_steps: setting.tune_steps,
-                    t0: setting.t0,
-                    guidance: setting.guidance,
+                let spec = EditSpec {
+                    baseline_prompt: setting.prompt_guidance.then(|| baseline.clone()),
+                    knobs: EditKnobs {
+                        tune_steps: Some(setting.tune_steps),
+                        t0_fraction: Some(setting.t0),
+                        guidance_weight: Some(setting.guidance),
+                        ..EditKnobs::default()
+                    },
                     sampling_steps: args.sampling_steps,
                     seed: args.seed * 1000 + (index * 10 + e) as u64,
-                    mask: setting.mask.then_some(&mask),
+                    mask: setting.mask.then(|| mask.clone()),
                     interpolate: setting.interpolate,
+                    size,
+                    ..EditSpec::new(working.clone(), &prompt)
                 };
-                let image = run(&request)?;
+                let image = run(&mut service, &spec)?;
                 let score = world::score_edit(edit, &case.scene, &world::read(&image))
                     .expect("cases hold edits that apply");
                 if setting.method == SLIDER {
@@ -205,7 +210,7 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
     }
     let curves = curves(&summary);
     let report = Report {
-        model: &loaded.name,
+        model: &service.identity().name,
         fidelity_table: table.name,
         scenes: cases.len(),
         edits: edit_count,
@@ -373,32 +378,28 @@ fn edits_for(scene: &Scene, rng: &mut ChaCha8Rng) -> Vec<Edit> {
     edits
 }
 
-fn reconstruction_request<'a>(
-    working: &'a RgbImage,
-    tuned: &'a TunedPhoto,
+/// The bare token sampled from pure noise at snapshot `tune_steps` (paper figure 3).
+fn reconstruction_spec(
+    working: &Arc<RgbImage>,
+    token: &str,
     tune_steps: usize,
     args: &EvalArgs,
     scene: usize,
-) -> EditRequest<'a> {
-    EditRequest {
-        method: EditMethod::UniTune,
-        original: working,
-        working,
-        // The untuned model gets the token as its whole prompt; a snapshot puts it in front
-        // of an empty one itself.
-        prompt: if tune_steps == 0 {
-            tuned.settings.token.as_str()
-        } else {
-            ""
+) -> EditSpec {
+    // The untuned model gets the token as its whole prompt; a snapshot puts it in front of
+    // an empty one itself.
+    let prompt = if tune_steps == 0 { token } else { "" };
+    EditSpec {
+        knobs: EditKnobs {
+            tune_steps: Some(tune_steps),
+            t0_fraction: Some(1.0),
+            guidance_weight: Some(args.guidance),
+            ..EditKnobs::default()
         },
-        baseline_prompt: None,
-        tune_steps,
-        t0: 1.0,
-        guidance: args.guidance,
         sampling_steps: args.sampling_steps,
         seed: args.seed * 1000 + scene as u64,
-        mask: None,
-        interpolate: false,
+        size: Some(working.dimensions()),
+        ..EditSpec::new(working.clone(), prompt)
     }
 }
 

@@ -6,13 +6,13 @@ use anyhow::Result;
 
 use super::args::{GenerateArgs, GlobalOptions};
 use super::cancel::CancelFlag;
+use super::checks::{check_common, check_prompt, output_path};
+use super::model::load_service;
 use super::preview::{PreviewFile, check_preview_options, open_previews, preview_path};
-use super::session::{
-    check_common, check_prompt, choose_seed, load_model, output_path, run_sampling,
-};
-use crate::engine::sampling::{SampleRequest, Start};
+use super::progress::{sampling_observer, step_bar, warn_if_truncated};
+use super::tune::requested_size;
 use crate::imaging;
-use crate::recipe::Recipe;
+use crate::service::{GenerateSpec, choose_seed};
 
 pub fn generate_command(
     global: &GlobalOptions,
@@ -22,29 +22,22 @@ pub fn generate_command(
     check_prompt(&args.prompt)?;
     check_common(&args.sampling)?;
     check_preview_options(&args.previews)?;
-    let requested = args.size.as_deref().map(imaging::parse_size).transpose()?;
+    let size = requested_size(args.size.as_deref())?;
     let seed = choose_seed(args.sampling.seed);
 
-    let loaded = load_model(global)?;
-    let model = &loaded.model;
-    let side = model.config.native_image_side().unwrap_or(512) as u32;
-    let (width, height) = imaging::working_size(side, side, side, requested)?;
-    eprintln!("seed: {seed}, size: {width}x{height}");
-
-    let request = SampleRequest {
-        prompt: &args.prompt,
-        baseline_prompt: "",
-        guidance_weight: args.sampling.guidance,
-        sampling_steps: args.sampling.sampling_steps,
+    let service = load_service(global, None)?;
+    eprintln!("seed: {seed}");
+    warn_if_truncated(&service, &args.prompt);
+    let spec = GenerateSpec {
+        prompt: args.prompt.clone(),
         seed,
-        start: Start::Noise {
-            width: width as usize,
-            height: height as usize,
-        },
+        sampling_steps: args.sampling.sampling_steps,
+        guidance_weight: args.sampling.guidance,
+        size,
     };
     let (path, existing) =
         output_path(&args.sampling, PathBuf::from(format!("unitune-{seed}.png")));
-    let previews = open_previews(global, &loaded, &args.previews);
+    let previews = open_previews(global, &service, &args.previews);
     let mut preview = PreviewFile::new(
         &previews,
         args.previews.preview,
@@ -53,26 +46,13 @@ pub fn generate_command(
     if let Some(preview) = &preview {
         eprintln!("live preview: {}", preview.path().display());
     }
-    let output = run_sampling(model, &request, "sampling", cancel, preview.as_mut())?;
-
-    let recipe = Recipe {
-        seed,
-        sampling_steps: args.sampling.sampling_steps,
-        guidance_weight: args.sampling.guidance,
-        width,
-        height,
-        working_width: width,
-        working_height: height,
-        loras: loaded.loras.clone(),
-        ..Recipe::new(
-            "generate",
-            &args.prompt,
-            &loaded.name,
-            loaded.prediction_type(),
-            loaded.precision(),
-        )
-    };
-    imaging::export_image(&path, &output.image, None, &recipe.text_chunks(), existing)?;
+    let bar = step_bar("sampling");
+    let mut observer = sampling_observer(&bar, cancel, preview.as_mut());
+    let generated = service.generate(&spec, &mut observer);
+    bar.finish_and_clear();
+    let (image, recipe) = generated?;
+    eprintln!("size: {}x{}", image.width(), image.height());
+    imaging::export_image(&path, &image, None, &recipe.text_chunks(), existing)?;
     println!("{}", path.display());
     Ok(())
 }

@@ -1,4 +1,6 @@
-//! The command line: parse, run the command on this thread, report errors as one line.
+//! The command line: parse, map the command onto the edit service ([`crate::service`]) on
+//! this thread, report errors as one line. With no command it starts the editor
+//! ([`crate::gui::run`]) with the same global flags.
 //!
 //! Exit codes: 0 success, 2 invalid input or usage (bad image, bad model folder, bad
 //! arguments), 1 any other failure. Errors are one line on stderr starting with `error:`.
@@ -7,23 +9,28 @@ mod args;
 mod bench;
 mod cache;
 mod cancel;
+mod checks;
+mod edit;
 mod eval;
 mod generate;
+mod model;
 mod preview;
-mod session;
-mod unitune;
+mod progress;
+mod tune;
 
 use std::panic::{self, AssertUnwindSafe};
 
-use clap::Parser;
 use clap::error::ErrorKind;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches};
 
-pub use crate::recipe::Recipe;
-pub use args::{Cli, Command};
+pub use args::{Cli, CliCommand, GlobalOptions};
+pub use model::model_request;
 
 use crate::engine::EngineError;
 use crate::imaging::ImagingError;
 use crate::model_files::ModelFilesError;
+use crate::service::ServiceError;
 
 /// A mistake in how the program was called (exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -38,27 +45,22 @@ pub const EXIT_INTERRUPTED: i32 = 130;
 
 /// Runs the program with the process's arguments and returns its exit code.
 pub fn main_with_exit_code() -> i32 {
-    let cli = match Cli::try_parse() {
+    let matches = match Cli::command().try_get_matches() {
+        Ok(matches) => matches,
+        Err(error) => return report_clap_error(error),
+    };
+    let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(error) => return report_clap_error(error),
     };
     let Some(command) = &cli.command else {
         // No command: the desktop editor, which reports its own errors in its window.
-        let loras = match session::lora_choices(&cli.global) {
-            Ok(loras) => loras,
+        let options = match editor_options(&cli.global, cli.photo.clone()) {
+            Ok(options) => options,
             Err(error) => {
                 eprintln!("error: {}", error_line(&error));
                 return EXIT_INVALID_INPUT;
             }
-        };
-        let options = crate::gui::EditorOptions {
-            loras,
-            ..crate::gui::EditorOptions::new(
-                &cli.global.model,
-                cli.global.device,
-                cli.global.offline,
-                cli.photo.clone(),
-            )
         };
         return match crate::gui::run(options) {
             Ok(()) => EXIT_OK,
@@ -83,7 +85,10 @@ pub fn main_with_exit_code() -> i32 {
         eprintln!("error: internal error ({message}{location}); please report this");
     }));
     let cancel = cancel::CancelFlag::on_ctrl_c();
-    match panic::catch_unwind(AssertUnwindSafe(|| run(&cli.global, command, &cancel))) {
+    let given = |id: &str| given_on_command_line(&matches, id);
+    match panic::catch_unwind(AssertUnwindSafe(|| {
+        run(&cli.global, command, &given, &cancel)
+    })) {
         Ok(Ok(())) => EXIT_OK,
         Ok(Err(error)) if is_cancelled(&error) => {
             eprintln!("error: cancelled; no output was written");
@@ -97,21 +102,49 @@ pub fn main_with_exit_code() -> i32 {
     }
 }
 
+/// The editor's start: every global flag, as the command line's commands get them.
+pub fn editor_options(
+    global: &GlobalOptions,
+    photo: Option<std::path::PathBuf>,
+) -> anyhow::Result<crate::gui::EditorOptions> {
+    let request = model_request(global)?;
+    if let Some(lora) = request.loras.iter().find(|l| !l.path.is_file()) {
+        return Err(UsageError(format!(
+            "--lora {}: there is no such file",
+            lora.path.display()
+        ))
+        .into());
+    }
+    Ok(crate::gui::EditorOptions {
+        precision_override: global.precision,
+        ..crate::gui::EditorOptions::new(request, photo)
+    })
+}
+
+/// Whether the argument `id` of the command was given on the command line rather than left at
+/// its default.
+fn given_on_command_line(matches: &ArgMatches, id: &str) -> bool {
+    let sub = matches.subcommand().map(|(_, m)| m).unwrap_or(matches);
+    sub.try_get_raw(id).is_ok_and(|v| v.is_some())
+        && sub.value_source(id) == Some(ValueSource::CommandLine)
+}
+
 fn run(
     global: &args::GlobalOptions,
-    command: &Command,
+    command: &CliCommand,
+    given: edit::Given,
     cancel: &cancel::CancelFlag,
 ) -> anyhow::Result<()> {
     match command {
-        Command::Generate(args) => generate::generate_command(global, args, cancel),
-        Command::Tune(args) => unitune::tune_command(global, args, cancel),
-        Command::Edit(args) => unitune::edit_command(global, args, cancel),
-        Command::Grid(args) => unitune::grid_command(global, args, cancel),
-        Command::ExportLora(args) => unitune::export_lora_command(global, args, cancel),
-        Command::Cache(args) => cache::cache_command(args),
-        Command::Bench(args) => bench::bench_command(global, args, cancel),
-        Command::Eval(args) => eval::eval_command(global, args, cancel),
-        Command::World(args) => crate::world::write_dataset(&args.out, args.count, args.seed),
+        CliCommand::Generate(args) => generate::generate_command(global, args, cancel),
+        CliCommand::Tune(args) => tune::tune_command(global, args, cancel),
+        CliCommand::Edit(args) => edit::edit_command(global, args, given, cancel),
+        CliCommand::Grid(args) => edit::grid_command(global, args, cancel),
+        CliCommand::ExportLora(args) => tune::export_lora_command(global, args, cancel),
+        CliCommand::Cache(args) => cache::cache_command(args),
+        CliCommand::Bench(args) => bench::bench_command(global, args, cancel),
+        CliCommand::Eval(args) => eval::eval_command(global, args, cancel),
+        CliCommand::World(args) => crate::world::write_dataset(&args.out, args.count, args.seed),
     }
 }
 
@@ -120,7 +153,9 @@ fn is_cancelled(error: &anyhow::Error) -> bool {
         matches!(
             cause.downcast_ref::<EngineError>(),
             Some(EngineError::Cancelled)
-        )
+        ) || cause
+            .downcast_ref::<ServiceError>()
+            .is_some_and(ServiceError::is_cancelled)
     })
 }
 
@@ -176,6 +211,9 @@ pub fn exit_code(error: &anyhow::Error) -> i32 {
     let invalid = error.chain().any(|cause| {
         if cause.is::<UsageError>() {
             return true;
+        }
+        if let Some(e) = cause.downcast_ref::<ServiceError>() {
+            return e.is_invalid_input();
         }
         if let Some(e) = cause.downcast_ref::<EngineError>() {
             return e.is_invalid_input();

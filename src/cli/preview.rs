@@ -9,12 +9,13 @@ use candle_core::Tensor;
 
 use super::UsageError;
 use super::args::{GlobalOptions, PreviewOptions};
-use super::session::{LoadedModel, check_output_extension};
+use super::checks::check_output_extension;
 use crate::engine::preview::{
     LatentPreview, PreviewMode, PreviewThrottle, Previewer, Previews, TinyPreview,
 };
 use crate::imaging::{self, ExistingFile, one_line};
 use crate::model_files::{self, HubOptions, TINY_VAE_REPO, TerminalProgress};
+use crate::service::EditService;
 
 /// Refuses a `--preview-out` that cannot be written as an image, or that nothing would fill.
 pub(super) fn check_preview_options(options: &PreviewOptions) -> Result<()> {
@@ -38,12 +39,12 @@ pub(super) fn check_preview_options(options: &PreviewOptions) -> Result<()> {
 /// fast map in its place when it cannot be had; nothing for `off`.
 pub(super) fn open_previews(
     global: &GlobalOptions,
-    loaded: &LoadedModel,
+    service: &EditService,
     options: &PreviewOptions,
 ) -> Previews {
     let mut previews = Previews::default();
     if options.preview == PreviewMode::Taesd {
-        match load_tiny_vae(global, loaded) {
+        match load_tiny_vae(global, service) {
             Ok(tiny) => previews.tiny = Some(tiny),
             Err(error) => eprintln!(
                 "warning: the {TINY_VAE_REPO} preview is not available ({}); showing the fast preview instead",
@@ -54,7 +55,7 @@ pub(super) fn open_previews(
     if options.preview == PreviewMode::Fast
         || (options.preview == PreviewMode::Taesd && previews.tiny.is_none())
     {
-        match LatentPreview::fit(&loaded.model, 0) {
+        match LatentPreview::fit(service.engine(), 0) {
             Ok(fast) => previews.fast = Some(fast),
             Err(error) => eprintln!("warning: no preview ({})", one_line(&error.to_string())),
         }
@@ -62,7 +63,7 @@ pub(super) fn open_previews(
     previews
 }
 
-fn load_tiny_vae(global: &GlobalOptions, loaded: &LoadedModel) -> Result<TinyPreview> {
+fn load_tiny_vae(global: &GlobalOptions, service: &EditService) -> Result<TinyPreview> {
     let hub = HubOptions {
         offline: global.offline,
         ..HubOptions::default()
@@ -71,7 +72,7 @@ fn load_tiny_vae(global: &GlobalOptions, loaded: &LoadedModel) -> Result<TinyPre
     Ok(TinyPreview::load(
         &files.config,
         &files.weights,
-        &loaded.model,
+        service.engine(),
     )?)
 }
 
@@ -144,7 +145,7 @@ mod tests {
 
     use super::*;
     use crate::cli::cancel::CancelFlag;
-    use crate::cli::session::sampling_observer;
+    use crate::cli::progress::sampling_observer;
     use crate::engine::sampling::{StepObserver, StepView};
 
     /// At a run's last step the latents and the x0 prediction nearly coincide, so the end to

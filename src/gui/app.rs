@@ -111,12 +111,12 @@ impl EditorApp {
         }
         app.chores.remove_stale_results(app.results.clone());
         let model = if app.options.model_was_chosen() {
-            app.options.model.clone()
+            app.options.model.model.clone()
         } else {
             app.settings
                 .model
                 .clone()
-                .unwrap_or_else(|| app.options.model.clone())
+                .unwrap_or_else(|| app.options.model.model.clone())
         };
         app.load_model(model, false);
         match app.options.photo.clone() {

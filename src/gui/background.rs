@@ -17,7 +17,7 @@ use super::persist::{RestoredSession, StateFiles};
 use super::results::{ResultFiles, StoredResult};
 use super::textures;
 use crate::imaging::{self, DecodeLimits, ExistingFile, Photo, one_line};
-use crate::jobs::{CacheEntry, JobId, SnapshotCache, panic_text};
+use crate::jobs::{CacheEntry, JobId, Recipe, SnapshotCache, panic_text};
 
 /// Names one request to open a photo (or restore the autosaved one); newer ones are larger.
 pub type OpenId = u64;
@@ -94,7 +94,8 @@ pub struct OpenedPhoto {
 pub struct PreparedVariant {
     pub job: JobId,
     pub result: StoredResult,
-    pub working_size: (u32, u32),
+    /// How it was made (passed through for the variant's export).
+    pub recipe: Box<Recipe>,
     pub display: ColorImage,
     pub thumbnail: ColorImage,
 }
@@ -282,7 +283,7 @@ impl Chores {
         &self,
         job: JobId,
         image: RgbImage,
-        working_size: (u32, u32),
+        recipe: Box<Recipe>,
         results: ResultFiles,
     ) {
         let gpu_side = self.gpu_side();
@@ -292,7 +293,7 @@ impl Chores {
                 display: textures::result_display_copy(&image, gpu_side),
                 thumbnail: textures::color_image(&image, textures::THUMBNAIL_SIDE),
                 result: results.store(job, image),
-                working_size,
+                recipe,
             })
         });
     }

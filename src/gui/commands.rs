@@ -91,7 +91,7 @@ impl EditorApp {
                     .variants
                     .variants()
                     .get(index)
-                    .and_then(|v| v.settings.fidelity)
+                    .and_then(|v| v.settings.fidelity())
                 {
                     self.form.fidelity = f;
                 }

@@ -1,17 +1,13 @@
 //! Export: the shown result at full resolution (read back from disk on the export thread),
 //! with its recipe in the PNG, to where the save dialog says; a failure keeps it to try again.
 
-use crate::jobs::EditMethod;
 use std::path::PathBuf;
 
 use super::app::EditorApp;
 use super::background::ExportRequest;
-use super::model::ModelStatus;
 use super::session::TuneStatus;
 use super::variants::VariantState;
-use crate::engine::finetune::TrainMode;
-use crate::jobs::JobRequest;
-use crate::recipe::{Recipe, TuneRecipe};
+use crate::jobs::{JobRequest, TrainMode};
 
 /// Where exports stand.
 #[derive(Default)]
@@ -52,7 +48,7 @@ impl EditorApp {
             .session
             .variants
             .shown(self.form.fidelity)
-            .map(|(_, v)| v.settings.tune_steps)
+            .map(|(_, v)| v.settings.plan.tune_steps)
             .filter(|steps| kept.contains(steps));
         shown.or_else(|| kept.iter().max().copied())
     }
@@ -77,27 +73,19 @@ impl EditorApp {
             .pick_lora_path(directory, format!("{stem}-lora.safetensors"), steps);
     }
 
-    /// Sends the LoRA export to the engine thread (which holds the fine-tune).
+    /// Sends the LoRA export to the engine thread (which holds the fine-tune and writes the
+    /// same metadata as the command line).
     pub(super) fn write_lora(&mut self, path: PathBuf, steps: usize) {
-        let (model_name, loras) = match &self.model.status {
-            ModelStatus::Ready { name, loras, .. } => (name.clone(), loras.clone()),
-            _ => return self.error("The model is not loaded; load it to export the LoRA."),
-        };
-        let Some((_, tune)) = &self.session.tuned_for else {
-            return;
-        };
-        let recipe_json = serde_json::json!({
-            "tuning": TuneRecipe::from_settings(tune),
-            "model": model_name,
-            "loras": loras,
-            "source_image": self.doc.as_ref().and_then(|d| d.source.as_ref()).map(|p| p.display().to_string()),
-        })
-        .to_string();
+        let photo_name = self
+            .doc
+            .as_ref()
+            .and_then(|d| d.source.as_ref())
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned());
         let request = JobRequest::ExportLora {
             path,
             steps,
-            model_name,
-            recipe_json,
+            photo_name,
         };
         let Some(runner) = self.model.runner.as_mut() else {
             return self.error("The model is not loaded; load it to export the LoRA.");
@@ -137,64 +125,18 @@ impl EditorApp {
         }
     }
 
+    /// The shown variant with the recipe the engine wrote for it.
     fn export_request(&self) -> Result<ExportRequest, String> {
         let (_, variant) = self
             .session
             .variants
             .shown(self.form.fidelity)
             .ok_or("Nothing to export yet: run an edit and wait for a result.")?;
-        let VariantState::Done {
-            result,
-            working_size,
-        } = &variant.state
-        else {
+        let VariantState::Done { result, recipe } = &variant.state else {
             return Err("That variant is not finished yet.".into());
         };
         let edit = self.session.edit.as_ref().ok_or("Nothing to export yet.")?;
         let doc = self.doc.as_ref().ok_or("Nothing to export yet.")?;
-        let (model, prediction_type, precision, loras) = match &self.model.status {
-            ModelStatus::Ready {
-                name,
-                prediction_type,
-                precision,
-                loras,
-                ..
-            } => (name.clone(), *prediction_type, *precision, loras.clone()),
-            _ => return Err("The model is not loaded; load it to export with its recipe.".into()),
-        };
-        let settings = &variant.settings;
-        let token = (settings.tune_steps > 0).then_some(edit.tune.token.as_str());
-        let (width, height) = doc.photo.dimensions();
-        let (image_guidance, t0) = match settings.method {
-            EditMethod::Instruct { image_guidance } => (Some(image_guidance), None),
-            EditMethod::UniTune => (None, Some(settings.t0)),
-        };
-        let recipe = Recipe {
-            method: settings.method.recipe_name(settings.tune_steps),
-            image_guidance,
-            model_prompt: crate::jobs::model_prompt(token, &edit.prompt),
-            baseline_prompt: edit.baseline_prompt.clone(),
-            seed: settings.seed,
-            sampling_steps: edit.sampling_steps,
-            guidance_weight: settings.guidance,
-            t0,
-            fidelity: settings.fidelity,
-            tune_steps: settings.tune_steps,
-            tuning: (settings.tune_steps > 0).then(|| TuneRecipe::from_settings(&edit.tune)),
-            mask: edit
-                .mask
-                .as_ref()
-                .map(|_| "painted in the editor".to_string()),
-            interpolate: edit.interpolate,
-            // Results come at the photo's size.
-            width,
-            height,
-            working_width: working_size.0,
-            working_height: working_size.1,
-            source_image: doc.source.as_ref().map(|p| p.display().to_string()),
-            loras,
-            ..Recipe::new("edit", &edit.prompt, &model, prediction_type, precision)
-        };
         let stem = doc
             .source
             .as_ref()

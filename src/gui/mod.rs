@@ -36,48 +36,48 @@ pub use background::{FileDialogs, SystemDialogs};
 pub use commands::Command;
 pub use persist::{Settings, StateFiles};
 
-use crate::jobs::{DEFAULT_MODEL, DeviceChoice, HubOptions, SnapshotCache, TuneSettings};
+use crate::jobs::{DEFAULT_MODEL, ModelRequest, Precision, SnapshotCache, TrainingChoice};
 
 /// How the editor starts.
 pub struct EditorOptions {
-    /// The `--model` argument; the default model means "the last one used, else the default".
-    pub model: String,
-    pub device: DeviceChoice,
-    pub hub: HubOptions,
+    /// The model and every global flag (`--vae`, `--prediction-type`, `--device`, `--offline`,
+    /// `--lora`), applied to every model the editor loads; the default model means "the last
+    /// one used, else the default".
+    pub model: ModelRequest,
+    /// `--precision` when given: wins over the precision saved in Advanced until the user
+    /// picks another there.
+    pub precision_override: Option<Precision>,
     /// A photo to open at start (instead of restoring the autosaved work).
     pub photo: Option<PathBuf>,
     /// Where settings and autosaved work live.
     pub state: StateFiles,
     pub snapshot_cache: Option<SnapshotCache>,
     pub dialogs: Arc<dyn FileDialogs>,
-    /// The fine-tuning recipe; `None` = the paper's, with the ladder from the settings.
-    pub tune: Option<TuneSettings>,
-    /// LoRA files applied to every model loaded (`--lora`).
-    pub loras: Vec<crate::model_files::LoraChoice>,
+    /// The fine-tuning recipe; `None` = the paper's, with the mode, ladder and micro-batch
+    /// from the settings.
+    pub tune: Option<TrainingChoice>,
 }
 
 impl EditorOptions {
-    /// The options for the `unitune [PHOTO]` command line.
-    pub fn new(model: &str, device: DeviceChoice, offline: bool, photo: Option<PathBuf>) -> Self {
+    /// The options for `unitune [PHOTO]` with the global flags in `model`.
+    pub fn new(model: ModelRequest, photo: Option<PathBuf>) -> Self {
         Self {
-            model: model.to_string(),
-            device,
-            hub: HubOptions {
-                offline,
-                ..HubOptions::default()
+            precision_override: match model.precision {
+                Precision::Auto => None,
+                chosen => Some(chosen),
             },
+            model,
             photo,
             state: StateFiles::new(StateFiles::default_root()),
             snapshot_cache: SnapshotCache::default_dir().map(SnapshotCache::new),
             dialogs: Arc::new(SystemDialogs),
             tune: None,
-            loras: Vec::new(),
         }
     }
 
     /// Whether `--model` named a model (anything but the default).
     fn model_was_chosen(&self) -> bool {
-        self.model != DEFAULT_MODEL
+        self.model.model != DEFAULT_MODEL
     }
 }
 

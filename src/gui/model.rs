@@ -1,7 +1,6 @@
 //! The model: loading it (and downloading, after the user agrees), and the job runner it
 //! ends in.
 
-use crate::recipe::LoraRecipe;
 use std::sync::Arc;
 
 use super::app::EditorApp;
@@ -9,7 +8,7 @@ use super::commands::Command;
 
 use crate::jobs::{
     DEMO_MODEL, DownloadStatus, FidelityTable, JobRunner, LoadEvent, LoadRequest, ModelLoader,
-    PreviewMode, STABLE_DIFFUSION, demo_model_dir,
+    ModelRequest, ModelSummary, PreviewMode, STABLE_DIFFUSION, demo_model_dir,
 };
 use crate::world;
 
@@ -33,19 +32,12 @@ pub enum ModelStatus {
         message: String,
     },
     Ready {
-        name: String,
-        source: String,
-        device: String,
-        prediction_type: &'static str,
-        precision: &'static str,
-        /// An InstructPix2Pix model: edits are instructions, without fine-tuning.
-        instruct: bool,
-        /// What the fidelity slider means for this model.
-        fidelity_table: &'static FidelityTable,
-        /// The LoRAs applied to it (`--lora`).
-        loras: Vec<LoraRecipe>,
-        /// Family, variant and prediction type, in one line.
-        description: String,
+        /// As `--model` takes it (to load it again).
+        model: String,
+        /// What was loaded: its public name and hash, device, precision, kind.
+        summary: Box<ModelSummary>,
+        /// The global flags in effect (`--precision f16`, `--vae ...`), for the panel.
+        flags: Vec<String>,
     },
 }
 
@@ -81,27 +73,33 @@ impl ModelState {
             ModelStatus::Loading { model, .. }
             | ModelStatus::Downloading { model, .. }
             | ModelStatus::Missing { model, .. }
-            | ModelStatus::Failed { model, .. } => model.clone(),
-            ModelStatus::Ready { name, .. } => name.clone(),
+            | ModelStatus::Failed { model, .. }
+            | ModelStatus::Ready { model, .. } => model.clone(),
         }
     }
 
     /// Whether the loaded model edits by instruction (InstructPix2Pix).
     pub fn is_instruct(&self) -> bool {
-        matches!(self.status, ModelStatus::Ready { instruct: true, .. })
+        self.summary().is_some_and(|s| s.instruct)
     }
 
     /// Whether the demo model (`--model demo`) is loaded.
     pub fn is_demo(&self) -> bool {
-        matches!(&self.status, ModelStatus::Ready { name, .. } if name == DEMO_MODEL)
+        matches!(&self.status, ModelStatus::Ready { model, .. } if model == DEMO_MODEL)
+    }
+
+    /// What the loaded model is, once it is ready.
+    pub fn summary(&self) -> Option<&ModelSummary> {
+        match &self.status {
+            ModelStatus::Ready { summary, .. } => Some(summary),
+            _ => None,
+        }
     }
 
     /// The loaded model's fidelity table (Stable Diffusion's while none is loaded).
     pub fn fidelity_table(&self) -> &'static FidelityTable {
-        match self.status {
-            ModelStatus::Ready { fidelity_table, .. } => fidelity_table,
-            _ => &STABLE_DIFFUSION,
-        }
+        self.summary()
+            .map_or(&STABLE_DIFFUSION, |s| s.fidelity_table)
     }
 
     pub fn cancel_download(&self) {
@@ -111,7 +109,7 @@ impl ModelState {
     }
 
     /// Reads the loader's events; returns the model's name once it is ready (to remember).
-    fn poll(&mut self) -> Option<String> {
+    fn poll(&mut self, flags: &[String]) -> Option<String> {
         let loader = self.loader.as_ref()?;
         let events: Vec<LoadEvent> = std::iter::from_fn(|| loader.try_next()).collect();
         let model = self.name();
@@ -133,21 +131,15 @@ impl ModelState {
                         detail: format!("reading the weights ({source})"),
                     }
                 }
-                LoadEvent::Ready(loaded) => {
+                LoadEvent::Ready(ready) => {
                     let status = ModelStatus::Ready {
-                        name: loaded.name.clone(),
-                        source: loaded.source.clone(),
-                        device: loaded.device.clone(),
-                        prediction_type: loaded.prediction_type,
-                        precision: loaded.precision,
-                        instruct: loaded.instruct,
-                        fidelity_table: loaded.fidelity_table,
-                        loras: loaded.loras.clone(),
-                        description: loaded.description.clone(),
+                        model: model.clone(),
+                        summary: Box::new(ready.summary),
+                        flags: flags.to_vec(),
                     };
                     ended(self, status);
-                    self.preview_notice = loaded.preview_notice;
-                    self.runner = Some(loaded.runner);
+                    self.preview_notice = ready.preview_notice;
+                    self.runner = Some(ready.runner);
                     return Some(model);
                 }
                 LoadEvent::NotOnMachine { message } => {
@@ -179,13 +171,9 @@ impl EditorApp {
         // The new runner has none of the old one's snapshots.
         self.session.tuned_for = None;
         let request = LoadRequest {
-            model: model.clone(),
-            device: self.options.device,
-            precision: self.settings.precision.parse().unwrap_or_default(),
+            model: self.model_request(&model),
             allow_download,
-            hub: self.options.hub.clone(),
             snapshot_cache: self.options.snapshot_cache.clone(),
-            loras: self.options.loras.clone(),
             preview: self.settings.preview,
         };
         let repaint = self.ctx.clone();
@@ -206,8 +194,22 @@ impl EditorApp {
         }
     }
 
+    /// `model` with every global flag the editor was started with, and the precision in
+    /// effect: `--precision` until the user picks one in Advanced, else the saved choice.
+    pub(super) fn model_request(&self, model: &str) -> ModelRequest {
+        ModelRequest {
+            model: model.to_owned(),
+            precision: self
+                .options
+                .precision_override
+                .unwrap_or_else(|| self.settings.precision.parse().unwrap_or_default()),
+            ..self.options.model.clone()
+        }
+    }
+
     pub(super) fn poll_loader(&mut self) {
-        if let Some(model) = self.model.poll() {
+        let flags = self.model_request("").flags_in_effect();
+        if let Some(model) = self.model.poll(&flags) {
             self.settings.model = Some(model);
             if self.model.is_demo() && self.doc.is_none() && !self.opening.in_progress() {
                 self.open_demo_scene();

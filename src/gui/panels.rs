@@ -216,22 +216,25 @@ fn side_panel(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
 fn model_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
     ui.heading("Model");
     match &app.model.status {
-        ModelStatus::Ready {
-            name,
-            source,
-            device,
-            instruct,
-            loras,
-            description,
-            ..
-        } => {
-            ui.label(name.to_string());
-            ui.small(description.as_str());
-            ui.small(format!("{source} · on {device}"));
+        ModelStatus::Ready { summary, flags, .. } => {
+            let identity = &summary.identity;
+            ui.label(identity.name.as_str()).on_hover_text(format!(
+                "Model hash {} (as AUTOMATIC1111 and civitai show it)",
+                identity.hash
+            ));
+            ui.small(summary.description.as_str());
+            ui.small(format!(
+                "{} · on {} in {}",
+                summary.source, summary.device, summary.precision
+            ));
+            if !flags.is_empty() {
+                ui.small(format!("Started with {}", flags.join(" ")));
+            }
+            let instruct = &summary.instruct;
             if *instruct {
                 ui.small("Edits by instruction (InstructPix2Pix): no learning step; the slider sets how closely the result keeps the photo.");
             }
-            for lora in loras {
+            for lora in &identity.loras {
                 ui.small(format!("with LoRA {} at {}", lora.file, lora.weight))
                     .on_hover_text(lora.hash.as_str());
             }
@@ -615,7 +618,7 @@ fn strip(ui: &mut Ui, app: &EditorApp, commands: &mut Vec<Command>) {
                     };
                     let s = &variant.settings;
                     let position = s
-                        .fidelity
+                        .fidelity()
                         .map_or("custom".into(), |f| format!("fidelity {f:.2}"));
                     let textures = &app.session.textures;
                     let texture = textures.thumbnails.get(&variant.job).or(textures

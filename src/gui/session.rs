@@ -8,8 +8,8 @@ use super::background::PreparedVariant;
 use super::textures::{self, VariantTextures};
 use super::variants::{FIRST_POSITIONS, VariantSet, VariantSettings, VariantState};
 use crate::jobs::{
-    DEFAULT_TEXT_GUIDANCE, EditMethod, FidelityTable, JobEvent, JobId, JobRequest,
-    STABLE_DIFFUSION, Stage, TuneSettings, image_guidance_for, time_left,
+    EditKind, EditKnobs, EditSpec, FidelityTable, JobEvent, JobId, JobRequest, MicroBatch, Stage,
+    TrainingChoice, TuneSettings, choose_seed, plan_edit, time_left,
 };
 
 /// The longest the UI spends reading job events per frame.
@@ -119,7 +119,6 @@ pub struct EditContext {
     pub photo_version: u64,
     /// At the mask layer's size (the worker scales it to the photo's).
     pub mask: Option<std::sync::Arc<image::GrayImage>>,
-    pub tune: TuneSettings,
     /// The snapshots variants may use: the recipe's ladder, or what a stopped tune kept.
     pub ladder: Vec<usize>,
     pub seed: u64,
@@ -221,15 +220,13 @@ impl EditorApp {
                 };
             }
             JobEvent::Finished {
-                id,
-                result,
-                working_size,
+                id, result, recipe, ..
             } => {
                 // The variant stays pending (its live preview showing) until its display
                 // copy is ready: see `show_variant`.
                 if self.session.variants.find(id).is_some() {
                     self.chores
-                        .prepare_variant(id, result, working_size, self.results.clone());
+                        .prepare_variant(id, result, recipe, self.results.clone());
                 }
             }
             JobEvent::LoraExported { path, .. } => {
@@ -298,7 +295,7 @@ impl EditorApp {
         };
         if let Some(runner) = &self.model.runner {
             for variant in self.session.variants.variants() {
-                let steps = variant.settings.tune_steps;
+                let steps = variant.settings.plan.tune_steps;
                 if variant.is_pending() && steps > 0 && !kept.contains(&steps) {
                     runner.cancel(variant.job);
                 }
@@ -316,11 +313,7 @@ impl EditorApp {
             self.discard_result(prepared.result);
             return;
         };
-        let s = &variant.settings;
-        eprintln!(
-            "unitune: variant ready: {} fine-tuning steps, t0 {:.2}, guidance {:.1}, seed {}",
-            s.tune_steps, s.t0, s.guidance, s.seed
-        );
+        eprintln!("unitune: variant ready: {}", variant.settings.describe());
         self.session
             .textures
             .insert(&self.ctx, id, prepared.display, prepared.thumbnail);
@@ -328,7 +321,7 @@ impl EditorApp {
             id,
             VariantState::Done {
                 result: prepared.result,
-                working_size: prepared.working_size,
+                recipe: prepared.recipe,
             },
         );
     }
@@ -341,17 +334,21 @@ impl EditorApp {
         }
     }
 
-    /// The fine-tuning recipe for the next tune.
+    /// The fine-tuning recipe for the next tune: the mode, ladder and micro-batch chosen in
+    /// Advanced, on top of the recipe the editor was started with.
     fn tune_settings(&self) -> Result<TuneSettings, String> {
-        let mut settings = self.options.tune.clone().unwrap_or_default();
-        settings.mode = self.settings.train_mode;
-        settings.snapshot_steps = parse_ladder(&self.form.advanced.snapshot_text)?;
-        if let Ok(micro) = self.settings.micro_batch.parse::<usize>() {
-            settings.micro_batch_size = micro;
-            settings.auto_micro_batch = false;
-        }
-        settings.validate().map_err(|e| e.to_string())?;
-        Ok(settings)
+        let micro_batch = self
+            .settings
+            .micro_batch
+            .parse::<MicroBatch>()
+            .unwrap_or_default();
+        let choice = TrainingChoice {
+            mode: self.settings.train_mode,
+            snapshot_steps: parse_ladder(&self.form.advanced.snapshot_text)?,
+            micro_batch,
+            ..self.options.tune.clone().unwrap_or_default()
+        };
+        choice.settings(None).map_err(|e| e.to_string())
     }
 
     pub(super) fn start_edit(&mut self) {
@@ -377,7 +374,7 @@ impl EditorApp {
         };
         self.settings.snapshot_steps = tune.snapshot_steps.clone();
         let seed = match self.form.advanced.seed_text.trim() {
-            "" => rand::random::<u32>() as u64,
+            "" => choose_seed(None),
             text => match text.parse::<u64>() {
                 Ok(seed) => seed,
                 Err(_) => {
@@ -399,7 +396,6 @@ impl EditorApp {
             photo_version: version,
             mask,
             ladder: tune.snapshot_steps.clone(),
-            tune: tune.clone(),
             seed,
             sampling_steps: self.settings.sampling_steps.max(1),
             interpolate: self.settings.interpolate,
@@ -461,7 +457,7 @@ impl EditorApp {
         let ladder = edit.ladder.clone();
         let (instruct, table) = (edit.instruct, edit.table);
         for _ in 0..2 {
-            let seed = rand::random::<u32>() as u64;
+            let seed = choose_seed(None);
             let settings = if self.form.advanced.custom {
                 self.advanced_settings(seed)
             } else {
@@ -488,22 +484,40 @@ impl EditorApp {
         }
     }
 
+    /// The Advanced section's values (for an instruction: its guidance, and the image
+    /// guidance the slider sets).
     fn advanced_settings(&self, seed: u64) -> VariantSettings {
         let advanced = &self.form.advanced;
-        if self.model.is_instruct() {
-            // Instructions take no snapshot or t0; the slider still sets the image guidance.
-            return VariantSettings {
-                guidance: advanced.guidance,
-                fidelity: None,
-                ..settings_at(self.form.fidelity, seed, &[], true, &STABLE_DIFFUSION)
-            };
-        }
+        let (kind, knobs) = if self.model.is_instruct() {
+            let slider = settings_at(
+                self.form.fidelity,
+                seed,
+                &[],
+                true,
+                self.model.fidelity_table(),
+            );
+            (
+                EditKind::Instruct,
+                EditKnobs {
+                    guidance_weight: Some(advanced.guidance),
+                    fidelity: None,
+                    ..slider.plan.knobs()
+                },
+            )
+        } else {
+            (
+                EditKind::Describe,
+                EditKnobs {
+                    fidelity: None,
+                    tune_steps: Some(advanced.tune_steps),
+                    t0_fraction: Some(advanced.t0),
+                    guidance_weight: Some(advanced.guidance),
+                    image_guidance: None,
+                },
+            )
+        };
         VariantSettings {
-            method: EditMethod::UniTune,
-            fidelity: None,
-            tune_steps: advanced.tune_steps,
-            t0: advanced.t0,
-            guidance: advanced.guidance,
+            plan: plan_edit(kind, &knobs, self.model.fidelity_table(), &[]),
             seed,
         }
     }
@@ -522,21 +536,29 @@ impl EditorApp {
             // variants made so far stay to look at and export.
             return self.error("The model changed since this edit; press Edit again.");
         }
-        let request = JobRequest::Edit {
-            method: settings.method,
+        let plan = &settings.plan;
+        let request = JobRequest::Edit(EditSpec {
             photo: doc.photo.clone(),
+            photo_name: doc
+                .source
+                .as_ref()
+                .and_then(|p| p.file_name())
+                .map(|n| n.to_string_lossy().into_owned()),
             mask: edit.mask.clone(),
+            mask_name: edit
+                .mask
+                .as_ref()
+                .map(|_| "painted in the editor".to_owned()),
+            kind: plan.kind(),
             prompt: edit.prompt.clone(),
             baseline_prompt: (!edit.baseline_prompt.is_empty())
                 .then(|| edit.baseline_prompt.clone()),
-            tune_steps: settings.tune_steps,
-            t0_fraction: settings.t0,
-            guidance_weight: settings.guidance,
-            sampling_steps: edit.sampling_steps,
+            knobs: plan.knobs(),
             seed: settings.seed,
+            sampling_steps: edit.sampling_steps,
             interpolate: edit.interpolate,
             size: None,
-        };
+        });
         let Some(job) = self.submit(request) else {
             return;
         };
@@ -605,7 +627,7 @@ impl EditorApp {
 }
 
 /// The variant at slider `position`, using the snapshots in `ladder` (none = untuned); for
-/// an instruction, the slider sets the image guidance (see `image_guidance_for`).
+/// an instruction, the slider sets the image guidance.
 fn settings_at(
     position: f64,
     seed: u64,
@@ -613,25 +635,17 @@ fn settings_at(
     instruct: bool,
     table: &FidelityTable,
 ) -> VariantSettings {
-    if instruct {
-        return VariantSettings {
-            method: EditMethod::Instruct {
-                image_guidance: image_guidance_for(position),
-            },
-            fidelity: Some(position),
-            tune_steps: 0,
-            t0: 1.0,
-            guidance: DEFAULT_TEXT_GUIDANCE,
-            seed,
-        };
-    }
-    let p = table.parameters_for(position, ladder);
-    VariantSettings {
-        method: EditMethod::UniTune,
+    let kind = if instruct {
+        EditKind::Instruct
+    } else {
+        EditKind::Describe
+    };
+    let knobs = EditKnobs {
         fidelity: Some(position),
-        tune_steps: p.tune_steps,
-        t0: p.t0,
-        guidance: p.guidance,
+        ..EditKnobs::default()
+    };
+    VariantSettings {
+        plan: plan_edit(kind, &knobs, table, ladder),
         seed,
     }
 }

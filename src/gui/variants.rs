@@ -2,7 +2,7 @@
 //! seeds), which the slider browses. No egui here, so the browsing rules are unit-tested.
 
 use super::results::StoredResult;
-use crate::jobs::{EditMethod, JobId};
+use crate::jobs::{EditPlan, JobId, Recipe};
 
 /// Where an edit first computes variants, in the order they are queued: the middle first
 /// (where the slider starts), then the ends, so the range fills in from what is shown.
@@ -14,29 +14,21 @@ const SAME_POSITION: f64 = 0.02;
 /// The settings one variant was (or will be) made with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VariantSettings {
-    /// UniTune, or an instruction (whose image guidance the slider chose).
-    pub method: EditMethod,
-    /// The slider position; `None` when the Advanced settings chose the values.
-    pub fidelity: Option<f64>,
-    pub tune_steps: usize,
-    pub t0: f64,
-    pub guidance: f64,
+    /// Every number of the edit; its `fidelity` is the slider position that chose them
+    /// (`None` when the Advanced settings did).
+    pub plan: EditPlan,
     pub seed: u64,
 }
 
 impl VariantSettings {
     /// The settings in words, e.g. "64 fine-tuning steps · t0 0.96 · guidance 9.0 · seed 7".
     pub fn describe(&self) -> String {
-        match self.method {
-            EditMethod::Instruct { image_guidance } => format!(
-                "instruction · image guidance {image_guidance:.2} · guidance {:.1} · seed {}",
-                self.guidance, self.seed
-            ),
-            EditMethod::UniTune => format!(
-                "{} fine-tuning steps · t0 {:.2} · guidance {:.1} · seed {}",
-                self.tune_steps, self.t0, self.guidance, self.seed
-            ),
-        }
+        format!("{} · seed {}", self.plan.describe(), self.seed)
+    }
+
+    /// The slider position that chose them, if one did.
+    pub fn fidelity(&self) -> Option<f64> {
+        self.plan.fidelity
     }
 }
 
@@ -50,7 +42,8 @@ pub enum VariantState {
     Done {
         /// At the photo's full size, on disk (see `results`).
         result: StoredResult,
-        working_size: (u32, u32),
+        /// How it was made, written into its export.
+        recipe: Box<Recipe>,
     },
     Failed(String),
     Cancelled,
@@ -81,7 +74,7 @@ impl Variant {
     /// How far this variant is from slider position `position` (custom ones are far).
     fn distance(&self, position: f64) -> f64 {
         self.settings
-            .fidelity
+            .fidelity()
             .map_or(f64::INFINITY, |f| (f - position).abs())
     }
 }
@@ -199,11 +192,13 @@ mod tests {
 
     fn settings(fidelity: f64, seed: u64) -> VariantSettings {
         VariantSettings {
-            method: EditMethod::UniTune,
-            fidelity: Some(fidelity),
-            tune_steps: 16,
-            t0: 1.0,
-            guidance: 7.5,
+            plan: EditPlan {
+                method: crate::jobs::EditMethod::UniTune,
+                fidelity: Some(fidelity),
+                tune_steps: 16,
+                t0_fraction: Some(1.0),
+                guidance_weight: 7.5,
+            },
             seed,
         }
     }
@@ -217,7 +212,7 @@ mod tests {
                     1,
                     image::Rgb([value; 3]),
                 ))),
-                working_size: (64, 64),
+                recipe: Box::new(Recipe::new("edit", "p", "m", "epsilon", "f32")),
             },
         );
     }

@@ -2,8 +2,6 @@
 //! starting a [`JobRunner`] with it. The GUI starts one, polls its events each frame and
 //! never waits on it.
 
-use crate::engine::fidelity::FidelityTable;
-use crate::engine::instruct::is_instruct_model;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,60 +11,32 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, bounded};
 
 use super::{JobRunner, PreviewMode, RunnerOptions, SnapshotCache};
-use crate::engine::StableDiffusion;
-use crate::engine::device::{DeviceChoice, device_name, open_device};
-use crate::engine::precision::{Precision, dtype_name};
 use crate::engine::preview::TinyPreview;
 use crate::imaging::one_line;
-use crate::model_files::{
-    self, DownloadProgress, HubOptions, LoraChoice, ModelFiles, ModelFilesError, ModelSpec,
-    TINY_VAE_REPO,
-};
-use crate::recipe::LoraRecipe;
+use crate::model_files::{self, DownloadProgress, HubOptions, ModelFilesError, TINY_VAE_REPO};
+use crate::service::{EditService, ModelRequest, ModelSummary, ServiceError, resolve_files};
 
 /// What to load and how far to go for it.
 #[derive(Debug, Clone)]
 pub struct LoadRequest {
-    /// A folder or hub id, as `--model` takes it.
-    pub model: String,
-    pub device: DeviceChoice,
-    pub precision: Precision,
+    /// The model and every global flag, as the command line's commands get them.
+    pub model: ModelRequest,
     /// Whether a model missing from the machine may be downloaded (the user agreed to it).
     pub allow_download: bool,
-    pub hub: HubOptions,
     /// Where tunes keep their snapshots; `None` disables the cache.
     pub snapshot_cache: Option<SnapshotCache>,
-    /// LoRA files applied to the model (`--lora`), in order.
-    pub loras: Vec<LoraChoice>,
     /// The previews the jobs send; `Taesd` also fetches the tiny VAE (cache first, then a
     /// download unless offline).
     pub preview: PreviewMode,
 }
 
-/// A model ready for jobs, and how to describe it to the user.
-pub struct LoadedModel {
+/// A model ready for jobs, and what it is.
+pub struct ReadyModel {
     pub runner: JobRunner,
-    /// How recipes name the model (the folder or hub id).
-    pub name: String,
-    /// Where the files came from, in words.
-    pub source: String,
-    /// The device it runs on, e.g. "cpu" or "cuda:0".
-    pub device: String,
-    /// What the UNet predicts ("epsilon", "v_prediction"), for recipes.
-    pub prediction_type: &'static str,
-    /// The compute precision ("f32", "f16", "bf16"), for recipes.
-    pub precision: &'static str,
-    /// An InstructPix2Pix model: edits are instructions, without fine-tuning.
-    pub instruct: bool,
-    /// What the fidelity slider means for this model.
-    pub fidelity_table: &'static FidelityTable,
-    /// The LoRAs applied to it, for recipes and the model panel.
-    pub loras: Vec<LoraRecipe>,
+    /// What was loaded, its public name and hash.
+    pub summary: ModelSummary,
     /// One line on why the tiny VAE preview could not be had (the fast one stands in).
     pub preview_notice: Option<String>,
-    /// What was loaded: family (detected for a single file), variant, prediction type and
-    /// why, in one line.
-    pub description: String,
 }
 
 /// How a download is going, for a progress bar.
@@ -90,7 +60,7 @@ pub enum LoadEvent {
     Loading {
         source: String,
     },
-    Ready(Box<LoadedModel>),
+    Ready(Box<ReadyModel>),
     /// The model is not on this machine and downloading was not allowed: one sentence on
     /// what is missing and what to do.
     NotOnMachine {
@@ -129,7 +99,7 @@ impl ModelLoader {
         let thread = std::thread::Builder::new()
             .name("unitune-model-loader".into())
             .spawn(move || {
-                let outbox = Outbox { tx, waker };
+                let outbox = LoadOutbox { tx, waker };
                 let event = match catch_unwind(AssertUnwindSafe(|| load(&request, &flag, &outbox)))
                 {
                     Ok(event) => event,
@@ -181,12 +151,13 @@ impl Drop for ModelLoader {
     }
 }
 
-struct Outbox {
+/// Where the loader's events go (the worker's own is `worker::Outbox`).
+struct LoadOutbox {
     tx: Sender<LoadEvent>,
     waker: Arc<dyn Fn() + Send + Sync>,
 }
 
-impl Outbox {
+impl LoadOutbox {
     fn offer(&self, event: LoadEvent) {
         let _ = self.tx.try_send(event);
         (self.waker)();
@@ -200,15 +171,18 @@ impl Outbox {
     }
 }
 
-fn load(request: &LoadRequest, cancel: &Arc<AtomicBool>, outbox: &Outbox) -> LoadEvent {
+fn load(request: &LoadRequest, cancel: &Arc<AtomicBool>, outbox: &LoadOutbox) -> LoadEvent {
     let failed = |message: String| LoadEvent::Failed { message };
-    let spec = match model_files::parse_model_arg(&request.model) {
+    let spec = match model_files::parse_model_arg(&request.model.model) {
         Ok(spec) => spec,
         Err(err) => return failed(err.to_string()),
     };
-    let hub = HubOptions {
-        offline: request.hub.offline || !request.allow_download,
-        ..request.hub.clone()
+    let model = ModelRequest {
+        hub: HubOptions {
+            offline: request.model.hub.offline || !request.allow_download,
+            ..request.model.hub.clone()
+        },
+        ..request.model.clone()
     };
     let mut progress = LoaderProgress {
         outbox,
@@ -221,13 +195,12 @@ fn load(request: &LoadRequest, cancel: &Arc<AtomicBool>, outbox: &Outbox) -> Loa
         expected: model_files::approximate_download_bytes(&spec),
         last_report: None,
     };
-    let files = match model_files::resolve(&spec, &hub, &mut progress) {
-        Ok(files) => ModelFiles {
-            loras: request.loras.clone(),
-            ..files
-        },
-        Err(ModelFilesError::NotCached { .. })
-            if !request.allow_download && !request.hub.is_offline() =>
+    let (spec, files) = match resolve_files(&model, &mut progress) {
+        Ok(found) => found,
+        Err(ServiceError::ModelFiles(e))
+            if matches!(*e, ModelFilesError::NotCached { .. })
+                && !request.allow_download
+                && !request.model.hub.is_offline() =>
         {
             return LoadEvent::NotOnMachine {
                 message: format!(
@@ -235,51 +208,23 @@ fn load(request: &LoadRequest, cancel: &Arc<AtomicBool>, outbox: &Outbox) -> Loa
                 ),
             };
         }
-        Err(ModelFilesError::Cancelled) => return LoadEvent::Cancelled,
+        Err(ServiceError::ModelFiles(e)) if matches!(*e, ModelFilesError::Cancelled) => {
+            return LoadEvent::Cancelled;
+        }
         Err(err) => return failed(one_line(&err.to_string())),
     };
     outbox.offer(LoadEvent::Loading {
         source: files.source.to_string(),
     });
-    let device = match open_device(request.device) {
-        Ok(device) => device,
+    let service = match EditService::open(&model, &spec, &files, request.snapshot_cache.clone()) {
+        Ok(service) => service,
         Err(err) => return failed(one_line(&err.to_string())),
     };
-    let dtype = match request.precision.resolve(&device) {
-        Ok(dtype) => dtype,
-        Err(err) => return failed(one_line(&err.to_string())),
-    };
-    let model = match StableDiffusion::load(&files, &device, dtype) {
-        Ok(model) => model,
-        Err(err) => return failed(one_line(&err.to_string())),
-    };
-    if cancel.load(Ordering::Relaxed) {
-        return LoadEvent::Cancelled;
-    }
-    // Read once per file and remembered: the snapshot cache follows the weights, not paths.
-    let memo = crate::model_files::default_memo_path();
-    let (model_identity, lora_hashes) = match files
-        .fingerprint(memo.as_deref())
-        .and_then(|identity| Ok((identity, files.lora_hashes(memo.as_deref())?)))
-    {
-        Ok(found) => found,
-        Err(err) => return failed(one_line(&err.to_string())),
-    };
-    let loras = files
-        .loras
-        .iter()
-        .zip(lora_hashes)
-        .map(|(choice, hash)| LoraRecipe {
-            file: choice.file_name(),
-            hash,
-            weight: choice.weight,
-        })
-        .collect();
     if cancel.load(Ordering::Relaxed) {
         return LoadEvent::Cancelled;
     }
     let (tiny_preview, preview_notice) = if request.preview == PreviewMode::Taesd {
-        match load_tiny_preview(&request.hub, &model, &mut progress) {
+        match load_tiny_preview(&request.model.hub, &service, &mut progress) {
             Ok(tiny) => (Some(tiny), None),
             Err(reason) => (
                 None,
@@ -294,38 +239,21 @@ fn load(request: &LoadRequest, cancel: &Arc<AtomicBool>, outbox: &Outbox) -> Loa
     if cancel.load(Ordering::Relaxed) {
         return LoadEvent::Cancelled;
     }
-    let prediction_type = model.config.scheduler.prediction_type.as_str();
-    let instruct = is_instruct_model(&model);
-    let fidelity_table = model.info().fidelity_table;
-    let description = model.info().describe();
+    let summary = service.summary().clone();
     let options = RunnerOptions {
-        cache: request.snapshot_cache.clone(),
-        model_identity,
         preview_seed: 0,
         preview: request.preview,
         tiny_preview,
     };
     let waker = outbox.waker.clone();
-    let runner = match JobRunner::start(model, options, Box::new(move || waker())) {
+    let runner = match JobRunner::start(service, options, Box::new(move || waker())) {
         Ok(runner) => runner,
         Err(err) => return failed(format!("cannot start the engine thread: {err}")),
     };
-    let name = match &spec {
-        ModelSpec::Folder(path) => path.display().to_string(),
-        ModelSpec::Hub { .. } | ModelSpec::Demo => spec.to_string(),
-    };
-    LoadEvent::Ready(Box::new(LoadedModel {
+    LoadEvent::Ready(Box::new(ReadyModel {
         runner,
-        name,
-        source: files.source.to_string(),
-        device: device_name(&device),
-        prediction_type,
-        precision: dtype_name(dtype),
-        instruct,
-        fidelity_table,
-        loras,
+        summary,
         preview_notice,
-        description,
     }))
 }
 
@@ -333,16 +261,17 @@ fn load(request: &LoadRequest, cancel: &Arc<AtomicBool>, outbox: &Outbox) -> Loa
 /// offline; the reason in one line when it cannot be had.
 fn load_tiny_preview(
     hub: &HubOptions,
-    model: &StableDiffusion,
+    service: &EditService,
     progress: &mut dyn DownloadProgress,
 ) -> Result<TinyPreview, String> {
     let files =
         model_files::resolve_tiny_vae(hub, progress).map_err(|e| one_line(&e.to_string()))?;
-    TinyPreview::load(&files.config, &files.weights, model).map_err(|e| one_line(&e.to_string()))
+    TinyPreview::load(&files.config, &files.weights, service.engine())
+        .map_err(|e| one_line(&e.to_string()))
 }
 
 struct LoaderProgress<'a> {
-    outbox: &'a Outbox,
+    outbox: &'a LoadOutbox,
     cancel: Arc<AtomicBool>,
     started: Instant,
     file: String,

@@ -12,7 +12,9 @@
 //!   stops within one step.
 //! - After every event the worker calls the waker (the GUI passes `request_repaint`).
 //!
-//! The public API has no candle or GUI types: images and plain numbers only.
+//! The public API has no candle or GUI types: images, plain numbers and the edit service's
+//! plain requests. Every job is one call of the [`EditService`] the worker owns: the worker
+//! maps a [`JobRequest`] onto it and its results onto [`JobEvent`]s, and composes nothing.
 
 mod loader;
 mod worker;
@@ -25,25 +27,28 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
-use image::{GrayImage, RgbImage};
+use image::RgbImage;
 
-pub use loader::{DownloadStatus, LoadEvent, LoadRequest, LoadedModel, ModelLoader};
+pub use loader::{DownloadStatus, LoadEvent, LoadRequest, ModelLoader, ReadyModel};
 
+pub use crate::engine::config::PredictionType;
 pub use crate::engine::device::DeviceChoice;
-pub use crate::engine::edit::{EditMethod, model_prompt};
-pub use crate::engine::fidelity::{EditParameters, FidelityTable, STABLE_DIFFUSION};
+pub use crate::engine::edit::EditMethod;
+pub use crate::engine::fidelity::{FidelityTable, STABLE_DIFFUSION};
 pub use crate::engine::finetune::{CacheEntry, time_left};
 pub use crate::engine::finetune::{PAPER_SNAPSHOTS, SnapshotCache, TrainMode, TuneSettings};
-pub use crate::engine::instruct::{
-    DEFAULT_INSTRUCT_MODEL, DEFAULT_TEXT_GUIDANCE, image_guidance_for,
-};
-use crate::engine::model::StableDiffusion;
+pub use crate::engine::instruct::DEFAULT_INSTRUCT_MODEL;
 pub use crate::engine::precision::Precision;
 pub use crate::engine::preview::PreviewMode;
 use crate::engine::preview::{Previews, TinyPreview};
 pub use crate::model_files::{
-    DEFAULT_MODEL, DEMO_MODEL, HubOptions, ModelSpec, approximate_download_bytes, demo_model_dir,
-    license_notice, parse_model_arg,
+    DEFAULT_MODEL, DEMO_MODEL, HubOptions, LoraChoice, ModelSpec, approximate_download_bytes,
+    demo_model_dir, license_notice, parse_model_arg,
+};
+pub use crate::recipe::{Recipe, RecipeSettings};
+pub use crate::service::{
+    EditKind, EditKnobs, EditPlan, EditService, EditSpec, MicroBatch, ModelRequest, ModelSummary,
+    TrainingChoice, choose_seed, plan_edit,
 };
 
 /// Names one request; later requests have larger ids.
@@ -76,35 +81,16 @@ pub enum JobRequest {
         /// Working size `(width, height)`, multiples of 64; `None` fits the model.
         size: Option<(u32, u32)>,
     },
-    /// Edit `photo` toward `prompt`; the result comes back at the photo's size.
-    Edit {
-        /// UniTune (or plain SDEdit), or an instruction for an InstructPix2Pix model.
-        method: EditMethod,
-        photo: Arc<RgbImage>,
-        /// White = may change. Any size: the worker scales it to the photo's (which, for a
-        /// large photo, is too slow for a caller's UI thread).
-        mask: Option<Arc<GrayImage>>,
-        prompt: String,
-        /// A description of the photo for prompt guidance; `None` = classifier-free.
-        baseline_prompt: Option<String>,
-        /// Which snapshot of the last tune of this photo to use (0 = untuned).
-        tune_steps: usize,
-        t0_fraction: f64,
-        guidance_weight: f64,
-        sampling_steps: usize,
-        seed: u64,
-        interpolate: bool,
-        size: Option<(u32, u32)>,
-    },
+    /// One edit (see [`EditSpec`]); the result comes back at the photo's size with its recipe.
+    /// A snapshot other than 0 needs a `Tune` of the same photo at the same size first.
+    Edit(EditSpec),
     /// Write the snapshot after `steps` steps of the last tune (in lora mode) as a
     /// kohya-format LoRA file at `path`.
     ExportLora {
         path: PathBuf,
         steps: usize,
-        /// How the metadata names the base model.
-        model_name: String,
-        /// The recipe, as JSON, for the metadata.
-        recipe_json: String,
+        /// The photo's file name, for the metadata (never its folder).
+        photo_name: Option<String>,
     },
 }
 
@@ -141,6 +127,8 @@ pub enum JobEvent {
         result: RgbImage,
         /// The size the model worked at, `(width, height)`.
         working_size: (u32, u32),
+        /// How it was made, for its export (boxed: events travel by value).
+        recipe: Box<Recipe>,
     },
     /// A tune finished; edits of the photo may use these snapshot step counts.
     Tuned {
@@ -196,10 +184,6 @@ pub enum SubmitError {
 
 /// Settings the worker keeps for every job.
 pub struct RunnerOptions {
-    /// Where tunes keep their snapshots; `None` disables the cache.
-    pub cache: Option<SnapshotCache>,
-    /// Names the model's exact weights (part of the cache key).
-    pub model_identity: String,
     /// Seed of the preview map's fit (see `engine::preview`).
     pub preview_seed: u64,
     /// Which preview the jobs send; [`JobRunner::set_preview`] changes it.
@@ -261,10 +245,11 @@ pub struct JobRunner {
 }
 
 impl JobRunner {
-    /// Starts the "unitune-engine" thread with `model`. It first fits the preview map (a few
-    /// VAE calls); jobs submitted meanwhile wait.
+    /// Starts the "unitune-engine" thread with `service` (the loaded model, its snapshot cache
+    /// and fine-tunes). It first fits the preview map (a few VAE calls); jobs submitted
+    /// meanwhile wait.
     pub fn start(
-        model: StableDiffusion,
+        service: EditService,
         options: RunnerOptions,
         waker: Waker,
     ) -> std::io::Result<Self> {
@@ -276,15 +261,13 @@ impl JobRunner {
         let preview_mode = SharedPreviewMode::new(options.preview);
         let has_tiny_preview = options.tiny_preview.is_some();
         let worker = worker::Worker {
-            model,
+            service,
             previews: Previews {
                 fast: None,
                 tiny: options.tiny_preview.clone(),
             },
             preview_mode: preview_mode.clone(),
             options,
-            tuned: None,
-            scaled_mask: None,
             out: worker::Outbox {
                 events: event_tx,
                 progress: progress_slot,

@@ -1,35 +1,26 @@
-//! The engine thread: runs one job at a time and reports through the [`Outbox`].
+//! The engine thread: runs one job at a time on the edit service and reports through the
+//! [`Outbox`].
 
 use std::ops::ControlFlow;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
-use image::{GrayImage, RgbImage};
+use image::RgbImage;
 
 use super::{
     Envelope, JobEvent, JobId, JobRequest, LiveJobs, RunnerOptions, SharedPreviewMode, Stage, Waker,
 };
-use crate::engine::EngineError;
-use crate::engine::edit::{
-    CachePolicy, EditRequest, TuneEvent, TunedPhoto, edit_photo, tune_photo,
-};
-use crate::engine::lora::{LoraExportInfo, export_tuned};
-use crate::engine::model::StableDiffusion;
+use crate::engine::edit::TuneEvent;
 use crate::engine::preview::{LatentPreview, PreviewThrottle, Previewer, Previews};
 use crate::engine::sampling::{StepObserver, StepView};
-use crate::imaging::{self, one_line};
+use crate::imaging::one_line;
+use crate::recipe::Recipe;
+use crate::service::{EditService, ServiceError, TuneRequest};
 
 /// How often a tune shows its reconstruction of the photo (one extra UNet call each).
 const RECONSTRUCT_EVERY_STEPS: usize = 4;
-
-/// The photo the model was last tuned on, at its working size, and its snapshots.
-pub(super) struct Tuned {
-    working: RgbImage,
-    photo: TunedPhoto,
-}
 
 /// Where the worker's events go.
 ///
@@ -112,6 +103,7 @@ enum Outcome {
     Edited {
         result: RgbImage,
         working_size: (u32, u32),
+        recipe: Box<Recipe>,
     },
     Tuned {
         snapshot_steps: Vec<usize>,
@@ -123,25 +115,21 @@ enum Outcome {
 }
 
 pub(super) struct Worker {
-    pub model: StableDiffusion,
+    pub service: EditService,
     pub options: RunnerOptions,
-    pub tuned: Option<Tuned>,
     /// The fast map (fit when the worker starts) and the tiny VAE (if loaded).
     pub previews: Previews,
     pub preview_mode: SharedPreviewMode,
     pub out: Outbox,
     pub live: LiveJobs,
-    /// The last mask scaled to its photo's size, with the mask it came from: one Edit queues
-    /// several variants sharing one mask, and scaling it to a large photo is not free. Holding
-    /// the source keeps its address from being reused, so `Arc::ptr_eq` identifies it.
-    pub scaled_mask: Option<(Arc<GrayImage>, Arc<GrayImage>)>,
 }
 
 impl Worker {
     pub fn run(mut self, requests: Receiver<Envelope>) {
         // Without a preview map the jobs still run; they just send no previews (or only the
         // tiny VAE's).
-        self.previews.fast = LatentPreview::fit(&self.model, self.options.preview_seed).ok();
+        self.previews.fast =
+            LatentPreview::fit(self.service.engine(), self.options.preview_seed).ok();
         for Envelope {
             id,
             cancel,
@@ -149,7 +137,7 @@ impl Worker {
         } in requests.iter()
         {
             let result = if cancel.load(Ordering::Relaxed) {
-                Err(EngineError::Cancelled.to_string())
+                Err("cancelled".to_string())
             } else {
                 guarded(|| self.run_job(id, &cancel, request))
             };
@@ -160,10 +148,12 @@ impl Worker {
                 Ok(Outcome::Edited {
                     result,
                     working_size,
+                    recipe,
                 }) => JobEvent::Finished {
                     id,
                     result,
                     working_size,
+                    recipe,
                 },
                 Ok(Outcome::Tuned {
                     snapshot_steps,
@@ -189,16 +179,13 @@ impl Worker {
         id: JobId,
         cancel: &AtomicBool,
         request: JobRequest,
-    ) -> Result<Outcome, EngineError> {
+    ) -> Result<Outcome, ServiceError> {
         match request {
             JobRequest::Tune {
                 photo,
                 settings,
                 size,
             } => {
-                let working = self.working_image(&photo, size)?;
-                // The old snapshots belong to another photo or recipe.
-                self.tuned = None;
                 let out = &self.out;
                 let preview = Previewing {
                     previews: &self.previews,
@@ -228,79 +215,23 @@ impl Worker {
                     }
                     stop_if(cancel)
                 };
-                let policy = CachePolicy {
-                    cache: self.options.cache.as_ref(),
-                    model_identity: &self.options.model_identity,
+                let request = TuneRequest {
+                    photo: &photo,
+                    settings: &settings,
+                    size,
+                    reconstruct_every: preview.now().map(|_| RECONSTRUCT_EVERY_STEPS),
                 };
-                let reconstruct_every = preview.now().map(|_| RECONSTRUCT_EVERY_STEPS);
-                let tuned = match tune_photo(
-                    &mut self.model,
-                    &working,
-                    &settings,
-                    &policy,
-                    reconstruct_every,
-                    &mut on_event,
-                ) {
-                    Ok(tuned) => tuned,
-                    Err(stopped) => {
-                        // The snapshots completed before the stop stay editable.
-                        self.tuned = stopped.partial.map(|photo| Tuned {
-                            working,
-                            photo: *photo,
-                        });
-                        return Err(stopped.error);
-                    }
-                };
-                let outcome = Outcome::Tuned {
-                    snapshot_steps: tuned.snapshot_steps(),
+                // A stopped tune's snapshots stay editable in the service.
+                let tuned = self
+                    .service
+                    .tune(&request, &mut on_event)
+                    .map_err(|stopped| stopped.error)?;
+                Ok(Outcome::Tuned {
+                    snapshot_steps: tuned.snapshot_steps,
                     from_cache: tuned.from_cache,
-                };
-                self.tuned = Some(Tuned {
-                    working,
-                    photo: tuned,
-                });
-                Ok(outcome)
+                })
             }
-            JobRequest::Edit {
-                method,
-                photo,
-                mask,
-                prompt,
-                baseline_prompt,
-                tune_steps,
-                t0_fraction,
-                guidance_weight,
-                sampling_steps,
-                seed,
-                interpolate,
-                size,
-            } => {
-                let working = self.working_image(&photo, size)?;
-                let mask = mask.map(|m| self.mask_at(m, photo.dimensions()));
-                let tuned = match &self.tuned {
-                    // Snapshot 0 restores the base weights after any tune.
-                    Some(t) if tune_steps == 0 || t.working == working => Some(&t.photo),
-                    _ if tune_steps == 0 => None,
-                    _ => {
-                        return Err(EngineError::InvalidRequest(
-                            "this photo has not been fine-tuned at this size yet; tune it first or use 0 fine-tuning steps".into(),
-                        ));
-                    }
-                };
-                let request = EditRequest {
-                    method,
-                    original: &photo,
-                    working: &working,
-                    prompt: &prompt,
-                    baseline_prompt: baseline_prompt.as_deref(),
-                    tune_steps,
-                    t0: t0_fraction,
-                    guidance: guidance_weight,
-                    sampling_steps,
-                    seed,
-                    mask: mask.as_deref(),
-                    interpolate,
-                };
+            JobRequest::Edit(spec) => {
                 let mut observer = EditObserver {
                     id,
                     out: &self.out,
@@ -311,68 +242,23 @@ impl Worker {
                     throttle: PreviewThrottle::new(),
                     cancel,
                 };
-                let result = edit_photo(&self.model, tuned, &request, &mut observer)?;
+                let edited = self.service.edit(&spec, &mut observer)?;
                 Ok(Outcome::Edited {
-                    result,
-                    working_size: working.dimensions(),
+                    result: edited.image,
+                    working_size: edited.working_size,
+                    recipe: Box::new(edited.recipe),
                 })
             }
             JobRequest::ExportLora {
                 path,
                 steps,
-                model_name,
-                recipe_json,
+                photo_name,
             } => {
-                let tuned = self.tuned.as_ref().ok_or_else(|| {
-                    EngineError::InvalidRequest(
-                        "nothing has been fine-tuned yet; run an edit with lora training first"
-                            .into(),
-                    )
-                })?;
-                let output_name = crate::engine::lora::output_name(&path);
-                let info = LoraExportInfo {
-                    output_name: &output_name,
-                    base_model_name: &model_name,
-                    base_model_fingerprint: &self.options.model_identity,
-                    recipe_json: &recipe_json,
-                    token: &tuned.photo.settings.token,
-                    steps,
-                    created_unix_secs: std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs()),
-                };
-                export_tuned(&tuned.photo, &self.model.config, &path, &info)?;
+                self.service
+                    .export_lora(&path, steps, photo_name.as_deref())?;
                 Ok(Outcome::LoraExported { path })
             }
         }
-    }
-
-    /// `mask` at `size`, scaled once per mask (see `scaled_mask`).
-    fn mask_at(&mut self, mask: Arc<GrayImage>, (w, h): (u32, u32)) -> Arc<GrayImage> {
-        if mask.dimensions() == (w, h) {
-            return mask;
-        }
-        if let Some((source, scaled)) = &self.scaled_mask
-            && Arc::ptr_eq(source, &mask)
-            && scaled.dimensions() == (w, h)
-        {
-            return scaled.clone();
-        }
-        let scaled = Arc::new(imaging::resize_gray(&mask, w, h));
-        self.scaled_mask = Some((mask, scaled.clone()));
-        scaled
-    }
-
-    /// The photo fitted to the model's working size (as the CLI does).
-    fn working_image(
-        &self,
-        photo: &RgbImage,
-        size: Option<(u32, u32)>,
-    ) -> Result<RgbImage, EngineError> {
-        let side = self.model.config.native_image_side().unwrap_or(512) as u32;
-        let (w, h) = imaging::working_size(photo.width(), photo.height(), side, size)
-            .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
-        Ok(imaging::resize_rgb(photo, w, h))
     }
 }
 
@@ -432,7 +318,7 @@ fn stop_if(cancel: &AtomicBool) -> ControlFlow<()> {
 
 /// Runs `job`, turning an error or a panic into one line for the user. The model may be left
 /// half-changed by a panic; the next job still runs (a tune re-attaches its weights).
-fn guarded<T>(job: impl FnOnce() -> Result<T, EngineError>) -> Result<T, String> {
+fn guarded<T>(job: impl FnOnce() -> Result<T, ServiceError>) -> Result<T, String> {
     match catch_unwind(AssertUnwindSafe(job)) {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(error)) => Err(one_line(&error.to_string())),
@@ -539,7 +425,7 @@ mod tests {
     #[test]
     fn errors_become_one_line() {
         let result: Result<(), String> =
-            guarded(|| Err(EngineError::InvalidRequest("bad\n  request".into())));
+            guarded(|| Err(ServiceError::Invalid("bad\n  request".into())));
         assert_eq!(result.unwrap_err(), "bad request");
     }
 }

@@ -58,6 +58,35 @@ impl ModelFiles {
         Ok(hex(&hash.finalize()))
     }
 
+    /// The SHA-256 (hex) of a single-file checkpoint's whole file: the hash AUTOMATIC1111,
+    /// Forge and civitai recognise a checkpoint by (their "AutoV2" is its first 10 digits).
+    /// `None` for a diffusers folder, which those tools have no hash for.
+    pub fn checkpoint_sha256(
+        &self,
+        memo: Option<&Path>,
+    ) -> Result<Option<String>, ModelFilesError> {
+        let Some(checkpoint) = self.checkpoint() else {
+            return Ok(None);
+        };
+        let mut remembered = memo.map(read_memo).unwrap_or_default();
+        let before = remembered.len();
+        let mut content = content_hash(checkpoint, &mut remembered)?;
+        // A hub blob is named by its etag, which for a large (LFS) file is its SHA-256; a
+        // 40-digit git SHA-1 is not, so such a file is read after all.
+        if content
+            .strip_prefix("blob:")
+            .is_some_and(|etag| etag.len() != 64)
+        {
+            content = sha256_of_file(checkpoint)?;
+        }
+        if let Some(memo) = memo
+            && remembered.len() != before
+        {
+            let _ = write_memo(memo, &remembered);
+        }
+        Ok(content.split_once(':').map(|(_, hex)| hex.to_owned()))
+    }
+
     /// The content hash of each applied LoRA file (`sha256:<hex>`), in order, for recipes.
     pub fn lora_hashes(&self, memo: Option<&Path>) -> Result<Vec<String>, ModelFilesError> {
         let mut remembered = memo.map(read_memo).unwrap_or_default();
@@ -145,7 +174,18 @@ fn content_hash(
     if let Some(known) = remembered.get(&key) {
         return Ok(known.clone());
     }
-    let mut file = std::fs::File::open(&real).map_err(io)?;
+    let value = sha256_of_file(&real)?;
+    remembered.insert(key, value.clone());
+    Ok(value)
+}
+
+/// `sha256:<hex>` of the file's contents, read in 1 MB pieces.
+fn sha256_of_file(path: &Path) -> Result<String, ModelFilesError> {
+    let io = |source: std::io::Error| ModelFilesError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
     let mut hash = Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
     loop {
@@ -155,9 +195,7 @@ fn content_hash(
         }
         hash.update(&buffer[..n]);
     }
-    let value = format!("sha256:{}", hex(&hash.finalize()));
-    remembered.insert(key, value.clone());
-    Ok(value)
+    Ok(format!("sha256:{}", hex(&hash.finalize())))
 }
 
 /// The etag of a file in the Hugging Face cache (`.../blobs/<etag>`), which is a hash of its

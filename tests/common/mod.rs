@@ -34,6 +34,23 @@ pub fn model_files(name: &str) -> ModelFiles {
     locate_in_folder(&model_dir(name)).expect("fixture model folder is complete")
 }
 
+/// The edit service with a fixture model on the CPU in f32, without a snapshot cache or a
+/// hash memo (nothing outside the test's own files is written).
+pub fn load_service(name: &str) -> unitune::service::EditService {
+    let request = unitune::service::ModelRequest {
+        device: unitune::engine::device::DeviceChoice::Cpu,
+        precision: unitune::engine::precision::Precision::F32,
+        hash_memo: None,
+        hub: unitune::model_files::HubOptions {
+            offline: true,
+            ..Default::default()
+        },
+        ..unitune::service::ModelRequest::new(&model_dir(name).display().to_string())
+    };
+    unitune::service::EditService::load(&request, None, &mut unitune::model_files::NoProgress)
+        .expect("fixture model loads")
+}
+
 pub fn load_model(name: &str) -> StableDiffusion {
     StableDiffusion::load(&model_files(name), &Device::Cpu, DType::F32)
         .expect("fixture model loads")

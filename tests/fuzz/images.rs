@@ -123,7 +123,7 @@ fn recipe_seeds(dir: &Path) -> Vec<Vec<u8>> {
     ] {
         let mut recipe = Recipe::new("edit", prompt, "tests/sd15-tiny", "epsilon", "f32");
         recipe.baseline_prompt = "blurry".into();
-        recipe.t0 = Some(0.6);
+        recipe.t0_fraction = Some(0.6);
         let path = dir.join(name);
         export_image(
             &path,

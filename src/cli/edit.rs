@@ -1,0 +1,448 @@
+//! `unitune edit` (fine-tune on the photo unless cached, then edit it by text, or by
+//! instruction with an InstructPix2Pix model) and `unitune grid` (the paper's figure 10).
+//! Both map their flags onto the edit service's [`EditSpec`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+
+use super::UsageError;
+use super::args::{EditArgs, GlobalOptions, GridArgs};
+use super::cancel::CancelFlag;
+use super::checks::{
+    check_guidance, check_output_extension, check_prompt, check_sampling_steps, training_choice,
+};
+use super::model::{load_service, snapshot_cache};
+use super::preview::{PreviewFile, check_preview_options, open_previews, preview_path};
+use super::progress::{sampling_observer, step_bar, tune_with_progress, warn_if_truncated};
+use super::tune::{file_name, load_photo, requested_size, say_working_size, write_lora};
+use crate::engine::edit::{EditMethod, model_prompt};
+use crate::engine::sampling::StepView;
+use crate::imaging::{self, DecodeLimits, ExistingFile};
+use crate::recipe::{Recipe, RecipeSettings};
+use crate::service::{
+    EditKind, EditKnobs, EditSpec, TrainingChoice, TuneRequest, check_lora_export, choose_seed,
+};
+
+/// Which flags were given on the command line (not left at their defaults): those win over
+/// a `--recipe`.
+pub type Given<'a> = &'a dyn Fn(&str) -> bool;
+
+/// Refuses bad edit flags before anything slow starts.
+fn check_edit_flags(args: &EditArgs) -> Result<()> {
+    if let Some(f) = args.fidelity
+        && !(0.0..=1.0).contains(&f)
+    {
+        return Err(UsageError(format!("--fidelity must be between 0 and 1, got {f}")).into());
+    }
+    if args.instruct.is_none() && args.recipe.is_none() && args.image_guidance.is_some() {
+        return Err(UsageError(
+            "--image-guidance applies to instruction edits only (--instruct)".into(),
+        )
+        .into());
+    }
+    if let Some(image_guidance) = args.image_guidance
+        && (!image_guidance.is_finite() || image_guidance < 0.0)
+    {
+        return Err(UsageError(format!(
+            "--image-guidance must be a number of at least 0, got {image_guidance}"
+        ))
+        .into());
+    }
+    if let Some(t0) = args.t0
+        && !(0.0..=1.0).contains(&t0)
+    {
+        return Err(UsageError(format!("--t0 must be between 0 and 1, got {t0}")).into());
+    }
+    if let Some(guidance) = args.guidance {
+        check_guidance(guidance)?;
+    }
+    check_sampling_steps(args.sampling_steps)?;
+    if args.samples == 0 {
+        return Err(UsageError("--samples must be at least 1".into()).into());
+    }
+    if let Some(out) = &args.out {
+        check_output_extension(out)?;
+    }
+    check_preview_options(&args.previews)
+}
+
+/// The recipe a `--recipe` PNG holds.
+fn read_recipe(path: &Path) -> Result<RecipeSettings> {
+    let chunks = imaging::read_png_text(path)?;
+    RecipeSettings::from_text_chunks(&chunks).ok_or_else(|| {
+        UsageError(format!(
+            "--recipe {}: the image holds no recipe (unitune writes one into every PNG it exports)",
+            path.display()
+        ))
+        .into()
+    })
+}
+
+/// What the edit asks for once the flags and a `--recipe` are put together: flags given on
+/// the command line win, the recipe fills in the rest.
+struct Asked {
+    kind: EditKind,
+    prompt: String,
+    baseline_prompt: Option<String>,
+    knobs: EditKnobs,
+    seed: u64,
+    sampling_steps: usize,
+    interpolate: bool,
+    training: TrainingChoice,
+    /// The recipe's model and hash, to say when another model repeats it.
+    recipe_model: Option<(String, String)>,
+}
+
+fn asked(args: &EditArgs, given: Given) -> Result<Asked> {
+    let recipe = args.recipe.as_deref().map(read_recipe).transpose()?;
+    let mut training = training_choice(&args.training)?;
+    let (kind, prompt) = match (&args.instruct, &args.prompt, &recipe) {
+        (Some(instruction), _, _) => (EditKind::Instruct, instruction.clone()),
+        (None, Some(prompt), _) => (EditKind::Describe, prompt.clone()),
+        (None, None, Some(r)) if r.instruct => (EditKind::Instruct, r.prompt.clone()),
+        (None, None, Some(r)) => (EditKind::Describe, r.prompt.clone()),
+        // clap asks for one of the three.
+        (None, None, None) => (EditKind::Describe, String::new()),
+    };
+    let mut knobs = EditKnobs {
+        fidelity: args.fidelity,
+        tune_steps: args.tune_steps,
+        t0_fraction: args.t0,
+        guidance_weight: args.guidance,
+        image_guidance: args.image_guidance,
+    };
+    let mut asked = Asked {
+        kind,
+        prompt,
+        baseline_prompt: args.baseline_prompt.clone(),
+        knobs,
+        seed: choose_seed(args.seed),
+        sampling_steps: args.sampling_steps,
+        interpolate: args.interpolate,
+        training: training.clone(),
+        recipe_model: None,
+    };
+    let Some(recipe) = recipe else {
+        return Ok(asked);
+    };
+    // A fidelity given now chooses the numbers itself; otherwise the recipe's own numbers
+    // repeat the edit exactly, whatever this model's table would choose.
+    if args.fidelity.is_none() {
+        knobs.fidelity = recipe.fidelity;
+        knobs.tune_steps = knobs.tune_steps.or(recipe.tune_steps);
+        knobs.t0_fraction = knobs.t0_fraction.or(recipe.t0_fraction);
+        knobs.guidance_weight = knobs.guidance_weight.or(recipe.guidance_weight);
+        knobs.image_guidance = knobs.image_guidance.or(recipe.image_guidance);
+    }
+    if let Some(tuning) = &recipe.tuning
+        && let Some(settings) = tuning.settings(&Default::default())
+    {
+        let from_recipe = TrainingChoice {
+            mode: settings.mode,
+            optimizer: settings.optimizer.kind,
+            learning_rate: settings.optimizer.learning_rate,
+            snapshot_steps: settings.snapshot_steps.clone(),
+            batch_size: settings.batch_size,
+            token: settings.token.clone(),
+            seed: settings.seed,
+            ..training.clone()
+        };
+        // Each training flag given now wins over the recipe's.
+        if !given("train") && !given("lora_rank") {
+            training.mode = from_recipe.mode;
+        }
+        if !given("optimizer") {
+            training.optimizer = from_recipe.optimizer;
+        }
+        if !given("lr") {
+            training.learning_rate = from_recipe.learning_rate;
+        }
+        if !given("snapshots") {
+            training.snapshot_steps = from_recipe.snapshot_steps;
+        }
+        if !given("token") {
+            training.token = from_recipe.token;
+        }
+        if !given("tune_seed") {
+            training.seed = from_recipe.seed;
+        }
+        training.batch_size = from_recipe.batch_size;
+    }
+    asked.knobs = knobs;
+    asked.training = training;
+    asked.baseline_prompt = asked
+        .baseline_prompt
+        .or_else(|| (!recipe.baseline_prompt.is_empty()).then(|| recipe.baseline_prompt.clone()));
+    asked.seed = args.seed.or(recipe.seed).unwrap_or(asked.seed);
+    if !given("sampling_steps") {
+        asked.sampling_steps = recipe.sampling_steps.unwrap_or(asked.sampling_steps);
+    }
+    asked.interpolate |= recipe.interpolate;
+    asked.recipe_model = recipe.model.zip(recipe.model_hash);
+    Ok(asked)
+}
+
+/// `photo.jpg` -> `photo-edit.png` in the current folder (the photo's folder may be
+/// read-only, e.g. a camera card).
+fn default_edit_path(image: &Path) -> PathBuf {
+    let stem = image
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "photo".into());
+    PathBuf::from(format!("{stem}-edit.png"))
+}
+
+/// `out.png` with sample index k of n: `out.png` for one sample, else `out-1.png`, `out-2.png`.
+fn numbered(path: &Path, k: usize, n: usize) -> PathBuf {
+    if n == 1 {
+        return path.to_path_buf();
+    }
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name = match path.extension() {
+        Some(ext) => format!("{stem}-{}.{}", k + 1, ext.to_string_lossy()),
+        None => format!("{stem}-{}", k + 1),
+    };
+    path.with_file_name(name)
+}
+
+pub fn edit_command(
+    global: &GlobalOptions,
+    args: &EditArgs,
+    given: Given,
+    cancel: &CancelFlag,
+) -> Result<()> {
+    let asked = asked(args, given)?;
+    check_prompt(&asked.prompt)?;
+    check_edit_flags(args)?;
+    // The training options are checked now; the run's length waits for the model's table.
+    let requested = asked.training.settings(args.tune_steps)?;
+    if let Some(path) = &args.export_lora {
+        check_lora_export(path, &requested)?;
+        // The tables never choose 0 steps (the ladder is never empty); only the flag can.
+        if args.tune_steps == Some(0) {
+            return Err(UsageError(
+                "--export-lora needs a fine-tune, and --tune-steps 0 skips it".into(),
+            )
+            .into());
+        }
+    }
+    let size = requested_size(args.size.as_deref())?;
+
+    // Read the inputs before the slow parts, so a bad file fails at once.
+    let photo = load_photo(&args.image)?;
+    let (photo_w, photo_h) = photo.dimensions();
+    let mask = match &args.mask {
+        Some(path) => Some(Arc::new(imaging::load_mask(
+            path,
+            &DecodeLimits::default(),
+            photo_w,
+            photo_h,
+        )?)),
+        None => None,
+    };
+    let mut service = load_service(global, snapshot_cache(&args.training)?)?;
+    if let Some((model, hash)) = &asked.recipe_model
+        && *hash != service.identity().hash
+    {
+        eprintln!(
+            "note: the recipe was made with {model} (hash {hash}); repeating it with {} (hash {})",
+            service.identity().name,
+            service.identity().hash
+        );
+    }
+    service.check_kind(asked.kind)?;
+    let plan = service.plan(asked.kind, &asked.knobs, &asked.training.snapshot_steps);
+    let settings = asked.training.settings(Some(plan.tune_steps))?;
+    say_working_size(&service, (photo_w, photo_h), size)?;
+    let alpha = photo.alpha;
+    let photo = Arc::new(photo.rgb);
+    if plan.tune_steps > 0 {
+        let request = TuneRequest {
+            photo: &photo,
+            settings: &settings,
+            size,
+            reconstruct_every: None,
+        };
+        tune_with_progress(&mut service, &request, cancel)?;
+        if let Some(path) = &args.export_lora {
+            write_lora(
+                &service,
+                plan.tune_steps,
+                path,
+                &args.image,
+                &settings.token,
+            )?;
+        }
+    }
+    let token = (plan.tune_steps > 0).then_some(settings.token.as_str());
+    warn_if_truncated(&service, &model_prompt(token, &asked.prompt));
+    match plan.method {
+        EditMethod::Instruct { image_guidance } => eprintln!(
+            "editing by instruction: text guidance {:.2}, image guidance {image_guidance:.2}, first seed {}",
+            plan.guidance_weight, asked.seed
+        ),
+        EditMethod::UniTune => eprintln!(
+            "editing: {} fine-tuning steps, t0 {:.3}, guidance {:.2}, first seed {}",
+            plan.tune_steps,
+            plan.t0_fraction.unwrap_or(1.0),
+            plan.guidance_weight,
+            asked.seed
+        ),
+    }
+
+    let base_out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| default_edit_path(&args.image));
+    let previews = open_previews(global, &service, &args.previews);
+    let mut preview = PreviewFile::new(
+        &previews,
+        args.previews.preview,
+        preview_path(&args.previews, &base_out),
+    );
+    if let Some(preview) = &preview {
+        eprintln!("live preview: {}", preview.path().display());
+    }
+    let spec = EditSpec {
+        photo,
+        photo_name: file_name(&args.image),
+        mask,
+        mask_name: args.mask.as_deref().and_then(file_name),
+        kind: asked.kind,
+        prompt: asked.prompt.clone(),
+        baseline_prompt: asked.baseline_prompt.clone(),
+        knobs: asked.knobs,
+        seed: asked.seed,
+        sampling_steps: asked.sampling_steps,
+        interpolate: asked.interpolate,
+        size,
+    };
+    for k in 0..args.samples {
+        let spec = EditSpec {
+            seed: asked.seed + k as u64,
+            ..spec.clone()
+        };
+        let bar = step_bar(&format!("sample {}/{}", k + 1, args.samples));
+        let mut observer = sampling_observer(&bar, cancel, preview.as_mut());
+        let edited = service.edit(&spec, &mut observer);
+        bar.finish_and_clear();
+        let edited = edited?;
+        let wanted = numbered(&base_out, k, args.samples);
+        let (path, existing) = match (&args.out, args.overwrite) {
+            (Some(_), true) => (wanted, ExistingFile::Overwrite),
+            (Some(_), false) => (wanted, ExistingFile::Refuse),
+            (None, _) => (imaging::next_free_path(&wanted), ExistingFile::Refuse),
+        };
+        imaging::export_image(
+            &path,
+            &edited.image,
+            alpha.as_ref(),
+            &edited.recipe.text_chunks(),
+            existing,
+        )
+        .with_context(|| format!("the edit was not saved to {}", path.display()))?;
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
+pub fn grid_command(global: &GlobalOptions, args: &GridArgs, cancel: &CancelFlag) -> Result<()> {
+    check_prompt(&args.prompt)?;
+    check_output_extension(&args.out)?;
+    if args.t0_values.is_empty() || args.t0_values.iter().any(|t| !(0.0..=1.0).contains(t)) {
+        return Err(UsageError("--t0-values must be numbers between 0 and 1".into()).into());
+    }
+    check_sampling_steps(args.sampling_steps)?;
+    check_guidance(args.guidance)?;
+    let settings = training_choice(&args.training)?.settings(None)?;
+    let seed = choose_seed(args.seed);
+    let size = requested_size(args.size.as_deref())?;
+    let photo = load_photo(&args.image)?;
+    let mut service = load_service(global, snapshot_cache(&args.training)?)?;
+    let (ww, wh) = service.working_size(photo.dimensions(), size)?;
+    eprintln!("working size: {ww}x{wh}");
+    let request = TuneRequest {
+        photo: &photo.rgb,
+        settings: &settings,
+        size,
+        reconstruct_every: None,
+    };
+    let tuned = tune_with_progress(&mut service, &request, cancel)?;
+
+    // Cells at the working size: the grid compares settings, not resolutions.
+    let working = Arc::new(imaging::resize_rgb(&photo.rgb, ww, wh));
+    let columns: Vec<usize> = std::iter::once(0).chain(tuned.snapshot_steps).collect();
+    let bar = step_bar("grid");
+    bar.set_length((columns.len() * args.t0_values.len()) as u64);
+    let mut rows = Vec::with_capacity(args.t0_values.len());
+    let mut first_recipe: Option<Recipe> = None;
+    for &t0 in &args.t0_values {
+        let mut row = Vec::with_capacity(columns.len());
+        for &steps in &columns {
+            let spec = EditSpec {
+                photo_name: file_name(&args.image),
+                knobs: EditKnobs {
+                    tune_steps: Some(steps),
+                    t0_fraction: Some(t0),
+                    guidance_weight: Some(args.guidance),
+                    ..EditKnobs::default()
+                },
+                seed,
+                sampling_steps: args.sampling_steps,
+                size: Some((ww, wh)),
+                ..EditSpec::new(working.clone(), &args.prompt)
+            };
+            let mut observer = |_: &StepView| cancel.check();
+            let edited = service.edit(&spec, &mut observer)?;
+            if steps > 0 && first_recipe.is_none() {
+                first_recipe = Some(edited.recipe);
+            }
+            row.push(edited.image);
+            bar.inc(1);
+        }
+        rows.push(row);
+    }
+    bar.finish_and_clear();
+    let column_labels: Vec<String> = columns
+        .iter()
+        .map(|s| {
+            if *s == 0 {
+                "no fine-tuning".to_string()
+            } else {
+                format!("{s} steps")
+            }
+        })
+        .collect();
+    let row_labels: Vec<String> = args
+        .t0_values
+        .iter()
+        .map(|t| format!("t0 {t:.2}"))
+        .collect();
+    let title = format!("{} | guidance {} | seed {seed}", args.prompt, args.guidance);
+    let grid = imaging::labelled_grid(&rows, &column_labels, &row_labels, Some(&title))?;
+    // The fine-tuned cells' recipe, for the whole grid: every snapshot, every t0.
+    let recipe = first_recipe.map(|cell| Recipe {
+        mode: "grid".into(),
+        t0_fraction: None,
+        fidelity: None,
+        tune_steps: settings.total_steps(),
+        width: grid.width(),
+        height: grid.height(),
+        ..cell
+    });
+    let existing = if args.overwrite {
+        ExistingFile::Overwrite
+    } else {
+        ExistingFile::Refuse
+    };
+    let chunks = recipe.map(|r| r.text_chunks()).unwrap_or_default();
+    imaging::export_image(&args.out, &grid, None, &chunks, existing)
+        .with_context(|| format!("the grid was not saved to {}", args.out.display()))?;
+    println!("{}", args.out.display());
+    Ok(())
+}
