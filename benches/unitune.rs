@@ -22,7 +22,7 @@ use unitune::engine::finetune::{SnapshotCache, TrainMode, TuneSettings};
 use unitune::engine::precision::Precision;
 use unitune::engine::sampling::no_observer;
 use unitune::model_files::{NoProgress, locate_in_folder};
-use unitune::service::{EditKnobs, EditService, EditSpec, ModelRequest, TuneRequest};
+use unitune::service::{EditKnobs, EditService, EditSpec, ModelRequest, TuneRequest, WorkingSize};
 
 struct CountingAllocator;
 
@@ -101,7 +101,7 @@ fn edit_once(cache: &SnapshotCache, photo: &Arc<image::RgbImage>) -> bool {
     let mut service =
         EditService::load(&request, Some(cache.clone()), &mut NoProgress).expect("model loads");
     let recipe = settings(TrainMode::Full);
-    let size = Some(photo.dimensions());
+    let size = WorkingSize::AsIs;
     let tune = TuneRequest {
         photo,
         settings: &recipe,

@@ -18,9 +18,11 @@ struct Run {
 fn unitune(args: &[&str], cache: &Path) -> Run {
     let output: Output = Command::new(env!("CARGO_BIN_EXE_unitune"))
         .args(args)
-        // Never touch the network or the developer's real cache.
+        // Never touch the network or the developer's real caches (the snapshot cache and
+        // the file-hash memo live in XDG_CACHE_HOME).
         .env("HF_HUB_OFFLINE", "1")
         .env("HF_HUB_CACHE", cache)
+        .env("XDG_CACHE_HOME", cache.join("user-cache"))
         .env("RUST_BACKTRACE", "1")
         .output()
         .expect("unitune runs");

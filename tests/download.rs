@@ -65,6 +65,7 @@ fn unitune(args: &[&str], endpoint: &str, home: &Path, offline: bool) -> Run {
         .env("HF_HUB_CACHE", home.join("hub"))
         // No token file of the developer's is found there.
         .env("HF_HOME", home)
+        .env("XDG_CACHE_HOME", home.join("cache"))
         .env("RUST_BACKTRACE", "1")
         .env_remove("HF_TOKEN")
         .env_remove("HUGGING_FACE_HUB_TOKEN")

@@ -18,7 +18,9 @@ use egui::{Key, Modifiers, Pos2};
 use egui_kittest::kittest::Queryable;
 use egui_kittest::{Harness, SnapshotOptions};
 use unitune::gui::{Command, EditorApp, EditorOptions, FileDialogs, Settings, StateFiles};
-use unitune::jobs::{DeviceChoice, HubOptions, MicroBatch, ModelRequest, TrainingChoice};
+use unitune::jobs::{
+    DeviceChoice, HubOptions, MicroBatch, ModelRequest, Precision, TrainingChoice,
+};
 
 /// Answers file dialogs with prepared paths.
 #[derive(Default)]
@@ -324,6 +326,29 @@ fn edit_streams_variants_and_the_slider_browses_them_then_export_keeps_the_recip
     assert!(recipe["tuning"]["snapshot_steps"].is_array());
     let image = image::open(&out).unwrap();
     assert_eq!((image.width(), image.height()), (451, 300));
+    // The photo and the model by name only: no folder of this machine in a shared file.
+    assert_eq!(recipe["source_image"], "chelsea.png");
+    assert_eq!(recipe["model"], "sd15-tiny");
+    let bytes = String::from_utf8_lossy(&std::fs::read(&out).unwrap()).into_owned();
+    assert!(!bytes.contains(&common::fixtures().display().to_string()));
+    assert!(!bytes.contains("tests/fixtures"));
+
+    // The exported PNG dropped on the window offers its recipe, and leaves the photo open.
+    type_prompt(&mut harness, " and a hat");
+    drop_file(&mut harness, out.clone());
+    step_until(
+        &mut harness,
+        Duration::from_secs(30),
+        "the recipe offer",
+        |app| app.recipe_offered(),
+    );
+    assert_eq!(harness.state().photo_size(), Some((451, 300)));
+    harness
+        .get_by_role_and_label(Role::Button, "Use its prompt and settings")
+        .click();
+    harness.step();
+    assert_eq!(harness.state().prompt(), "a cat wearing sunglasses");
+    assert!(!harness.state().recipe_offered());
 
     // A folder that cannot be written: one sentence, and the result stays to try again.
     let missing = setup.state.path().join("no-such-folder").join("x.png");
@@ -858,6 +883,55 @@ fn a_lora_applies_to_the_loaded_model_and_file_export_lora_writes_the_lora_fine_
     assert!(layers.iter().all(|l| l.rank() == 2 && l.alpha == Some(2.0)));
     assert_eq!(metadata["ss_network_module"], "networks.lora");
     assert!(metadata["unitune.recipe"].contains("sd15-tiny-lora.safetensors"));
+    // The same metadata as the command line's, and no folder of this machine in it.
+    let recipe: serde_json::Value = serde_json::from_str(&metadata["unitune.recipe"]).unwrap();
+    assert_eq!(recipe["source_image"], "chelsea.png");
+    assert_eq!(recipe["precision"], "f32");
+    assert!(recipe["working_width"].is_number() && recipe["model_hash"].is_string());
+    let bytes = String::from_utf8_lossy(&std::fs::read(&out).unwrap()).into_owned();
+    assert!(
+        !bytes.contains("tests/fixtures"),
+        "a folder in the LoRA's metadata"
+    );
+}
+
+/// Issue 21: every global flag reaches the editor (`unitune --precision f16` used to load
+/// in the saved precision), and its model panel says which are in effect.
+#[test]
+fn the_global_flags_reach_the_editor_which_loads_in_f16_and_says_so() {
+    use clap::Parser;
+    let cli = unitune::cli::Cli::parse_from([
+        "unitune",
+        "--precision",
+        "f16",
+        "--device",
+        "cpu",
+        "--offline",
+        "--prediction-type",
+        "epsilon",
+    ]);
+    let options = unitune::cli::editor_options(&cli.global, None).unwrap();
+    assert_eq!(options.precision_override, Some(Precision::F16));
+    assert_eq!(options.model.device, DeviceChoice::Cpu);
+    assert!(options.model.hub.offline);
+    assert!(options.model.prediction_type.is_some());
+
+    let setup = Setup::new(2);
+    let options = EditorOptions {
+        precision_override: Some(Precision::F16),
+        ..setup.options(None)
+    };
+    let mut harness = Harness::builder()
+        .with_size([1100.0, 760.0])
+        .build_eframe(move |cc| EditorApp::new(cc, options));
+    step_until(&mut harness, Duration::from_secs(60), "the model", |app| {
+        app.model_ready()
+    });
+    assert_eq!(harness.state().model_summary().unwrap().precision, "f16");
+    assert!(
+        harness.query_by_label_contains("--precision f16").is_some(),
+        "the model panel names the flag"
+    );
 }
 
 /// Issue 12 (item 4): with an InstructPix2Pix model the edit box takes an instruction, no

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use image::{GrayImage, Luma, RgbImage};
 use unitune::jobs::{
     EditKnobs, EditSpec, JobEvent, JobId, JobRequest, JobRunner, PreviewMode, RunnerOptions, Stage,
-    TrainMode, TuneSettings, Waker,
+    TrainMode, TuneSettings, Waker, WorkingSize,
 };
 
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -52,7 +52,7 @@ fn edit(prompt: &str, t0_fraction: f64, sampling_steps: usize) -> JobRequest {
         },
         sampling_steps,
         seed: 1,
-        size: Some((64, 64)),
+        size: WorkingSize::Requested(64, 64),
         ..EditSpec::new(Arc::new(photo()), prompt)
     })
 }
@@ -238,7 +238,7 @@ fn tune_request(snapshot_steps: &[usize]) -> JobRequest {
             },
             ..TuneSettings::default()
         },
-        size: Some((64, 64)),
+        size: WorkingSize::Requested(64, 64),
     }
 }
 
@@ -367,7 +367,7 @@ fn a_tune_reports_its_loss_and_its_snapshots_serve_later_edits() {
         .submit(JobRequest::Tune {
             photo: Arc::new(photo()),
             settings,
-            size: Some((64, 64)),
+            size: WorkingSize::Requested(64, 64),
         })
         .unwrap();
     let tuned_edit = with_tune_steps(edit("a red apple", 0.5, 4), 2);

@@ -19,7 +19,9 @@ use unitune::engine::preview::{LatentPreview, PreviewMode, Previews, TinyPreview
 use unitune::engine::sampling::{SampleRequest, Start, StepView, sample};
 use unitune::engine::taesd::TinyAutoencoder;
 use unitune::engine::vae::Vae;
-use unitune::jobs::{EditKnobs, EditSpec, JobEvent, JobRequest, JobRunner, RunnerOptions};
+use unitune::jobs::{
+    EditKnobs, EditSpec, JobEvent, JobRequest, JobRunner, RunnerOptions, WorkingSize,
+};
 
 /// diffusers computes in float32 too; the tiny decoder is 8 convolutions deep.
 const TOLERANCE: f32 = 1e-4;
@@ -228,7 +230,7 @@ fn the_worker_previews_with_the_mode_the_ui_chose() {
             },
             sampling_steps: 3,
             seed: 1,
-            size: Some((64, 64)),
+            size: WorkingSize::Requested(64, 64),
             ..EditSpec::new(photo, "a photo of a cat")
         })
     };

@@ -39,7 +39,9 @@ use crate::engine::random_model::ensure_random_model;
 use crate::engine::sampling::{SampleRequest, Start, StepView, sample};
 use crate::imaging;
 use crate::model_files::{self, NoProgress};
-use crate::service::{EditKnobs, EditService, EditSpec, MicroBatch, ModelRequest, TuneRequest};
+use crate::service::{
+    EditKnobs, EditService, EditSpec, MicroBatch, ModelRequest, TuneRequest, WorkingSize,
+};
 
 /// Peak memory and time of one measured phase.
 struct Measured {
@@ -553,7 +555,7 @@ fn measure_run(
         let request = TuneRequest {
             photo: &photo,
             settings,
-            size: Some(photo.dimensions()),
+            size: WorkingSize::AsIs,
             reconstruct_every: None,
         };
         service
@@ -570,7 +572,7 @@ fn measure_run(
             },
             sampling_steps,
             seed: 1,
-            size: Some(photo.dimensions()),
+            size: WorkingSize::AsIs,
             ..EditSpec::new(photo.clone(), "a cat wearing sunglasses")
         };
         let mut observer = |_: &StepView| cancel.check();

@@ -22,7 +22,8 @@ use crate::engine::sampling::StepView;
 use crate::imaging::{self, DecodeLimits, ExistingFile};
 use crate::recipe::{Recipe, RecipeSettings};
 use crate::service::{
-    EditKind, EditKnobs, EditSpec, TrainingChoice, TuneRequest, check_lora_export, choose_seed,
+    EditKind, EditKnobs, EditSpec, TrainingChoice, TuneRequest, WorkingSize, check_lora_export,
+    choose_seed,
 };
 
 /// Which flags were given on the command line (not left at their defaults): those win over
@@ -394,7 +395,7 @@ pub fn grid_command(global: &GlobalOptions, args: &GridArgs, cancel: &CancelFlag
                 },
                 seed,
                 sampling_steps: args.sampling_steps,
-                size: Some((ww, wh)),
+                size: WorkingSize::AsIs,
                 ..EditSpec::new(working.clone(), &args.prompt)
             };
             let mut observer = |_: &StepView| cancel.check();

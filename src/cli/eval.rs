@@ -32,7 +32,7 @@ use super::progress::{step_bar, tune_with_progress};
 use crate::engine::fidelity::{EditParameters, FidelityTable};
 use crate::engine::sampling::StepView;
 use crate::imaging::{self, TradeOffCurve};
-use crate::service::{EditKnobs, EditService, EditSpec, TuneRequest};
+use crate::service::{EditKnobs, EditService, EditSpec, TuneRequest, WorkingSize};
 use crate::world::{self, Column, Edit, Object, Row, Scene, Shape, Size};
 
 /// The slider positions the benchmark measures.
@@ -136,7 +136,7 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
     for (index, case) in cases.iter().enumerate() {
         eprintln!("scene {}: {}", index + 1, world::caption(&case.scene));
         let working = Arc::new(to_working(&case.scene.render(), side));
-        let size = Some(working.dimensions());
+        let size = WorkingSize::AsIs;
         let request = TuneRequest {
             photo: &working,
             settings: &settings,
@@ -398,7 +398,7 @@ fn reconstruction_spec(
         },
         sampling_steps: args.sampling_steps,
         seed: args.seed * 1000 + scene as u64,
-        size: Some(working.dimensions()),
+        size: WorkingSize::AsIs,
         ..EditSpec::new(working.clone(), prompt)
     }
 }

@@ -10,7 +10,6 @@ use super::checks::{check_common, check_prompt, output_path};
 use super::model::load_service;
 use super::preview::{PreviewFile, check_preview_options, open_previews, preview_path};
 use super::progress::{sampling_observer, step_bar, warn_if_truncated};
-use super::tune::requested_size;
 use crate::imaging;
 use crate::service::{GenerateSpec, choose_seed};
 
@@ -22,7 +21,7 @@ pub fn generate_command(
     check_prompt(&args.prompt)?;
     check_common(&args.sampling)?;
     check_preview_options(&args.previews)?;
-    let size = requested_size(args.size.as_deref())?;
+    let size = args.size.as_deref().map(imaging::parse_size).transpose()?;
     let seed = choose_seed(args.sampling.seed);
 
     let service = load_service(global, None)?;

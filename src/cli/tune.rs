@@ -13,15 +13,15 @@ use super::model::{load_service, snapshot_cache};
 use super::progress::tune_with_progress;
 use crate::engine::edit::TuneEvent;
 use crate::imaging::{self, DecodeLimits, Photo};
-use crate::service::{EditService, TuneRequest, check_lora_export};
+use crate::service::{EditService, TuneRequest, WorkingSize, check_lora_export};
 
 pub(super) fn load_photo(path: &Path) -> Result<Photo> {
     Ok(imaging::load_photo(path, &DecodeLimits::default())?)
 }
 
-/// `--size WxH`, read.
-pub(super) fn requested_size(size: Option<&str>) -> Result<Option<(u32, u32)>> {
-    Ok(size.map(imaging::parse_size).transpose()?)
+/// `--size WxH`, read (without it the photo is fitted to the model).
+pub(super) fn requested_size(size: Option<&str>) -> Result<WorkingSize> {
+    Ok(size.map(imaging::parse_size).transpose()?.into())
 }
 
 /// The photo's file name for recipes (never its folder).
@@ -33,7 +33,7 @@ pub(super) fn file_name(path: &Path) -> Option<String> {
 pub(super) fn say_working_size(
     service: &EditService,
     photo: (u32, u32),
-    size: Option<(u32, u32)>,
+    size: WorkingSize,
 ) -> Result<()> {
     let (w, h) = service.working_size(photo, size)?;
     eprintln!("working size: {w}x{h}");

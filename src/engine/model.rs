@@ -459,6 +459,28 @@ pub(crate) fn tensor_to_image(tensor: &Tensor) -> Result<RgbImage> {
 }
 
 /// A diffusers folder's configs, tokenizer and weight files.
+/// The text encoder's weights in either key layout transformers writes: under `text_model.`
+/// (every SD checkpoint, transformers before 5) or without it (transformers 5), as
+/// transformers and diffusers themselves load both.
+fn text_encoder_weights(path: &Path) -> ComponentWeights {
+    const PREFIX: &str = "text_model.";
+    let usual = || ComponentWeights::File(path.to_path_buf());
+    // A file that cannot be read, is prefixed, or has neither layout takes the usual path,
+    // which names what is wrong with it.
+    let Ok(file) = WeightsFile::open(path) else {
+        return usual();
+    };
+    if file.has_prefix(PREFIX) || !file.contains("embeddings.token_embedding.weight") {
+        return usual();
+    }
+    ComponentWeights::Named(NamedWeights::new(
+        file,
+        Naming::Unprefixed {
+            strip: PREFIX.to_owned(),
+        },
+    ))
+}
+
 fn diffusers_parts(files: &DiffusersFiles, options: &LoadOptions) -> Result<Parts> {
     let unet = UnetConfig::load(&files.unet_config)?;
     let text_encoder_config = TextEncoderConfig::load(&files.text_encoder_config)?;
@@ -508,7 +530,7 @@ fn diffusers_parts(files: &DiffusersFiles, options: &LoadOptions) -> Result<Part
         text_encoder_config,
         scheduler,
         tokenizer,
-        text_weights: ComponentWeights::File(files.text_encoder_weights.clone()),
+        text_weights: text_encoder_weights(&files.text_encoder_weights),
         vae: (
             VaeConfig::load(&files.vae_config)?,
             ComponentWeights::File(files.vae_weights.clone()),

@@ -17,7 +17,7 @@ use super::background::{Chore, ChoreResult, Chores};
 use super::cache_window::CacheWindow;
 use super::canvas::{Tool, View};
 use super::commands::{self, Command};
-use super::document::{Document, Opening};
+use super::document::{Document, Opening, RecipeOffer};
 use super::export::ExportState;
 use super::mask::Brush;
 use super::model::ModelState;
@@ -59,6 +59,8 @@ pub struct EditorApp {
     pub(super) focus_prompt: bool,
     pub(super) canvas_rect: Option<Rect>,
     pub(super) notice: Option<Notice>,
+    /// An opened image's recipe, offered until used or dismissed.
+    pub(super) recipe_offer: Option<RecipeOffer>,
     pub(super) exports: ExportState,
     pub(super) autosave: AutosaveState,
     pub(super) cache_window: CacheWindow,
@@ -102,6 +104,7 @@ impl EditorApp {
             canvas_rect: None,
             focus_prompt: false,
             notice: None,
+            recipe_offer: None,
             exports: ExportState::default(),
             cache_window: CacheWindow::default(),
             options,
@@ -146,6 +149,16 @@ impl EditorApp {
 
     pub fn model_ready(&self) -> bool {
         self.model.runner.is_some()
+    }
+
+    /// What the loaded model is (its name, hash, device and precision), once it is ready.
+    pub fn model_summary(&self) -> Option<&crate::jobs::ModelSummary> {
+        self.model.summary()
+    }
+
+    /// Whether an opened image's recipe is on offer.
+    pub fn recipe_offered(&self) -> bool {
+        self.recipe_offer.is_some()
     }
 
     /// The variant shown now: its job and settings.

@@ -16,8 +16,8 @@ use image::{GrayImage, RgbImage};
 use super::persist::{RestoredSession, StateFiles};
 use super::results::{ResultFiles, StoredResult};
 use super::textures;
-use crate::imaging::{self, DecodeLimits, ExistingFile, Photo, one_line};
-use crate::jobs::{CacheEntry, JobId, Recipe, SnapshotCache, panic_text};
+use crate::imaging::{self, DecodeLimits, ExistingFile, Photo, SourceFormat, one_line};
+use crate::jobs::{CacheEntry, JobId, Recipe, RecipeSettings, SnapshotCache, panic_text};
 
 /// Names one request to open a photo (or restore the autosaved one); newer ones are larger.
 pub type OpenId = u64;
@@ -84,10 +84,13 @@ pub struct ExportRequest {
     pub directory: Option<PathBuf>,
 }
 
-/// A decoded photo with its display copy.
+/// A decoded photo with its display copy, and the recipe it holds when unitune (or
+/// AUTOMATIC1111) exported it.
 pub struct OpenedPhoto {
     pub photo: Photo,
     pub display: ColorImage,
+    /// Boxed: most photos hold none, and results travel by value.
+    pub recipe: Option<Box<RecipeSettings>>,
 }
 
 /// A finished variant, kept on disk, with its display copy and strip thumbnail.
@@ -255,6 +258,12 @@ impl Chores {
             let result = imaging::load_photo(&path, &DecodeLimits::default())
                 .map(|photo| OpenedPhoto {
                     display: textures::display_copy(&photo.rgb, gpu_side),
+                    // Only a PNG carries a recipe; an unreadable one is just a photo.
+                    recipe: (photo.source_format == SourceFormat::Png)
+                        .then(|| imaging::read_png_text(&path).ok())
+                        .flatten()
+                        .and_then(|chunks| RecipeSettings::from_text_chunks(&chunks))
+                        .map(Box::new),
                     photo,
                 })
                 .map_err(|err| one_line(&err.to_string()));

@@ -45,6 +45,10 @@ pub enum Command {
     /// The live preview's kind changed.
     SetPreview(PreviewMode),
     DismissNotice,
+    /// Use the offered recipe's prompt and settings for the next edit.
+    UseRecipe,
+    /// Open the image whose recipe is offered as the photo.
+    OpenOfferedImage,
     ResetView,
     /// The prompt took the keyboard focus it was given.
     PromptFocused,
@@ -130,7 +134,12 @@ impl EditorApp {
                 self.load_model(model, false);
             }
             Command::SetPreview(mode) => self.set_preview(mode),
-            Command::DismissNotice => self.notice = None,
+            Command::DismissNotice => {
+                self.notice = None;
+                self.recipe_offer = None;
+            }
+            Command::UseRecipe => self.use_offered_recipe(),
+            Command::OpenOfferedImage => self.open_offered_image(),
             Command::ResetView => {
                 self.view.zoom = 1.0;
                 self.view.pan = egui::Vec2::ZERO;

@@ -13,8 +13,9 @@ use super::background::{OpenId, OpenedPhoto};
 use super::canvas::View;
 use super::mask::MaskLayer;
 use super::persist::RestoredSession;
-use super::session::EditSession;
+use super::session::{EditSession, ladder_text};
 use super::textures;
+use crate::jobs::RecipeSettings;
 
 /// The mask is painted at most at this resolution (and scaled to the photo for the engine).
 /// A brush mask needs no more: the engine sees it at its working size (512-768) and the
@@ -33,6 +34,17 @@ pub struct Document {
     pub texture: TextureHandle,
     /// The mask overlay, made at the first stroke.
     pub mask_texture: Option<TextureHandle>,
+}
+
+/// An image that holds the recipe it was made with (unitune's, or AUTOMATIC1111's infotext),
+/// offered to the user: its prompt and settings for the next edit, and, when another photo
+/// was open, the image itself as the photo (nothing replaces the open work unasked).
+pub struct RecipeOffer {
+    /// The image's file name.
+    pub name: String,
+    pub recipe: Box<RecipeSettings>,
+    /// The decoded image, while the open photo stays (`None`: it is the open photo).
+    pub image: Option<(PathBuf, OpenedPhoto)>,
 }
 
 /// The open requests in flight: only the newest one's result is used.
@@ -87,15 +99,112 @@ impl EditorApp {
             return;
         }
         match result {
-            Ok(OpenedPhoto { photo, display }) => {
-                self.settings.remember_file(&path);
-                self.set_photo(Some(path.clone()), photo.rgb, display, photo.alpha, None);
-                let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-                self.info(format!("Opened {}.", name.unwrap_or_default()));
+            Ok(mut opened) => {
+                let name = path
+                    .file_name()
+                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+                let Some(recipe) = opened.recipe.take() else {
+                    self.show_opened(path, opened);
+                    return self.info(format!("Opened {name}."));
+                };
+                let prompt = recipe.prompt.clone();
+                if self.doc.is_some() {
+                    self.recipe_offer = Some(RecipeOffer {
+                        name: name.clone(),
+                        recipe,
+                        image: Some((path, opened)),
+                    });
+                    self.info(format!(
+                        "{name} holds the recipe it was made with (\"{prompt}\"): use its prompt and settings, or open it as the photo."
+                    ));
+                } else {
+                    self.show_opened(path, opened);
+                    self.recipe_offer = Some(RecipeOffer {
+                        name: name.clone(),
+                        recipe,
+                        image: None,
+                    });
+                    self.info(format!(
+                        "Opened {name}. It holds the recipe it was made with (\"{prompt}\"): use its prompt and settings to edit another photo the same way."
+                    ));
+                }
             }
             // The current work stays as it was.
             Err(message) => self.error(format!("Could not open that file: {message}")),
         }
+    }
+
+    fn show_opened(&mut self, path: PathBuf, opened: OpenedPhoto) {
+        self.settings.remember_file(&path);
+        let photo = opened.photo;
+        self.set_photo(Some(path), photo.rgb, opened.display, photo.alpha, None);
+    }
+
+    /// Opens the offered image as the photo (the recipe stays on offer).
+    pub(super) fn open_offered_image(&mut self) {
+        let Some((path, opened)) = self.recipe_offer.as_mut().and_then(|o| o.image.take()) else {
+            return;
+        };
+        let name = path
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        self.show_opened(path, opened);
+        self.info(format!("Opened {name}."));
+    }
+
+    /// The offered recipe's prompt and settings become the next edit's: the prompt, the
+    /// baseline prompt, the slider (or the Advanced values when the recipe set them itself),
+    /// the seed, sampling steps, interpolation and the fine-tuning recipe.
+    pub(super) fn use_offered_recipe(&mut self) {
+        let Some(offer) = self.recipe_offer.take() else {
+            return;
+        };
+        let recipe = offer.recipe;
+        self.form.prompt = recipe.prompt.clone();
+        self.form.baseline_prompt = recipe.baseline_prompt.clone();
+        let advanced = &mut self.form.advanced;
+        if let Some(steps) = recipe.tune_steps {
+            advanced.tune_steps = steps;
+        }
+        if let Some(t0) = recipe.t0_fraction {
+            advanced.t0 = t0;
+        }
+        if let Some(guidance) = recipe.guidance_weight {
+            advanced.guidance = guidance;
+        }
+        match recipe.fidelity {
+            Some(fidelity) => {
+                self.form.fidelity = fidelity.clamp(0.0, 1.0);
+                advanced.custom = false;
+            }
+            None => advanced.custom = recipe.tune_steps.is_some() || recipe.t0_fraction.is_some(),
+        }
+        advanced.seed_text = recipe.seed.map_or_else(String::new, |s| s.to_string());
+        if let Some(steps) = recipe.sampling_steps.filter(|s| *s > 0) {
+            self.settings.sampling_steps = steps;
+        }
+        self.settings.interpolate = recipe.interpolate;
+        if let Some(tuning) = recipe
+            .tuning
+            .as_ref()
+            .and_then(|t| t.settings(&Default::default()))
+        {
+            self.settings.train_mode = tuning.mode;
+            self.form.advanced.snapshot_text = ladder_text(&tuning.snapshot_steps);
+        }
+        let note = if recipe.instruct != self.model.is_instruct() {
+            if recipe.instruct {
+                " It was an instruction edit: load an InstructPix2Pix model to repeat it."
+            } else {
+                " It was made by describing the result: load a Stable Diffusion model to repeat it."
+            }
+        } else {
+            " Press Edit to make it again."
+        };
+        self.info(format!(
+            "Using the prompt and settings of {}.{note}",
+            offer.name
+        ));
     }
 
     pub(super) fn on_session_restored(

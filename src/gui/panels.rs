@@ -32,6 +32,18 @@ pub fn show(ui: &mut Ui, app: &mut EditorApp) -> Vec<Command> {
                 if app.exports.failed.is_some() && ui.button("Try again").clicked() {
                     commands.push(Command::RetryExport);
                 }
+                if let Some(offer) = &app.recipe_offer {
+                    if ui
+                        .button("Use its prompt and settings")
+                        .on_hover_text(format!("The recipe {} was made with", offer.name))
+                        .clicked()
+                    {
+                        commands.push(Command::UseRecipe);
+                    }
+                    if offer.image.is_some() && ui.button("Open it as the photo").clicked() {
+                        commands.push(Command::OpenOfferedImage);
+                    }
+                }
                 if ui.small_button("Dismiss").clicked() {
                     commands.push(Command::DismissNotice);
                 }

@@ -9,7 +9,7 @@ use super::textures::{self, VariantTextures};
 use super::variants::{FIRST_POSITIONS, VariantSet, VariantSettings, VariantState};
 use crate::jobs::{
     EditKind, EditKnobs, EditSpec, FidelityTable, JobEvent, JobId, JobRequest, MicroBatch, Stage,
-    TrainingChoice, TuneSettings, choose_seed, plan_edit, time_left,
+    TrainingChoice, TuneSettings, WorkingSize, choose_seed, plan_edit, time_left,
 };
 
 /// The longest the UI spends reading job events per frame.
@@ -407,7 +407,7 @@ impl EditorApp {
             let request = JobRequest::Tune {
                 photo,
                 settings: tune.clone(),
-                size: None,
+                size: WorkingSize::Fit,
             };
             if let Some(old) = self.session.tune.job()
                 && let Some(runner) = &self.model.runner
@@ -557,7 +557,7 @@ impl EditorApp {
             seed: settings.seed,
             sampling_steps: edit.sampling_steps,
             interpolate: edit.interpolate,
-            size: None,
+            size: WorkingSize::Fit,
         });
         let Some(job) = self.submit(request) else {
             return;

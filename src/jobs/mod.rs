@@ -48,7 +48,7 @@ pub use crate::model_files::{
 pub use crate::recipe::{Recipe, RecipeSettings};
 pub use crate::service::{
     EditKind, EditKnobs, EditPlan, EditService, EditSpec, MicroBatch, ModelRequest, ModelSummary,
-    TrainingChoice, choose_seed, plan_edit,
+    TrainingChoice, WorkingSize, choose_seed, plan_edit,
 };
 
 /// Names one request; later requests have larger ids.
@@ -78,8 +78,7 @@ pub enum JobRequest {
         /// Shared, so a caller holding a large photo queues jobs without copying it.
         photo: Arc<RgbImage>,
         settings: TuneSettings,
-        /// Working size `(width, height)`, multiples of 64; `None` fits the model.
-        size: Option<(u32, u32)>,
+        size: WorkingSize,
     },
     /// One edit (see [`EditSpec`]); the result comes back at the photo's size with its recipe.
     /// A snapshot other than 0 needs a `Tune` of the same photo at the same size first.

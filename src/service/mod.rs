@@ -33,7 +33,7 @@ use image::{GrayImage, RgbImage};
 pub use error::{Result, ServiceError};
 pub use identity::{ModelIdentity, SHORT_HASH_DIGITS, public_name};
 pub use model::{ModelRequest, ModelSummary, resolve_files};
-pub use plan::{EditKind, EditKnobs, EditPlan, choose_seed, plan_edit};
+pub use plan::{EditKind, EditKnobs, EditPlan, WorkingSize, choose_seed, plan_edit};
 pub use spec::{EditSpec, GenerateSpec, TuneRequest};
 pub use training::{MicroBatch, TrainingChoice};
 
@@ -197,12 +197,8 @@ impl EditService {
     }
 
     /// The working size for a photo of `photo` pixels (see [`plan::working_size`]).
-    pub fn working_size(
-        &self,
-        photo: (u32, u32),
-        requested: Option<(u32, u32)>,
-    ) -> Result<(u32, u32)> {
-        Ok(plan::working_size(photo, self.native_side(), requested)?)
+    pub fn working_size(&self, photo: (u32, u32), size: WorkingSize) -> Result<(u32, u32)> {
+        Ok(plan::working_size(photo, self.native_side(), size)?)
     }
 
     /// The side of the square the model was trained at (512 for SD 1.5), in pixels.
@@ -242,7 +238,7 @@ impl EditService {
     }
 
     /// The photo fitted to the working size.
-    fn fit(&self, photo: &RgbImage, size: Option<(u32, u32)>) -> Result<RgbImage> {
+    fn fit(&self, photo: &RgbImage, size: WorkingSize) -> Result<RgbImage> {
         let (w, h) = self.working_size(photo.dimensions(), size)?;
         Ok(imaging::resize_rgb(photo, w, h))
     }
@@ -423,7 +419,7 @@ impl EditService {
         observer: &mut dyn StepObserver,
     ) -> Result<(RgbImage, Recipe)> {
         let side = self.native_side();
-        let (width, height) = self.working_size((side, side), spec.size)?;
+        let (width, height) = self.working_size((side, side), spec.size.into())?;
         let request = SampleRequest {
             prompt: &spec.prompt,
             baseline_prompt: "",

@@ -134,14 +134,39 @@ pub fn choose_seed(requested: Option<u64>) -> u64 {
     requested.unwrap_or_else(|| rand::random::<u32>() as u64)
 }
 
-/// The size the model works at for a photo of `photo` pixels: `requested` when given (it must
-/// be multiples of 64), else the model's native area `model_side`² at the photo's aspect.
+/// The size the model works at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WorkingSize {
+    /// The model's native area at the photo's aspect ratio, in multiples of 64.
+    #[default]
+    Fit,
+    /// `--size WxH`: both multiples of 64.
+    Requested(u32, u32),
+    /// The photo's own size: it was made at the working size (a benchmark's scene, a grid's
+    /// cells); the model itself says whether it can work at it.
+    AsIs,
+}
+
+impl From<Option<(u32, u32)>> for WorkingSize {
+    fn from(requested: Option<(u32, u32)>) -> Self {
+        requested.map_or(Self::Fit, |(w, h)| Self::Requested(w, h))
+    }
+}
+
+/// The size the model works at for a photo of `photo` pixels (see [`WorkingSize`]), on a
+/// model whose native square has sides of `model_side`.
 pub fn working_size(
     photo: (u32, u32),
     model_side: u32,
-    requested: Option<(u32, u32)>,
+    size: WorkingSize,
 ) -> Result<(u32, u32), ImagingError> {
-    imaging::working_size(photo.0, photo.1, model_side, requested)
+    match size {
+        WorkingSize::Fit => imaging::working_size(photo.0, photo.1, model_side, None),
+        WorkingSize::Requested(w, h) => {
+            imaging::working_size(photo.0, photo.1, model_side, Some((w, h)))
+        }
+        WorkingSize::AsIs => Ok(photo),
+    }
 }
 
 #[cfg(test)]

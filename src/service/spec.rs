@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use image::{GrayImage, RgbImage};
 
-use super::plan::{EditKind, EditKnobs};
+use super::plan::{EditKind, EditKnobs, WorkingSize};
 use crate::engine::finetune::TuneSettings;
 
 /// One edit of one photo. The command line maps its flags onto it; the editor its form.
@@ -31,8 +31,7 @@ pub struct EditSpec {
     pub sampling_steps: usize,
     /// Blend toward the original where neighbourhoods match (paper 3.4).
     pub interpolate: bool,
-    /// Working size `(width, height)`, multiples of 64; `None` fits the model.
-    pub size: Option<(u32, u32)>,
+    pub size: WorkingSize,
 }
 
 impl EditSpec {
@@ -51,7 +50,7 @@ impl EditSpec {
             seed: 0,
             sampling_steps: 50,
             interpolate: false,
-            size: None,
+            size: WorkingSize::Fit,
         }
     }
 }
@@ -62,8 +61,7 @@ pub struct TuneRequest<'a> {
     /// The photo at its own size; the service fits it to the working size.
     pub photo: &'a RgbImage,
     pub settings: &'a TuneSettings,
-    /// Working size `(width, height)`, multiples of 64; `None` fits the model.
-    pub size: Option<(u32, u32)>,
+    pub size: WorkingSize,
     /// Every how many steps the progress carries the model's reconstruction of the photo (one
     /// extra UNet call each); `None` for none.
     pub reconstruct_every: Option<usize>,
@@ -76,6 +74,6 @@ pub struct GenerateSpec {
     pub seed: u64,
     pub sampling_steps: usize,
     pub guidance_weight: f64,
-    /// `(width, height)`, multiples of 64; `None` is the model's native size.
+    /// `--size WxH`, multiples of 64; `None` is the model's native size.
     pub size: Option<(u32, u32)>,
 }

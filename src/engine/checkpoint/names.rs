@@ -39,6 +39,9 @@ pub enum Naming {
     LdmVae { prefix: String, levels: usize },
     /// OpenCLIP's text tower (SD 2.x): `transformer.resblocks.N`, fused q/k/v.
     OpenClip { prefix: String },
+    /// Diffusers names without a leading `strip`: transformers 5 saves `CLIPTextModel`
+    /// without the `text_model.` its earlier versions (and every SD checkpoint) write.
+    Unprefixed { strip: String },
 }
 
 /// The LDM UNet's block numbering, which depends on the architecture: `(diffusers prefix,
@@ -281,6 +284,9 @@ impl Naming {
             Naming::LdmUnet(layout) => layout.source(name),
             Naming::LdmVae { prefix, levels } => ldm_vae_source(prefix, *levels, name),
             Naming::OpenClip { prefix } => open_clip_source(prefix, name),
+            Naming::Unprefixed { strip } => name
+                .strip_prefix(strip.as_str())
+                .map(|rest| Source::plain(rest.to_owned())),
         }
     }
 }
