@@ -17,12 +17,12 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::model_files;
 use unitune::engine::StableDiffusion;
 use unitune::engine::autograd::{GradientAccumulator, accumulate_gradients};
+use unitune::engine::finetune::denoising_loss;
 use unitune::engine::finetune::{
     Adapter, RARE_TOKEN, Snapshot, TrainMode, TuneProgress, TuneSettings, fine_tune,
 };
 use unitune::engine::noise::NoiseSource;
 use unitune::engine::optim::{OptimizerKind, OptimizerSettings};
-use unitune::engine::training::denoising_loss;
 
 const MODEL: &str = "sd15-tiny";
 const LORA: TrainMode = TrainMode::Lora { rank: 2 };

@@ -12,8 +12,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use common::{Reference, max_abs, max_abs_diff, model_dir};
 use unitune::engine::config::{SchedulerConfig, UnetConfig};
+use unitune::engine::finetune::denoising_loss;
 use unitune::engine::scheduler::DdimScheduler;
-use unitune::engine::training::denoising_loss;
 use unitune::engine::unet::UNet;
 
 struct Trainable {

@@ -12,10 +12,10 @@ use candle_core::{DType, Device, Tensor};
 use common::{Run, copy_dir, model_dir, unitune};
 use safetensors::tensor::TensorView;
 use unitune::engine::StableDiffusion;
-use unitune::engine::checkpoint::{Checkpoint, Family, UnetVariant};
 use unitune::engine::config::{PredictionType, TextEncoderConfig, UnetConfig, VaeConfig};
 use unitune::engine::model::LoadOptions;
 use unitune::engine::noise::NoiseSource;
+use unitune::engine::single_file::{Checkpoint, Family, UnetVariant};
 use unitune::model_files::{ModelFilesError, ModelLayout, VaeFiles, locate_in_folder, locate_vae};
 
 fn single(name: &str) -> PathBuf {

@@ -3,7 +3,6 @@
 //! No threads, no channels, no GUI types.
 
 pub mod autograd;
-pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod edit;
@@ -22,10 +21,10 @@ pub mod preview;
 pub mod random_model;
 pub mod sampling;
 pub mod scheduler;
+pub mod single_file;
 pub mod taesd;
 pub mod text_encoder;
 pub mod tokenizer;
-pub mod training;
 pub mod transformer;
 pub mod unet;
 pub mod vae;

@@ -10,10 +10,6 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use image::RgbImage;
 
-use super::checkpoint::{
-    self, Checkpoint, Family, NamedWeights, Naming, PredictionChoice, UnetVariant,
-    UnetWeightsSource, WeightsFile,
-};
 use super::config::{
     PipelineConfig, PredictionType, SchedulerConfig, TextEncoderConfig, UnetConfig, VaeConfig,
 };
@@ -22,6 +18,10 @@ use super::fidelity::{FidelityTable, STABLE_DIFFUSION};
 use super::lora::AppliedLoras;
 use super::noise::NoiseSource;
 use super::scheduler::DdimScheduler;
+use super::single_file::{
+    self, Checkpoint, Family, NamedWeights, Naming, PredictionChoice, UnetVariant,
+    UnetWeightsSource, WeightsFile,
+};
 use super::text_encoder::TextEncoder;
 use super::tokenizer::{ClipTokenizer, TokenizedPrompt, TokenizerFiles};
 use super::unet::UNet;
@@ -110,7 +110,7 @@ impl ModelInfo {
     /// e.g. "SD 2.x (OpenCLIP text encoder), text-to-image, v_prediction (SD 2.x default...)".
     pub fn describe(&self) -> String {
         let described = match self.family {
-            Some(family) => checkpoint::describe(family, self.variant, &self.prediction),
+            Some(family) => single_file::describe(family, self.variant, &self.prediction),
             None => format!("diffusers folder, {}, {}", self.variant, self.prediction),
         };
         if std::ptr::eq(self.fidelity_table, &STABLE_DIFFUSION) {
@@ -243,7 +243,7 @@ impl StableDiffusion {
             ),
             Some(VaeFiles::File { weights }) => {
                 let family = parts.info.family.unwrap_or(Family::Sd1);
-                let (config, named) = checkpoint::open_vae_file(weights, family)?;
+                let (config, named) = single_file::open_vae_file(weights, family)?;
                 (config, ComponentWeights::Named(named))
             }
         };

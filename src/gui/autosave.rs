@@ -1,8 +1,9 @@
 //! The app's side of autosave: what changed since the last frame goes to the autosave
 //! thread ([`super::persist::Autosaver`]), which writes it; its failures become notices.
 
-use super::app::EditorApp;
-use super::persist::{Autosaver, SessionSnapshot, SessionText, Settings};
+use super::document::Document;
+use super::form::EditForm;
+use super::persist::{Autosaver, SessionSnapshot, SessionText, Settings, StateFiles};
 
 /// The autosave thread, and what was last handed to it (to save only on change).
 pub struct AutosaveState {
@@ -19,62 +20,71 @@ impl AutosaveState {
             saved_settings: settings.clone(),
         }
     }
-}
 
-impl EditorApp {
-    fn session_text(&self) -> SessionText {
+    fn session_text(doc: &Document, form: &EditForm) -> SessionText {
         SessionText {
-            source: self.doc.as_ref().and_then(|d| d.source.clone()),
-            prompt: self.form.prompt.clone(),
-            baseline_prompt: self.form.baseline_prompt.clone(),
-            fidelity: self.form.fidelity,
+            source: doc.source.clone(),
+            prompt: form.prompt.clone(),
+            baseline_prompt: form.baseline_prompt.clone(),
+            fidelity: form.fidelity,
         }
     }
 
     /// Hands the photo, mask and prompt to the autosave thread.
-    pub(super) fn save_session_now(&mut self) {
-        let text = self.session_text();
-        let Some(doc) = &mut self.doc else { return };
+    pub fn save_now(&mut self, doc: Option<&mut Document>, form: &EditForm) {
+        let Some(doc) = doc else { return };
+        let text = Self::session_text(doc, form);
         let snapshot = SessionSnapshot {
             text: text.clone(),
             photo: Some((doc.version, doc.photo.clone())),
             alpha: doc.alpha.clone(),
             mask: doc.mask.painted(),
         };
-        if let Some(saver) = &self.autosave.saver {
+        if let Some(saver) = &self.saver {
             saver.save_session(snapshot);
         }
-        self.autosave.saved_text = Some(text);
+        self.saved_text = Some(text);
     }
 
-    /// Saves what changed since the last frame (typing, settings).
-    pub(super) fn autosave(&mut self) {
-        if self.doc.is_some() && self.autosave.saved_text.as_ref() != Some(&self.session_text()) {
-            self.save_session_now();
+    /// Saves what changed since the last frame (typing, settings); returns the last failure
+    /// the thread reported, if any.
+    pub fn on_frame(
+        &mut self,
+        doc: Option<&mut Document>,
+        form: &EditForm,
+        settings: &Settings,
+    ) -> Option<String> {
+        if let Some(doc) = doc
+            && self.saved_text.as_ref() != Some(&Self::session_text(doc, form))
+        {
+            self.save_now(Some(doc), form);
         }
-        if self.settings != self.autosave.saved_settings {
-            if let Some(saver) = &self.autosave.saver {
-                saver.save_settings(&self.settings);
+        if *settings != self.saved_settings {
+            if let Some(saver) = &self.saver {
+                saver.save_settings(settings);
             }
-            self.autosave.saved_settings = self.settings.clone();
+            self.saved_settings = settings.clone();
         }
         let failures = self
-            .autosave
             .saver
             .as_ref()
             .map(|s| s.failures())
             .unwrap_or_default();
-        if let Some(message) = failures.into_iter().last() {
-            self.error(message);
-        }
+        failures.into_iter().last()
     }
 
-    /// Waits for the autosave thread to write everything (tests, and clean exit).
-    pub fn flush_autosave(&mut self) {
-        self.autosave();
-        if let Some(saver) = self.autosave.saver.take() {
+    /// Waits until the thread has written everything, then starts a fresh one.
+    pub fn flush(&mut self, state: &StateFiles) {
+        if let Some(saver) = self.saver.take() {
             saver.flush();
         }
-        self.autosave.saver = Autosaver::start(self.options.state.clone()).ok();
+        self.saver = Autosaver::start(state.clone()).ok();
+    }
+
+    /// Waits until the thread has written everything (a clean exit).
+    pub fn finish(&mut self) {
+        if let Some(saver) = self.saver.take() {
+            saver.flush();
+        }
     }
 }

@@ -8,12 +8,11 @@ use std::time::SystemTime;
 
 use egui::{Context, TextureHandle, Ui};
 
-use super::app::EditorApp;
-use super::background::{CacheChange, CacheListing};
+use super::background::{CacheChange, CacheListing, Chores};
 use super::commands::Command;
 use super::panels::bytes_text;
 use super::textures;
-use crate::jobs::CacheEntry;
+use crate::jobs::{CacheEntry, SnapshotCache};
 
 /// The window's state: the last listing, and its thumbnails as textures.
 #[derive(Default)]
@@ -28,12 +27,34 @@ pub struct CacheWindow {
     pub total_bytes: u64,
     pub max_bytes: u64,
     pub error: Option<String>,
-    /// Thumbnails of the last listing, made into textures when the window is next drawn.
-    pending_thumbnails: Vec<(String, egui::ColorImage)>,
 }
 
 impl CacheWindow {
-    pub fn listed(&mut self, listing: CacheListing) {
+    /// Opens the window and lists the cache (in the background).
+    pub fn show_cache(&mut self, cache: Option<&SnapshotCache>, chores: &Chores) {
+        self.open = true;
+        self.confirm_clear = false;
+        self.change(CacheChange::None, cache, chores);
+    }
+
+    /// Removes one entry, or (after the confirmation) every entry, then lists again.
+    pub fn change(&mut self, change: CacheChange, cache: Option<&SnapshotCache>, chores: &Chores) {
+        if change == CacheChange::Clear {
+            self.confirm_clear = false;
+        }
+        match cache {
+            Some(cache) => {
+                self.busy = true;
+                chores.list_cache(cache.clone(), change);
+            }
+            None => {
+                self.error = Some("The snapshot cache is off, so nothing is kept on disk.".into())
+            }
+        }
+    }
+
+    /// A listing arrived: its entries, and their thumbnails as textures (small, 160 px).
+    pub fn listed(&mut self, listing: CacheListing, ctx: &Context) {
         self.busy = false;
         self.total_bytes = listing.total_bytes;
         self.max_bytes = listing.max_bytes;
@@ -42,7 +63,8 @@ impl CacheWindow {
         self.entries.clear();
         for (entry, thumbnail) in listing.entries {
             if let Some(image) = thumbnail {
-                self.pending_thumbnails.push((entry.key.clone(), image));
+                let texture = textures::upload(ctx, &format!("cache-{}", entry.key), image);
+                self.thumbnails.insert(entry.key.clone(), texture);
             }
             self.entries.push(entry);
         }
@@ -51,62 +73,17 @@ impl CacheWindow {
     pub fn listing_failed(&mut self) {
         self.busy = false;
     }
-}
 
-impl EditorApp {
-    pub(super) fn show_cache(&mut self) {
-        self.cache_window.open = true;
-        self.cache_window.confirm_clear = false;
-        self.change_cache(CacheChange::None);
-    }
-
-    pub(super) fn remove_cache_entry(&mut self, key: String) {
-        self.change_cache(CacheChange::Remove(key));
-    }
-
-    pub(super) fn clear_cache(&mut self) {
-        self.cache_window.confirm_clear = false;
-        self.change_cache(CacheChange::Clear);
-    }
-
-    fn change_cache(&mut self, change: CacheChange) {
-        match &self.options.snapshot_cache {
-            Some(cache) => {
-                self.cache_window.busy = true;
-                self.chores.list_cache(cache.clone(), change);
-            }
-            None => {
-                self.cache_window.error =
-                    Some("The snapshot cache is off, so nothing is kept on disk.".into())
-            }
-        }
-    }
-
-    /// Whether the cache window is reading or changing the cache (tests wait on it).
-    pub fn cache_busy(&self) -> bool {
-        self.cache_window.busy
-    }
-
-    /// The keys of the cache entries listed in the cache window.
-    pub fn cache_keys(&self) -> Vec<String> {
-        self.cache_window
-            .entries
-            .iter()
-            .map(|e| e.key.clone())
-            .collect()
+    /// The keys of the listed entries.
+    pub fn keys(&self) -> Vec<String> {
+        self.entries.iter().map(|e| e.key.clone()).collect()
     }
 }
 
 /// Draws the window while it is open.
-pub fn show(ctx: &Context, app: &mut EditorApp, commands: &mut Vec<Command>) {
-    let window = &mut app.cache_window;
+pub fn show(ctx: &Context, window: &CacheWindow, commands: &mut Vec<Command>) {
     if !window.open {
         return;
-    }
-    // Thumbnails are small (160 px), so making their textures here costs little.
-    for (key, image) in window.pending_thumbnails.drain(..) {
-        let texture = textures::upload(ctx, &format!("cache-{key}"), image);
-        window.thumbnails.insert(key, texture);
     }
     let mut open = true;
     egui::Window::new("Snapshot cache")

@@ -3,7 +3,9 @@
 
 use egui::{Color32, Pos2, Rect, Sense, Stroke, TextureHandle, Ui, Vec2, pos2, vec2};
 
-use super::mask::{Brush, MaskLayer};
+use super::commands::Command;
+use super::limits;
+use super::mask::Brush;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tool {
@@ -14,7 +16,7 @@ pub enum Tool {
 }
 
 /// How the picture is framed, and the mask tools.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct View {
     /// 1 = the picture fits the panel.
     pub zoom: f32,
@@ -47,17 +49,17 @@ pub struct Picture<'a> {
     pub comparing: bool,
     pub mask_texture: Option<&'a TextureHandle>,
     pub mask_opacity: f32,
+    /// The mask's width in pixels (at most the photo's: see `limits::MASK_MAX_SIDE`).
+    pub mask_width: u32,
+    /// A brush stroke is under way.
+    pub stroking: bool,
 }
 
-/// Draws the picture and handles zoom, pan and painting. Returns true when a stroke ended
-/// (the mask changed and should be autosaved).
-pub fn show(
-    ui: &mut Ui,
-    view: &mut View,
-    picture: &Picture,
-    mask: &mut MaskLayer,
-    brush: &Brush,
-) -> bool {
+/// Draws the picture; zoom, pan, the split line and painting come back as commands
+/// (`SetView`, `PaintTo`, `EndStroke`).
+pub fn show(ui: &mut Ui, current: &View, picture: &Picture, brush: &Brush) -> Vec<Command> {
+    let mut commands = Vec::new();
+    let mut view = current.clone();
     let (panel, response) = ui.allocate_exact_size(ui.available_size(), Sense::click_and_drag());
     let response = response.on_hover_text_at_pointer(match view.tool {
         Tool::Move => "Drag to pan, scroll to zoom",
@@ -78,7 +80,7 @@ pub fn show(
         let factor = pinch * (scroll / 400.0).exp();
         if (factor - 1.0).abs() > 1e-4 {
             let old = view.zoom;
-            view.zoom = (view.zoom * factor).clamp(0.1, 32.0);
+            view.zoom = (view.zoom * factor).clamp(*limits::ZOOM.start(), *limits::ZOOM.end());
             if let Some(pointer) = response.hover_pos() {
                 let from_centre = pointer - panel.center() - view.pan;
                 view.pan -= from_centre * (view.zoom / old - 1.0);
@@ -139,10 +141,9 @@ pub fn show(
         }
     }
 
-    let mut stroke_ended = false;
     let painting = matches!(view.tool, Tool::Brush | Tool::Eraser);
     if painting {
-        let mask_scale = mask.image().width() as f32 / image_size.x;
+        let mask_scale = picture.mask_width as f32 / image_size.x;
         let to_mask = |p: Pos2| -> (f32, f32) {
             let local = (p - rect.min) / scale * mask_scale;
             (local.x, local.y)
@@ -150,20 +151,18 @@ pub fn show(
         let pressing = response.dragged_by(egui::PointerButton::Primary)
             || response.drag_started_by(egui::PointerButton::Primary)
             || response.clicked();
+        let mut stroking = picture.stroking;
         if pressing && let Some(pointer) = response.interact_pointer_pos() {
             let (x, y) = to_mask(pointer);
-            if mask.is_stroking() {
-                mask.stroke_to(x, y, brush);
-            } else {
-                mask.begin_stroke(x, y, brush);
-            }
+            commands.push(Command::PaintTo { x, y });
+            stroking = true;
         }
         if (response.drag_stopped()
             || response.clicked()
             || !ui.input(|i| i.pointer.primary_down()))
-            && mask.is_stroking()
+            && stroking
         {
-            stroke_ended = mask.end_stroke();
+            commands.push(Command::EndStroke);
         }
         if let Some(pointer) = response.hover_pos() {
             let radius = brush.size_px / mask_scale * scale / 2.0;
@@ -171,7 +170,10 @@ pub fn show(
             painter.circle_stroke(pointer, radius + 1.5, Stroke::new(1.0, Color32::BLACK));
         }
     }
-    stroke_ended
+    if view != *current {
+        commands.insert(0, Command::SetView(view));
+    }
+    commands
 }
 
 /// A size for showing `texture` inside `max` keeping its aspect ratio.

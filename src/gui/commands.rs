@@ -1,13 +1,16 @@
-//! What the panels and shortcuts can ask for, and the one place it is applied:
-//! [`EditorApp::apply`].
+//! What the panels, the canvas and the shortcuts can ask for, and the one place it is
+//! applied: [`EditorApp::apply`]. The panels edit only the form in place; every other change
+//! comes through here.
 
 use std::path::PathBuf;
 
 use egui::{Context, Key, KeyboardShortcut, Modifiers, Rect};
 
 use super::app::EditorApp;
-use super::canvas::Tool;
-use crate::jobs::PreviewMode;
+use super::background::CacheChange;
+use super::canvas::{Tool, View};
+use super::limits;
+use crate::jobs::{Precision, PreviewMode, TrainMode};
 
 /// Everything the panels can ask for; applied in [`EditorApp::apply`].
 #[derive(Debug, Clone, PartialEq)]
@@ -21,13 +24,18 @@ pub enum Command {
     SliderDragged,
     /// The slider was released (or set by keyboard) at this position.
     SliderReleased,
-    /// A brush stroke ended.
-    MaskChanged,
     SelectVariant(usize),
     Export,
     RetryExport,
     /// Ask where to write the current lora-mode fine-tune as a LoRA file.
     ExportLora,
+    /// Paint (or erase) the mask up to this point, in mask pixels; starts a stroke.
+    PaintTo {
+        x: f32,
+        y: f32,
+    },
+    /// The brush was lifted: the stroke becomes one undo step and is autosaved.
+    EndStroke,
     Undo,
     Redo,
     ClearMask,
@@ -42,13 +50,22 @@ pub enum Command {
     /// Load this single-file checkpoint (dropped on the window).
     LoadModelFile(PathBuf),
     RetryModel,
+    /// The compute precision chosen in Advanced (the model loads again in it).
+    SetPrecision(Precision),
     /// The live preview's kind changed.
     SetPreview(PreviewMode),
+    SetTrainMode(TrainMode),
+    /// Photos per fine-tuning pass: `auto` or a number.
+    SetMicroBatch(String),
+    SetSamplingSteps(usize),
+    SetInterpolate(bool),
     DismissNotice,
     /// Use the offered recipe's prompt and settings for the next edit.
     UseRecipe,
     /// Open the image whose recipe is offered as the photo.
     OpenOfferedImage,
+    /// The canvas was zoomed, panned, or its split line moved; the mask shown or hidden.
+    SetView(View),
     ResetView,
     /// The prompt took the keyboard focus it was given.
     PromptFocused,
@@ -56,6 +73,8 @@ pub enum Command {
     CanvasPlaced(Rect),
     ChooseTool(Tool),
     BrushSize(f32),
+    BrushSoftness(f32),
+    MaskOpacity(f32),
     /// Open the snapshot cache window (which lists the cache in the background).
     ShowCache,
     HideCache,
@@ -78,15 +97,19 @@ impl EditorApp {
                     .and_then(|p| p.parent().map(PathBuf::from));
                 self.chores.pick_photo(dir);
             }
-            Command::Open(path) => self.open_photo(path),
+            Command::Open(path) => {
+                let request = self.opening.start();
+                self.chores.open_photo(request, path);
+            }
             Command::Edit => self.start_edit(),
             Command::Cancel => {
-                self.cancel_all();
+                if let Some(runner) = &self.model.runner {
+                    self.session.cancel_all(runner);
+                }
                 self.model.cancel_download();
             }
             Command::MoreSeeds => self.more_seeds(),
             Command::SliderDragged => self.session.variants.follow_slider(),
-            Command::MaskChanged => self.save_session_now(),
             Command::SliderReleased => self.slider_released(),
             Command::SelectVariant(index) => {
                 self.session.variants.select(index);
@@ -100,9 +123,34 @@ impl EditorApp {
                     self.form.fidelity = f;
                 }
             }
-            Command::Export => self.export(),
-            Command::RetryExport => self.retry_export(),
-            Command::ExportLora => self.export_lora(),
+            Command::Export => {
+                let started = self.exports.start(
+                    &self.session,
+                    self.doc.as_ref(),
+                    self.form.fidelity,
+                    &self.chores,
+                );
+                if let Err(message) = started {
+                    self.error(message);
+                }
+            }
+            Command::RetryExport => self.exports.retry(&self.chores),
+            Command::ExportLora => self.ask_where_to_export_lora(),
+            Command::PaintTo { x, y } => {
+                let brush = self.brush();
+                if let Some(doc) = &mut self.doc {
+                    if doc.mask.is_stroking() {
+                        doc.mask.stroke_to(x, y, &brush);
+                    } else {
+                        doc.mask.begin_stroke(x, y, &brush);
+                    }
+                }
+            }
+            Command::EndStroke => {
+                if self.doc.as_mut().is_some_and(|d| d.mask.end_stroke()) {
+                    self.save_session_now();
+                }
+            }
             Command::Undo | Command::Redo | Command::ClearMask | Command::InvertMask => {
                 if let Some(doc) = &mut self.doc {
                     match command {
@@ -133,13 +181,31 @@ impl EditorApp {
                 let model = self.model.name();
                 self.load_model(model, false);
             }
+            Command::SetPrecision(precision) => {
+                // The user's choice now, over `--precision`; the weights are converted when
+                // loaded, so the model loads again.
+                self.settings.precision = precision.as_str().to_owned();
+                self.options.precision_override = None;
+                let model = self.model.name();
+                self.load_model(model, false);
+            }
             Command::SetPreview(mode) => self.set_preview(mode),
+            Command::SetTrainMode(mode) => self.settings.train_mode = mode,
+            Command::SetMicroBatch(micro) => self.settings.micro_batch = micro,
+            Command::SetSamplingSteps(steps) => {
+                self.settings.sampling_steps = steps.clamp(
+                    *limits::SAMPLING_STEPS.start(),
+                    *limits::SAMPLING_STEPS.end(),
+                )
+            }
+            Command::SetInterpolate(on) => self.settings.interpolate = on,
             Command::DismissNotice => {
                 self.notice = None;
                 self.recipe_offer = None;
             }
             Command::UseRecipe => self.use_offered_recipe(),
             Command::OpenOfferedImage => self.open_offered_image(),
+            Command::SetView(view) => self.view = view,
             Command::ResetView => {
                 self.view.zoom = 1.0;
                 self.view.pan = egui::Vec2::ZERO;
@@ -147,12 +213,33 @@ impl EditorApp {
             Command::PromptFocused => self.focus_prompt = false,
             Command::CanvasPlaced(rect) => self.canvas_rect = Some(rect),
             Command::ChooseTool(tool) => self.view.tool = tool,
-            Command::BrushSize(size) => self.settings.brush_size_px = size.clamp(2.0, 1024.0),
-            Command::ShowCache => self.show_cache(),
+            Command::BrushSize(size) => {
+                self.settings.brush_size_px =
+                    size.clamp(*limits::BRUSH_SIZE_PX.start(), *limits::BRUSH_SIZE_PX.end())
+            }
+            Command::BrushSoftness(softness) => {
+                self.settings.brush_softness =
+                    softness.clamp(*limits::FRACTION.start(), *limits::FRACTION.end())
+            }
+            Command::MaskOpacity(opacity) => {
+                self.settings.mask_opacity =
+                    opacity.clamp(*limits::FRACTION.start(), *limits::FRACTION.end())
+            }
+            Command::ShowCache => self
+                .cache_window
+                .show_cache(self.options.snapshot_cache.as_ref(), &self.chores),
             Command::HideCache => self.cache_window.open = false,
             Command::ConfirmClearCache(ask) => self.cache_window.confirm_clear = ask,
-            Command::RemoveCacheEntry(key) => self.remove_cache_entry(key),
-            Command::ClearCache => self.clear_cache(),
+            Command::RemoveCacheEntry(key) => self.cache_window.change(
+                CacheChange::Remove(key),
+                self.options.snapshot_cache.as_ref(),
+                &self.chores,
+            ),
+            Command::ClearCache => self.cache_window.change(
+                CacheChange::Clear,
+                self.options.snapshot_cache.as_ref(),
+                &self.chores,
+            ),
         }
     }
 }
@@ -199,10 +286,10 @@ pub fn shortcuts(ctx: &Context, brush_size_px: f32) -> Vec<Command> {
                 }
             }
             if i.key_pressed(Key::OpenBracket) {
-                commands.push(Command::BrushSize(brush_size_px / 1.25));
+                commands.push(Command::BrushSize(brush_size_px / limits::BRUSH_STEP));
             }
             if i.key_pressed(Key::CloseBracket) {
-                commands.push(Command::BrushSize(brush_size_px * 1.25));
+                commands.push(Command::BrushSize(brush_size_px * limits::BRUSH_STEP));
             }
         });
     }

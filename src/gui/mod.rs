@@ -1,10 +1,12 @@
 //! The desktop editor: eframe/egui with the wgpu renderer. The only module that knows egui.
 //!
-//! - [`app::EditorApp`] owns the state and runs the frame; the panels return
-//!   [`commands::Command`]s, which it applies in one place ([`commands`]).
-//! - One file per flow: [`model`] (loading), [`document`] (opening photos), [`session`] (the
-//!   fine-tune, variants and their textures), [`export`], [`autosave`] (with [`persist`] on
-//!   disk), [`cache_window`] (the snapshot cache).
+//! - [`app::EditorApp`] owns the state and runs the frame; the panels get what they display
+//!   and the form they edit ([`form`]), and return [`commands::Command`]s for every other
+//!   change, which it applies in one place ([`commands`]). Every limit is in [`limits`].
+//! - One type per flow, each with its logic: [`session`] (the fine-tune, variants, textures
+//!   and the LoRA export: every job), [`model`] (loading), [`document`] (the open photo),
+//!   [`export`], [`autosave`] (with [`persist`] on disk), [`cache_window`] (the snapshot
+//!   cache).
 //! - Heavy work never runs on the UI thread: the model loads and runs on [`crate::jobs`]
 //!   threads, files and dialogs on [`background`] threads, autosave on [`persist`]'s thread.
 //!   Each frame drains their channels for a bounded time.
@@ -19,6 +21,8 @@ mod canvas;
 mod commands;
 mod document;
 mod export;
+mod form;
+mod limits;
 mod mask;
 mod model;
 mod panels;

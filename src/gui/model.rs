@@ -1,16 +1,12 @@
-//! The model: loading it (and downloading, after the user agrees), and the job runner it
-//! ends in.
+//! The model: loading it (and downloading, after the user agrees) on the loader's thread,
+//! and the job runner it ends in.
 
 use std::sync::Arc;
 
-use super::app::EditorApp;
-use super::commands::Command;
-
 use crate::jobs::{
     DEMO_MODEL, DownloadStatus, FidelityTable, JobRunner, LoadEvent, LoadRequest, ModelLoader,
-    ModelRequest, ModelSummary, PreviewMode, STABLE_DIFFUSION, demo_model_dir,
+    ModelSummary, STABLE_DIFFUSION, demo_model_dir,
 };
-use crate::world;
 
 /// Where the model stands.
 pub enum ModelStatus {
@@ -108,8 +104,33 @@ impl ModelState {
         }
     }
 
+    /// Loads `request` on the loader's thread (`waker` repaints the UI as it goes); the
+    /// model loaded before is stopped in the background, its snapshots with it.
+    pub fn load(&mut self, request: LoadRequest, waker: Arc<dyn Fn() + Send + Sync>) {
+        if let Some(old) = self.runner.take() {
+            old.stop_in_background();
+        }
+        let model = request.model.model.clone();
+        match ModelLoader::start(request, waker) {
+            Ok(loader) => {
+                self.loader = Some(loader);
+                self.status = ModelStatus::Loading {
+                    model,
+                    detail: "looking for the model files".into(),
+                };
+            }
+            Err(err) => {
+                self.status = ModelStatus::Failed {
+                    model,
+                    message: format!("cannot start loading the model: {err}"),
+                };
+            }
+        }
+    }
+
     /// Reads the loader's events; returns the model's name once it is ready (to remember).
-    fn poll(&mut self, flags: &[String]) -> Option<String> {
+    /// `flags` are the global flags in effect, for the model panel.
+    pub fn poll(&mut self, flags: &[String]) -> Option<String> {
         let loader = self.loader.as_ref()?;
         let events: Vec<LoadEvent> = std::iter::from_fn(|| loader.try_next()).collect();
         let model = self.name();
@@ -160,103 +181,5 @@ impl ModelState {
             }
         }
         None
-    }
-}
-
-impl EditorApp {
-    pub(super) fn load_model(&mut self, model: String, allow_download: bool) {
-        if let Some(old) = self.model.runner.take() {
-            old.stop_in_background();
-        }
-        // The new runner has none of the old one's snapshots.
-        self.session.tuned_for = None;
-        let request = LoadRequest {
-            model: self.model_request(&model),
-            allow_download,
-            snapshot_cache: self.options.snapshot_cache.clone(),
-            preview: self.settings.preview,
-        };
-        let repaint = self.ctx.clone();
-        match ModelLoader::start(request, Arc::new(move || repaint.request_repaint())) {
-            Ok(loader) => {
-                self.model.loader = Some(loader);
-                self.model.status = ModelStatus::Loading {
-                    model,
-                    detail: "looking for the model files".into(),
-                };
-            }
-            Err(err) => {
-                self.model.status = ModelStatus::Failed {
-                    model,
-                    message: format!("cannot start loading the model: {err}"),
-                };
-            }
-        }
-    }
-
-    /// `model` with every global flag the editor was started with, and the precision in
-    /// effect: `--precision` until the user picks one in Advanced, else the saved choice.
-    pub(super) fn model_request(&self, model: &str) -> ModelRequest {
-        ModelRequest {
-            model: model.to_owned(),
-            precision: self
-                .options
-                .precision_override
-                .unwrap_or_else(|| self.settings.precision.parse().unwrap_or_default()),
-            ..self.options.model.clone()
-        }
-    }
-
-    pub(super) fn poll_loader(&mut self) {
-        let flags = self.model_request("").flags_in_effect();
-        if let Some(model) = self.model.poll(&flags) {
-            self.settings.model = Some(model);
-            if self.model.is_demo() && self.doc.is_none() && !self.opening.in_progress() {
-                self.open_demo_scene();
-            }
-        }
-        if let Some(notice) = self.model.preview_notice.take() {
-            self.info(notice);
-        }
-    }
-
-    /// With the demo model and nothing open, a scene of its world opens, with an edit to try
-    /// in the prompt box: a newcomer can press Edit at once.
-    fn open_demo_scene(&mut self) {
-        let path = self.options.state.root().join("demo-scene.png");
-        let written = std::fs::create_dir_all(self.options.state.root())
-            .map_err(|e| e.to_string())
-            .and_then(|()| {
-                world::example_scene()
-                    .render()
-                    .save(&path)
-                    .map_err(|e| e.to_string())
-            });
-        match written {
-            Ok(()) => {
-                if self.form.prompt.trim().is_empty() {
-                    self.form.prompt = world::EXAMPLE_PROMPT.to_string();
-                }
-                self.apply(Command::Open(path));
-            }
-            Err(err) => self.error(format!(
-                "cannot write the demo scene to {}: {err}",
-                path.display()
-            )),
-        }
-    }
-
-    /// The preview setting changed: the runner switches at once; the tiny VAE, if the
-    /// runner lacks it, comes with loading the model again.
-    pub(super) fn set_preview(&mut self, mode: PreviewMode) {
-        self.settings.preview = mode;
-        match &self.model.runner {
-            Some(runner) if mode == PreviewMode::Taesd && !runner.has_tiny_preview() => {
-                let model = self.model.name();
-                self.load_model(model, false);
-            }
-            Some(runner) => runner.set_preview(mode),
-            None => {}
-        }
     }
 }

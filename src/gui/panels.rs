@@ -1,7 +1,7 @@
 //! The editor's layout: menu bar, notice line, side panel (model, prompt, slider, mask,
-//! Advanced), variant strip, canvas and the snapshot cache window. Panels read the app and
-//! return [`Command`]s; they edit in place only plain form values (the prompt and other
-//! text, sliders, settings) and the mask under the brush, which the app autosaves.
+//! Advanced), variant strip, canvas and the snapshot cache window. Panels read the app (what
+//! they display) and edit the form in place ([`EditForm`]); every other change they ask for is
+//! a [`Command`] the app applies in one place.
 
 use egui::{Color32, ProgressBar, RichText, Ui};
 
@@ -9,8 +9,10 @@ use super::app::{EditorApp, NoticeKind};
 use super::cache_window;
 use super::canvas::{self, Picture, Tool};
 use super::commands::Command;
+use super::form::{EditForm, ladder_text};
+use super::limits;
 use super::model::ModelStatus;
-use super::session::{self, TuneStatus};
+use super::session::TuneStatus;
 use super::variants::VariantState;
 use crate::jobs::{
     DEFAULT_INSTRUCT_MODEL, DEFAULT_MODEL, DEMO_MODEL, Precision, PreviewMode, TrainMode,
@@ -18,9 +20,9 @@ use crate::jobs::{
 };
 use crate::world;
 
-pub fn show(ui: &mut Ui, app: &mut EditorApp) -> Vec<Command> {
+pub fn show(ui: &mut Ui, app: &EditorApp, form: &mut EditForm) -> Vec<Command> {
     let mut commands = Vec::new();
-    egui::Panel::top("menu").show(ui, |ui| menu_bar(ui, app, &mut commands));
+    egui::Panel::top("menu").show(ui, |ui| menu_bar(ui, app, form, &mut commands));
     if let Some(notice) = app.notice.clone() {
         egui::Panel::top("notice").show(ui, |ui| {
             ui.horizontal(|ui| {
@@ -55,20 +57,20 @@ pub fn show(ui: &mut Ui, app: &mut EditorApp) -> Vec<Command> {
         .default_size(320.0)
         .min_size(260.0)
         .show(ui, |ui| {
-            egui::ScrollArea::vertical().show(ui, |ui| side_panel(ui, app, &mut commands));
+            egui::ScrollArea::vertical().show(ui, |ui| side_panel(ui, app, form, &mut commands));
         });
     if !app.session.variants.is_empty() {
         egui::Panel::bottom("strip")
             .resizable(false)
             .exact_size(210.0)
-            .show(ui, |ui| strip(ui, app, &mut commands));
+            .show(ui, |ui| strip(ui, app, form.fidelity, &mut commands));
     }
-    egui::CentralPanel::default().show(ui, |ui| central(ui, app, &mut commands));
-    cache_window::show(ui.ctx(), app, &mut commands);
+    egui::CentralPanel::default().show(ui, |ui| central(ui, app, form.fidelity, &mut commands));
+    cache_window::show(ui.ctx(), &app.cache_window, &mut commands);
     commands
 }
 
-fn menu_bar(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
+fn menu_bar(ui: &mut Ui, app: &EditorApp, form: &EditForm, commands: &mut Vec<Command>) {
     egui::MenuBar::new().ui(ui, |ui| {
         ui.menu_button("File", |ui| {
             if ui.button("Open...  (Ctrl+O)").clicked() {
@@ -87,7 +89,7 @@ fn menu_bar(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
             if ui.button("Export...  (Ctrl+S)").clicked() {
                 commands.push(Command::Export);
             }
-            let lora_tuned = app.lora_export_steps().is_some();
+            let lora_tuned = app.session.lora_export_steps(form.fidelity).is_some();
             if ui
                 .add_enabled(lora_tuned, egui::Button::new("Export LoRA..."))
                 .on_hover_text(
@@ -134,7 +136,7 @@ fn menu_bar(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
     });
 }
 
-fn side_panel(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
+fn side_panel(ui: &mut Ui, app: &EditorApp, form: &mut EditForm, commands: &mut Vec<Command>) {
     model_section(ui, app, commands);
     ui.separator();
 
@@ -149,7 +151,7 @@ fn side_panel(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
     };
     let label = ui.label(question);
     let prompt = ui.add(
-        egui::TextEdit::singleline(&mut app.form.prompt)
+        egui::TextEdit::singleline(&mut form.prompt)
             .hint_text(example)
             .desired_width(f32::INFINITY),
     );
@@ -189,7 +191,7 @@ fn side_panel(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
 
     ui.add_space(6.0);
     let slider = ui.add(
-        egui::Slider::new(&mut app.form.fidelity, 0.0..=1.0)
+        egui::Slider::new(&mut form.fidelity, limits::FIDELITY)
             .text("Fidelity")
             .fixed_decimals(2),
     );
@@ -205,8 +207,8 @@ fn side_panel(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
         // While dragging, the nearest finished variant shows (no job yet).
         commands.push(Command::SliderDragged);
     }
-    if let Some((_, settings)) = app.shown_variant() {
-        ui.small(format!("Showing: {}", settings.describe()));
+    if let Some((_, variant)) = app.session.variants.shown(form.fidelity) {
+        ui.small(format!("Showing: {}", variant.settings.describe()));
     }
     ui.horizontal(|ui| {
         let mut split = app.view.split.is_some();
@@ -215,17 +217,20 @@ fn side_panel(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
             .on_hover_text("Drag the line on the picture; hold Space to see the original")
             .changed()
         {
-            app.view.split = split.then_some(0.5);
+            commands.push(Command::SetView(canvas::View {
+                split: split.then_some(0.5),
+                ..app.view.clone()
+            }));
         }
     });
 
     ui.separator();
     mask_section(ui, app, commands);
     ui.separator();
-    advanced_section(ui, app, commands);
+    advanced_section(ui, app, form, commands);
 }
 
-fn model_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
+fn model_section(ui: &mut Ui, app: &EditorApp, commands: &mut Vec<Command>) {
     ui.heading("Model");
     match &app.model.status {
         ModelStatus::Ready { summary, flags, .. } => {
@@ -424,7 +429,7 @@ fn progress_section(ui: &mut Ui, app: &EditorApp) {
             };
             ui.small(format!(
                 "{how}: snapshots after {} steps",
-                session::ladder_text(snapshots)
+                ladder_text(snapshots)
             ));
         }
         TuneStatus::None => {}
@@ -458,7 +463,7 @@ fn progress_section(ui: &mut Ui, app: &EditorApp) {
     }
 }
 
-fn mask_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
+fn mask_section(ui: &mut Ui, app: &EditorApp, commands: &mut Vec<Command>) {
     ui.heading("Mask (optional)");
     ui.small("Paint where the edit may change the photo. No mask: the whole photo may change.");
     ui.horizontal(|ui| {
@@ -472,14 +477,34 @@ fn mask_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
             }
         }
     });
-    ui.add(
-        egui::Slider::new(&mut app.settings.brush_size_px, 2.0..=512.0)
-            .text("Brush size")
-            .logarithmic(true),
-    );
-    ui.add(egui::Slider::new(&mut app.settings.brush_softness, 0.0..=1.0).text("Softness"));
-    ui.add(egui::Slider::new(&mut app.settings.mask_opacity, 0.0..=1.0).text("Overlay opacity"));
-    ui.checkbox(&mut app.view.show_mask, "Show mask");
+    let settings = &app.settings;
+    if let Some(size) = edited(settings.brush_size_px, |size| {
+        ui.add(
+            egui::Slider::new(size, limits::BRUSH_SIZE_PX)
+                .text("Brush size")
+                .logarithmic(true),
+        );
+    }) {
+        commands.push(Command::BrushSize(size));
+    }
+    if let Some(softness) = edited(settings.brush_softness, |softness| {
+        ui.add(egui::Slider::new(softness, limits::FRACTION).text("Softness"));
+    }) {
+        commands.push(Command::BrushSoftness(softness));
+    }
+    if let Some(opacity) = edited(settings.mask_opacity, |opacity| {
+        ui.add(egui::Slider::new(opacity, limits::FRACTION).text("Overlay opacity"));
+    }) {
+        commands.push(Command::MaskOpacity(opacity));
+    }
+    if let Some(show_mask) = edited(app.view.show_mask, |show| {
+        ui.checkbox(show, "Show mask");
+    }) {
+        commands.push(Command::SetView(canvas::View {
+            show_mask,
+            ..app.view.clone()
+        }));
+    }
     let (can_undo, can_redo) = app
         .doc
         .as_ref()
@@ -506,91 +531,112 @@ fn mask_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
     });
 }
 
-fn advanced_section(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
+/// `value` as a widget drawn by `ui` edits a copy of it: the new value when it changed.
+fn edited<T: Clone + PartialEq>(value: T, ui: impl FnOnce(&mut T)) -> Option<T> {
+    let mut copy = value.clone();
+    ui(&mut copy);
+    (copy != value).then_some(copy)
+}
+
+fn advanced_section(
+    ui: &mut Ui,
+    app: &EditorApp,
+    form: &mut EditForm,
+    commands: &mut Vec<Command>,
+) {
     egui::CollapsingHeader::new("Advanced").show(ui, |ui| {
+        let advanced = &mut form.advanced;
         ui.checkbox(
-            &mut app.form.advanced.custom,
+            &mut advanced.custom,
             "Use these values instead of the slider",
         );
-        ui.add_enabled_ui(app.form.advanced.custom, |ui| {
+        ui.add_enabled_ui(advanced.custom, |ui| {
             ui.add(
-                egui::Slider::new(&mut app.form.advanced.tune_steps, 0..=256)
+                egui::Slider::new(&mut advanced.tune_steps, limits::TUNE_STEPS)
                     .text("Snapshot (steps)"),
             );
-            ui.add(
-                egui::Slider::new(&mut app.form.advanced.t0, 0.0..=1.0).text("t0 (SDEdit start)"),
-            );
-            ui.add(egui::Slider::new(&mut app.form.advanced.guidance, 0.0..=30.0).text("Guidance"));
+            ui.add(egui::Slider::new(&mut advanced.t0, limits::T0).text("t0 (SDEdit start)"));
+            ui.add(egui::Slider::new(&mut advanced.guidance, limits::GUIDANCE).text("Guidance"));
         });
-        labelled_text(
-            ui,
-            "Seed (empty = random)",
-            &mut app.form.advanced.seed_text,
-        );
+        labelled_text(ui, "Seed (empty = random)", &mut advanced.seed_text);
         labelled_text(
             ui,
             "Baseline prompt (prompt guidance)",
-            &mut app.form.baseline_prompt,
+            &mut form.baseline_prompt,
         );
-        ui.add(egui::Slider::new(&mut app.settings.sampling_steps, 1..=150).text("Sampling steps"));
-        ui.checkbox(
-            &mut app.settings.interpolate,
-            "Interpolate toward the original",
-        );
+        let settings = &app.settings;
+        if let Some(steps) = edited(settings.sampling_steps, |steps| {
+            ui.add(egui::Slider::new(steps, limits::SAMPLING_STEPS).text("Sampling steps"));
+        }) {
+            commands.push(Command::SetSamplingSteps(steps));
+        }
+        if let Some(on) = edited(settings.interpolate, |on| {
+            ui.checkbox(on, "Interpolate toward the original");
+        }) {
+            commands.push(Command::SetInterpolate(on));
+        }
         labelled_text(
             ui,
             "Fine-tuning snapshots",
-            &mut app.form.advanced.snapshot_text,
+            &mut form.advanced.snapshot_text,
         );
-        egui::ComboBox::from_label("Training mode")
-            .selected_text(app.settings.train_mode.name())
-            .show_ui(ui, |ui| {
-                for option in [
-                    TrainMode::Full,
-                    TrainMode::Attention,
-                    TrainMode::CrossKv,
-                    TrainMode::Lora { rank: 4 },
-                ] {
-                    ui.selectable_value(&mut app.settings.train_mode, option, option.name());
-                }
-            });
-        let mut micro = app.settings.micro_batch.clone();
-        egui::ComboBox::from_label("Micro-batch")
-            .selected_text(micro.clone())
-            .show_ui(ui, |ui| {
-                for option in ["auto", "1", "2", "4"] {
-                    ui.selectable_value(&mut micro, option.to_string(), option);
-                }
-            });
-        app.settings.micro_batch = micro;
-        let mut precision = app.settings.precision.clone();
-        egui::ComboBox::from_label("Precision")
-            .selected_text(precision.clone())
-            .show_ui(ui, |ui| {
-                for option in Precision::ALL {
-                    let name = option.as_str().to_string();
-                    ui.selectable_value(&mut precision, name.clone(), name);
-                }
-            });
-        if precision != app.settings.precision {
-            app.settings.precision = precision;
-            // The weights are converted when loaded: load the model again.
-            commands.push(Command::RetryModel);
+        if let Some(mode) = edited(settings.train_mode, |mode| {
+            egui::ComboBox::from_label("Training mode")
+                .selected_text(mode.name())
+                .show_ui(ui, |ui| {
+                    for option in [
+                        TrainMode::Full,
+                        TrainMode::Attention,
+                        TrainMode::CrossKv,
+                        TrainMode::Lora { rank: 4 },
+                    ] {
+                        ui.selectable_value(mode, option, option.name());
+                    }
+                });
+        }) {
+            commands.push(Command::SetTrainMode(mode));
         }
-        let mut preview = app.settings.preview;
-        egui::ComboBox::from_label("Live preview")
-            .selected_text(preview_label(preview))
-            .show_ui(ui, |ui| {
-                for option in PreviewMode::ALL {
-                    ui.selectable_value(&mut preview, option, preview_label(option));
-                }
-            })
-            .response
-            .on_hover_text(
-                "Tiny VAE: madebyollin/taesd, close to the result (downloaded once, about 10 MB). \
-                 Fast: a colour map, one pixel per latent. The result always comes from the full VAE.",
-            );
-        if preview != app.settings.preview {
+        if let Some(micro) = edited(settings.micro_batch.clone(), |micro| {
+            egui::ComboBox::from_label("Micro-batch")
+                .selected_text(micro.clone())
+                .show_ui(ui, |ui| {
+                    for option in ["auto", "1", "2", "4"] {
+                        ui.selectable_value(micro, option.to_string(), option);
+                    }
+                });
+        }) {
+            commands.push(Command::SetMicroBatch(micro));
+        }
+        // What the model loads in now: `--precision`, until a choice here replaces it.
+        let in_effect = app
+            .options
+            .precision_override
+            .unwrap_or_else(|| settings.precision.parse().unwrap_or_default());
+        if let Some(precision) = edited(in_effect, |precision| {
+            egui::ComboBox::from_label("Precision")
+                .selected_text(precision.as_str())
+                .show_ui(ui, |ui| {
+                    for option in Precision::ALL {
+                        ui.selectable_value(precision, option, option.as_str());
+                    }
+                });
+        }) {
+            commands.push(Command::SetPrecision(precision));
+        }
+        if let Some(preview) = edited(settings.preview, |preview| {
+            egui::ComboBox::from_label("Live preview")
+                .selected_text(preview_label(*preview))
+                .show_ui(ui, |ui| {
+                    for option in PreviewMode::ALL {
+                        ui.selectable_value(preview, option, preview_label(option));
+                    }
+                })
+                .response
+                .on_hover_text(
+                    "Tiny VAE: madebyollin/taesd, close to the result (downloaded once, about 10 MB). \
+                     Fast: a colour map, one pixel per latent. The result always comes from the full VAE.",
+                );
+        }) {
             commands.push(Command::SetPreview(preview));
         }
     });
@@ -610,12 +656,8 @@ fn labelled_text(ui: &mut Ui, label: &str, text: &mut String) {
         .labelled_by(label.id);
 }
 
-fn strip(ui: &mut Ui, app: &EditorApp, commands: &mut Vec<Command>) {
-    let shown = app
-        .session
-        .variants
-        .shown(app.form.fidelity)
-        .map(|(i, _)| i);
+fn strip(ui: &mut Ui, app: &EditorApp, fidelity: f64, commands: &mut Vec<Command>) {
+    let shown = app.session.variants.shown(fidelity).map(|(i, _)| i);
     egui::ScrollArea::horizontal().show(ui, |ui| {
         ui.horizontal(|ui| {
             for (index, variant) in app.session.variants.variants().iter().enumerate() {
@@ -663,10 +705,10 @@ fn strip(ui: &mut Ui, app: &EditorApp, commands: &mut Vec<Command>) {
     });
 }
 
-fn central(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
-    let Some(original) = app.doc.as_ref().map(|d| d.texture.clone()) else {
+fn central(ui: &mut Ui, app: &EditorApp, fidelity: f64, commands: &mut Vec<Command>) {
+    let Some(doc) = app.doc.as_ref() else {
         ui.centered_and_justified(|ui| {
-            let text = if app.is_busy() && app.doc.is_none() {
+            let text = if app.is_busy() {
                 "Opening..."
             } else {
                 "Open a photo (File > Open, Ctrl+O) or drop one here"
@@ -678,22 +720,17 @@ fn central(ui: &mut Ui, app: &mut EditorApp, commands: &mut Vec<Command>) {
         return;
     };
     let comparing = app.comparing(ui.ctx());
-    let result = app.shown_texture().cloned();
-    let brush = app.brush();
-    let mask_texture = app.doc.as_ref().and_then(|d| d.mask_texture.clone());
-    let opacity = app.settings.mask_opacity;
-    let Some(doc) = app.doc.as_mut() else { return };
     let picture = Picture {
-        original: &original,
-        result: result.as_ref(),
+        original: &doc.texture,
+        result: app.shown_texture(fidelity),
         comparing,
-        mask_texture: mask_texture.as_ref(),
-        mask_opacity: opacity,
+        mask_texture: doc.mask_texture.as_ref(),
+        mask_opacity: app.settings.mask_opacity,
+        mask_width: doc.mask.image().width(),
+        stroking: doc.mask.is_stroking(),
     };
     commands.push(Command::CanvasPlaced(ui.available_rect_before_wrap()));
-    if canvas::show(ui, &mut app.view, &picture, &mut doc.mask, &brush) {
-        commands.push(Command::MaskChanged);
-    }
+    commands.extend(canvas::show(ui, &app.view, &picture, &app.brush()));
     if comparing {
         ui.painter().text(
             ui.max_rect().left_top() + egui::vec2(8.0, 8.0),

@@ -1,60 +1,27 @@
 //! The edit session: the fine-tune of the open photo, the edit asked for, its variants and
-//! their textures. Turns the form into jobs and the jobs' events into state.
+//! their textures, and the LoRA export. All the job logic lives here: it turns what the form
+//! asks into jobs for the runner, and the jobs' events into state and notices.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::app::EditorApp;
-use super::background::PreparedVariant;
+use egui::Context;
+use image::{GrayImage, RgbImage};
+
+use super::app::Notice;
+use super::background::{Chores, PreparedVariant};
+use super::limits;
+use super::results::ResultFiles;
 use super::textures::{self, VariantTextures};
 use super::variants::{FIRST_POSITIONS, VariantSet, VariantSettings, VariantState};
 use crate::jobs::{
-    EditKind, EditKnobs, EditSpec, FidelityTable, JobEvent, JobId, JobRequest, MicroBatch, Stage,
-    TrainingChoice, TuneSettings, WorkingSize, choose_seed, plan_edit, time_left,
+    EditSpec, FidelityTable, JobEvent, JobId, JobRequest, JobRunner, Stage, TrainMode,
+    TuneSettings, WorkingSize, time_left,
 };
 
 /// The longest the UI spends reading job events per frame.
 const EVENT_BUDGET: Duration = Duration::from_millis(4);
-
-/// The values the side panel edits in place (plain values, autosaved when they change).
-#[derive(Debug, Clone)]
-pub struct EditForm {
-    pub prompt: String,
-    pub baseline_prompt: String,
-    pub fidelity: f64,
-    pub advanced: Advanced,
-}
-
-/// Values the Advanced section edits.
-#[derive(Debug, Clone)]
-pub struct Advanced {
-    /// Use the values below instead of the slider's.
-    pub custom: bool,
-    pub tune_steps: usize,
-    pub t0: f64,
-    pub guidance: f64,
-    /// Empty = a new random seed per edit.
-    pub seed_text: String,
-    /// The snapshot ladder, e.g. "16, 32, 64, 128".
-    pub snapshot_text: String,
-}
-
-impl EditForm {
-    pub fn new(snapshot_steps: &[usize]) -> Self {
-        Self {
-            prompt: String::new(),
-            baseline_prompt: String::new(),
-            fidelity: 0.5,
-            advanced: Advanced {
-                custom: false,
-                tune_steps: 64,
-                t0: 0.96,
-                guidance: 9.0,
-                seed_text: String::new(),
-                snapshot_text: ladder_text(snapshot_steps),
-            },
-        }
-    }
-}
 
 /// The fine-tune of the current photo.
 #[derive(Default)]
@@ -109,6 +76,43 @@ impl TuneStatus {
             _ => None,
         }
     }
+
+    /// The snapshots kept so far (all of them once done).
+    fn kept(&self) -> Vec<usize> {
+        match self {
+            TuneStatus::Done { snapshots, .. } => snapshots.clone(),
+            TuneStatus::Running { kept, .. } => kept.clone(),
+            TuneStatus::None => Vec::new(),
+        }
+    }
+}
+
+/// The open photo, as an edit's jobs need it.
+pub struct PhotoRef<'a> {
+    /// Changes whenever the photo does.
+    pub version: u64,
+    pub photo: &'a Arc<RgbImage>,
+    /// The file name (for the recipe; never the folder).
+    pub name: Option<String>,
+}
+
+/// One edit as the form asks for it.
+pub struct EditOrder {
+    pub prompt: String,
+    pub baseline_prompt: String,
+    /// At the mask layer's size (the worker scales it to the photo's).
+    pub mask: Option<Arc<GrayImage>>,
+    pub tune: TuneSettings,
+    pub seed: u64,
+    pub sampling_steps: usize,
+    pub interpolate: bool,
+    /// An instruction for an InstructPix2Pix model: no fine-tuning, the slider sets the image
+    /// guidance.
+    pub instruct: bool,
+    /// The model's fidelity table.
+    pub table: &'static FidelityTable,
+    /// The variants to queue first, in order.
+    pub first: Vec<VariantSettings>,
 }
 
 /// What an edit was asked with (kept so slider releases and more seeds match it).
@@ -117,18 +121,22 @@ pub struct EditContext {
     pub prompt: String,
     pub baseline_prompt: String,
     pub photo_version: u64,
-    /// At the mask layer's size (the worker scales it to the photo's).
-    pub mask: Option<std::sync::Arc<image::GrayImage>>,
+    pub mask: Option<Arc<GrayImage>>,
     /// The snapshots variants may use: the recipe's ladder, or what a stopped tune kept.
     pub ladder: Vec<usize>,
     pub seed: u64,
     pub sampling_steps: usize,
     pub interpolate: bool,
-    /// An instruction for an InstructPix2Pix model: no fine-tuning, the slider sets the image
-    /// guidance.
     pub instruct: bool,
-    /// The model's fidelity table, for every variant of this edit.
     pub table: &'static FidelityTable,
+}
+
+/// Where the session's results and textures go: egui for textures, the chore threads for
+/// files, the result folder.
+pub struct SessionEnv<'a> {
+    pub ctx: &'a Context,
+    pub chores: &'a Chores,
+    pub results: &'a ResultFiles,
 }
 
 /// The fine-tune, the edit and its variants, for the open photo.
@@ -140,26 +148,36 @@ pub struct EditSession {
     pub edit: Option<EditContext>,
     pub variants: VariantSet,
     pub textures: VariantTextures,
+    /// The job writing a LoRA file, while it runs.
+    pub lora_job: Option<JobId>,
 }
 
 impl EditSession {
     pub fn is_running(&self) -> bool {
         !self.variants.pending_jobs().is_empty() || matches!(self.tune, TuneStatus::Running { .. })
     }
-}
 
-impl EditorApp {
-    pub(super) fn poll_jobs(&mut self) {
-        let Some(runner) = &self.model.runner else {
-            return;
-        };
-        for event in runner.drain(EVENT_BUDGET) {
-            self.on_job_event(event);
-        }
+    /// The runner's snapshots are gone (another model): the next edit tunes again.
+    pub fn forget_tune(&mut self) {
+        self.tuned_for = None;
     }
 
-    fn on_job_event(&mut self, event: JobEvent) {
-        let is_tune = Some(event.id()) == self.session.tune.job();
+    /// Reads the runner's events for a bounded time; returns what the user should hear.
+    pub fn poll(&mut self, runner: &JobRunner, env: &SessionEnv) -> Vec<Notice> {
+        runner
+            .drain(EVENT_BUDGET)
+            .into_iter()
+            .filter_map(|event| self.on_event(event, runner, env))
+            .collect()
+    }
+
+    fn on_event(
+        &mut self,
+        event: JobEvent,
+        runner: &JobRunner,
+        env: &SessionEnv,
+    ) -> Option<Notice> {
+        let is_tune = Some(event.id()) == self.tune.job();
         match event {
             JobEvent::Progress {
                 id,
@@ -175,7 +193,7 @@ impl EditorApp {
                     loss: l,
                     resumed_after,
                     ..
-                } = &mut self.session.tune
+                } = &mut self.tune
                     && *job == id
                 {
                     (*s, *t, *l) = (step, total, loss);
@@ -189,21 +207,22 @@ impl EditorApp {
                 total,
                 ..
             } => self
-                .session
                 .variants
                 .update(id, VariantState::Running { step, total }),
             JobEvent::Preview { id, image } => {
-                let tex = &mut self.session.textures;
+                let tex = &mut self.textures;
                 if is_tune {
+                    let side = limits::TUNE_PREVIEW_SIDE;
                     match &mut tex.tune_preview {
-                        Some(t) => t.set(textures::color_image(&image, 512), Default::default()),
+                        Some(t) => t.set(textures::color_image(&image, side), Default::default()),
                         None => {
                             tex.tune_preview =
-                                Some(textures::thumbnail(&self.ctx, "tune-preview", &image, 512))
+                                Some(textures::thumbnail(env.ctx, "tune-preview", &image, side))
                         }
                     }
-                } else if self.session.variants.find(id).is_some() {
-                    let t = textures::thumbnail(&self.ctx, "live-preview", &image, 1024);
+                } else if self.variants.find(id).is_some() {
+                    let side = limits::LIVE_PREVIEW_SIDE;
+                    let t = textures::thumbnail(env.ctx, "live-preview", &image, side);
                     tex.live_preview = Some((id, t));
                 }
             }
@@ -213,7 +232,7 @@ impl EditorApp {
                 from_cache,
                 ..
             } => {
-                self.session.tune = TuneStatus::Done {
+                self.tune = TuneStatus::Done {
                     snapshots: snapshot_steps,
                     from_cache,
                     partial: false,
@@ -224,47 +243,49 @@ impl EditorApp {
             } => {
                 // The variant stays pending (its live preview showing) until its display
                 // copy is ready: see `show_variant`.
-                if self.session.variants.find(id).is_some() {
-                    self.chores
-                        .prepare_variant(id, result, recipe, self.results.clone());
+                if self.variants.find(id).is_some() {
+                    env.chores
+                        .prepare_variant(id, result, recipe, env.results.clone());
                 }
             }
             JobEvent::LoraExported { path, .. } => {
-                self.exports.lora_job = None;
-                self.info(format!("LoRA written to {}.", path.display()));
+                self.lora_job = None;
+                return Some(Notice::info(format!("LoRA written to {}.", path.display())));
             }
-            JobEvent::Failed { id, message } if Some(id) == self.exports.lora_job => {
-                self.exports.lora_job = None;
-                self.error(format!("The LoRA was not written: {message}"));
+            JobEvent::Failed { id, message } if Some(id) == self.lora_job => {
+                self.lora_job = None;
+                return Some(Notice::error(format!(
+                    "The LoRA was not written: {message}"
+                )));
             }
             JobEvent::Failed { id, message } => {
                 if is_tune {
-                    self.tune_stopped();
-                    self.error(format!("Fine-tuning failed: {message}"));
-                } else if self.session.variants.find(id).is_some() {
-                    self.session
-                        .variants
+                    self.tune_stopped(runner);
+                    return Some(Notice::error(format!("Fine-tuning failed: {message}")));
+                } else if self.variants.find(id).is_some() {
+                    self.variants
                         .update(id, VariantState::Failed(message.clone()));
-                    self.error(format!("The edit failed: {message}"));
+                    return Some(Notice::error(format!("The edit failed: {message}")));
                 }
             }
             JobEvent::Cancelled { id } => {
                 if is_tune {
-                    self.tune_stopped();
+                    self.tune_stopped(runner);
                 }
-                self.session.variants.update(id, VariantState::Cancelled);
-                let tex = &mut self.session.textures;
+                self.variants.update(id, VariantState::Cancelled);
+                let tex = &mut self.textures;
                 if tex.live_preview.as_ref().is_some_and(|(j, _)| *j == id) {
                     tex.live_preview = None;
                 }
             }
         }
+        None
     }
 
     /// The tune kept the snapshot after `steps` steps: edits may use it even if the tune
     /// stops before its end.
     fn on_snapshot_kept(&mut self, id: JobId, steps: usize) {
-        if let TuneStatus::Running { job, kept, .. } = &mut self.session.tune
+        if let TuneStatus::Running { job, kept, .. } = &mut self.tune
             && *job == id
             && !kept.contains(&steps)
         {
@@ -276,15 +297,15 @@ impl EditorApp {
     /// variants (the slider and more seeds choose among them); queued variants that need a
     /// snapshot it did not reach cannot run. The next Edit tunes again (the cache resumes
     /// where this one stopped).
-    fn tune_stopped(&mut self) {
-        let mut kept = match &mut self.session.tune {
+    fn tune_stopped(&mut self, runner: &JobRunner) {
+        let mut kept = match &mut self.tune {
             TuneStatus::Running { kept, .. } => std::mem::take(kept),
             _ => Vec::new(),
         };
         kept.sort_unstable();
-        self.session.textures.tune_preview = None;
-        self.session.tuned_for = None;
-        self.session.tune = if kept.is_empty() {
+        self.textures.tune_preview = None;
+        self.tuned_for = None;
+        self.tune = if kept.is_empty() {
             TuneStatus::None
         } else {
             TuneStatus::Done {
@@ -293,31 +314,31 @@ impl EditorApp {
                 partial: true,
             }
         };
-        if let Some(runner) = &self.model.runner {
-            for variant in self.session.variants.variants() {
-                let steps = variant.settings.plan.tune_steps;
-                if variant.is_pending() && steps > 0 && !kept.contains(&steps) {
-                    runner.cancel(variant.job);
-                }
+        for variant in self.variants.variants() {
+            let steps = variant.settings.plan.tune_steps;
+            if variant.is_pending() && steps > 0 && !kept.contains(&steps) {
+                runner.cancel(variant.job);
             }
         }
-        if let Some(edit) = &mut self.session.edit {
+        if let Some(edit) = &mut self.edit {
             edit.ladder = kept;
         }
     }
 
-    pub(super) fn show_variant(&mut self, prepared: PreparedVariant) {
+    /// A finished variant's display copy is ready: it shows, unless a new edit or photo has
+    /// dropped it since (then its file goes too).
+    pub fn show_variant(&mut self, prepared: PreparedVariant, env: &SessionEnv) {
         let id = prepared.job;
-        // A new edit or photo since it finished dropped it: its file goes too.
-        let Some(variant) = self.session.variants.find(id) else {
-            self.discard_result(prepared.result);
+        let Some(variant) = self.variants.find(id) else {
+            if let Some(path) = prepared.result.file() {
+                env.chores.remove_files(vec![path.to_path_buf()]);
+            }
             return;
         };
         eprintln!("unitune: variant ready: {}", variant.settings.describe());
-        self.session
-            .textures
-            .insert(&self.ctx, id, prepared.display, prepared.thumbnail);
-        self.session.variants.update(
+        self.textures
+            .insert(env.ctx, id, prepared.display, prepared.thumbnail);
+        self.variants.update(
             id,
             VariantState::Done {
                 result: prepared.result,
@@ -326,98 +347,45 @@ impl EditorApp {
         );
     }
 
-    fn cancel_variants(&mut self) {
-        if let Some(runner) = &self.model.runner {
-            for job in self.session.variants.pending_jobs() {
-                runner.cancel(job);
-            }
-        }
-    }
-
-    /// The fine-tuning recipe for the next tune: the mode, ladder and micro-batch chosen in
-    /// Advanced, on top of the recipe the editor was started with.
-    fn tune_settings(&self) -> Result<TuneSettings, String> {
-        let micro_batch = self
-            .settings
-            .micro_batch
-            .parse::<MicroBatch>()
-            .unwrap_or_default();
-        let choice = TrainingChoice {
-            mode: self.settings.train_mode,
-            snapshot_steps: parse_ladder(&self.form.advanced.snapshot_text)?,
-            micro_batch,
-            ..self.options.tune.clone().unwrap_or_default()
-        };
-        choice.settings(None).map_err(|e| e.to_string())
-    }
-
-    pub(super) fn start_edit(&mut self) {
-        let prompt = self.form.prompt.trim().to_string();
-        let Some(doc) = &self.doc else {
-            return self.error("Open a photo first (File > Open, or drop one on the window).");
-        };
-        let instruct = self.model.is_instruct();
-        let table = self.model.fidelity_table();
-        if prompt.is_empty() {
-            return self.error(if instruct {
-                "Type how the photo should change, e.g. \"make it winter\"."
-            } else {
-                "Type what the photo should become, e.g. \"a cat wearing sunglasses\"."
-            });
-        }
-        if self.model.runner.is_none() {
-            return self.error("The model is not ready yet; see the Model section.");
-        }
-        let tune = match self.tune_settings() {
-            Ok(tune) => tune,
-            Err(message) => return self.error(message),
-        };
-        self.settings.snapshot_steps = tune.snapshot_steps.clone();
-        let seed = match self.form.advanced.seed_text.trim() {
-            "" => choose_seed(None),
-            text => match text.parse::<u64>() {
-                Ok(seed) => seed,
-                Err(_) => {
-                    return self.error(format!("The seed must be a whole number, not \"{text}\"."));
-                }
-            },
-        };
-        let version = doc.version;
-        let photo = doc.photo.clone();
-        let mask = self.doc.as_mut().and_then(|d| d.mask.painted());
-        self.cancel_variants();
-        let old = std::mem::take(&mut self.session.variants);
-        self.discard_results(old);
-        self.session.textures.clear_results();
-        self.notice = None;
-        self.session.edit = Some(EditContext {
-            prompt,
-            baseline_prompt: self.form.baseline_prompt.trim().to_string(),
-            photo_version: version,
-            mask,
+    /// Starts an edit of `photo`: the variants of the last one are dropped, the photo is
+    /// fine-tuned unless its snapshots for this recipe are there already, and the first
+    /// variants are queued (behind the tune).
+    pub fn start(
+        &mut self,
+        order: EditOrder,
+        photo: &PhotoRef,
+        runner: &mut JobRunner,
+        env: &SessionEnv,
+    ) -> Result<(), String> {
+        self.cancel_variants(runner);
+        let old = std::mem::take(&mut self.variants);
+        discard_results(old, env.chores);
+        self.textures.clear_results();
+        let tune = order.tune;
+        self.edit = Some(EditContext {
+            prompt: order.prompt,
+            baseline_prompt: order.baseline_prompt,
+            photo_version: photo.version,
+            mask: order.mask,
             ladder: tune.snapshot_steps.clone(),
-            seed,
-            sampling_steps: self.settings.sampling_steps.max(1),
-            interpolate: self.settings.interpolate,
-            instruct,
-            table,
+            seed: order.seed,
+            sampling_steps: order.sampling_steps.max(1),
+            interpolate: order.interpolate,
+            instruct: order.instruct,
+            table: order.table,
         });
         // Later edits of the same photo reuse its snapshots; instructions need none.
-        if !instruct && self.session.tuned_for.as_ref() != Some(&(version, tune.clone())) {
+        if !order.instruct && self.tuned_for.as_ref() != Some(&(photo.version, tune.clone())) {
+            if let Some(old) = self.tune.job() {
+                runner.cancel(old);
+            }
             let request = JobRequest::Tune {
-                photo,
+                photo: photo.photo.clone(),
                 settings: tune.clone(),
                 size: WorkingSize::Fit,
             };
-            if let Some(old) = self.session.tune.job()
-                && let Some(runner) = &self.model.runner
-            {
-                runner.cancel(old);
-            }
-            let Some(job) = self.submit(request) else {
-                return;
-            };
-            self.session.tune = TuneStatus::Running {
+            let job = submit(runner, request)?;
+            self.tune = TuneStatus::Running {
                 job,
                 step: 0,
                 total: tune.total_steps(),
@@ -426,124 +394,90 @@ impl EditorApp {
                 resumed_after: None,
                 kept: Vec::new(),
             };
-            self.session.textures.tune_preview = None;
-            self.session.tuned_for = Some((version, tune.clone()));
+            self.textures.tune_preview = None;
+            self.tuned_for = Some((photo.version, tune));
         }
-        if self.form.advanced.custom {
-            let settings = self.advanced_settings(seed);
-            self.queue_variant(settings, false);
-        } else {
-            let fidelity = self.form.fidelity;
-            let mut positions = vec![fidelity];
-            positions.extend(
-                FIRST_POSITIONS
-                    .iter()
-                    .copied()
-                    .filter(|p| (p - fidelity).abs() > 0.1),
-            );
-            positions.truncate(FIRST_POSITIONS.len());
-            for position in positions {
-                let settings = settings_at(position, seed, &tune.snapshot_steps, instruct, table);
-                self.queue_variant(settings, false);
-            }
+        for settings in order.first {
+            self.queue_variant(settings, false, photo, order.instruct, runner)?;
         }
-        self.session.variants.follow_slider();
+        self.variants.follow_slider();
+        Ok(())
     }
 
-    pub(super) fn more_seeds(&mut self) {
-        let Some(edit) = &self.session.edit else {
-            return self.error("Run an edit first; more seeds add variants to it.");
-        };
-        let ladder = edit.ladder.clone();
-        let (instruct, table) = (edit.instruct, edit.table);
-        for _ in 0..2 {
-            let seed = choose_seed(None);
-            let settings = if self.form.advanced.custom {
-                self.advanced_settings(seed)
-            } else {
-                settings_at(self.form.fidelity, seed, &ladder, instruct, table)
-            };
-            self.queue_variant(settings, false);
-        }
+    /// The slider positions an edit computes first: where the slider is, then the ends and
+    /// three quarters (those not within 0.1 of it), four in all.
+    pub fn first_positions(fidelity: f64) -> Vec<f64> {
+        let mut positions = vec![fidelity];
+        positions.extend(
+            FIRST_POSITIONS
+                .iter()
+                .copied()
+                .filter(|p| (p - fidelity).abs() > 0.1),
+        );
+        positions.truncate(FIRST_POSITIONS.len());
+        positions
     }
 
-    pub(super) fn slider_released(&mut self) {
-        self.session.variants.follow_slider();
-        if let Some(edit) = &self.session.edit
-            && !self.form.advanced.custom
-            && self.session.variants.needs_job_at(self.form.fidelity)
-        {
-            let settings = settings_at(
-                self.form.fidelity,
-                edit.seed,
-                &edit.ladder,
-                edit.instruct,
-                edit.table,
-            );
-            self.queue_variant(settings, true);
+    /// Queues `settings` (each with its own seed) as more variants of the current edit.
+    pub fn more_seeds(
+        &mut self,
+        variants: Vec<VariantSettings>,
+        photo: &PhotoRef,
+        instruct: bool,
+        runner: &mut JobRunner,
+    ) -> Result<(), String> {
+        if self.edit.is_none() {
+            return Err("Run an edit first; more seeds add variants to it.".into());
         }
+        for settings in variants {
+            self.queue_variant(settings, false, photo, instruct, runner)?;
+        }
+        Ok(())
     }
 
-    /// The Advanced section's values (for an instruction: its guidance, and the image
-    /// guidance the slider sets).
-    fn advanced_settings(&self, seed: u64) -> VariantSettings {
-        let advanced = &self.form.advanced;
-        let (kind, knobs) = if self.model.is_instruct() {
-            let slider = settings_at(
-                self.form.fidelity,
-                seed,
-                &[],
-                true,
-                self.model.fidelity_table(),
-            );
-            (
-                EditKind::Instruct,
-                EditKnobs {
-                    guidance_weight: Some(advanced.guidance),
-                    fidelity: None,
-                    ..slider.plan.knobs()
-                },
-            )
-        } else {
-            (
-                EditKind::Describe,
-                EditKnobs {
-                    fidelity: None,
-                    tune_steps: Some(advanced.tune_steps),
-                    t0_fraction: Some(advanced.t0),
-                    guidance_weight: Some(advanced.guidance),
-                    image_guidance: None,
-                },
-            )
-        };
-        VariantSettings {
-            plan: plan_edit(kind, &knobs, self.model.fidelity_table(), &[]),
-            seed,
+    /// The slider was released at `settings`' position: computes it, unless a variant there
+    /// is done or on its way; a newer release supersedes an older one still pending.
+    pub fn slider_released(
+        &mut self,
+        settings: VariantSettings,
+        photo: &PhotoRef,
+        instruct: bool,
+        runner: &mut JobRunner,
+    ) -> Result<(), String> {
+        self.variants.follow_slider();
+        let needed = settings
+            .fidelity()
+            .is_some_and(|f| self.variants.needs_job_at(f));
+        if self.edit.is_some() && needed {
+            self.queue_variant(settings, true, photo, instruct, runner)?;
         }
+        Ok(())
     }
 
     /// Submits one variant of the current edit.
-    fn queue_variant(&mut self, settings: VariantSettings, from_slider: bool) {
-        let Some(edit) = &self.session.edit else {
-            return;
+    fn queue_variant(
+        &mut self,
+        settings: VariantSettings,
+        from_slider: bool,
+        photo: &PhotoRef,
+        instruct_now: bool,
+        runner: &mut JobRunner,
+    ) -> Result<(), String> {
+        let Some(edit) = &self.edit else {
+            return Ok(());
         };
-        let Some(doc) = &self.doc else { return };
-        if doc.version != edit.photo_version {
-            return self.error("The photo changed since this edit; press Edit again.");
+        if photo.version != edit.photo_version {
+            return Err("The photo changed since this edit; press Edit again.".into());
         }
-        if edit.instruct != self.model.is_instruct() {
+        if edit.instruct != instruct_now {
             // Instructions need an InstructPix2Pix model and descriptions the others; the
             // variants made so far stay to look at and export.
-            return self.error("The model changed since this edit; press Edit again.");
+            return Err("The model changed since this edit; press Edit again.".into());
         }
         let plan = &settings.plan;
         let request = JobRequest::Edit(EditSpec {
-            photo: doc.photo.clone(),
-            photo_name: doc
-                .source
-                .as_ref()
-                .and_then(|p| p.file_name())
-                .map(|n| n.to_string_lossy().into_owned()),
+            photo: photo.photo.clone(),
+            photo_name: photo.name.clone(),
             mask: edit.mask.clone(),
             mask_name: edit
                 .mask
@@ -559,120 +493,101 @@ impl EditorApp {
             interpolate: edit.interpolate,
             size: WorkingSize::Fit,
         });
-        let Some(job) = self.submit(request) else {
-            return;
-        };
+        let job = submit(runner, request)?;
         if from_slider {
-            if let Some(older) = self.session.variants.push_slider_request(job, settings)
-                && let Some(runner) = &self.model.runner
-            {
+            if let Some(older) = self.variants.push_slider_request(job, settings) {
                 runner.cancel(older);
             }
         } else {
-            self.session.variants.push(job, settings);
+            self.variants.push(job, settings);
+        }
+        Ok(())
+    }
+
+    fn cancel_variants(&self, runner: &JobRunner) {
+        for job in self.variants.pending_jobs() {
+            runner.cancel(job);
         }
     }
 
-    fn submit(&mut self, request: JobRequest) -> Option<JobId> {
-        let runner = self.model.runner.as_mut()?;
-        match runner.submit(request) {
-            Ok(id) => Some(id),
-            Err(err) => {
-                self.error(format!("Cannot start the job: {err}."));
-                None
-            }
-        }
-    }
-
-    pub(super) fn cancel_all(&mut self) {
-        let Some(runner) = &self.model.runner else {
-            return;
-        };
-        if let Some(job) = self.session.tune.job() {
+    /// Cancels the tune and every variant not yet finished.
+    pub fn cancel_all(&self, runner: &JobRunner) {
+        if let Some(job) = self.tune.job() {
             runner.cancel(job);
         }
-        for job in self.session.variants.pending_jobs() {
-            runner.cancel(job);
-        }
+        self.cancel_variants(runner);
     }
 
     /// The shown variant keeps its display texture; one dropped to save memory is read back.
-    pub(super) fn keep_shown_display(&mut self) {
-        let Some((_, variant)) = self.session.variants.shown(self.form.fidelity) else {
+    pub fn keep_shown_display(&mut self, fidelity: f64, chores: &Chores) {
+        let Some((_, variant)) = self.variants.shown(fidelity) else {
             return;
         };
         let (job, result) = (variant.job, variant.result().cloned());
         if let Some(result) = result
-            && self.session.textures.shown(job)
+            && self.textures.shown(job)
         {
-            self.chores.load_display(job, result);
+            chores.load_display(job, result);
         }
     }
 
-    /// Removes the result files of variants no longer shown (off the UI thread).
-    pub(super) fn discard_results(&mut self, variants: VariantSet) {
-        let files = variants
-            .into_results()
-            .into_iter()
-            .filter_map(|r| r.file().map(|p| p.to_path_buf()))
-            .collect();
-        self.chores.remove_files(files);
+    /// Drops everything of this session (a new photo): its result files go.
+    pub fn discard(self, chores: &Chores) {
+        discard_results(self.variants, chores);
     }
 
-    fn discard_result(&mut self, result: super::results::StoredResult) {
-        if let Some(path) = result.file() {
-            self.chores.remove_files(vec![path.to_path_buf()]);
+    /// The snapshot File > Export LoRA writes, when the photo's fine-tune is in lora mode:
+    /// the one the variant shown at `fidelity` used, else the last one kept.
+    pub fn lora_export_steps(&self, fidelity: f64) -> Option<usize> {
+        let (_, tune) = self.tuned_for.as_ref()?;
+        if !matches!(tune.mode, TrainMode::Lora { .. }) || self.lora_job.is_some() {
+            return None;
         }
+        let kept = self.tune.kept();
+        let shown = self
+            .variants
+            .shown(fidelity)
+            .map(|(_, v)| v.settings.plan.tune_steps)
+            .filter(|steps| kept.contains(steps));
+        shown.or_else(|| kept.iter().max().copied())
+    }
+
+    /// Asks the engine thread (which holds the fine-tune and writes the same metadata as the
+    /// command line) to write the snapshot after `steps` steps as a LoRA file.
+    pub fn export_lora(
+        &mut self,
+        path: PathBuf,
+        steps: usize,
+        photo_name: Option<String>,
+        runner: &mut JobRunner,
+    ) -> Result<(), String> {
+        let request = JobRequest::ExportLora {
+            path,
+            steps,
+            photo_name,
+        };
+        let job = runner
+            .submit(request)
+            .map_err(|err| format!("The LoRA was not written: {err}"))?;
+        self.lora_job = Some(job);
+        Ok(())
     }
 }
 
-/// The variant at slider `position`, using the snapshots in `ladder` (none = untuned); for
-/// an instruction, the slider sets the image guidance.
-fn settings_at(
-    position: f64,
-    seed: u64,
-    ladder: &[usize],
-    instruct: bool,
-    table: &FidelityTable,
-) -> VariantSettings {
-    let kind = if instruct {
-        EditKind::Instruct
-    } else {
-        EditKind::Describe
-    };
-    let knobs = EditKnobs {
-        fidelity: Some(position),
-        ..EditKnobs::default()
-    };
-    VariantSettings {
-        plan: plan_edit(kind, &knobs, table, ladder),
-        seed,
-    }
+fn submit(runner: &mut JobRunner, request: JobRequest) -> Result<JobId, String> {
+    runner
+        .submit(request)
+        .map_err(|err| format!("Cannot start the job: {err}."))
 }
 
-pub(super) fn ladder_text(steps: &[usize]) -> String {
-    steps
-        .iter()
-        .map(|s| s.to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// "16, 32, 64" to `[16, 32, 64]`, with a sentence when it cannot be read.
-pub(super) fn parse_ladder(text: &str) -> Result<Vec<usize>, String> {
-    let steps: Result<Vec<usize>, _> = text
-        .split([',', ' '])
-        .filter(|s| !s.is_empty())
-        .map(str::parse::<usize>)
+/// Removes the result files of variants no longer shown (off the UI thread).
+fn discard_results(variants: VariantSet, chores: &Chores) {
+    let files = variants
+        .into_results()
+        .into_iter()
+        .filter_map(|r| r.file().map(|p| p.to_path_buf()))
         .collect();
-    match steps {
-        Ok(steps) if !steps.is_empty() && steps[0] > 0 && steps.windows(2).all(|w| w[0] < w[1]) => {
-            Ok(steps)
-        }
-        _ => Err(format!(
-            "Fine-tuning snapshots must be increasing step counts like \"16, 32, 64, 128\", not \"{text}\"."
-        )),
-    }
+    chores.remove_files(files);
 }
 
 #[cfg(test)]
@@ -680,14 +595,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ladders_parse_or_explain() {
+    fn an_edit_starts_where_the_slider_is_then_fills_in_the_range() {
+        assert_eq!(EditSession::first_positions(0.5), vec![0.5, 0.0, 1.0, 0.75]);
+        assert_eq!(EditSession::first_positions(0.3), vec![0.3, 0.5, 0.0, 1.0]);
         assert_eq!(
-            parse_ladder("16, 32,64 128").unwrap(),
-            vec![16, 32, 64, 128]
+            EditSession::first_positions(0.95),
+            vec![0.95, 0.5, 0.0, 0.75]
         );
-        assert!(parse_ladder("32, 16").is_err());
-        assert!(parse_ladder("0, 4").is_err());
-        assert!(parse_ladder("").is_err());
-        assert_eq!(ladder_text(&[1, 2]), "1, 2");
     }
 }

@@ -46,6 +46,7 @@ pub use crate::model_files::{
     demo_model_dir, license_notice, parse_model_arg,
 };
 pub use crate::recipe::{Recipe, RecipeSettings};
+pub use crate::service::plan::FIDELITY_RANGE;
 pub use crate::service::{
     EditKind, EditKnobs, EditPlan, EditService, EditSpec, MicroBatch, ModelRequest, ModelSummary,
     TrainingChoice, WorkingSize, choose_seed, plan_edit,

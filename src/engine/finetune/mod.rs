@@ -3,18 +3,23 @@
 
 mod adapter;
 mod cache;
+mod loss;
+mod loss_scale;
 mod memory_plan;
 mod mode;
 mod snapshot;
+mod step;
 mod tune;
 
 pub use adapter::Adapter;
 pub use cache::{CacheEntry, CacheLookup, DEFAULT_MAX_BYTES, ResumePoint, SnapshotCache};
+pub use loss::denoising_loss;
 pub use memory_plan::{choose_micro_batch, training_bytes};
 pub use mode::TrainMode;
 pub use snapshot::{IN_MEMORY_LIMIT_BYTES, Snapshot, write_safetensors};
+pub use step::{TrainingBatch, training_pass};
 pub use tune::time_left;
 pub use tune::{
-    PAPER_SNAPSHOTS, RARE_TOKEN, TrainingBatch, TrainingState, TuneObserver, TuneProgress,
-    TuneSettings, fine_tune, fine_tune_from, training_pass,
+    PAPER_SNAPSHOTS, RARE_TOKEN, TrainingState, TuneObserver, TuneProgress, TuneSettings,
+    fine_tune, fine_tune_from,
 };

@@ -14,8 +14,8 @@ use safetensors::SafeTensors;
 use safetensors::tensor::Dtype;
 
 use super::adapter::new_snapshot_id;
-use crate::engine::checkpoint::UnetWeightsSource;
 use crate::engine::error::{EngineError, Result};
+use crate::engine::single_file::UnetWeightsSource;
 
 /// Snapshots up to this size are also kept in host memory, so switching to them reads nothing.
 pub const IN_MEMORY_LIMIT_BYTES: usize = 512 << 20;

@@ -5,22 +5,16 @@
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use image::RgbImage;
 
 use super::adapter::Adapter;
-use super::memory_plan::choose_micro_batch;
 use super::mode::TrainMode;
 use super::snapshot::Snapshot;
-use crate::engine::autograd::{GradientAccumulator, accumulate_gradients, no_grad};
+use super::step::TrainingRun;
 use crate::engine::error::{EngineError, Result};
-use crate::engine::layers::wide;
-use crate::engine::memory::MemoryProbe;
 use crate::engine::model::StableDiffusion;
-use crate::engine::noise::NoiseSource;
-use crate::engine::optim::{Optimizer, OptimizerSettings, OptimizerState};
-use crate::engine::training::denoising_loss;
-use crate::engine::unet::UNet;
+use crate::engine::optim::{OptimizerSettings, OptimizerState};
 
 /// The paper's rare token: "beikkpic".
 pub const RARE_TOKEN: &str = "beikkpic";
@@ -189,124 +183,6 @@ impl<F: FnMut(&TuneProgress) -> ControlFlow<()>> TuneObserver for F {
     }
 }
 
-/// The noise level the reconstruction starts from, as a fraction of the training timesteps:
-/// noisy enough that an untrained model gets the photo visibly wrong.
-const RECONSTRUCTION_T_FRACTION: f64 = 0.6;
-
-/// Dynamic loss scaling for f16 training (as PyTorch's `GradScaler`): the loss is multiplied
-/// before backward so that small gradients do not flush to zero in f16, and divided out of
-/// the gradients before the update; a step whose gradients overflowed is redone at half the
-/// scale. bf16 and f32 have f32's range and need none.
-struct LossScale {
-    scale: f64,
-    good_steps: usize,
-}
-
-impl LossScale {
-    /// 2^12: high enough for SD's small gradients, low enough that a first overflow is rare.
-    const INITIAL: f64 = 4096.0;
-    /// Grow the scale after this many steps without an overflow.
-    const GROWTH_INTERVAL: usize = 50;
-    /// Below this the gradients are not finite for another reason than range.
-    const MINIMUM: f64 = 1.0 / 1024.0;
-
-    fn for_dtype(dtype: DType) -> Option<Self> {
-        (dtype == DType::F16).then_some(Self {
-            scale: Self::INITIAL,
-            good_steps: 0,
-        })
-    }
-}
-
-const DIVERGED: &str =
-    "fine-tuning diverged (the gradients are not finite); try a lower --lr or --precision f32";
-
-/// The summed gradient of every variable; an error names a variable no gradient reached.
-fn collect_gradients(adapter: &Adapter, sums: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
-    sums.into_iter()
-        .zip(adapter.names())
-        .map(|(sum, name)| {
-            sum.ok_or_else(|| {
-                EngineError::InvalidRequest(format!(
-                    "no gradient reached {name}; it cannot be trained"
-                ))
-            })
-        })
-        .collect()
-}
-
-/// True when every gradient is finite (one device-to-host read for all of them).
-fn all_finite(grads: &[Tensor]) -> Result<bool> {
-    let norms = grads
-        .iter()
-        .map(|g| g.sqr()?.sum_all())
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let total = Tensor::stack(&norms, 0)?.sum_all()?.to_dtype(DType::F32)?;
-    Ok(total.to_scalar::<f32>()?.is_finite())
-}
-
-/// One forward and backward pass's inputs: latents, noise and timesteps per sample, and the
-/// text conditioning.
-pub struct TrainingBatch<'a> {
-    pub latents: &'a Tensor,
-    pub noise: &'a Tensor,
-    pub timesteps: &'a [usize],
-    pub context: &'a Tensor,
-}
-
-/// One forward and backward pass of the denoising loss; the gradients of `weight` times the
-/// loss are added to `accumulator`. Returns the loss.
-pub fn training_pass(
-    model: &StableDiffusion,
-    unet: &UNet,
-    batch: &TrainingBatch,
-    weight: f64,
-    accumulator: &mut GradientAccumulator,
-) -> Result<f32> {
-    let loss = denoising_loss(
-        unet,
-        &model.scheduler,
-        batch.latents,
-        batch.noise,
-        batch.timesteps,
-        batch.context,
-        None,
-    )?;
-    let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-    accumulate_gradients(&(loss * weight)?, accumulator)?;
-    Ok(value)
-}
-
-/// The randomness of one optimizer step: each sample's latent draw, target noise and
-/// timestep. Drawn whole before the step, so that micro-batching, a step redone after an f16
-/// overflow, or a run resumed after `n` steps (which draws and drops `n` of these) all train
-/// on the same numbers.
-struct StepDraw {
-    latent_noise: Tensor,
-    target_noise: Tensor,
-    timesteps: Vec<usize>,
-}
-
-impl StepDraw {
-    fn next(
-        noise: &mut NoiseSource,
-        shape: &candle_core::Shape,
-        num_train_timesteps: usize,
-        device: &candle_core::Device,
-    ) -> Result<Self> {
-        let latent_noise = noise.normal(shape, device)?;
-        let target_noise = noise.normal(shape, device)?;
-        let timesteps = (0..shape.dims()[0])
-            .map(|_| noise.below(num_train_timesteps))
-            .collect();
-        Ok(Self {
-            latent_noise,
-            target_noise,
-            timesteps,
-        })
-    }
-}
-
 /// Fine-tunes `adapter`'s weights on `photo` (already at the working size) and returns a
 /// snapshot per requested step count (kept by the observer). The weights are left at the last
 /// snapshot.
@@ -323,6 +199,10 @@ pub fn fine_tune(
 /// [`fine_tune`], continuing from `resume` when given: the adapter must hold the values after
 /// `resume.steps` steps (as [`TuneObserver::stopped`] saw them). Returns the snapshots taken
 /// after that step only; the result is the same as that of a run that never stopped.
+///
+/// Each step: draw its randomness, take the optimizer step ([`TrainingRun::step`]: passes,
+/// loss scaling, the out-of-memory retry), keep a snapshot when the ladder says so, make the
+/// reconstruction the observer asked for, and let the observer see it (and stop the run).
 pub fn fine_tune_from(
     model: &StableDiffusion,
     adapter: &Adapter,
@@ -333,11 +213,11 @@ pub fn fine_tune_from(
 ) -> Result<Vec<Snapshot>> {
     settings.validate()?;
     let first_step = resume.map_or(0, |r| r.steps) + 1;
-    if first_step > settings.total_steps() {
+    let total_steps = settings.total_steps();
+    if first_step > total_steps {
         return Err(EngineError::InvalidRequest(format!(
-            "cannot resume after step {} of a {}-step fine-tune",
-            first_step - 1,
-            settings.total_steps()
+            "cannot resume after step {} of a {total_steps}-step fine-tune",
+            first_step - 1
         )));
     }
     if settings.mode != adapter.mode() {
@@ -347,148 +227,31 @@ pub fn fine_tune_from(
             adapter.mode()
         )));
     }
-    let (width, height) = (photo.width() as usize, photo.height() as usize);
-    model.latent_dims(width, height)?;
-    let device = model.device();
-    let dtype = model.dtype();
-    let mut noise = NoiseSource::from_seed(settings.seed);
-
-    // The photo is encoded once; each sample draws its own latent from the distribution.
-    let image = model.image_to_tensor(photo)?;
-    let distribution = no_grad(|| model.vae.encode(&image))?;
-    let scaling = model.config.vae.scaling_factor;
-    let mut micro = if settings.auto_micro_batch {
-        let available = MemoryProbe::new(device).available_bytes();
-        choose_micro_batch(model, settings, (width, height), available)
-    } else {
-        settings.micro_batch_size
-    };
-    let prompt = no_grad(|| model.encode_prompt(&settings.token))?.embedding;
-    let mut context = prompt.repeat((micro, 1, 1))?;
-    let batch = settings.batch_size;
-    let mean = distribution.mean.repeat((batch, 1, 1, 1))?;
-    let std = distribution.std.repeat((batch, 1, 1, 1))?;
-    let num_train_timesteps = model.scheduler.num_train_timesteps();
-
-    // The reconstruction's noise has its own stream, so asking for previews never changes
-    // the training itself.
-    let reconstruction_latents = {
-        let x0 = (&distribution.mean * scaling)?.to_dtype(dtype)?;
-        let mut preview_noise = NoiseSource::from_seed(settings.seed ^ 0x7265_636f_6e73);
-        let noise = preview_noise.normal(x0.shape(), device)?.to_dtype(dtype)?;
-        let t = (num_train_timesteps as f64 * RECONSTRUCTION_T_FRACTION) as usize;
-        (model.scheduler.add_noise(&x0, &noise, &[t])?, t)
-    };
-    let mut optimizer = Optimizer::new(&settings.optimizer, adapter.vars().to_vec())?;
-    let mut loss_scale = LossScale::for_dtype(dtype);
-    if let Some(resume) = resume {
-        optimizer.restore(&resume.optimizer)?;
-        if let (Some(ls), Some((scale, good_steps))) = (loss_scale.as_mut(), resume.loss_scale) {
-            ls.scale = scale;
-            ls.good_steps = good_steps;
-        }
-        for _ in 1..first_step {
-            StepDraw::next(
-                &mut noise,
-                mean.shape(),
-                num_train_timesteps,
-                &candle_core::Device::Cpu,
-            )?;
-        }
-    }
-    let unet = adapter.training_unet().checkpointed(settings.checkpointing);
-    let mut accumulator = GradientAccumulator::new(adapter.vars(), wide(dtype));
-    let total_steps = settings.total_steps();
-    let mut snapshots = Vec::with_capacity(settings.snapshot_steps.len());
-    let start = Instant::now();
-    // Where a stop leaves the run: the values and state after the last whole step.
-    let state_after = |optimizer: &Optimizer, loss_scale: Option<(f64, usize)>| TrainingState {
-        steps: optimizer.steps_taken(),
-        optimizer: optimizer.state(),
-        loss_scale,
-    };
-    let loss_scale_state = |ls: &Option<LossScale>| ls.as_ref().map(|l| (l.scale, l.good_steps));
+    let mut run = TrainingRun::prepare(model, adapter, photo, settings, resume)?;
     if observer.proceed().is_break() {
         return Err(EngineError::Cancelled);
     }
     adapter.mark_changed();
+    let mut snapshots = Vec::with_capacity(settings.snapshot_steps.len());
+    let start = Instant::now();
     for step in first_step..=total_steps {
-        let draw = StepDraw::next(&mut noise, mean.shape(), num_train_timesteps, device)?;
-        let latents = ((&mean + (&std * draw.latent_noise.to_dtype(mean.dtype())?)?)? * scaling)?
-            .to_dtype(dtype)?;
-        let target_noise = draw.target_noise.to_dtype(dtype)?;
-        let timesteps = draw.timesteps;
-
-        // Until the update starts, a failure leaves the weights (and the loss scale, which an
-        // overflow may already have lowered) as they were after the previous step.
-        let mut updating = false;
-        let scale_before = loss_scale_state(&loss_scale);
-        let outcome = (|| -> Result<f32> {
-            Ok('step: loop {
-                let scale = loss_scale.as_ref().map_or(1.0, |s| s.scale);
-                let passes = batch / micro;
-                let mut loss_total = 0f32;
-                for pass in 0..passes {
-                    let range = pass * micro..(pass + 1) * micro;
-                    let inputs = TrainingBatch {
-                        latents: &latents.narrow(0, range.start, micro)?,
-                        noise: &target_noise.narrow(0, range.start, micro)?,
-                        timesteps: &timesteps[range],
-                        context: &context,
-                    };
-                    // Each pass is a mean over its micro-batch; scale so the sum is the batch mean.
-                    let weight = scale / passes as f64;
-                    match training_pass(model, &unet, &inputs, weight, &mut accumulator) {
-                        Ok(loss) => loss_total += loss,
-                        // The estimate was too hopeful: the same step again in smaller passes
-                        // (the same update, as the batch's randomness is already drawn).
-                        Err(EngineError::OutOfMemory) if settings.auto_micro_batch && micro > 1 => {
-                            accumulator.take();
-                            micro = (1..micro)
-                                .rev()
-                                .find(|m| batch.is_multiple_of(*m))
-                                .unwrap_or(1);
-                            context = prompt.repeat((micro, 1, 1))?;
-                            continue 'step;
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-                let mut grads = collect_gradients(adapter, accumulator.take())?;
-                if let Some(ls) = loss_scale.as_mut() {
-                    // Consumed one by one: each sum is freed as soon as it is unscaled, never a
-                    // second full set of gradients (3.4 GB for SD 1.5's full fine-tune).
-                    grads = grads
-                        .into_iter()
-                        .map(|g| g / ls.scale)
-                        .collect::<candle_core::Result<_>>()?;
-                    if !all_finite(&grads)? {
-                        ls.scale /= 2.0;
-                        ls.good_steps = 0;
-                        if ls.scale < LossScale::MINIMUM {
-                            return Err(EngineError::InvalidRequest(DIVERGED.into()));
-                        }
-                        continue;
-                    }
-                    ls.good_steps += 1;
-                    if ls.good_steps.is_multiple_of(LossScale::GROWTH_INTERVAL) {
-                        ls.scale *= 2.0;
-                    }
-                }
-                updating = true;
-                optimizer.step(&grads)?;
-                break loss_total / passes as f32;
-            })
-        })();
-        let loss = match outcome {
+        let draw = run.draw()?;
+        // An overflow may lower the loss scale before the step fails; where the run stood
+        // keeps the scale it had (the optimizer's state is unchanged until the update).
+        let scale_before = run.loss_scale_state();
+        let loss = match run.step(&draw) {
             Ok(loss) => loss,
-            Err(e) => {
-                if !updating && optimizer.steps_taken() > 0 {
-                    accumulator.take();
+            Err(failed) => {
+                if failed.weights_intact && run.steps_taken() > 0 {
+                    run.discard_gradients();
+                    let before = TrainingState {
+                        loss_scale: scale_before,
+                        ..run.state()
+                    };
                     // Best effort: the error is what the user needs to hear about.
-                    let _ = observer.stopped(adapter, &state_after(&optimizer, scale_before));
+                    let _ = observer.stopped(adapter, &before);
                 }
-                return Err(e);
+                return Err(failed.error);
             }
         };
         let snapshot_taken = settings.snapshot_steps.contains(&step);
@@ -497,29 +260,23 @@ pub fn fine_tune_from(
         } else {
             adapter.mark_changed();
         }
-        let reconstruction = if observer.wants_reconstruction(step) {
-            let (noisy, t) = &reconstruction_latents;
-            let context = context.narrow(0, 0, 1)?;
-            let timestep = Tensor::new(&[*t as f32], device)?;
-            let output = no_grad(|| unet.forward(noisy, &timestep, &context))?;
-            Some(model.scheduler.step(&output, *t, noisy, 1)?.predicted_x0)
-        } else {
-            None
-        };
+        let reconstruction = observer
+            .wants_reconstruction(step)
+            .then(|| run.reconstruct())
+            .transpose()?;
         let progress = TuneProgress {
             step,
             total_steps,
             resumed_after: first_step - 1,
             loss,
-            micro_batch: micro,
+            micro_batch: run.micro_batch,
             elapsed: start.elapsed(),
             snapshot_taken,
             reconstruction,
         };
         if observer.observe(&progress).is_break() {
             if step < total_steps {
-                let state = state_after(&optimizer, loss_scale_state(&loss_scale));
-                observer.stopped(adapter, &state)?;
+                observer.stopped(adapter, &run.state())?;
             }
             return Err(EngineError::Cancelled);
         }

@@ -2,9 +2,10 @@
 
 use candle_core::Tensor;
 
-use super::error::Result;
-use super::scheduler::DdimScheduler;
-use super::unet::UNet;
+use crate::engine::error::Result;
+use crate::engine::layers::wide;
+use crate::engine::scheduler::DdimScheduler;
+use crate::engine::unet::UNet;
 
 /// Mean squared error between the UNet's prediction for `latents` noised to `timesteps`
 /// (one per batch element) and what it should predict (noise, velocity or sample).
@@ -31,7 +32,7 @@ pub fn denoising_loss(
     let prediction = unet.forward(&noisy, &t, context)?;
     // The squared errors are summed in f32 (as diffusers' `mse_loss(pred.float(), ...)`): a
     // half-precision sum of thousands of terms loses percents.
-    let wide = super::layers::wide(prediction.dtype());
+    let wide = wide(prediction.dtype());
     Ok((prediction.to_dtype(wide)? - target.to_dtype(wide)?)?
         .sqr()?
         .mean_all()?)
