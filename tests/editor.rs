@@ -516,7 +516,7 @@ fn the_demo_model_loads_offline_opens_a_scene_and_edits_it() {
     let table = unitune::engine::fidelity::DEMO.parameters_for(0.5, &[1, 2]);
     assert_eq!(
         (settings.plan.t0_fraction, settings.plan.guidance_weight),
-        (Some(table.t0), table.guidance)
+        (Some(table.t0_fraction), table.guidance_weight)
     );
 }
 

@@ -21,6 +21,7 @@ use crate::engine::edit::{EditMethod, model_prompt};
 use crate::engine::sampling::StepView;
 use crate::imaging::{self, DecodeLimits, ExistingFile};
 use crate::recipe::{Recipe, RecipeSettings};
+use crate::service::plan::FIDELITY_RANGE;
 use crate::service::{
     EditKind, EditKnobs, EditSpec, TrainingChoice, TuneRequest, WorkingSize, check_lora_export,
     choose_seed,
@@ -33,7 +34,7 @@ pub type Given<'a> = &'a dyn Fn(&str) -> bool;
 /// Refuses bad edit flags before anything slow starts.
 fn check_edit_flags(args: &EditArgs) -> Result<()> {
     if let Some(f) = args.fidelity
-        && !(0.0..=1.0).contains(&f)
+        && !FIDELITY_RANGE.contains(&f)
     {
         return Err(UsageError(format!("--fidelity must be between 0 and 1, got {f}")).into());
     }

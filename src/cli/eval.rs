@@ -46,8 +46,8 @@ pub struct Setting {
     /// The point on it: "t0 0.80", "fidelity 0.50".
     pub label: String,
     pub tune_steps: usize,
-    pub t0: f64,
-    pub guidance: f64,
+    pub t0_fraction: f64,
+    pub guidance_weight: f64,
     pub prompt_guidance: bool,
     pub interpolate: bool,
     pub mask: bool,
@@ -59,8 +59,8 @@ pub struct Summary {
     pub method: String,
     pub label: String,
     pub tune_steps: usize,
-    pub t0: f64,
-    pub guidance: f64,
+    pub t0_fraction: f64,
+    pub guidance_weight: f64,
     pub edits: usize,
     /// The share of edits whose asked change is there.
     pub success: f64,
@@ -168,8 +168,8 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
                     baseline_prompt: setting.prompt_guidance.then(|| baseline.clone()),
                     knobs: EditKnobs {
                         tune_steps: Some(setting.tune_steps),
-                        t0_fraction: Some(setting.t0),
-                        guidance_weight: Some(setting.guidance),
+                        t0_fraction: Some(setting.t0_fraction),
+                        guidance_weight: Some(setting.guidance_weight),
                         ..EditKnobs::default()
                     },
                     sampling_steps: args.sampling_steps,
@@ -260,8 +260,8 @@ fn settings_plan(args: &EvalArgs, table: &FidelityTable, snapshots: &[usize]) ->
                 method: method.clone(),
                 label: format!("t0 {t0:.2}"),
                 tune_steps,
-                t0,
-                guidance: args.guidance,
+                t0_fraction: t0,
+                guidance_weight: args.guidance,
                 prompt_guidance: options.0,
                 interpolate: options.1,
                 mask: options.2,
@@ -311,8 +311,8 @@ fn settings_plan(args: &EvalArgs, table: &FidelityTable, snapshots: &[usize]) ->
             method: SLIDER.into(),
             label: format!("fidelity {f:.2}"),
             tune_steps: p.tune_steps,
-            t0: p.t0,
-            guidance: p.guidance,
+            t0_fraction: p.t0_fraction,
+            guidance_weight: p.guidance_weight,
             prompt_guidance: false,
             interpolate: false,
             mask: false,
@@ -415,8 +415,8 @@ fn summarize(plan: &[Setting], samples: &[SampleScore]) -> Vec<Summary> {
                 method: s.method.clone(),
                 label: s.label.clone(),
                 tune_steps: s.tune_steps,
-                t0: s.t0,
-                guidance: s.guidance,
+                t0_fraction: s.t0_fraction,
+                guidance_weight: s.guidance_weight,
                 edits: mine.len(),
                 success: mine.iter().filter(|x| x.success).count() as f64 / n,
                 fidelity: mine.iter().map(|x| x.fidelity as f64).sum::<f64>() / n,
@@ -478,8 +478,8 @@ pub fn propose_table(summary: &[Summary]) -> Option<Vec<(f64, EditParameters)>> 
                 f,
                 EditParameters {
                     tune_steps: s.tune_steps,
-                    t0: s.t0,
-                    guidance: s.guidance,
+                    t0_fraction: s.t0_fraction,
+                    guidance_weight: s.guidance_weight,
                 },
             )
         })
@@ -488,8 +488,8 @@ pub fn propose_table(summary: &[Summary]) -> Option<Vec<(f64, EditParameters)>> 
         let previous = rows[i - 1].1;
         let row = &mut rows[i].1;
         row.tune_steps = row.tune_steps.max(previous.tune_steps);
-        row.t0 = row.t0.min(previous.t0);
-        row.guidance = row.guidance.min(previous.guidance);
+        row.t0_fraction = row.t0_fraction.min(previous.t0_fraction);
+        row.guidance_weight = row.guidance_weight.min(previous.guidance_weight);
     }
     Some(rows)
 }
@@ -502,7 +502,7 @@ fn print_proposed_table(summary: &[Summary]) {
             for (f, p) in rows {
                 println!(
                     "        row({f:.2}, {}, {:.2}, {:.1}),",
-                    p.tune_steps, p.t0, p.guidance
+                    p.tune_steps, p.t0_fraction, p.guidance_weight
                 );
             }
         }
@@ -526,7 +526,14 @@ fn print_report(summary: &[Summary], reconstruction: &[Reconstruction]) {
     for s in summary {
         println!(
             "{:<36} {:<14} {:>5} {:>5.2} {:>6.2} {:>8.3} {:>8.3} {:>5}",
-            s.method, s.label, s.tune_steps, s.t0, s.guidance, s.success, s.fidelity, s.edits
+            s.method,
+            s.label,
+            s.tune_steps,
+            s.t0_fraction,
+            s.guidance_weight,
+            s.success,
+            s.fidelity,
+            s.edits
         );
     }
 }
@@ -603,8 +610,8 @@ mod tests {
             method: method.into(),
             label: label.into(),
             tune_steps: 0,
-            t0: 0.5,
-            guidance: 7.5,
+            t0_fraction: 0.5,
+            guidance_weight: 7.5,
             prompt_guidance: false,
             interpolate: false,
             mask: false,
@@ -638,8 +645,8 @@ mod tests {
             method: format!("UniTune, {tune_steps} steps"),
             label: format!("t0 {t0}"),
             tune_steps,
-            t0,
-            guidance: 7.5,
+            t0_fraction: t0,
+            guidance_weight: 7.5,
             edits: 10,
             success,
             fidelity,
@@ -656,7 +663,7 @@ mod tests {
         ];
         let rows = propose_table(&summary).unwrap();
         let steps: Vec<usize> = rows.iter().map(|r| r.1.tune_steps).collect();
-        let t0: Vec<f64> = rows.iter().map(|r| r.1.t0).collect();
+        let t0: Vec<f64> = rows.iter().map(|r| r.1.t0_fraction).collect();
         assert_eq!(steps, vec![16, 16, 64, 64, 128]);
         assert_eq!(t0, vec![1.0, 0.8, 0.8, 0.7, 0.6]);
         assert!(propose_table(&[point(16, 1.0, 0.0, 1.0)]).is_none());

@@ -358,7 +358,7 @@ pub enum EditMethod {
     /// from the untuned model, the paper's baseline).
     UniTune,
     /// InstructPix2Pix: the prompt is an instruction ("make it winter") for an
-    /// InstructPix2Pix model; `guidance` is the text guidance. No fine-tuning and no t0: the
+    /// InstructPix2Pix model; `guidance_weight` is the text guidance. No fine-tuning and no t0: the
     /// photo conditions every step instead.
     Instruct { image_guidance: f64 },
 }
@@ -389,8 +389,8 @@ pub struct EditRequest<'a> {
     /// Which snapshot to sample from (0 = no fine-tuning: plain SDEdit). 0 for instructions.
     pub tune_steps: usize,
     /// SDEdit start (unused by instructions).
-    pub t0: f64,
-    pub guidance: f64,
+    pub t0_fraction: f64,
+    pub guidance_weight: f64,
     pub sampling_steps: usize,
     pub seed: u64,
     /// White = may change, at the original's size.
@@ -432,7 +432,7 @@ pub fn edit_photo(
             let instruct = InstructRequest {
                 image: request.working,
                 instruction: request.prompt,
-                text_guidance: request.guidance,
+                text_guidance: request.guidance_weight,
                 image_guidance,
                 sampling_steps: request.sampling_steps,
                 seed: request.seed,
@@ -490,12 +490,12 @@ fn sample_unitune(
     let sample_request = SampleRequest {
         prompt: &prompt,
         baseline_prompt: &baseline,
-        guidance_weight: request.guidance,
+        guidance_weight: request.guidance_weight,
         sampling_steps: request.sampling_steps,
         seed: request.seed,
         start: Start::Photo {
             image: request.working,
-            t0_fraction: request.t0,
+            t0_fraction: request.t0_fraction,
             mask: working_mask,
         },
     };

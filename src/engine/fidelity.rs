@@ -25,8 +25,8 @@ pub struct EditParameters {
     /// Fine-tuning steps of the snapshot to sample from (0 = the untuned model).
     pub tune_steps: usize,
     /// SDEdit start in [0, 1].
-    pub t0: f64,
-    pub guidance: f64,
+    pub t0_fraction: f64,
+    pub guidance_weight: f64,
 }
 
 /// A model family's fidelity table: rows at fidelity 0, 0.25, 0.5, 0.75 and 1.
@@ -39,13 +39,18 @@ pub struct FidelityTable {
     rows: [(f64, EditParameters); 5],
 }
 
-const fn row(fidelity: f64, tune_steps: usize, t0: f64, guidance: f64) -> (f64, EditParameters) {
+const fn row(
+    fidelity: f64,
+    tune_steps: usize,
+    t0_fraction: f64,
+    guidance_weight: f64,
+) -> (f64, EditParameters) {
     (
         fidelity,
         EditParameters {
             tune_steps,
-            t0,
-            guidance,
+            t0_fraction,
+            guidance_weight,
         },
     )
 }
@@ -112,8 +117,8 @@ impl FidelityTable {
         let nearest = if s < 0.5 { a } else { b };
         EditParameters {
             tune_steps: nearest_snapshot(nearest.tune_steps, snapshots),
-            t0: a.t0 + (b.t0 - a.t0) * s,
-            guidance: a.guidance + (b.guidance - a.guidance) * s,
+            t0_fraction: a.t0_fraction + (b.t0_fraction - a.t0_fraction) * s,
+            guidance_weight: a.guidance_weight + (b.guidance_weight - a.guidance_weight) * s,
         }
     }
 }
@@ -163,9 +168,12 @@ mod tests {
                     p.tune_steps >= previous.tune_steps,
                     "{p:?} after {previous:?}"
                 );
-                assert!(p.t0 <= previous.t0 + 1e-12, "{p:?} after {previous:?}");
                 assert!(
-                    p.guidance <= previous.guidance + 1e-12,
+                    p.t0_fraction <= previous.t0_fraction + 1e-12,
+                    "{p:?} after {previous:?}"
+                );
+                assert!(
+                    p.guidance_weight <= previous.guidance_weight + 1e-12,
                     "{p:?} after {previous:?}"
                 );
                 previous = p;

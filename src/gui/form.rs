@@ -21,8 +21,8 @@ pub struct Advanced {
     /// Use the values below instead of the slider's.
     pub custom: bool,
     pub tune_steps: usize,
-    pub t0: f64,
-    pub guidance: f64,
+    pub t0_fraction: f64,
+    pub guidance_weight: f64,
     /// Empty = a new random seed per edit.
     pub seed_text: String,
     /// The snapshot ladder, e.g. "16, 32, 64, 128".
@@ -44,8 +44,8 @@ impl EditForm {
             advanced: Advanced {
                 custom: false,
                 tune_steps: 64,
-                t0: 0.96,
-                guidance: 9.0,
+                t0_fraction: 0.96,
+                guidance_weight: 9.0,
                 seed_text: String::new(),
                 snapshot_text: ladder_text(snapshot_steps),
             },
@@ -92,7 +92,7 @@ impl EditForm {
             (
                 EditKind::Instruct,
                 EditKnobs {
-                    guidance_weight: Some(advanced.guidance),
+                    guidance_weight: Some(advanced.guidance_weight),
                     fidelity: None,
                     ..slider.plan.knobs()
                 },
@@ -103,8 +103,8 @@ impl EditForm {
                 EditKnobs {
                     fidelity: None,
                     tune_steps: Some(advanced.tune_steps),
-                    t0_fraction: Some(advanced.t0),
-                    guidance_weight: Some(advanced.guidance),
+                    t0_fraction: Some(advanced.t0_fraction),
+                    guidance_weight: Some(advanced.guidance_weight),
                     image_guidance: None,
                 },
             )
@@ -126,10 +126,11 @@ impl EditForm {
             advanced.tune_steps = steps.min(*limits::TUNE_STEPS.end());
         }
         if let Some(t0) = recipe.t0_fraction {
-            advanced.t0 = t0.clamp(*limits::T0.start(), *limits::T0.end());
+            advanced.t0_fraction = t0.clamp(*limits::T0.start(), *limits::T0.end());
         }
         if let Some(guidance) = recipe.guidance_weight {
-            advanced.guidance = guidance.clamp(*limits::GUIDANCE.start(), *limits::GUIDANCE.end());
+            advanced.guidance_weight =
+                guidance.clamp(*limits::GUIDANCE.start(), *limits::GUIDANCE.end());
         }
         match recipe.fidelity {
             Some(fidelity) => {

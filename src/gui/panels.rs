@@ -555,8 +555,8 @@ fn advanced_section(
                 egui::Slider::new(&mut advanced.tune_steps, limits::TUNE_STEPS)
                     .text("Snapshot (steps)"),
             );
-            ui.add(egui::Slider::new(&mut advanced.t0, limits::T0).text("t0 (SDEdit start)"));
-            ui.add(egui::Slider::new(&mut advanced.guidance, limits::GUIDANCE).text("Guidance"));
+            ui.add(egui::Slider::new(&mut advanced.t0_fraction, limits::T0).text("t0 (SDEdit start)"));
+            ui.add(egui::Slider::new(&mut advanced.guidance_weight, limits::GUIDANCE).text("Guidance"));
         });
         labelled_text(ui, "Seed (empty = random)", &mut advanced.seed_text);
         labelled_text(

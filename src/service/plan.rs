@@ -120,8 +120,8 @@ pub fn plan_edit(
             EditPlan {
                 method: EditMethod::UniTune,
                 tune_steps: knobs.tune_steps.unwrap_or(row.tune_steps),
-                t0_fraction: Some(knobs.t0_fraction.unwrap_or(row.t0)),
-                guidance_weight: knobs.guidance_weight.unwrap_or(row.guidance),
+                t0_fraction: Some(knobs.t0_fraction.unwrap_or(row.t0_fraction)),
+                guidance_weight: knobs.guidance_weight.unwrap_or(row.guidance_weight),
                 fidelity: knobs.fidelity,
             }
         }
@@ -194,7 +194,7 @@ mod tests {
                 slider.t0_fraction,
                 slider.guidance_weight
             ),
-            (row.tune_steps, Some(row.t0), row.guidance)
+            (row.tune_steps, Some(row.t0_fraction), row.guidance_weight)
         );
         assert_eq!(slider.fidelity, Some(1.0));
         let overridden = plan_edit(
