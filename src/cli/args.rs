@@ -348,10 +348,15 @@ pub struct TuneArgs {
     #[command(flatten)]
     pub training: TrainingOptions,
 
-    /// Also write the last snapshot as a LoRA file (.safetensors, kohya format; an existing
-    /// file is replaced) for AUTOMATIC1111, ComfyUI and diffusers; needs --train lora.
+    /// Also write the last snapshot as a LoRA file (.safetensors, kohya format) for
+    /// AUTOMATIC1111, ComfyUI and diffusers; needs --train lora.
     #[arg(long, value_name = "FILE")]
     pub export_lora: Option<PathBuf>,
+
+    /// Replace the --export-lora file if it already exists (otherwise it is refused, before
+    /// anything is computed).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Debug, Args)]
@@ -359,9 +364,13 @@ pub struct ExportLoraArgs {
     /// The photo that was fine-tuned on.
     pub image: PathBuf,
 
-    /// The LoRA file to write (.safetensors; an existing file is replaced).
+    /// The LoRA file to write (.safetensors).
     #[arg(long, short, value_name = "FILE")]
     pub out: PathBuf,
+
+    /// Replace --out if it already exists (otherwise it is refused).
+    #[arg(long)]
+    pub overwrite: bool,
 
     /// Which snapshot: the one after N fine-tuning steps. Default: the last.
     #[arg(long, value_name = "N")]
@@ -458,7 +467,9 @@ pub struct PreviewOptions {
     pub preview: PreviewMode,
 
     /// Where the preview goes, replaced after every step (an image viewer that reloads shows
-    /// it live); it keeps the last step's. Default: the output's name with `-preview`.
+    /// it live); it keeps the last step's. Default: the output's name with `-preview`. An
+    /// existing file is replaced only when it is an earlier preview of unitune's (or with
+    /// --overwrite); the preview is never one of the inputs or outputs.
     #[arg(long, value_name = "FILE")]
     pub preview_out: Option<PathBuf>,
 }
@@ -564,8 +575,8 @@ pub struct EditArgs {
     pub training: TrainingOptions,
 
     /// Also write the snapshot the edit samples from as a LoRA file (.safetensors, kohya
-    /// format; an existing file is replaced) for AUTOMATIC1111, ComfyUI and diffusers; needs
-    /// --train lora.
+    /// format) for AUTOMATIC1111, ComfyUI and diffusers; needs --train lora. An existing file
+    /// is replaced only with --overwrite.
     #[arg(long, value_name = "FILE")]
     pub export_lora: Option<PathBuf>,
 
@@ -583,7 +594,8 @@ pub struct EditArgs {
     #[arg(long, short, value_name = "FILE")]
     pub out: Option<PathBuf>,
 
-    /// Replace --out if it already exists (otherwise an existing file is refused).
+    /// Replace --out (each numbered sample), --export-lora and --preview-out if they
+    /// already exist (otherwise an existing file is refused before anything is computed).
     #[arg(long)]
     pub overwrite: bool,
 

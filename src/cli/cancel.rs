@@ -1,6 +1,7 @@
-//! Ctrl-C: the first press asks the running job to stop at the end of its current step
-//! (nothing half-written is left: exports and cache entries are atomic); a second press
-//! exits at once.
+//! Ctrl-C, SIGTERM and SIGHUP (`kill`, `timeout`, `docker stop`, a session's logout): the
+//! first asks the running job to stop at the end of its current step, keeping a fine-tune's
+//! progress and its resume point (nothing half-written is left: exports and cache entries are
+//! atomic); a second exits at once.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

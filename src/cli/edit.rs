@@ -14,12 +14,14 @@ use super::checks::{
     check_guidance, check_output_extension, check_prompt, check_sampling_steps, training_choice,
 };
 use super::model::{load_service, snapshot_cache};
-use super::preview::{PreviewFile, check_preview_options, open_previews, preview_path};
+use super::outputs::announce;
+use super::outputs::{Output, check_outputs, command_inputs};
+use super::preview::{PreviewFile, check_preview_options, open_previews, preview_output};
 use super::progress::{sampling_observer, step_bar, tune_with_progress, warn_if_truncated};
 use super::tune::{file_name, load_photo, requested_size, say_working_size, write_lora};
 use crate::engine::edit::{EditMethod, model_prompt};
 use crate::engine::sampling::StepView;
-use crate::imaging::{self, DecodeLimits, ExistingFile};
+use crate::imaging::{self, DecodeLimits};
 use crate::recipe::{Recipe, RecipeSettings};
 use crate::service::plan::FIDELITY_RANGE;
 use crate::service::{
@@ -235,6 +237,47 @@ pub fn edit_command(
     }
     let size = requested_size(args.size.as_deref())?;
 
+    // Every file this edit will write, checked before anything is computed.
+    let base_out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| default_edit_path(&args.image));
+    let samples: Vec<Output> = (0..args.samples)
+        .map(|k| {
+            let wanted = numbered(&base_out, k, args.samples);
+            match &args.out {
+                Some(_) => Output::new("--out", &wanted, args.overwrite),
+                // Default names never replace anything: the next free one is taken.
+                None => Output::new("--out", &imaging::next_free_path(&wanted), false),
+            }
+        })
+        .collect();
+    let preview = preview_output(&args.previews, &base_out, args.overwrite);
+    let lora = args
+        .export_lora
+        .as_deref()
+        .map(|path| Output::new("--export-lora", path, args.overwrite));
+    let outputs: Vec<Output> = samples
+        .iter()
+        .cloned()
+        .chain(preview.clone())
+        .chain(lora)
+        .collect();
+    let mut inputs = command_inputs(global)?;
+    inputs.extend(
+        [
+            Some(args.image.clone()),
+            args.mask.clone(),
+            args.recipe.clone(),
+        ]
+        .into_iter()
+        .flatten(),
+    );
+    check_outputs(
+        &outputs,
+        &inputs.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
+    )?;
+
     // Read the inputs before the slow parts, so a bad file fails at once.
     let photo = load_photo(&args.image)?;
     let (photo_w, photo_h) = photo.dimensions();
@@ -297,16 +340,9 @@ pub fn edit_command(
         ),
     }
 
-    let base_out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| default_edit_path(&args.image));
     let previews = open_previews(global, &service, &args.previews);
-    let mut preview = PreviewFile::new(
-        &previews,
-        args.previews.preview,
-        preview_path(&args.previews, &base_out),
-    );
+    let mut preview =
+        preview.and_then(|p| PreviewFile::new(&previews, args.previews.preview, p.path));
     if let Some(preview) = &preview {
         eprintln!("live preview: {}", preview.path().display());
     }
@@ -324,7 +360,7 @@ pub fn edit_command(
         interpolate: asked.interpolate,
         size,
     };
-    for k in 0..args.samples {
+    for (k, output) in samples.iter().enumerate() {
         let spec = EditSpec {
             seed: asked.seed + k as u64,
             ..spec.clone()
@@ -334,21 +370,16 @@ pub fn edit_command(
         let edited = service.edit(&spec, &mut observer);
         bar.finish_and_clear();
         let edited = edited?;
-        let wanted = numbered(&base_out, k, args.samples);
-        let (path, existing) = match (&args.out, args.overwrite) {
-            (Some(_), true) => (wanted, ExistingFile::Overwrite),
-            (Some(_), false) => (wanted, ExistingFile::Refuse),
-            (None, _) => (imaging::next_free_path(&wanted), ExistingFile::Refuse),
-        };
+        let Output { path, existing, .. } = output;
         imaging::export_image(
-            &path,
+            path,
             &edited.image,
             alpha.as_ref(),
             &edited.recipe.text_chunks(),
-            existing,
+            *existing,
         )
         .with_context(|| format!("the edit was not saved to {}", path.display()))?;
-        println!("{}", path.display());
+        announce(path);
     }
     Ok(())
 }
@@ -364,6 +395,13 @@ pub fn grid_command(global: &GlobalOptions, args: &GridArgs, cancel: &CancelFlag
     let settings = training_choice(&args.training)?.settings(None)?;
     let seed = choose_seed(args.seed);
     let size = requested_size(args.size.as_deref())?;
+    let out = Output::new("--out", &args.out, args.overwrite);
+    let mut inputs = command_inputs(global)?;
+    inputs.push(args.image.clone());
+    check_outputs(
+        std::slice::from_ref(&out),
+        &inputs.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
+    )?;
     let photo = load_photo(&args.image)?;
     let mut service = load_service(global, snapshot_cache(&args.training)?)?;
     let (ww, wh) = service.working_size(photo.dimensions(), size)?;
@@ -437,14 +475,9 @@ pub fn grid_command(global: &GlobalOptions, args: &GridArgs, cancel: &CancelFlag
         height: grid.height(),
         ..cell
     });
-    let existing = if args.overwrite {
-        ExistingFile::Overwrite
-    } else {
-        ExistingFile::Refuse
-    };
     let chunks = recipe.map(|r| r.text_chunks()).unwrap_or_default();
-    imaging::export_image(&args.out, &grid, None, &chunks, existing)
+    imaging::export_image(&args.out, &grid, None, &chunks, out.existing)
         .with_context(|| format!("the grid was not saved to {}", args.out.display()))?;
-    println!("{}", args.out.display());
+    announce(&args.out);
     Ok(())
 }

@@ -8,7 +8,9 @@ use super::args::{GenerateArgs, GlobalOptions};
 use super::cancel::CancelFlag;
 use super::checks::{check_common, check_prompt, output_path};
 use super::model::load_service;
-use super::preview::{PreviewFile, check_preview_options, open_previews, preview_path};
+use super::outputs::announce;
+use super::outputs::{Output, check_outputs, command_inputs};
+use super::preview::{PreviewFile, check_preview_options, open_previews, preview_output};
 use super::progress::{sampling_observer, step_bar, warn_if_truncated};
 use crate::imaging;
 use crate::service::{GenerateSpec, choose_seed};
@@ -23,6 +25,21 @@ pub fn generate_command(
     check_preview_options(&args.previews)?;
     let size = args.size.as_deref().map(imaging::parse_size).transpose()?;
     let seed = choose_seed(args.sampling.seed);
+    // Every file this run will write, checked before anything is computed.
+    let (path, existing) =
+        output_path(&args.sampling, PathBuf::from(format!("unitune-{seed}.png")));
+    let out = Output {
+        flag: "--out",
+        path: path.clone(),
+        existing,
+    };
+    let preview = preview_output(&args.previews, &path, args.sampling.overwrite);
+    let outputs: Vec<Output> = std::iter::once(out).chain(preview.clone()).collect();
+    let inputs = command_inputs(global)?;
+    check_outputs(
+        &outputs,
+        &inputs.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
+    )?;
 
     let service = load_service(global, None)?;
     eprintln!("seed: {seed}");
@@ -34,14 +51,9 @@ pub fn generate_command(
         guidance_weight: args.sampling.guidance,
         size,
     };
-    let (path, existing) =
-        output_path(&args.sampling, PathBuf::from(format!("unitune-{seed}.png")));
     let previews = open_previews(global, &service, &args.previews);
-    let mut preview = PreviewFile::new(
-        &previews,
-        args.previews.preview,
-        preview_path(&args.previews, &path),
-    );
+    let mut preview =
+        preview.and_then(|p| PreviewFile::new(&previews, args.previews.preview, p.path));
     if let Some(preview) = &preview {
         eprintln!("live preview: {}", preview.path().display());
     }
@@ -52,6 +64,6 @@ pub fn generate_command(
     let (image, recipe) = generated?;
     eprintln!("size: {}x{}", image.width(), image.height());
     imaging::export_image(&path, &image, None, &recipe.text_chunks(), existing)?;
-    println!("{}", path.display());
+    announce(&path);
     Ok(())
 }

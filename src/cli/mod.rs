@@ -14,6 +14,7 @@ mod edit;
 mod eval;
 mod generate;
 mod model;
+mod outputs;
 mod preview;
 mod progress;
 mod tune;
@@ -40,7 +41,8 @@ pub struct UsageError(pub String);
 pub const EXIT_OK: i32 = 0;
 pub const EXIT_FAILURE: i32 = 1;
 pub const EXIT_INVALID_INPUT: i32 = 2;
-/// Stopped with Ctrl-C (the shell convention, 128 + SIGINT).
+/// Stopped with Ctrl-C, or asked to stop by SIGTERM or SIGHUP (`kill`, `timeout`, a closing
+/// terminal), which stop the same way (the shell convention for SIGINT, 128 + 2).
 pub const EXIT_INTERRUPTED: i32 = 130;
 
 /// Runs the program with the process's arguments and returns its exit code.
@@ -89,9 +91,15 @@ pub fn main_with_exit_code() -> i32 {
     match panic::catch_unwind(AssertUnwindSafe(|| {
         run(&cli.global, command, &given, &cancel)
     })) {
+        // A stop asked for during the last write: what was written is whole, and the run
+        // still ends as stopped.
+        Ok(Ok(())) if cancel.is_set() => {
+            eprintln!("error: {}", stopped_line());
+            EXIT_INTERRUPTED
+        }
         Ok(Ok(())) => EXIT_OK,
         Ok(Err(error)) if is_cancelled(&error) => {
-            eprintln!("error: cancelled; no output was written");
+            eprintln!("error: {}", stopped_line());
             EXIT_INTERRUPTED
         }
         Ok(Err(error)) => {
@@ -145,6 +153,15 @@ fn run(
         CliCommand::Bench(args) => bench::bench_command(global, args, cancel),
         CliCommand::Eval(args) => eval::eval_command(global, args, cancel),
         CliCommand::World(args) => crate::world::write_dataset(&args.out, args.count, args.seed),
+    }
+}
+
+/// What a stopped run kept, in one line.
+fn stopped_line() -> String {
+    match outputs::written() {
+        0 => "cancelled; no output was written".to_owned(),
+        1 => "cancelled; the one file printed above was written whole, nothing else".to_owned(),
+        n => format!("cancelled; the {n} files printed above were written whole, nothing else"),
     }
 }
 

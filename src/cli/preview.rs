@@ -10,10 +10,11 @@ use candle_core::Tensor;
 use super::UsageError;
 use super::args::{GlobalOptions, PreviewOptions};
 use super::checks::check_output_extension;
+use super::outputs::Output;
 use crate::engine::preview::{
     LatentPreview, PreviewMode, PreviewThrottle, Previewer, Previews, TinyPreview,
 };
-use crate::imaging::{self, ExistingFile, one_line};
+use crate::imaging::{self, ExistingFile, PREVIEW_MARK, one_line};
 use crate::model_files::{self, HubOptions, TINY_VAE_REPO, TerminalProgress};
 use crate::service::EditService;
 
@@ -76,7 +77,8 @@ fn load_tiny_vae(global: &GlobalOptions, service: &EditService) -> Result<TinyPr
     )?)
 }
 
-/// `--preview-out`, or `OUT-preview.png` beside the output.
+/// `--preview-out`, or `OUT-preview.png` beside the output; when that default holds a file
+/// that is not an earlier preview of unitune's, the next free numbered name instead.
 pub(super) fn preview_path(options: &PreviewOptions, output: &Path) -> PathBuf {
     if let Some(path) = &options.preview_out {
         return path.clone();
@@ -85,7 +87,21 @@ pub(super) fn preview_path(options: &PreviewOptions, output: &Path) -> PathBuf {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "unitune".into());
-    output.with_file_name(format!("{stem}-preview.png"))
+    let default = output.with_file_name(format!("{stem}-preview.png"));
+    if Output::preview("--preview-out", &default, false).existing == ExistingFile::Overwrite {
+        return default;
+    }
+    imaging::next_free_path(&default)
+}
+
+/// The preview as one of the command's outputs (`None` when no preview is written).
+pub(super) fn preview_output(
+    options: &PreviewOptions,
+    output: &Path,
+    overwrite: bool,
+) -> Option<Output> {
+    (options.preview != PreviewMode::Off)
+        .then(|| Output::preview("--preview-out", &preview_path(options, output), overwrite))
 }
 
 /// Writes each step's preview to one file, replacing it atomically.
@@ -125,7 +141,12 @@ impl<'a> PreviewFile<'a> {
             .render(self.previewer, x0)
             .map_err(anyhow::Error::from)
             .and_then(|image| {
-                imaging::export_image(&self.path, &image, None, &[], ExistingFile::Overwrite)
+                // Marked as unitune's own, so that a later run may replace it.
+                let mark = [(
+                    PREVIEW_MARK.to_owned(),
+                    "a live preview, replaced by the next".to_owned(),
+                )];
+                imaging::export_image(&self.path, &image, None, &mark, ExistingFile::Overwrite)
                     .map_err(anyhow::Error::from)
             });
         if let Err(error) = written {

@@ -1,7 +1,7 @@
 //! `unitune tune` (fine-tune on a photo, keep the snapshots) and `unitune export-lora` (a
 //! cached lora-mode fine-tune as a LoRA file, never training).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
@@ -10,6 +10,7 @@ use super::args::{ExportLoraArgs, GlobalOptions, TuneArgs};
 use super::cancel::CancelFlag;
 use super::checks::training_choice;
 use super::model::{load_service, snapshot_cache};
+use super::outputs::{Output, announce, check_outputs, command_inputs};
 use super::progress::tune_with_progress;
 use crate::engine::edit::TuneEvent;
 use crate::imaging::{self, DecodeLimits, Photo};
@@ -44,6 +45,7 @@ pub fn tune_command(global: &GlobalOptions, args: &TuneArgs, cancel: &CancelFlag
     let settings = training_choice(&args.training)?.settings(None)?;
     if let Some(path) = &args.export_lora {
         check_lora_export(path, &settings)?;
+        check_lora_output("--export-lora", path, args.overwrite, global, &args.image)?;
     }
     let size = requested_size(args.size.as_deref())?;
     let photo = load_photo(&args.image)?;
@@ -72,6 +74,22 @@ pub fn tune_command(global: &GlobalOptions, args: &TuneArgs, cancel: &CancelFlag
     Ok(())
 }
 
+/// A LoRA file to write, checked before anything is computed (see `outputs`).
+fn check_lora_output(
+    flag: &'static str,
+    path: &Path,
+    overwrite: bool,
+    global: &GlobalOptions,
+    photo: &Path,
+) -> Result<()> {
+    let mut inputs = command_inputs(global)?;
+    inputs.push(photo.to_path_buf());
+    check_outputs(
+        &[Output::new(flag, path, overwrite)],
+        &inputs.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
+    )
+}
+
 /// Writes the snapshot after `steps` fine-tuning steps as a kohya-format LoRA; `token` is
 /// the word the photo is bound to.
 pub(super) fn write_lora(
@@ -83,7 +101,7 @@ pub(super) fn write_lora(
 ) -> Result<()> {
     service.export_lora(path, steps, file_name(image).as_deref())?;
     eprintln!("LoRA of the snapshot after {steps} steps written (use the prompt \"{token} ...\")");
-    println!("{}", path.display());
+    announce(path);
     Ok(())
 }
 
@@ -96,6 +114,7 @@ pub fn export_lora_command(
 ) -> Result<()> {
     let settings = training_choice(&args.training)?.settings(None)?;
     check_lora_export(&args.out, &settings)?;
+    check_lora_output("--out", &args.out, args.overwrite, global, &args.image)?;
     let steps = args.steps.unwrap_or_else(|| settings.total_steps());
     if !settings.snapshot_steps.contains(&steps) {
         return Err(UsageError(format!(

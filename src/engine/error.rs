@@ -62,6 +62,11 @@ pub enum EngineError {
     #[error("cancelled")]
     Cancelled,
 
+    /// A computation's numbers stopped being numbers (NaN or infinity): one sentence on
+    /// where, and what to change. Never handed on as a black image.
+    #[error("{0}")]
+    NotFinite(String),
+
     /// Reading, fitting or combining images failed.
     #[error(transparent)]
     Imaging(#[from] crate::imaging::ImagingError),

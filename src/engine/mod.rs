@@ -9,6 +9,7 @@ pub mod edit;
 pub mod error;
 pub mod fidelity;
 pub mod finetune;
+pub mod finite;
 pub mod instruct;
 pub mod layers;
 pub mod lora;

@@ -448,17 +448,25 @@ impl StableDiffusion {
 pub(crate) fn tensor_to_image(tensor: &Tensor) -> Result<RgbImage> {
     let (_, _, h, w) = tensor.dims4()?;
     let pixels = ((tensor.to_dtype(DType::F32)?.to_device(&Device::Cpu)? / 2.0)? + 0.5)?
-        .clamp(0f32, 1f32)?
         .squeeze(0)?
         .permute((1, 2, 0))?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    let bytes = pixels.iter().map(|v| (v * 255.0).round() as u8).collect();
+    // A NaN would become black (0) below, and a black image must never pass for a result.
+    if pixels.iter().any(|v| !v.is_finite()) {
+        return Err(EngineError::NotFinite(
+            "the VAE's decoded image is not all numbers (it overflowed); decode in --precision f32"
+                .into(),
+        ));
+    }
+    let bytes = pixels
+        .iter()
+        .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect();
     RgbImage::from_raw(w as u32, h as u32, bytes)
         .ok_or_else(|| EngineError::InvalidRequest("decoded image has an unexpected size".into()))
 }
 
-/// A diffusers folder's configs, tokenizer and weight files.
 /// The text encoder's weights in either key layout transformers writes: under `text_model.`
 /// (every SD checkpoint, transformers before 5) or without it (transformers 5), as
 /// transformers and diffusers themselves load both.
@@ -481,6 +489,7 @@ fn text_encoder_weights(path: &Path) -> ComponentWeights {
     ))
 }
 
+/// A diffusers folder's configs, tokenizer and weight files.
 fn diffusers_parts(files: &DiffusersFiles, options: &LoadOptions) -> Result<Parts> {
     let unet = UnetConfig::load(&files.unet_config)?;
     let text_encoder_config = TextEncoderConfig::load(&files.text_encoder_config)?;

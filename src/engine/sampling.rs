@@ -10,6 +10,7 @@ use candle_core::Tensor;
 use image::{GrayImage, RgbImage};
 
 use super::error::{EngineError, Result};
+use super::finite::all_finite;
 use super::model::StableDiffusion;
 use super::noise::NoiseSource;
 
@@ -266,6 +267,12 @@ pub fn denoise(
         if observer.observe(&view).is_break() {
             return Err(EngineError::Cancelled);
         }
+    }
+    // Checked once, at the end: a read-back every step would stall a GPU between steps.
+    if !all_finite(&latents)? {
+        return Err(EngineError::NotFinite(
+            "the edit's latents stopped being numbers while denoising (the model's numbers overflowed); try --precision f32, a lower guidance, or a LoRA at a lower weight".into(),
+        ));
     }
     Ok(latents)
 }

@@ -4,6 +4,7 @@
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use image::codecs::jpeg::JpegEncoder;
 use image::codecs::webp::WebPEncoder;
@@ -173,8 +174,9 @@ fn write_atomically(
         Err(error) => return Err(io_error(error)),
     }
 
+    remove_stale_parts(folder);
     let mut builder = tempfile::Builder::new();
-    builder.prefix(".unitune-").suffix(".part");
+    builder.prefix(PART_PREFIX).suffix(PART_SUFFIX);
     // NamedTempFile is private (0600) by default; ask for what a plain File::create gives
     // (0666 less the umask), since the temporary file becomes the user's image.
     #[cfg(unix)]
@@ -211,6 +213,39 @@ fn write_atomically(
     persisted.map_err(|error| io_error(error.error))?;
     sync_folder(folder);
     Ok(())
+}
+
+/// Temporary files of unitune's writes are named `.unitune-XXXXXX.part`.
+const PART_PREFIX: &str = ".unitune-";
+const PART_SUFFIX: &str = ".part";
+
+/// How old one of unitune's temporary files must be before the next write into its folder
+/// removes it: far longer than any write takes, so another unitune's write in progress is
+/// never taken. Younger ones are left to the write that made them.
+pub const STALE_PART_AGE: Duration = Duration::from_secs(10 * 60);
+
+/// Removes what a write killed before its end (SIGKILL, a power cut) left in `folder`;
+/// best effort: a file that cannot be removed is left.
+fn remove_stale_parts(folder: &Path) {
+    let Ok(entries) = fs::read_dir(folder) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with(PART_PREFIX) && name.ends_with(PART_SUFFIX)) {
+            continue;
+        }
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|modified| modified.elapsed().ok())
+            .is_some_and(|age| age > STALE_PART_AGE);
+        if stale {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Makes the rename itself durable where the platform allows; best effort.
@@ -310,6 +345,10 @@ fn is_valid_png_keyword(key: &str) -> bool {
         && !key.ends_with(' ')
         && !key.contains("  ")
 }
+
+/// The PNG text chunk that marks a live preview as unitune's own file, which a later run may
+/// replace (see `cli::outputs`).
+pub const PREVIEW_MARK: &str = "unitune-preview";
 
 /// `path` if nothing exists there, otherwise the first of `name-1.ext`, `name-2.ext`, ... that
 /// does not exist (for default output names). Another program may take the name before it is

@@ -12,10 +12,11 @@ use super::size::resize_gray;
 /// so that a black JPEG's compression noise still counts as black.
 const MASK_BLACK_LEVEL: u8 = 16;
 
-/// Reads the mask at `path` (any image the program can open, EXIF orientation applied) as
-/// luminance: white means "may change", black "keep", grey in between. The alpha channel is
-/// ignored. The mask is resized to `width` x `height` (the photo's size) if it differs, with a
-/// linear filter.
+/// Reads the mask at `path` (any image the program can open, EXIF orientation applied):
+/// white means "may change", black "keep", grey in between, and a transparent pixel "keep"
+/// whatever its colour (a mask painted on a transparent layer, as image editors export it, is
+/// opaque only where it may change): the value is the luminance times the opacity. The mask
+/// is resized to `width` x `height` (the photo's size) if it differs, with a linear filter.
 ///
 /// A mask that is black everywhere is refused: it would let nothing change.
 pub fn load_mask(
@@ -32,7 +33,16 @@ pub fn load_mask(
         });
     }
     let (image, _) = decode_file(path, limits)?;
-    let mask = image.into_luma8();
+    let mask = if image.color().has_alpha() {
+        let luma_alpha = image.into_luma_alpha8();
+        GrayImage::from_fn(luma_alpha.width(), luma_alpha.height(), |x, y| {
+            let [luma, alpha] = luma_alpha.get_pixel(x, y).0;
+            // Rounded: a fully opaque pixel keeps its value exactly.
+            image::Luma([((u32::from(luma) * u32::from(alpha) + 127) / 255) as u8])
+        })
+    } else {
+        image.into_luma8()
+    };
     if mask.pixels().all(|p| p.0[0] < MASK_BLACK_LEVEL) {
         return Err(ImagingError::MaskEmpty {
             path: path.to_path_buf(),

@@ -26,7 +26,10 @@ pub use composite::{default_feather_radius, feather, paste_outside_mask};
 pub(crate) use decode::one_line;
 pub use decode::{DecodeLimits, Photo, SourceFormat, load_photo, load_photo_from_bytes};
 pub use error::ImagingError;
-pub use export::{ExistingFile, JPEG_QUALITY, export_image, next_free_path, read_png_text};
+pub use export::{
+    ExistingFile, JPEG_QUALITY, PREVIEW_MARK, STALE_PART_AGE, export_image, next_free_path,
+    read_png_text,
+};
 pub use grid::labelled_grid;
 pub use interpolate::{InterpolationSettings, interpolate_toward_original, similarity_map};
 pub use mask::load_mask;

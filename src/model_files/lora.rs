@@ -3,6 +3,10 @@
 
 use std::path::PathBuf;
 
+/// The strongest weight a LoRA may be applied at: far beyond any use (-2 to 2 is usual), and
+/// short of where its changes overflow the model's numbers into a black image.
+pub const MAX_WEIGHT: f64 = 100.0;
+
 /// One LoRA file and how strongly it applies (1 = as made).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraChoice {
@@ -29,8 +33,10 @@ impl LoraChoice {
                 "--lora {text} names no file; use --lora FILE[:WEIGHT]"
             ));
         }
-        if !weight.is_finite() {
-            return Err(format!("--lora {text}: the weight must be a finite number"));
+        if !weight.is_finite() || weight.abs() > MAX_WEIGHT {
+            return Err(format!(
+                "--lora {text}: the weight must be a number between -{MAX_WEIGHT} and {MAX_WEIGHT} (LoRAs are applied at -2 to 2)"
+            ));
         }
         Ok(Self {
             path: PathBuf::from(path),
@@ -73,5 +79,12 @@ mod tests {
         );
         assert!(LoraChoice::parse(":0.5").is_err());
         assert!(LoraChoice::parse("s.safetensors:inf").is_err());
+        assert!(LoraChoice::parse("s.safetensors:nan").is_err());
+        let huge = LoraChoice::parse("s.safetensors:1e15").unwrap_err();
+        assert!(huge.contains("between -100 and 100"), "{huge}");
+        assert_eq!(
+            LoraChoice::parse("s.safetensors:-100").unwrap().weight,
+            -100.0
+        );
     }
 }

@@ -7,8 +7,7 @@ use candle_core::{DType, Tensor};
 
 use crate::engine::error::{EngineError, Result};
 
-const DIVERGED: &str =
-    "fine-tuning diverged (the gradients are not finite); try a lower --lr or --precision f32";
+const DIVERGED: &str = "fine-tuning diverged (the gradients stopped being finite numbers at every loss scale); lower the learning rate with --lr, or fine-tune in --precision f32";
 
 /// The scale and its count of good steps.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -13,6 +13,7 @@ use super::memory_plan::choose_micro_batch;
 use super::tune::{TrainingState, TuneSettings};
 use crate::engine::autograd::{GradientAccumulator, accumulate_gradients, no_grad};
 use crate::engine::error::{EngineError, Result};
+use crate::engine::finite::all_finite_together;
 use crate::engine::layers::wide;
 use crate::engine::memory::MemoryProbe;
 use crate::engine::model::StableDiffusion;
@@ -281,11 +282,17 @@ impl<'a> TrainingRun<'a> {
             }
         }
         let mut grads = collect_gradients(self.adapter, self.accumulator.take())?;
-        if let Some(scaler) = self.loss_scale.as_mut() {
-            match scaler.unscale(grads)? {
+        match self.loss_scale.as_mut() {
+            Some(scaler) => match scaler.unscale(grads)? {
                 Unscaled::Finite(unscaled) => grads = unscaled,
                 Unscaled::Overflowed => return Ok(Attempt::Overflowed),
+            },
+            // Without a loss scale nothing is redone: a loss or gradient that is not a number
+            // stops the run before it reaches the weights.
+            None if !loss_total.is_finite() || !all_finite_together(&grads)? => {
+                return Err(self.diverged(loss_total).into());
             }
+            None => {}
         }
         self.optimizer.step(&grads).map_err(|error| StepFailed {
             error,
@@ -294,6 +301,16 @@ impl<'a> TrainingRun<'a> {
         Ok(Attempt::Updated {
             loss: loss_total / passes as f32,
         })
+    }
+
+    /// Why the run stopped: its numbers stopped being numbers, most often from a learning rate
+    /// far too high.
+    fn diverged(&self, loss: f32) -> EngineError {
+        EngineError::InvalidRequest(format!(
+            "fine-tuning diverged at step {}: the loss became {loss} (not a finite number); the learning rate {} is too high (the paper's is 1e-4), lower it with --lr",
+            self.optimizer.steps_taken() + 1,
+            self.settings.optimizer.learning_rate
+        ))
     }
 
     /// The next smaller micro-batch that divides the batch.

@@ -13,6 +13,7 @@ use super::mode::TrainMode;
 use super::snapshot::Snapshot;
 use super::step::TrainingRun;
 use crate::engine::error::{EngineError, Result};
+use crate::engine::finite::all_finite_together;
 use crate::engine::model::StableDiffusion;
 use crate::engine::optim::{OptimizerSettings, OptimizerState};
 
@@ -256,6 +257,19 @@ pub fn fine_tune_from(
         };
         let snapshot_taken = settings.snapshot_steps.contains(&step);
         if snapshot_taken {
+            // A snapshot that is not all numbers is never kept, cached or exported.
+            if !all_finite_together(
+                &adapter
+                    .vars()
+                    .iter()
+                    .map(|v| v.as_tensor().clone())
+                    .collect::<Vec<_>>(),
+            )? {
+                return Err(EngineError::InvalidRequest(format!(
+                    "fine-tuning diverged by step {step}: the trained weights stopped being finite numbers; the learning rate {} is too high (the paper's is 1e-4), lower it with --lr",
+                    settings.optimizer.learning_rate
+                )));
+            }
             snapshots.push(observer.keep(adapter, step)?);
         } else {
             adapter.mark_changed();

@@ -7,7 +7,8 @@ use candle_core::{DType, Tensor};
 
 use super::Component;
 use super::kohya::{KohyaLayer, kohya_name, read_kohya_file, refused};
-use crate::engine::error::Result;
+use crate::engine::error::{EngineError, Result};
+use crate::engine::finite::all_finite;
 use crate::model_files::LoraChoice;
 
 /// One LoRA layer's change to one weight: `scale * up @ down`, reshaped to the weight.
@@ -56,7 +57,15 @@ impl WeightDeltas {
                 .to_device(weight.device())?;
             sum = (sum + delta)?;
         }
-        Ok(sum.to_dtype(weight.dtype())?)
+        let merged = sum.to_dtype(weight.dtype())?;
+        // A weight like `FILE:1e15` makes finite factors overflow: refused here, not as a
+        // black image after the whole edit.
+        if !all_finite(&merged)? {
+            return Err(EngineError::InvalidRequest(format!(
+                "the LoRAs, at the weights given, make {name} overflow to infinity; use a weight closer to 1 (LoRAs are applied at -2 to 2)"
+            )));
+        }
+        Ok(merged)
     }
 
     /// Adds the changes to the weights `weights` holds (others are left alone: a caller may
@@ -170,6 +179,25 @@ fn fit(
     if !fits {
         return Err(format!(
             "does not fit this model: {} (down {down:?}, up {up:?}) cannot change {target}, which has shape {shape:?}; the LoRA was made for another model family",
+            layer.name
+        ));
+    }
+    for (part, tensor) in [
+        ("lora_down.weight", &layer.down),
+        ("lora_up.weight", &layer.up),
+    ] {
+        if !all_finite(tensor).map_err(|e| e.to_string())? {
+            return Err(format!(
+                "holds values that are not numbers (NaN or infinity) in {}.{part}; the file is damaged: download or export it again",
+                layer.name
+            ));
+        }
+    }
+    if let Some(alpha) = layer.alpha
+        && !alpha.is_finite()
+    {
+        return Err(format!(
+            "holds an alpha that is not a number ({alpha}) in {}.alpha; the file is damaged: download or export it again",
             layer.name
         ));
     }

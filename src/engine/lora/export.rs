@@ -12,6 +12,7 @@ use crate::engine::config::{PipelineConfig, PredictionType, TextActivation};
 use crate::engine::edit::TunedPhoto;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::finetune::TrainMode;
+use crate::engine::finite::all_finite_together;
 
 const LORA_A: &str = ".lora_A.weight";
 const LORA_B: &str = ".lora_B.weight";
@@ -194,6 +195,13 @@ pub fn export_tuned(
         .cloned()
         .zip(snapshot.tensors()?)
         .collect();
+    let tensors: Vec<Tensor> = values.iter().map(|(_, t)| t.clone()).collect();
+    if !all_finite_together(&tensors)? {
+        return Err(EngineError::NotFinite(format!(
+            "the snapshot after {} steps is not all numbers (its fine-tune diverged); it cannot be exported: fine-tune again with a lower --lr",
+            info.steps
+        )));
+    }
     let layers = layers_from_adapter_values(&values)?;
     // Half-precision fine-tunes are written in the dtype they trained in; every tool reads
     // any float type.
