@@ -127,16 +127,27 @@ pub struct EvalArgs {
     pub out: PathBuf,
 
     /// How many scenes (each fine-tuned on, then edited two or three ways).
-    #[arg(long, value_name = "N", default_value_t = 8)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "N",
+        default_value_t = 8
+    )]
     pub scenes: usize,
 
     /// Seed of the scenes, their edits and the sampling noise.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "N",
+        default_value_t = 1
+    )]
     pub seed: u64,
 
     /// SDEdit starts swept by each method's curve, comma-separated.
     #[arg(
         long,
+        allow_negative_numbers = true,
         value_name = "F,F,..",
         value_delimiter = ',',
         default_value = "0.5,0.6,0.7,0.8,0.9,1.0"
@@ -144,11 +155,21 @@ pub struct EvalArgs {
     pub t0_values: Vec<f64>,
 
     /// Guidance weight of the swept curves (the slider's comes from the fidelity table).
-    #[arg(long, value_name = "W", default_value_t = 7.5)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "W",
+        default_value_t = 7.5
+    )]
     pub guidance: f64,
 
     /// Denoising steps (DDIM).
-    #[arg(long, value_name = "N", default_value_t = 20)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "N",
+        default_value_t = 20
+    )]
     pub sampling_steps: usize,
 
     /// Which curves to measure, comma-separated (a quicker run measures fewer): sdedit,
@@ -189,11 +210,21 @@ pub struct WorldArgs {
     pub out: PathBuf,
 
     /// How many scenes.
-    #[arg(long, value_name = "N", default_value_t = 50_000)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "N",
+        default_value_t = 50_000
+    )]
     pub count: usize,
 
     /// Seed of the scenes and their captions.
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "N",
+        default_value_t = 0
+    )]
     pub seed: u64,
 }
 
@@ -224,7 +255,7 @@ pub struct BenchArgs {
     pub arch: Architecture,
 
     /// Image size WxH (multiples of 64). Default: the architecture's native size.
-    #[arg(long, value_name = "WxH")]
+    #[arg(long, allow_hyphen_values = true, value_name = "WxH")]
     pub size: Option<String>,
 
     /// Training modes whose passes and steps are measured, comma-separated.
@@ -253,11 +284,21 @@ pub struct BenchArgs {
     pub without_checkpointing: bool,
 
     /// Fine-tuning steps of the whole run (snapshots at 1/8, 1/4, 1/2 and all of them).
-    #[arg(long, value_name = "N", default_value_t = 128)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "N",
+        default_value_t = 128
+    )]
     pub steps: usize,
 
     /// Denoising steps of the whole run's edit.
-    #[arg(long, value_name = "N", default_value_t = 50)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "N",
+        default_value_t = 50
+    )]
     pub sampling_steps: usize,
 
     /// Training mode of the whole run.
@@ -265,7 +306,12 @@ pub struct BenchArgs {
     pub run_mode: String,
 
     /// Photos per pass in the batch-4 steps: auto (the largest that fits) or a number.
-    #[arg(long, value_name = "N", default_value = "auto")]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "N",
+        default_value = "auto"
+    )]
     pub micro_batch: String,
 
     /// Optimizer of the steps and the whole run: adafactor or adamw.
@@ -300,11 +346,21 @@ pub struct TrainingOptions {
     pub train: String,
 
     /// Rank of the LoRA adapters (with --train lora).
-    #[arg(long, value_name = "R", default_value_t = 4)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "R",
+        default_value_t = 4
+    )]
     pub lora_rank: usize,
 
     /// Learning rate.
-    #[arg(long, value_name = "X", default_value_t = 1e-4)]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        value_name = "X",
+        default_value_t = 1e-4
+    )]
     pub lr: f64,
 
     /// Optimizer: adafactor (the paper's; least optimizer state) or adamw.
@@ -314,12 +370,22 @@ pub struct TrainingOptions {
     /// Photos per forward pass: the batch of 4 is accumulated from 4/N passes. auto (the
     /// default) takes the largest that the device's free memory holds, and smaller passes if
     /// one still runs out of memory.
-    #[arg(long, value_name = "N", default_value = "auto")]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "N",
+        default_value = "auto"
+    )]
     pub micro_batch: String,
 
     /// Largest size of the snapshot cache in GB; the least recently used fine-tunes are
     /// removed beyond it.
-    #[arg(long, value_name = "GB", default_value_t = 16.0)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "GB",
+        default_value_t = 16.0
+    )]
     pub cache_size: f64,
 
     /// The rare token the photo is bound to.
@@ -327,7 +393,12 @@ pub struct TrainingOptions {
     pub token: String,
 
     /// Seed of the fine-tuning noise.
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "N",
+        default_value_t = 0
+    )]
     pub tune_seed: u64,
 
     /// Retrain even if snapshots for this photo and recipe are cached, and do not cache.
@@ -338,11 +409,12 @@ pub struct TrainingOptions {
 #[derive(Debug, Args)]
 pub struct TuneArgs {
     /// The photo to fine-tune on.
+    #[arg(value_name = "PHOTO")]
     pub image: PathBuf,
 
     /// Working size WxH (multiples of 64). Default: the model's native area at the photo's
     /// aspect ratio.
-    #[arg(long, value_name = "WxH")]
+    #[arg(long, allow_hyphen_values = true, value_name = "WxH")]
     pub size: Option<String>,
 
     #[command(flatten)]
@@ -362,6 +434,7 @@ pub struct TuneArgs {
 #[derive(Debug, Args)]
 pub struct ExportLoraArgs {
     /// The photo that was fine-tuned on.
+    #[arg(value_name = "PHOTO")]
     pub image: PathBuf,
 
     /// The LoRA file to write (.safetensors).
@@ -373,11 +446,11 @@ pub struct ExportLoraArgs {
     pub overwrite: bool,
 
     /// Which snapshot: the one after N fine-tuning steps. Default: the last.
-    #[arg(long, value_name = "N")]
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
     pub steps: Option<usize>,
 
     /// Working size WxH the fine-tune used (as given to `tune` or `edit`).
-    #[arg(long, value_name = "WxH")]
+    #[arg(long, allow_hyphen_values = true, value_name = "WxH")]
     pub size: Option<String>,
 
     #[command(flatten)]
@@ -387,6 +460,7 @@ pub struct ExportLoraArgs {
 #[derive(Debug, Args)]
 pub struct GridArgs {
     /// The photo to edit.
+    #[arg(value_name = "PHOTO")]
     pub image: PathBuf,
 
     /// What the photo should become.
@@ -396,6 +470,7 @@ pub struct GridArgs {
     /// SDEdit starts for the rows, comma-separated.
     #[arg(
         long,
+        allow_negative_numbers = true,
         value_name = "F,F,..",
         value_delimiter = ',',
         default_value = "1.0,0.96,0.92,0.88,0.8"
@@ -403,22 +478,32 @@ pub struct GridArgs {
     pub t0_values: Vec<f64>,
 
     /// Working size WxH (multiples of 64).
-    #[arg(long, value_name = "WxH")]
+    #[arg(long, allow_hyphen_values = true, value_name = "WxH")]
     pub size: Option<String>,
 
     #[command(flatten)]
     pub training: TrainingOptions,
 
     /// Guidance weight for every cell.
-    #[arg(long, value_name = "W", default_value_t = 9.0)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "W",
+        default_value_t = 9.0
+    )]
     pub guidance: f64,
 
     /// Seed for every cell (the same noise everywhere, so cells differ only by settings).
-    #[arg(long, value_name = "N")]
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
     pub seed: Option<u64>,
 
     /// Denoising steps (DDIM).
-    #[arg(long, value_name = "N", default_value_t = 50)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "N",
+        default_value_t = 50
+    )]
     pub sampling_steps: usize,
 
     /// Output file (.png, .jpg or .webp).
@@ -435,15 +520,25 @@ pub struct GridArgs {
 pub struct SamplingOptions {
     /// Random seed; the same seed and inputs give the same image. Random when omitted (and
     /// printed).
-    #[arg(long, value_name = "N")]
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
     pub seed: Option<u64>,
 
     /// Denoising steps (DDIM).
-    #[arg(long, value_name = "N", default_value_t = 50)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "N",
+        default_value_t = 50
+    )]
     pub sampling_steps: usize,
 
     /// Classifier-free guidance weight: how strongly to follow the prompt (1 = off).
-    #[arg(long, value_name = "W", default_value_t = 7.5)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "W",
+        default_value_t = 7.5
+    )]
     pub guidance: f64,
 
     /// Output file (.png, .jpg or .webp). Default: `unitune-SEED.png` or `PHOTO-edit.png` in
@@ -481,7 +576,7 @@ pub struct GenerateArgs {
     pub prompt: String,
 
     /// Image size WxH in pixels, multiples of 64. Default: the model's native size.
-    #[arg(long, value_name = "WxH")]
+    #[arg(long, allow_hyphen_values = true, value_name = "WxH")]
     pub size: Option<String>,
 
     #[command(flatten)]
@@ -494,6 +589,7 @@ pub struct GenerateArgs {
 #[derive(Debug, Args)]
 pub struct EditArgs {
     /// The photo to edit (PNG, JPEG, WebP or GIF).
+    #[arg(value_name = "PHOTO")]
     pub image: PathBuf,
 
     /// What the photo should become, e.g. "a cat wearing sunglasses".
@@ -524,27 +620,27 @@ pub struct EditArgs {
 
     /// Image guidance of an instruction edit (overrides --fidelity's choice; 1.5 is the
     /// published default, higher stays closer to the photo).
-    #[arg(long, value_name = "W")]
+    #[arg(long, allow_negative_numbers = true, value_name = "W")]
     pub image_guidance: Option<f64>,
 
     /// One knob from 0 (expressive) to 1 (faithful to the photo): picks the snapshot, t0 and
     /// guidance together (see the table in the README); for --instruct, the image guidance.
     /// Default 0.5.
-    #[arg(long, value_name = "F")]
+    #[arg(long, allow_negative_numbers = true, value_name = "F")]
     pub fidelity: Option<f64>,
 
     /// Sample from the snapshot after N fine-tuning steps (overrides --fidelity's choice);
     /// 0 skips fine-tuning entirely (plain SDEdit, the paper's baseline).
-    #[arg(long, value_name = "N")]
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
     pub tune_steps: Option<usize>,
 
     /// SDEdit start in [0, 1] (overrides --fidelity's choice): how far up the noise schedule
     /// the photo is pushed before denoising. 0 returns the photo, 1 starts from pure noise.
-    #[arg(long, value_name = "F")]
+    #[arg(long, allow_negative_numbers = true, value_name = "F")]
     pub t0: Option<f64>,
 
     /// Guidance weight (overrides --fidelity's choice).
-    #[arg(long, value_name = "W")]
+    #[arg(long, allow_negative_numbers = true, value_name = "W")]
     pub guidance: Option<f64>,
 
     /// A description of the photo as it is: guidance then pushes from it toward the prompt
@@ -563,12 +659,17 @@ pub struct EditArgs {
     pub interpolate: bool,
 
     /// How many variants, with consecutive seeds; files are numbered.
-    #[arg(long, value_name = "K", default_value_t = 1)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "K",
+        default_value_t = 1
+    )]
     pub samples: usize,
 
     /// Working size WxH (multiples of 64). Default: the model's native area at the photo's
     /// aspect ratio. The result always comes back at the photo's own size.
-    #[arg(long, value_name = "WxH")]
+    #[arg(long, allow_hyphen_values = true, value_name = "WxH")]
     pub size: Option<String>,
 
     #[command(flatten)]
@@ -582,11 +683,16 @@ pub struct EditArgs {
 
     /// Random seed of the first sample; the same seed and inputs give the same image.
     /// Random when omitted (and printed).
-    #[arg(long, value_name = "N")]
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
     pub seed: Option<u64>,
 
     /// Denoising steps (DDIM).
-    #[arg(long, value_name = "N", default_value_t = 50)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "N",
+        default_value_t = 50
+    )]
     pub sampling_steps: usize,
 
     /// Output file (.png, .jpg or .webp). Default: `PHOTO-edit.png` in the current folder,

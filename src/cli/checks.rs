@@ -76,6 +76,11 @@ pub(super) fn output_path(options: &SamplingOptions, default: PathBuf) -> (PathB
 pub(super) fn training_choice(options: &TrainingOptions) -> Result<TrainingChoice> {
     let usage = |m: String| anyhow::Error::from(UsageError(m));
     let mut mode: TrainMode = options.train.parse().map_err(usage)?;
+    if options.lora_rank == 0 {
+        return Err(usage(
+            "--lora-rank must be at least 1 (4 to 32 is usual)".into(),
+        ));
+    }
     if let TrainMode::Lora { rank } = &mut mode {
         *rank = options.lora_rank;
     }

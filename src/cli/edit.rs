@@ -29,6 +29,10 @@ use crate::service::{
     choose_seed,
 };
 
+/// The most variants one `edit` makes (as AUTOMATIC1111's batch count): more is a typo, not
+/// a plan.
+const MAX_SAMPLES: usize = 100;
+
 /// Which flags were given on the command line (not left at their defaults): those win over
 /// a `--recipe`.
 pub type Given<'a> = &'a dyn Fn(&str) -> bool;
@@ -63,8 +67,22 @@ fn check_edit_flags(args: &EditArgs) -> Result<()> {
         check_guidance(guidance)?;
     }
     check_sampling_steps(args.sampling_steps)?;
-    if args.samples == 0 {
-        return Err(UsageError("--samples must be at least 1".into()).into());
+    if !(1..=MAX_SAMPLES).contains(&args.samples) {
+        return Err(UsageError(format!(
+            "--samples must be between 1 and {MAX_SAMPLES}, not {}",
+            args.samples
+        ))
+        .into());
+    }
+    if args
+        .baseline_prompt
+        .as_deref()
+        .is_some_and(|b| b.trim().is_empty())
+    {
+        return Err(UsageError(
+            "--baseline-prompt is empty; describe the photo as it is, or leave the flag out".into(),
+        )
+        .into());
     }
     if let Some(out) = &args.out {
         check_output_extension(out)?;
@@ -304,7 +322,7 @@ pub fn edit_command(
     let plan = service.plan(asked.kind, &asked.knobs, &asked.training.snapshot_steps);
     let settings = asked.training.settings(Some(plan.tune_steps))?;
     say_working_size(&service, (photo_w, photo_h), size)?;
-    let alpha = photo.alpha;
+    let original = (photo.alpha, photo.file_rgb, photo.metadata);
     let photo = Arc::new(photo.rgb);
     if plan.tune_steps > 0 {
         let request = TuneRequest {
@@ -371,10 +389,17 @@ pub fn edit_command(
         bar.finish_and_clear();
         let edited = edited?;
         let Output { path, existing, .. } = output;
-        imaging::export_image(
+        let (alpha, file_rgb, metadata) = &original;
+        let original = imaging::Original {
+            over_white: &spec.photo,
+            alpha: alpha.as_ref(),
+            file_rgb: file_rgb.as_ref(),
+            metadata,
+        };
+        imaging::export_edit(
             path,
             &edited.image,
-            alpha.as_ref(),
+            &original,
             &edited.recipe.text_chunks(),
             *existing,
         )

@@ -49,13 +49,34 @@ pub const EXIT_INTERRUPTED: i32 = 130;
 pub fn main_with_exit_code() -> i32 {
     let matches = match Cli::command().try_get_matches() {
         Ok(matches) => matches,
-        Err(error) => return report_clap_error(error),
+        Err(error) => {
+            if let Some(line) = unknown_command() {
+                eprintln!("error: {line}");
+                return EXIT_INVALID_INPUT;
+            }
+            return report_clap_error(error);
+        }
     };
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(error) => return report_clap_error(error),
     };
     let Some(command) = &cli.command else {
+        // A photo that is not there is more often a mistyped command than a photo: say so
+        // here rather than open a window about it.
+        if let Some(photo) = cli.photo.as_ref().filter(|p| !p.exists()) {
+            let commands: Vec<String> = Cli::command()
+                .get_subcommands()
+                .filter(|c| !c.is_hide_set())
+                .map(|c| c.get_name().to_owned())
+                .collect();
+            eprintln!(
+                "error: there is no photo or command called {}; the commands are {} (see `unitune --help`)",
+                photo.display(),
+                commands.join(", ")
+            );
+            return EXIT_INVALID_INPUT;
+        }
         // No command: the desktop editor, which reports its own errors in its window.
         let options = match editor_options(&cli.global, cli.photo.clone()) {
             Ok(options) => options,
@@ -174,6 +195,40 @@ fn is_cancelled(error: &anyhow::Error) -> bool {
             .downcast_ref::<ServiceError>()
             .is_some_and(ServiceError::is_cancelled)
     })
+}
+
+/// The global options that take a value (the value is not a command).
+const GLOBAL_VALUES: [&str; 6] = [
+    "--model",
+    "--vae",
+    "--prediction-type",
+    "--device",
+    "--precision",
+    "--lora",
+];
+
+/// When the command line's first word is neither a command nor a photo that exists while
+/// more words follow (`unitune edti photo.png --prompt x`): the sentence that says so. clap
+/// would take the typo for the editor's photo and complain about what follows it.
+fn unknown_command() -> Option<String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut words = args.iter().enumerate().filter(|(i, a)| {
+        !a.starts_with('-') && !(*i > 0 && GLOBAL_VALUES.contains(&args[i - 1].as_str()))
+    });
+    let (_, first) = words.next()?;
+    words.next()?;
+    let known: Vec<String> = Cli::command()
+        .get_subcommands()
+        .filter(|c| !c.is_hide_set())
+        .map(|c| c.get_name().to_owned())
+        .collect();
+    if known.contains(first) || std::path::Path::new(first).exists() {
+        return None;
+    }
+    Some(format!(
+        "unknown command {first}; the commands are {} (see `unitune --help`)",
+        known.join(", ")
+    ))
 }
 
 /// clap's multi-line usage errors become one `error:` line; help and version print as usual.

@@ -415,6 +415,8 @@ impl EditorApp {
             photo: photo.rgb,
             display: opened.display,
             alpha: photo.alpha,
+            file_rgb: photo.file_rgb,
+            metadata: photo.metadata,
             mask: None,
         });
     }
@@ -471,6 +473,8 @@ impl EditorApp {
                 photo: restored.photo,
                 display,
                 alpha: restored.alpha,
+                file_rgb: restored.file_rgb,
+                metadata: restored.metadata,
                 mask: restored.mask,
             });
             self.info("Restored your last photo, mask and prompt.");

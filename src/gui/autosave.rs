@@ -38,6 +38,8 @@ impl AutosaveState {
             text: text.clone(),
             photo: Some((doc.version, doc.photo.clone())),
             alpha: doc.alpha.clone(),
+            file_rgb: doc.file_rgb.clone(),
+            metadata: doc.metadata.clone(),
             mask: doc.mask.painted(),
         };
         if let Some(saver) = &self.saver {

@@ -16,7 +16,9 @@ use image::{GrayImage, RgbImage};
 use super::persist::{RestoredSession, StateFiles};
 use super::results::{ResultFiles, StoredResult};
 use super::textures;
-use crate::imaging::{self, DecodeLimits, ExistingFile, Photo, SourceFormat, one_line};
+use crate::imaging::{
+    self, DecodeLimits, ExistingFile, Photo, PhotoMetadata, SourceFormat, one_line,
+};
 use crate::jobs::{CacheEntry, JobId, Recipe, RecipeSettings, SnapshotCache, panic_text};
 
 /// Names one request to open a photo (or restore the autosaved one); newer ones are larger.
@@ -77,7 +79,13 @@ impl FileDialogs for SystemDialogs {
 pub struct ExportRequest {
     /// The full-resolution result, read on the export thread.
     pub image: StoredResult,
+    /// The photo it was made from, over white (unchanged pixels still are).
+    pub over_white: Arc<RgbImage>,
     pub alpha: Option<Arc<GrayImage>>,
+    /// With `alpha`: the colour the photo's file holds.
+    pub file_rgb: Option<Arc<RgbImage>>,
+    /// The photo's ICC profile and EXIF.
+    pub metadata: Arc<PhotoMetadata>,
     /// PNG text chunks (the recipe).
     pub text: Vec<(String, String)>,
     pub suggested_name: String,
@@ -429,13 +437,25 @@ impl Chores {
 
 fn export_to(path: PathBuf, request: ExportRequest) -> ChoreResult {
     let result = request.image.load().and_then(|image| {
-        let alpha = request
-            .alpha
-            .as_deref()
-            .filter(|a| a.dimensions() == image.dimensions());
+        let same_size = |size: (u32, u32)| size == image.dimensions();
+        let original = imaging::Original {
+            over_white: &request.over_white,
+            alpha: request
+                .alpha
+                .as_deref()
+                .filter(|a| same_size(a.dimensions())),
+            file_rgb: request.file_rgb.as_deref(),
+            metadata: &request.metadata,
+        };
         // The dialog already asked before replacing an existing file.
-        imaging::export_image(&path, &image, alpha, &request.text, ExistingFile::Overwrite)
-            .map_err(|err| one_line(&err.to_string()))
+        imaging::export_edit(
+            &path,
+            &image,
+            &original,
+            &request.text,
+            ExistingFile::Overwrite,
+        )
+        .map_err(|err| one_line(&err.to_string()))
     });
     ChoreResult::Exported {
         path,

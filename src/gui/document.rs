@@ -13,6 +13,7 @@ use super::limits::MASK_MAX_SIDE;
 use super::mask::MaskLayer;
 use super::session::PhotoRef;
 use super::textures;
+use crate::imaging::PhotoMetadata;
 use crate::jobs::RecipeSettings;
 
 /// The open photo and its mask.
@@ -20,8 +21,14 @@ pub struct Document {
     /// Changes whenever the photo does (autosave, and tunes, key on it).
     pub version: u64,
     pub source: Option<PathBuf>,
+    /// The colour over white (where the file has transparency): what the model sees.
     pub photo: Arc<RgbImage>,
     pub alpha: Option<Arc<GrayImage>>,
+    /// With `alpha`: the colour the file holds, which exports give back where an edit left
+    /// the photo alone.
+    pub file_rgb: Option<Arc<RgbImage>>,
+    /// The file's ICC profile and EXIF, carried into exports.
+    pub metadata: Arc<PhotoMetadata>,
     pub mask: MaskLayer,
     pub texture: TextureHandle,
     /// The mask overlay, made at the first stroke.
@@ -34,6 +41,8 @@ pub struct NewDocument {
     pub photo: RgbImage,
     pub display: ColorImage,
     pub alpha: Option<GrayImage>,
+    pub file_rgb: Option<RgbImage>,
+    pub metadata: PhotoMetadata,
     pub mask: Option<GrayImage>,
 }
 
@@ -52,6 +61,11 @@ impl Document {
             source: new.source,
             photo: Arc::new(new.photo),
             alpha: new.alpha.filter(|a| a.dimensions() == (w, h)).map(Arc::new),
+            file_rgb: new
+                .file_rgb
+                .filter(|c| c.dimensions() == (w, h))
+                .map(Arc::new),
+            metadata: Arc::new(new.metadata),
             mask,
             texture: textures::upload(ctx, "photo", new.display),
             mask_texture: None,

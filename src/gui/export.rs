@@ -85,7 +85,10 @@ fn request(
     let doc = doc.ok_or("Nothing to export yet.")?;
     Ok(ExportRequest {
         image: result.clone(),
+        over_white: doc.photo.clone(),
         alpha: doc.alpha.clone(),
+        file_rgb: doc.file_rgb.clone(),
+        metadata: doc.metadata.clone(),
         text: recipe.text_chunks(),
         suggested_name: format!("{}-{}.png", doc.stem(), slug(&edit.prompt)),
         directory: doc.folder(),

@@ -20,7 +20,7 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use image::{GrayImage, RgbImage};
 use serde::{Deserialize, Serialize};
 
-use crate::imaging::{self, DecodeLimits, ExistingFile};
+use crate::imaging::{self, DecodeLimits, ExistingFile, PhotoMetadata};
 use crate::jobs::{PAPER_SNAPSHOTS, PreviewMode, TrainMode, panic_text};
 
 /// How many recent files the File menu lists.
@@ -149,6 +149,10 @@ pub struct SessionSnapshot {
     pub photo: Option<(u64, Arc<RgbImage>)>,
     /// The photo's transparency, if it has any (saved with the photo).
     pub alpha: Option<Arc<GrayImage>>,
+    /// With `alpha`: the colour the photo's file holds (not over white).
+    pub file_rgb: Option<Arc<RgbImage>>,
+    /// The photo file's ICC profile and EXIF (saved inside the photo's PNG).
+    pub metadata: Arc<PhotoMetadata>,
     pub mask: Option<Arc<GrayImage>>,
 }
 
@@ -157,6 +161,8 @@ pub struct RestoredSession {
     pub text: SessionText,
     pub photo: RgbImage,
     pub alpha: Option<GrayImage>,
+    pub file_rgb: Option<RgbImage>,
+    pub metadata: PhotoMetadata,
     pub mask: Option<GrayImage>,
 }
 
@@ -173,6 +179,8 @@ struct Manifest {
     /// then the photo is `photo.png` and the mask `mask.png`.
     photo_file: Option<String>,
     alpha_file: Option<String>,
+    /// The file's own colour of a photo with transparency (absent in older sets).
+    colour_file: Option<String>,
     mask_file: Option<String>,
 }
 
@@ -223,9 +231,12 @@ impl StateFiles {
         let manifest = read_manifest(&dir)?;
         let limits = DecodeLimits::default();
         let photo_file = manifest.photo_file.as_deref().unwrap_or(LEGACY_PHOTO);
-        let photo = imaging::load_photo(&dir.join(photo_file), &limits)
-            .ok()?
-            .rgb;
+        let saved = imaging::load_photo(&dir.join(photo_file), &limits).ok()?;
+        let (photo, metadata) = (saved.rgb, saved.metadata);
+        let file_rgb = manifest.colour_file.as_deref().and_then(|file| {
+            let colour = imaging::load_photo(&dir.join(file), &limits).ok()?.rgb;
+            (colour.dimensions() == photo.dimensions()).then_some(colour)
+        });
         // Saved as a grey image of its own: the photo's colour is already composited, and
         // decoding an RGBA file would composite it again.
         let alpha = manifest.alpha_file.as_deref().and_then(|file| {
@@ -246,7 +257,9 @@ impl StateFiles {
         Some(RestoredSession {
             text: manifest.text,
             photo,
+            file_rgb: file_rgb.filter(|_| alpha.is_some()),
             alpha,
+            metadata,
             mask,
         })
     }
@@ -428,16 +441,32 @@ impl Writer {
                 Some(_) if photo_unchanged => {
                     manifest.photo_file = previous.photo_file.clone();
                     manifest.alpha_file = previous.alpha_file.clone();
+                    manifest.colour_file = previous.colour_file.clone();
                 }
                 Some((_, photo)) => {
                     let name = format!("photo-{generation}.png");
-                    write_png(&dir.join(&name), photo).map_err(|e| ("the photo", e))?;
+                    // The profile and EXIF travel inside the photo's own PNG.
+                    imaging::export_image_with_metadata(
+                        &dir.join(&name),
+                        photo,
+                        None,
+                        &session.metadata,
+                        &[],
+                        ExistingFile::Overwrite,
+                    )
+                    .map_err(|e| ("the photo", e.to_string()))?;
                     manifest.photo_file = Some(name);
                     if let Some(alpha) = &session.alpha {
                         let name = format!("alpha-{generation}.png");
                         write_grey_png(&dir.join(&name), alpha)
                             .map_err(|e| ("the photo's transparency", e))?;
                         manifest.alpha_file = Some(name);
+                    }
+                    if let Some(colour) = &session.file_rgb {
+                        let name = format!("colour-{generation}.png");
+                        write_png(&dir.join(&name), colour)
+                            .map_err(|e| ("the photo's transparency", e))?;
+                        manifest.colour_file = Some(name);
                     }
                 }
                 // Nothing to restore without a photo.
@@ -502,6 +531,7 @@ fn remove_unnamed_files(dir: &Path, manifest: &Manifest) {
         Some(MANIFEST),
         manifest.photo_file.as_deref(),
         manifest.alpha_file.as_deref(),
+        manifest.colour_file.as_deref(),
         manifest.mask_file.as_deref(),
     ];
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -549,6 +579,8 @@ mod tests {
                 },
                 photo: Some((photo.0, photo.1.clone())),
                 alpha: alpha.cloned(),
+                file_rgb: None,
+                metadata: Arc::default(),
                 mask: mask.cloned(),
             }),
         }

@@ -275,6 +275,42 @@ pub(crate) fn blend_rgb(base: &RgbImage, over: &RgbImage, weights: &GrayImage) -
     out
 }
 
+/// The colour to write beside the photo's `alpha` for `result`, an edit of the photo
+/// computed on its colour over white (`over_white`, what the model saw), at the photo's size.
+///
+/// - A pixel the edit left as it was (equal to `over_white`: everything outside a mask is
+///   pasted back so) gets the file's own colour `file_rgb` back, byte for byte.
+/// - A changed pixel has the white taken out again (`c = (r - (1 - a) 255) / a`), so that
+///   writing it beside its alpha shows over any background what the edit showed over white,
+///   instead of the white counting twice.
+/// - A fully transparent pixel keeps the file's colour (it shows nowhere, and some files use
+///   it).
+pub fn restore_transparency(
+    result: &RgbImage,
+    over_white: &RgbImage,
+    file_rgb: &RgbImage,
+    alpha: &GrayImage,
+) -> RgbImage {
+    let size = result.dimensions();
+    if over_white.dimensions() != size
+        || file_rgb.dimensions() != size
+        || alpha.dimensions() != size
+    {
+        return result.clone();
+    }
+    RgbImage::from_fn(size.0, size.1, |x, y| {
+        let edited = result.get_pixel(x, y);
+        let a = i32::from(alpha.get_pixel(x, y).0[0]);
+        if a == 0 || edited == over_white.get_pixel(x, y) {
+            return *file_rgb.get_pixel(x, y);
+        }
+        image::Rgb(edited.0.map(|c| {
+            let numerator = 255 * (i32::from(c) + a - 255);
+            ((numerator + a / 2).div_euclid(a)).clamp(0, 255) as u8
+        }))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -68,7 +68,8 @@ impl fmt::Display for SourceFormat {
     }
 }
 
-/// A decoded photo, upright, in 8-bit sRGB.
+/// A decoded photo, upright, in 8-bit colour (the file's own colour space: its ICC profile
+/// is kept in `metadata` and written back with every export).
 #[derive(Debug, Clone)]
 pub struct Photo {
     /// The colour, 8 bits per channel (16-bit sources are rounded). Where the source has
@@ -79,8 +80,23 @@ pub struct Photo {
     /// re-attach it; `None` when the source has no alpha channel or is opaque everywhere
     /// (as for most GIFs).
     pub alpha: Option<GrayImage>,
+    /// With `alpha`: the colour as the file holds it (not over white), so that export gives
+    /// back every pixel an edit left alone exactly (see [`super::restore_transparency`]).
+    pub file_rgb: Option<RgbImage>,
+    /// The ICC profile and EXIF the file carries, for its exports.
+    pub metadata: PhotoMetadata,
     /// What the file was.
     pub source_format: SourceFormat,
+}
+
+/// What a photo's file says about its pixels beyond them, carried into every export: the ICC
+/// colour profile (without it a colour-managed screen shows an Adobe RGB photo's export in
+/// the wrong colours) and the EXIF block (camera, date, ...), whose orientation is set to
+/// upright because the pixels were turned upright when read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PhotoMetadata {
+    pub icc_profile: Option<Vec<u8>>,
+    pub exif: Option<Vec<u8>>,
 }
 
 impl Photo {
@@ -94,8 +110,11 @@ impl Photo {
 /// GIF gives its first frame), EXIF orientation is applied, and the header's size is checked
 /// against `limits` before decoding.
 pub fn load_photo(path: &Path, limits: &DecodeLimits) -> Result<Photo, ImagingError> {
-    let (image, format) = decode_file(path, limits)?;
-    Ok(photo_from_image(image, format))
+    let (image, format, metadata) = decode_file(path, limits)?;
+    Ok(Photo {
+        metadata,
+        ..photo_from_image(image, format)
+    })
 }
 
 /// Like [`load_photo`], for a file already in memory (a file dropped on the GUI);
@@ -105,16 +124,19 @@ pub fn load_photo_from_bytes(
     name_for_messages: &str,
     limits: &DecodeLimits,
 ) -> Result<Photo, ImagingError> {
-    let (image, format) = decode_bytes(bytes, Path::new(name_for_messages), limits)?;
-    Ok(photo_from_image(image, format))
+    let (image, format, metadata) = decode_bytes(bytes, Path::new(name_for_messages), limits)?;
+    Ok(Photo {
+        metadata,
+        ..photo_from_image(image, format)
+    })
 }
+
+/// What `decode_file` gives: the pixels, upright, the format and the metadata.
+pub(crate) type Decoded = (DynamicImage, SourceFormat, PhotoMetadata);
 
 /// Opens and decodes `path` with every check of [`load_photo`], keeping the decoder's own pixel
 /// type (masks need it in grey, photos in RGB).
-pub(crate) fn decode_file(
-    path: &Path,
-    limits: &DecodeLimits,
-) -> Result<(DynamicImage, SourceFormat), ImagingError> {
+pub(crate) fn decode_file(path: &Path, limits: &DecodeLimits) -> Result<Decoded, ImagingError> {
     let mut file = open_for_reading(path)?;
     let unreadable = |source: io::Error| ImagingError::Unreadable {
         path: path.to_path_buf(),
@@ -145,11 +167,7 @@ pub(crate) fn decode_file(
 }
 
 /// Decodes a file held in memory; a JPEG must be complete.
-fn decode_bytes(
-    bytes: &[u8],
-    path: &Path,
-    limits: &DecodeLimits,
-) -> Result<(DynamicImage, SourceFormat), ImagingError> {
+fn decode_bytes(bytes: &[u8], path: &Path, limits: &DecodeLimits) -> Result<Decoded, ImagingError> {
     if bytes.starts_with(&JPEG_START) && !jpeg_is_complete(bytes) {
         return Err(ImagingError::Truncated {
             path: path.to_path_buf(),
@@ -209,7 +227,7 @@ fn decode_reader<R: BufRead + Seek>(
     reader: R,
     path: &Path,
     limits: &DecodeLimits,
-) -> Result<(DynamicImage, SourceFormat), ImagingError> {
+) -> Result<Decoded, ImagingError> {
     let mut reader = ImageReader::new(reader)
         .with_guessed_format()
         .map_err(|source| read_error(path, source))?;
@@ -268,6 +286,16 @@ fn decode_reader<R: BufRead + Seek>(
     }
     // A damaged Exif block must not stop an otherwise good photo from loading.
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    // Nor a damaged profile or EXIF block: the photo loads without it.
+    let metadata = PhotoMetadata {
+        icc_profile: decoder.icc_profile().ok().flatten(),
+        exif: decoder.exif_metadata().ok().flatten().map(|mut exif| {
+            // The pixels are turned upright below: the EXIF must say so, or a viewer
+            // that reads it turns the export a second time.
+            let _ = Orientation::remove_from_exif_chunk(&mut exif);
+            exif
+        }),
+    };
 
     // Stage 2: decode, leaving the decoder what the pixel buffer does not take.
     let mut pixel_limits = Limits::no_limits();
@@ -280,7 +308,7 @@ fn decode_reader<R: BufRead + Seek>(
     let mut image =
         DynamicImage::from_decoder(decoder).map_err(|error| decode_error(path, error, limits))?;
     image.apply_orientation(orientation);
-    Ok((image, format))
+    Ok((image, format, metadata))
 }
 
 fn format_name(format: ImageFormat) -> String {
@@ -350,18 +378,38 @@ fn looks_truncated(detail: &str) -> bool {
 /// Brings any decoded image to 8-bit RGB, compositing over white where it has alpha.
 pub(crate) fn photo_from_image(image: DynamicImage, source_format: SourceFormat) -> Photo {
     let color = image.color();
-    let (rgb, alpha) = if !color.has_alpha() {
-        (image.into_rgb8(), None)
-    } else if color.bytes_per_pixel() > color.channel_count() {
-        composite_over_white_16(&image.into_rgba16())
+    if !color.has_alpha() {
+        return Photo {
+            rgb: image.into_rgb8(),
+            alpha: None,
+            file_rgb: None,
+            metadata: PhotoMetadata::default(),
+            source_format,
+        };
+    }
+    let ((rgb, alpha), file_rgb) = if color.bytes_per_pixel() > color.channel_count() {
+        // Each rounded to 8 bits once, from the 16-bit source.
+        let file_rgb = drop_alpha(&image.to_rgba8());
+        (composite_over_white_16(&image.into_rgba16()), file_rgb)
     } else {
-        composite_over_white_8(&image.into_rgba8())
+        let rgba = image.into_rgba8();
+        (composite_over_white_8(&rgba), drop_alpha(&rgba))
     };
     Photo {
+        file_rgb: alpha.is_some().then_some(file_rgb),
         rgb,
         alpha,
+        metadata: PhotoMetadata::default(),
         source_format,
     }
+}
+
+/// The colour channels of an RGBA image.
+fn drop_alpha(rgba: &RgbaImage) -> RgbImage {
+    RgbImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+        let [r, g, b, _] = rgba.get_pixel(x, y).0;
+        image::Rgb([r, g, b])
+    })
 }
 
 /// Straight (not premultiplied) alpha over white, rounded; the alpha is returned only if some

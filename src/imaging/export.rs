@@ -1,6 +1,7 @@
 //! Saving results: format from the extension, PNG text metadata, and an atomic write that
 //! leaves either the complete new file or nothing (and never a stray temporary file).
 
+use std::borrow::Cow;
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -10,7 +11,7 @@ use image::codecs::jpeg::JpegEncoder;
 use image::codecs::webp::WebPEncoder;
 use image::{ExtendedColorType, GrayImage, ImageEncoder, ImageError, RgbImage};
 
-use super::decode::{one_line, open_for_reading};
+use super::decode::{PhotoMetadata, one_line, open_for_reading};
 use super::error::{ImagingError, parent_folder};
 
 /// JPEG quality used for export: visually lossless for photos, about a third of a PNG's size.
@@ -79,6 +80,60 @@ pub fn export_image(
     text: &[(String, String)],
     existing: ExistingFile,
 ) -> Result<(), ImagingError> {
+    export_image_with_metadata(path, rgb, alpha, &PhotoMetadata::default(), text, existing)
+}
+
+/// The photo an edit was made from, as the edit's export needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Original<'a> {
+    /// Its colour over white: what the model saw, and what an unchanged pixel still is.
+    pub over_white: &'a RgbImage,
+    pub alpha: Option<&'a GrayImage>,
+    /// With `alpha`: the colour the file holds.
+    pub file_rgb: Option<&'a RgbImage>,
+    pub metadata: &'a PhotoMetadata,
+}
+
+/// Exports `result`, an edit of `original` at its size: with the photo's alpha, the file's own
+/// colour wherever the edit left a pixel alone (see [`super::restore_transparency`]), and its
+/// ICC profile and EXIF. Unchanged pixels come back byte for byte, alpha included.
+pub fn export_edit(
+    path: &Path,
+    result: &RgbImage,
+    original: &Original,
+    text: &[(String, String)],
+    existing: ExistingFile,
+) -> Result<(), ImagingError> {
+    let colour = match (original.alpha, original.file_rgb) {
+        (Some(alpha), Some(file_rgb)) => Cow::Owned(super::restore_transparency(
+            result,
+            original.over_white,
+            file_rgb,
+            alpha,
+        )),
+        _ => Cow::Borrowed(result),
+    };
+    export_image_with_metadata(
+        path,
+        &colour,
+        original.alpha,
+        original.metadata,
+        text,
+        existing,
+    )
+}
+
+/// [`export_image`] carrying a photo's ICC profile and EXIF into the file (PNG: `iCCP` and
+/// `eXIf`; JPEG: APP2 and APP1; WebP: `ICCP` and `EXIF`), so that an edit keeps its photo's
+/// colours on a colour-managed screen and its camera data.
+pub fn export_image_with_metadata(
+    path: &Path,
+    rgb: &RgbImage,
+    alpha: Option<&GrayImage>,
+    metadata: &PhotoMetadata,
+    text: &[(String, String)],
+    existing: ExistingFile,
+) -> Result<(), ImagingError> {
     let format = ExportFormat::from_path(path)?;
     if let Some(alpha) = alpha
         && alpha.dimensions() != rgb.dimensions()
@@ -106,9 +161,9 @@ pub fn export_image(
         });
     }
     write_atomically(path, existing, |out| match format {
-        ExportFormat::Png => encode_png(out, rgb, alpha, text),
-        ExportFormat::Jpeg => encode_jpeg(out, rgb),
-        ExportFormat::WebP => encode_webp(out, rgb, alpha),
+        ExportFormat::Png => encode_png(out, rgb, alpha, metadata, text),
+        ExportFormat::Jpeg => encode_jpeg(out, rgb, metadata),
+        ExportFormat::WebP => encode_webp(out, rgb, alpha, metadata),
     })
     .map_err(|error| match error {
         WriteError::Imaging(error) => error,
@@ -262,15 +317,19 @@ fn encode_png(
     out: &mut dyn Write,
     rgb: &RgbImage,
     alpha: Option<&GrayImage>,
+    metadata: &PhotoMetadata,
     text: &[(String, String)],
 ) -> Result<(), EncodeError> {
-    let mut encoder = png::Encoder::new(out, rgb.width(), rgb.height());
-    encoder.set_depth(png::BitDepth::Eight);
-    encoder.set_color(if alpha.is_some() {
+    let mut info = png::Info::with_size(rgb.width(), rgb.height());
+    info.bit_depth = png::BitDepth::Eight;
+    info.color_type = if alpha.is_some() {
         png::ColorType::Rgba
     } else {
         png::ColorType::Rgb
-    });
+    };
+    info.icc_profile = metadata.icc_profile.as_deref().map(Cow::Borrowed);
+    info.exif_metadata = metadata.exif.as_deref().map(Cow::Borrowed);
+    let mut encoder = png::Encoder::with_info(out, info)?;
     for (key, value) in text {
         if is_latin1(key) && is_latin1(value) {
             encoder.add_text_chunk(key.clone(), value.clone())?;
@@ -287,8 +346,24 @@ fn encode_png(
     Ok(())
 }
 
-fn encode_jpeg(out: &mut dyn Write, rgb: &RgbImage) -> Result<(), EncodeError> {
-    JpegEncoder::new_with_quality(out, JPEG_QUALITY).write_image(
+/// Hands the photo's profile and EXIF to one of `image`'s encoders (each of ours supports
+/// both; an encoder that would not is no reason to lose the edit).
+fn with_metadata<E: ImageEncoder>(mut encoder: E, metadata: &PhotoMetadata) -> E {
+    if let Some(icc) = &metadata.icc_profile {
+        let _ = encoder.set_icc_profile(icc.clone());
+    }
+    if let Some(exif) = &metadata.exif {
+        let _ = encoder.set_exif_metadata(exif.clone());
+    }
+    encoder
+}
+
+fn encode_jpeg(
+    out: &mut dyn Write,
+    rgb: &RgbImage,
+    metadata: &PhotoMetadata,
+) -> Result<(), EncodeError> {
+    with_metadata(JpegEncoder::new_with_quality(out, JPEG_QUALITY), metadata).write_image(
         rgb.as_raw(),
         rgb.width(),
         rgb.height(),
@@ -301,8 +376,9 @@ fn encode_webp(
     out: &mut dyn Write,
     rgb: &RgbImage,
     alpha: Option<&GrayImage>,
+    metadata: &PhotoMetadata,
 ) -> Result<(), EncodeError> {
-    let encoder = WebPEncoder::new_lossless(out);
+    let encoder = with_metadata(WebPEncoder::new_lossless(out), metadata);
     match alpha {
         Some(alpha) => encoder.write_image(
             &interleave_alpha(rgb, alpha),

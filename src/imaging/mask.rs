@@ -32,7 +32,7 @@ pub fn load_mask(
             height,
         });
     }
-    let (image, _) = decode_file(path, limits)?;
+    let (image, _, _) = decode_file(path, limits)?;
     let mask = if image.color().has_alpha() {
         let luma_alpha = image.into_luma_alpha8();
         GrayImage::from_fn(luma_alpha.width(), luma_alpha.height(), |x, y| {

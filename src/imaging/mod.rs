@@ -22,13 +22,15 @@ mod mask;
 mod plot;
 mod size;
 
-pub use composite::{default_feather_radius, feather, paste_outside_mask};
+pub use composite::{default_feather_radius, feather, paste_outside_mask, restore_transparency};
 pub(crate) use decode::one_line;
-pub use decode::{DecodeLimits, Photo, SourceFormat, load_photo, load_photo_from_bytes};
+pub use decode::{
+    DecodeLimits, Photo, PhotoMetadata, SourceFormat, load_photo, load_photo_from_bytes,
+};
 pub use error::ImagingError;
 pub use export::{
-    ExistingFile, JPEG_QUALITY, PREVIEW_MARK, STALE_PART_AGE, export_image, next_free_path,
-    read_png_text,
+    ExistingFile, JPEG_QUALITY, Original, PREVIEW_MARK, STALE_PART_AGE, export_edit, export_image,
+    export_image_with_metadata, next_free_path, read_png_text,
 };
 pub use grid::labelled_grid;
 pub use interpolate::{InterpolationSettings, interpolate_toward_original, similarity_map};
