@@ -37,19 +37,40 @@ fn binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_unitune")))
 }
 
+/// The longest a run may take: every case is meant to end in seconds (one that runs on, such
+/// as ten thousand samples, is a failure to refuse).
+const CASE_LIMIT: Duration = Duration::from_secs(120);
+
 fn run_in(home: &Path, args: &[String]) -> Run {
-    let output = Command::new(binary())
+    let logs = tempfile::tempdir().unwrap();
+    let (out, err) = (logs.path().join("out"), logs.path().join("err"));
+    let mut child = Command::new(binary())
         .args(args)
         .env("XDG_CACHE_HOME", home.join("cache"))
         .env("HF_HUB_OFFLINE", "1")
         .env("HF_HUB_CACHE", home.join("hf"))
         .current_dir(home)
-        .output()
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
         .expect("unitune runs");
+    let deadline = Instant::now() + CASE_LIMIT;
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code().unwrap_or(-1);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break -2;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let read = |path: &Path| String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned();
     Run {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        code,
+        stdout: read(&out),
+        stderr: read(&err),
     }
 }
 
