@@ -212,9 +212,11 @@ const GLOBAL_VALUES: [&str; 6] = [
 /// would take the typo for the editor's photo and complain about what follows it.
 fn unknown_command() -> Option<String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut words = args.iter().enumerate().filter(|(i, a)| {
-        !a.starts_with('-') && !(*i > 0 && GLOBAL_VALUES.contains(&args[i - 1].as_str()))
-    });
+    let is_option_value = |i: usize| i > 0 && GLOBAL_VALUES.contains(&args[i - 1].as_str());
+    let mut words = args
+        .iter()
+        .enumerate()
+        .filter(|(i, a)| !a.starts_with('-') && !is_option_value(*i));
     let (_, first) = words.next()?;
     words.next()?;
     let known: Vec<String> = Cli::command()
