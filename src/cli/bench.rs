@@ -9,7 +9,7 @@
 //! (the loaded model), which is what compares across tools.
 
 use std::ops::ControlFlow;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -38,7 +38,7 @@ use crate::engine::precision::dtype_name;
 use crate::engine::random_model::ensure_random_model;
 use crate::engine::sampling::{SampleRequest, Start, StepView, sample};
 use crate::imaging;
-use crate::model_files::{self, NoProgress};
+use crate::model_files::{self, ModelFiles, NoProgress};
 use crate::service::{
     EditKnobs, EditService, EditSpec, MicroBatch, ModelRequest, TuneRequest, WorkingSize,
 };
@@ -125,59 +125,14 @@ fn ladder(steps: usize) -> Vec<usize> {
 }
 
 pub fn bench_command(global: &GlobalOptions, args: &BenchArgs, cancel: &CancelFlag) -> Result<()> {
-    let known = ["pass", "step", "sample", "vae", "run", "precision"];
-    if let Some(bad) = args.measure.iter().find(|m| !known.contains(&m.as_str())) {
-        return Err(UsageError(format!(
-            "unknown measurement `{bad}` (use pass, step, sample, vae, run, precision)"
-        ))
-        .into());
-    }
-    let modes = args
-        .modes
-        .iter()
-        .map(|m| parse_mode(m))
-        .collect::<Result<Vec<_>>>()?;
-    let run_mode = parse_mode(&args.run_mode)?;
-    let optimizer: OptimizerKind = args.optimizer.parse().map_err(UsageError)?;
-    let side = args.arch.native_side() as u32;
-    let (width, height) = match &args.size {
-        Some(size) => imaging::parse_size(size)?,
-        None => (side, side),
-    };
+    let options = BenchOptions::parse(args)?;
+    let (width, height) = (options.width, options.height);
     let wants = |what: &str| args.measure.iter().any(|m| m == what);
-    let (micro_batch_size, auto_micro_batch) = match args.micro_batch.parse() {
-        Ok(MicroBatch::Auto) => (TuneSettings::default().batch_size, true),
-        Ok(MicroBatch::Fixed(n)) => (n, false),
-        Err(message) => return Err(UsageError(format!("--micro-batch: {message}")).into()),
-    };
 
-    let global_request = model_request(global)?;
-    let model_dir = match &args.model_dir {
-        Some(dir) => dir.clone(),
-        None => dirs::cache_dir()
-            .context("no user cache folder; pass --model-dir")?
-            .join("unitune")
-            .join("bench")
-            .join(args.arch.as_str()),
-    };
-    ensure_random_model(args.arch, &model_dir)?;
-    let request = ModelRequest {
-        model: model_dir.display().to_string(),
-        device: global_request.device,
-        precision: global_request.precision,
-        ..ModelRequest::new("")
-    };
-    let files = model_files::locate_in_folder(&model_dir)?;
-    let started = Instant::now();
-    let mut service = EditService::load(&request, None, &mut NoProgress)?;
+    let (mut service, files, model_dir, load) = load_bench_model(global, args)?;
     let device = service.engine().device().clone();
     let dtype = service.engine().dtype();
     let probe = MemoryProbe::new(&device);
-    device.synchronize()?;
-    let load = json!({
-        "seconds": started.elapsed().as_secs_f64(),
-        "memory_bytes": probe.current_bytes(),
-    });
     eprintln!(
         "bench: {} at {width}x{height} on {} in {}; random weights in {}",
         args.arch,
@@ -198,7 +153,7 @@ pub fn bench_command(global: &GlobalOptions, args: &BenchArgs, cancel: &CancelFl
         } else {
             &[true]
         };
-        for &mode in &modes {
+        for &mode in &options.modes {
             for &checkpoint in checkpointing {
                 stop_if_cancelled(cancel)?;
                 let m = measure_pass(service.engine_mut(), &probe, mode, checkpoint, &photo)?;
@@ -210,19 +165,9 @@ pub fn bench_command(global: &GlobalOptions, args: &BenchArgs, cancel: &CancelFl
         }
     }
     if wants("step") {
-        for &mode in &modes {
+        for &mode in &options.modes {
             stop_if_cancelled(cancel)?;
-            let settings = TuneSettings {
-                mode,
-                optimizer: OptimizerSettings {
-                    kind: optimizer,
-                    ..OptimizerSettings::default()
-                },
-                snapshot_steps: vec![2],
-                micro_batch_size,
-                auto_micro_batch,
-                ..TuneSettings::default()
-            };
+            let settings = options.tune_settings(mode, vec![2]);
             let (m, micro, spill) =
                 measure_step(service.engine_mut(), &probe, &settings, &photo, cancel)?;
             drop(spill);
@@ -230,7 +175,7 @@ pub fn bench_command(global: &GlobalOptions, args: &BenchArgs, cancel: &CancelFl
                 "step",
                 m.json(json!({
                     "name": "step", "mode": mode.name(), "batch": settings.batch_size,
-                    "micro_batch": micro, "optimizer": optimizer.as_str(),
+                    "micro_batch": micro, "optimizer": options.optimizer.as_str(),
                     "checkpointing": settings.checkpointing,
                 })),
             );
@@ -258,17 +203,7 @@ pub fn bench_command(global: &GlobalOptions, args: &BenchArgs, cancel: &CancelFl
     }
     if wants("run") && args.steps > 0 {
         stop_if_cancelled(cancel)?;
-        let settings = TuneSettings {
-            mode: run_mode,
-            optimizer: OptimizerSettings {
-                kind: optimizer,
-                ..OptimizerSettings::default()
-            },
-            snapshot_steps: ladder(args.steps),
-            micro_batch_size,
-            auto_micro_batch,
-            ..TuneSettings::default()
-        };
+        let settings = options.tune_settings(options.run_mode, ladder(args.steps));
         let (m, tune_seconds, micro) = measure_run(
             &mut service,
             &probe,
@@ -280,9 +215,9 @@ pub fn bench_command(global: &GlobalOptions, args: &BenchArgs, cancel: &CancelFl
         report(
             "unitune_run",
             m.json(json!({
-                "name": "unitune_run", "mode": run_mode.name(), "tune_steps": args.steps,
+                "name": "unitune_run", "mode": options.run_mode.name(), "tune_steps": args.steps,
                 "snapshots": settings.snapshot_steps, "micro_batch": micro,
-                "sampling_steps": args.sampling_steps, "optimizer": optimizer.as_str(),
+                "sampling_steps": args.sampling_steps, "optimizer": options.optimizer.as_str(),
                 "tune_seconds": tune_seconds,
             })),
         );
@@ -309,6 +244,102 @@ pub fn bench_command(global: &GlobalOptions, args: &BenchArgs, cancel: &CancelFl
             .with_context(|| format!("cannot write {}", out.display()))?;
     }
     Ok(())
+}
+
+/// The random-weight model of `--arch` (built once into `--model-dir` or the user cache),
+/// loaded through the edit service; with its files, its folder and what loading it cost.
+fn load_bench_model(
+    global: &GlobalOptions,
+    args: &BenchArgs,
+) -> Result<(EditService, ModelFiles, PathBuf, Value)> {
+    let model_dir = match &args.model_dir {
+        Some(dir) => dir.clone(),
+        None => dirs::cache_dir()
+            .context("no user cache folder; pass --model-dir")?
+            .join("unitune")
+            .join("bench")
+            .join(args.arch.as_str()),
+    };
+    ensure_random_model(args.arch, &model_dir)?;
+    let global_request = model_request(global)?;
+    let request = ModelRequest {
+        model: model_dir.display().to_string(),
+        device: global_request.device,
+        precision: global_request.precision,
+        ..ModelRequest::new("")
+    };
+    let files = model_files::locate_in_folder(&model_dir)?;
+    let started = Instant::now();
+    let service = EditService::load(&request, None, &mut NoProgress)?;
+    let device = service.engine().device();
+    device.synchronize()?;
+    let load = json!({
+        "seconds": started.elapsed().as_secs_f64(),
+        "memory_bytes": MemoryProbe::new(device).current_bytes(),
+    });
+    Ok((service, files, model_dir, load))
+}
+
+/// The bench's flags, checked before the model is built.
+struct BenchOptions {
+    modes: Vec<TrainMode>,
+    run_mode: TrainMode,
+    optimizer: OptimizerKind,
+    width: u32,
+    height: u32,
+    micro_batch_size: usize,
+    auto_micro_batch: bool,
+}
+
+impl BenchOptions {
+    fn parse(args: &BenchArgs) -> Result<Self> {
+        let known = ["pass", "step", "sample", "vae", "run", "precision"];
+        if let Some(bad) = args.measure.iter().find(|m| !known.contains(&m.as_str())) {
+            return Err(UsageError(format!(
+                "unknown measurement `{bad}` (use pass, step, sample, vae, run, precision)"
+            ))
+            .into());
+        }
+        let side = args.arch.native_side() as u32;
+        let (width, height) = match &args.size {
+            Some(size) => imaging::parse_size(size)?,
+            None => (side, side),
+        };
+        let (micro_batch_size, auto_micro_batch) = match args.micro_batch.parse() {
+            Ok(MicroBatch::Auto) => (TuneSettings::default().batch_size, true),
+            Ok(MicroBatch::Fixed(n)) => (n, false),
+            Err(message) => return Err(UsageError(format!("--micro-batch: {message}")).into()),
+        };
+        Ok(Self {
+            modes: args
+                .modes
+                .iter()
+                .map(|m| parse_mode(m))
+                .collect::<Result<Vec<_>>>()?,
+            run_mode: parse_mode(&args.run_mode)?,
+            optimizer: args.optimizer.parse().map_err(UsageError)?,
+            width,
+            height,
+            micro_batch_size,
+            auto_micro_batch,
+        })
+    }
+
+    /// The fine-tune settings a step or run measurement uses: the defaults with the bench's
+    /// optimizer and micro-batch.
+    fn tune_settings(&self, mode: TrainMode, snapshot_steps: Vec<usize>) -> TuneSettings {
+        TuneSettings {
+            mode,
+            optimizer: OptimizerSettings {
+                kind: self.optimizer,
+                ..OptimizerSettings::default()
+            },
+            snapshot_steps,
+            micro_batch_size: self.micro_batch_size,
+            auto_micro_batch: self.auto_micro_batch,
+            ..TuneSettings::default()
+        }
+    }
 }
 
 /// One forward and backward pass at micro-batch 1 (after attaching `mode`, which is not

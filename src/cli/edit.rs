@@ -25,8 +25,8 @@ use crate::imaging::{self, DecodeLimits};
 use crate::recipe::{Recipe, RecipeSettings};
 use crate::service::plan::FIDELITY_RANGE;
 use crate::service::{
-    EditKind, EditKnobs, EditSpec, TrainingChoice, TuneRequest, WorkingSize, check_lora_export,
-    choose_seed,
+    EditKind, EditKnobs, EditPlan, EditService, EditSpec, Edited, TrainingChoice, TuneRequest,
+    WorkingSize, check_lora_export, choose_seed,
 };
 
 /// The most variants one `edit` makes (as AUTOMATIC1111's batch count): more is a typo, not
@@ -241,8 +241,95 @@ pub fn edit_command(
     let asked = asked(args, given)?;
     check_prompt(&asked.prompt)?;
     check_edit_flags(args)?;
-    // The training options are checked now; the run's length waits for the model's table.
-    let requested = asked.training.settings(args.tune_steps)?;
+    check_training_flags(args, &asked.training)?;
+    let size = requested_size(args.size.as_deref())?;
+
+    let (samples, preview) = edit_outputs(global, args)?;
+
+    // Read the inputs before the slow parts, so a bad file fails at once.
+    let photo = load_photo(&args.image)?;
+    let (photo_w, photo_h) = photo.dimensions();
+    let mask = match &args.mask {
+        Some(path) => {
+            let mask = imaging::load_mask(path, &DecodeLimits::default(), photo_w, photo_h)?;
+            Some(Arc::new(mask))
+        }
+        None => None,
+    };
+    let mut service = load_service(global, snapshot_cache(&args.training)?)?;
+    note_other_model(asked.recipe_model.as_ref(), &service);
+    service.check_kind(asked.kind)?;
+    let plan = service.plan(asked.kind, &asked.knobs, &asked.training.snapshot_steps);
+    let settings = asked.training.settings(Some(plan.tune_steps))?;
+    say_working_size(&service, (photo_w, photo_h), size)?;
+    let (alpha, file_rgb, metadata) = (photo.alpha, photo.file_rgb, photo.metadata);
+    let photo = Arc::new(photo.rgb);
+    let original = imaging::Original {
+        over_white: &photo,
+        alpha: alpha.as_ref(),
+        file_rgb: file_rgb.as_ref(),
+        metadata: &metadata,
+    };
+    if plan.tune_steps > 0 {
+        let request = TuneRequest {
+            photo: &photo,
+            settings: &settings,
+            size,
+            reconstruct_every: None,
+        };
+        tune_with_progress(&mut service, &request, cancel)?;
+        if let Some(path) = &args.export_lora {
+            write_lora(
+                &service,
+                plan.tune_steps,
+                path,
+                &args.image,
+                &settings.token,
+            )?;
+        }
+    }
+    let token = (plan.tune_steps > 0).then_some(settings.token.as_str());
+    warn_if_truncated(&service, &model_prompt(token, &asked.prompt));
+    say_edit_plan(&plan, asked.seed);
+
+    let previews = open_previews(global, &service, &args.previews);
+    let mut preview =
+        preview.and_then(|p| PreviewFile::new(&previews, args.previews.preview, p.path));
+    if let Some(preview) = &preview {
+        eprintln!("live preview: {}", preview.path().display());
+    }
+    let spec = EditSpec {
+        photo: Arc::clone(&photo),
+        photo_name: file_name(&args.image),
+        mask,
+        mask_name: args.mask.as_deref().and_then(file_name),
+        kind: asked.kind,
+        prompt: asked.prompt.clone(),
+        baseline_prompt: asked.baseline_prompt.clone(),
+        knobs: asked.knobs,
+        seed: asked.seed,
+        sampling_steps: asked.sampling_steps,
+        interpolate: asked.interpolate,
+        size,
+    };
+    for (k, output) in samples.iter().enumerate() {
+        let spec = EditSpec {
+            seed: asked.seed + k as u64,
+            ..spec.clone()
+        };
+        let bar = step_bar(&format!("sample {}/{}", k + 1, args.samples));
+        let mut observer = sampling_observer(&bar, cancel, preview.as_mut());
+        let edited = service.edit(&spec, &mut observer);
+        bar.finish_and_clear();
+        save_edit(output, &edited?, &original)?;
+    }
+    Ok(())
+}
+
+/// Refuses bad training flags before anything slow starts; the run's length waits for the
+/// model's table.
+fn check_training_flags(args: &EditArgs, training: &TrainingChoice) -> Result<()> {
+    let requested = training.settings(args.tune_steps)?;
     if let Some(path) = &args.export_lora {
         check_lora_export(path, &requested)?;
         // The tables never choose 0 steps (the ladder is never empty); only the flag can.
@@ -253,9 +340,26 @@ pub fn edit_command(
             .into());
         }
     }
-    let size = requested_size(args.size.as_deref())?;
+    Ok(())
+}
 
-    // Every file this edit will write, checked before anything is computed.
+/// Says so when a recipe is repeated with another model than the one that made it (its name
+/// and hash), since the result will differ.
+fn note_other_model(recipe_model: Option<&(String, String)>, service: &EditService) {
+    let identity = service.identity();
+    if let Some((model, hash)) = recipe_model
+        && *hash != identity.hash
+    {
+        eprintln!(
+            "note: the recipe was made with {model} (hash {hash}); repeating it with {} (hash {})",
+            identity.name, identity.hash
+        );
+    }
+}
+
+/// Every file an edit will write, checked before anything is computed: the numbered samples
+/// and the live preview, with the LoRA export checked beside them.
+fn edit_outputs(global: &GlobalOptions, args: &EditArgs) -> Result<(Vec<Output>, Option<Output>)> {
     let base_out = args
         .out
         .clone()
@@ -295,117 +399,37 @@ pub fn edit_command(
         &outputs,
         &inputs.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
     )?;
+    Ok((samples, preview))
+}
 
-    // Read the inputs before the slow parts, so a bad file fails at once.
-    let photo = load_photo(&args.image)?;
-    let (photo_w, photo_h) = photo.dimensions();
-    let mask = match &args.mask {
-        Some(path) => Some(Arc::new(imaging::load_mask(
-            path,
-            &DecodeLimits::default(),
-            photo_w,
-            photo_h,
-        )?)),
-        None => None,
-    };
-    let mut service = load_service(global, snapshot_cache(&args.training)?)?;
-    if let Some((model, hash)) = &asked.recipe_model
-        && *hash != service.identity().hash
-    {
-        eprintln!(
-            "note: the recipe was made with {model} (hash {hash}); repeating it with {} (hash {})",
-            service.identity().name,
-            service.identity().hash
-        );
-    }
-    service.check_kind(asked.kind)?;
-    let plan = service.plan(asked.kind, &asked.knobs, &asked.training.snapshot_steps);
-    let settings = asked.training.settings(Some(plan.tune_steps))?;
-    say_working_size(&service, (photo_w, photo_h), size)?;
-    let original = (photo.alpha, photo.file_rgb, photo.metadata);
-    let photo = Arc::new(photo.rgb);
-    if plan.tune_steps > 0 {
-        let request = TuneRequest {
-            photo: &photo,
-            settings: &settings,
-            size,
-            reconstruct_every: None,
-        };
-        tune_with_progress(&mut service, &request, cancel)?;
-        if let Some(path) = &args.export_lora {
-            write_lora(
-                &service,
-                plan.tune_steps,
-                path,
-                &args.image,
-                &settings.token,
-            )?;
-        }
-    }
-    let token = (plan.tune_steps > 0).then_some(settings.token.as_str());
-    warn_if_truncated(&service, &model_prompt(token, &asked.prompt));
+/// One line saying how the edit will be made.
+fn say_edit_plan(plan: &EditPlan, seed: u64) {
     match plan.method {
         EditMethod::Instruct { image_guidance } => eprintln!(
-            "editing by instruction: text guidance {:.2}, image guidance {image_guidance:.2}, first seed {}",
-            plan.guidance_weight, asked.seed
+            "editing by instruction: text guidance {:.2}, image guidance {image_guidance:.2}, first seed {seed}",
+            plan.guidance_weight
         ),
         EditMethod::UniTune => eprintln!(
-            "editing: {} fine-tuning steps, t0 {:.3}, guidance {:.2}, first seed {}",
+            "editing: {} fine-tuning steps, t0 {:.3}, guidance {:.2}, first seed {seed}",
             plan.tune_steps,
             plan.t0_fraction.unwrap_or(1.0),
-            plan.guidance_weight,
-            asked.seed
+            plan.guidance_weight
         ),
     }
+}
 
-    let previews = open_previews(global, &service, &args.previews);
-    let mut preview =
-        preview.and_then(|p| PreviewFile::new(&previews, args.previews.preview, p.path));
-    if let Some(preview) = &preview {
-        eprintln!("live preview: {}", preview.path().display());
-    }
-    let spec = EditSpec {
-        photo,
-        photo_name: file_name(&args.image),
-        mask,
-        mask_name: args.mask.as_deref().and_then(file_name),
-        kind: asked.kind,
-        prompt: asked.prompt.clone(),
-        baseline_prompt: asked.baseline_prompt.clone(),
-        knobs: asked.knobs,
-        seed: asked.seed,
-        sampling_steps: asked.sampling_steps,
-        interpolate: asked.interpolate,
-        size,
-    };
-    for (k, output) in samples.iter().enumerate() {
-        let spec = EditSpec {
-            seed: asked.seed + k as u64,
-            ..spec.clone()
-        };
-        let bar = step_bar(&format!("sample {}/{}", k + 1, args.samples));
-        let mut observer = sampling_observer(&bar, cancel, preview.as_mut());
-        let edited = service.edit(&spec, &mut observer);
-        bar.finish_and_clear();
-        let edited = edited?;
-        let Output { path, existing, .. } = output;
-        let (alpha, file_rgb, metadata) = &original;
-        let original = imaging::Original {
-            over_white: &spec.photo,
-            alpha: alpha.as_ref(),
-            file_rgb: file_rgb.as_ref(),
-            metadata,
-        };
-        imaging::export_edit(
-            path,
-            &edited.image,
-            &original,
-            &edited.recipe.text_chunks(),
-            *existing,
-        )
-        .with_context(|| format!("the edit was not saved to {}", path.display()))?;
-        announce(path);
-    }
+/// Writes one sample with the photo's alpha, file colour and metadata, and says where.
+fn save_edit(output: &Output, edited: &Edited, original: &imaging::Original) -> Result<()> {
+    let Output { path, existing, .. } = output;
+    imaging::export_edit(
+        path,
+        &edited.image,
+        original,
+        &edited.recipe.text_chunks(),
+        *existing,
+    )
+    .with_context(|| format!("the edit was not saved to {}", path.display()))?;
+    announce(path);
     Ok(())
 }
 

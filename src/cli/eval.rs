@@ -103,16 +103,7 @@ struct SampleScore {
 }
 
 pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag) -> Result<()> {
-    check_sampling_steps(args.sampling_steps)?;
-    if args.scenes == 0 {
-        return Err(UsageError("--scenes must be at least 1".into()).into());
-    }
-    if args.t0_values.is_empty() || args.t0_values.iter().any(|t| !(0.0..=1.0).contains(t)) {
-        return Err(UsageError("--t0-values must be numbers between 0 and 1".into()).into());
-    }
-    if args.methods.is_empty() {
-        return Err(UsageError("--methods must name at least one curve".into()).into());
-    }
+    check_eval_flags(args)?;
     let settings = training_choice(&args.training)?.settings(None)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
@@ -233,18 +224,38 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
         eprintln!("wrote {} and edit-quality.png", json.display());
         return Ok(());
     }
-    let mut columns = vec!["photo".to_string()];
-    columns.extend(SLIDER_POSITIONS.iter().map(|f| format!("fidelity {f}")));
-    let examples = imaging::labelled_grid(&example_rows, &columns, &example_labels, None)?;
-    save_png(&examples, &args.out.join("slider-examples.png"))?;
-    // The example scene's example edit alone: the README's picture.
-    let example = imaging::labelled_grid(&example_rows[..1], &columns, &[], None)?;
-    save_png(&example, &args.out.join("example-edit.png"))?;
+    save_slider_examples(&args.out, &example_rows, &example_labels)?;
     eprintln!(
         "wrote {}, edit-quality.png, slider-examples.png and example-edit.png",
         json.display()
     );
     Ok(())
+}
+
+/// Refuses bad eval flags before the model loads.
+fn check_eval_flags(args: &EvalArgs) -> Result<()> {
+    check_sampling_steps(args.sampling_steps)?;
+    if args.scenes == 0 {
+        return Err(UsageError("--scenes must be at least 1".into()).into());
+    }
+    if args.t0_values.is_empty() || args.t0_values.iter().any(|t| !(0.0..=1.0).contains(t)) {
+        return Err(UsageError("--t0-values must be numbers between 0 and 1".into()).into());
+    }
+    if args.methods.is_empty() {
+        return Err(UsageError("--methods must name at least one curve".into()).into());
+    }
+    Ok(())
+}
+
+/// The slider's variants of every edit as one labelled grid (`slider-examples.png`), and the
+/// first edit's row alone (`example-edit.png`, the README's picture).
+fn save_slider_examples(out: &Path, rows: &[Vec<RgbImage>], labels: &[String]) -> Result<()> {
+    let mut columns = vec!["photo".to_string()];
+    columns.extend(SLIDER_POSITIONS.iter().map(|f| format!("fidelity {f}")));
+    let examples = imaging::labelled_grid(rows, &columns, labels, None)?;
+    save_png(&examples, &out.join("slider-examples.png"))?;
+    let example = imaging::labelled_grid(&rows[..1], &columns, &[], None)?;
+    save_png(&example, &out.join("example-edit.png"))
 }
 
 const SLIDER: &str = "fidelity slider";
