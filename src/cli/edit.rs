@@ -19,7 +19,7 @@ use super::outputs::{Output, check_outputs, command_inputs};
 use super::preview::{PreviewFile, check_preview_options, open_previews, preview_output};
 use super::progress::{sampling_observer, step_bar, tune_with_progress, warn_if_truncated};
 use super::tune::{file_name, load_photo, requested_size, say_working_size, write_lora};
-use crate::engine::edit::{EditMethod, model_prompt};
+use crate::engine::edit::model_prompt;
 use crate::engine::sampling::StepView;
 use crate::imaging::{self, DecodeLimits};
 use crate::recipe::{Recipe, RecipeSettings};
@@ -404,18 +404,7 @@ fn edit_outputs(global: &GlobalOptions, args: &EditArgs) -> Result<(Vec<Output>,
 
 /// One line saying how the edit will be made.
 fn say_edit_plan(plan: &EditPlan, seed: u64) {
-    match plan.method {
-        EditMethod::Instruct { image_guidance } => eprintln!(
-            "editing by instruction: text guidance {:.2}, image guidance {image_guidance:.2}, first seed {seed}",
-            plan.guidance_weight
-        ),
-        EditMethod::UniTune => eprintln!(
-            "editing: {} fine-tuning steps, t0 {:.3}, guidance {:.2}, first seed {seed}",
-            plan.tune_steps,
-            plan.t0_fraction.unwrap_or(1.0),
-            plan.guidance_weight
-        ),
-    }
+    eprintln!("editing: {}, first seed {seed}", plan.describe());
 }
 
 /// Writes one sample with the photo's alpha, file colour and metadata, and says where.

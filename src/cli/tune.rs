@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 
 use super::UsageError;
-use super::args::{ExportLoraArgs, GlobalOptions, TuneArgs};
+use super::args::{ExportLoraArgs, GlobalOptions, TrainingOptions, TuneArgs};
 use super::cancel::CancelFlag;
 use super::checks::training_choice;
 use super::model::{load_service, snapshot_cache};
@@ -41,6 +41,20 @@ pub(super) fn say_working_size(
     Ok(())
 }
 
+/// The photo, read first so that a bad file fails before the slow model load, and the
+/// service with the command's snapshot cache; says the working size.
+fn photo_and_service(
+    global: &GlobalOptions,
+    image: &Path,
+    training: &TrainingOptions,
+    size: WorkingSize,
+) -> Result<(Photo, EditService)> {
+    let photo = load_photo(image)?;
+    let service = load_service(global, snapshot_cache(training)?)?;
+    say_working_size(&service, photo.dimensions(), size)?;
+    Ok((photo, service))
+}
+
 pub fn tune_command(global: &GlobalOptions, args: &TuneArgs, cancel: &CancelFlag) -> Result<()> {
     let settings = training_choice(&args.training)?.settings(None)?;
     if let Some(path) = &args.export_lora {
@@ -48,9 +62,7 @@ pub fn tune_command(global: &GlobalOptions, args: &TuneArgs, cancel: &CancelFlag
         check_lora_output("--export-lora", path, args.overwrite, global, &args.image)?;
     }
     let size = requested_size(args.size.as_deref())?;
-    let photo = load_photo(&args.image)?;
-    let mut service = load_service(global, snapshot_cache(&args.training)?)?;
-    say_working_size(&service, photo.dimensions(), size)?;
+    let (photo, mut service) = photo_and_service(global, &args.image, &args.training, size)?;
     let request = TuneRequest {
         photo: &photo.rgb,
         settings: &settings,
@@ -130,9 +142,7 @@ pub fn export_lora_command(
         .into());
     }
     let size = requested_size(args.size.as_deref())?;
-    let photo = load_photo(&args.image)?;
-    let mut service = load_service(global, snapshot_cache(&args.training)?)?;
-    say_working_size(&service, photo.dimensions(), size)?;
+    let (photo, mut service) = photo_and_service(global, &args.image, &args.training, size)?;
     let request = TuneRequest {
         photo: &photo.rgb,
         settings: &settings,
