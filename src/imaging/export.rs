@@ -49,6 +49,11 @@ impl ExportFormat {
         }
     }
 
+    /// Whether the format stores an alpha channel (JPEG does not).
+    fn keeps_alpha(self) -> bool {
+        self != Self::Jpeg
+    }
+
     fn name(self) -> &'static str {
         match self {
             Self::Png => "PNG",
@@ -96,7 +101,8 @@ pub struct Original<'a> {
 
 /// Exports `result`, an edit of `original` at its size: with the photo's alpha, the file's own
 /// colour wherever the edit left a pixel alone (see [`super::restore_transparency`]), and its
-/// ICC profile and EXIF. Unchanged pixels come back byte for byte, alpha included.
+/// ICC profile and EXIF. Unchanged pixels come back byte for byte, alpha included; a JPEG
+/// (no alpha) gets the colour over white, as the photo is shown.
 pub fn export_edit(
     path: &Path,
     result: &RgbImage,
@@ -104,7 +110,12 @@ pub fn export_edit(
     text: &[(String, String)],
     existing: ExistingFile,
 ) -> Result<(), ImagingError> {
-    let colour = match (original.alpha, original.file_rgb) {
+    // Without an alpha channel in the file, the colour over white is what the photo looks
+    // like; the file's own colour under transparent pixels is arbitrary (often black).
+    let alpha = original
+        .alpha
+        .filter(|_| ExportFormat::from_path(path).is_ok_and(ExportFormat::keeps_alpha));
+    let colour = match (alpha, original.file_rgb) {
         (Some(alpha), Some(file_rgb)) => Cow::Owned(super::restore_transparency(
             result,
             original.over_white,
@@ -113,14 +124,7 @@ pub fn export_edit(
         )),
         _ => Cow::Borrowed(result),
     };
-    export_image_with_metadata(
-        path,
-        &colour,
-        original.alpha,
-        original.metadata,
-        text,
-        existing,
-    )
+    export_image_with_metadata(path, &colour, alpha, original.metadata, text, existing)
 }
 
 /// [`export_image`] carrying a photo's ICC profile and EXIF into the file (PNG: `iCCP` and
