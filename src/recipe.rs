@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::build_info;
 use crate::engine::finetune::{TrainMode, TuneSettings};
 use crate::engine::optim::{OptimizerKind, OptimizerSettings};
+use crate::engine::region::DEFAULT_THRESHOLD;
 
 /// The PNG text chunk holding the recipe as JSON.
 pub const RECIPE_CHUNK: &str = "unitune";
@@ -116,6 +117,13 @@ pub struct Recipe {
     pub tuning: Option<TuneRecipe>,
     /// The mask's file name, or how it was made ("painted in the editor").
     pub mask: Option<String>,
+    /// Where the edit could change the photo: `all`, `mask` (the one named above) or `auto`
+    /// (estimated from the prompt).
+    #[serde(default = "region_all")]
+    pub region: String,
+    /// The automatic region's threshold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region_threshold: Option<f64>,
     pub interpolate: bool,
     pub width: u32,
     pub height: u32,
@@ -179,6 +187,8 @@ impl Recipe {
             tune_steps: 0,
             tuning: None,
             mask: None,
+            region: region_all(),
+            region_threshold: None,
             interpolate: false,
             width: 0,
             height: 0,
@@ -232,6 +242,11 @@ impl Recipe {
             // A1111's name for InstructPix2Pix's image guidance.
             fields.push(format!("Image CFG scale: {image_guidance}"));
         }
+        match self.region_threshold {
+            Some(threshold) => fields.push(format!("Region: {} {threshold}", self.region)),
+            None if self.region != "all" => fields.push(format!("Region: {}", self.region)),
+            None => {}
+        }
         fields.push(format!("Method: {}", self.method));
         fields.push(format!("UniTune fine-tuning steps: {}", self.tune_steps));
         fields.push(format!("Version: {}", plain(&build_info::describe())));
@@ -248,6 +263,11 @@ impl Recipe {
         text.push_str(&fields.join(", "));
         text
     }
+}
+
+/// Recipes written before regions existed edited everywhere unless they name a mask.
+fn region_all() -> String {
+    "all".to_owned()
 }
 
 pub fn program() -> String {
@@ -271,6 +291,8 @@ pub struct RecipeSettings {
     pub tune_steps: Option<usize>,
     pub image_guidance: Option<f64>,
     pub interpolate: bool,
+    /// The automatic region's threshold, when the edit estimated its region.
+    pub auto_region: Option<f64>,
     pub tuning: Option<TuneRecipe>,
     /// The model and its hash, as the file names them.
     pub model: Option<String>,
@@ -310,6 +332,8 @@ impl RecipeSettings {
             tune_steps: Some(recipe.tune_steps),
             image_guidance: recipe.image_guidance,
             interpolate: recipe.interpolate,
+            auto_region: (recipe.region == "auto")
+                .then(|| recipe.region_threshold.unwrap_or(DEFAULT_THRESHOLD)),
             tuning: recipe.tuning.clone(),
             model: Some(recipe.model.clone()),
             model_hash: (!recipe.model_hash.is_empty()).then(|| recipe.model_hash.clone()),
@@ -362,6 +386,10 @@ impl RecipeSettings {
             tune_steps: field("UniTune fine-tuning steps").and_then(|v| v.trim().parse().ok()),
             image_guidance: number("Image CFG scale"),
             interpolate: false,
+            // unitune's own field: `Region: auto 0.5`.
+            auto_region: field("Region")
+                .and_then(|v| v.trim().strip_prefix("auto"))
+                .map(|t| t.trim().parse().unwrap_or(DEFAULT_THRESHOLD)),
             tuning: None,
             model: field("Model").map(str::to_owned),
             model_hash: field("Model hash").map(str::to_owned),

@@ -457,7 +457,10 @@ fn a_small_mask_is_scaled_to_the_photo_and_each_mask_keeps_its_own_scaling() {
     let masked = |mask: &Arc<GrayImage>| {
         let mut request = edit("a red apple", 1.0, 3);
         if let JobRequest::Edit(spec) = &mut request {
-            spec.mask = Some(mask.clone());
+            spec.region = unitune::service::Region::Mask {
+                mask: mask.clone(),
+                name: "painted".to_owned(),
+            };
         }
         request
     };

@@ -173,17 +173,58 @@ pub struct EvalArgs {
     pub sampling_steps: usize,
 
     /// Which curves to measure, comma-separated (a quicker run measures fewer): sdedit,
-    /// unitune (each snapshot), prompt-guidance, interpolation, mask, slider.
+    /// unitune (each snapshot), prompt-guidance, interpolation, mask (the true region),
+    /// auto-region, slider.
     #[arg(
         long,
         value_name = "M,M,..",
         value_delimiter = ',',
-        default_value = "sdedit,unitune,prompt-guidance,interpolation,mask,slider"
+        default_value = "sdedit,unitune,prompt-guidance,interpolation,mask,auto-region,slider"
     )]
     pub methods: Vec<EvalMethod>,
 
+    /// The automatic region's threshold (the auto-region curves), 0 to 1.
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "T",
+        default_value_t = crate::engine::region::DEFAULT_THRESHOLD
+    )]
+    pub region_threshold: f64,
+
     #[command(flatten)]
     pub training: TrainingOptions,
+}
+
+/// `--region`: where an edit may change the photo.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RegionArg {
+    All,
+    Auto,
+    File(PathBuf),
+}
+
+impl std::str::FromStr for RegionArg {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "all" => Ok(Self::All),
+            "auto" => Ok(Self::Auto),
+            "" => Err("give auto, all or a mask file".into()),
+            path => Ok(Self::File(PathBuf::from(path))),
+        }
+    }
+}
+
+impl RegionArg {
+    /// The mask file, when the region is one.
+    pub fn file(&self) -> Option<&std::path::Path> {
+        match self {
+            Self::File(path) => Some(path),
+            _ => None,
+        }
+    }
 }
 
 /// A curve of `unitune eval` (`--methods`).
@@ -199,6 +240,9 @@ pub enum EvalMethod {
     Interpolation,
     /// The middle snapshot, only the edited region allowed to change.
     Mask,
+    /// The middle snapshot at each t0 and the slider's five positions, each with the region
+    /// estimated from the prompt (`--region auto`).
+    AutoRegion,
     /// The fidelity slider's five positions, through the model's fidelity table.
     Slider,
 }
@@ -648,10 +692,23 @@ pub struct EditArgs {
     #[arg(long, value_name = "TEXT")]
     pub baseline_prompt: Option<String>,
 
-    /// Grayscale mask: white may change, black stays exactly as in the photo (resized to the
-    /// photo if needed).
+    /// Where the edit may change the photo; everywhere else it comes back exactly:
+    /// `all` (default), `auto` (estimated from the prompt: only what the prompt changes; a
+    /// global edit such as a new style or background is the whole photo), or a mask FILE
+    /// (white may change, black is kept, transparent is kept; resized to the photo). `--mask
+    /// FILE` is the same as `--region FILE`. Write `./auto` for a file named auto.
+    #[arg(long, alias = "mask", value_name = "auto|all|FILE")]
+    pub region: Option<RegionArg>,
+
+    /// With --region auto: how much the prompt must change a place, from 0 (everywhere it
+    /// changes at all) to 1 (only where it changes most), for it to be edited.
+    #[arg(long, allow_negative_numbers = true, value_name = "T")]
+    pub region_threshold: Option<f64>,
+
+    /// With --region auto: also write the estimated region as a mask PNG (white = changed),
+    /// to look at, touch up and give back with --region FILE.
     #[arg(long, value_name = "FILE")]
-    pub mask: Option<PathBuf>,
+    pub region_out: Option<PathBuf>,
 
     /// Blend the result toward the original wherever their neighbourhoods match, keeping the
     /// original's detail in untouched areas (paper 3.4).

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 
 use super::UsageError;
-use super::args::{EditArgs, GlobalOptions, GridArgs};
+use super::args::{EditArgs, GlobalOptions, GridArgs, RegionArg};
 use super::cancel::CancelFlag;
 use super::checks::{
     check_guidance, check_output_extension, check_prompt, check_sampling_steps, training_choice,
@@ -20,13 +20,14 @@ use super::preview::{PreviewFile, check_preview_options, open_previews, preview_
 use super::progress::{sampling_observer, step_bar, tune_with_progress, warn_if_truncated};
 use super::tune::{file_name, load_photo, requested_size, say_working_size, write_lora};
 use crate::engine::edit::model_prompt;
+use crate::engine::region;
 use crate::engine::sampling::StepView;
 use crate::imaging::{self, DecodeLimits};
 use crate::recipe::{Recipe, RecipeSettings};
 use crate::service::plan::FIDELITY_RANGE;
 use crate::service::{
-    EditKind, EditKnobs, EditPlan, EditService, EditSpec, Edited, TrainingChoice, TuneRequest,
-    WorkingSize, check_lora_export, choose_seed,
+    EditKind, EditKnobs, EditPlan, EditService, EditSpec, Edited, EstimatedRegion, Region,
+    TrainingChoice, TuneRequest, WorkingSize, check_lora_export, choose_seed,
 };
 
 /// The most variants one `edit` makes (as AUTOMATIC1111's batch count): more is a typo, not
@@ -67,6 +68,14 @@ fn check_edit_flags(args: &EditArgs) -> Result<()> {
         check_guidance(guidance)?;
     }
     check_sampling_steps(args.sampling_steps)?;
+    if let Some(threshold) = args.region_threshold
+        && !(0.0..=1.0).contains(&threshold)
+    {
+        return Err(UsageError(format!(
+            "--region-threshold must be between 0 and 1, got {threshold}"
+        ))
+        .into());
+    }
     if !(1..=MAX_SAMPLES).contains(&args.samples) {
         return Err(UsageError(format!(
             "--samples must be between 1 and {MAX_SAMPLES}, not {}",
@@ -113,6 +122,8 @@ struct Asked {
     sampling_steps: usize,
     interpolate: bool,
     training: TrainingChoice,
+    region: RegionArg,
+    region_threshold: f64,
     /// The recipe's model and hash, to say when another model repeats it.
     recipe_model: Option<(String, String)>,
 }
@@ -144,6 +155,8 @@ fn asked(args: &EditArgs, given: Given) -> Result<Asked> {
         sampling_steps: args.sampling_steps,
         interpolate: args.interpolate,
         training: training.clone(),
+        region: args.region.clone().unwrap_or(RegionArg::All),
+        region_threshold: args.region_threshold.unwrap_or(region::DEFAULT_THRESHOLD),
         recipe_model: None,
     };
     let Some(recipe) = recipe else {
@@ -202,6 +215,12 @@ fn asked(args: &EditArgs, given: Given) -> Result<Asked> {
         asked.sampling_steps = recipe.sampling_steps.unwrap_or(asked.sampling_steps);
     }
     asked.interpolate |= recipe.interpolate;
+    if args.region.is_none()
+        && let Some(threshold) = recipe.auto_region
+    {
+        asked.region = RegionArg::Auto;
+        asked.region_threshold = args.region_threshold.unwrap_or(threshold);
+    }
     asked.recipe_model = recipe.model.zip(recipe.model_hash);
     Ok(asked)
 }
@@ -241,20 +260,33 @@ pub fn edit_command(
     let asked = asked(args, given)?;
     check_prompt(&asked.prompt)?;
     check_edit_flags(args)?;
+    check_region(args, &asked)?;
     check_training_flags(args, &asked.training)?;
     let size = requested_size(args.size.as_deref())?;
 
-    let (samples, preview) = edit_outputs(global, args)?;
+    let EditOutputs {
+        samples,
+        preview,
+        region: region_out,
+    } = edit_outputs(global, args)?;
 
     // Read the inputs before the slow parts, so a bad file fails at once.
     let photo = load_photo(&args.image)?;
     let (photo_w, photo_h) = photo.dimensions();
-    let mask = match &args.mask {
-        Some(path) => {
-            let mask = imaging::load_mask(path, &DecodeLimits::default(), photo_w, photo_h)?;
-            Some(Arc::new(mask))
-        }
-        None => None,
+    let region = match &asked.region {
+        RegionArg::All => Region::All,
+        RegionArg::Auto => Region::Auto {
+            threshold: asked.region_threshold,
+        },
+        RegionArg::File(path) => Region::Mask {
+            mask: Arc::new(imaging::load_mask(
+                path,
+                &DecodeLimits::default(),
+                photo_w,
+                photo_h,
+            )?),
+            name: file_name(path).unwrap_or_else(|| "given".to_owned()),
+        },
     };
     let mut service = load_service(global, snapshot_cache(&args.training)?)?;
     note_other_model(asked.recipe_model.as_ref(), &service);
@@ -301,8 +333,7 @@ pub fn edit_command(
     let spec = EditSpec {
         photo: Arc::clone(&photo),
         photo_name: file_name(&args.image),
-        mask,
-        mask_name: args.mask.as_deref().and_then(file_name),
+        region,
         kind: asked.kind,
         prompt: asked.prompt.clone(),
         baseline_prompt: asked.baseline_prompt.clone(),
@@ -321,7 +352,17 @@ pub fn edit_command(
         let mut observer = sampling_observer(&bar, cancel, preview.as_mut());
         let edited = service.edit(&spec, &mut observer);
         bar.finish_and_clear();
-        save_edit(output, &edited?, &original)?;
+        let edited = edited?;
+        // Every sample has the same region (it depends on the prompt, not the seed).
+        if k == 0
+            && let Some(region) = &edited.region
+        {
+            say_region(region);
+            if let Some(out) = &region_out {
+                write_region(out, region)?;
+            }
+        }
+        save_edit(output, &edited, &original)?;
     }
     Ok(())
 }
@@ -343,6 +384,28 @@ fn check_training_flags(args: &EditArgs, training: &TrainingChoice) -> Result<()
     Ok(())
 }
 
+/// Refuses region flags that cannot apply: a threshold or `--region-out` without an automatic
+/// region, and an automatic region for an instruction.
+fn check_region(args: &EditArgs, asked: &Asked) -> Result<()> {
+    let auto = asked.region == RegionArg::Auto;
+    if !auto && args.region_threshold.is_some() {
+        return Err(UsageError("--region-threshold applies to --region auto".into()).into());
+    }
+    if !auto && args.region_out.is_some() {
+        return Err(UsageError(
+            "--region-out writes the automatic region; it needs --region auto".into(),
+        )
+        .into());
+    }
+    if auto && asked.kind == EditKind::Instruct {
+        return Err(UsageError(
+            "--region auto needs a description of the result, not an instruction; for an instruction, give the region as a mask file".into(),
+        )
+        .into());
+    }
+    Ok(())
+}
+
 /// Says so when a recipe is repeated with another model than the one that made it (its name
 /// and hash), since the result will differ.
 fn note_other_model(recipe_model: Option<&(String, String)>, service: &EditService) {
@@ -357,9 +420,17 @@ fn note_other_model(recipe_model: Option<&(String, String)>, service: &EditServi
     }
 }
 
-/// Every file an edit will write, checked before anything is computed: the numbered samples
-/// and the live preview, with the LoRA export checked beside them.
-fn edit_outputs(global: &GlobalOptions, args: &EditArgs) -> Result<(Vec<Output>, Option<Output>)> {
+/// Every file an edit writes besides the LoRA export (checked beside them).
+struct EditOutputs {
+    samples: Vec<Output>,
+    preview: Option<Output>,
+    /// `--region-out`.
+    region: Option<Output>,
+}
+
+/// Every file an edit will write, checked before anything is computed: the numbered samples,
+/// the live preview and the region, with the LoRA export checked beside them.
+fn edit_outputs(global: &GlobalOptions, args: &EditArgs) -> Result<EditOutputs> {
     let base_out = args
         .out
         .clone()
@@ -379,17 +450,28 @@ fn edit_outputs(global: &GlobalOptions, args: &EditArgs) -> Result<(Vec<Output>,
         .export_lora
         .as_deref()
         .map(|path| Output::new("--export-lora", path, args.overwrite));
+    if let Some(path) = &args.region_out {
+        check_output_extension(path)?;
+    }
+    let region = args
+        .region_out
+        .as_deref()
+        .map(|path| Output::new("--region-out", path, args.overwrite));
     let outputs: Vec<Output> = samples
         .iter()
         .cloned()
         .chain(preview.clone())
         .chain(lora)
+        .chain(region.clone())
         .collect();
     let mut inputs = command_inputs(global)?;
     inputs.extend(
         [
             Some(args.image.clone()),
-            args.mask.clone(),
+            args.region
+                .as_ref()
+                .and_then(RegionArg::file)
+                .map(Path::to_path_buf),
             args.recipe.clone(),
         ]
         .into_iter()
@@ -399,7 +481,11 @@ fn edit_outputs(global: &GlobalOptions, args: &EditArgs) -> Result<(Vec<Output>,
         &outputs,
         &inputs.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
     )?;
-    Ok((samples, preview))
+    Ok(EditOutputs {
+        samples,
+        preview,
+        region,
+    })
 }
 
 /// One line saying how the edit will be made.
@@ -408,6 +494,30 @@ fn say_edit_plan(plan: &EditPlan, seed: u64) {
 }
 
 /// Writes one sample with the photo's alpha, file colour and metadata, and says where.
+/// One line on the automatic region: how much of the photo it is, or that it is all of it.
+fn say_region(region: &EstimatedRegion) {
+    if region.global {
+        eprintln!(
+            "region: the whole photo (the prompt changes {:.0}% of it: a global edit)",
+            region.coverage * 100.0
+        );
+    } else {
+        eprintln!(
+            "region: {:.0}% of the photo; everything else is kept exactly",
+            region.coverage * 100.0
+        );
+    }
+}
+
+/// `--region-out`: the automatic region as a black-and-white PNG (white = may change).
+fn write_region(output: &Output, region: &EstimatedRegion) -> Result<()> {
+    let rgb = image::DynamicImage::ImageLuma8(region.mask.clone()).into_rgb8();
+    imaging::export_image(&output.path, &rgb, None, &[], output.existing)
+        .with_context(|| format!("the region was not saved to {}", output.path.display()))?;
+    announce(&output.path);
+    Ok(())
+}
+
 fn save_edit(output: &Output, edited: &Edited, original: &imaging::Original) -> Result<()> {
     let Output { path, existing, .. } = output;
     imaging::export_edit(

@@ -32,7 +32,7 @@ use super::progress::{step_bar, tune_with_progress};
 use crate::engine::fidelity::{EditParameters, FidelityTable};
 use crate::engine::sampling::StepView;
 use crate::imaging::{self, TradeOffCurve};
-use crate::service::{EditKnobs, EditService, EditSpec, TuneRequest, WorkingSize};
+use crate::service::{EditKnobs, EditService, EditSpec, Region, TuneRequest, WorkingSize};
 use crate::world::{self, Column, Edit, Object, Row, Scene, Shape, Size};
 
 /// The slider positions the benchmark measures.
@@ -50,7 +50,19 @@ pub struct Setting {
     pub guidance_weight: f64,
     pub prompt_guidance: bool,
     pub interpolate: bool,
-    pub mask: bool,
+    pub region: EvalRegion,
+}
+
+/// Where a setting lets the edit change the scene.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EvalRegion {
+    /// Everywhere.
+    All,
+    /// The region the world knows the edit changes (`Edit::mask`).
+    Oracle,
+    /// Estimated from the prompt (`--region auto`).
+    Auto,
 }
 
 /// A setting's tally over every edit.
@@ -66,6 +78,24 @@ pub struct Summary {
     pub success: f64,
     /// The mean share of unasked attributes that are unchanged.
     pub fidelity: f64,
+    /// Bootstrap 95% intervals of the two (edits resampled with replacement).
+    pub success_interval: (f64, f64),
+    pub fidelity_interval: (f64, f64),
+}
+
+/// How well the automatic region found one edit's true region (at the middle snapshot).
+#[derive(Debug, Clone, Serialize)]
+pub struct RegionScore {
+    pub scene: usize,
+    pub edit: String,
+    pub kind: &'static str,
+    /// Intersection over union with the true region (`Edit::mask`).
+    pub iou: f64,
+    /// Share of the image the estimate put in the region before growing it.
+    pub coverage: f64,
+    pub global: bool,
+    /// The estimate's time over the time of one edit at the default fidelity.
+    pub cost: f64,
 }
 
 /// Figure 3: how much of the scene the bare token gives back after so many steps.
@@ -89,6 +119,7 @@ struct Report<'a> {
     seed: u64,
     reconstruction: Vec<Reconstruction>,
     summary: Vec<Summary>,
+    regions: Vec<RegionScore>,
     samples: Vec<SampleScore>,
 }
 
@@ -121,6 +152,7 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
     );
 
     let mut samples = Vec::new();
+    let mut regions = Vec::new();
     let mut reconstructions: Vec<(usize, f32)> = Vec::new();
     let mut example_rows = Vec::new();
     let mut example_labels = Vec::new();
@@ -153,6 +185,25 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
                 .prompt(&case.scene)
                 .expect("cases hold edits that apply");
             let mask = Arc::new(resize_mask(&edit.mask(&case.scene), side));
+            if args.methods.contains(&EvalMethod::AutoRegion) {
+                let spec = EditSpec {
+                    knobs: EditKnobs {
+                        fidelity: Some(0.5),
+                        ..EditKnobs::default()
+                    },
+                    sampling_steps: args.sampling_steps,
+                    size,
+                    ..EditSpec::new(working.clone(), &prompt)
+                };
+                let score =
+                    score_region(&mut service, &spec, &mask, args.region_threshold, cancel)?;
+                regions.push(RegionScore {
+                    scene: index,
+                    edit: edit.describe(&case.scene),
+                    kind: edit.kind(),
+                    ..score
+                });
+            }
             let mut slider_row = vec![upscale(&working)];
             for setting in &plan {
                 let spec = EditSpec {
@@ -165,7 +216,16 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
                     },
                     sampling_steps: args.sampling_steps,
                     seed: args.seed * 1000 + (index * 10 + e) as u64,
-                    mask: setting.mask.then(|| mask.clone()),
+                    region: match setting.region {
+                        EvalRegion::All => Region::All,
+                        EvalRegion::Oracle => Region::Mask {
+                            mask: mask.clone(),
+                            name: "the edit's true region".to_owned(),
+                        },
+                        EvalRegion::Auto => Region::Auto {
+                            threshold: args.region_threshold,
+                        },
+                    },
                     interpolate: setting.interpolate,
                     size,
                     ..EditSpec::new(working.clone(), &prompt)
@@ -192,9 +252,10 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
         bar.finish_and_clear();
     }
 
-    let summary = summarize(&plan, &samples);
+    let summary = summarize(&plan, &samples, args.seed);
     let reconstruction = summarize_reconstruction(&reconstructions);
     print_report(&summary, &reconstruction);
+    print_regions(&regions);
     // Tables are read off the plain UniTune curves; without them there is nothing to propose.
     if args.methods.contains(&EvalMethod::Unitune) {
         print_proposed_table(&summary);
@@ -209,6 +270,7 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
         seed: args.seed,
         reconstruction,
         summary,
+        regions,
         samples,
     };
     let json = args.out.join("edit-quality.json");
@@ -244,6 +306,13 @@ fn check_eval_flags(args: &EvalArgs) -> Result<()> {
     if args.methods.is_empty() {
         return Err(UsageError("--methods must name at least one curve".into()).into());
     }
+    if !(0.0..=1.0).contains(&args.region_threshold) {
+        return Err(UsageError(format!(
+            "--region-threshold must be between 0 and 1, got {}",
+            args.region_threshold
+        ))
+        .into());
+    }
     Ok(())
 }
 
@@ -259,12 +328,13 @@ fn save_slider_examples(out: &Path, rows: &[Vec<RgbImage>], labels: &[String]) -
 }
 
 const SLIDER: &str = "fidelity slider";
+const SLIDER_AUTO: &str = "fidelity slider + auto region";
 
 /// Every setting each edit is made with, in the order of the curves (those `--methods` names).
 fn settings_plan(args: &EvalArgs, table: &FidelityTable, snapshots: &[usize]) -> Vec<Setting> {
     let middle = table.parameters_for(0.5, snapshots).tune_steps;
     let wanted = |method: EvalMethod| args.methods.contains(&method);
-    let sweep = |method: String, tune_steps: usize, options: (bool, bool, bool)| {
+    let sweep = |method: String, tune_steps: usize, options: (bool, bool, EvalRegion)| {
         args.t0_values
             .iter()
             .map(|&t0| Setting {
@@ -275,20 +345,20 @@ fn settings_plan(args: &EvalArgs, table: &FidelityTable, snapshots: &[usize]) ->
                 guidance_weight: args.guidance,
                 prompt_guidance: options.0,
                 interpolate: options.1,
-                mask: options.2,
+                region: options.2,
             })
             .collect::<Vec<_>>()
     };
     let mut plan = Vec::new();
     if wanted(EvalMethod::Sdedit) {
-        plan.extend(sweep("SDEdit".into(), 0, (false, false, false)));
+        plan.extend(sweep("SDEdit".into(), 0, (false, false, EvalRegion::All)));
     }
     if wanted(EvalMethod::Unitune) {
         for &steps in snapshots {
             plan.extend(sweep(
                 format!("UniTune, {steps} steps"),
                 steps,
-                (false, false, false),
+                (false, false, EvalRegion::All),
             ));
         }
     }
@@ -296,38 +366,50 @@ fn settings_plan(args: &EvalArgs, table: &FidelityTable, snapshots: &[usize]) ->
         plan.extend(sweep(
             format!("UniTune {middle} + prompt guidance"),
             middle,
-            (true, false, false),
+            (true, false, EvalRegion::All),
         ));
     }
     if wanted(EvalMethod::Interpolation) {
         plan.extend(sweep(
             format!("UniTune {middle} + interpolation"),
             middle,
-            (false, true, false),
+            (false, true, EvalRegion::All),
         ));
     }
     if wanted(EvalMethod::Mask) {
         plan.extend(sweep(
             format!("UniTune {middle} + mask"),
             middle,
-            (false, false, true),
+            (false, false, EvalRegion::Oracle),
         ));
     }
-    if !wanted(EvalMethod::Slider) {
-        return plan;
+    if wanted(EvalMethod::AutoRegion) {
+        plan.extend(sweep(
+            format!("UniTune {middle} + auto region"),
+            middle,
+            (false, false, EvalRegion::Auto),
+        ));
     }
-    for f in SLIDER_POSITIONS {
-        let p = table.parameters_for(f, snapshots);
-        plan.push(Setting {
-            method: SLIDER.into(),
-            label: format!("fidelity {f:.2}"),
-            tune_steps: p.tune_steps,
-            t0_fraction: p.t0_fraction,
-            guidance_weight: p.guidance_weight,
-            prompt_guidance: false,
-            interpolate: false,
-            mask: false,
-        });
+    let slider = |method: &str, region: EvalRegion| {
+        SLIDER_POSITIONS.map(|f| {
+            let p = table.parameters_for(f, snapshots);
+            Setting {
+                method: method.into(),
+                label: format!("fidelity {f:.2}"),
+                tune_steps: p.tune_steps,
+                t0_fraction: p.t0_fraction,
+                guidance_weight: p.guidance_weight,
+                prompt_guidance: false,
+                interpolate: false,
+                region,
+            }
+        })
+    };
+    if wanted(EvalMethod::Slider) {
+        plan.extend(slider(SLIDER, EvalRegion::All));
+    }
+    if wanted(EvalMethod::AutoRegion) {
+        plan.extend(slider(SLIDER_AUTO, EvalRegion::Auto));
     }
     plan
 }
@@ -414,14 +496,18 @@ fn reconstruction_spec(
     }
 }
 
-fn summarize(plan: &[Setting], samples: &[SampleScore]) -> Vec<Summary> {
+fn summarize(plan: &[Setting], samples: &[SampleScore], seed: u64) -> Vec<Summary> {
     plan.iter()
         .map(|s| {
             let mine: Vec<&SampleScore> = samples
                 .iter()
                 .filter(|x| x.method == s.method && x.label == s.label)
                 .collect();
-            let n = mine.len().max(1) as f64;
+            let successes: Vec<f64> = mine
+                .iter()
+                .map(|x| f64::from(u8::from(x.success)))
+                .collect();
+            let fidelities: Vec<f64> = mine.iter().map(|x| f64::from(x.fidelity)).collect();
             Summary {
                 method: s.method.clone(),
                 label: s.label.clone(),
@@ -429,11 +515,106 @@ fn summarize(plan: &[Setting], samples: &[SampleScore]) -> Vec<Summary> {
                 t0_fraction: s.t0_fraction,
                 guidance_weight: s.guidance_weight,
                 edits: mine.len(),
-                success: mine.iter().filter(|x| x.success).count() as f64 / n,
-                fidelity: mine.iter().map(|x| x.fidelity as f64).sum::<f64>() / n,
+                success: mean(&successes),
+                fidelity: mean(&fidelities),
+                success_interval: bootstrap_interval(&successes, seed),
+                fidelity_interval: bootstrap_interval(&fidelities, seed),
             }
         })
         .collect()
+}
+
+fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len().max(1) as f64
+}
+
+/// Resamples drawn for a bootstrap interval.
+const BOOTSTRAP_RESAMPLES: usize = 2000;
+
+/// The percentile bootstrap 95% interval of the mean of `values` (resampled with
+/// replacement, `BOOTSTRAP_RESAMPLES` times, from a fixed seed so reruns print the same).
+pub fn bootstrap_interval(values: &[f64], seed: u64) -> (f64, f64) {
+    if values.is_empty() {
+        return (0.0, 0.0);
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xb007);
+    let mut means: Vec<f64> = (0..BOOTSTRAP_RESAMPLES)
+        .map(|_| {
+            let total: f64 = (0..values.len())
+                .map(|_| values[rng.random_range(0..values.len())])
+                .sum();
+            total / values.len() as f64
+        })
+        .collect();
+    means.sort_by(f64::total_cmp);
+    let at = |q: f64| means[((means.len() - 1) as f64 * q).round() as usize];
+    (at(0.025), at(0.975))
+}
+
+/// Estimates `spec`'s automatic region and scores it against the true region `truth`, with
+/// its cost relative to one edit at the same settings.
+fn score_region(
+    service: &mut EditService,
+    spec: &EditSpec,
+    truth: &GrayImage,
+    threshold: f64,
+    cancel: &CancelFlag,
+) -> Result<RegionScore> {
+    let mut observer = |_: &StepView| cancel.check();
+    let started = std::time::Instant::now();
+    let region = service.estimate_region(spec, threshold, &mut observer)?;
+    let estimate_time = started.elapsed().as_secs_f64();
+    let started = std::time::Instant::now();
+    service.edit(spec, &mut observer)?;
+    let edit_time = started.elapsed().as_secs_f64();
+    Ok(RegionScore {
+        scene: 0,
+        edit: String::new(),
+        kind: "",
+        iou: iou(&region.mask, truth),
+        coverage: region.coverage,
+        global: region.global,
+        cost: estimate_time / edit_time.max(1e-9),
+    })
+}
+
+/// Intersection over union of two masks, each read as white from half grey up.
+pub fn iou(a: &GrayImage, b: &GrayImage) -> f64 {
+    let (mut both, mut either) = (0usize, 0usize);
+    for (p, q) in a.pixels().zip(b.pixels()) {
+        let (x, y) = (p.0[0] >= 128, q.0[0] >= 128);
+        both += usize::from(x && y);
+        either += usize::from(x || y);
+    }
+    if either == 0 {
+        1.0
+    } else {
+        both as f64 / either as f64
+    }
+}
+
+/// The automatic region per kind of edit: mean IoU with the true region, how often it was
+/// judged global, and its cost against one edit.
+fn print_regions(regions: &[RegionScore]) {
+    if regions.is_empty() {
+        return;
+    }
+    println!();
+    println!("automatic region at the default fidelity (against the true region):");
+    let mut kinds: Vec<&str> = regions.iter().map(|r| r.kind).collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    for kind in kinds {
+        let mine: Vec<&RegionScore> = regions.iter().filter(|r| r.kind == kind).collect();
+        let ious: Vec<f64> = mine.iter().map(|r| r.iou).collect();
+        println!(
+            "  {kind:<11} IoU {:.3}  global {}/{}  cost {:.1}% of an edit",
+            mean(&ious),
+            mine.iter().filter(|r| r.global).count(),
+            mine.len(),
+            100.0 * mean(&mine.iter().map(|r| r.cost).collect::<Vec<_>>())
+        );
+    }
 }
 
 fn summarize_reconstruction(all: &[(usize, f32)]) -> Vec<Reconstruction> {
@@ -531,19 +712,21 @@ fn print_report(summary: &[Summary], reconstruction: &[Reconstruction]) {
     }
     println!();
     println!(
-        "{:<36} {:<14} {:>5} {:>5} {:>6} {:>8} {:>8} {:>5}",
-        "method", "setting", "steps", "t0", "guid.", "success", "fidelity", "edits"
+        "{:<36} {:<14} {:>5} {:>5} {:>6} {:>20} {:>20} {:>5}",
+        "method", "setting", "steps", "t0", "guid.", "success [95%]", "fidelity [95%]", "edits"
     );
+    let with_interval =
+        |value: f64, (low, high): (f64, f64)| format!("{value:.3} [{low:.2},{high:.2}]");
     for s in summary {
         println!(
-            "{:<36} {:<14} {:>5} {:>5.2} {:>6.2} {:>8.3} {:>8.3} {:>5}",
+            "{:<36} {:<14} {:>5} {:>5.2} {:>6.2} {:>20} {:>20} {:>5}",
             s.method,
             s.label,
             s.tune_steps,
             s.t0_fraction,
             s.guidance_weight,
-            s.success,
-            s.fidelity,
+            with_interval(s.success, s.success_interval),
+            with_interval(s.fidelity, s.fidelity_interval),
             s.edits
         );
     }
@@ -625,7 +808,7 @@ mod tests {
             guidance_weight: 7.5,
             prompt_guidance: false,
             interpolate: false,
-            mask: false,
+            region: EvalRegion::All,
         };
         let plan = vec![setting("SDEdit", "t0 0.5"), setting("SDEdit", "t0 1.0")];
         let sample = |label: &str, success, fidelity| SampleScore {
@@ -641,13 +824,37 @@ mod tests {
             sample("t0 0.5", true, 0.5),
             sample("t0 1.0", true, 0.25),
         ];
-        let summary = summarize(&plan, &samples);
+        let summary = summarize(&plan, &samples, 1);
         assert_eq!(summary[0].edits, 2);
         assert_eq!((summary[0].success, summary[0].fidelity), (0.5, 0.75));
         assert_eq!((summary[1].success, summary[1].fidelity), (1.0, 0.25));
         let curves = curves(&summary);
         assert_eq!(curves.len(), 1);
         assert_eq!(curves[0].points, vec![(0.5, 0.75), (1.0, 0.25)]);
+    }
+
+    #[test]
+    fn the_bootstrap_interval_holds_the_mean_and_narrows_with_more_edits() {
+        let few: Vec<f64> = (0..12).map(|i| f64::from(u8::from(i % 2 == 0))).collect();
+        let many: Vec<f64> = (0..96).map(|i| f64::from(u8::from(i % 2 == 0))).collect();
+        let (low, high) = bootstrap_interval(&few, 1);
+        assert!(low < 0.5 && 0.5 < high, "({low}, {high})");
+        // A proportion's interval shrinks as 1/sqrt(n): 96 edits about a third of 12's.
+        let (low_many, high_many) = bootstrap_interval(&many, 1);
+        let ratio = (high_many - low_many) / (high - low);
+        assert!((0.25..0.45).contains(&ratio), "{ratio}");
+        // About ±1.96 sqrt(0.25 / 12) = ±0.28 for 12 edits.
+        assert!((0.4..0.7).contains(&(high - low)), "{}", high - low);
+    }
+
+    #[test]
+    fn iou_counts_overlap_over_union() {
+        let left = GrayImage::from_fn(8, 8, |x, _| image::Luma([if x < 4 { 255 } else { 0 }]));
+        let middle = GrayImage::from_fn(8, 8, |x, _| {
+            image::Luma([if (2..6).contains(&x) { 200 } else { 0 }])
+        });
+        assert_eq!(iou(&left, &left), 1.0);
+        assert!((iou(&left, &middle) - 2.0 / 6.0).abs() < 1e-12);
     }
 
     #[test]
@@ -661,6 +868,8 @@ mod tests {
             edits: 10,
             success,
             fidelity,
+            success_interval: (success, success),
+            fidelity_interval: (fidelity, fidelity),
         };
         let summary = vec![
             point(16, 1.0, 0.9, 0.3),

@@ -20,6 +20,7 @@ pub mod optim;
 pub mod precision;
 pub mod preview;
 pub mod random_model;
+pub mod region;
 pub mod sampling;
 pub mod scheduler;
 pub mod single_file;

@@ -16,7 +16,7 @@ use super::results::ResultFiles;
 use super::textures::{self, VariantTextures};
 use super::variants::{FIRST_POSITIONS, VariantSet, VariantSettings, VariantState};
 use crate::jobs::{
-    EditSpec, FidelityTable, JobEvent, JobId, JobRequest, JobRunner, Stage, TrainMode,
+    EditSpec, FidelityTable, JobEvent, JobId, JobRequest, JobRunner, Region, Stage, TrainMode,
     TuneSettings, WorkingSize, time_left,
 };
 
@@ -478,11 +478,13 @@ impl EditSession {
         let request = JobRequest::Edit(EditSpec {
             photo: photo.photo.clone(),
             photo_name: photo.name.clone(),
-            mask: edit.mask.clone(),
-            mask_name: edit
-                .mask
-                .as_ref()
-                .map(|_| "painted in the editor".to_owned()),
+            region: match &edit.mask {
+                Some(mask) => Region::Mask {
+                    mask: mask.clone(),
+                    name: "painted in the editor".to_owned(),
+                },
+                None => Region::All,
+            },
             kind: plan.kind(),
             prompt: edit.prompt.clone(),
             baseline_prompt: (!edit.baseline_prompt.is_empty())

@@ -48,8 +48,8 @@ pub use crate::model_files::{
 pub use crate::recipe::{Recipe, RecipeSettings};
 pub use crate::service::plan::FIDELITY_RANGE;
 pub use crate::service::{
-    EditKind, EditKnobs, EditPlan, EditService, EditSpec, MicroBatch, ModelRequest, ModelSummary,
-    TrainingChoice, WorkingSize, choose_seed, plan_edit,
+    EditKind, EditKnobs, EditPlan, EditService, EditSpec, EstimatedRegion, MicroBatch,
+    ModelRequest, ModelSummary, Region, TrainingChoice, WorkingSize, choose_seed, plan_edit,
 };
 
 /// Names one request; later requests have larger ids.

@@ -34,13 +34,14 @@ pub use error::{Result, ServiceError};
 pub use identity::{ModelIdentity, SHORT_HASH_DIGITS, public_name};
 pub use model::{ModelRequest, ModelSummary, resolve_files};
 pub use plan::{EditKind, EditKnobs, EditPlan, WorkingSize, choose_seed, plan_edit};
-pub use spec::{EditSpec, GenerateSpec, TuneRequest};
+pub use spec::{EditSpec, GenerateSpec, Region, TuneRequest};
 pub use training::{MicroBatch, TrainingChoice};
 
 use crate::engine::StableDiffusion;
 use crate::engine::device::{device_name, open_device};
 use crate::engine::edit::{
-    CachePolicy, EditRequest, TuneEvent, TunedPhoto, edit_photo, tune_photo,
+    CachePolicy, EditMethod, EditRequest, TuneEvent, TunedPhoto, edit_photo, model_prompt,
+    tune_photo,
 };
 use crate::engine::fidelity::FidelityTable;
 use crate::engine::finetune::{SnapshotCache, TrainMode, TuneSettings};
@@ -48,6 +49,7 @@ use crate::engine::instruct::{DEFAULT_INSTRUCT_MODEL, is_instruct_model};
 use crate::engine::lora::{LoraExportInfo, export_tuned, output_name};
 use crate::engine::model::LoadOptions;
 use crate::engine::precision::dtype_name;
+use crate::engine::region::{self, RegionEstimate, RegionRequest, estimate_region};
 use crate::engine::sampling::{SampleRequest, Start, StepObserver, sample};
 use crate::imaging;
 use crate::model_files::{DownloadProgress, ModelFiles, ModelSpec};
@@ -61,6 +63,19 @@ pub struct Edited {
     /// The size the model worked at.
     pub working_size: (u32, u32),
     pub plan: EditPlan,
+    /// The automatic region this edit used, when it asked for one.
+    pub region: Option<EstimatedRegion>,
+}
+
+/// An automatic edit region, at the photo's size.
+#[derive(Debug, Clone)]
+pub struct EstimatedRegion {
+    /// White = may change (all white for a global edit).
+    pub mask: GrayImage,
+    /// Share of the image where the prompt changed the prediction, before growing.
+    pub coverage: f64,
+    /// True when the edit was judged global: the whole photo may change.
+    pub global: bool,
 }
 
 /// A finished fine-tune: which snapshots edits may use.
@@ -361,22 +376,29 @@ impl EditService {
         self.check_kind(spec.kind)?;
         let working = self.fit(&spec.photo, spec.size)?;
         let plan = self.plan(spec.kind, &spec.knobs, &self.ladder_for(&working));
-        let mask = spec
-            .mask
-            .as_ref()
-            .map(|m| self.mask_at(m, spec.photo.dimensions()));
-        let tuned = match &self.tuned {
-            // Snapshot 0 restores the base weights after any tune.
-            Some(t) if plan.tune_steps == 0 || t.working == working => Some(&t.photo),
-            _ if plan.tune_steps == 0 => None,
-            _ => {
-                return Err(ServiceError::Invalid(format!(
-                    "this photo has not been fine-tuned at {}x{} yet; fine-tune it first or use 0 fine-tuning steps",
-                    working.width(),
-                    working.height()
-                )));
-            }
+        let token = self.snapshot_token(&working, &plan)?;
+        let estimate = match spec.region {
+            Region::Auto { threshold } => Some(self.estimate_at(
+                &working,
+                spec,
+                &plan,
+                token.as_deref(),
+                threshold,
+                observer,
+            )?),
+            _ => None,
         };
+        let photo_size = spec.photo.dimensions();
+        let mask = match (&spec.region, &estimate) {
+            (Region::Mask { mask, .. }, _) => Some(self.mask_at(mask, photo_size)),
+            (_, Some(estimate)) if !estimate.global => Some(Arc::new(imaging::resize_gray(
+                &estimate.mask,
+                photo_size.0,
+                photo_size.1,
+            ))),
+            _ => None,
+        };
+        let tuned = self.tuned_for(&working, &plan);
         let request = EditRequest {
             method: plan.method,
             original: &spec.photo,
@@ -392,24 +414,110 @@ impl EditService {
             interpolate: spec.interpolate,
         };
         let image = edit_photo(&self.model, tuned, &request, observer)?;
-        let token = tuned
-            .filter(|_| plan.tune_steps > 0)
-            .map(|t| t.settings.token.as_str());
         let tuning = tuned.filter(|_| plan.tune_steps > 0).map(|t| &t.settings);
         let recipe = recipe::edit_recipe(
             &self.summary,
             spec,
             &plan,
-            token,
+            token.as_deref(),
             tuning,
             working.dimensions(),
         );
+        let region = estimate.map(|estimate| EstimatedRegion {
+            mask: imaging::resize_gray(&estimate.mask, photo_size.0, photo_size.1),
+            coverage: estimate.coverage,
+            global: estimate.global,
+        });
         Ok(Edited {
             image,
             recipe,
             working_size: working.dimensions(),
             plan,
+            region,
         })
+    }
+
+    /// Where `spec`'s prompt would change the photo, estimated as an automatic region does it
+    /// (the snapshot the plan picks, compared with the bare rare token or the baseline), at
+    /// the photo's size.
+    pub fn estimate_region(
+        &mut self,
+        spec: &EditSpec,
+        threshold: f64,
+        observer: &mut dyn StepObserver,
+    ) -> Result<EstimatedRegion> {
+        self.check_kind(spec.kind)?;
+        let working = self.fit(&spec.photo, spec.size)?;
+        let plan = self.plan(spec.kind, &spec.knobs, &self.ladder_for(&working));
+        let token = self.snapshot_token(&working, &plan)?;
+        let estimate =
+            self.estimate_at(&working, spec, &plan, token.as_deref(), threshold, observer)?;
+        let (w, h) = spec.photo.dimensions();
+        Ok(EstimatedRegion {
+            mask: imaging::resize_gray(&estimate.mask, w, h),
+            coverage: estimate.coverage,
+            global: estimate.global,
+        })
+    }
+
+    /// The region estimate at the working size, from the snapshot `plan` samples.
+    fn estimate_at(
+        &self,
+        working: &RgbImage,
+        spec: &EditSpec,
+        plan: &EditPlan,
+        token: Option<&str>,
+        threshold: f64,
+        observer: &mut dyn StepObserver,
+    ) -> Result<RegionEstimate> {
+        if matches!(plan.method, EditMethod::Instruct { .. }) {
+            return Err(ServiceError::Invalid(
+                "an automatic region needs a text-to-image model, and instruction edits use an InstructPix2Pix model; paint the region or edit everywhere".into(),
+            ));
+        }
+        if let Some(tuned) = self.tuned_for(working, plan) {
+            tuned.select(plan.tune_steps)?;
+        }
+        let prompt = model_prompt(token, &spec.prompt);
+        let reference = match &spec.baseline_prompt {
+            Some(baseline) => model_prompt(token, baseline),
+            None => token.unwrap_or_default().to_owned(),
+        };
+        let request = RegionRequest {
+            working,
+            prompt: &prompt,
+            reference: &reference,
+            threshold,
+            seeds: region::DEFAULT_SEEDS,
+            // Not the sample's seed: every variant of one prompt gets the same region.
+            seed: 0,
+        };
+        Ok(estimate_region(&self.model, &request, observer)?)
+    }
+
+    /// The fine-tune an edit at `working` samples from: `None` when the plan needs none.
+    fn tuned_for(&self, working: &RgbImage, plan: &EditPlan) -> Option<&TunedPhoto> {
+        match &self.tuned {
+            // Snapshot 0 restores the base weights after any tune.
+            Some(t) if plan.tune_steps == 0 || t.working == *working => Some(&t.photo),
+            _ => None,
+        }
+    }
+
+    /// The rare token the plan's snapshot answers to (`None` for snapshot 0); refuses a plan
+    /// that needs a fine-tune this photo does not have at this size.
+    fn snapshot_token(&self, working: &RgbImage, plan: &EditPlan) -> Result<Option<String>> {
+        if plan.tune_steps == 0 {
+            return Ok(None);
+        }
+        match self.tuned_for(working, plan) {
+            Some(tuned) => Ok(Some(tuned.settings.token.clone())),
+            None => Err(ServiceError::Invalid(format!(
+                "this photo has not been fine-tuned at {}x{} yet; fine-tune it first or use 0 fine-tuning steps",
+                working.width(),
+                working.height()
+            ))),
+        }
     }
 
     /// An image from a prompt alone (text to image), and its recipe.

@@ -3,7 +3,7 @@
 
 use super::model::ModelSummary;
 use super::plan::EditPlan;
-use super::spec::{EditSpec, GenerateSpec};
+use super::spec::{EditSpec, GenerateSpec, Region};
 use crate::engine::edit::{EditMethod, model_prompt};
 use crate::engine::finetune::TuneSettings;
 use crate::recipe::{Recipe, TuneRecipe};
@@ -52,10 +52,15 @@ pub(super) fn edit_recipe(
         fidelity: plan.fidelity,
         tune_steps: plan.tune_steps,
         tuning: tuning.map(TuneRecipe::from_settings),
-        mask: spec
-            .mask
-            .as_ref()
-            .map(|_| spec.mask_name.clone().unwrap_or_else(|| "given".to_owned())),
+        mask: match &spec.region {
+            Region::Mask { name, .. } => Some(name.clone()),
+            _ => None,
+        },
+        region: spec.region.mode_name().to_owned(),
+        region_threshold: match spec.region {
+            Region::Auto { threshold } => Some(threshold),
+            _ => None,
+        },
         interpolate: spec.interpolate,
         // Results come back at the photo's size.
         width,

@@ -17,10 +17,8 @@ pub struct EditSpec {
     pub photo: Arc<RgbImage>,
     /// The photo's file name, never its folder (for the recipe).
     pub photo_name: Option<String>,
-    /// White = may change. Any size: it is scaled to the photo's.
-    pub mask: Option<Arc<GrayImage>>,
-    /// How the recipe names the mask: its file name, or "painted in the editor".
-    pub mask_name: Option<String>,
+    /// Where the edit may change the photo.
+    pub region: Region,
     pub kind: EditKind,
     /// What the photo should become (or, for an instruction, how it should change).
     pub prompt: String,
@@ -41,8 +39,7 @@ impl EditSpec {
         Self {
             photo,
             photo_name: None,
-            mask: None,
-            mask_name: None,
+            region: Region::All,
             kind: EditKind::Describe,
             prompt: prompt.to_owned(),
             baseline_prompt: None,
@@ -51,6 +48,33 @@ impl EditSpec {
             sampling_steps: 50,
             interpolate: false,
             size: WorkingSize::Fit,
+        }
+    }
+}
+
+/// Where an edit may change the photo; everywhere else the photo comes back exactly.
+#[derive(Debug, Clone)]
+pub enum Region {
+    /// Everywhere (no mask).
+    All,
+    /// Where a mask is white. Any size: it is scaled to the photo's.
+    Mask {
+        mask: Arc<GrayImage>,
+        /// How the recipe names it: its file name, or "painted in the editor".
+        name: String,
+    },
+    /// Estimated from the prompt before sampling ([`crate::engine::region`]): where the
+    /// normalised difference reaches `threshold`, or everywhere for a global edit.
+    Auto { threshold: f64 },
+}
+
+impl Region {
+    /// The recipe's name for the mode: `all`, `mask` or `auto`.
+    pub fn mode_name(&self) -> &'static str {
+        match self {
+            Region::All => "all",
+            Region::Mask { .. } => "mask",
+            Region::Auto { .. } => "auto",
         }
     }
 }

@@ -1,0 +1,220 @@
+//! The edit region, estimated from the prompt (DiffEdit, Couairon et al. 2022, adapted to
+//! UniTune): where does the model's prediction for the photo change when it is asked for the
+//! edit instead of for the photo itself?
+//!
+//! 1. The photo's latents are noised to the middle of the schedule with a few seeds.
+//! 2. For each, the model predicts the noise (or velocity) once for the edit prompt
+//!    ("beikkpic a blue circle") and once for the reference ("beikkpic", which the fine-tuned
+//!    model reconstructs the photo from, or the user's baseline prompt).
+//! 3. The size of the difference, averaged over channels and seeds, is where the prompt
+//!    disagrees with the photo; it is normalised by its largest value and thresholded.
+//!
+//! **Local or global.** Normalising by the largest value always finds *something*, so the
+//! threshold alone cannot say "the whole picture": a global edit ("pixel art", "at night", a
+//! new background) shows up as a difference spread over most of the image. When the region
+//! covers at least [`GLOBAL_COVERAGE`] of the image, it is taken as the whole image; below
+//! that it is grown by one latent pixel (the mask is drawn at latent resolution, so its
+//! border is that coarse) and the edit keeps everything outside it.
+//!
+//! Why the size and not the sign of the difference: recolouring a red circle blue moves some
+//! channels up and others down; only the magnitude says *that* the prediction changed.
+//! Why a velocity model needs no conversion: at a fixed noisy input the noise prediction is
+//! `sqrt(alpha) * v` plus a term that does not depend on the prompt, so the differences are
+//! proportional and the normalised map is the same.
+
+use candle_core::{DType, Tensor};
+use image::{GrayImage, Luma, RgbImage};
+
+use super::error::{EngineError, Result};
+use super::model::StableDiffusion;
+use super::noise::NoiseSource;
+use super::sampling::{StepObserver, check_proceed, check_text_to_image};
+
+/// Share of the image above the threshold from which an edit counts as global.
+pub const GLOBAL_COVERAGE: f64 = 0.5;
+/// The default threshold on the normalised difference (DiffEdit's 0.5).
+pub const DEFAULT_THRESHOLD: f64 = 0.5;
+/// Seeds averaged over: enough to steady a 16x16 map, each one UNet call on a batch of two.
+pub const DEFAULT_SEEDS: usize = 4;
+/// How far into the schedule the photo is noised (DiffEdit's middle, t = 0.5).
+const NOISE_FRACTION: f64 = 0.5;
+
+/// What to estimate the region of.
+#[derive(Debug, Clone)]
+pub struct RegionRequest<'a> {
+    /// The photo at the model's working size.
+    pub working: &'a RgbImage,
+    /// The prompt as the model samples it (the rare token in front when fine-tuned).
+    pub prompt: &'a str,
+    /// What the photo already is: the bare rare token, the baseline prompt, or "".
+    pub reference: &'a str,
+    /// Normalised difference from which a pixel belongs to the region (0 to 1).
+    pub threshold: f64,
+    pub seeds: usize,
+    pub seed: u64,
+}
+
+/// The estimate: the difference map and the mask made from it.
+#[derive(Debug, Clone)]
+pub struct RegionEstimate {
+    /// The normalised difference at latent resolution, 0 to 255 (for display and tests).
+    pub difference: GrayImage,
+    /// White = may change, at the working size: the grown region, or all white when global.
+    pub mask: GrayImage,
+    /// Share of the image at or above the threshold, before growing.
+    pub coverage: f64,
+    /// True when the edit was judged global (the mask is the whole image).
+    pub global: bool,
+}
+
+/// Estimates where `request.prompt` changes the photo; the model's UNet is used as it is
+/// (select the snapshot first).
+pub fn estimate_region(
+    model: &StableDiffusion,
+    request: &RegionRequest,
+    observer: &mut dyn StepObserver,
+) -> Result<RegionEstimate> {
+    check_text_to_image(model)?;
+    if !(0.0..=1.0).contains(&request.threshold) {
+        return Err(EngineError::InvalidRequest(format!(
+            "the region threshold must be between 0 and 1, got {}",
+            request.threshold
+        )));
+    }
+    if request.seeds == 0 {
+        return Err(EngineError::InvalidRequest(
+            "the region estimate needs at least one seed".into(),
+        ));
+    }
+    let map = difference_map(model, request, observer)?;
+    Ok(region_from_map(
+        &map,
+        request.threshold,
+        request.working.dimensions(),
+    ))
+}
+
+/// The mean absolute difference between the two predictions, `[h, w]` at latent resolution,
+/// normalised so that its largest value is 1.
+fn difference_map(
+    model: &StableDiffusion,
+    request: &RegionRequest,
+    observer: &mut dyn StepObserver,
+) -> Result<Vec<Vec<f32>>> {
+    let device = model.device();
+    let prompt = model.encode_prompt(request.prompt)?.embedding;
+    let reference = model.encode_prompt(request.reference)?.embedding;
+    let context = Tensor::cat(&[&reference, &prompt], 0)?;
+    let mut noise = NoiseSource::from_seed(request.seed);
+    let latents = model.encode_image(request.working, &mut noise)?;
+    let timestep =
+        ((model.scheduler.num_train_timesteps() - 1) as f64 * NOISE_FRACTION).round() as usize;
+    let t = Tensor::new(&[timestep as f32, timestep as f32], device)?;
+    let mut sum: Option<Tensor> = None;
+    for _ in 0..request.seeds {
+        check_proceed(observer)?;
+        let eps = noise
+            .normal(latents.shape(), device)?
+            .to_dtype(latents.dtype())?;
+        let noisy = model.scheduler.add_noise(&latents, &eps, &[timestep])?;
+        let input = Tensor::cat(&[&noisy, &noisy], 0)?;
+        let both = model.unet.forward(&input, &t, &context)?;
+        let difference = (both.narrow(0, 1, 1)? - both.narrow(0, 0, 1)?)?
+            .to_dtype(DType::F32)?
+            .abs()?
+            .mean(1)?
+            .squeeze(0)?;
+        sum = Some(match sum {
+            Some(total) => (total + difference)?,
+            None => difference,
+        });
+    }
+    let mean = sum.expect("at least one seed").to_vec2::<f32>()?;
+    let largest = mean.iter().flatten().copied().fold(0.0f32, f32::max);
+    if !largest.is_finite() {
+        return Err(EngineError::NotFinite(
+            "the region estimate's predictions stopped being numbers (the model's numbers overflowed); try --precision f32 or paint the region".into(),
+        ));
+    }
+    // Identical predictions (the prompt says nothing new): no difference anywhere.
+    let scale = if largest > 0.0 { 1.0 / largest } else { 0.0 };
+    Ok(mean
+        .into_iter()
+        .map(|row| row.into_iter().map(|v| v * scale).collect())
+        .collect())
+}
+
+/// Thresholds a normalised map, decides local or global, grows a local region by one latent
+/// pixel and draws it at `size`.
+fn region_from_map(
+    map: &[Vec<f32>],
+    threshold: f64,
+    (width, height): (u32, u32),
+) -> RegionEstimate {
+    let h = map.len();
+    let w = map.first().map_or(0, Vec::len);
+    let inside = |x: usize, y: usize| f64::from(map[y][x]) >= threshold;
+    let count = (0..h)
+        .flat_map(|y| (0..w).map(move |x| (x, y)))
+        .filter(|&(x, y)| inside(x, y))
+        .count();
+    let coverage = count as f64 / (w * h).max(1) as f64;
+    let global = coverage >= GLOBAL_COVERAGE;
+    let grown = |x: usize, y: usize| {
+        (y.saturating_sub(1)..=(y + 1).min(h - 1))
+            .any(|ny| (x.saturating_sub(1)..=(x + 1).min(w - 1)).any(|nx| inside(nx, ny)))
+    };
+    let mask = GrayImage::from_fn(width, height, |px, py| {
+        let x = (px as usize * w / width as usize).min(w - 1);
+        let y = (py as usize * h / height as usize).min(h - 1);
+        Luma([if global || grown(x, y) { 255 } else { 0 }])
+    });
+    let difference = GrayImage::from_fn(w as u32, h as u32, |x, y| {
+        Luma([(map[y as usize][x as usize].clamp(0.0, 1.0) * 255.0).round() as u8])
+    });
+    RegionEstimate {
+        difference,
+        mask,
+        coverage,
+        global,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map_with_square(size: usize, square: std::ops::Range<usize>) -> Vec<Vec<f32>> {
+        (0..size)
+            .map(|y| {
+                (0..size)
+                    .map(|x| {
+                        if square.contains(&x) && square.contains(&y) {
+                            1.0
+                        } else {
+                            0.1
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_concentrated_difference_is_a_local_region_grown_by_one_latent_pixel() {
+        let region = region_from_map(&map_with_square(8, 2..4), 0.5, (64, 64));
+        assert!(!region.global);
+        assert_eq!(region.coverage, 4.0 / 64.0);
+        // Latent pixels 1..=4 after growing: 8 px each at this size.
+        let white = |x: u32, y: u32| region.mask.get_pixel(x, y).0[0] == 255;
+        assert!(white(8, 8) && white(39, 39));
+        assert!(!white(7, 20) && !white(40, 20) && !white(60, 60));
+    }
+
+    #[test]
+    fn a_spread_difference_is_the_whole_image() {
+        let region = region_from_map(&map_with_square(8, 0..6), 0.5, (32, 32));
+        assert!(region.global, "coverage {}", region.coverage);
+        assert!(region.mask.pixels().all(|p| p.0[0] == 255));
+    }
+}
