@@ -30,7 +30,8 @@ use super::session::{EditOrder, EditSession, SessionEnv, TuneStatus};
 use super::textures;
 use super::variants::{VariantSettings, VariantState};
 use crate::jobs::{
-    JobId, LoadRequest, MicroBatch, ModelRequest, PreviewMode, TrainingChoice, TuneSettings,
+    DEFAULT_THRESHOLD, JobId, LoadRequest, MicroBatch, ModelRequest, PreviewMode, Region,
+    TrainingChoice, TuneSettings,
 };
 use crate::world;
 
@@ -552,11 +553,15 @@ impl EditorApp {
                 .map(|p| variant_at(p, seed, &tune.snapshot_steps, instruct, table))
                 .collect()
         };
-        let mask = self.doc.as_mut().and_then(|d| d.mask.painted());
+        let auto = self.settings.auto_region && !instruct;
+        let region = self
+            .doc
+            .as_mut()
+            .map_or(Region::All, |d| edit_region(&mut d.mask, auto));
         let order = EditOrder {
             prompt,
             baseline_prompt: self.form.baseline_prompt.trim().to_string(),
-            mask,
+            region,
             tune,
             seed,
             sampling_steps: self.settings.sampling_steps,
@@ -777,6 +782,9 @@ impl EditorApp {
             self.on_chore(result);
         }
         let mut commands = commands::shortcuts(ctx, self.settings.brush_size_px);
+        if let Some(region) = self.session.take_estimated_region() {
+            commands.push(Command::ShowRegion(region));
+        }
         let dropped: Vec<PathBuf> = ctx.input(|i| {
             i.raw
                 .dropped_files
@@ -843,6 +851,24 @@ impl eframe::App for EditorApp {
 }
 
 /// Repaints the UI from any thread.
+/// Where the next edit may change the photo: a fresh automatic region when asked for and the
+/// mask layer is empty or still shows the last one untouched; otherwise the painted mask, or
+/// everywhere when nothing is painted.
+fn edit_region(mask: &mut super::mask::MaskLayer, auto: bool) -> Region {
+    if auto && (mask.is_empty() || mask.is_estimate()) {
+        return Region::Auto {
+            threshold: DEFAULT_THRESHOLD,
+        };
+    }
+    match mask.painted() {
+        Some(mask) => Region::Mask {
+            mask,
+            name: "painted in the editor".to_owned(),
+        },
+        None => Region::All,
+    }
+}
+
 fn waker(ctx: &Context) -> Arc<dyn Fn() + Send + Sync> {
     let repaint = ctx.clone();
     Arc::new(move || repaint.request_repaint())

@@ -39,6 +39,10 @@ pub enum Command {
     Undo,
     Redo,
     ClearMask,
+    /// Show an edit's automatic region in the mask layer (white = may change).
+    ShowRegion(image::GrayImage),
+    /// Whether an edit with nothing painted finds its region from the prompt.
+    SetAutoRegion(bool),
     InvertMask,
     DownloadModel,
     CancelDownload,
@@ -199,6 +203,14 @@ impl EditorApp {
                 )
             }
             Command::SetInterpolate(on) => self.settings.interpolate = on,
+            Command::SetAutoRegion(on) => self.settings.auto_region = on,
+            Command::ShowRegion(region) => {
+                if let Some(doc) = &mut self.doc {
+                    doc.mask.show_estimate(&region);
+                    self.view.show_mask = true;
+                    self.save_session_now();
+                }
+            }
             Command::DismissNotice => {
                 self.notice = None;
                 self.recipe_offer = None;

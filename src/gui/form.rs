@@ -147,6 +147,7 @@ impl EditForm {
             );
         }
         settings.interpolate = recipe.interpolate;
+        settings.auto_region = recipe.auto_region.is_some();
         if let Some(tuning) = recipe
             .tuning
             .as_ref()

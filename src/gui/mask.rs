@@ -68,6 +68,9 @@ pub struct MaskLayer {
     dirty: Option<PixelRect>,
     /// What [`MaskLayer::painted`] returned, until the next change (`None`: not computed).
     painted: Option<Option<Arc<GrayImage>>>,
+    /// The mask is an automatic region, untouched since it was shown: the next edit estimates
+    /// its own instead of taking this one as painted.
+    from_estimate: bool,
 }
 
 impl MaskLayer {
@@ -91,6 +94,7 @@ impl MaskLayer {
                 y1: h,
             }),
             painted: None,
+            from_estimate: false,
         }
     }
 
@@ -111,6 +115,24 @@ impl MaskLayer {
             self.painted = Some((!self.is_empty()).then(|| Arc::new(self.mask.clone())));
         }
         self.painted.clone().flatten()
+    }
+
+    /// Shows an automatic region (white = may change), scaled to the layer; undoable like a
+    /// stroke, and painting over it makes it the user's.
+    pub fn show_estimate(&mut self, region: &GrayImage) {
+        let (w, h) = self.mask.dimensions();
+        let scaled = if region.dimensions() == (w, h) {
+            region.clone()
+        } else {
+            crate::imaging::resize_gray(region, w, h)
+        };
+        self.whole_image_action(|mask| *mask = scaled);
+        self.from_estimate = true;
+    }
+
+    /// True while the mask is an automatic region nobody has touched since it was shown.
+    pub fn is_estimate(&self) -> bool {
+        self.from_estimate
     }
 
     pub fn can_undo(&self) -> bool {
@@ -268,6 +290,7 @@ impl MaskLayer {
     /// Every change to the pixels ends here.
     fn touch(&mut self, rect: PixelRect) {
         self.painted = None;
+        self.from_estimate = false;
         self.dirty = Some(self.dirty.map_or(rect, |d| d.union(rect)));
         if let Some((_, touched)) = &mut self.stroke {
             *touched = Some(touched.map_or(rect, |t| t.union(rect)));

@@ -466,6 +466,16 @@ fn progress_section(ui: &mut Ui, app: &EditorApp) {
 fn mask_section(ui: &mut Ui, app: &EditorApp, commands: &mut Vec<Command>) {
     ui.heading("Mask (optional)");
     ui.small("Paint where the edit may change the photo. No mask: the whole photo may change.");
+    if let Some(on) = edited(app.settings.auto_region, |on| {
+        ui.checkbox(on, "Change only what the prompt names")
+            .on_hover_text(
+                "With nothing painted, the edit finds the region the prompt changes and keeps \
+                 the rest of the photo exactly; the region then shows here to touch up. \
+                 A style or a new background changes the whole photo.",
+            );
+    }) {
+        commands.push(Command::SetAutoRegion(on));
+    }
     ui.horizontal(|ui| {
         for (tool, label) in [
             (Tool::Move, "Move (V)"),

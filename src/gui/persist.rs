@@ -38,6 +38,8 @@ pub struct Settings {
     pub mask_opacity: f32,
     pub sampling_steps: usize,
     pub interpolate: bool,
+    /// With nothing painted, an edit changes only the region the prompt names.
+    pub auto_region: bool,
     /// Saved by name (`full`, `attention`, `cross-kv`, `lora` or `lora:RANK`), as the
     /// settings files of earlier versions have it.
     #[serde(with = "train_mode_by_name")]
@@ -64,6 +66,7 @@ impl Default for Settings {
             mask_opacity: 0.5,
             sampling_steps: 50,
             interpolate: false,
+            auto_region: false,
             train_mode: TrainMode::Full,
             snapshot_steps: PAPER_SNAPSHOTS.to_vec(),
             precision: "auto".into(),

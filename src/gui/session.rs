@@ -100,8 +100,9 @@ pub struct PhotoRef<'a> {
 pub struct EditOrder {
     pub prompt: String,
     pub baseline_prompt: String,
-    /// At the mask layer's size (the worker scales it to the photo's).
-    pub mask: Option<Arc<GrayImage>>,
+    /// Where the edit may change the photo; a painted mask at the mask layer's size (the
+    /// worker scales it to the photo's).
+    pub region: Region,
     pub tune: TuneSettings,
     pub seed: u64,
     pub sampling_steps: usize,
@@ -121,7 +122,9 @@ pub struct EditContext {
     pub prompt: String,
     pub baseline_prompt: String,
     pub photo_version: u64,
-    pub mask: Option<Arc<GrayImage>>,
+    pub region: Region,
+    /// An automatic region of this edit has been shown in the mask layer.
+    pub region_shown: bool,
     /// The snapshots variants may use: the recipe's ladder, or what a stopped tune kept.
     pub ladder: Vec<usize>,
     pub seed: u64,
@@ -148,6 +151,9 @@ pub struct EditSession {
     pub edit: Option<EditContext>,
     pub variants: VariantSet,
     pub textures: VariantTextures,
+    /// The automatic region the current edit's first result used, until the mask layer
+    /// shows it (see [`EditSession::take_estimated_region`]).
+    estimated_region: Option<GrayImage>,
     /// The job writing a LoRA file, while it runs.
     pub lora_job: Option<JobId>,
 }
@@ -155,6 +161,12 @@ pub struct EditSession {
 impl EditSession {
     pub fn is_running(&self) -> bool {
         !self.variants.pending_jobs().is_empty() || matches!(self.tune, TuneStatus::Running { .. })
+    }
+
+    /// The automatic region to show in the mask layer, once per edit: where the first result
+    /// was allowed to change, for the user to see, touch up and edit again with.
+    pub fn take_estimated_region(&mut self) -> Option<GrayImage> {
+        self.estimated_region.take()
     }
 
     /// The runner's snapshots are gone (another model): the next edit tunes again.
@@ -239,8 +251,19 @@ impl EditSession {
                 };
             }
             JobEvent::Finished {
-                id, result, recipe, ..
+                id,
+                result,
+                recipe,
+                region,
+                ..
             } => {
+                if let (Some(region), Some(edit)) = (region, &mut self.edit)
+                    && self.variants.find(id).is_some()
+                    && !edit.region_shown
+                {
+                    edit.region_shown = true;
+                    self.estimated_region = Some(region.mask);
+                }
                 // The variant stays pending (its live preview showing) until its display
                 // copy is ready: see `show_variant`.
                 if self.variants.find(id).is_some() {
@@ -366,7 +389,8 @@ impl EditSession {
             prompt: order.prompt,
             baseline_prompt: order.baseline_prompt,
             photo_version: photo.version,
-            mask: order.mask,
+            region: order.region,
+            region_shown: false,
             ladder: tune.snapshot_steps.clone(),
             seed: order.seed,
             sampling_steps: order.sampling_steps.max(1),
@@ -478,13 +502,7 @@ impl EditSession {
         let request = JobRequest::Edit(EditSpec {
             photo: photo.photo.clone(),
             photo_name: photo.name.clone(),
-            region: match &edit.mask {
-                Some(mask) => Region::Mask {
-                    mask: mask.clone(),
-                    name: "painted in the editor".to_owned(),
-                },
-                None => Region::All,
-            },
+            region: edit.region.clone(),
             kind: plan.kind(),
             prompt: edit.prompt.clone(),
             baseline_prompt: (!edit.baseline_prompt.is_empty())

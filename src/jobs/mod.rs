@@ -41,6 +41,7 @@ pub use crate::engine::instruct::DEFAULT_INSTRUCT_MODEL;
 pub use crate::engine::precision::Precision;
 pub use crate::engine::preview::PreviewMode;
 use crate::engine::preview::{Previews, TinyPreview};
+pub use crate::engine::region::DEFAULT_THRESHOLD;
 pub use crate::model_files::{
     DEFAULT_MODEL, DEMO_MODEL, HubOptions, LoraChoice, ModelSpec, approximate_download_bytes,
     demo_model_dir, license_notice, parse_model_arg,
@@ -129,6 +130,8 @@ pub enum JobEvent {
         working_size: (u32, u32),
         /// How it was made, for its export (boxed: events travel by value).
         recipe: Box<Recipe>,
+        /// The automatic region it used (white = may change), at the photo's size.
+        region: Option<Box<EstimatedRegion>>,
     },
     /// A tune finished; edits of the photo may use these snapshot step counts.
     Tuned {

@@ -17,7 +17,7 @@ use crate::engine::preview::{LatentPreview, PreviewThrottle, Previewer, Previews
 use crate::engine::sampling::{StepObserver, StepView};
 use crate::imaging::one_line;
 use crate::recipe::Recipe;
-use crate::service::{EditService, ServiceError, TuneRequest};
+use crate::service::{EditService, EstimatedRegion, ServiceError, TuneRequest};
 
 /// How often a tune shows its reconstruction of the photo (one extra UNet call each).
 const RECONSTRUCT_EVERY_STEPS: usize = 4;
@@ -104,6 +104,7 @@ enum Outcome {
         result: RgbImage,
         working_size: (u32, u32),
         recipe: Box<Recipe>,
+        region: Option<Box<EstimatedRegion>>,
     },
     Tuned {
         snapshot_steps: Vec<usize>,
@@ -149,11 +150,13 @@ impl Worker {
                     result,
                     working_size,
                     recipe,
+                    region,
                 }) => JobEvent::Finished {
                     id,
                     result,
                     working_size,
                     recipe,
+                    region,
                 },
                 Ok(Outcome::Tuned {
                     snapshot_steps,
@@ -247,6 +250,7 @@ impl Worker {
                     result: edited.image,
                     working_size: edited.working_size,
                     recipe: Box::new(edited.recipe),
+                    region: edited.region.map(Box::new),
                 })
             }
             JobRequest::ExportLora {
