@@ -381,6 +381,20 @@ fn campaign() -> Vec<Case> {
         refused("edit", "--image-guidance", "2", "instruction"),
         refused("edit", "--instruct", "", "--prompt"),
         refused("edit", "--mask", "/no/such/mask.png", "mask.png"),
+        refused("edit", "--region", "/no/such/mask.png", "mask.png"),
+        refused("edit", "--region", "", "auto, all or a mask file"),
+        works("edit", "--region", "all"),
+        works("edit", "--region", "auto"),
+        refused("edit", "--region-threshold", "1.5", "between 0 and 1"),
+        refused("edit", "--region-threshold", "-0.1", "between 0 and 1"),
+        refused("edit", "--region-threshold", "nan", "between 0 and 1"),
+        refused(
+            "edit",
+            "--region-threshold",
+            "0.5",
+            "applies to --region auto",
+        ),
+        refused("edit", "--region-out", "region.png", "needs --region auto"),
         refused("edit", "--recipe", "/no/such/recipe.png", "recipe.png"),
         refused("edit", "--baseline-prompt", "", "baseline"),
         refused("edit", "--train", "fulll", "training mode"),
@@ -456,6 +470,7 @@ fn campaign() -> Vec<Case> {
         refused("eval", "--t0-values", "2", "between 0 and 1"),
         refused("eval", "--methods", "all", "methods"),
         refused("eval", "--sampling-steps", "0", "at least 1"),
+        refused("eval", "--region-threshold", "2", "between 0 and 1"),
     ]);
     // Global flags on the commands that fine-tune.
     for command in ["tune", "grid", "export-lora"] {

@@ -4,6 +4,8 @@
 //! against the photo's caption. How UniTune's fine-tuned form (the prompt against the bare
 //! rare token) does is measured by `unitune eval --methods auto-region`.
 
+mod common;
+
 use image::GrayImage;
 use unitune::engine::StableDiffusion;
 use unitune::engine::region::{
@@ -195,4 +197,96 @@ fn the_same_prompt_as_the_reference_changes_nothing() {
     let region = estimate_region(&model, &request, &mut no_observer()).unwrap();
     assert_eq!(region.coverage, 0.0);
     assert!(region.mask.pixels().all(|p| p.0[0] == 0));
+}
+
+/// `unitune edit --region auto` on a demo scene: the region is written with `--region-out`,
+/// everything outside it comes back exactly, the recipe says how the region was made, and
+/// the output checks cover `--region-out`. (SDEdit with the photo's caption as the baseline,
+/// so no fine-tune: a second or two.)
+#[test]
+fn the_command_line_edits_inside_the_automatic_region_only() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let (scene, edit) = local_cases().remove(0);
+    scene.render().save(h.join("scene.png")).unwrap();
+    let prompt = world::caption(&edit.apply(&scene).unwrap());
+    let caption = world::caption(&scene);
+    let args = |out: &str, region_out: &str| {
+        vec![
+            "edit".to_owned(),
+            "scene.png".to_owned(),
+            "--model".to_owned(),
+            "demo".to_owned(),
+            "--device".to_owned(),
+            "cpu".to_owned(),
+            "--prompt".to_owned(),
+            prompt.clone(),
+            "--baseline-prompt".to_owned(),
+            caption.clone(),
+            "--tune-steps".to_owned(),
+            "0".to_owned(),
+            "--t0".to_owned(),
+            "0.8".to_owned(),
+            "--sampling-steps".to_owned(),
+            "10".to_owned(),
+            "--seed".to_owned(),
+            "2".to_owned(),
+            "--region".to_owned(),
+            "auto".to_owned(),
+            "--region-out".to_owned(),
+            region_out.to_owned(),
+            "--out".to_owned(),
+            out.to_owned(),
+        ]
+    };
+    let run_with = |v: Vec<String>| {
+        let parts: Vec<&str> = v.iter().map(String::as_str).collect();
+        common::unitune(&parts, h)
+    };
+    let run = run_with(args("edited.png", "region.png"));
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stderr.contains("region: "), "{}", run.stderr);
+
+    let region = image::open(h.join("region.png")).unwrap().to_luma8();
+    let truth = changed_pixels(&scene, &edit);
+    let overlap = iou(&region, &truth);
+    assert!(overlap >= MIN_LOCAL_IOU, "IoU {overlap:.3}");
+    let photo = scene.render();
+    let edited = image::open(h.join("edited.png")).unwrap().to_rgb8();
+    // Outside the region and its feathered border, the photo exactly.
+    let radius = unitune::imaging::default_feather_radius(64, 64) + 1;
+    let near_region = |x: u32, y: u32| {
+        (x.saturating_sub(radius)..=(x + radius).min(63)).any(|nx| {
+            (y.saturating_sub(radius)..=(y + radius).min(63))
+                .any(|ny| region.get_pixel(nx, ny).0[0] > 0)
+        })
+    };
+    let mut kept = 0;
+    for (x, y, pixel) in edited.enumerate_pixels() {
+        if !near_region(x, y) {
+            assert_eq!(
+                pixel,
+                photo.get_pixel(x, y),
+                "({x}, {y}) changed outside the region"
+            );
+            kept += 1;
+        }
+    }
+    assert!(
+        kept > 64 * 64 / 2,
+        "most of the scene is outside the region: {kept}"
+    );
+
+    let recipe = common::png_recipe(&h.join("edited.png"));
+    assert_eq!(recipe["region"], "auto");
+    assert_eq!(recipe["region_threshold"], DEFAULT_THRESHOLD);
+    assert!(recipe["mask"].is_null());
+
+    // `--region-out` is an output like any other: never the photo, never replaced unasked.
+    let run = run_with(args("again.png", "scene.png"));
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    let run = run_with(args("again.png", "region.png"));
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.contains("region.png"), "{}", run.stderr);
+    assert!(!h.join("again.png").exists());
 }
