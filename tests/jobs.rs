@@ -136,8 +136,9 @@ fn an_edit_streams_progress_and_previews_then_finishes() {
         })
         .collect();
     assert!(!previews.is_empty(), "no preview arrived");
-    // Latent resolution: the tiny VAE halves the 64 x 64 working size.
-    assert_eq!(previews[0].dimensions(), (32, 32));
+    // The fixture's VAE is small: its previews are its own decode, at the 64 x 64 working
+    // size (a large VAE's fast preview is one pixel per latent).
+    assert_eq!(previews[0].dimensions(), (64, 64));
     assert!(
         !matches!(events.last(), Some(JobEvent::Preview { .. })),
         "a preview came after the job ended"

@@ -167,3 +167,29 @@ fn render_refuses_latents_of_the_wrong_shape() {
     let error = preview.render(&three_channels).unwrap_err().to_string();
     assert!(error.contains("[1, 4, h, w]"), "{error}");
 }
+
+/// The demo model's fast preview shows a demo scene in its own colours: its VAE only ever saw
+/// flat, saturated shapes and no linear map follows it (the fitted one drew the white
+/// background as (221, 100, 216), mean error 62 of 255), so its small VAE decodes instead.
+#[test]
+fn the_demo_models_fast_preview_draws_its_scenes_in_their_colours() {
+    let dir = unitune::model_files::demo_model_dir().unwrap();
+    let files = unitune::model_files::locate_in_folder(&dir).unwrap();
+    let model =
+        StableDiffusion::load(&files, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    let preview = LatentPreview::for_model(&model, 0).unwrap();
+    let scene = unitune::world::example_scene().render();
+    let latents = model
+        .encode_image(&scene, &mut NoiseSource::from_seed(1))
+        .unwrap();
+    let rendered = preview.render(&latents).unwrap();
+    assert!(preview.decodes_fully());
+    let error = mean_abs_error(&rendered, &scene);
+    let corner = rendered.get_pixel(0, 0);
+    println!("demo scene: mean abs error {error:.1} of 255; background {corner:?}");
+    assert!(error < 25.0, "mean abs error {error:.1}");
+    assert!(
+        corner.0.iter().all(|&c| c > 200),
+        "the white background reads {corner:?}"
+    );
+}

@@ -56,7 +56,7 @@ pub(super) fn open_previews(
     if options.preview == PreviewMode::Fast
         || (options.preview == PreviewMode::Taesd && previews.tiny.is_none())
     {
-        match LatentPreview::fit(service.engine(), 0) {
+        match LatentPreview::for_model(service.engine(), 0) {
             Ok(fast) => previews.fast = Some(fast),
             Err(error) => eprintln!("warning: no preview ({})", one_line(&error.to_string())),
         }

@@ -22,6 +22,7 @@ use super::error::{EngineError, Result};
 use super::model::{StableDiffusion, tensor_to_image};
 use super::noise::NoiseSource;
 use super::taesd::TinyAutoencoder;
+use super::vae::Vae;
 
 /// Latent side of the fitting samples: 256 pixels per sample, 16 x 16 tiles for the VAE.
 const FIT_LATENT_SIDE: usize = 16;
@@ -29,18 +30,35 @@ const FIT_LATENT_SIDE: usize = 16;
 const FIT_IMAGES: usize = 4;
 /// Random latents with the encoded latents' statistics (what early, noisy x0 guesses look like).
 const FIT_RANDOM_LATENTS: usize = 2;
+/// A VAE whose widest block has at most this many channels (the demo model's has 64; Stable
+/// Diffusion's 512) decodes a preview in milliseconds: its own decode is shown instead of the
+/// linear map, which such a small, saturated-colour VAE does not follow (the demo model's
+/// map drew its white background pink).
+const FULL_DECODE_MAX_CHANNELS: usize = 128;
 /// Relative ridge added to the normal equations' diagonal, so a dead latent channel cannot
 /// make the system singular.
 const RIDGE: f64 = 1e-6;
 
 /// A linear latent-to-RGB map fit to one model's VAE.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct LatentPreview {
     /// One row per latent channel: that channel's contribution to R, G and B in [-1, 1].
     weights: Vec<[f32; 3]>,
     bias: [f32; 3],
     /// The VAE's scaling factor: rendered latents are divided by it first, as decoding does.
     scaling_factor: f64,
+    /// The model's own VAE and the dtype it computes in, when it is small enough to decode
+    /// every preview (shared weights, not a copy).
+    decoder: Option<(Vae, DType)>,
+}
+
+impl PartialEq for LatentPreview {
+    /// The map; the decoder is the model's own and not compared.
+    fn eq(&self, other: &Self) -> bool {
+        self.weights == other.weights
+            && self.bias == other.bias
+            && self.scaling_factor == other.scaling_factor
+    }
 }
 
 impl LatentPreview {
@@ -50,7 +68,13 @@ impl LatentPreview {
             weights,
             bias,
             scaling_factor,
+            decoder: None,
         }
+    }
+
+    /// True when previews are the model's own VAE decode rather than the linear map.
+    pub fn decodes_fully(&self) -> bool {
+        self.decoder.is_some()
     }
 
     pub fn weights(&self) -> &[[f32; 3]] {
@@ -61,7 +85,7 @@ impl LatentPreview {
         self.bias
     }
 
-    /// Fits the map to `model`'s VAE: a handful of VAE calls on 16 x 16 latents, once per model.
+    /// Fits the map (only) to `model`'s VAE: a handful of VAE calls on 16 x 16 latents, once per model.
     /// The same seed gives the same map on the same device.
     pub fn fit(model: &StableDiffusion, seed: u64) -> Result<Self> {
         let device = model.device();
@@ -117,12 +141,36 @@ impl LatentPreview {
             weights,
             bias,
             scaling_factor: model.config.vae.scaling_factor,
+            decoder: None,
         })
     }
 
-    /// Maps scaled latents `[1, c, h, w]` (as sampling produces them) to an h x w preview.
+    /// The fast preview for `model`: the fitted map, or for a small VAE its own decode.
+    pub fn for_model(model: &StableDiffusion, seed: u64) -> Result<Self> {
+        let mut preview = Self::fit(model, seed)?;
+        let small_vae = model
+            .config
+            .vae
+            .block_out_channels
+            .iter()
+            .all(|&c| c <= FULL_DECODE_MAX_CHANNELS);
+        if small_vae {
+            preview.decoder = Some((model.vae.clone(), model.vae_dtype()));
+        }
+        Ok(preview)
+    }
+
+    /// Maps scaled latents `[1, c, h, w]` (as sampling produces them) to an h x w preview,
+    /// or for a small VAE decodes them at full size.
     pub fn render(&self, latents: &Tensor) -> Result<RgbImage> {
         let (batch, channels, h, w) = latents.dims4()?;
+        if let Some((vae, dtype)) = &self.decoder
+            && batch == 1
+            && channels == self.weights.len()
+        {
+            let input = (latents.to_dtype(*dtype)? / self.scaling_factor)?;
+            return tensor_to_image(&vae.decode(&input)?);
+        }
         if batch != 1 || channels != self.weights.len() {
             return Err(EngineError::InvalidRequest(format!(
                 "a preview needs latents of shape [1, {}, h, w], got {:?}",

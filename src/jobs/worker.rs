@@ -130,7 +130,7 @@ impl Worker {
         // Without a preview map the jobs still run; they just send no previews (or only the
         // tiny VAE's).
         self.previews.fast =
-            LatentPreview::fit(self.service.engine(), self.options.preview_seed).ok();
+            LatentPreview::for_model(self.service.engine(), self.options.preview_seed).ok();
         for Envelope {
             id,
             cancel,
