@@ -135,6 +135,16 @@ pub struct EvalArgs {
     )]
     pub scenes: usize,
 
+    /// Scenes the model draws itself from random captions (read back by the world's reader),
+    /// benchmarked after the rendered ones.
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "N",
+        default_value_t = 0
+    )]
+    pub sampled_scenes: usize,
+
     /// Seed of the scenes, their edits and the sampling noise.
     #[arg(
         long,

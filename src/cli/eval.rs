@@ -126,6 +126,8 @@ struct Report<'a> {
 #[derive(Debug, Clone, Serialize)]
 struct SampleScore {
     scene: usize,
+    /// How the scene's photo was made: "rendered" or "sampled".
+    source: &'static str,
     edit: String,
     method: String,
     label: String,
@@ -142,7 +144,8 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
     let table = service.fidelity_table();
     let side = service.native_side();
     let plan = settings_plan(args, table, &settings.snapshot_steps);
-    let cases = cases(args.scenes, args.seed);
+    let mut cases = cases(args.scenes, args.seed);
+    cases.extend(sampled_cases(&service, args.sampled_scenes, args, cancel)?);
     let edit_count: usize = cases.iter().map(|c| c.edits.len()).sum();
     eprintln!(
         "{} scenes, {edit_count} edits, {} settings each, fidelity table {}",
@@ -157,8 +160,13 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
     let mut example_rows = Vec::new();
     let mut example_labels = Vec::new();
     for (index, case) in cases.iter().enumerate() {
-        eprintln!("scene {}: {}", index + 1, world::caption(&case.scene));
-        let working = Arc::new(to_working(&case.scene.render(), side));
+        eprintln!(
+            "scene {} ({}): {}",
+            index + 1,
+            case.source,
+            world::caption(&case.scene)
+        );
+        let working = Arc::new(to_working(&case.photo, side));
         let size = WorkingSize::AsIs;
         let request = TuneRequest {
             photo: &working,
@@ -238,6 +246,7 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
                 }
                 samples.push(SampleScore {
                     scene: index,
+                    source: case.source,
                     edit: edit.describe(&case.scene),
                     method: setting.method.clone(),
                     label: setting.label.clone(),
@@ -417,6 +426,10 @@ fn settings_plan(args: &EvalArgs, table: &FidelityTable, snapshots: &[usize]) ->
 /// A scene and the edits made on it.
 struct Case {
     scene: Scene,
+    /// The photo: the scene rendered, or what the model drew for its caption.
+    photo: RgbImage,
+    /// "rendered" or "sampled" (drawn by the model, read back by the world's reader).
+    source: &'static str,
     edits: Vec<Edit>,
 }
 
@@ -430,15 +443,75 @@ fn cases(count: usize, seed: u64) -> Vec<Case> {
     example_edits.retain(|e| e.kind() != world::example_edit().kind());
     example_edits.insert(0, world::example_edit());
     let mut cases = vec![Case {
+        photo: example.render(),
         scene: example,
+        source: "rendered",
         edits: example_edits,
     }];
     cases.extend((1..count).map(|_| {
         let scene = Scene::random(&mut rng);
         let edits = edits_for(&scene, &mut rng);
-        Case { scene, edits }
+        Case {
+            photo: scene.render(),
+            scene,
+            source: "rendered",
+            edits,
+        }
     }));
     cases
+}
+
+/// Tries per sampled scene: a drawing the reader finds no object in, or where no edit
+/// applies, is drawn again with the next caption.
+const SAMPLING_TRIES: usize = 10;
+
+/// `count` scenes the model draws itself from random captions, read back by the world's
+/// reader (so a default calibrated on rendered scenes is checked on the model's own
+/// pictures, with their blur and off colours); the edits are those of the scene read back.
+fn sampled_cases(
+    service: &EditService,
+    count: usize,
+    args: &EvalArgs,
+    cancel: &CancelFlag,
+) -> Result<Vec<Case>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x5a5a);
+    let mut cases = Vec::new();
+    let mut tries = 0;
+    while cases.len() < count {
+        tries += 1;
+        if tries > count * SAMPLING_TRIES {
+            anyhow::bail!(
+                "the model drew {} readable scenes in {} tries; it does not draw its world well enough to benchmark on its own scenes",
+                cases.len(),
+                tries - 1
+            );
+        }
+        let asked = Scene::random(&mut rng);
+        let spec = crate::service::GenerateSpec {
+            prompt: world::caption(&asked),
+            seed: rng.random(),
+            sampling_steps: args.sampling_steps,
+            guidance_weight: args.guidance,
+            size: None,
+        };
+        let mut observer = |_: &StepView| cancel.check();
+        let (drawn, _) = service.generate(&spec, &mut observer)?;
+        let scene = world::read(&drawn);
+        if scene.objects.is_empty() {
+            continue;
+        }
+        let edits = edits_for(&scene, &mut rng);
+        if edits.is_empty() {
+            continue;
+        }
+        cases.push(Case {
+            scene,
+            photo: drawn,
+            source: "sampled",
+            edits,
+        });
+    }
+    Ok(cases)
 }
 
 fn edits_for(scene: &Scene, rng: &mut ChaCha8Rng) -> Vec<Edit> {
@@ -813,6 +886,7 @@ mod tests {
         let plan = vec![setting("SDEdit", "t0 0.5"), setting("SDEdit", "t0 1.0")];
         let sample = |label: &str, success, fidelity| SampleScore {
             scene: 0,
+            source: "rendered",
             edit: "e".into(),
             method: "SDEdit".into(),
             label: label.into(),
