@@ -44,18 +44,6 @@ fn estimate(
     estimate_region(model, &request, &mut no_observer()).expect("the estimate runs")
 }
 
-/// Where the edit changes the rendered scene, grown by 2 px (the shapes' anti-aliased edges).
-fn changed_pixels(scene: &Scene, edit: &Edit) -> GrayImage {
-    let (before, after) = (scene.render(), edit.apply(scene).unwrap().render());
-    let (w, h) = before.dimensions();
-    let changed = |x: u32, y: u32| before.get_pixel(x, y) != after.get_pixel(x, y);
-    GrayImage::from_fn(w, h, |x, y| {
-        let near = (x.saturating_sub(2)..=(x + 2).min(w - 1))
-            .any(|nx| (y.saturating_sub(2)..=(y + 2).min(h - 1)).any(|ny| changed(nx, ny)));
-        image::Luma([if near { 255 } else { 0 }])
-    })
-}
-
 fn iou(a: &GrayImage, b: &GrayImage) -> f64 {
     let (mut both, mut either) = (0usize, 0usize);
     for (p, q) in a.pixels().zip(b.pixels()) {
@@ -141,7 +129,7 @@ fn a_local_edit_finds_the_changed_object_and_keeps_the_rest() {
     // that is the whole column, a mask a person would paint, not what changed.
     for (scene, edit) in local_cases() {
         let region = estimate(&model, &scene, &edit, None);
-        let truth = changed_pixels(&scene, &edit);
+        let truth = edit.changed(&scene);
         let overlap = iou(&region.mask, &truth);
         eprintln!(
             "{}: IoU {overlap:.3}, coverage {:.3}, spread {:.3}, global {}",
@@ -248,7 +236,7 @@ fn the_command_line_edits_inside_the_automatic_region_only() {
     assert!(run.stderr.contains("region: "), "{}", run.stderr);
 
     let region = image::open(h.join("region.png")).unwrap().to_luma8();
-    let truth = changed_pixels(&scene, &edit);
+    let truth = edit.changed(&scene);
     let overlap = iou(&region, &truth);
     assert!(overlap >= MIN_LOCAL_IOU, "IoU {overlap:.3}");
     let photo = scene.render();

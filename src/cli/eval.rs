@@ -32,7 +32,9 @@ use super::progress::{step_bar, tune_with_progress};
 use crate::engine::fidelity::{EditParameters, FidelityTable};
 use crate::engine::sampling::StepView;
 use crate::imaging::{self, TradeOffCurve};
-use crate::service::{EditKnobs, EditService, EditSpec, Region, TuneRequest, WorkingSize};
+use crate::service::{
+    EditKnobs, EditService, EditSpec, EstimatedRegion, Region, TuneRequest, WorkingSize,
+};
 use crate::world::{self, Column, Edit, Object, Row, Scene, Shape, Size};
 
 /// The slider positions the benchmark measures.
@@ -89,10 +91,12 @@ pub struct RegionScore {
     pub scene: usize,
     pub edit: String,
     pub kind: &'static str,
-    /// Intersection over union with the true region (`Edit::mask`).
+    /// Intersection over union with the pixels the edit changes in the scene (`Edit::changed`).
     pub iou: f64,
-    /// Share of the image the estimate put in the region before growing it.
+    /// Share of the image at or above the threshold.
     pub coverage: f64,
+    /// Share of the image where the difference reaches its mean (global from 0.3).
+    pub spread: f64,
     pub global: bool,
     /// The estimate's time over the time of one edit at the default fidelity.
     pub cost: f64,
@@ -158,6 +162,7 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
     let mut regions = Vec::new();
     let mut reconstructions: Vec<(usize, f32)> = Vec::new();
     let mut example_rows = Vec::new();
+    let (mut region_rows, mut region_labels) = (Vec::new(), Vec::new());
     let mut example_labels = Vec::new();
     for (index, case) in cases.iter().enumerate() {
         eprintln!(
@@ -203,8 +208,20 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
                     size,
                     ..EditSpec::new(working.clone(), &prompt)
                 };
-                let score =
-                    score_region(&mut service, &spec, &mask, args.region_threshold, cancel)?;
+                let changed = resize_mask(&edit.changed(&case.scene), side);
+                let (score, region) =
+                    score_region(&mut service, &spec, &changed, args.region_threshold, cancel)?;
+                region_rows.push(
+                    [
+                        working.as_ref().clone(),
+                        gray_to_rgb(&region.difference),
+                        gray_to_rgb(&region.mask),
+                        gray_to_rgb(&changed),
+                    ]
+                    .map(|image| upscale(&imaging::resize_rgb(&image, side, side)))
+                    .to_vec(),
+                );
+                region_labels.push(format!("\"{prompt}\""));
                 regions.push(RegionScore {
                     scene: index,
                     edit: edit.describe(&case.scene),
@@ -291,6 +308,11 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
         "fidelity (the rest unchanged)",
     );
     save_png(&plot, &args.out.join("edit-quality.png"))?;
+    if !region_rows.is_empty() {
+        let columns = ["photo", "difference", "region", "what changes"].map(String::from);
+        let grid = imaging::labelled_grid(&region_rows, &columns, &region_labels, None)?;
+        save_png(&grid, &args.out.join("region-examples.png"))?;
+    }
     if !args.methods.contains(&EvalMethod::Slider) {
         eprintln!("wrote {} and edit-quality.png", json.display());
         return Ok(());
@@ -327,6 +349,10 @@ fn check_eval_flags(args: &EvalArgs) -> Result<()> {
 
 /// The slider's variants of every edit as one labelled grid (`slider-examples.png`), and the
 /// first edit's row alone (`example-edit.png`, the README's picture).
+fn gray_to_rgb(image: &GrayImage) -> RgbImage {
+    image::DynamicImage::ImageLuma8(image.clone()).into_rgb8()
+}
+
 fn save_slider_examples(out: &Path, rows: &[Vec<RgbImage>], labels: &[String]) -> Result<()> {
     let mut columns = vec!["photo".to_string()];
     columns.extend(SLIDER_POSITIONS.iter().map(|f| format!("fidelity {f}")));
@@ -632,7 +658,7 @@ fn score_region(
     truth: &GrayImage,
     threshold: f64,
     cancel: &CancelFlag,
-) -> Result<RegionScore> {
+) -> Result<(RegionScore, EstimatedRegion)> {
     let mut observer = |_: &StepView| cancel.check();
     let started = std::time::Instant::now();
     let region = service.estimate_region(spec, threshold, &mut observer)?;
@@ -640,15 +666,17 @@ fn score_region(
     let started = std::time::Instant::now();
     service.edit(spec, &mut observer)?;
     let edit_time = started.elapsed().as_secs_f64();
-    Ok(RegionScore {
+    let score = RegionScore {
         scene: 0,
         edit: String::new(),
         kind: "",
         iou: iou(&region.mask, truth),
         coverage: region.coverage,
+        spread: region.spread,
         global: region.global,
         cost: estimate_time / edit_time.max(1e-9),
-    })
+    };
+    Ok((score, region))
 }
 
 /// Intersection over union of two masks, each read as white from half grey up.
@@ -681,8 +709,10 @@ fn print_regions(regions: &[RegionScore]) {
         let mine: Vec<&RegionScore> = regions.iter().filter(|r| r.kind == kind).collect();
         let ious: Vec<f64> = mine.iter().map(|r| r.iou).collect();
         println!(
-            "  {kind:<11} IoU {:.3}  global {}/{}  cost {:.1}% of an edit",
+            "  {kind:<11} IoU {:.3}  spread {:.2}..{:.2}  global {}/{}  cost {:.1}% of an edit",
             mean(&ious),
+            mine.iter().map(|r| r.spread).fold(f64::INFINITY, f64::min),
+            mine.iter().map(|r| r.spread).fold(0.0, f64::max),
             mine.iter().filter(|r| r.global).count(),
             mine.len(),
             100.0 * mean(&mine.iter().map(|r| r.cost).collect::<Vec<_>>())

@@ -72,8 +72,12 @@ pub struct Edited {
 pub struct EstimatedRegion {
     /// White = may change (all white for a global edit).
     pub mask: GrayImage,
-    /// Share of the image where the prompt changed the prediction, before growing.
+    /// Share of the image where the prompt changed the prediction (at the threshold).
     pub coverage: f64,
+    /// Share of the image where the difference reaches its mean (how spread out it is).
+    pub spread: f64,
+    /// The normalised difference it was made from, at latent resolution (0 to 255).
+    pub difference: GrayImage,
     /// True when the edit was judged global: the whole photo may change.
     pub global: bool,
 }
@@ -426,6 +430,8 @@ impl EditService {
         let region = estimate.map(|estimate| EstimatedRegion {
             mask: imaging::resize_gray(&estimate.mask, photo_size.0, photo_size.1),
             coverage: estimate.coverage,
+            spread: estimate.spread,
+            difference: estimate.difference.clone(),
             global: estimate.global,
         });
         Ok(Edited {
@@ -456,6 +462,8 @@ impl EditService {
         Ok(EstimatedRegion {
             mask: imaging::resize_gray(&estimate.mask, w, h),
             coverage: estimate.coverage,
+            spread: estimate.spread,
+            difference: estimate.difference.clone(),
             global: estimate.global,
         })
     }
