@@ -132,10 +132,10 @@ fn a_local_edit_finds_the_changed_object_and_keeps_the_rest() {
         let truth = edit.changed(&scene);
         let overlap = iou(&region.mask, &truth);
         eprintln!(
-            "{}: IoU {overlap:.3}, coverage {:.3}, spread {:.3}, global {}",
+            "{}: IoU {overlap:.3}, coverage {:.3}, evenness {:.3}, global {}",
             edit.describe(&scene),
             region.coverage,
-            region.spread,
+            region.evenness,
             region.global
         );
         assert!(!region.global, "{}: judged global", edit.describe(&scene));
@@ -157,10 +157,10 @@ fn a_new_background_is_a_global_edit_and_the_region_is_the_whole_photo() {
         let edit = Edit::Background(colour);
         let region = estimate(&model, &scene, &edit, None);
         eprintln!(
-            "{}: coverage {:.3}, spread {:.3}, global {}",
+            "{}: coverage {:.3}, evenness {:.3}, global {}",
             edit.describe(&scene),
             region.coverage,
-            region.spread,
+            region.evenness,
             region.global
         );
         assert!(region.global, "{}: not global", edit.describe(&scene));

@@ -95,8 +95,8 @@ pub struct RegionScore {
     pub iou: f64,
     /// Share of the image at or above the threshold.
     pub coverage: f64,
-    /// Share of the image where the difference reaches its mean (global from 0.3).
-    pub spread: f64,
+    /// The difference's median over its mean (global from 0.75).
+    pub evenness: f64,
     pub global: bool,
     /// The estimate's time over the time of one edit at the default fidelity.
     pub cost: f64,
@@ -672,7 +672,7 @@ fn score_region(
         kind: "",
         iou: iou(&region.mask, truth),
         coverage: region.coverage,
-        spread: region.spread,
+        evenness: region.evenness,
         global: region.global,
         cost: estimate_time / edit_time.max(1e-9),
     };
@@ -709,10 +709,12 @@ fn print_regions(regions: &[RegionScore]) {
         let mine: Vec<&RegionScore> = regions.iter().filter(|r| r.kind == kind).collect();
         let ious: Vec<f64> = mine.iter().map(|r| r.iou).collect();
         println!(
-            "  {kind:<11} IoU {:.3}  spread {:.2}..{:.2}  global {}/{}  cost {:.1}% of an edit",
+            "  {kind:<11} IoU {:.3}  evenness {:.2}..{:.2}  global {}/{}  cost {:.1}% of an edit",
             mean(&ious),
-            mine.iter().map(|r| r.spread).fold(f64::INFINITY, f64::min),
-            mine.iter().map(|r| r.spread).fold(0.0, f64::max),
+            mine.iter()
+                .map(|r| r.evenness)
+                .fold(f64::INFINITY, f64::min),
+            mine.iter().map(|r| r.evenness).fold(0.0, f64::max),
             mine.iter().filter(|r| r.global).count(),
             mine.len(),
             100.0 * mean(&mine.iter().map(|r| r.cost).collect::<Vec<_>>())

@@ -74,8 +74,8 @@ pub struct EstimatedRegion {
     pub mask: GrayImage,
     /// Share of the image where the prompt changed the prediction (at the threshold).
     pub coverage: f64,
-    /// Share of the image where the difference reaches its mean (how spread out it is).
-    pub spread: f64,
+    /// The difference's median over its mean: how evenly the prompt changes the photo.
+    pub evenness: f64,
     /// The normalised difference it was made from, at latent resolution (0 to 255).
     pub difference: GrayImage,
     /// True when the edit was judged global: the whole photo may change.
@@ -430,7 +430,7 @@ impl EditService {
         let region = estimate.map(|estimate| EstimatedRegion {
             mask: imaging::resize_gray(&estimate.mask, photo_size.0, photo_size.1),
             coverage: estimate.coverage,
-            spread: estimate.spread,
+            evenness: estimate.evenness,
             difference: estimate.difference.clone(),
             global: estimate.global,
         });
@@ -462,7 +462,7 @@ impl EditService {
         Ok(EstimatedRegion {
             mask: imaging::resize_gray(&estimate.mask, w, h),
             coverage: estimate.coverage,
-            spread: estimate.spread,
+            evenness: estimate.evenness,
             difference: estimate.difference.clone(),
             global: estimate.global,
         })

@@ -126,12 +126,13 @@ impl Edit {
     /// edit does not apply.
     pub fn changed(&self, scene: &Scene) -> GrayImage {
         let before = scene.render();
-        let after = self.apply(scene).map_or_else(|| before.clone(), |s| s.render());
+        let after = self
+            .apply(scene)
+            .map_or_else(|| before.clone(), |s| s.render());
         let changed = |x: u32, y: u32| before.get_pixel(x, y) != after.get_pixel(x, y);
         GrayImage::from_fn(SIZE, SIZE, |x, y| {
-            let near = (x.saturating_sub(2)..=(x + 2).min(SIZE - 1)).any(|nx| {
-                (y.saturating_sub(2)..=(y + 2).min(SIZE - 1)).any(|ny| changed(nx, ny))
-            });
+            let near = (x.saturating_sub(2)..=(x + 2).min(SIZE - 1))
+                .any(|nx| (y.saturating_sub(2)..=(y + 2).min(SIZE - 1)).any(|ny| changed(nx, ny)));
             Luma([if near { 255 } else { 0 }])
         })
     }
