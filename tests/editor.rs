@@ -518,6 +518,27 @@ fn the_demo_model_loads_offline_opens_a_scene_and_edits_it() {
         (settings.plan.t0_fraction, settings.plan.guidance_weight),
         (Some(table.t0_fraction), table.guidance_weight)
     );
+
+    // The automatic region: with nothing painted, the first result's region fills the mask
+    // layer, where it can be touched up.
+    assert!(harness.state().mask_is_empty());
+    harness
+        .get_by_label("Change only what the prompt names")
+        .click();
+    harness.step();
+    click_edit(&mut harness);
+    step_until(
+        &mut harness,
+        Duration::from_secs(60),
+        "the automatic region in the mask layer",
+        |app| !app.mask_is_empty(),
+    );
+    step_until(
+        &mut harness,
+        Duration::from_secs(60),
+        "the variants with the automatic region",
+        all_variants_done,
+    );
 }
 
 /// Snapshot tolerance: the CPU's float rounding may move a few result pixels by one level,

@@ -257,11 +257,13 @@ impl EditSession {
                 region,
                 ..
             } => {
+                let mut global_region = false;
                 if let (Some(region), Some(edit)) = (region, &mut self.edit)
                     && self.variants.find(id).is_some()
                     && !edit.region_shown
                 {
                     edit.region_shown = true;
+                    global_region = region.global;
                     self.estimated_region = Some(region.mask);
                 }
                 // The variant stays pending (its live preview showing) until its display
@@ -269,6 +271,11 @@ impl EditSession {
                 if self.variants.find(id).is_some() {
                     env.chores
                         .prepare_variant(id, result, recipe, env.results.clone());
+                }
+                if global_region {
+                    return Some(Notice::info(
+                        "The prompt changes the whole photo (a style or a new background), so all of it may change.",
+                    ));
                 }
             }
             JobEvent::LoraExported { path, .. } => {
