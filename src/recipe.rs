@@ -244,8 +244,7 @@ impl Recipe {
         }
         match self.region_threshold {
             Some(threshold) => fields.push(format!("Region: {} {threshold}", self.region)),
-            None if self.region != "all" => fields.push(format!("Region: {}", self.region)),
-            None => {}
+            None => fields.push(format!("Region: {}", self.region)),
         }
         fields.push(format!("Method: {}", self.method));
         fields.push(format!("UniTune fine-tuning steps: {}", self.tune_steps));
@@ -274,6 +273,16 @@ pub fn program() -> String {
     build_info::describe()
 }
 
+/// Where a recipe's edit could change the photo.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RegionSetting {
+    All,
+    /// A mask (the file itself is not in the recipe).
+    Mask,
+    /// Estimated from the prompt, at this threshold.
+    Auto(f64),
+}
+
 /// What a PNG's metadata says about how it was made, to make it again: the whole recipe when
 /// unitune wrote it, or what AUTOMATIC1111's infotext holds.
 #[derive(Debug, Clone, PartialEq)]
@@ -291,8 +300,8 @@ pub struct RecipeSettings {
     pub tune_steps: Option<usize>,
     pub image_guidance: Option<f64>,
     pub interpolate: bool,
-    /// The automatic region's threshold, when the edit estimated its region.
-    pub auto_region: Option<f64>,
+    /// Where the edit could change the photo, when the recipe says.
+    pub region: Option<RegionSetting>,
     pub tuning: Option<TuneRecipe>,
     /// The model and its hash, as the file names them.
     pub model: Option<String>,
@@ -332,8 +341,13 @@ impl RecipeSettings {
             tune_steps: Some(recipe.tune_steps),
             image_guidance: recipe.image_guidance,
             interpolate: recipe.interpolate,
-            auto_region: (recipe.region == "auto")
-                .then(|| recipe.region_threshold.unwrap_or(DEFAULT_THRESHOLD)),
+            region: Some(match recipe.region.as_str() {
+                "auto" => RegionSetting::Auto(recipe.region_threshold.unwrap_or(DEFAULT_THRESHOLD)),
+                "mask" => RegionSetting::Mask,
+                // Recipes from before regions existed name a mask when they had one.
+                _ if recipe.mask.is_some() => RegionSetting::Mask,
+                _ => RegionSetting::All,
+            }),
             tuning: recipe.tuning.clone(),
             model: Some(recipe.model.clone()),
             model_hash: (!recipe.model_hash.is_empty()).then(|| recipe.model_hash.clone()),
@@ -386,10 +400,15 @@ impl RecipeSettings {
             tune_steps: field("UniTune fine-tuning steps").and_then(|v| v.trim().parse().ok()),
             image_guidance: number("Image CFG scale"),
             interpolate: false,
-            // unitune's own field: `Region: auto 0.5`.
-            auto_region: field("Region")
-                .and_then(|v| v.trim().strip_prefix("auto"))
-                .map(|t| t.trim().parse().unwrap_or(DEFAULT_THRESHOLD)),
+            // unitune's own field: `Region: auto 0.5`, `Region: mask`, `Region: all`.
+            region: field("Region").map(|v| {
+                let v = v.trim();
+                match v.strip_prefix("auto") {
+                    Some(t) => RegionSetting::Auto(t.trim().parse().unwrap_or(DEFAULT_THRESHOLD)),
+                    None if v == "mask" => RegionSetting::Mask,
+                    None => RegionSetting::All,
+                }
+            }),
             tuning: None,
             model: field("Model").map(str::to_owned),
             model_hash: field("Model hash").map(str::to_owned),

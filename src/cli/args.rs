@@ -702,11 +702,12 @@ pub struct EditArgs {
     #[arg(long, value_name = "TEXT")]
     pub baseline_prompt: Option<String>,
 
-    /// Where the edit may change the photo; everywhere else it comes back exactly:
-    /// `all` (default), `auto` (estimated from the prompt: only what the prompt changes; a
-    /// global edit such as a new style or background is the whole photo), or a mask FILE
-    /// (white may change, black is kept, transparent is kept; resized to the photo). `--mask
-    /// FILE` is the same as `--region FILE`. Write `./auto` for a file named auto.
+    /// Where the edit may change the photo; everywhere else it comes back exactly: `auto`
+    /// (the default for descriptions: estimated from the prompt, only what it changes; a
+    /// global edit such as a new style or background is the whole photo), `all` (the paper's
+    /// mask-free edit; the default for --instruct), or a mask FILE (white may change, black
+    /// and transparent are kept; resized to the photo). `--mask FILE` is the same as
+    /// `--region FILE`. Write `./auto` for a file named auto.
     #[arg(long, alias = "mask", value_name = "auto|all|FILE")]
     pub region: Option<RegionArg>,
 

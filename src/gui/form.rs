@@ -5,7 +5,9 @@
 use super::limits;
 use super::persist::Settings;
 use super::variants::VariantSettings;
-use crate::jobs::{EditKind, EditKnobs, FidelityTable, RecipeSettings, choose_seed, plan_edit};
+use crate::jobs::{
+    EditKind, EditKnobs, FidelityTable, RecipeSettings, RegionSetting, choose_seed, plan_edit,
+};
 
 #[derive(Debug, Clone)]
 pub struct EditForm {
@@ -147,7 +149,9 @@ impl EditForm {
             );
         }
         settings.interpolate = recipe.interpolate;
-        settings.auto_region = recipe.auto_region.is_some();
+        if let Some(region) = recipe.region {
+            settings.auto_region = matches!(region, RegionSetting::Auto(_));
+        }
         if let Some(tuning) = recipe
             .tuning
             .as_ref()

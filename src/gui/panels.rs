@@ -465,7 +465,11 @@ fn progress_section(ui: &mut Ui, app: &EditorApp) {
 
 fn mask_section(ui: &mut Ui, app: &EditorApp, commands: &mut Vec<Command>) {
     ui.heading("Mask (optional)");
-    ui.small("Paint where the edit may change the photo. No mask: the whole photo may change.");
+    ui.small(if app.settings.auto_region {
+        "Paint where the edit may change the photo. Nothing painted: what the prompt names."
+    } else {
+        "Paint where the edit may change the photo. Nothing painted: the whole photo."
+    });
     if let Some(on) = edited(app.settings.auto_region, |on| {
         ui.checkbox(on, "Change only what the prompt names")
             .on_hover_text(

@@ -46,7 +46,7 @@ pub use crate::model_files::{
     DEFAULT_MODEL, DEMO_MODEL, HubOptions, LoraChoice, ModelSpec, approximate_download_bytes,
     demo_model_dir, license_notice, parse_model_arg,
 };
-pub use crate::recipe::{Recipe, RecipeSettings};
+pub use crate::recipe::{Recipe, RecipeSettings, RegionSetting};
 pub use crate::service::plan::FIDELITY_RANGE;
 pub use crate::service::{
     EditKind, EditKnobs, EditPlan, EditService, EditSpec, EstimatedRegion, MicroBatch,
