@@ -505,6 +505,7 @@ fn the_demo_model_loads_offline_opens_a_scene_and_edits_it() {
         "the demo model's own fidelity table is used"
     );
     harness.snapshot_options("editor_demo_model", &tolerant(0));
+    assert!(harness.state().mask_is_empty());
     click_edit(&mut harness);
     step_until(
         &mut harness,
@@ -519,25 +520,11 @@ fn the_demo_model_loads_offline_opens_a_scene_and_edits_it() {
         (Some(table.t0_fraction), table.guidance_weight)
     );
 
-    // The automatic region: with nothing painted, the first result's region fills the mask
-    // layer, where it can be touched up.
-    assert!(harness.state().mask_is_empty());
-    harness
-        .get_by_label("Change only what the prompt names")
-        .click();
-    harness.step();
-    click_edit(&mut harness);
-    step_until(
-        &mut harness,
-        Duration::from_secs(60),
-        "the automatic region in the mask layer",
-        |app| !app.mask_is_empty(),
-    );
-    step_until(
-        &mut harness,
-        Duration::from_secs(60),
-        "the variants with the automatic region",
-        all_variants_done,
+    // The automatic region (on by default): with nothing painted, the first result's
+    // region fills the mask layer, where it can be touched up.
+    assert!(
+        !harness.state().mask_is_empty(),
+        "the automatic region is shown in the mask layer"
     );
 }
 

@@ -124,7 +124,22 @@ struct Report<'a> {
     reconstruction: Vec<Reconstruction>,
     summary: Vec<Summary>,
     regions: Vec<RegionScore>,
+    paired: Vec<PairedGain>,
     samples: Vec<SampleScore>,
+}
+
+/// The automatic region against no region at one slider position, edit by edit (the same
+/// edits and seeds, so the differences are paired).
+#[derive(Debug, Clone, Serialize)]
+pub struct PairedGain {
+    pub label: String,
+    pub edits: usize,
+    /// Mean of (fidelity with the region - without), and its bootstrap 95% interval.
+    pub fidelity_gain: f64,
+    pub fidelity_gain_interval: (f64, f64),
+    /// Edits that succeed only with the region, and only without it.
+    pub won: usize,
+    pub lost: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -282,6 +297,8 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
     let reconstruction = summarize_reconstruction(&reconstructions);
     print_report(&summary, &reconstruction);
     print_regions(&regions);
+    let paired = paired_region_gains(&samples, args.seed);
+    print_paired(&paired);
     // Tables are read off the plain UniTune curves; without them there is nothing to propose.
     if args.methods.contains(&EvalMethod::Unitune) {
         print_proposed_table(&summary);
@@ -297,6 +314,7 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
         reconstruction,
         summary,
         regions,
+        paired,
         samples,
     };
     let json = args.out.join("edit-quality.json");
@@ -648,6 +666,69 @@ pub fn bootstrap_interval(values: &[f64], seed: u64) -> (f64, f64) {
     means.sort_by(f64::total_cmp);
     let at = |q: f64| means[((means.len() - 1) as f64 * q).round() as usize];
     (at(0.025), at(0.975))
+}
+
+/// Each slider position's paired comparison of the automatic region with no region.
+fn paired_region_gains(samples: &[SampleScore], seed: u64) -> Vec<PairedGain> {
+    let find = |method: &str, of: &SampleScore| {
+        samples.iter().find(|s| {
+            s.method == method && s.label == of.label && s.scene == of.scene && s.edit == of.edit
+        })
+    };
+    SLIDER_POSITIONS
+        .iter()
+        .filter_map(|f| {
+            let label = format!("fidelity {f:.2}");
+            let pairs: Vec<(&SampleScore, &SampleScore)> = samples
+                .iter()
+                .filter(|s| s.method == SLIDER && s.label == label)
+                .filter_map(|plain| Some((plain, find(SLIDER_AUTO, plain)?)))
+                .collect();
+            if pairs.is_empty() {
+                return None;
+            }
+            let gains: Vec<f64> = pairs
+                .iter()
+                .map(|(plain, auto)| f64::from(auto.fidelity - plain.fidelity))
+                .collect();
+            Some(PairedGain {
+                label,
+                edits: pairs.len(),
+                fidelity_gain: mean(&gains),
+                fidelity_gain_interval: bootstrap_interval(&gains, seed),
+                won: pairs
+                    .iter()
+                    .filter(|(p, a)| a.success && !p.success)
+                    .count(),
+                lost: pairs
+                    .iter()
+                    .filter(|(p, a)| p.success && !a.success)
+                    .count(),
+            })
+        })
+        .collect()
+}
+
+fn print_paired(paired: &[PairedGain]) {
+    if paired.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "automatic region against none, edit by edit (fidelity gain [95%], successes won/lost):"
+    );
+    for p in paired {
+        println!(
+            "  {:<14} {:+.3} [{:+.2},{:+.2}]  won {} lost {} of {}",
+            p.label,
+            p.fidelity_gain,
+            p.fidelity_gain_interval.0,
+            p.fidelity_gain_interval.1,
+            p.won,
+            p.lost,
+            p.edits
+        );
+    }
 }
 
 /// Estimates `spec`'s automatic region and scores it against the true region `truth`, with

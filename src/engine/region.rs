@@ -85,6 +85,14 @@ pub fn estimate_region(
     observer: &mut dyn StepObserver,
 ) -> Result<RegionEstimate> {
     check_text_to_image(model)?;
+    // The same checks sampling makes, before the first VAE or UNet call.
+    let (width, height) = request.working.dimensions();
+    model.latent_dims(width as usize, height as usize)?;
+    if request.prompt.trim().is_empty() {
+        return Err(EngineError::InvalidRequest(
+            "the prompt is empty; describe what the image should show".into(),
+        ));
+    }
     if !(0.0..=1.0).contains(&request.threshold) {
         return Err(EngineError::InvalidRequest(format!(
             "the region threshold must be between 0 and 1, got {}",
