@@ -130,6 +130,8 @@ fn the_command_line_and_the_jobs_api_make_the_same_edit() {
             seed: 3,
             sampling_steps: 3,
             size: WorkingSize::Requested(64, 64),
+            // The command line's default for a description.
+            region: unitune::service::Region::Auto { threshold: 0.5 },
             ..EditSpec::new(image, "a red apple")
         }))
         .unwrap();
