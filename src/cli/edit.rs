@@ -230,7 +230,7 @@ fn asked(args: &EditArgs, given: Given) -> Result<Asked> {
             Some(RegionSetting::All) => asked.region = RegionArg::All,
             Some(RegionSetting::Mask) => {
                 eprintln!(
-                    "note: the recipe's edit was masked; give the mask with --region FILE to repeat it (this edit changes the region the prompt names)"
+                    "note: the recipe's edit was masked; give the mask with --region FILE to repeat it"
                 );
             }
             None => {}

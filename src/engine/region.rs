@@ -65,11 +65,13 @@ pub struct RegionRequest<'a> {
 /// The estimate: the difference map and the mask made from it.
 #[derive(Debug, Clone)]
 pub struct RegionEstimate {
-    /// The normalised difference at latent resolution, 0 to 255 (for display and tests).
+    /// The normalised difference at latent resolution, 0 to 255 (255 = 3x its mean or
+    /// more), for display and tests.
     pub difference: GrayImage,
-    /// White = may change, at the working size: the grown region, or all white when global.
+    /// White = may change, at the working size: the thresholded region, or all white when
+    /// global.
     pub mask: GrayImage,
-    /// Share of the image at or above the threshold, before growing.
+    /// Share of the latent map at or above the threshold.
     pub coverage: f64,
     /// The difference's median over its mean: how evenly the prompt changes the photo.
     pub evenness: f64,
@@ -156,8 +158,7 @@ fn difference_map(
     Ok(mean)
 }
 
-/// Thresholds a normalised map, decides local or global, grows a local region by one latent
-/// pixel and draws it at `size`.
+/// Normalises the map, decides local or global, and draws the thresholded region at `size`.
 fn region_from_map(
     map: &[Vec<f32>],
     threshold: f64,

@@ -82,6 +82,19 @@ pub struct EstimatedRegion {
     pub global: bool,
 }
 
+impl EstimatedRegion {
+    /// The engine's estimate (at the working size) with its mask at `(width, height)`.
+    fn at_size(estimate: RegionEstimate, (width, height): (u32, u32)) -> Self {
+        Self {
+            mask: imaging::resize_gray(&estimate.mask, width, height),
+            coverage: estimate.coverage,
+            evenness: estimate.evenness,
+            difference: estimate.difference,
+            global: estimate.global,
+        }
+    }
+}
+
 /// A finished fine-tune: which snapshots edits may use.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tuned {
@@ -381,25 +394,18 @@ impl EditService {
         let working = self.fit(&spec.photo, spec.size)?;
         let plan = self.plan(spec.kind, &spec.knobs, &self.ladder_for(&working));
         let token = self.snapshot_token(&working, &plan)?;
-        let estimate = match spec.region {
-            Region::Auto { threshold } => Some(self.estimate_at(
-                &working,
-                spec,
-                &plan,
-                token.as_deref(),
-                threshold,
-                observer,
-            )?),
+        let photo_size = spec.photo.dimensions();
+        let region = match spec.region {
+            Region::Auto { threshold } => {
+                let estimate =
+                    self.estimate_at(&working, spec, &plan, token.as_deref(), threshold, observer)?;
+                Some(EstimatedRegion::at_size(estimate, photo_size))
+            }
             _ => None,
         };
-        let photo_size = spec.photo.dimensions();
-        let mask = match (&spec.region, &estimate) {
+        let mask = match (&spec.region, &region) {
             (Region::Mask { mask, .. }, _) => Some(self.mask_at(mask, photo_size)),
-            (_, Some(estimate)) if !estimate.global => Some(Arc::new(imaging::resize_gray(
-                &estimate.mask,
-                photo_size.0,
-                photo_size.1,
-            ))),
+            (_, Some(region)) if !region.global => Some(Arc::new(region.mask.clone())),
             _ => None,
         };
         let tuned = self.tuned_for(&working, &plan);
@@ -427,13 +433,6 @@ impl EditService {
             tuning,
             working.dimensions(),
         );
-        let region = estimate.map(|estimate| EstimatedRegion {
-            mask: imaging::resize_gray(&estimate.mask, photo_size.0, photo_size.1),
-            coverage: estimate.coverage,
-            evenness: estimate.evenness,
-            difference: estimate.difference.clone(),
-            global: estimate.global,
-        });
         Ok(Edited {
             image,
             recipe,
@@ -458,14 +457,7 @@ impl EditService {
         let token = self.snapshot_token(&working, &plan)?;
         let estimate =
             self.estimate_at(&working, spec, &plan, token.as_deref(), threshold, observer)?;
-        let (w, h) = spec.photo.dimensions();
-        Ok(EstimatedRegion {
-            mask: imaging::resize_gray(&estimate.mask, w, h),
-            coverage: estimate.coverage,
-            evenness: estimate.evenness,
-            difference: estimate.difference.clone(),
-            global: estimate.global,
-        })
+        Ok(EstimatedRegion::at_size(estimate, spec.photo.dimensions()))
     }
 
     /// The region estimate at the working size, from the snapshot `plan` samples.
