@@ -526,6 +526,12 @@ fn the_demo_model_loads_offline_opens_a_scene_and_edits_it() {
         !harness.state().mask_is_empty(),
         "the automatic region is shown in the mask layer"
     );
+    // Unticked, the untouched region goes too: the next edit may change the whole photo.
+    harness
+        .get_by_label("Change only what the prompt names")
+        .click();
+    harness.step();
+    assert!(harness.state().mask_is_empty());
 }
 
 /// Snapshot tolerance: the CPU's float rounding may move a few result pixels by one level,

@@ -850,14 +850,17 @@ impl eframe::App for EditorApp {
     }
 }
 
-/// Repaints the UI from any thread.
-/// Where the next edit may change the photo: a fresh automatic region when asked for and the
-/// mask layer is empty or still shows the last one untouched; otherwise the painted mask, or
-/// everywhere when nothing is painted.
+/// Where the next edit may change the photo: with nothing painted by the user (the layer
+/// empty, or still showing the last automatic region untouched) a fresh automatic region when
+/// asked for, else everywhere; otherwise the painted mask.
 fn edit_region(mask: &mut super::mask::MaskLayer, auto: bool) -> Region {
-    if auto && (mask.is_empty() || mask.is_estimate()) {
-        return Region::Auto {
-            threshold: DEFAULT_THRESHOLD,
+    if mask.is_empty() || mask.is_estimate() {
+        return if auto {
+            Region::Auto {
+                threshold: DEFAULT_THRESHOLD,
+            }
+        } else {
+            Region::All
         };
     }
     match mask.painted() {
@@ -869,6 +872,7 @@ fn edit_region(mask: &mut super::mask::MaskLayer, auto: bool) -> Region {
     }
 }
 
+/// Repaints the UI from any thread.
 fn waker(ctx: &Context) -> Arc<dyn Fn() + Send + Sync> {
     let repaint = ctx.clone();
     Arc::new(move || repaint.request_repaint())

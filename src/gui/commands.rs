@@ -203,7 +203,18 @@ impl EditorApp {
                 )
             }
             Command::SetInterpolate(on) => self.settings.interpolate = on,
-            Command::SetAutoRegion(on) => self.settings.auto_region = on,
+            Command::SetAutoRegion(on) => {
+                self.settings.auto_region = on;
+                // An automatic region nobody touched goes with it: the layer shows what the
+                // next edit uses.
+                if let Some(doc) = &mut self.doc
+                    && !on
+                    && doc.mask.is_estimate()
+                {
+                    doc.mask.clear();
+                    self.save_session_now();
+                }
+            }
             Command::ShowRegion(region) => {
                 if let Some(doc) = &mut self.doc {
                     doc.mask.show_estimate(&region);
