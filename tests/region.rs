@@ -6,12 +6,12 @@
 
 mod common;
 
-use image::GrayImage;
 use unitune::engine::StableDiffusion;
 use unitune::engine::region::{
     DEFAULT_SEEDS, DEFAULT_THRESHOLD, RegionEstimate, RegionRequest, estimate_region,
 };
 use unitune::engine::sampling::no_observer;
+use unitune::imaging::mask_iou;
 use unitune::world::{self, Colour, Column, Edit, Object, Row, Scene, Shape, Size};
 
 fn demo_model() -> StableDiffusion {
@@ -42,16 +42,6 @@ fn estimate(
         seed: 0,
     };
     estimate_region(model, &request, &mut no_observer()).expect("the estimate runs")
-}
-
-fn iou(a: &GrayImage, b: &GrayImage) -> f64 {
-    let (mut both, mut either) = (0usize, 0usize);
-    for (p, q) in a.pixels().zip(b.pixels()) {
-        let (x, y) = (p.0[0] >= 128, q.0[0] >= 128);
-        both += usize::from(x && y);
-        either += usize::from(x || y);
-    }
-    both as f64 / either.max(1) as f64
 }
 
 /// Scenes with one object to recolour and a free column to add one to.
@@ -130,7 +120,7 @@ fn a_local_edit_finds_the_changed_object_and_keeps_the_rest() {
     for (scene, edit) in local_cases() {
         let region = estimate(&model, &scene, &edit, None);
         let truth = edit.changed(&scene);
-        let overlap = iou(&region.mask, &truth);
+        let overlap = mask_iou(&region.mask, &truth);
         eprintln!(
             "{}: IoU {overlap:.3}, coverage {:.3}, evenness {:.3}, global {}",
             edit.describe(&scene),
@@ -237,7 +227,7 @@ fn the_command_line_edits_inside_the_automatic_region_only() {
 
     let region = image::open(h.join("region.png")).unwrap().to_luma8();
     let truth = edit.changed(&scene);
-    let overlap = iou(&region, &truth);
+    let overlap = mask_iou(&region, &truth);
     assert!(overlap >= MIN_LOCAL_IOU, "IoU {overlap:.3}");
     let photo = scene.render();
     let edited = image::open(h.join("edited.png")).unwrap().to_rgb8();

@@ -526,7 +526,7 @@ fn say_region(region: &EstimatedRegion) {
 
 /// `--region-out`: the automatic region as a black-and-white PNG (white = may change).
 fn write_region(output: &Output, region: &EstimatedRegion) -> Result<()> {
-    let rgb = image::DynamicImage::ImageLuma8(region.mask.clone()).into_rgb8();
+    let rgb = imaging::gray_to_rgb(&region.mask);
     imaging::export_image(&output.path, &rgb, None, &[], output.existing)
         .with_context(|| format!("the region was not saved to {}", output.path.display()))?;
     announce(&output.path);

@@ -229,9 +229,9 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
                 region_rows.push(
                     [
                         working.as_ref().clone(),
-                        gray_to_rgb(&region.difference),
-                        gray_to_rgb(&region.mask),
-                        gray_to_rgb(&changed),
+                        imaging::gray_to_rgb(&region.difference),
+                        imaging::gray_to_rgb(&region.mask),
+                        imaging::gray_to_rgb(&changed),
                     ]
                     .map(|image| upscale(&imaging::resize_rgb(&image, side, side)))
                     .to_vec(),
@@ -367,10 +367,6 @@ fn check_eval_flags(args: &EvalArgs) -> Result<()> {
 
 /// The slider's variants of every edit as one labelled grid (`slider-examples.png`), and the
 /// first edit's row alone (`example-edit.png`, the README's picture).
-fn gray_to_rgb(image: &GrayImage) -> RgbImage {
-    image::DynamicImage::ImageLuma8(image.clone()).into_rgb8()
-}
-
 fn save_slider_examples(out: &Path, rows: &[Vec<RgbImage>], labels: &[String]) -> Result<()> {
     let mut columns = vec!["photo".to_string()];
     columns.extend(SLIDER_POSITIONS.iter().map(|f| format!("fidelity {f}")));
@@ -751,28 +747,13 @@ fn score_region(
         scene: 0,
         edit: String::new(),
         kind: "",
-        iou: iou(&region.mask, truth),
+        iou: imaging::mask_iou(&region.mask, truth),
         coverage: region.coverage,
         evenness: region.evenness,
         global: region.global,
         cost: estimate_time / edit_time.max(1e-9),
     };
     Ok((score, region))
-}
-
-/// Intersection over union of two masks, each read as white from half grey up.
-pub fn iou(a: &GrayImage, b: &GrayImage) -> f64 {
-    let (mut both, mut either) = (0usize, 0usize);
-    for (p, q) in a.pixels().zip(b.pixels()) {
-        let (x, y) = (p.0[0] >= 128, q.0[0] >= 128);
-        both += usize::from(x && y);
-        either += usize::from(x || y);
-    }
-    if either == 0 {
-        1.0
-    } else {
-        both as f64 / either as f64
-    }
 }
 
 /// The automatic region per kind of edit: mean IoU with the true region, how often it was
@@ -1032,16 +1013,6 @@ mod tests {
         assert!((0.25..0.45).contains(&ratio), "{ratio}");
         // About ±1.96 sqrt(0.25 / 12) = ±0.28 for 12 edits.
         assert!((0.4..0.7).contains(&(high - low)), "{}", high - low);
-    }
-
-    #[test]
-    fn iou_counts_overlap_over_union() {
-        let left = GrayImage::from_fn(8, 8, |x, _| image::Luma([if x < 4 { 255 } else { 0 }]));
-        let middle = GrayImage::from_fn(8, 8, |x, _| {
-            image::Luma([if (2..6).contains(&x) { 200 } else { 0 }])
-        });
-        assert_eq!(iou(&left, &left), 1.0);
-        assert!((iou(&left, &middle) - 2.0 / 6.0).abs() < 1e-12);
     }
 
     #[test]

@@ -526,8 +526,7 @@ fn write_png(path: &Path, image: &RgbImage) -> Result<(), String> {
 }
 
 fn write_grey_png(path: &Path, grey: &GrayImage) -> Result<(), String> {
-    let rgb = image::DynamicImage::ImageLuma8(grey.clone()).to_rgb8();
-    write_png(path, &rgb)
+    write_png(path, &imaging::gray_to_rgb(grey))
 }
 
 /// Best effort: a file left behind is removed after a later write.

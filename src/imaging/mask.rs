@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use image::GrayImage;
+use image::{GrayImage, RgbImage};
 
 use super::decode::{DecodeLimits, decode_file};
 use super::error::ImagingError;
@@ -49,4 +49,40 @@ pub fn load_mask(
         });
     }
     Ok(resize_gray(&mask, width, height))
+}
+
+/// A mask (or any grey image) as RGB, for the writers and grids that take colour.
+pub fn gray_to_rgb(mask: &GrayImage) -> RgbImage {
+    image::DynamicImage::ImageLuma8(mask.clone()).into_rgb8()
+}
+
+/// Intersection over union of two masks of one size, each read as white from half grey up;
+/// 1 when both are empty.
+pub fn mask_iou(a: &GrayImage, b: &GrayImage) -> f64 {
+    let (mut both, mut either) = (0usize, 0usize);
+    for (p, q) in a.pixels().zip(b.pixels()) {
+        let (x, y) = (p.0[0] >= 128, q.0[0] >= 128);
+        both += usize::from(x && y);
+        either += usize::from(x || y);
+    }
+    if either == 0 {
+        1.0
+    } else {
+        both as f64 / either as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iou_counts_overlap_over_union() {
+        let left = GrayImage::from_fn(8, 8, |x, _| image::Luma([if x < 4 { 255 } else { 0 }]));
+        let middle = GrayImage::from_fn(8, 8, |x, _| {
+            image::Luma([if (2..6).contains(&x) { 200 } else { 0 }])
+        });
+        assert_eq!(mask_iou(&left, &left), 1.0);
+        assert!((mask_iou(&left, &middle) - 2.0 / 6.0).abs() < 1e-12);
+    }
 }

@@ -34,6 +34,6 @@ pub use export::{
 };
 pub use grid::labelled_grid;
 pub use interpolate::{InterpolationSettings, interpolate_toward_original, similarity_map};
-pub use mask::load_mask;
+pub use mask::{gray_to_rgb, load_mask, mask_iou};
 pub use plot::{TradeOffCurve, trade_off_plot};
 pub use size::{SIZE_STEP, parse_size, resize_gray, resize_rgb, working_size};
