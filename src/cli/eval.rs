@@ -14,6 +14,7 @@
 //! (snapshot 0 = the untuned model given the token), scored by how much of the scene it
 //! reconstructs.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -55,8 +56,24 @@ pub struct Setting {
     pub region: EvalRegion,
 }
 
+impl Setting {
+    /// What the sample depends on besides the edit: two settings with the same key (the
+    /// slider's low positions share a snapshot and t0; its middle is a point of the t0 sweep)
+    /// make the same image from the same seed, so each edit makes it once.
+    fn sample_key(&self) -> (usize, u64, u64, bool, bool, EvalRegion) {
+        (
+            self.tune_steps,
+            self.t0_fraction.to_bits(),
+            self.guidance_weight.to_bits(),
+            self.prompt_guidance,
+            self.interpolate,
+            self.region,
+        )
+    }
+}
+
 /// Where a setting lets the edit change the scene.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum EvalRegion {
     /// Everywhere.
@@ -245,7 +262,27 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
                 });
             }
             let mut slider_row = vec![upscale(&working)];
+            let mut record = |setting: &Setting, image: &RgbImage, score: &world::EditScore| {
+                if setting.method == SLIDER {
+                    slider_row.push(upscale(image));
+                }
+                samples.push(SampleScore {
+                    scene: index,
+                    source: case.source,
+                    edit: edit.describe(&case.scene),
+                    method: setting.method.clone(),
+                    label: setting.label.clone(),
+                    success: score.success,
+                    fidelity: score.fidelity,
+                });
+                bar.inc(1);
+            };
+            let mut made = HashMap::new();
             for setting in &plan {
+                if let Some((image, score)) = made.get(&setting.sample_key()) {
+                    record(setting, image, score);
+                    continue;
+                }
                 let spec = EditSpec {
                     baseline_prompt: setting.prompt_guidance.then(|| baseline.clone()),
                     knobs: EditKnobs {
@@ -273,19 +310,8 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
                 let image = run(&mut service, &spec)?;
                 let score = world::score_edit(edit, &case.scene, &world::read(&image))
                     .expect("cases hold edits that apply");
-                if setting.method == SLIDER {
-                    slider_row.push(upscale(&image));
-                }
-                samples.push(SampleScore {
-                    scene: index,
-                    source: case.source,
-                    edit: edit.describe(&case.scene),
-                    method: setting.method.clone(),
-                    label: setting.label.clone(),
-                    success: score.success,
-                    fidelity: score.fidelity,
-                });
-                bar.inc(1);
+                record(setting, &image, &score);
+                made.insert(setting.sample_key(), (image, score));
             }
             example_labels.push(format!("\"{}\"", prompt));
             example_rows.push(slider_row);

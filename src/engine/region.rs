@@ -42,8 +42,10 @@ pub const GLOBAL_EVENNESS: f64 = 0.75;
 const CLAMP_RATIO: f64 = 3.0;
 /// The default threshold on the normalised difference (DiffEdit's 0.5).
 pub const DEFAULT_THRESHOLD: f64 = 0.5;
-/// Seeds averaged over: enough to steady a 16x16 map, each one UNet call on a batch of two.
-pub const DEFAULT_SEEDS: usize = 4;
+/// Seeds averaged over, each one UNet call on a batch of two. Two: on the demo world (8
+/// scenes, 8 local edits, fine-tuned) the region's IoU with the true one was 0.433, 0.435,
+/// 0.438 and 0.440 from 1 to 4 seeds, while each seed adds about 5% to an edit's time.
+pub const DEFAULT_SEEDS: usize = 2;
 /// How far into the schedule the photo is noised (DiffEdit's middle, t = 0.5).
 const NOISE_FRACTION: f64 = 0.5;
 
