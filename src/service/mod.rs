@@ -139,6 +139,22 @@ pub struct EditService {
     /// several variants sharing one mask, and scaling it to a large photo is not free. Holding
     /// the source keeps its address from being reused, so `Arc::ptr_eq` identifies it.
     scaled_mask: Option<(Arc<GrayImage>, Arc<GrayImage>)>,
+    /// The last automatic region and what it was estimated from. The variants a user
+    /// browses (other seeds, guidance, t0 within one snapshot, Edit again) share it: each
+    /// estimate is two UNet calls on a batch of two, about a tenth of a 20-step edit.
+    last_region: Option<(RegionKey, RegionEstimate)>,
+}
+
+/// Everything a region estimate depends on besides the weights: the snapshot, the photo at
+/// its working size, the two prompts as the model reads them, and the threshold. (A new
+/// fine-tune or a change to the model clears the cache instead.)
+#[derive(Debug, Clone, PartialEq)]
+struct RegionKey {
+    tune_steps: usize,
+    working: RgbImage,
+    prompt: String,
+    reference: String,
+    threshold: u64,
 }
 
 impl EditService {
@@ -190,6 +206,7 @@ impl EditService {
             cache,
             tuned: None,
             scaled_mask: None,
+            last_region: None,
         })
     }
 
@@ -220,6 +237,7 @@ impl EditService {
 
     /// [`Self::engine`], mutably (the benchmarks' training passes swap its UNet).
     pub fn engine_mut(&mut self) -> &mut StableDiffusion {
+        self.last_region = None;
         &mut self.model
     }
 
@@ -286,6 +304,7 @@ impl EditService {
         let working = self.fit(request.photo, request.size)?;
         // The old snapshots belong to another photo or recipe.
         self.tuned = None;
+        self.last_region = None;
         let identity = self.summary.identity.cache_identity();
         let policy = CachePolicy {
             cache: self.cache.as_ref(),
@@ -462,7 +481,7 @@ impl EditService {
 
     /// The region estimate at the working size, from the snapshot `plan` samples.
     fn estimate_at(
-        &self,
+        &mut self,
         working: &RgbImage,
         spec: &EditSpec,
         plan: &EditPlan,
@@ -483,16 +502,30 @@ impl EditService {
             Some(baseline) => model_prompt(token, baseline),
             None => token.unwrap_or_default().to_owned(),
         };
+        let key = RegionKey {
+            tune_steps: plan.tune_steps,
+            working: working.clone(),
+            prompt,
+            reference,
+            threshold: threshold.to_bits(),
+        };
+        if let Some((last, estimate)) = &self.last_region
+            && *last == key
+        {
+            return Ok(estimate.clone());
+        }
         let request = RegionRequest {
             working,
-            prompt: &prompt,
-            reference: &reference,
+            prompt: &key.prompt,
+            reference: &key.reference,
             threshold,
             seeds: region::DEFAULT_SEEDS,
             // Not the sample's seed: every variant of one prompt gets the same region.
             seed: 0,
         };
-        Ok(estimate_region(&self.model, &request, observer)?)
+        let estimate = estimate_region(&self.model, &request, observer)?;
+        self.last_region = Some((key, estimate.clone()));
+        Ok(estimate)
     }
 
     /// The fine-tune an edit at `working` samples from: `None` when the plan needs none.
