@@ -194,6 +194,13 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
     let mut regions = Vec::new();
     let mut reconstructions: Vec<(usize, f32)> = Vec::new();
     let mut example_rows = Vec::new();
+    // The pictures show the slider as an edit makes it by default: with the automatic region
+    // when it is measured.
+    let example_method = if args.methods.contains(&EvalMethod::AutoRegion) {
+        SLIDER_AUTO
+    } else {
+        SLIDER
+    };
     let (mut region_rows, mut region_labels) = (Vec::new(), Vec::new());
     let mut example_labels = Vec::new();
     for (index, case) in cases.iter().enumerate() {
@@ -263,7 +270,7 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
             }
             let mut slider_row = vec![upscale(&working)];
             let mut record = |setting: &Setting, image: &RgbImage, score: &world::EditScore| {
-                if setting.method == SLIDER {
+                if setting.method == example_method {
                     slider_row.push(upscale(image));
                 }
                 samples.push(SampleScore {
@@ -354,10 +361,16 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
     save_png(&plot, &args.out.join("edit-quality.png"))?;
     if !region_rows.is_empty() {
         let columns = ["photo", "difference", "region", "what changes"].map(String::from);
-        let grid = imaging::labelled_grid(&region_rows, &columns, &region_labels, None)?;
+        let shown = region_rows.len().min(EXAMPLE_ROWS);
+        let grid = imaging::labelled_grid(
+            &region_rows[..shown],
+            &columns,
+            &region_labels[..shown],
+            None,
+        )?;
         save_png(&grid, &args.out.join("region-examples.png"))?;
     }
-    if !args.methods.contains(&EvalMethod::Slider) {
+    if example_rows.first().is_none_or(|row| row.len() == 1) {
         eprintln!("wrote {} and edit-quality.png", json.display());
         return Ok(());
     }
@@ -396,13 +409,17 @@ fn check_eval_flags(args: &EvalArgs) -> Result<()> {
 fn save_slider_examples(out: &Path, rows: &[Vec<RgbImage>], labels: &[String]) -> Result<()> {
     let mut columns = vec!["photo".to_string()];
     columns.extend(SLIDER_POSITIONS.iter().map(|f| format!("fidelity {f}")));
-    let examples = imaging::labelled_grid(rows, &columns, labels, None)?;
+    let shown = rows.len().min(EXAMPLE_ROWS);
+    let examples = imaging::labelled_grid(&rows[..shown], &columns, &labels[..shown], None)?;
     save_png(&examples, &out.join("slider-examples.png"))?;
     let example = imaging::labelled_grid(&rows[..1], &columns, &[], None)?;
     save_png(&example, &out.join("example-edit.png"))
 }
 
 const SLIDER: &str = "fidelity slider";
+/// The example pictures show the first edits only (the first four scenes'): a 72-edit run's
+/// grids would be 10,000 pixels tall.
+const EXAMPLE_ROWS: usize = 12;
 const SLIDER_AUTO: &str = "fidelity slider + auto region";
 
 /// Every setting each edit is made with, in the order of the curves (those `--methods` names).
