@@ -310,12 +310,19 @@ fn bad_model_folders_are_input_errors() {
     let config_path = unsupported.join("unet/config.json");
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
-    config["addition_embed_type"] = "text_time".into();
+    config["addition_embed_type"] = "text_image".into();
     std::fs::write(&config_path, config.to_string()).unwrap();
     assert_fails(
         &edit_with_model(&path_str(&unsupported), dir.path()),
         2,
         "addition_embed_type",
+    );
+
+    // A Stable Diffusion XL folder: named as such, not as a width mismatch.
+    assert_fails(
+        &edit_with_model(&path_str(&model_dir("sdxl-tiny")), dir.path()),
+        2,
+        "Stable Diffusion XL",
     );
 
     // A missing config.

@@ -172,3 +172,85 @@ fn vae_encode_is_deterministic_under_a_seed() {
     // Sanity: the latent has the VAE's downscaled shape.
     assert_eq!(a.dims(), &[1, 4, 32, 32]);
 }
+
+/// SDXL's UNet (tests/fixtures/models/sdxl-tiny: three levels, the first without attention,
+/// transformer depth (1, 1, 2), linear projections, `text_time` conditioning) against
+/// diffusers: the added embedding alone and the whole forward. Dropping the pooled embedding
+/// or swapping height and width in the size numbers moves the output far past the tolerance
+/// (asserted, so the comparison is seen to be able to fail).
+#[test]
+fn sdxl_unet_with_its_added_conditioning_matches_diffusers() {
+    use unitune::engine::config::UnetConfig;
+    use unitune::engine::unet::{TextTime, UNet};
+    let dir = common::model_dir("sdxl-tiny").join("unet");
+    let config = UnetConfig::load(&dir.join("config.json")).unwrap();
+    let text_time_config = config
+        .text_time
+        .expect("SDXL's UNet has text_time conditioning");
+    assert_eq!(
+        (
+            text_time_config.time_embed_dim,
+            text_time_config.pooled_dim()
+        ),
+        (8, 32)
+    );
+    assert!(config.down_blocks[0].attention.is_none());
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[dir.join("diffusion_pytorch_model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+    }
+    .unwrap();
+    let unet = UNet::new(&config, vb).unwrap();
+    let reference = Reference::load("sdxl-tiny");
+    let text_time = TextTime {
+        pooled: reference.f32("tt_text_embeds"),
+        size_numbers: reference.f32("tt_time_ids"),
+    };
+    let added = unet.text_time_embedding(&text_time, DType::F32).unwrap();
+    assert_close(
+        "SDXL added embedding",
+        &added,
+        &reference.f32("tt_aug_emb"),
+        TOLERANCE,
+    );
+    let forward = |text_time: Option<&TextTime>| {
+        unet.forward_with(
+            &reference.f32("unet_in_sample"),
+            &reference.f32("tt_timesteps"),
+            &reference.f32("unet_in_encoder_hidden_states"),
+            text_time,
+        )
+    };
+    let expected = reference.f32("unet_out");
+    assert_close(
+        "SDXL UNet",
+        &forward(Some(&text_time)).unwrap(),
+        &expected,
+        TOLERANCE,
+    );
+
+    let no_pooled = TextTime {
+        pooled: text_time.pooled.zeros_like().unwrap(),
+        ..text_time.clone()
+    };
+    let swapped_sizes = TextTime {
+        size_numbers: text_time
+            .size_numbers
+            .index_select(
+                &candle_core::Tensor::new(&[1u32, 0, 3, 2, 5, 4], &Device::Cpu).unwrap(),
+                1,
+            )
+            .unwrap(),
+        ..text_time.clone()
+    };
+    for (broken, what) in [(no_pooled, "no pooled"), (swapped_sizes, "width first")] {
+        let out = forward(Some(&broken)).unwrap();
+        let diff = common::max_abs_diff(&out, &expected);
+        assert!(diff > 100.0 * TOLERANCE, "{what}: {diff}");
+    }
+    let refused = forward(None).unwrap_err().to_string();
+    assert!(refused.contains("pooled text embedding"), "{refused}");
+}

@@ -494,6 +494,16 @@ fn diffusers_parts(files: &DiffusersFiles, options: &LoadOptions) -> Result<Part
     let unet = UnetConfig::load(&files.unet_config)?;
     let text_encoder_config = TextEncoderConfig::load(&files.text_encoder_config)?;
     let mut scheduler = SchedulerConfig::load(&files.scheduler_config)?;
+    // Its UNet parses (the engine has SDXL's added conditioning), but the pipeline around it
+    // (the second text encoder, the size numbers) is not built yet: say so before the width
+    // check below reports the two encoders' joined width as a mismatch.
+    if unet.text_time.is_some() {
+        return Err(EngineError::config(
+            &files.unet_config,
+            "addition_embed_type",
+            "is \"text_time\": this is a Stable Diffusion XL model, which unitune does not run yet; use a Stable Diffusion 1.x or 2.x model",
+        ));
+    }
     if unet.cross_attention_dim != text_encoder_config.hidden_size {
         return Err(EngineError::config(
             &files.unet_config,

@@ -9,7 +9,7 @@ use candle_core::{DType, Module, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 
 use super::autograd::{checkpoint, grad_enabled};
-use super::config::{BlockAttention, UnetConfig};
+use super::config::{BlockAttention, TextTimeConfig, UnetConfig};
 use super::layers::{
     Conv2d, Downsample, GroupNorm, Linear, ResnetBlock, ResnetSpec, Upsample, conv2d, group_norm,
     linear,
@@ -62,6 +62,16 @@ impl Module for TimeEmbedding {
     }
 }
 
+/// SDXL's added conditioning for one batch (see [`super::config::TextTimeConfig`]).
+#[derive(Debug, Clone)]
+pub struct TextTime {
+    /// The second text encoder's projected end-of-text state, `[batch, pooled_dim]`.
+    pub pooled: Tensor,
+    /// `[batch, 6]`: original height and width, crop top and left, target height and width,
+    /// in pixels.
+    pub size_numbers: Tensor,
+}
+
 #[derive(Debug, Clone)]
 struct DownBlock {
     resnets: Vec<ResnetBlock>,
@@ -86,6 +96,8 @@ struct MidBlock {
 pub struct UNet {
     config: UnetConfig,
     time_embedding: TimeEmbedding,
+    /// SDXL's `add_embedding` (linear, SiLU, linear) for [`TextTime`].
+    add_embedding: Option<TimeEmbedding>,
     conv_in: Conv2d,
     down_blocks: Vec<DownBlock>,
     mid_block: Option<MidBlock>,
@@ -105,6 +117,17 @@ impl UNet {
         let time_embedding = TimeEmbedding {
             linear_1: linear(first_channels, time_dim, vb.pp("time_embedding.linear_1"))?,
             linear_2: linear(time_dim, time_dim, vb.pp("time_embedding.linear_2"))?,
+        };
+        let add_embedding = match &c.text_time {
+            Some(text_time) => Some(TimeEmbedding {
+                linear_1: linear(
+                    text_time.input_dim,
+                    time_dim,
+                    vb.pp("add_embedding.linear_1"),
+                )?,
+                linear_2: linear(time_dim, time_dim, vb.pp("add_embedding.linear_2"))?,
+            }),
+            None => None,
         };
         let conv_in = conv2d(
             c.in_channels,
@@ -260,6 +283,7 @@ impl UNet {
         Ok(Self {
             config: c.clone(),
             time_embedding,
+            add_embedding,
             conv_in,
             down_blocks,
             mid_block,
@@ -325,7 +349,58 @@ impl UNet {
     /// 2^(blocks - 1); `timesteps` holds one timestep per batch element (`[batch]`, any
     /// numeric dtype); `context` is the text encoder's output `[batch, 77, cross_attention_dim]`.
     pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor) -> Result<Tensor> {
+        self.forward_with(sample, timesteps, context, None)
+    }
+
+    /// What the time embedding gains from SDXL's added conditioning (diffusers'
+    /// `aug_emb` for `addition_embed_type: "text_time"`), `[batch, time_embed_dim]`.
+    pub fn text_time_embedding(&self, text_time: &TextTime, dtype: DType) -> Result<Tensor> {
+        let (Some(config), Some(add_embedding)) = (&self.config.text_time, &self.add_embedding)
+        else {
+            candle_core::bail!(
+                "this UNet takes no pooled text embedding or size numbers (it is not SDXL's)"
+            );
+        };
+        let (batch, numbers) = text_time.size_numbers.dims2()?;
+        if numbers != TextTimeConfig::SIZE_NUMBERS {
+            candle_core::bail!("SDXL's size conditioning is 6 numbers per image, got {numbers}");
+        }
+        let pooled_dim = text_time.pooled.dim(1)?;
+        if text_time.pooled.dim(0)? != batch || pooled_dim != config.pooled_dim() {
+            candle_core::bail!(
+                "the pooled text embedding is {:?}, the UNet expects [{batch}, {}]",
+                text_time.pooled.dims(),
+                config.pooled_dim()
+            );
+        }
+        // As diffusers: each number through the same sinusoid as the timesteps, in f32, the
+        // rows joined per image after the pooled embedding, then cast to the UNet's dtype.
+        let sizes = timestep_features(
+            &text_time.size_numbers.flatten_all()?,
+            config.time_embed_dim,
+            self.config.flip_sin_to_cos,
+            self.config.freq_shift,
+        )?
+        .reshape((batch, numbers * config.time_embed_dim))?;
+        let joined = Tensor::cat(&[&text_time.pooled.to_dtype(DType::F32)?, &sizes], 1)?;
+        add_embedding.forward(&joined.to_dtype(dtype)?)
+    }
+
+    /// [`Self::forward`] with SDXL's added conditioning, which an SDXL UNet requires and
+    /// any other refuses.
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        text_time: Option<&TextTime>,
+    ) -> Result<Tensor> {
         let (batch, channels, height, width) = sample.dims4()?;
+        if self.config.text_time.is_some() && text_time.is_none() {
+            candle_core::bail!(
+                "this UNet is SDXL's and needs the pooled text embedding and the size numbers"
+            );
+        }
         let multiple = 1usize << self.config.downsample_count();
         if channels != self.config.in_channels {
             candle_core::bail!(
@@ -350,7 +425,10 @@ impl UNet {
             self.config.freq_shift,
         )?
         .to_dtype(sample.dtype())?;
-        let temb = self.time_embedding.forward(&features)?;
+        let mut temb = self.time_embedding.forward(&features)?;
+        if let Some(text_time) = text_time {
+            temb = (temb + self.text_time_embedding(text_time, sample.dtype())?)?;
+        }
 
         // A checkpointed segment is differentiated only when one of its inputs tracks a
         // gradient. Making the input a leaf makes every segment's input one, so that segments

@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 pub use scheduler::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
 pub use taesd::{TinyActivation, TinyVaeConfig};
 pub use text_encoder::{TextActivation, TextEncoderConfig};
-pub use unet::{BlockAttention, UnetBlockConfig, UnetConfig};
+pub use unet::{BlockAttention, TextTimeConfig, UnetBlockConfig, UnetConfig};
 pub use vae::VaeConfig;
 
 use super::error::{EngineError, Result};

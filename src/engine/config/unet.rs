@@ -45,6 +45,10 @@ struct RawUnetConfig {
     #[serde(default)]
     addition_embed_type: Option<String>,
     #[serde(default)]
+    addition_time_embed_dim: Option<usize>,
+    #[serde(default)]
+    projection_class_embeddings_input_dim: Option<usize>,
+    #[serde(default)]
     encoder_hid_dim: Option<usize>,
     #[serde(default)]
     time_cond_proj_dim: Option<usize>,
@@ -72,6 +76,52 @@ struct RawUnetConfig {
     sample_size: Option<usize>,
 }
 
+/// The widths `addition_embed_type: "text_time"` needs, checked to leave room for a pooled
+/// embedding.
+fn text_time_config(raw: &RawUnetConfig, file: &Path) -> Result<TextTimeConfig> {
+    let required = |field: &str, value: Option<usize>| {
+        value.filter(|&v| v > 0).ok_or_else(|| {
+            EngineError::config(
+                file,
+                field,
+                "is required and must be positive when addition_embed_type is \"text_time\"",
+            )
+        })
+    };
+    let time_embed_dim = required("addition_time_embed_dim", raw.addition_time_embed_dim)?;
+    check_count(
+        file,
+        "addition_time_embed_dim",
+        time_embed_dim,
+        1,
+        MAX_CHANNELS,
+    )?;
+    let input_dim = required(
+        "projection_class_embeddings_input_dim",
+        raw.projection_class_embeddings_input_dim,
+    )?;
+    check_count(
+        file,
+        "projection_class_embeddings_input_dim",
+        input_dim,
+        1,
+        MAX_CHANNELS,
+    )?;
+    if input_dim <= TextTimeConfig::SIZE_NUMBERS * time_embed_dim {
+        return Err(EngineError::config(
+            file,
+            "projection_class_embeddings_input_dim",
+            format!(
+                "= {input_dim} leaves no room for the pooled text embedding beside 6 size numbers of {time_embed_dim}"
+            ),
+        ));
+    }
+    Ok(TextTimeConfig {
+        time_embed_dim,
+        input_dim,
+    })
+}
+
 fn two_per_block() -> PerBlock {
     PerBlock::One(2)
 }
@@ -86,6 +136,29 @@ pub struct UnetBlockConfig {
     pub layers: usize,
     /// `None` for a block without spatial transformers (DownBlock2D / UpBlock2D).
     pub attention: Option<BlockAttention>,
+}
+
+/// SDXL's added conditioning (`addition_embed_type: "text_time"`): the pooled text embedding
+/// and six size numbers (original size, crop top-left, target size, each as height, width),
+/// each number embedded sinusoidally, joined, passed through `add_embedding` and added to the
+/// time embedding.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TextTimeConfig {
+    /// Width of each size number's sinusoidal embedding (`addition_time_embed_dim`; SDXL 256).
+    pub time_embed_dim: usize,
+    /// `add_embedding`'s input width (`projection_class_embeddings_input_dim`): the pooled
+    /// embedding's width plus 6 x `time_embed_dim` (SDXL: 1280 + 1536).
+    pub input_dim: usize,
+}
+
+impl TextTimeConfig {
+    /// How many size numbers the conditioning takes.
+    pub const SIZE_NUMBERS: usize = 6;
+
+    /// The pooled text embedding's width the UNet expects.
+    pub fn pooled_dim(&self) -> usize {
+        self.input_dim - Self::SIZE_NUMBERS * self.time_embed_dim
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -118,6 +191,8 @@ pub struct UnetConfig {
     pub downsample_padding: usize,
     pub mid_block_scale_factor: f64,
     pub sample_size: Option<usize>,
+    /// `Some` for SDXL's UNets, which take the pooled text embedding and the size numbers.
+    pub text_time: Option<TextTimeConfig>,
 }
 
 impl UnetConfig {
@@ -140,7 +215,7 @@ impl UnetConfig {
                 file,
                 field,
                 format!(
-                    "= {value:?} is not supported (unitune runs Stable Diffusion 1.x/2.x UNets)"
+                    "= {value:?} is not supported (unitune runs Stable Diffusion 1.x, 2.x and XL UNets)"
                 ),
             )
         };
@@ -172,9 +247,11 @@ impl UnetConfig {
         if let Some(v) = &raw.class_embed_type {
             return Err(unsupported("class_embed_type", v));
         }
-        if let Some(v) = &raw.addition_embed_type {
-            return Err(unsupported("addition_embed_type", v));
-        }
+        let text_time = match raw.addition_embed_type.as_deref() {
+            None => None,
+            Some("text_time") => Some(text_time_config(&raw, file)?),
+            Some(other) => return Err(unsupported("addition_embed_type", &other)),
+        };
         if let Some(v) = &raw.encoder_hid_dim {
             return Err(unsupported("encoder_hid_dim", v));
         }
@@ -361,11 +438,59 @@ impl UnetConfig {
             downsample_padding: raw.downsample_padding,
             mid_block_scale_factor: raw.mid_block_scale_factor,
             sample_size: raw.sample_size,
+            text_time,
         })
     }
 
     /// How many times the UNet halves the latent: latent sides must be multiples of 2^this.
     pub fn downsample_count(&self) -> usize {
         self.block_out_channels.len() - 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sdxl_like(extra: serde_json::Value) -> Result<UnetConfig> {
+        let mut config = serde_json::json!({
+            "block_out_channels": [16, 32],
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+            "cross_attention_dim": 48,
+            "norm_num_groups": 8,
+            "attention_head_dim": [2, 4],
+            "addition_embed_type": "text_time",
+        });
+        config
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        UnetConfig::from_json(&config.to_string(), Path::new("unet/config.json"))
+    }
+
+    #[test]
+    fn text_time_needs_both_widths_and_room_for_the_pooled_embedding() {
+        let ok = sdxl_like(serde_json::json!({
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 80,
+        }))
+        .unwrap();
+        assert_eq!(ok.text_time.unwrap().pooled_dim(), 32);
+        let missing = sdxl_like(serde_json::json!({"addition_time_embed_dim": 8})).unwrap_err();
+        assert!(
+            missing
+                .to_string()
+                .contains("projection_class_embeddings_input_dim"),
+            "{missing}"
+        );
+        let no_room = sdxl_like(serde_json::json!({
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 48,
+        }))
+        .unwrap_err();
+        assert!(no_room.to_string().contains("no room"), "{no_room}");
+        let other = sdxl_like(serde_json::json!({"addition_embed_type": "image"})).unwrap_err();
+        assert!(other.to_string().contains("addition_embed_type"), "{other}");
     }
 }
