@@ -254,3 +254,67 @@ fn sdxl_unet_with_its_added_conditioning_matches_diffusers() {
     let refused = forward(None).unwrap_err().to_string();
     assert!(refused.contains("pooled text embedding"), "{refused}");
 }
+
+/// SDXL's two text encoders against transformers, as `StableDiffusionXLPipeline.encode_prompt`
+/// reads them: each one's penultimate hidden states, joined into the context, and the second
+/// one's projected end-of-text state (the pooled embedding). The last layer's states (what
+/// SD 1.x reads) are seen to differ from the penultimate ones past the tolerance.
+#[test]
+fn sdxl_text_encoders_give_diffusers_context_and_pooled_embedding() {
+    use unitune::engine::config::TextEncoderConfig;
+    use unitune::engine::text_encoder::TextEncoder;
+    let reference = Reference::load("sdxl-tiny");
+    let load = |folder: &str, projection: Option<usize>| {
+        let dir = common::model_dir("sdxl-tiny").join(folder);
+        let config = TextEncoderConfig::load(&dir.join("config.json")).unwrap();
+        let vb = unsafe {
+            candle_nn::VarBuilder::from_mmaped_safetensors(
+                &[dir.join("model.safetensors")],
+                DType::F32,
+                &Device::Cpu,
+            )
+        }
+        .unwrap();
+        match projection {
+            Some(dim) => TextEncoder::with_projection(&config, dim, vb).unwrap(),
+            None => TextEncoder::new(&config, vb).unwrap(),
+        }
+    };
+    let first = load("text_encoder", None);
+    let second = load("text_encoder_2", Some(32));
+    let ids = |key: &str| reference.tensor(key).to_dtype(DType::U32).unwrap();
+    let one = first.encode_xl(&ids("text_ids_1")).unwrap();
+    let two = second.encode_xl(&ids("text_ids_2")).unwrap();
+    assert!(one.pooled.is_none());
+    assert_close(
+        "SDXL text encoder 1, penultimate",
+        &one.penultimate,
+        &reference.f32("text_hidden_1"),
+        TOLERANCE,
+    );
+    assert_close(
+        "SDXL text encoder 2, penultimate",
+        &two.penultimate,
+        &reference.f32("text_hidden_2"),
+        TOLERANCE,
+    );
+    let context = candle_core::Tensor::cat(&[&one.penultimate, &two.penultimate], 2).unwrap();
+    assert_close(
+        "SDXL context",
+        &context,
+        &reference.f32("text_context"),
+        TOLERANCE,
+    );
+    assert_close(
+        "SDXL pooled",
+        two.pooled.as_ref().unwrap(),
+        &reference.f32("text_pooled"),
+        TOLERANCE,
+    );
+    let last = second.forward(&ids("text_ids_2")).unwrap();
+    let diff = common::max_abs_diff(&last, &reference.f32("text_hidden_2"));
+    assert!(
+        diff > 100.0 * TOLERANCE,
+        "the last layer is not the penultimate: {diff}"
+    );
+}

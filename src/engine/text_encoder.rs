@@ -1,5 +1,7 @@
 //! The CLIP text transformer (transformers `CLIPTextModel`), returning the last hidden state
-//! after the final LayerNorm, which is what Stable Diffusion 1.x and 2.x condition on.
+//! after the final LayerNorm, which is what Stable Diffusion 1.x and 2.x condition on, or
+//! (for SDXL's two encoders, [`TextEncoder::encode_xl`]) the penultimate layer's hidden states
+//! and the projected end-of-text state (`CLIPTextModelWithProjection`).
 //!
 //! Our own rather than candle-transformers': its public CLIP supports only quick-GELU (SD 2.x
 //! uses exact GELU) and its Stable Diffusion CLIP config cannot be built from a config file.
@@ -8,7 +10,10 @@ use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
 use super::config::{TextActivation, TextEncoderConfig};
-use super::layers::{LayerNorm, Linear, linear};
+use super::layers::{LayerNorm, Linear, linear, linear_no_bias};
+
+/// CLIP's end-of-text token: the state at its first occurrence is the pooled embedding.
+const END_OF_TEXT: u32 = 49407;
 
 #[derive(Debug, Clone)]
 struct EncoderLayer {
@@ -29,9 +34,37 @@ pub struct TextEncoder {
     position_embedding: Tensor,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
+    /// `text_projection` (`CLIPTextModelWithProjection`, SDXL's second encoder).
+    projection: Option<Linear>,
+}
+
+/// What SDXL reads from one text encoder.
+#[derive(Debug, Clone)]
+pub struct XlTextOutput {
+    /// The penultimate layer's hidden states, before the final LayerNorm,
+    /// `[batch, seq, hidden]` (diffusers' `hidden_states[-2]`).
+    pub penultimate: Tensor,
+    /// The projected end-of-text state after the final LayerNorm, `[batch, projection_dim]`;
+    /// `None` for an encoder without a projection.
+    pub pooled: Option<Tensor>,
 }
 
 impl TextEncoder {
+    /// [`Self::new`] with `text_projection` (`hidden_size` to `projection_dim`, no bias) at the
+    /// checkpoint root, as SDXL's second encoder has it.
+    pub fn with_projection(
+        config: &TextEncoderConfig,
+        projection_dim: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let projection =
+            linear_no_bias(config.hidden_size, projection_dim, vb.pp("text_projection"))?;
+        Ok(Self {
+            projection: Some(projection),
+            ..Self::new(config, vb)?
+        })
+    }
+
     /// `vb` points at the checkpoint root; weights live under `text_model.`.
     pub fn new(config: &TextEncoderConfig, vb: VarBuilder) -> Result<Self> {
         let c = config;
@@ -65,6 +98,7 @@ impl TextEncoder {
                 .get((c.max_position_embeddings, h), "weight")?,
             layers,
             final_layer_norm: LayerNorm::new(h, eps, vb.pp("final_layer_norm"))?,
+            projection: None,
         })
     }
 
@@ -82,6 +116,32 @@ impl TextEncoder {
 
     /// Token ids `[batch, seq]` (u32) to hidden states `[batch, seq, hidden]`.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (_, last) = self.layers_output(ids)?;
+        self.final_layer_norm.forward(&last)
+    }
+
+    /// SDXL's reading of token ids `[batch, seq]`: see [`XlTextOutput`].
+    pub fn encode_xl(&self, ids: &Tensor) -> Result<XlTextOutput> {
+        let (penultimate, last) = self.layers_output(ids)?;
+        let pooled = match &self.projection {
+            Some(projection) => {
+                let normed = self.final_layer_norm.forward(&last)?;
+                let ends = end_of_text_positions(ids)?;
+                let rows = (0..ends.len())
+                    .map(|b| normed.get(b)?.get(ends[b]))
+                    .collect::<Result<Vec<_>>>()?;
+                Some(projection.forward(&Tensor::stack(&rows, 0)?)?)
+            }
+            None => None,
+        };
+        Ok(XlTextOutput {
+            penultimate,
+            pooled,
+        })
+    }
+
+    /// The hidden states entering the last layer and leaving it, before the final LayerNorm.
+    fn layers_output(&self, ids: &Tensor) -> Result<(Tensor, Tensor)> {
         let (batch, seq) = ids.dims2()?;
         let heads = self.config.num_attention_heads;
         let positions = self.position_embedding.narrow(0, 0, seq)?;
@@ -90,7 +150,9 @@ impl TextEncoder {
             .forward(ids)?
             .broadcast_add(&positions)?;
         let mask = causal_mask(seq, x.dtype(), x.device())?;
+        let mut penultimate = x.clone();
         for layer in &self.layers {
+            penultimate = x.clone();
             let residual = x.clone();
             let normed = layer.layer_norm1.forward(&x)?;
             let q = layer.q_proj.forward(&normed)?;
@@ -103,8 +165,22 @@ impl TextEncoder {
             let hidden = self.activation(&layer.fc1.forward(&normed)?)?;
             x = (layer.fc2.forward(&hidden)? + residual)?;
         }
-        self.final_layer_norm.forward(&x)
+        Ok((penultimate, x))
     }
+}
+
+/// Each row's first end-of-text token (transformers' pooling for a tokenizer whose padding is
+/// not end-of-text, as SDXL's second; with end-of-text padding it is the same position).
+fn end_of_text_positions(ids: &Tensor) -> Result<Vec<usize>> {
+    ids.to_dtype(DType::U32)?
+        .to_vec2::<u32>()?
+        .iter()
+        .map(|row| {
+            row.iter().position(|&id| id == END_OF_TEXT).ok_or_else(|| {
+                candle_core::Error::Msg("a prompt's tokens have no end-of-text token".into())
+            })
+        })
+        .collect()
 }
 
 /// `[seq, seq]` with -inf above the diagonal: each token sees only itself and earlier ones.
