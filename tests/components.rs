@@ -180,10 +180,9 @@ fn vae_encode_is_deterministic_under_a_seed() {
 /// (asserted, so the comparison is seen to be able to fail).
 #[test]
 fn sdxl_unet_with_its_added_conditioning_matches_diffusers() {
-    use unitune::engine::config::UnetConfig;
-    use unitune::engine::unet::{TextTime, UNet};
-    let dir = common::model_dir("sdxl-tiny").join("unet");
-    let config = UnetConfig::load(&dir.join("config.json")).unwrap();
+    use unitune::engine::unet::TextTime;
+    let unet = sdxl_unet();
+    let config = unet.config().clone();
     let text_time_config = config
         .text_time
         .expect("SDXL's UNet has text_time conditioning");
@@ -195,15 +194,6 @@ fn sdxl_unet_with_its_added_conditioning_matches_diffusers() {
         (8, 32)
     );
     assert!(config.down_blocks[0].attention.is_none());
-    let vb = unsafe {
-        candle_nn::VarBuilder::from_mmaped_safetensors(
-            &[dir.join("diffusion_pytorch_model.safetensors")],
-            DType::F32,
-            &Device::Cpu,
-        )
-    }
-    .unwrap();
-    let unet = UNet::new(&config, vb).unwrap();
     let reference = Reference::load("sdxl-tiny");
     let text_time = TextTime {
         pooled: reference.f32("tt_text_embeds"),
@@ -317,4 +307,122 @@ fn sdxl_text_encoders_give_diffusers_context_and_pooled_embedding() {
         diff > 100.0 * TOLERANCE,
         "the last layer is not the penultimate: {diff}"
     );
+}
+
+/// The tiny SDXL fixture's UNet (f32, CPU).
+fn sdxl_unet() -> unitune::engine::unet::UNet {
+    use unitune::engine::config::UnetConfig;
+    let dir = common::model_dir("sdxl-tiny").join("unet");
+    let config = UnetConfig::load(&dir.join("config.json")).unwrap();
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[dir.join("diffusion_pytorch_model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+    }
+    .unwrap();
+    unitune::engine::unet::UNet::new(&config, vb).unwrap()
+}
+
+/// Whole DDIM loops from explicit latents with SDXL's UNet, its context, pooled embedding and
+/// size numbers, against `StableDiffusionXLPipeline` (DDIM from SDXL's own scheduler config)
+/// step by step: 5 "leading" steps with guidance 5 and a negative prompt, and a Turbo-style
+/// 2 "trailing" steps without guidance. The random UNet's latents grow to about 20 and 56,
+/// so the tolerance is relative to each step's largest value. A doubled target height in
+/// the size numbers is seen to move the first prediction far past it.
+#[test]
+fn sdxl_sampling_loops_from_explicit_latents_match_the_pipeline() {
+    use candle_core::Tensor;
+    use unitune::engine::config::{SchedulerConfig, TimestepSpacing};
+    use unitune::engine::scheduler::DdimScheduler;
+    use unitune::engine::unet::TextTime;
+    let unet = sdxl_unet();
+    let reference = Reference::load("sdxl-tiny");
+    let scheduler_config = SchedulerConfig::load(
+        &common::model_dir("sdxl-tiny").join("scheduler/scheduler_config.json"),
+    )
+    .unwrap();
+    let relative = |what: &str, got: &Tensor, expected: &Tensor| {
+        let scale = expected
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let diff = common::max_abs_diff(got, expected);
+        assert!(
+            diff <= TOLERANCE * scale.max(1.0),
+            "{what}: {diff} at scale {scale}"
+        );
+    };
+    for (run, spacing, steps, guidance) in [
+        ("txt2img", TimestepSpacing::Leading, 5, Some(5.0)),
+        ("turbo", TimestepSpacing::Trailing, 2, None),
+    ] {
+        let scheduler = DdimScheduler::new(&SchedulerConfig {
+            timestep_spacing: spacing,
+            ..scheduler_config.clone()
+        });
+        let timesteps = scheduler.timesteps(steps).unwrap();
+        assert_eq!(timesteps, reference.usize_list(&format!("{run}_timesteps")));
+        let context = reference.f32(&format!("{run}_context"));
+        let text_time = TextTime {
+            pooled: reference.f32(&format!("{run}_text_embeds")),
+            size_numbers: reference.f32(&format!("{run}_time_ids")),
+        };
+        let batch = context.dim(0).unwrap();
+        let mut latents = reference.f32(&format!("{run}_init_noise"));
+        for (i, &t) in timesteps.iter().enumerate() {
+            let input = Tensor::cat(&vec![&latents; batch], 0).unwrap();
+            let t_batch = Tensor::new(vec![t as f32; batch], &Device::Cpu).unwrap();
+            let out = unet
+                .forward_with(&input, &t_batch, &context, Some(&text_time))
+                .unwrap();
+            let prediction = match guidance {
+                // The batch is [negative, prompt], as the pipeline orders it.
+                Some(w) => {
+                    let (negative, prompt) = (out.get(0).unwrap(), out.get(1).unwrap());
+                    (&negative + ((&prompt - &negative).unwrap() * w).unwrap())
+                        .unwrap()
+                        .unsqueeze(0)
+                        .unwrap()
+                }
+                None => out.clone(),
+            };
+            relative(
+                &format!("{run} step {i} prediction"),
+                &prediction,
+                &reference.f32(&format!("{run}_noise_pred_{i}")),
+            );
+            if i == 0 {
+                let mut doubled = text_time.size_numbers.to_vec2::<f32>().unwrap();
+                for row in &mut doubled {
+                    row[4] *= 2.0;
+                }
+                let wrong = TextTime {
+                    size_numbers: Tensor::new(doubled, &Device::Cpu).unwrap(),
+                    ..text_time.clone()
+                };
+                let off = unet
+                    .forward_with(&input, &t_batch, &context, Some(&wrong))
+                    .unwrap();
+                let diff = common::max_abs_diff(&off, &out);
+                assert!(
+                    diff > 100.0 * TOLERANCE,
+                    "{run}: the target size moved it by {diff}"
+                );
+            }
+            latents = scheduler
+                .step(&prediction, t, &latents, steps)
+                .unwrap()
+                .prev_sample;
+            relative(
+                &format!("{run} step {i} latents"),
+                &latents,
+                &reference.f32(&format!("{run}_latents_{i}")),
+            );
+        }
+    }
 }
