@@ -309,6 +309,23 @@ fn sdxl_text_encoders_give_diffusers_context_and_pooled_embedding() {
     );
 }
 
+/// `got` within [`TOLERANCE`] of `expected` relative to `expected`'s largest value (at least
+/// 1): a random UNet's sampling loops grow their latents far past 1.
+fn assert_relative(what: &str, got: &candle_core::Tensor, expected: &candle_core::Tensor) {
+    let scale = expected
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let diff = common::max_abs_diff(got, expected);
+    assert!(
+        diff <= TOLERANCE * scale.max(1.0),
+        "{what}: {diff} at scale {scale}"
+    );
+}
+
 /// The tiny SDXL fixture's UNet (f32, CPU).
 fn sdxl_unet() -> unitune::engine::unet::UNet {
     use unitune::engine::config::UnetConfig;
@@ -343,20 +360,6 @@ fn sdxl_sampling_loops_from_explicit_latents_match_the_pipeline() {
         &common::model_dir("sdxl-tiny").join("scheduler/scheduler_config.json"),
     )
     .unwrap();
-    let relative = |what: &str, got: &Tensor, expected: &Tensor| {
-        let scale = expected
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let diff = common::max_abs_diff(got, expected);
-        assert!(
-            diff <= TOLERANCE * scale.max(1.0),
-            "{what}: {diff} at scale {scale}"
-        );
-    };
     for (run, spacing, steps, guidance) in [
         ("txt2img", TimestepSpacing::Leading, 5, Some(5.0)),
         ("turbo", TimestepSpacing::Trailing, 2, None),
@@ -391,7 +394,7 @@ fn sdxl_sampling_loops_from_explicit_latents_match_the_pipeline() {
                 }
                 None => out.clone(),
             };
-            relative(
+            assert_relative(
                 &format!("{run} step {i} prediction"),
                 &prediction,
                 &reference.f32(&format!("{run}_noise_pred_{i}")),
@@ -418,11 +421,97 @@ fn sdxl_sampling_loops_from_explicit_latents_match_the_pipeline() {
                 .step(&prediction, t, &latents, steps)
                 .unwrap()
                 .prev_sample;
-            relative(
+            assert_relative(
                 &format!("{run} step {i} latents"),
                 &latents,
                 &reference.f32(&format!("{run}_latents_{i}")),
             );
         }
     }
+}
+
+/// SDEdit on SDXL against `StableDiffusionXLImg2ImgPipeline` (DDIM, 10 steps at strength 0.6,
+/// guidance 5, a non-square photo): the VAE's encoding with the pipeline's own noise and
+/// SDXL's scaling 0.13025, the photo noised to the first of the 6 timesteps run, every guided
+/// step, and the decoded result.
+#[test]
+fn sdxl_sdedit_loop_matches_the_img2img_pipeline() {
+    use candle_core::Tensor;
+    use unitune::engine::config::{SchedulerConfig, VaeConfig};
+    use unitune::engine::scheduler::DdimScheduler;
+    use unitune::engine::unet::TextTime;
+    use unitune::engine::vae::Vae;
+    let reference = Reference::load("sdxl-tiny");
+    let dir = common::model_dir("sdxl-tiny");
+    let vae_config = VaeConfig::load(&dir.join("vae/config.json")).unwrap();
+    assert_eq!(vae_config.scaling_factor, 0.13025);
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[dir.join("vae/diffusion_pytorch_model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+    }
+    .unwrap();
+    let vae = Vae::new(&vae_config, vb).unwrap();
+    let unet = sdxl_unet();
+    let scheduler = DdimScheduler::new(
+        &SchedulerConfig::load(&dir.join("scheduler/scheduler_config.json")).unwrap(),
+    );
+
+    let encoded = vae
+        .encode(&reference.f32("img2img_image"))
+        .unwrap()
+        .sample(&reference.f32("img2img_encode_noise"))
+        .unwrap();
+    let init = (encoded * vae_config.scaling_factor).unwrap();
+    assert_relative(
+        "SDXL SDEdit encoding",
+        &init,
+        &reference.f32("img2img_init_latents"),
+    );
+    let timesteps = scheduler.sdedit_timesteps(10, 0.6).unwrap();
+    assert_eq!(timesteps, reference.usize_list("img2img_timesteps"));
+    let mut latents = scheduler
+        .add_noise(&init, &reference.f32("img2img_noise"), &timesteps[..1])
+        .unwrap();
+    assert_relative(
+        "SDXL SDEdit start",
+        &latents,
+        &reference.f32("img2img_latents_start"),
+    );
+    let context = reference.f32("img2img_context");
+    let text_time = TextTime {
+        pooled: reference.f32("img2img_text_embeds"),
+        size_numbers: reference.f32("img2img_time_ids"),
+    };
+    for (i, &t) in timesteps.iter().enumerate() {
+        let input = Tensor::cat(&[&latents, &latents], 0).unwrap();
+        let t_batch = Tensor::new(&[t as f32, t as f32], &Device::Cpu).unwrap();
+        let out = unet
+            .forward_with(&input, &t_batch, &context, Some(&text_time))
+            .unwrap();
+        let (negative, prompt) = (out.get(0).unwrap(), out.get(1).unwrap());
+        let guided = (&negative + ((&prompt - &negative).unwrap() * 5.0).unwrap())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        latents = scheduler
+            .step(&guided, t, &latents, 10)
+            .unwrap()
+            .prev_sample;
+        assert_relative(
+            &format!("SDXL SDEdit step {i}"),
+            &latents,
+            &reference.f32(&format!("img2img_latents_{i}")),
+        );
+    }
+    let decoded = vae
+        .decode(&(latents / vae_config.scaling_factor).unwrap())
+        .unwrap();
+    assert_relative(
+        "SDXL SDEdit decoded",
+        &decoded,
+        &reference.f32("img2img_decoded"),
+    );
 }
