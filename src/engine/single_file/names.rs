@@ -14,6 +14,9 @@ pub(crate) struct Source {
     pub part: Option<usize>,
     /// Stored as a `[out, in, 1, 1]` convolution, used as a `[out, in]` linear weight.
     pub conv_1x1: bool,
+    /// Stored as `[in, out]` (a matrix multiplied from the right, OpenCLIP's
+    /// `text_projection`), used as a `[out, in]` linear weight.
+    pub transposed: bool,
 }
 
 impl Source {
@@ -22,6 +25,7 @@ impl Source {
             name,
             part: None,
             conv_1x1: false,
+            transposed: false,
         }
     }
 }
@@ -52,12 +56,16 @@ pub struct UnetLayout {
     blocks: Vec<(String, String)>,
 }
 
-/// The UNet's fixed names, diffusers to LDM.
-const UNET_TOP: [(&str, &str); 10] = [
+/// The UNet's fixed names, diffusers to LDM (SDXL's `add_embedding` is SGM's `label_emb`).
+const UNET_TOP: [(&str, &str); 14] = [
     ("time_embedding.linear_1.weight", "time_embed.0.weight"),
     ("time_embedding.linear_1.bias", "time_embed.0.bias"),
     ("time_embedding.linear_2.weight", "time_embed.2.weight"),
     ("time_embedding.linear_2.bias", "time_embed.2.bias"),
+    ("add_embedding.linear_1.weight", "label_emb.0.0.weight"),
+    ("add_embedding.linear_1.bias", "label_emb.0.0.bias"),
+    ("add_embedding.linear_2.weight", "label_emb.0.2.weight"),
+    ("add_embedding.linear_2.bias", "label_emb.0.2.bias"),
     ("conv_in.weight", "input_blocks.0.0.weight"),
     ("conv_in.bias", "input_blocks.0.0.bias"),
     ("conv_norm_out.weight", "out.0.weight"),
@@ -192,6 +200,7 @@ fn ldm_vae_source(prefix: &str, levels: usize, name: &str) -> Option<Source> {
                 name: format!("{prefix}{half}.mid.attn_1.{part}"),
                 part: None,
                 conv_1x1,
+                transposed: false,
             });
         }
         let (index, tail) = rest.strip_prefix("resnets.")?.split_once('.')?;
@@ -249,6 +258,13 @@ const OPEN_CLIP_LAYER: [(&str, &str); 6] = [
 ];
 
 fn open_clip_source(prefix: &str, name: &str) -> Option<Source> {
+    // SDXL's second encoder (`CLIPTextModelWithProjection`) projects its pooled state.
+    if name == "text_projection.weight" {
+        return Some(Source {
+            transposed: true,
+            ..Source::plain(format!("{prefix}text_projection"))
+        });
+    }
     let name = name.strip_prefix("text_model.")?;
     let plain = |ldm: String| Some(Source::plain(format!("{prefix}{ldm}")));
     match name {
@@ -268,6 +284,7 @@ fn open_clip_source(prefix: &str, name: &str) -> Option<Source> {
                 name: format!("{prefix}{block}attn.in_proj_{kind}"),
                 part: Some(part),
                 conv_1x1: false,
+                transposed: false,
             });
         }
     }

@@ -149,6 +149,9 @@ impl NamedWeights {
         if source.conv_1x1 && dims.len() == 4 {
             dims.truncate(2);
         }
+        if source.transposed {
+            dims.reverse();
+        }
         Some(dims)
     }
 
@@ -175,6 +178,9 @@ impl NamedWeights {
     fn check_shape(&self, source: &Source, expected: &[usize]) -> candle_core::Result<()> {
         let found = self.file.shape(&source.name).unwrap_or_default();
         let mut wanted = expected.to_vec();
+        if source.transposed {
+            wanted.reverse();
+        }
         if source.part.is_some()
             && let Some(rows) = wanted.first_mut()
         {
@@ -232,6 +238,9 @@ impl NamedWeights {
         if source.conv_1x1 && tensor.rank() == 4 {
             let (out, inp, _, _) = tensor.dims4()?;
             tensor = tensor.reshape((out, inp))?;
+        }
+        if source.transposed {
+            tensor = tensor.t()?.contiguous()?;
         }
         Ok(tensor)
     }
