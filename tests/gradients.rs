@@ -222,3 +222,90 @@ fn gradients_match_finite_differences_in_f64() {
         worst.0, worst.1
     );
 }
+
+/// SDXL's added-conditioning path (`add_embedding`, fed by the pooled embedding and the size
+/// numbers) and the per-level transformer depth (the second transformer block of the deepest
+/// levels) differentiate like finite differences in f64, through the tiny SDXL UNet's
+/// denoising loss with `forward_with`.
+#[test]
+fn sdxl_added_conditioning_gradients_match_finite_differences_in_f64() {
+    use unitune::engine::unet::TextTime;
+    let model = trainable_unet("sdxl-tiny", DType::F64);
+    let normal = |seed: u64, shape: &[usize]| {
+        unitune::engine::noise::NoiseSource::from_seed(seed)
+            .normal(shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+    };
+    let (latents, noise) = (normal(1, &[2, 4, 8, 8]), normal(2, &[2, 4, 8, 8]));
+    let context = normal(3, &[2, 77, 48]);
+    let text_time = TextTime {
+        pooled: normal(4, &[2, 32]),
+        size_numbers: Tensor::new(
+            &[
+                [1024f64, 768., 0., 0., 64., 64.],
+                [64., 64., 8., 16., 64., 64.],
+            ],
+            &Device::Cpu,
+        )
+        .unwrap(),
+    };
+    let timesteps = [750usize, 42];
+    let loss = || {
+        let noisy = model
+            .scheduler
+            .add_noise(&latents, &noise, &timesteps)
+            .unwrap();
+        let t = Tensor::new(&[750f64, 42.], &Device::Cpu).unwrap();
+        let out = model
+            .unet
+            .forward_with(&noisy, &t, &context, Some(&text_time))
+            .unwrap();
+        (out - &noise).unwrap().sqr().unwrap().mean_all().unwrap()
+    };
+    let grads = loss().backward().unwrap();
+    let checked: Vec<&(String, Var)> = model
+        .vars
+        .iter()
+        .filter(|(key, _)| {
+            key.starts_with("add_embedding.")
+                || key.starts_with("time_embedding.")
+                || key.contains("transformer_blocks.1.attn2.to_k")
+        })
+        .collect();
+    assert!(checked.len() >= 10, "{} parameters", checked.len());
+    let step = 1e-4;
+    for (key, var) in checked {
+        let grad: Vec<f64> = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient reached {key}"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let (index, analytic) = grad
+            .iter()
+            .copied()
+            .enumerate()
+            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+            .unwrap();
+        let original = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()[index];
+        set_element(var, index, original + step);
+        let up = loss().to_scalar::<f64>().unwrap();
+        set_element(var, index, original - step);
+        let down = loss().to_scalar::<f64>().unwrap();
+        set_element(var, index, original);
+        let numeric = (up - down) / (2.0 * step);
+        let relative = (numeric - analytic).abs() / analytic.abs().max(1e-6);
+        assert!(
+            relative <= 1e-4,
+            "{key}[{index}]: analytic {analytic:e} vs finite difference {numeric:e}"
+        );
+    }
+}
