@@ -24,9 +24,10 @@ const MIN_FIDELITY_GAIN: f64 = 0.15;
 /// (3 of 6 edits).
 const MIN_REGION_FIDELITY_GAIN: f64 = 0.08;
 
-/// Measured (AMD EPYC, 2 cores, in the 4- and 8-scene runs as in this slice): the suggested
-/// edit succeeds and keeps 8 of the 10 attributes it does not ask about.
-const MIN_EXAMPLE_FIDELITY: f64 = 0.8;
+/// Measured (AMD EPYC, 2 cores): the suggested edit succeeds at every slider position and
+/// keeps 9 of the 10 attributes it does not ask about (0.9); the phrase it replaced ("a large
+/// green square in the middle") repainted the circle at every position (0.8).
+const MIN_EXAMPLE_FIDELITY: f64 = 0.85;
 
 /// Runs the slice and returns its report.
 fn small_eval(home: &std::path::Path) -> Value {
@@ -166,23 +167,33 @@ fn the_demo_model_learns_a_scene_and_unitune_keeps_more_of_it_than_sdedit() {
     );
 
     // The editor's first impression: its demo scene (the slice's first) with the prompt it
-    // suggests, at the default settings, turns the square green and keeps the circle and the
-    // white background.
-    let example = report["samples"]
+    // suggests turns the square green at the default settings, and keeps the circle red and
+    // the background white along the whole slider.
+    let example: Vec<&Value> = report["samples"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|s| {
+        .filter(|s| {
             s["scene"] == 0
                 && s["edit"] == "make the square green"
                 && s["method"] == "fidelity slider + auto region"
-                && s["label"] == "fidelity 0.50"
         })
-        .expect("the slice starts with the editor's demo scene and its suggested edit");
-    eprintln!("the suggested edit: {example}");
-    assert_eq!(example["success"], true, "{example}");
-    assert!(
-        example["fidelity"].as_f64().unwrap() >= MIN_EXAMPLE_FIDELITY,
-        "{example}"
+        .collect();
+    assert_eq!(
+        example.len(),
+        5,
+        "the slice starts with the editor's demo scene"
     );
+    let default = example
+        .iter()
+        .find(|s| s["label"] == "fidelity 0.50")
+        .unwrap();
+    assert_eq!(default["success"], true, "{default}");
+    let kept = example
+        .iter()
+        .map(|s| s["fidelity"].as_f64().unwrap())
+        .sum::<f64>()
+        / example.len() as f64;
+    eprintln!("the suggested edit keeps {kept:.3} along the slider");
+    assert!(kept >= MIN_EXAMPLE_FIDELITY, "{example:?}");
 }

@@ -233,9 +233,7 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
         let bar = step_bar(&format!("scene {}/{}", index + 1, cases.len()));
         bar.set_length((case.edits.len() * plan.len()) as u64);
         for (e, edit) in case.edits.iter().enumerate() {
-            let prompt = edit
-                .prompt(&case.scene)
-                .expect("cases hold edits that apply");
+            let prompt = &case.prompts[e];
             let mask = Arc::new(resize_mask(&edit.mask(&case.scene), side));
             if args.methods.contains(&EvalMethod::AutoRegion) {
                 let spec = EditSpec {
@@ -514,6 +512,25 @@ struct Case {
     /// "rendered" or "sampled" (drawn by the model, read back by the world's reader).
     source: &'static str,
     edits: Vec<Edit>,
+    /// What each edit is asked with: its prompt ([`Edit::prompt`]), except the editor's
+    /// suggestion for its demo scene.
+    prompts: Vec<String>,
+}
+
+impl Case {
+    fn new(scene: Scene, photo: RgbImage, source: &'static str, edits: Vec<Edit>) -> Self {
+        let prompts = edits
+            .iter()
+            .map(|e| e.prompt(&scene).expect("cases hold edits that apply"))
+            .collect();
+        Self {
+            scene,
+            photo,
+            source,
+            edits,
+            prompts,
+        }
+    }
 }
 
 /// The benchmark's scenes, each with a recolouring, a new background, and an added object
@@ -525,21 +542,14 @@ fn cases(count: usize, seed: u64) -> Vec<Case> {
     let mut example_edits = edits_for(&example, &mut rng);
     example_edits.retain(|e| e.kind() != world::example_edit().kind());
     example_edits.insert(0, world::example_edit());
-    let mut cases = vec![Case {
-        photo: example.render(),
-        scene: example,
-        source: "rendered",
-        edits: example_edits,
-    }];
+    let mut first = Case::new(example.clone(), example.render(), "rendered", example_edits);
+    // Asked as the editor suggests it, so the example pictures show what a newcomer gets.
+    first.prompts[0] = world::EXAMPLE_PROMPT.to_owned();
+    let mut cases = vec![first];
     cases.extend((1..count).map(|_| {
         let scene = Scene::random(&mut rng);
         let edits = edits_for(&scene, &mut rng);
-        Case {
-            photo: scene.render(),
-            scene,
-            source: "rendered",
-            edits,
-        }
+        Case::new(scene.clone(), scene.render(), "rendered", edits)
     }));
     cases
 }
@@ -587,12 +597,7 @@ fn sampled_cases(
         if edits.is_empty() {
             continue;
         }
-        cases.push(Case {
-            scene,
-            photo: drawn,
-            source: "sampled",
-            edits,
-        });
+        cases.push(Case::new(scene, drawn, "sampled", edits));
     }
     Ok(cases)
 }

@@ -269,12 +269,16 @@ pub fn example_scene() -> Scene {
     }
 }
 
-/// The edit to try on [`example_scene`] ([`super::Edit::prompt`] of [`example_edit`]).
-pub const EXAMPLE_PROMPT: &str = "a large green square in the middle";
+/// The edit to try on [`example_scene`]: the caption of [`example_edit`]'s result. The whole
+/// caption, not the edit's phrase ("a large green square in the middle"): a prompt that
+/// leaves the circle out lets the model repaint it (blue, on the demo model, at every
+/// position of the slider), one that names it keeps it.
+pub const EXAMPLE_PROMPT: &str =
+    "a large red circle on the left and a large green square in the middle, on a white background";
 
 /// Makes the square in the middle of [`example_scene`] green: a recolouring, which the demo
-/// model's UniTune edits make across the whole slider (adding an object, it rarely does;
-/// docs/edit-quality.md).
+/// model's UniTune edits make across the whole slider with the automatic region, keeping
+/// the circle and the background (adding an object, it rarely does; docs/edit-quality.md).
 pub fn example_edit() -> super::Edit {
     super::Edit::Recolour {
         column: Column::Middle,
@@ -355,9 +359,9 @@ mod tests {
     }
 
     #[test]
-    fn the_example_prompt_is_the_example_edit_in_words() {
-        let prompt = example_edit().prompt(&example_scene());
-        assert_eq!(prompt.as_deref(), Some(EXAMPLE_PROMPT));
+    fn the_example_prompt_is_the_example_edits_result_in_words() {
+        let after = example_edit().apply(&example_scene()).unwrap();
+        assert_eq!(super::super::caption(&after), EXAMPLE_PROMPT);
     }
 
     #[test]
