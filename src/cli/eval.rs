@@ -243,7 +243,7 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
                     },
                     sampling_steps: args.sampling_steps,
                     size,
-                    ..EditSpec::new(working.clone(), &prompt)
+                    ..EditSpec::new(working.clone(), prompt)
                 };
                 let changed = resize_mask(&edit.changed(&case.scene), side);
                 let (score, region) =
@@ -310,7 +310,7 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
                     },
                     interpolate: setting.interpolate,
                     size,
-                    ..EditSpec::new(working.clone(), &prompt)
+                    ..EditSpec::new(working.clone(), prompt)
                 };
                 let image = run(&mut service, &spec)?;
                 let score = world::score_edit(edit, &case.scene, &world::read(&image))
