@@ -94,14 +94,7 @@ fn nine_channel_inpainting_unet_loads_and_matches() {
     let dir = common::model_dir("unet-in9-tiny").join("unet");
     let config = UnetConfig::load(&dir.join("config.json")).unwrap();
     assert_eq!(config.in_channels, 9);
-    let vb = unsafe {
-        candle_nn::VarBuilder::from_mmaped_safetensors(
-            &[dir.join("diffusion_pytorch_model.safetensors")],
-            DType::F32,
-            &Device::Cpu,
-        )
-    }
-    .unwrap();
+    let vb = common::f32_weights(&dir.join("diffusion_pytorch_model.safetensors"));
     let unet = UNet::new(&config, vb).unwrap();
     let reference = Reference::load("unet-in9-tiny");
     let out = unet
@@ -257,14 +250,7 @@ fn sdxl_text_encoders_give_diffusers_context_and_pooled_embedding() {
     let load = |folder: &str, projection: Option<usize>| {
         let dir = common::model_dir("sdxl-tiny").join(folder);
         let config = TextEncoderConfig::load(&dir.join("config.json")).unwrap();
-        let vb = unsafe {
-            candle_nn::VarBuilder::from_mmaped_safetensors(
-                &[dir.join("model.safetensors")],
-                DType::F32,
-                &Device::Cpu,
-            )
-        }
-        .unwrap();
+        let vb = common::f32_weights(&dir.join("model.safetensors"));
         match projection {
             Some(dim) => TextEncoder::with_projection(&config, dim, vb).unwrap(),
             None => TextEncoder::new(&config, vb).unwrap(),
@@ -326,19 +312,22 @@ fn assert_relative(what: &str, got: &candle_core::Tensor, expected: &candle_core
     );
 }
 
+/// Classifier-free guidance on a `[negative, prompt]` batch, as the pipelines order it:
+/// `negative + w (prompt - negative)`, `[1, ...]`.
+fn guided(out: &candle_core::Tensor, w: f64) -> candle_core::Tensor {
+    let (negative, prompt) = (out.get(0).unwrap(), out.get(1).unwrap());
+    (&negative + ((&prompt - &negative).unwrap() * w).unwrap())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+}
+
 /// The tiny SDXL fixture's UNet (f32, CPU).
 fn sdxl_unet() -> unitune::engine::unet::UNet {
     use unitune::engine::config::UnetConfig;
     let dir = common::model_dir("sdxl-tiny").join("unet");
     let config = UnetConfig::load(&dir.join("config.json")).unwrap();
-    let vb = unsafe {
-        candle_nn::VarBuilder::from_mmaped_safetensors(
-            &[dir.join("diffusion_pytorch_model.safetensors")],
-            DType::F32,
-            &Device::Cpu,
-        )
-    }
-    .unwrap();
+    let vb = common::f32_weights(&dir.join("diffusion_pytorch_model.safetensors"));
     unitune::engine::unet::UNet::new(&config, vb).unwrap()
 }
 
@@ -384,14 +373,7 @@ fn sdxl_sampling_loops_from_explicit_latents_match_the_pipeline() {
                 .forward_with(&input, &t_batch, &context, Some(&text_time))
                 .unwrap();
             let prediction = match guidance {
-                // The batch is [negative, prompt], as the pipeline orders it.
-                Some(w) => {
-                    let (negative, prompt) = (out.get(0).unwrap(), out.get(1).unwrap());
-                    (&negative + ((&prompt - &negative).unwrap() * w).unwrap())
-                        .unwrap()
-                        .unsqueeze(0)
-                        .unwrap()
-                }
+                Some(w) => guided(&out, w),
                 None => out.clone(),
             };
             assert_relative(
@@ -445,14 +427,7 @@ fn sdxl_sdedit_loop_matches_the_img2img_pipeline() {
     let dir = common::model_dir("sdxl-tiny");
     let vae_config = VaeConfig::load(&dir.join("vae/config.json")).unwrap();
     assert_eq!(vae_config.scaling_factor, 0.13025);
-    let vb = unsafe {
-        candle_nn::VarBuilder::from_mmaped_safetensors(
-            &[dir.join("vae/diffusion_pytorch_model.safetensors")],
-            DType::F32,
-            &Device::Cpu,
-        )
-    }
-    .unwrap();
+    let vb = common::f32_weights(&dir.join("vae/diffusion_pytorch_model.safetensors"));
     let vae = Vae::new(&vae_config, vb).unwrap();
     let unet = sdxl_unet();
     let scheduler = DdimScheduler::new(
@@ -491,13 +466,8 @@ fn sdxl_sdedit_loop_matches_the_img2img_pipeline() {
         let out = unet
             .forward_with(&input, &t_batch, &context, Some(&text_time))
             .unwrap();
-        let (negative, prompt) = (out.get(0).unwrap(), out.get(1).unwrap());
-        let guided = (&negative + ((&prompt - &negative).unwrap() * 5.0).unwrap())
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
         latents = scheduler
-            .step(&guided, t, &latents, 10)
+            .step(&guided(&out, 5.0), t, &latents, 10)
             .unwrap()
             .prev_sample;
         assert_relative(

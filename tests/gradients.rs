@@ -156,6 +156,49 @@ fn set_element(var: &Var, index: usize, value: f64) {
     var.set(&tensor).unwrap();
 }
 
+/// Checks `var`'s gradient in `grads` against a central finite difference of `loss` (f64):
+/// at one coordinate, the one with the largest gradient, so the check is about the gradient's
+/// value, not about rounding noise around zero. Returns the relative error (at most 1e-4).
+fn check_finite_difference(
+    key: &str,
+    var: &Var,
+    grads: &candle_core::backprop::GradStore,
+    loss: impl Fn() -> f64,
+) -> f64 {
+    let step = 1e-4;
+    let grad: Vec<f64> = grads
+        .get(var.as_tensor())
+        .unwrap_or_else(|| panic!("no gradient reached {key}"))
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let (index, analytic) = grad
+        .iter()
+        .copied()
+        .enumerate()
+        .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+        .unwrap();
+    let original = var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()[index];
+    set_element(var, index, original + step);
+    let up = loss();
+    set_element(var, index, original - step);
+    let down = loss();
+    set_element(var, index, original);
+    let numeric = (up - down) / (2.0 * step);
+    let relative = (numeric - analytic).abs() / analytic.abs().max(1e-6);
+    assert!(
+        relative <= 1e-4,
+        "{key}[{index}]: analytic {analytic:e} vs finite difference {numeric:e}"
+    );
+    relative
+}
+
 #[test]
 fn gradients_match_finite_differences_in_f64() {
     let name = "sd15-tiny";
@@ -181,41 +224,13 @@ fn gradients_match_finite_differences_in_f64() {
     };
     let grads = loss(&model, &b).backward().unwrap();
 
-    // One coordinate per parameter tensor: the one with the largest gradient, so the check is
-    // about the gradient's value, not about rounding noise around zero.
-    let step = 1e-4;
     let mut worst: (f64, String) = (0.0, String::new());
     for (key, var) in &model.vars {
-        let grad = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient reached {key}"));
-        let grad: Vec<f64> = grad.flatten_all().unwrap().to_vec1().unwrap();
-        let (index, analytic) = grad
-            .iter()
-            .copied()
-            .enumerate()
-            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
-            .unwrap();
-        let original = var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap()[index];
-        set_element(var, index, original + step);
-        let up = loss(&model, &b).to_scalar::<f64>().unwrap();
-        set_element(var, index, original - step);
-        let down = loss(&model, &b).to_scalar::<f64>().unwrap();
-        set_element(var, index, original);
-        let numeric = (up - down) / (2.0 * step);
-        let relative = (numeric - analytic).abs() / analytic.abs().max(1e-6);
+        let relative =
+            check_finite_difference(key, var, &grads, || loss(&model, &b).to_scalar().unwrap());
         if relative > worst.0 {
             worst = (relative, key.clone());
         }
-        assert!(
-            relative <= 1e-4,
-            "{key}[{index}]: analytic {analytic:e} vs finite difference {numeric:e}"
-        );
     }
     eprintln!(
         "worst relative finite-difference error: {:e} ({})",
@@ -275,37 +290,7 @@ fn sdxl_added_conditioning_gradients_match_finite_differences_in_f64() {
         })
         .collect();
     assert!(checked.len() >= 10, "{} parameters", checked.len());
-    let step = 1e-4;
     for (key, var) in checked {
-        let grad: Vec<f64> = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient reached {key}"))
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let (index, analytic) = grad
-            .iter()
-            .copied()
-            .enumerate()
-            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
-            .unwrap();
-        let original = var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap()[index];
-        set_element(var, index, original + step);
-        let up = loss().to_scalar::<f64>().unwrap();
-        set_element(var, index, original - step);
-        let down = loss().to_scalar::<f64>().unwrap();
-        set_element(var, index, original);
-        let numeric = (up - down) / (2.0 * step);
-        let relative = (numeric - analytic).abs() / analytic.abs().max(1e-6);
-        assert!(
-            relative <= 1e-4,
-            "{key}[{index}]: analytic {analytic:e} vs finite difference {numeric:e}"
-        );
+        check_finite_difference(key, var, &grads, || loss().to_scalar().unwrap());
     }
 }

@@ -582,14 +582,8 @@ fn sdxl_sgm_weights_read_through_the_name_maps_equal_the_folders() {
         )
         .var_builder(DType::F32, &Device::Cpu, None)
     };
-    let from_folder = |component: &str, file: &str| unsafe {
-        candle_nn::VarBuilder::from_mmaped_safetensors(
-            &[folder.join(component).join(file)],
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap()
-    };
+    let from_folder =
+        |component: &str, file: &str| common::f32_weights(&folder.join(component).join(file));
 
     let config = UnetConfig::load(&folder.join("unet/config.json")).unwrap();
     let levels: Vec<(usize, bool)> = config

@@ -127,8 +127,10 @@ impl TextEncoder {
             Some(projection) => {
                 let normed = self.final_layer_norm.forward(&last)?;
                 let ends = end_of_text_positions(ids)?;
-                let rows = (0..ends.len())
-                    .map(|b| normed.get(b)?.get(ends[b]))
+                let rows = ends
+                    .iter()
+                    .enumerate()
+                    .map(|(b, &end)| normed.get(b)?.get(end))
                     .collect::<Result<Vec<_>>>()?;
                 Some(projection.forward(&Tensor::stack(&rows, 0)?)?)
             }

@@ -30,6 +30,14 @@ pub fn model_dir(name: &str) -> PathBuf {
     fixtures().join("models").join(name)
 }
 
+/// One safetensors file's weights in f32 on the CPU, memory-mapped (a component loaded by
+/// itself, outside a model folder's loader).
+pub fn f32_weights(file: &std::path::Path) -> candle_nn::VarBuilder<'static> {
+    // SAFETY: the fixture files are not modified while the tests run.
+    unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[file], DType::F32, &Device::Cpu) }
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+}
+
 pub fn model_files(name: &str) -> ModelFiles {
     locate_in_folder(&model_dir(name)).expect("fixture model folder is complete")
 }
