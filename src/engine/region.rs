@@ -9,7 +9,19 @@
 //! 3. The size of the difference, averaged over channels and seeds, is where the prompt
 //!    disagrees with the photo. As in diffusers' DiffEdit it is clamped at three times its
 //!    mean and scaled to 0..1, then thresholded (0.5 by default) on the map interpolated to
-//!    pixels, so the border follows the change rather than the latent grid.
+//!    pixels.
+//! 4. **Snapped to the photo's own segments** ([`imaging::segment_photo`]): the difference
+//!    is blurred over a latent cell or two, so alone it draws a recoloured object with a
+//!    halo of background and cuts its far edges. A segment whose mean difference reaches
+//!    the threshold is taken whole, and the thresholded pixels of the other segments are
+//!    kept only farther than [`SPILL_CELLS`] latent cells from a taken one (nearer, they are
+//!    the taken object's halo). Thresholded pixels away from any taken segment stay, since
+//!    an added object is drawn where the photo has no segment for it yet. Taken segments grow
+//!    by [`GROW_CELLS`], the soft edge the model redraws. On the demo world's 12 rendered
+//!    scenes (fine-tuned), a recolouring's IoU with the true region went from 0.46 to 0.54
+//!    and an added object's from 0.49 to 0.47 (an object the prompt does not name but whose
+//!    prediction changes is now taken whole too); on `tests/region.rs`'s five untuned local
+//!    edits, from 0.61 to 0.75.
 //!
 //! **Local or global.** A threshold relative to the map always finds *something*, so it
 //! cannot say "the whole picture": a global edit ("pixel art", "at night", a new background)
@@ -27,8 +39,12 @@
 //! `sqrt(alpha) * v` plus a term that does not depend on the prompt, so the differences are
 //! proportional and the normalised map is the same.
 
+use std::collections::VecDeque;
+
 use candle_core::{DType, Tensor};
 use image::{GrayImage, Luma, RgbImage};
+
+use crate::imaging::{self, Segments};
 
 use super::error::{EngineError, Result};
 use super::model::StableDiffusion;
@@ -49,6 +65,16 @@ pub const DEFAULT_THRESHOLD: f64 = 0.5;
 pub const DEFAULT_SEEDS: usize = 2;
 /// How far into the schedule the photo is noised (DiffEdit's middle, t = 0.5).
 const NOISE_FRACTION: f64 = 0.5;
+/// How far, in latent cells, a taken segment's halo reaches (the UNet's blur of the
+/// difference spreads a change over a cell or two around it). On the demo world's 12
+/// rendered scenes, recolourings' IoU with the true region was 0.54 / 0.57 / 0.59 at 2, 2.5
+/// and 3 cells, added objects' 0.47 / 0.46 / 0.45: 2, since a larger reach also drops the
+/// near side of an object added next to one the prompt changes.
+pub const SPILL_CELLS: f64 = 2.0;
+/// How far, in latent cells, a taken segment grows: half a cell, about the soft edge a model
+/// redraws an object with (the edit's paste-back feathers outward from there). Without it a
+/// recoloured object's region ends at its old edge: IoU 0.37 against 0.54.
+pub const GROW_CELLS: f64 = 0.5;
 
 /// What to estimate the region of.
 #[derive(Debug, Clone)]
@@ -74,7 +100,7 @@ pub struct RegionEstimate {
     /// White = may change, at the working size: the thresholded region, or all white when
     /// global.
     pub mask: GrayImage,
-    /// Share of the latent map at or above the threshold.
+    /// Share of the photo in the drawn region (before a global edit makes it all of it).
     pub coverage: f64,
     /// The difference's median over its mean: how evenly the prompt changes the photo.
     pub evenness: f64,
@@ -110,11 +136,8 @@ pub fn estimate_region(
         ));
     }
     let map = difference_map(model, request, observer)?;
-    Ok(region_from_map(
-        &map,
-        request.threshold,
-        request.working.dimensions(),
-    ))
+    let segments = imaging::segment_photo(request.working);
+    Ok(region_from_map(&map, request.threshold, &segments))
 }
 
 /// The mean absolute difference between the two predictions, `[h, w]` at latent resolution.
@@ -161,12 +184,10 @@ fn difference_map(
     Ok(mean)
 }
 
-/// Normalises the map, decides local or global, and draws the thresholded region at `size`.
-fn region_from_map(
-    map: &[Vec<f32>],
-    threshold: f64,
-    (width, height): (u32, u32),
-) -> RegionEstimate {
+/// Normalises the map, decides local or global, and draws the region at the segments' size,
+/// snapped to them.
+fn region_from_map(map: &[Vec<f32>], threshold: f64, segments: &Segments) -> RegionEstimate {
+    let (width, height) = (segments.width, segments.height);
     let h = map.len();
     let w = map.first().map_or(0, Vec::len);
     let n = (w * h).max(1) as f64;
@@ -186,14 +207,8 @@ fn region_from_map(
         0.0
     };
     let value = |x: usize, y: usize| (f64::from(map[y][x]) * scale).min(1.0);
-    let inside = |x: usize, y: usize| mean > 0.0 && value(x, y) >= threshold;
-    let count = (0..h)
-        .flat_map(|y| (0..w).map(move |x| (x, y)))
-        .filter(|&(x, y)| inside(x, y))
-        .count();
-    let coverage = count as f64 / n;
-    // Drawn from the map interpolated bilinearly (pixel centres onto latent centres), so the
-    // border follows the change rather than the latent grid's 8-pixel steps.
+    // The map interpolated bilinearly (pixel centres onto latent centres), so the border
+    // follows the change rather than the latent grid's steps.
     let at = |px: u32, py: u32| {
         let fx =
             ((f64::from(px) + 0.5) * w as f64 / f64::from(width) - 0.5).clamp(0.0, (w - 1) as f64);
@@ -206,8 +221,25 @@ fn region_from_map(
         let bottom = value(x0, y1) * (1.0 - tx) + value(x1, y1) * tx;
         top * (1.0 - ty) + bottom * ty
     };
+    let values: Vec<f64> = (0..height)
+        .flat_map(|py| (0..width).map(move |px| (px, py)))
+        .map(|(px, py)| at(px, py))
+        .collect();
+    let thresholded: Vec<bool> = values
+        .iter()
+        .map(|&v| mean > 0.0 && v >= threshold)
+        .collect();
+    let snapped = snap_to_segments(
+        &values,
+        &thresholded,
+        threshold,
+        segments,
+        width as f64 / w as f64,
+    );
+    let coverage =
+        snapped.iter().filter(|&&inside| inside).count() as f64 / snapped.len().max(1) as f64;
     let mask = GrayImage::from_fn(width, height, |px, py| {
-        Luma([if global || (mean > 0.0 && at(px, py) >= threshold) {
+        Luma([if global || snapped[(py * width + px) as usize] {
             255
         } else {
             0
@@ -225,18 +257,81 @@ fn region_from_map(
     }
 }
 
+/// The thresholded pixels snapped to the photo's segments: segments whose mean value reaches
+/// the threshold whole, grown by [`GROW_CELLS`], and the other thresholded pixels farther
+/// than [`SPILL_CELLS`] from them (latent cells of `cell_px` pixels).
+fn snap_to_segments(
+    values: &[f64],
+    thresholded: &[bool],
+    threshold: f64,
+    segments: &Segments,
+    cell_px: f64,
+) -> Vec<bool> {
+    let mut sums = vec![(0.0f64, 0usize); segments.count];
+    for (&label, &value) in segments.labels.iter().zip(values) {
+        let (sum, count) = &mut sums[label as usize];
+        *sum += value;
+        *count += 1;
+    }
+    let taken: Vec<bool> = sums
+        .iter()
+        .map(|&(sum, count)| count > 0 && sum / count as f64 >= threshold)
+        .collect();
+    let inside: Vec<bool> = segments.labels.iter().map(|&l| taken[l as usize]).collect();
+    let width = segments.width as usize;
+    let near = within_steps(&inside, width, (SPILL_CELLS * cell_px).round() as usize);
+    let grown = within_steps(&inside, width, (GROW_CELLS * cell_px).round() as usize);
+    grown
+        .iter()
+        .zip(&near)
+        .zip(thresholded)
+        .map(|((&grown, &near), &thresholded)| grown || (thresholded && !near))
+        .collect()
+}
+
+/// The pixels at most `steps` 4-neighbour steps from a `true` one (a breadth-first search
+/// from all of them at once).
+fn within_steps(seeds: &[bool], width: usize, steps: usize) -> Vec<bool> {
+    let height = seeds.len() / width.max(1);
+    let mut distance: Vec<usize> = seeds
+        .iter()
+        .map(|&s| if s { 0 } else { usize::MAX })
+        .collect();
+    let mut queue: VecDeque<usize> = (0..seeds.len()).filter(|&i| seeds[i]).collect();
+    while let Some(i) = queue.pop_front() {
+        if distance[i] >= steps {
+            continue;
+        }
+        let (x, y) = (i % width, i / width);
+        let neighbours = [
+            (x > 0).then(|| i - 1),
+            (x + 1 < width).then(|| i + 1),
+            (y > 0).then(|| i - width),
+            (y + 1 < height).then(|| i + width),
+        ];
+        for j in neighbours.into_iter().flatten() {
+            if distance[j] == usize::MAX {
+                distance[j] = distance[i] + 1;
+                queue.push_back(j);
+            }
+        }
+    }
+    distance.iter().map(|&d| d <= steps).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use image::Rgb;
 
-    /// 0.05 everywhere and 1.0 on the square `square` x `square`.
-    fn map_with_square(size: usize, square: std::ops::Range<usize>) -> Vec<Vec<f32>> {
+    /// `base` everywhere, and `value` on the cells `cells` x `cells`.
+    fn map_with_square(size: usize, cells: std::ops::Range<usize>, value: f32) -> Vec<Vec<f32>> {
         (0..size)
             .map(|y| {
                 (0..size)
                     .map(|x| {
-                        if square.contains(&x) && square.contains(&y) {
-                            1.0
+                        if cells.contains(&x) && cells.contains(&y) {
+                            value
                         } else {
                             0.05
                         }
@@ -246,30 +341,100 @@ mod tests {
             .collect()
     }
 
+    /// A photo of `size` pixels: grey, with a red square on `pixels` x `pixels`.
+    fn photo_segments(size: u32, pixels: std::ops::Range<u32>) -> Segments {
+        imaging::segment_photo(&RgbImage::from_fn(size, size, |x, y| {
+            if pixels.contains(&x) && pixels.contains(&y) {
+                Rgb([220, 20, 20])
+            } else {
+                Rgb([128, 128, 128])
+            }
+        }))
+    }
+
+    fn white(region: &RegionEstimate, x: u32, y: u32) -> bool {
+        region.mask.get_pixel(x, y).0[0] == 255
+    }
+
+    fn share_white(region: &RegionEstimate) -> f64 {
+        let white = region.mask.pixels().filter(|p| p.0[0] == 255).count();
+        white as f64 / (region.mask.width() * region.mask.height()) as f64
+    }
+
     #[test]
     fn a_peaked_difference_is_a_local_region_drawn_where_the_peak_is() {
-        // Latent pixels 2 and 3 of 8, at 8 px each: pixels 16..32, with the interpolated
-        // border rounding its corners.
-        let region = region_from_map(&map_with_square(8, 2..4), 0.5, (64, 64));
+        // Latent cells 2 and 3 of 8, at 8 px each: pixels 16..32, with the interpolated
+        // border rounding its corners; a plain photo, so there is nothing to snap to.
+        let region = region_from_map(
+            &map_with_square(8, 2..4, 1.0),
+            0.5,
+            &photo_segments(64, 0..0),
+        );
         assert!(!region.global, "evenness {}", region.evenness);
-        assert_eq!(region.coverage, 4.0 / 64.0);
-        let white = |x: u32, y: u32| region.mask.get_pixel(x, y).0[0] == 255;
-        assert!(white(24, 24) && white(17, 24) && white(24, 30));
-        assert!(!white(16, 16), "a corner is rounded");
-        assert!(!white(8, 24) && !white(40, 24) && !white(60, 60));
+        assert_eq!(region.coverage, share_white(&region));
+        assert!(white(&region, 24, 24) && white(&region, 17, 24) && white(&region, 24, 30));
+        assert!(!white(&region, 16, 16), "a corner is rounded");
+        assert!(!white(&region, 8, 24) && !white(&region, 40, 24) && !white(&region, 60, 60));
+    }
+
+    #[test]
+    fn a_changed_object_is_taken_whole_and_without_its_halo() {
+        // The object: pixels 16..40 (cells 2, 3 and 4 of 8, 8 px each). Its difference is high
+        // except on one cell, and spills onto the cells left and right of it, as the UNet's
+        // blur does.
+        let mut map = map_with_square(8, 2..5, 1.0);
+        map[4][4] = 0.3;
+        for row in &mut map[2..5] {
+            row[1] = 0.8;
+            row[5] = 0.8;
+        }
+        let region = region_from_map(&map, 0.5, &photo_segments(64, 16..40));
+        assert!(!region.global, "evenness {}", region.evenness);
+        assert_eq!(region.coverage, share_white(&region));
+        // The object whole, its low cell included, grown by half a cell (4 px).
+        for y in 16..40 {
+            for x in 16..40 {
+                assert!(white(&region, x, y), "({x}, {y}) on the object");
+            }
+        }
+        assert!(white(&region, 13, 28) && white(&region, 42, 28) && white(&region, 28, 13));
+        // The halo beyond that is dropped, and nothing else is taken.
+        assert!(
+            !white(&region, 10, 28) && !white(&region, 46, 28),
+            "the halo is dropped"
+        );
+        assert!(!white(&region, 2, 2) && !white(&region, 60, 60));
+    }
+
+    #[test]
+    fn a_change_away_from_every_object_is_kept_where_the_difference_is() {
+        // An object to add at cells 5 and 6 (pixels 40..56), on the background, away from the
+        // photo's square (pixels 8..16), which the prompt does not change.
+        let region = region_from_map(
+            &map_with_square(8, 5..7, 1.0),
+            0.5,
+            &photo_segments(64, 8..16),
+        );
+        assert!(!region.global, "evenness {}", region.evenness);
+        assert!(white(&region, 48, 48) && white(&region, 42, 48));
+        assert!(!white(&region, 12, 12) && !white(&region, 30, 30));
     }
 
     #[test]
     fn an_even_difference_is_the_whole_image() {
         // Most of the map high: the median is at the top.
-        let region = region_from_map(&map_with_square(8, 0..6), 0.5, (32, 32));
+        let region = region_from_map(
+            &map_with_square(8, 0..6, 1.0),
+            0.5,
+            &photo_segments(32, 0..0),
+        );
         assert!(region.global, "evenness {}", region.evenness);
         assert!(region.mask.pixels().all(|p| p.0[0] == 255));
     }
 
     #[test]
     fn no_difference_is_no_region() {
-        let region = region_from_map(&vec![vec![0.0; 4]; 4], 0.5, (16, 16));
+        let region = region_from_map(&vec![vec![0.0; 4]; 4], 0.5, &photo_segments(16, 4..8));
         assert!(!region.global);
         assert_eq!(region.coverage, 0.0);
         assert!(region.mask.pixels().all(|p| p.0[0] == 0));

@@ -6,6 +6,8 @@
 //! - [`working_size`], [`parse_size`], [`resize_rgb`]: fit a photo to the model's resolution
 //!   (multiples of 64, aspect kept) and bring results back to the photo's own size.
 //! - [`load_mask`]: an in-painting mask as luminance, at the photo's size.
+//! - [`segment_photo`]: the photo's own regions of similar colour (the automatic edit region
+//!   snaps to them).
 //! - [`export_image`], [`next_free_path`], [`read_png_text`]: atomic export as PNG (with text
 //!   metadata), JPEG or WebP, and reading the metadata back.
 //!
@@ -20,6 +22,7 @@ mod grid;
 mod interpolate;
 mod mask;
 mod plot;
+mod segments;
 mod size;
 
 pub use composite::{default_feather_radius, feather, paste_outside_mask, restore_transparency};
@@ -36,4 +39,5 @@ pub use grid::labelled_grid;
 pub use interpolate::{InterpolationSettings, interpolate_toward_original, similarity_map};
 pub use mask::{gray_to_rgb, load_mask, mask_iou};
 pub use plot::{TradeOffCurve, trade_off_plot};
+pub use segments::{Segments, segment_photo};
 pub use size::{SIZE_STEP, parse_size, resize_gray, resize_rgb, working_size};
