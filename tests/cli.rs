@@ -318,9 +318,13 @@ fn bad_model_folders_are_input_errors() {
         "addition_embed_type",
     );
 
-    // A Stable Diffusion XL folder: named as such, not as a width mismatch.
+    // A Stable Diffusion XL folder without its second text encoder: named as such, not as a
+    // width mismatch.
+    let half_sdxl = dir.path().join("half-sdxl");
+    copy_dir(&model_dir("sdxl-tiny"), &half_sdxl);
+    std::fs::remove_dir_all(half_sdxl.join("text_encoder_2")).unwrap();
     assert_fails(
-        &edit_with_model(&path_str(&model_dir("sdxl-tiny")), dir.path()),
+        &edit_with_model(&path_str(&half_sdxl), dir.path()),
         2,
         "Stable Diffusion XL",
     );

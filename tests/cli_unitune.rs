@@ -464,3 +464,52 @@ fn the_snapshot_cache_follows_the_weights_and_can_be_listed_and_cleared() {
     assert!(cleared.contains("removed 1 cache entry"), "{cleared}");
     assert!(cache_files(h).is_empty());
 }
+
+/// A Stable Diffusion XL model (the tiny fixture: both text encoders, the pooled embedding and
+/// the size numbers) fine-tunes in every training mode and edits, with the automatic region,
+/// through the same commands as SD 1.5. Its numbers are checked against diffusers in
+/// tests/sampling.rs and tests/components.rs; this is the whole path around them.
+#[test]
+fn an_sdxl_model_fine_tunes_in_every_mode_and_edits() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let (m, p) = (model_dir("sdxl-tiny").display().to_string(), photo());
+    for mode in ["full", "attention", "cross-kv", "lora"] {
+        let out = format!("{mode}.png");
+        let run = unitune(
+            &[
+                "edit",
+                &p,
+                "--prompt",
+                "a cat wearing sunglasses",
+                "--model",
+                &m,
+                "--train",
+                mode,
+                "--tune-steps",
+                "1",
+                "--snapshots",
+                "1",
+                "--t0",
+                "0.8",
+                "--sampling-steps",
+                "2",
+                "--device",
+                "cpu",
+                "--out",
+                &out,
+            ],
+            h,
+        );
+        assert_eq!(run.code, 0, "{mode}: {}", run.stderr);
+        assert!(
+            run.stderr.contains("snapshots saved to"),
+            "{mode}: {}",
+            run.stderr
+        );
+        let recipe = common::png_recipe(&h.join(&out));
+        let train = recipe["tuning"]["train"].as_str().unwrap();
+        assert!(train.starts_with(mode), "{mode}: {train}");
+        assert_eq!(recipe["model_prompt"], "beikkpic a cat wearing sunglasses");
+    }
+}

@@ -295,6 +295,74 @@ fn sdxl_text_encoders_give_diffusers_context_and_pooled_embedding() {
     );
 }
 
+/// The whole SDXL model (`StableDiffusion::load` on the folder) encodes each prompt through
+/// both tokenizers and encoders as `StableDiffusionXLPipeline.encode_prompt` does, and an
+/// empty baseline as zeros, the pipeline's `force_zeros_for_empty_prompt` (the folder's
+/// `model_index.json` says true); with it false, "" is encoded like any prompt.
+#[test]
+fn sdxl_model_encodes_prompts_as_the_pipeline_and_an_empty_baseline_as_zeros() {
+    let reference = Reference::load("sdxl-tiny");
+    let model = common::load_model("sdxl-tiny");
+    let prompts: Vec<String> = reference.json["text_prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_owned())
+        .collect();
+    let context = reference.f32("text_context");
+    let pooled = reference.f32("text_pooled");
+    for (i, prompt) in prompts.iter().enumerate() {
+        let encoded = model.encode_prompt(prompt).unwrap();
+        if prompt.is_empty() {
+            let zeros = |t: &candle_core::Tensor| {
+                t.abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    == 0.0
+            };
+            assert!(zeros(&encoded.embedding) && zeros(encoded.pooled.as_ref().unwrap()));
+            continue;
+        }
+        let row = |t: &candle_core::Tensor| t.narrow(0, i, 1).unwrap();
+        assert_close(
+            &format!("context of {prompt:?}"),
+            &encoded.embedding,
+            &row(&context),
+            TOLERANCE,
+        );
+        assert_close(
+            &format!("pooled of {prompt:?}"),
+            encoded.pooled.as_ref().unwrap(),
+            &row(&pooled),
+            TOLERANCE,
+        );
+    }
+
+    let home = tempfile::tempdir().unwrap();
+    let folder = home.path().join("sdxl-no-zeros");
+    common::copy_dir(&common::model_dir("sdxl-tiny"), &folder);
+    let index_path = folder.join("model_index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    index["force_zeros_for_empty_prompt"] = serde_json::Value::Bool(false);
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    let files = unitune::model_files::locate_in_folder(&folder).unwrap();
+    let model =
+        unitune::engine::StableDiffusion::load(&files, &candle_core::Device::Cpu, DType::F32)
+            .unwrap();
+    let empty = prompts.iter().position(|p| p.is_empty()).unwrap();
+    let encoded = model.encode_prompt("").unwrap();
+    assert_close(
+        "context of \"\" without force_zeros",
+        &encoded.embedding,
+        &context.narrow(0, empty, 1).unwrap(),
+        TOLERANCE,
+    );
+}
+
 /// `got` within [`TOLERANCE`] of `expected` relative to `expected`'s largest value (at least
 /// 1): a random UNet's sampling loops grow their latents far past 1.
 fn assert_relative(what: &str, got: &candle_core::Tensor, expected: &candle_core::Tensor) {

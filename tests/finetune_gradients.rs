@@ -21,6 +21,7 @@ use unitune::engine::finetune::denoising_loss;
 use unitune::engine::finetune::{
     Adapter, RARE_TOKEN, Snapshot, TrainMode, TuneProgress, TuneSettings, fine_tune,
 };
+use unitune::engine::model::Conditioning;
 use unitune::engine::noise::NoiseSource;
 use unitune::engine::optim::{OptimizerKind, OptimizerSettings};
 
@@ -188,7 +189,7 @@ fn loss(model: &StableDiffusion, adapter: &Adapter, b: &Batch) -> Tensor {
         &b.latents,
         &b.noise,
         &b.timesteps,
-        &b.context,
+        &Conditioning::context_only(b.context.clone()),
         None,
     )
     .unwrap()
@@ -538,7 +539,7 @@ fn checkpointed_gradients_equal_plain_gradients_in_every_mode() {
                 &b.latents,
                 &b.noise,
                 &b.timesteps,
-                &b.context,
+                &Conditioning::context_only(b.context.clone()),
                 None,
             )
             .unwrap()

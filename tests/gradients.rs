@@ -13,6 +13,7 @@ use candle_nn::VarBuilder;
 use common::{Reference, max_abs, max_abs_diff, model_dir};
 use unitune::engine::config::{SchedulerConfig, UnetConfig};
 use unitune::engine::finetune::denoising_loss;
+use unitune::engine::model::Conditioning;
 use unitune::engine::scheduler::DdimScheduler;
 use unitune::engine::unet::UNet;
 
@@ -96,7 +97,7 @@ fn loss(model: &Trainable, b: &Batch) -> Tensor {
         &b.latents,
         &b.noise,
         &b.timesteps,
-        &b.context,
+        &Conditioning::context_only(b.context.clone()),
         b.conditioning.as_ref(),
     )
     .unwrap()

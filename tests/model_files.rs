@@ -1,6 +1,7 @@
 //! Model files: reading a diffusers folder, finding a model in the Hugging Face cache, and
 //! real downloads from a fake hub served on loopback in the hub's URL layout.
 
+mod common;
 #[path = "common/fake_hub.rs"]
 mod fake_hub;
 
@@ -113,6 +114,7 @@ fn full_precision_folder_is_located() {
             tokenizer_merges: root.join("tokenizer/merges.txt"),
             tokenizer_config: Some(root.join("tokenizer/tokenizer_config.json")),
             special_tokens_map: Some(root.join("tokenizer/special_tokens_map.json")),
+            second_text: None,
             scheduler_config: root.join("scheduler/scheduler_config.json"),
             model_index: Some(root.join("model_index.json")),
         })),
@@ -121,6 +123,32 @@ fn full_precision_folder_is_located() {
         loras: Vec::new(),
     };
     assert_eq!(files, expected);
+}
+
+/// An SDXL folder: `text_encoder_2` and `tokenizer_2` are found with the rest, and once the
+/// second encoder is there its tokenizer is required, by name.
+#[test]
+fn an_sdxl_folder_brings_its_second_text_encoder() {
+    let dir = temp_dir();
+    let root = dir.path().join("sdxl");
+    common::copy_dir(&common::model_dir("sdxl-tiny"), &root);
+    let files = locate_in_folder(&root).expect("the SDXL fixture is complete");
+    let ModelLayout::Diffusers(folder) = &files.layout else {
+        panic!("a diffusers folder: {files:?}");
+    };
+    let second = folder
+        .second_text
+        .as_ref()
+        .expect("the second text encoder");
+    assert_eq!(second.config, root.join("text_encoder_2/config.json"));
+    assert_eq!(
+        second.weights,
+        root.join("text_encoder_2/model.safetensors")
+    );
+    assert_eq!(second.tokenizer_vocab, root.join("tokenizer_2/vocab.json"));
+    std::fs::remove_file(root.join("tokenizer_2/merges.txt")).unwrap();
+    let error = locate_in_folder(&root).unwrap_err().to_string();
+    assert!(error.contains("tokenizer_2/merges.txt"), "{error}");
 }
 
 #[test]

@@ -1,5 +1,8 @@
 //! Whole sampling loops against diffusers' img2img and txt2img pipelines (unrolled with
-//! explicit noise), plus reproducibility and cancellation.
+//! explicit noise), SDXL's through `StableDiffusionXLImg2ImgPipeline` and
+//! `StableDiffusionXLPipeline` (both text encoders, the pooled embedding, the size numbers
+//! and the zeroed empty prompt, all through the model's own prompt encoding), plus
+//! reproducibility and cancellation.
 //!
 //! Tolerance: 1e-3 absolute on latents and decoded images after every step (errors of ~1e-5
 //! per UNet call accumulate over 10 guided steps at weight 7.5).
@@ -17,13 +20,24 @@ use unitune::engine::sampling::{
 
 const TOLERANCE: f32 = 1e-3;
 
-fn params(reference: &Reference, key: &str) -> (String, f64, usize) {
+/// The loops' models: SD 1.x, SD 2.x and SDXL.
+const LOOP_MODELS: [&str; 3] = [MODELS[0], MODELS[1], "sdxl-tiny"];
+
+/// A loop's prompt, negative prompt ("" when the reference gives none), guidance and steps.
+fn params(reference: &Reference, key: &str) -> (String, String, f64, usize) {
     let p = &reference.json[key];
     (
         p["prompt"].as_str().unwrap().to_string(),
+        p["negative_prompt"].as_str().unwrap_or("").to_string(),
         p["guidance_scale"].as_f64().unwrap(),
         p["num_inference_steps"].as_u64().unwrap() as usize,
     )
+}
+
+/// Latents' `(h, w)`.
+fn latent_size(latents: &Tensor) -> (usize, usize) {
+    let (_, _, h, w) = latents.dims4().unwrap();
+    (h, w)
 }
 
 /// Collects every step's latents and x0 prediction.
@@ -43,10 +57,10 @@ impl StepObserver for Recorder {
 
 #[test]
 fn img2img_loop_matches_diffusers_step_by_step() {
-    for name in MODELS {
+    for name in LOOP_MODELS {
         let model = load_model(name);
         let reference = Reference::load(name);
-        let (prompt, guidance_weight, steps) = params(&reference, "img2img_params");
+        let (prompt, negative, guidance_weight, steps) = params(&reference, "img2img_params");
         let strength = reference.json["img2img_params"]["strength"]
             .as_f64()
             .unwrap();
@@ -79,7 +93,14 @@ fn img2img_loop_matches_diffusers_step_by_step() {
             1e-4,
         );
 
-        let guidance = Guidance::new(&model, &prompt, "", guidance_weight).unwrap();
+        let guidance = Guidance::new(
+            &model,
+            &prompt,
+            &negative,
+            guidance_weight,
+            latent_size(&start),
+        )
+        .unwrap();
         let mut observer = Recorder::default();
         let last = denoise(
             &model,
@@ -122,21 +143,29 @@ fn img2img_loop_matches_diffusers_step_by_step() {
 
 #[test]
 fn txt2img_loop_matches_diffusers_step_by_step() {
-    for name in MODELS {
+    for name in LOOP_MODELS {
         let model = load_model(name);
         let reference = Reference::load(name);
-        let (prompt, guidance_weight, steps) = params(&reference, "txt2img_params");
+        let (prompt, negative, guidance_weight, steps) = params(&reference, "txt2img_params");
         let timesteps = model.scheduler.timesteps(steps).unwrap();
         assert_eq!(
             timesteps,
             reference.usize_list("txt2img_timesteps"),
             "{name}"
         );
-        let guidance = Guidance::new(&model, &prompt, "", guidance_weight).unwrap();
+        let init = reference.f32("txt2img_init_noise");
+        let guidance = Guidance::new(
+            &model,
+            &prompt,
+            &negative,
+            guidance_weight,
+            latent_size(&init),
+        )
+        .unwrap();
         let mut observer = Recorder::default();
         let last = denoise(
             &model,
-            reference.f32("txt2img_init_noise"),
+            init,
             &timesteps,
             steps,
             &guidance,

@@ -358,14 +358,14 @@ fn measure_pass(
     let mut noise = NoiseSource::from_seed(2);
     let latents = noise.normal((1, c, h, w), &device)?.to_dtype(dtype)?;
     let target = noise.normal((1, c, h, w), &device)?.to_dtype(dtype)?;
-    let context = model.encode_prompt(RARE_TOKEN)?.embedding;
+    let text = model.conditioning(RARE_TOKEN, (h, w))?;
     let unet = adapter.training_unet().checkpointed(checkpointing);
     let mut accumulator = GradientAccumulator::new(adapter.vars(), wide(dtype));
     let batch = TrainingBatch {
         latents: &latents,
         noise: &target,
         timesteps: &[500],
-        context: &context,
+        text: &text,
     };
     if !device.is_cpu() {
         // Warm up kernels and the memory pool; a CPU pass is long enough as it is.

@@ -24,14 +24,20 @@ use super::single_file::{
 };
 use super::text_encoder::TextEncoder;
 use super::tokenizer::{ClipTokenizer, TokenizedPrompt, TokenizerFiles};
-use super::unet::UNet;
+use super::unet::{TextTime, UNet};
 use super::vae::Vae;
-use crate::model_files::{DiffusersFiles, ModelFiles, ModelLayout, VaeFiles};
+use crate::model_files::{DiffusersFiles, ModelFiles, ModelLayout, SecondTextFiles, VaeFiles};
 
 pub struct StableDiffusion {
     pub config: PipelineConfig,
     pub tokenizer: ClipTokenizer,
     pub text_encoder: TextEncoder,
+    /// SDXL's second text encoder (OpenCLIP ViT-bigG with its projection) and tokenizer;
+    /// `None` for SD 1.x/2.x.
+    pub second_text: Option<SecondText>,
+    /// SDXL's `force_zeros_for_empty_prompt`: an empty baseline prompt is a zero context and
+    /// pooled embedding rather than the encoding of "".
+    zero_empty_prompt: bool,
     /// The UNet used for sampling. Fine-tuning swaps in one whose trainable weights are
     /// variables (see `finetune::Adapter`).
     pub unet: UNet,
@@ -52,10 +58,92 @@ pub struct StableDiffusion {
     vae_dtype: DType,
 }
 
-/// A prompt's text-encoder output `[1, 77, hidden]` and how it was tokenized.
+/// SDXL's second text encoder and the tokenizer it reads (which pads with `!`).
+pub struct SecondText {
+    pub tokenizer: ClipTokenizer,
+    pub encoder: TextEncoder,
+}
+
+/// A prompt's text-encoder output `[1, 77, hidden]` (for SDXL both encoders' penultimate
+/// states joined, `[1, 77, 768 + 1280]`), SDXL's pooled embedding, and how it was tokenized.
 pub struct EncodedPrompt {
     pub embedding: Tensor,
+    /// SDXL: the second encoder's projected end-of-text state, `[1, projection_dim]`.
+    pub pooled: Option<Tensor>,
     pub tokens: TokenizedPrompt,
+}
+
+/// What the UNet is conditioned on for a batch besides the latents and the timestep: the
+/// text context and, for SDXL, the pooled embedding and the size numbers.
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    pub context: Tensor,
+    pub text_time: Option<TextTime>,
+}
+
+impl Conditioning {
+    /// A text context alone (SD 1.x and 2.x, whose UNets take nothing else).
+    pub fn context_only(context: Tensor) -> Self {
+        Self {
+            context,
+            text_time: None,
+        }
+    }
+
+    /// The batch's rows in order: `parts` stacked along the batch.
+    pub fn cat(parts: &[&Conditioning]) -> Result<Self> {
+        let contexts: Vec<&Tensor> = parts.iter().map(|c| &c.context).collect();
+        let text_time = match parts.first().and_then(|c| c.text_time.as_ref()) {
+            None => None,
+            Some(_) => {
+                let added: Vec<&TextTime> =
+                    parts.iter().filter_map(|c| c.text_time.as_ref()).collect();
+                let pooled: Vec<&Tensor> = added.iter().map(|t| &t.pooled).collect();
+                let sizes: Vec<&Tensor> = added.iter().map(|t| &t.size_numbers).collect();
+                Some(TextTime {
+                    pooled: Tensor::cat(&pooled, 0)?,
+                    size_numbers: Tensor::cat(&sizes, 0)?,
+                })
+            }
+        };
+        Ok(Self {
+            context: Tensor::cat(&contexts, 0)?,
+            text_time,
+        })
+    }
+
+    /// Each row `n` times (a batch of one prompt).
+    pub fn repeat(&self, n: usize) -> Result<Self> {
+        Ok(Self {
+            context: self.context.repeat((n, 1, 1))?,
+            text_time: match &self.text_time {
+                Some(t) => Some(TextTime {
+                    pooled: t.pooled.repeat((n, 1))?,
+                    size_numbers: t.size_numbers.repeat((n, 1))?,
+                }),
+                None => None,
+            },
+        })
+    }
+
+    /// Rows `start..start + len`.
+    pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
+        Ok(Self {
+            context: self.context.narrow(0, start, len)?,
+            text_time: match &self.text_time {
+                Some(t) => Some(TextTime {
+                    pooled: t.pooled.narrow(0, start, len)?,
+                    size_numbers: t.size_numbers.narrow(0, start, len)?,
+                }),
+                None => None,
+            },
+        })
+    }
+
+    /// The UNet's output for `sample` at `timesteps` under this conditioning.
+    pub fn predict(&self, unet: &UNet, sample: &Tensor, timesteps: &Tensor) -> Result<Tensor> {
+        Ok(unet.forward_with(sample, timesteps, &self.context, self.text_time.as_ref())?)
+    }
 }
 
 /// Memory-maps one safetensors file; `dtype` converts on load (fp16 files become f32 on CPU).
@@ -195,6 +283,14 @@ impl ComponentWeights {
     }
 }
 
+/// SDXL's second text encoder before it is built.
+struct SecondTextParts {
+    config: TextEncoderConfig,
+    projection_dim: usize,
+    tokenizer: ClipTokenizer,
+    weights: ComponentWeights,
+}
+
 /// The model without its VAE, which a `--vae` may replace.
 struct Parts {
     unet: UnetConfig,
@@ -202,6 +298,9 @@ struct Parts {
     scheduler: SchedulerConfig,
     tokenizer: ClipTokenizer,
     text_weights: ComponentWeights,
+    second_text: Option<SecondTextParts>,
+    /// See [`StableDiffusion::zero_empty_prompt`].
+    zero_empty_prompt: bool,
     vae: (VaeConfig, ComponentWeights),
     unet_source: UnetWeightsSource,
     info: ModelInfo,
@@ -264,6 +363,22 @@ impl StableDiffusion {
         let (mut unet, mut unet_weights) =
             parts.unet_source.build_unet(&config.unet, dtype, device)?;
         let build_text = |vb: VarBuilder| TextEncoder::new(&config.text_encoder, vb);
+        if parts.second_text.is_some() && !files.loras.is_empty() {
+            return Err(EngineError::InvalidRequest(
+                "LoRAs cannot be applied to Stable Diffusion XL models yet; load the model without --lora".into(),
+            ));
+        }
+        let second_text = match parts.second_text {
+            Some(second) => Some(SecondText {
+                encoder: second
+                    .weights
+                    .build("second text encoder", dtype, device, |vb| {
+                        TextEncoder::with_projection(&second.config, second.projection_dim, vb)
+                    })?,
+                tokenizer: second.tokenizer,
+            }),
+            None => None,
+        };
         let (text_encoder, loras) = if files.loras.is_empty() {
             let encoder = parts
                 .text_weights
@@ -297,6 +412,8 @@ impl StableDiffusion {
             config,
             tokenizer: parts.tokenizer,
             text_encoder,
+            second_text,
+            zero_empty_prompt: parts.zero_empty_prompt,
             unet,
             unet_weights,
             unet_source,
@@ -399,8 +516,72 @@ impl StableDiffusion {
     pub fn encode_prompt(&self, prompt: &str) -> Result<EncodedPrompt> {
         let tokens = self.tokenizer.encode(prompt)?;
         let ids = Tensor::new(tokens.ids.as_slice(), &self.device)?.unsqueeze(0)?;
-        let embedding = self.text_encoder.forward(&ids)?;
-        Ok(EncodedPrompt { embedding, tokens })
+        let Some(second) = &self.second_text else {
+            let embedding = self.text_encoder.forward(&ids)?;
+            return Ok(EncodedPrompt {
+                embedding,
+                pooled: None,
+                tokens,
+            });
+        };
+        if self.zero_empty_prompt && prompt.trim().is_empty() {
+            // SDXL base was trained with dropped captions as zeros, and diffusers guides
+            // away from zeros when no negative prompt is given.
+            let width = self.config.unet.cross_attention_dim;
+            let pooled_dim = second.encoder.projection_dim().unwrap_or_default();
+            return Ok(EncodedPrompt {
+                embedding: Tensor::zeros((1, ids.dim(1)?, width), self.dtype, &self.device)?,
+                pooled: Some(Tensor::zeros((1, pooled_dim), self.dtype, &self.device)?),
+                tokens,
+            });
+        }
+        let second_tokens = second.tokenizer.encode(prompt)?;
+        let second_ids = Tensor::new(second_tokens.ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        // SDXL reads each encoder's penultimate layer (diffusers' `hidden_states[-2]`).
+        let first = self.text_encoder.encode_xl(&ids)?;
+        let second_out = second.encoder.encode_xl(&second_ids)?;
+        let embedding = Tensor::cat(&[&first.penultimate, &second_out.penultimate], 2)?;
+        Ok(EncodedPrompt {
+            embedding,
+            pooled: second_out.pooled,
+            tokens,
+        })
+    }
+
+    /// The UNet's conditioning for one encoded prompt at a latent size `(h, w)`: for SDXL,
+    /// with the size numbers of an uncropped photo at the working size (original and target
+    /// size both the working size in pixels, crop at 0, 0), as diffusers' pipelines pass
+    /// them for an image of that size.
+    pub fn condition(
+        &self,
+        encoded: &EncodedPrompt,
+        latent_size: (usize, usize),
+    ) -> Result<Conditioning> {
+        let text_time = match &encoded.pooled {
+            Some(pooled) if self.config.unet.text_time.is_some() => {
+                let factor = self.config.vae.downscale_factor();
+                let (h, w) = (
+                    (latent_size.0 * factor) as f32,
+                    (latent_size.1 * factor) as f32,
+                );
+                let size_numbers =
+                    Tensor::new(&[[h, w, 0.0, 0.0, h, w]], &self.device)?.to_dtype(self.dtype)?;
+                Some(TextTime {
+                    pooled: pooled.clone(),
+                    size_numbers,
+                })
+            }
+            _ => None,
+        };
+        Ok(Conditioning {
+            context: encoded.embedding.clone(),
+            text_time,
+        })
+    }
+
+    /// [`Self::encode_prompt`] then [`Self::condition`].
+    pub fn conditioning(&self, prompt: &str, latent_size: (usize, usize)) -> Result<Conditioning> {
+        self.condition(&self.encode_prompt(prompt)?, latent_size)
     }
 
     /// A photo as a `[1, 3, H, W]` tensor in [-1, 1].
@@ -494,26 +675,34 @@ fn diffusers_parts(files: &DiffusersFiles, options: &LoadOptions) -> Result<Part
     let unet = UnetConfig::load(&files.unet_config)?;
     let text_encoder_config = TextEncoderConfig::load(&files.text_encoder_config)?;
     let mut scheduler = SchedulerConfig::load(&files.scheduler_config)?;
-    // Its UNet parses (the engine has SDXL's added conditioning), but the pipeline around it
-    // (the second text encoder, the size numbers) is not built yet: say so before the width
-    // check below reports the two encoders' joined width as a mismatch.
-    if unet.text_time.is_some() {
-        return Err(EngineError::config(
+    let second_text = match &files.second_text {
+        Some(second) => Some(second_text_parts(
+            second,
+            &unet,
+            &text_encoder_config,
             &files.unet_config,
-            "addition_embed_type",
-            "is \"text_time\": this is a Stable Diffusion XL model, which unitune does not run yet; use a Stable Diffusion 1.x or 2.x model",
-        ));
-    }
-    if unet.cross_attention_dim != text_encoder_config.hidden_size {
-        return Err(EngineError::config(
-            &files.unet_config,
-            "cross_attention_dim",
-            format!(
-                "({}) does not match the text encoder's hidden_size ({})",
-                unet.cross_attention_dim, text_encoder_config.hidden_size
-            ),
-        ));
-    }
+        )?),
+        None if unet.text_time.is_some() => {
+            return Err(EngineError::config(
+                &files.unet_config,
+                "addition_embed_type",
+                "is \"text_time\" (Stable Diffusion XL), but the folder has no text_encoder_2 and tokenizer_2; download the whole model folder",
+            ));
+        }
+        None => {
+            if unet.cross_attention_dim != text_encoder_config.hidden_size {
+                return Err(EngineError::config(
+                    &files.unet_config,
+                    "cross_attention_dim",
+                    format!(
+                        "({}) does not match the text encoder's hidden_size ({})",
+                        unet.cross_attention_dim, text_encoder_config.hidden_size
+                    ),
+                ));
+            }
+            None
+        }
+    };
     let reason = match options.prediction_type {
         Some(flag) => {
             scheduler.prediction_type = flag;
@@ -550,12 +739,92 @@ fn diffusers_parts(files: &DiffusersFiles, options: &LoadOptions) -> Result<Part
         scheduler,
         tokenizer,
         text_weights: text_encoder_weights(&files.text_encoder_weights),
+        zero_empty_prompt: second_text.is_some()
+            && force_zeros_for_empty_prompt(files.model_index.as_deref()),
+        second_text,
         vae: (
             VaeConfig::load(&files.vae_config)?,
             ComponentWeights::File(files.vae_weights.clone()),
         ),
         unet_source: UnetWeightsSource::diffusers_file(&files.unet_weights)?,
     })
+}
+
+/// SDXL's second encoder and tokenizer, checked against the UNet: the context is both
+/// encoders' widths joined, and the added embedding takes the second's projection.
+fn second_text_parts(
+    files: &SecondTextFiles,
+    unet: &UnetConfig,
+    first: &TextEncoderConfig,
+    unet_config: &Path,
+) -> Result<SecondTextParts> {
+    let config = TextEncoderConfig::load(&files.config)?;
+    let Some(projection_dim) = config.projection_dim else {
+        return Err(EngineError::config(
+            &files.config,
+            "projection_dim",
+            "is missing: SDXL's second text encoder projects its pooled state",
+        ));
+    };
+    if unet.cross_attention_dim != first.hidden_size + config.hidden_size {
+        return Err(EngineError::config(
+            unet_config,
+            "cross_attention_dim",
+            format!(
+                "({}) is not the two text encoders' widths joined ({} + {})",
+                unet.cross_attention_dim, first.hidden_size, config.hidden_size
+            ),
+        ));
+    }
+    match &unet.text_time {
+        Some(text_time) if text_time.pooled_dim() == projection_dim => {}
+        Some(text_time) => {
+            return Err(EngineError::config(
+                unet_config,
+                "projection_class_embeddings_input_dim",
+                format!(
+                    "leaves {} for the pooled text embedding, but the second text encoder projects to {projection_dim}",
+                    text_time.pooled_dim()
+                ),
+            ));
+        }
+        None => {
+            return Err(EngineError::config(
+                unet_config,
+                "addition_embed_type",
+                "is not \"text_time\", but the folder has SDXL's second text encoder",
+            ));
+        }
+    }
+    let special: Vec<&Path> = [&files.special_tokens_map, &files.tokenizer_config]
+        .into_iter()
+        .flatten()
+        .map(|p| p.as_path())
+        .collect();
+    let tokenizer = ClipTokenizer::load(
+        &TokenizerFiles {
+            vocab: &files.tokenizer_vocab,
+            merges: &files.tokenizer_merges,
+            special_tokens: &special,
+        },
+        config.max_position_embeddings,
+    )?;
+    Ok(SecondTextParts {
+        weights: text_encoder_weights(&files.weights),
+        config,
+        projection_dim,
+        tokenizer,
+    })
+}
+
+/// SDXL's `force_zeros_for_empty_prompt` from `model_index.json`: true unless it says
+/// otherwise (the pipeline's default, and SDXL base's setting; SDXL Refiner's is false).
+fn force_zeros_for_empty_prompt(model_index: Option<&Path>) -> bool {
+    model_index
+        .and_then(|path| std::fs::read(path).ok())
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+        .and_then(|index| index.get("force_zeros_for_empty_prompt")?.as_bool())
+        .unwrap_or(true)
 }
 
 /// A single-file checkpoint: the architecture from its tensors, the bundled tokenizer.
@@ -577,6 +846,8 @@ fn checkpoint_parts(file: &Path, options: &LoadOptions) -> Result<Parts> {
         scheduler: checkpoint.scheduler,
         tokenizer,
         text_weights: ComponentWeights::Named(checkpoint.text_encoder_weights),
+        second_text: None,
+        zero_empty_prompt: false,
         vae: (
             checkpoint.vae,
             ComponentWeights::Named(checkpoint.vae_weights),

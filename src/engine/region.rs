@@ -47,7 +47,7 @@ use image::{GrayImage, Luma, RgbImage};
 use crate::imaging::{self, Segments};
 
 use super::error::{EngineError, Result};
-use super::model::StableDiffusion;
+use super::model::{Conditioning, StableDiffusion};
 use super::noise::NoiseSource;
 use super::sampling::{StepObserver, check_proceed, check_text_to_image};
 
@@ -147,11 +147,12 @@ fn difference_map(
     observer: &mut dyn StepObserver,
 ) -> Result<Vec<Vec<f32>>> {
     let device = model.device();
-    let prompt = model.encode_prompt(request.prompt)?.embedding;
-    let reference = model.encode_prompt(request.reference)?.embedding;
-    let context = Tensor::cat(&[&reference, &prompt], 0)?;
     let mut noise = NoiseSource::from_seed(request.seed);
     let latents = model.encode_image(request.working, &mut noise)?;
+    let (_, _, h, w) = latents.dims4()?;
+    let prompt = model.conditioning(request.prompt, (h, w))?;
+    let reference = model.conditioning(request.reference, (h, w))?;
+    let conditioning = Conditioning::cat(&[&reference, &prompt])?;
     let timestep =
         ((model.scheduler.num_train_timesteps() - 1) as f64 * NOISE_FRACTION).round() as usize;
     let t = Tensor::new(&[timestep as f32, timestep as f32], device)?;
@@ -163,7 +164,7 @@ fn difference_map(
             .to_dtype(latents.dtype())?;
         let noisy = model.scheduler.add_noise(&latents, &eps, &[timestep])?;
         let input = Tensor::cat(&[&noisy, &noisy], 0)?;
-        let both = model.unet.forward(&input, &t, &context)?;
+        let both = conditioning.predict(&model.unet, &input, &t)?;
         let difference = (both.narrow(0, 1, 1)? - both.narrow(0, 0, 1)?)?
             .to_dtype(DType::F32)?
             .abs()?

@@ -11,7 +11,7 @@ use image::{GrayImage, RgbImage};
 
 use super::error::{EngineError, Result};
 use super::finite::all_finite;
-use super::model::StableDiffusion;
+use super::model::{Conditioning, StableDiffusion};
 use super::noise::NoiseSource;
 
 /// Where sampling starts.
@@ -107,19 +107,21 @@ pub trait NoisePredictor {
 /// The text conditioning for every step: the prompt, and the baseline it is guided away from.
 pub struct Guidance {
     /// `[baseline; prompt]` when guiding, just `[prompt]` when the weight is 1.
-    context: Tensor,
+    conditioning: Conditioning,
     weight: f64,
     /// How many prompt tokens did not fit the text encoder.
     pub prompt_tokens_dropped: usize,
 }
 
 impl Guidance {
-    /// Encodes the prompt (and the baseline, unless the weight is exactly 1).
+    /// Encodes the prompt (and the baseline, unless the weight is exactly 1) for latents of
+    /// `latent_size` `(h, w)` (SDXL's size numbers).
     pub fn new(
         model: &StableDiffusion,
         prompt: &str,
         baseline_prompt: &str,
         weight: f64,
+        latent_size: (usize, usize),
     ) -> Result<Self> {
         if !weight.is_finite() || weight < 0.0 {
             return Err(EngineError::InvalidRequest(format!(
@@ -127,14 +129,15 @@ impl Guidance {
             )));
         }
         let encoded = model.encode_prompt(prompt)?;
-        let context = if weight != 1.0 {
-            let baseline = model.encode_prompt(baseline_prompt)?;
-            Tensor::cat(&[&baseline.embedding, &encoded.embedding], 0)?
+        let prompted = model.condition(&encoded, latent_size)?;
+        let conditioning = if weight != 1.0 {
+            let baseline = model.conditioning(baseline_prompt, latent_size)?;
+            Conditioning::cat(&[&baseline, &prompted])?
         } else {
-            encoded.embedding
+            prompted
         };
         Ok(Self {
-            context,
+            conditioning,
             weight,
             prompt_tokens_dropped: encoded.tokens.dropped_tokens,
         })
@@ -156,12 +159,12 @@ impl NoisePredictor for Guidance {
         let device = model.device();
         if !self.guided() {
             let t = Tensor::new(&[timestep as f32], device)?;
-            return Ok(model.unet.forward(latents, &t, &self.context)?);
+            return self.conditioning.predict(&model.unet, latents, &t);
         }
         // One UNet call on a batch of two, as diffusers does.
         let input = Tensor::cat(&[latents, latents], 0)?;
         let t = Tensor::new(&[timestep as f32, timestep as f32], device)?;
-        let both = model.unet.forward(&input, &t, &self.context)?;
+        let both = self.conditioning.predict(&model.unet, &input, &t)?;
         let baseline = both.narrow(0, 0, 1)?;
         let prompted = both.narrow(0, 1, 1)?;
         Ok((&baseline + ((prompted - &baseline)? * self.weight)?)?)
@@ -338,6 +341,7 @@ pub fn sample(
         request.prompt,
         request.baseline_prompt,
         request.guidance_weight,
+        (latent_h, latent_w),
     )?;
     check_proceed(observer)?;
 

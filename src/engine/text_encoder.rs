@@ -120,6 +120,13 @@ impl TextEncoder {
         self.final_layer_norm.forward(&last)
     }
 
+    /// The pooled embedding's width, for an encoder with a projection.
+    pub fn projection_dim(&self) -> Option<usize> {
+        self.projection
+            .as_ref()
+            .and_then(|p| p.weight().dim(0).ok())
+    }
+
     /// SDXL's reading of token ids `[batch, seq]`: see [`XlTextOutput`].
     pub fn encode_xl(&self, ids: &Tensor) -> Result<XlTextOutput> {
         let (penultimate, last) = self.layers_output(ids)?;

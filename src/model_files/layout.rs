@@ -112,10 +112,24 @@ pub struct DiffusersFiles {
     pub tokenizer_merges: PathBuf,
     pub tokenizer_config: Option<PathBuf>,
     pub special_tokens_map: Option<PathBuf>,
+    /// SDXL's second text encoder (`text_encoder_2`, `tokenizer_2`); `None` for SD 1.x/2.x.
+    pub second_text: Option<SecondTextFiles>,
     pub scheduler_config: PathBuf,
-    /// The pipeline's index; the engine reads only unitune's own key in it (which built-in
-    /// fidelity table the model uses, see `engine::fidelity`).
+    /// The pipeline's index; the engine reads unitune's own key in it (which built-in
+    /// fidelity table the model uses, see `engine::fidelity`) and SDXL's
+    /// `force_zeros_for_empty_prompt`.
     pub model_index: Option<PathBuf>,
+}
+
+/// SDXL's second text encoder and its tokenizer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecondTextFiles {
+    pub config: PathBuf,
+    pub weights: PathBuf,
+    pub tokenizer_vocab: PathBuf,
+    pub tokenizer_merges: PathBuf,
+    pub tokenizer_config: Option<PathBuf>,
+    pub special_tokens_map: Option<PathBuf>,
 }
 
 /// A replacement VAE (`--vae`).
@@ -279,11 +293,23 @@ const TEXT_ENCODER: Component = Component {
     weights_stem: "text_encoder/model",
 };
 
+/// SDXL's second text encoder: its folder's presence makes a diffusers folder SDXL's.
+const TEXT_ENCODER_2: Component = Component {
+    name: "second text encoder",
+    dir: "text_encoder_2",
+    config: "text_encoder_2/config.json",
+    weights_stem: "text_encoder_2/model",
+};
+
 const MODEL_INDEX: &str = "model_index.json";
 const TOKENIZER_VOCAB: &str = "tokenizer/vocab.json";
 const TOKENIZER_MERGES: &str = "tokenizer/merges.txt";
 const TOKENIZER_CONFIG: &str = "tokenizer/tokenizer_config.json";
 const SPECIAL_TOKENS_MAP: &str = "tokenizer/special_tokens_map.json";
+const TOKENIZER_2_VOCAB: &str = "tokenizer_2/vocab.json";
+const TOKENIZER_2_MERGES: &str = "tokenizer_2/merges.txt";
+const TOKENIZER_2_CONFIG: &str = "tokenizer_2/tokenizer_config.json";
+const SPECIAL_TOKENS_MAP_2: &str = "tokenizer_2/special_tokens_map.json";
 const SCHEDULER_CONFIG: &str = "scheduler/scheduler_config.json";
 
 /// Extensions of PyTorch pickle files, which can run code when loaded.
@@ -401,15 +427,28 @@ pub(crate) struct Plan {
     pub(crate) tokenizer_merges: String,
     pub(crate) tokenizer_config: Option<String>,
     pub(crate) special_tokens_map: Option<String>,
+    pub(crate) second_text: Option<SecondTextPlan>,
     pub(crate) scheduler_config: String,
     /// Fetched from the hub so the cached copy is a valid diffusers folder for other tools;
     /// the engine reads only unitune's own key in it.
     pub(crate) model_index: Option<String>,
 }
 
+/// SDXL's second text encoder's files, relative to the model root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SecondTextPlan {
+    pub(crate) config: String,
+    pub(crate) weights: String,
+    pub(crate) tokenizer_vocab: String,
+    pub(crate) tokenizer_merges: String,
+    pub(crate) tokenizer_config: Option<String>,
+    pub(crate) special_tokens_map: Option<String>,
+}
+
 impl Plan {
     /// Every chosen file, small ones first so a broken repo fails before a big download.
     pub(crate) fn files(&self) -> Vec<&str> {
+        let second = self.second_text.as_ref();
         let mut files: Vec<&str> = [
             self.model_index.as_deref(),
             Some(&self.scheduler_config),
@@ -417,10 +456,16 @@ impl Plan {
             Some(&self.tokenizer_merges),
             self.tokenizer_config.as_deref(),
             self.special_tokens_map.as_deref(),
+            second.map(|s| s.tokenizer_vocab.as_str()),
+            second.map(|s| s.tokenizer_merges.as_str()),
+            second.and_then(|s| s.tokenizer_config.as_deref()),
+            second.and_then(|s| s.special_tokens_map.as_deref()),
             Some(&self.text_encoder_config),
+            second.map(|s| s.config.as_str()),
             Some(&self.vae_config),
             Some(&self.unet_config),
             Some(&self.text_encoder_weights),
+            second.map(|s| s.weights.as_str()),
             Some(&self.vae_weights),
             Some(&self.unet_weights),
         ]
@@ -444,6 +489,14 @@ impl Plan {
             tokenizer_merges: at(&self.tokenizer_merges),
             tokenizer_config: self.tokenizer_config.as_deref().map(at),
             special_tokens_map: self.special_tokens_map.as_deref().map(at),
+            second_text: self.second_text.as_ref().map(|s| SecondTextFiles {
+                config: at(&s.config),
+                weights: at(&s.weights),
+                tokenizer_vocab: at(&s.tokenizer_vocab),
+                tokenizer_merges: at(&s.tokenizer_merges),
+                tokenizer_config: s.tokenizer_config.as_deref().map(at),
+                special_tokens_map: s.special_tokens_map.as_deref().map(at),
+            }),
             scheduler_config: at(&self.scheduler_config),
             model_index: self.model_index.as_deref().map(at),
         };
@@ -483,6 +536,20 @@ pub(crate) fn plan(
     let (unet_config, unet_weights) = component(&UNET)?;
     let (vae_config, vae_weights) = component(&VAE)?;
     let (text_encoder_config, text_encoder_weights) = component(&TEXT_ENCODER)?;
+    // SDXL: the second encoder's folder, then everything of it is required.
+    let second_text = if files.files_in(TEXT_ENCODER_2.dir).is_empty() {
+        None
+    } else {
+        let (config, weights) = component(&TEXT_ENCODER_2)?;
+        Some(SecondTextPlan {
+            config,
+            weights,
+            tokenizer_vocab: required(TOKENIZER_2_VOCAB)?,
+            tokenizer_merges: required(TOKENIZER_2_MERGES)?,
+            tokenizer_config: optional(TOKENIZER_2_CONFIG),
+            special_tokens_map: optional(SPECIAL_TOKENS_MAP_2),
+        })
+    };
     Ok(Plan {
         unet_config,
         unet_weights,
@@ -494,6 +561,7 @@ pub(crate) fn plan(
         tokenizer_merges: required(TOKENIZER_MERGES)?,
         tokenizer_config: optional(TOKENIZER_CONFIG),
         special_tokens_map: optional(SPECIAL_TOKENS_MAP),
+        second_text,
         scheduler_config: required(SCHEDULER_CONFIG)?,
         model_index: optional(MODEL_INDEX),
     })

@@ -35,8 +35,8 @@ pub use error::ModelFilesError;
 pub use fingerprint::default_memo_path;
 pub use hub::{HubOptions, default_cache_dir, repo_cache_dir, resolve, resolve_repo_files};
 pub use layout::{
-    DiffusersFiles, ModelFiles, ModelLayout, ModelSource, VaeFiles, WeightsPreference,
-    locate_in_folder, locate_in_folder_with, locate_vae,
+    DiffusersFiles, ModelFiles, ModelLayout, ModelSource, SecondTextFiles, VaeFiles,
+    WeightsPreference, locate_in_folder, locate_in_folder_with, locate_vae,
 };
 pub use lora::LoraChoice;
 pub use notice::{DEFAULT_MODEL_DOWNLOAD_BYTES, approximate_download_bytes, license_notice};

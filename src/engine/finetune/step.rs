@@ -16,7 +16,7 @@ use crate::engine::error::{EngineError, Result};
 use crate::engine::finite::all_finite_together;
 use crate::engine::layers::wide;
 use crate::engine::memory::MemoryProbe;
-use crate::engine::model::StableDiffusion;
+use crate::engine::model::{Conditioning, StableDiffusion};
 use crate::engine::noise::NoiseSource;
 use crate::engine::optim::Optimizer;
 use crate::engine::unet::UNet;
@@ -31,7 +31,7 @@ pub struct TrainingBatch<'a> {
     pub latents: &'a Tensor,
     pub noise: &'a Tensor,
     pub timesteps: &'a [usize],
-    pub context: &'a Tensor,
+    pub text: &'a Conditioning,
 }
 
 /// One forward and backward pass of the denoising loss; the gradients of `weight` times the
@@ -49,7 +49,7 @@ pub fn training_pass(
         batch.latents,
         batch.noise,
         batch.timesteps,
-        batch.context,
+        batch.text,
         None,
     )?;
     let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
@@ -111,9 +111,9 @@ pub(super) struct TrainingRun<'a> {
     mean: Tensor,
     std: Tensor,
     scaling: f64,
-    /// The prompt's embedding, and repeated for one pass.
-    prompt: Tensor,
-    context: Tensor,
+    /// The prompt's conditioning, and repeated for one pass.
+    prompt: Conditioning,
+    text: Conditioning,
     /// Photos per pass, lowered when a pass runs out of memory.
     pub micro_batch: usize,
     optimizer: Optimizer,
@@ -148,8 +148,9 @@ impl<'a> TrainingRun<'a> {
         } else {
             settings.micro_batch_size
         };
-        let prompt = no_grad(|| model.encode_prompt(&settings.token))?.embedding;
-        let context = prompt.repeat((micro_batch, 1, 1))?;
+        let (_, _, latent_h, latent_w) = distribution.mean.dims4()?;
+        let prompt = no_grad(|| model.conditioning(&settings.token, (latent_h, latent_w)))?;
+        let text = prompt.repeat(micro_batch)?;
         let batch = settings.batch_size;
         let mean = distribution.mean.repeat((batch, 1, 1, 1))?;
         let std = distribution.std.repeat((batch, 1, 1, 1))?;
@@ -186,7 +187,7 @@ impl<'a> TrainingRun<'a> {
             std,
             scaling,
             prompt,
-            context,
+            text,
             micro_batch,
             optimizer,
             loss_scale,
@@ -261,7 +262,7 @@ impl<'a> TrainingRun<'a> {
                 latents: &latents.narrow(0, range.start, micro)?,
                 noise: &target_noise.narrow(0, range.start, micro)?,
                 timesteps: &timesteps[range],
-                context: &self.context,
+                text: &self.text,
             };
             // Each pass is a mean over its micro-batch; scale so the sum is the batch mean.
             let weight = scale / passes as f64;
@@ -320,7 +321,7 @@ impl<'a> TrainingRun<'a> {
             .rev()
             .find(|m| batch.is_multiple_of(*m))
             .unwrap_or(1);
-        self.context = self.prompt.repeat((self.micro_batch, 1, 1))?;
+        self.text = self.prompt.repeat(self.micro_batch)?;
         Ok(())
     }
 
@@ -333,9 +334,9 @@ impl<'a> TrainingRun<'a> {
     /// UNet call from the photo noised to 60%.
     pub fn reconstruct(&self) -> Result<Tensor> {
         let (noisy, t) = &self.reconstruction;
-        let context = self.context.narrow(0, 0, 1)?;
+        let text = self.text.narrow(0, 1)?;
         let timestep = Tensor::new(&[*t as f32], self.model.device())?;
-        let output = no_grad(|| self.unet.forward(noisy, &timestep, &context))?;
+        let output = no_grad(|| text.predict(&self.unet, noisy, &timestep))?;
         Ok(self
             .model
             .scheduler
