@@ -633,6 +633,64 @@ fn sd15_like_repo() -> FakeRepo {
     fake_repo("tiny/sd15", &files)
 }
 
+/// SDXL's second text encoder and tokenizer, as `stabilityai/stable-diffusion-xl-base-1.0`
+/// holds them (with fp16 variants and files unitune must not fetch).
+const SDXL_SMALL_FILES: [&str; 4] = [
+    "text_encoder_2/config.json",
+    "tokenizer_2/vocab.json",
+    "tokenizer_2/merges.txt",
+    "tokenizer_2/special_tokens_map.json",
+];
+const SDXL_FP16_WEIGHTS: [&str; 1] = ["text_encoder_2/model.fp16.safetensors"];
+const SDXL_UNWANTED: [&str; 4] = [
+    "text_encoder_2/model.safetensors",
+    "text_encoder_2/pytorch_model.fp16.bin",
+    "sd_xl_base_1.0.safetensors",
+    "sd_xl_offset_example-lora_1.0.safetensors",
+];
+
+/// An SDXL repo is fetched like SD 1.5's, fp16 variant files first, with the second text
+/// encoder and its tokenizer, and nothing else.
+#[test]
+fn an_sdxl_repo_downloads_both_text_encoders_as_fp16_variants() {
+    if !online_allowed() {
+        return;
+    }
+    let files: Vec<&str> = SMALL_FILES
+        .iter()
+        .chain(&SDXL_SMALL_FILES)
+        .chain(&FULL_WEIGHTS)
+        .chain(&FP16_WEIGHTS)
+        .chain(&SDXL_FP16_WEIGHTS)
+        .chain(&UNWANTED)
+        .chain(&SDXL_UNWANTED)
+        .copied()
+        .collect();
+    let hub = FakeHub::start(vec![fake_repo("tiny/sdxl", &files)]);
+    let cache = temp_dir();
+    let spec = ModelSpec::hub("tiny/sdxl");
+    let resolved = resolve(&spec, &hub.options(cache.path()), &mut Recorder::default())
+        .expect("download from the fake hub");
+    let wanted: BTreeSet<String> = SMALL_FILES
+        .iter()
+        .chain(&SDXL_SMALL_FILES)
+        .chain(&FP16_WEIGHTS)
+        .chain(&SDXL_FP16_WEIGHTS)
+        .map(|f| (*f).to_owned())
+        .collect();
+    assert_eq!(hub.touched_files("tiny/sdxl"), wanted);
+    let second = d(&resolved)
+        .second_text
+        .as_ref()
+        .expect("the second text encoder");
+    assert!(
+        second
+            .weights
+            .ends_with("text_encoder_2/model.fp16.safetensors")
+    );
+    assert!(second.tokenizer_merges.ends_with("tokenizer_2/merges.txt"));
+}
+
 #[test]
 fn download_fetches_only_the_needed_files_into_the_standard_cache() {
     if !online_allowed() {
