@@ -12,6 +12,7 @@ use image::RgbImage;
 
 use super::config::{
     PipelineConfig, PredictionType, SchedulerConfig, TextEncoderConfig, UnetConfig, VaeConfig,
+    read_json,
 };
 use super::error::{EngineError, Result};
 use super::fidelity::{FidelityTable, STABLE_DIFFUSION};
@@ -759,7 +760,14 @@ fn second_text_parts(
     unet_config: &Path,
 ) -> Result<SecondTextParts> {
     let config = TextEncoderConfig::load(&files.config)?;
-    let Some(projection_dim) = config.projection_dim else {
+    // Read here rather than kept in `TextEncoderConfig`: every CLIP text config carries a
+    // `projection_dim`, but only this encoder (`CLIPTextModelWithProjection`) has the layer.
+    let raw: serde_json::Value = read_json(&files.config)?;
+    let Some(projection_dim) = raw
+        .get("projection_dim")
+        .and_then(serde_json::Value::as_u64)
+        .map(|d| d as usize)
+    else {
         return Err(EngineError::config(
             &files.config,
             "projection_dim",

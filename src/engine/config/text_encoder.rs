@@ -19,10 +19,6 @@ struct RawTextConfig {
     hidden_act: String,
     #[serde(default = "default_eps")]
     layer_norm_eps: f64,
-    /// The width `CLIPTextModelWithProjection` projects the pooled state to (SDXL's second
-    /// encoder reads it; a plain CLIP text model's config carries it unused).
-    #[serde(default)]
-    projection_dim: Option<usize>,
 }
 
 fn default_clip_act() -> String {
@@ -50,8 +46,6 @@ pub struct TextEncoderConfig {
     pub max_position_embeddings: usize,
     pub activation: TextActivation,
     pub layer_norm_eps: f64,
-    /// `projection_dim` when the config states it (see [`super::super::text_encoder::TextEncoder::with_projection`]).
-    pub projection_dim: Option<usize>,
 }
 
 impl TextEncoderConfig {
@@ -96,7 +90,6 @@ impl TextEncoderConfig {
             max_position_embeddings: raw.max_position_embeddings,
             activation,
             layer_norm_eps: raw.layer_norm_eps,
-            projection_dim: raw.projection_dim,
         })
     }
 }
