@@ -201,6 +201,61 @@ fn txt2img_loop_matches_diffusers_step_by_step() {
     }
 }
 
+/// SDXL Turbo's way of sampling, through a model folder whose scheduler config asks for
+/// trailing timesteps: 2 steps at guidance 0, which (as in diffusers) means the prompt alone,
+/// not the baseline. Against `StableDiffusionXLPipeline` with the same config.
+#[test]
+fn a_turbo_style_sdxl_folder_samples_in_two_unguided_steps_as_diffusers() {
+    let home = tempfile::tempdir().unwrap();
+    let folder = home.path().join("sdxl-turbo-tiny");
+    common::copy_dir(&common::model_dir("sdxl-tiny"), &folder);
+    let config_path = folder.join("scheduler/scheduler_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    config["timestep_spacing"] = "trailing".into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let files = unitune::model_files::locate_in_folder(&folder).unwrap();
+    let model = unitune::engine::StableDiffusion::load(
+        &files,
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    let reference = Reference::load("sdxl-tiny");
+    let (prompt, negative, guidance_weight, steps) = params(&reference, "turbo_params");
+    assert_eq!(guidance_weight, 0.0);
+    let timesteps = model.scheduler.timesteps(steps).unwrap();
+    assert_eq!(timesteps, reference.usize_list("turbo_timesteps"));
+    let init = reference.f32("turbo_init_noise");
+    let guidance = Guidance::new(
+        &model,
+        &prompt,
+        &negative,
+        guidance_weight,
+        latent_size(&init),
+    )
+    .unwrap();
+    let mut observer = Recorder::default();
+    denoise(
+        &model,
+        init,
+        &timesteps,
+        steps,
+        &guidance,
+        None,
+        &mut observer,
+    )
+    .unwrap();
+    for (i, latents) in observer.latents.iter().enumerate() {
+        assert_close(
+            &format!("turbo step {i} latents"),
+            latents,
+            &reference.f32(&format!("turbo_latents_{i}")),
+            TOLERANCE,
+        );
+    }
+}
+
 fn photo() -> image::RgbImage {
     image::RgbImage::from_fn(64, 64, |x, y| {
         image::Rgb([(x * 4) as u8, (y * 4) as u8, ((x + y) * 2) as u8])

@@ -586,7 +586,8 @@ pub struct SamplingOptions {
     )]
     pub sampling_steps: usize,
 
-    /// Classifier-free guidance weight: how strongly to follow the prompt (1 = off).
+    /// Classifier-free guidance weight: how strongly to follow the prompt (1 or less = off,
+    /// the prompt alone, as SDXL Turbo and Lightning models are sampled).
     #[arg(
         long,
         allow_negative_numbers = true,

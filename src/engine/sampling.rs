@@ -106,7 +106,7 @@ pub trait NoisePredictor {
 
 /// The text conditioning for every step: the prompt, and the baseline it is guided away from.
 pub struct Guidance {
-    /// `[baseline; prompt]` when guiding, just `[prompt]` when the weight is 1.
+    /// `[baseline; prompt]` when guiding, just `[prompt]` when the weight is at most 1.
     conditioning: Conditioning,
     weight: f64,
     /// How many prompt tokens did not fit the text encoder.
@@ -114,8 +114,12 @@ pub struct Guidance {
 }
 
 impl Guidance {
-    /// Encodes the prompt (and the baseline, unless the weight is exactly 1) for latents of
-    /// `latent_size` `(h, w)` (SDXL's size numbers).
+    /// Encodes the prompt (and the baseline, when guiding) for latents of `latent_size`
+    /// `(h, w)` (SDXL's size numbers).
+    ///
+    /// A weight of at most 1 is no classifier-free guidance, the prompt alone, as in diffusers
+    /// (`do_classifier_free_guidance = guidance_scale > 1`): SDXL Turbo is sampled at 0 and
+    /// Lightning at 1, where `baseline + w (prompt - baseline)` would be the baseline.
     pub fn new(
         model: &StableDiffusion,
         prompt: &str,
@@ -130,7 +134,7 @@ impl Guidance {
         }
         let encoded = model.encode_prompt(prompt)?;
         let prompted = model.condition(&encoded, latent_size)?;
-        let conditioning = if weight != 1.0 {
+        let conditioning = if weight > 1.0 {
             let baseline = model.conditioning(baseline_prompt, latent_size)?;
             Conditioning::cat(&[&baseline, &prompted])?
         } else {
@@ -144,7 +148,7 @@ impl Guidance {
     }
 
     fn guided(&self) -> bool {
-        self.weight != 1.0
+        self.weight > 1.0
     }
 }
 
