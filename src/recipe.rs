@@ -131,6 +131,10 @@ pub struct Recipe {
     pub working_height: u32,
     /// The model's name: a folder's or file's name, a hub id, or `demo` (never a path).
     pub model: String,
+    /// Which Stable Diffusion the model is: "SD 1.x", "SD 2.x" or "SDXL" (absent in recipes
+    /// written before SDXL ran).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_family: Option<String>,
     /// AUTOMATIC1111's `Model hash`: for a single file the first 10 hex digits of its
     /// SHA-256 (AutoV2), for a folder of its fingerprint.
     #[serde(default)]
@@ -195,6 +199,7 @@ impl Recipe {
             working_width: 0,
             working_height: 0,
             model: model.to_string(),
+            model_family: None,
             model_hash: String::new(),
             model_fingerprint: String::new(),
             model_revision: None,
@@ -231,6 +236,9 @@ impl Recipe {
             fields.push(format!("Model hash: {}", self.model_hash));
         }
         fields.push(format!("Model: {}", plain(&self.model)));
+        if let Some(family) = &self.model_family {
+            fields.push(format!("Model family: {family}"));
+        }
         if let Some(vae) = &self.vae {
             fields.push(format!("VAE: {}", plain(vae)));
         }

@@ -106,6 +106,7 @@ fn a_second_edit_of_the_same_photo_reuses_the_snapshots_and_a_damaged_entry_is_r
         serde_json::json!([1, 2])
     );
     assert_eq!(recipe["model_prompt"], "beikkpic a cat wearing sunglasses");
+    assert_eq!(recipe["model_family"], "SD 1.x");
 
     // A damaged entry is never trusted: it is reported and rebuilt.
     let entry = &cache_files(h)[0];
@@ -510,6 +511,10 @@ fn an_sdxl_model_fine_tunes_in_every_mode_and_edits() {
         let recipe = common::png_recipe(&h.join(&out));
         let train = recipe["tuning"]["train"].as_str().unwrap();
         assert!(train.starts_with(mode), "{mode}: {train}");
+        assert_eq!(recipe["model_family"], "SDXL");
+        let text = read_png_text(&h.join(&out)).unwrap();
+        let a1111 = text.iter().find(|(key, _)| key == "parameters").unwrap();
+        assert!(a1111.1.contains("Model family: SDXL"), "{}", a1111.1);
         assert_eq!(recipe["model_prompt"], "beikkpic a cat wearing sunglasses");
     }
 }

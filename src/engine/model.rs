@@ -11,8 +11,8 @@ use candle_nn::VarBuilder;
 use image::RgbImage;
 
 use super::config::{
-    PipelineConfig, PredictionType, SchedulerConfig, TextEncoderConfig, UnetConfig, VaeConfig,
-    read_json,
+    PipelineConfig, PredictionType, SchedulerConfig, TextActivation, TextEncoderConfig, UnetConfig,
+    VaeConfig, read_json,
 };
 use super::error::{EngineError, Result};
 use super::fidelity::{FidelityTable, STABLE_DIFFUSION};
@@ -188,6 +188,9 @@ pub struct LoadOptions {
 pub struct ModelInfo {
     /// Detected from a single file's tensors; `None` for a diffusers folder (its configs say).
     pub family: Option<Family>,
+    /// Which Stable Diffusion this is, for people and recipes: "SD 1.x", "SD 2.x" or "SDXL"
+    /// (a single file's family, or what a folder's text encoders say).
+    pub architecture: &'static str,
     pub variant: UnetVariant,
     pub prediction: PredictionChoice,
     /// What the fidelity slider means for this model: the table its folder names, else
@@ -200,7 +203,10 @@ impl ModelInfo {
     pub fn describe(&self) -> String {
         let described = match self.family {
             Some(family) => single_file::describe(family, self.variant, &self.prediction),
-            None => format!("diffusers folder, {}, {}", self.variant, self.prediction),
+            None => format!(
+                "{} diffusers folder, {}, {}",
+                self.architecture, self.variant, self.prediction
+            ),
         };
         if std::ptr::eq(self.fidelity_table, &STABLE_DIFFUSION) {
             described
@@ -731,6 +737,12 @@ fn diffusers_parts(files: &DiffusersFiles, options: &LoadOptions) -> Result<Part
     Ok(Parts {
         info: ModelInfo {
             family: None,
+            architecture: match (&second_text, text_encoder_config.activation) {
+                (Some(_), _) => "SDXL",
+                // OpenCLIP's text tower (SD 2.x) uses exact GELU, OpenAI CLIP (SD 1.x) quick GELU.
+                (None, TextActivation::Gelu) => Family::Sd2.name(),
+                (None, _) => Family::Sd1.name(),
+            },
             variant: variant_of(&unet),
             prediction,
             fidelity_table: fidelity_table_of(files.model_index.as_deref()),
@@ -845,6 +857,7 @@ fn checkpoint_parts(file: &Path, options: &LoadOptions) -> Result<Parts> {
     Ok(Parts {
         info: ModelInfo {
             family: Some(checkpoint.family),
+            architecture: checkpoint.family.name(),
             variant: checkpoint.variant,
             prediction: checkpoint.prediction,
             fidelity_table: &STABLE_DIFFUSION,

@@ -118,6 +118,8 @@ pub struct ModelSummary {
     pub prediction_type: &'static str,
     /// Family, variant, prediction type and why, in one line.
     pub description: String,
+    /// "SD 1.x", "SD 2.x" or "SDXL" (recipes name it).
+    pub architecture: &'static str,
     /// An InstructPix2Pix model: edits are instructions, without fine-tuning.
     pub instruct: bool,
     /// What the fidelity slider means for this model.

@@ -12,6 +12,7 @@ use crate::recipe::{Recipe, TuneRecipe};
 fn base(mode: &str, prompt: &str, model: &ModelSummary) -> Recipe {
     let identity = &model.identity;
     Recipe {
+        model_family: Some(model.architecture.to_owned()),
         model_hash: identity.hash.clone(),
         model_fingerprint: identity.fingerprint.clone(),
         model_revision: identity.revision.clone(),
@@ -102,6 +103,7 @@ pub(super) fn lora_recipe_json(
     serde_json::json!({
         "tuning": TuneRecipe::from_settings(tuning),
         "model": identity.name,
+        "model_family": model.architecture,
         "model_hash": identity.hash,
         "model_fingerprint": identity.fingerprint,
         "model_revision": identity.revision,

@@ -37,12 +37,19 @@ impl Family {
     }
 }
 
-impl fmt::Display for Family {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Family {
+    /// "SD 1.x" or "SD 2.x".
+    pub fn name(self) -> &'static str {
+        match self {
             Family::Sd1 => "SD 1.x",
             Family::Sd2 => "SD 2.x",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 
