@@ -71,6 +71,21 @@ pub static STABLE_DIFFUSION: FidelityTable = FidelityTable {
     rows: SD_ROWS,
 };
 
+/// Stable Diffusion XL's rows: Stable Diffusion's snapshots and t0, with guidance scaled to
+/// SDXL's range (diffusers samples it at 5 where SD 1.5 takes 7.5, and it saturates sooner):
+/// each SD weight times 2/3. Adapted, not calibrated: no SDXL weights reach our machines.
+pub static STABLE_DIFFUSION_XL: FidelityTable = FidelityTable {
+    name: "stable-diffusion-xl",
+    source: "adapted from Stable Diffusion's, not yet calibrated",
+    rows: [
+        row(0.00, 16, 1.00, 8.0),
+        row(0.25, 32, 1.00, 6.7),
+        row(0.50, 64, 0.96, 6.0),
+        row(0.75, 64, 0.92, 5.3),
+        row(1.00, 128, 0.88, 5.0),
+    ],
+};
+
 /// The demo model (`assets/demo-model`), calibrated by `unitune eval --model demo` (4 scenes,
 /// 12 edits, t0 0.6/0.8/1.0 at guidance 7.5; docs/edit-quality.md): the Pareto front of its
 /// UniTune points, as the benchmark proposes it. 16 steps at t0 1.0 is the most expressive
@@ -89,8 +104,8 @@ pub static DEMO: FidelityTable = FidelityTable {
     ],
 };
 
-/// Every built-in table; a model names its own, else Stable Diffusion's applies.
-pub static TABLES: [&FidelityTable; 2] = [&STABLE_DIFFUSION, &DEMO];
+/// Every built-in table; a model names its own, else its family's applies.
+pub static TABLES: [&FidelityTable; 3] = [&STABLE_DIFFUSION, &STABLE_DIFFUSION_XL, &DEMO];
 
 impl FidelityTable {
     /// The built-in table called `name`.

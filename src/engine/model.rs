@@ -15,7 +15,7 @@ use super::config::{
     VaeConfig, read_json,
 };
 use super::error::{EngineError, Result};
-use super::fidelity::{FidelityTable, STABLE_DIFFUSION};
+use super::fidelity::{FidelityTable, STABLE_DIFFUSION, STABLE_DIFFUSION_XL};
 use super::lora::AppliedLoras;
 use super::noise::NoiseSource;
 use super::scheduler::DdimScheduler;
@@ -221,10 +221,13 @@ impl ModelInfo {
 }
 
 /// The built-in fidelity table a diffusers folder names in its `model_index.json`
-/// (`"_unitune_fidelity_table": "demo"`; diffusers ignores keys starting with `_`). The engine
-/// never needed the index otherwise, so a missing, unreadable or unknown entry means Stable
-/// Diffusion's table rather than a refusal to load.
-fn fidelity_table_of(model_index: Option<&Path>) -> &'static FidelityTable {
+/// (`"_unitune_fidelity_table": "demo"`; diffusers ignores keys starting with `_`). A
+/// missing, unreadable or unknown entry means the family's table (`default`) rather than a
+/// refusal to load.
+fn fidelity_table_of(
+    model_index: Option<&Path>,
+    default: &'static FidelityTable,
+) -> &'static FidelityTable {
     model_index
         .and_then(|path| std::fs::read(path).ok())
         .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
@@ -232,7 +235,7 @@ fn fidelity_table_of(model_index: Option<&Path>) -> &'static FidelityTable {
             let name = index.get("_unitune_fidelity_table")?.as_str()?;
             FidelityTable::named(name)
         })
-        .unwrap_or(&STABLE_DIFFUSION)
+        .unwrap_or(default)
 }
 
 /// Where a component's weights are: a diffusers component file, or named weights (a
@@ -745,7 +748,14 @@ fn diffusers_parts(files: &DiffusersFiles, options: &LoadOptions) -> Result<Part
             },
             variant: variant_of(&unet),
             prediction,
-            fidelity_table: fidelity_table_of(files.model_index.as_deref()),
+            fidelity_table: fidelity_table_of(
+                files.model_index.as_deref(),
+                if second_text.is_some() {
+                    &STABLE_DIFFUSION_XL
+                } else {
+                    &STABLE_DIFFUSION
+                },
+            ),
         },
         unet,
         text_encoder_config,
