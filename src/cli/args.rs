@@ -304,7 +304,7 @@ pub enum CacheAction {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Architecture to build with random weights: sd15 or sd21.
+    /// Architecture to build with random weights: sd15, sd21 or sdxl.
     #[arg(long, value_name = "A", default_value = "sd15")]
     pub arch: Architecture,
 

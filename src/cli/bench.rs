@@ -530,14 +530,12 @@ fn precision_agreement(
     let (c, h, w) = model.latent_dims(width, height)?;
     let latents = NoiseSource::from_seed(5).normal((1, c, h, w), &device)?;
     let timesteps = Tensor::new(&[500u32], &device)?;
-    let context = reference.encode_prompt("a photo of a cat")?.embedding;
+    let text = reference.conditioning("a photo of a cat", (h, w))?;
     let forward = |m: &StableDiffusion| -> Result<Tensor> {
         let dtype = m.dtype();
-        let out = m.unet.forward(
-            &latents.to_dtype(dtype)?,
-            &timesteps,
-            &context.to_dtype(dtype)?,
-        )?;
+        let out = text
+            .to_dtype(dtype)?
+            .predict(&m.unet, &latents.to_dtype(dtype)?, &timesteps)?;
         Ok(out.to_dtype(DType::F32)?)
     };
     let full = forward(reference)?;

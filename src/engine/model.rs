@@ -12,7 +12,7 @@ use image::RgbImage;
 
 use super::config::{
     PipelineConfig, PredictionType, SchedulerConfig, TextActivation, TextEncoderConfig, UnetConfig,
-    VaeConfig, read_json,
+    VaeConfig, projection_dim,
 };
 use super::error::{EngineError, Result};
 use super::fidelity::{FidelityTable, STABLE_DIFFUSION, STABLE_DIFFUSION_XL};
@@ -135,6 +135,20 @@ impl Conditioning {
                 Some(t) => Some(TextTime {
                     pooled: t.pooled.narrow(0, start, len)?,
                     size_numbers: t.size_numbers.narrow(0, start, len)?,
+                }),
+                None => None,
+            },
+        })
+    }
+
+    /// In another dtype (the UNet's).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            context: self.context.to_dtype(dtype)?,
+            text_time: match &self.text_time {
+                Some(t) => Some(TextTime {
+                    pooled: t.pooled.to_dtype(dtype)?,
+                    size_numbers: t.size_numbers.to_dtype(dtype)?,
                 }),
                 None => None,
             },
@@ -782,14 +796,7 @@ fn second_text_parts(
     unet_config: &Path,
 ) -> Result<SecondTextParts> {
     let config = TextEncoderConfig::load(&files.config)?;
-    // Read here rather than kept in `TextEncoderConfig`: every CLIP text config carries a
-    // `projection_dim`, but only this encoder (`CLIPTextModelWithProjection`) has the layer.
-    let raw: serde_json::Value = read_json(&files.config)?;
-    let Some(projection_dim) = raw
-        .get("projection_dim")
-        .and_then(serde_json::Value::as_u64)
-        .map(|d| d as usize)
-    else {
+    let Some(projection_dim) = projection_dim(&files.config)? else {
         return Err(EngineError::config(
             &files.config,
             "projection_dim",

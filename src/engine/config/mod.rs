@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 
 pub use scheduler::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
 pub use taesd::{TinyActivation, TinyVaeConfig};
-pub use text_encoder::{TextActivation, TextEncoderConfig};
+pub use text_encoder::{TextActivation, TextEncoderConfig, projection_dim};
 pub use unet::{BlockAttention, TextTimeConfig, UnetBlockConfig, UnetConfig};
 pub use vae::VaeConfig;
 

@@ -48,6 +48,17 @@ pub struct TextEncoderConfig {
     pub layer_norm_eps: f64,
 }
 
+/// `projection_dim` of a `CLIPTextModelWithProjection` config (SDXL's second text encoder).
+/// Read on its own rather than kept in [`TextEncoderConfig`]: every CLIP text config carries
+/// one, but only that model has the layer.
+pub fn projection_dim(file: &Path) -> Result<Option<usize>> {
+    let raw: serde_json::Value = read_json(file)?;
+    Ok(raw
+        .get("projection_dim")
+        .and_then(serde_json::Value::as_u64)
+        .map(|d| d as usize))
+}
+
 impl TextEncoderConfig {
     pub fn load(file: &Path) -> Result<Self> {
         Self::from_raw(read_json(file)?, file)

@@ -34,8 +34,9 @@ struct RawUnetConfig {
     norm_eps: f64,
     #[serde(default)]
     use_linear_projection: bool,
+    /// SDXL base writes `null`, which diffusers reads as false.
     #[serde(default)]
-    upcast_attention: bool,
+    upcast_attention: Option<bool>,
     #[serde(default)]
     only_cross_attention: serde_json::Value,
     #[serde(default)]
@@ -430,7 +431,7 @@ impl UnetConfig {
             norm_num_groups: raw.norm_num_groups,
             norm_eps: raw.norm_eps,
             use_linear_projection: raw.use_linear_projection,
-            upcast_attention: raw.upcast_attention,
+            upcast_attention: raw.upcast_attention.unwrap_or(false),
             flip_sin_to_cos: raw.flip_sin_to_cos,
             freq_shift: raw.freq_shift as f64,
             conv_in_kernel: raw.conv_in_kernel,
