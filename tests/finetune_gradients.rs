@@ -17,11 +17,11 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::model_files;
 use unitune::engine::StableDiffusion;
 use unitune::engine::autograd::{GradientAccumulator, accumulate_gradients};
+use unitune::engine::conditioning::Conditioning;
 use unitune::engine::finetune::denoising_loss;
 use unitune::engine::finetune::{
     Adapter, RARE_TOKEN, Snapshot, TrainMode, TuneProgress, TuneSettings, fine_tune,
 };
-use unitune::engine::model::Conditioning;
 use unitune::engine::noise::NoiseSource;
 use unitune::engine::optim::{OptimizerKind, OptimizerSettings};
 

@@ -11,9 +11,9 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use common::{Reference, max_abs, max_abs_diff, model_dir};
+use unitune::engine::conditioning::Conditioning;
 use unitune::engine::config::{SchedulerConfig, UnetConfig};
 use unitune::engine::finetune::denoising_loss;
-use unitune::engine::model::Conditioning;
 use unitune::engine::scheduler::DdimScheduler;
 use unitune::engine::unet::UNet;
 

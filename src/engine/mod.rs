@@ -3,6 +3,7 @@
 //! No threads, no channels, no GUI types.
 
 pub mod autograd;
+pub mod conditioning;
 pub mod config;
 pub mod device;
 pub mod edit;

@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use image::RgbImage;
 
+use super::conditioning::Conditioning;
 use super::config::{
     PipelineConfig, PredictionType, SchedulerConfig, TextActivation, TextEncoderConfig, UnetConfig,
     VaeConfig, projection_dim,
@@ -72,93 +73,6 @@ pub struct EncodedPrompt {
     /// SDXL: the second encoder's projected end-of-text state, `[1, projection_dim]`.
     pub pooled: Option<Tensor>,
     pub tokens: TokenizedPrompt,
-}
-
-/// What the UNet is conditioned on for a batch besides the latents and the timestep: the
-/// text context and, for SDXL, the pooled embedding and the size numbers.
-#[derive(Debug, Clone)]
-pub struct Conditioning {
-    pub context: Tensor,
-    pub text_time: Option<TextTime>,
-}
-
-impl Conditioning {
-    /// A text context alone (SD 1.x and 2.x, whose UNets take nothing else).
-    pub fn context_only(context: Tensor) -> Self {
-        Self {
-            context,
-            text_time: None,
-        }
-    }
-
-    /// The batch's rows in order: `parts` stacked along the batch.
-    pub fn cat(parts: &[&Conditioning]) -> Result<Self> {
-        let contexts: Vec<&Tensor> = parts.iter().map(|c| &c.context).collect();
-        let text_time = match parts.first().and_then(|c| c.text_time.as_ref()) {
-            None => None,
-            Some(_) => {
-                let added: Vec<&TextTime> =
-                    parts.iter().filter_map(|c| c.text_time.as_ref()).collect();
-                let pooled: Vec<&Tensor> = added.iter().map(|t| &t.pooled).collect();
-                let sizes: Vec<&Tensor> = added.iter().map(|t| &t.size_numbers).collect();
-                Some(TextTime {
-                    pooled: Tensor::cat(&pooled, 0)?,
-                    size_numbers: Tensor::cat(&sizes, 0)?,
-                })
-            }
-        };
-        Ok(Self {
-            context: Tensor::cat(&contexts, 0)?,
-            text_time,
-        })
-    }
-
-    /// Each row `n` times (a batch of one prompt).
-    pub fn repeat(&self, n: usize) -> Result<Self> {
-        Ok(Self {
-            context: self.context.repeat((n, 1, 1))?,
-            text_time: match &self.text_time {
-                Some(t) => Some(TextTime {
-                    pooled: t.pooled.repeat((n, 1))?,
-                    size_numbers: t.size_numbers.repeat((n, 1))?,
-                }),
-                None => None,
-            },
-        })
-    }
-
-    /// Rows `start..start + len`.
-    pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
-        Ok(Self {
-            context: self.context.narrow(0, start, len)?,
-            text_time: match &self.text_time {
-                Some(t) => Some(TextTime {
-                    pooled: t.pooled.narrow(0, start, len)?,
-                    size_numbers: t.size_numbers.narrow(0, start, len)?,
-                }),
-                None => None,
-            },
-        })
-    }
-
-    /// In another dtype (the UNet's).
-    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
-        Ok(Self {
-            context: self.context.to_dtype(dtype)?,
-            text_time: match &self.text_time {
-                Some(t) => Some(TextTime {
-                    pooled: t.pooled.to_dtype(dtype)?,
-                    size_numbers: t.size_numbers.to_dtype(dtype)?,
-                }),
-                None => None,
-            },
-        })
-    }
-
-    /// The UNet's output for `sample` at `timesteps` under this conditioning.
-    pub fn predict(&self, unet: &UNet, sample: &Tensor, timesteps: &Tensor) -> Result<Tensor> {
-        Ok(unet.forward_with(sample, timesteps, &self.context, self.text_time.as_ref())?)
-    }
 }
 
 /// Memory-maps one safetensors file; `dtype` converts on load (fp16 files become f32 on CPU).

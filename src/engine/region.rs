@@ -47,8 +47,9 @@ use image::{GrayImage, Luma, RgbImage};
 
 use crate::imaging::{self, Segments};
 
+use super::conditioning::Conditioning;
 use super::error::{EngineError, Result};
-use super::model::{Conditioning, StableDiffusion};
+use super::model::StableDiffusion;
 use super::noise::NoiseSource;
 use super::sampling::{StepObserver, check_proceed, check_text_to_image};
 

@@ -9,9 +9,10 @@ use std::ops::ControlFlow;
 use candle_core::Tensor;
 use image::{GrayImage, RgbImage};
 
+use super::conditioning::Conditioning;
 use super::error::{EngineError, Result};
 use super::finite::all_finite;
-use super::model::{Conditioning, StableDiffusion};
+use super::model::StableDiffusion;
 use super::noise::NoiseSource;
 
 /// Where sampling starts.

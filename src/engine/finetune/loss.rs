@@ -2,9 +2,9 @@
 
 use candle_core::Tensor;
 
+use crate::engine::conditioning::Conditioning;
 use crate::engine::error::Result;
 use crate::engine::layers::wide;
-use crate::engine::model::Conditioning;
 use crate::engine::scheduler::DdimScheduler;
 use crate::engine::unet::UNet;
 
