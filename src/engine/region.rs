@@ -278,7 +278,8 @@ fn snap_to_segments(
     }
     let taken: Vec<bool> = sums
         .iter()
-        .map(|&(sum, count)| count > 0 && sum / count as f64 >= threshold)
+        // A segment without any difference is never taken, even at threshold 0.
+        .map(|&(sum, count)| sum > 0.0 && sum / count as f64 >= threshold)
         .collect();
     let inside: Vec<bool> = segments.labels.iter().map(|&l| taken[l as usize]).collect();
     let width = segments.width as usize;
