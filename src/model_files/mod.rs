@@ -39,7 +39,10 @@ pub use layout::{
     WeightsPreference, locate_in_folder, locate_in_folder_with, locate_vae,
 };
 pub use lora::LoraChoice;
-pub use notice::{DEFAULT_MODEL_DOWNLOAD_BYTES, approximate_download_bytes, license_notice};
+pub use notice::{
+    DEFAULT_MODEL_DOWNLOAD_BYTES, SDXL_MODEL, SDXL_MODEL_DOWNLOAD_BYTES,
+    approximate_download_bytes, license_notice,
+};
 pub use progress::{DownloadProgress, NoProgress, TerminalProgress};
 pub use spec::{
     DEFAULT_MODEL, DEFAULT_REVISION, DEMO_MODEL, ModelSpec, parse_model_arg, parse_vae_arg,
