@@ -13,10 +13,10 @@ use std::ops::ControlFlow;
 
 use candle_core::Tensor;
 use common::{MODELS, Reference, assert_close, load_model};
-use unitune::engine::EngineError;
 use unitune::engine::sampling::{
     Guidance, SampleRequest, Start, StepObserver, StepView, denoise, no_observer, sample,
 };
+use unitune::engine::{EngineError, StableDiffusion};
 
 const TOLERANCE: f32 = 1e-3;
 
@@ -60,7 +60,7 @@ fn img2img_loop_matches_diffusers_step_by_step() {
     for name in LOOP_MODELS {
         let model = load_model(name);
         let reference = Reference::load(name);
-        let (prompt, negative, guidance_weight, steps) = params(&reference, "img2img_params");
+        let (.., steps) = params(&reference, "img2img_params");
         let strength = reference.json["img2img_params"]["strength"]
             .as_f64()
             .unwrap();
@@ -93,51 +93,9 @@ fn img2img_loop_matches_diffusers_step_by_step() {
             1e-4,
         );
 
-        let guidance = Guidance::new(
-            &model,
-            &prompt,
-            &negative,
-            guidance_weight,
-            latent_size(&start),
-        )
-        .unwrap();
-        let mut observer = Recorder::default();
-        let last = denoise(
-            &model,
-            reference.f32("img2img_latents_start"),
-            &timesteps,
-            steps,
-            &guidance,
-            None,
-            &mut observer,
-        )
-        .unwrap();
-        let Recorder { latents, x0 } = observer;
-        assert_eq!(latents.len(), timesteps.len());
-        for i in 0..timesteps.len() {
-            assert_close(
-                &format!("{name} step {i} latents"),
-                &latents[i],
-                &reference.f32(&format!("img2img_latents_{i}")),
-                TOLERANCE,
-            );
-            assert_close(
-                &format!("{name} step {i} x0"),
-                &x0[i],
-                &reference.f32(&format!("img2img_x0_{i}")),
-                TOLERANCE,
-            );
-        }
-        let decoded = model
-            .vae
-            .decode(&(last / model.config.vae.scaling_factor).unwrap())
-            .unwrap();
-        assert_close(
-            &format!("{name} decoded"),
-            &decoded,
-            &reference.f32("img2img_decoded"),
-            TOLERANCE,
-        );
+        // From diffusers' own start latents, so that each step is compared alone.
+        let start = reference.f32("img2img_latents_start");
+        assert_loop_matches(&model, &reference, name, "img2img", start, &timesteps);
     }
 }
 
@@ -146,7 +104,7 @@ fn txt2img_loop_matches_diffusers_step_by_step() {
     for name in LOOP_MODELS {
         let model = load_model(name);
         let reference = Reference::load(name);
-        let (prompt, negative, guidance_weight, steps) = params(&reference, "txt2img_params");
+        let (.., steps) = params(&reference, "txt2img_params");
         let timesteps = model.scheduler.timesteps(steps).unwrap();
         assert_eq!(
             timesteps,
@@ -154,50 +112,7 @@ fn txt2img_loop_matches_diffusers_step_by_step() {
             "{name}"
         );
         let init = reference.f32("txt2img_init_noise");
-        let guidance = Guidance::new(
-            &model,
-            &prompt,
-            &negative,
-            guidance_weight,
-            latent_size(&init),
-        )
-        .unwrap();
-        let mut observer = Recorder::default();
-        let last = denoise(
-            &model,
-            init,
-            &timesteps,
-            steps,
-            &guidance,
-            None,
-            &mut observer,
-        )
-        .unwrap();
-        let Recorder { latents, x0 } = observer;
-        for i in 0..timesteps.len() {
-            assert_close(
-                &format!("{name} step {i} latents"),
-                &latents[i],
-                &reference.f32(&format!("txt2img_latents_{i}")),
-                TOLERANCE,
-            );
-            assert_close(
-                &format!("{name} step {i} x0"),
-                &x0[i],
-                &reference.f32(&format!("txt2img_x0_{i}")),
-                TOLERANCE,
-            );
-        }
-        let decoded = model
-            .vae
-            .decode(&(last / model.config.vae.scaling_factor).unwrap())
-            .unwrap();
-        assert_close(
-            &format!("{name} decoded"),
-            &decoded,
-            &reference.f32("txt2img_decoded"),
-            TOLERANCE,
-        );
+        assert_loop_matches(&model, &reference, name, "txt2img", init, &timesteps);
     }
 }
 
@@ -222,38 +137,71 @@ fn a_turbo_style_sdxl_folder_samples_in_two_unguided_steps_as_diffusers() {
     )
     .unwrap();
     let reference = Reference::load("sdxl-tiny");
-    let (prompt, negative, guidance_weight, steps) = params(&reference, "turbo_params");
+    let (_, _, guidance_weight, steps) = params(&reference, "turbo_params");
     assert_eq!(guidance_weight, 0.0);
     let timesteps = model.scheduler.timesteps(steps).unwrap();
     assert_eq!(timesteps, reference.usize_list("turbo_timesteps"));
     let init = reference.f32("turbo_init_noise");
+    assert_loop_matches(&model, &reference, "sdxl-tiny", "turbo", init, &timesteps);
+}
+
+/// Runs the loop `{prefix}_params` describes from `start` over `timesteps` (guided by its
+/// prompt and negative prompt, or not at guidance 1 or less) and checks every step's latents
+/// and x0 prediction and the decoded result against diffusers' `{prefix}_*` tensors.
+fn assert_loop_matches(
+    model: &StableDiffusion,
+    reference: &Reference,
+    name: &str,
+    prefix: &str,
+    start: Tensor,
+    timesteps: &[usize],
+) {
+    let (prompt, negative, guidance_weight, steps) = params(reference, &format!("{prefix}_params"));
     let guidance = Guidance::new(
-        &model,
+        model,
         &prompt,
         &negative,
         guidance_weight,
-        latent_size(&init),
+        latent_size(&start),
     )
     .unwrap();
     let mut observer = Recorder::default();
-    denoise(
-        &model,
-        init,
-        &timesteps,
+    let last = denoise(
+        model,
+        start,
+        timesteps,
         steps,
         &guidance,
         None,
         &mut observer,
     )
     .unwrap();
-    for (i, latents) in observer.latents.iter().enumerate() {
+    let Recorder { latents, x0 } = observer;
+    assert_eq!(latents.len(), timesteps.len(), "{name} {prefix}");
+    for i in 0..timesteps.len() {
         assert_close(
-            &format!("turbo step {i} latents"),
-            latents,
-            &reference.f32(&format!("turbo_latents_{i}")),
+            &format!("{name} {prefix} step {i} latents"),
+            &latents[i],
+            &reference.f32(&format!("{prefix}_latents_{i}")),
+            TOLERANCE,
+        );
+        assert_close(
+            &format!("{name} {prefix} step {i} x0"),
+            &x0[i],
+            &reference.f32(&format!("{prefix}_x0_{i}")),
             TOLERANCE,
         );
     }
+    let decoded = model
+        .vae
+        .decode(&(last / model.config.vae.scaling_factor).unwrap())
+        .unwrap();
+    assert_close(
+        &format!("{name} {prefix} decoded"),
+        &decoded,
+        &reference.f32(&format!("{prefix}_decoded")),
+        TOLERANCE,
+    );
 }
 
 fn photo() -> image::RgbImage {

@@ -148,22 +148,47 @@ impl ModelInfo {
     }
 }
 
+/// A diffusers folder's `model_index.json`, when it is there and parses. The engine reads only
+/// two optional keys from it, so a missing or unreadable index is no reason to refuse a model.
+fn read_model_index(path: Option<&Path>) -> Option<serde_json::Value> {
+    let bytes = std::fs::read(path?).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
 /// The built-in fidelity table a diffusers folder names in its `model_index.json`
 /// (`"_unitune_fidelity_table": "demo"`; diffusers ignores keys starting with `_`). A
-/// missing, unreadable or unknown entry means the family's table (`default`) rather than a
-/// refusal to load.
+/// missing or unknown entry means the family's table (`default`).
 fn fidelity_table_of(
-    model_index: Option<&Path>,
+    model_index: Option<&serde_json::Value>,
     default: &'static FidelityTable,
 ) -> &'static FidelityTable {
     model_index
-        .and_then(|path| std::fs::read(path).ok())
-        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
-        .and_then(|index| {
-            let name = index.get("_unitune_fidelity_table")?.as_str()?;
-            FidelityTable::named(name)
-        })
+        .and_then(|index| index.get("_unitune_fidelity_table")?.as_str())
+        .and_then(FidelityTable::named)
         .unwrap_or(default)
+}
+
+/// One CLIP tokenizer of a diffusers folder; `pad_token` comes from the first of the optional
+/// files that names one.
+fn load_tokenizer(
+    vocab: &Path,
+    merges: &Path,
+    special: [&Option<PathBuf>; 2],
+    max_length: usize,
+) -> Result<ClipTokenizer> {
+    let special: Vec<&Path> = special
+        .into_iter()
+        .flatten()
+        .map(PathBuf::as_path)
+        .collect();
+    ClipTokenizer::load(
+        &TokenizerFiles {
+            vocab,
+            merges,
+            special_tokens: &special,
+        },
+        max_length,
+    )
 }
 
 /// Where a component's weights are: a diffusers component file, or named weights (a
@@ -641,6 +666,7 @@ fn diffusers_parts(files: &DiffusersFiles, options: &LoadOptions) -> Result<Part
             None
         }
     };
+    let model_index = read_model_index(files.model_index.as_deref());
     let reason = match options.prediction_type {
         Some(flag) => {
             scheduler.prediction_type = flag;
@@ -652,17 +678,10 @@ fn diffusers_parts(files: &DiffusersFiles, options: &LoadOptions) -> Result<Part
         prediction_type: scheduler.prediction_type,
         reason: reason.to_owned(),
     };
-    let special: Vec<&Path> = [&files.special_tokens_map, &files.tokenizer_config]
-        .into_iter()
-        .flatten()
-        .map(|p| p.as_path())
-        .collect();
-    let tokenizer = ClipTokenizer::load(
-        &TokenizerFiles {
-            vocab: &files.tokenizer_vocab,
-            merges: &files.tokenizer_merges,
-            special_tokens: &special,
-        },
+    let tokenizer = load_tokenizer(
+        &files.tokenizer_vocab,
+        &files.tokenizer_merges,
+        [&files.special_tokens_map, &files.tokenizer_config],
         text_encoder_config.max_position_embeddings,
     )?;
     Ok(Parts {
@@ -677,7 +696,7 @@ fn diffusers_parts(files: &DiffusersFiles, options: &LoadOptions) -> Result<Part
             variant: variant_of(&unet),
             prediction,
             fidelity_table: fidelity_table_of(
-                files.model_index.as_deref(),
+                model_index.as_ref(),
                 if second_text.is_some() {
                     &STABLE_DIFFUSION_XL
                 } else {
@@ -691,7 +710,7 @@ fn diffusers_parts(files: &DiffusersFiles, options: &LoadOptions) -> Result<Part
         tokenizer,
         text_weights: text_encoder_weights(&files.text_encoder_weights),
         zero_empty_prompt: second_text.is_some()
-            && force_zeros_for_empty_prompt(files.model_index.as_deref()),
+            && force_zeros_for_empty_prompt(model_index.as_ref()),
         second_text,
         vae: (
             VaeConfig::load(&files.vae_config)?,
@@ -747,17 +766,10 @@ fn second_text_parts(
             ));
         }
     }
-    let special: Vec<&Path> = [&files.special_tokens_map, &files.tokenizer_config]
-        .into_iter()
-        .flatten()
-        .map(|p| p.as_path())
-        .collect();
-    let tokenizer = ClipTokenizer::load(
-        &TokenizerFiles {
-            vocab: &files.tokenizer_vocab,
-            merges: &files.tokenizer_merges,
-            special_tokens: &special,
-        },
+    let tokenizer = load_tokenizer(
+        &files.tokenizer_vocab,
+        &files.tokenizer_merges,
+        [&files.special_tokens_map, &files.tokenizer_config],
         config.max_position_embeddings,
     )?;
     Ok(SecondTextParts {
@@ -770,10 +782,8 @@ fn second_text_parts(
 
 /// SDXL's `force_zeros_for_empty_prompt` from `model_index.json`: true unless it says
 /// otherwise (the pipeline's default, and SDXL base's setting; SDXL Refiner's is false).
-fn force_zeros_for_empty_prompt(model_index: Option<&Path>) -> bool {
+fn force_zeros_for_empty_prompt(model_index: Option<&serde_json::Value>) -> bool {
     model_index
-        .and_then(|path| std::fs::read(path).ok())
-        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
         .and_then(|index| index.get("force_zeros_for_empty_prompt")?.as_bool())
         .unwrap_or(true)
 }
