@@ -283,19 +283,22 @@ fn snap_to_segments(
         .collect();
     let inside: Vec<bool> = segments.labels.iter().map(|&l| taken[l as usize]).collect();
     let width = segments.width as usize;
-    let near = within_steps(&inside, width, (SPILL_CELLS * cell_px).round() as usize);
-    let grown = within_steps(&inside, width, (GROW_CELLS * cell_px).round() as usize);
-    grown
-        .iter()
-        .zip(&near)
+    let (spill, grow) = (
+        (SPILL_CELLS * cell_px).round() as usize,
+        (GROW_CELLS * cell_px).round() as usize,
+    );
+    // One search serves both distances (the halo reaches farther than the growth).
+    steps_from(&inside, width, spill.max(grow))
+        .into_iter()
         .zip(thresholded)
-        .map(|((&grown, &near), &thresholded)| grown || (thresholded && !near))
+        .map(|(steps, &thresholded)| steps <= grow || (thresholded && steps > spill))
         .collect()
 }
 
-/// The pixels at most `steps` 4-neighbour steps from a `true` one (a breadth-first search
-/// from all of them at once).
-fn within_steps(seeds: &[bool], width: usize, steps: usize) -> Vec<bool> {
+/// Each pixel's number of 4-neighbour steps from the nearest `true` one, counted up to
+/// `limit` (farther pixels read `usize::MAX`): a breadth-first search from all of them at
+/// once.
+fn steps_from(seeds: &[bool], width: usize, limit: usize) -> Vec<usize> {
     let height = seeds.len() / width.max(1);
     let mut distance: Vec<usize> = seeds
         .iter()
@@ -303,7 +306,7 @@ fn within_steps(seeds: &[bool], width: usize, steps: usize) -> Vec<bool> {
         .collect();
     let mut queue: VecDeque<usize> = (0..seeds.len()).filter(|&i| seeds[i]).collect();
     while let Some(i) = queue.pop_front() {
-        if distance[i] >= steps {
+        if distance[i] >= limit {
             continue;
         }
         let (x, y) = (i % width, i / width);
@@ -320,7 +323,7 @@ fn within_steps(seeds: &[bool], width: usize, steps: usize) -> Vec<bool> {
             }
         }
     }
-    distance.iter().map(|&d| d <= steps).collect()
+    distance
 }
 
 #[cfg(test)]
