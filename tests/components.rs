@@ -303,7 +303,7 @@ fn sdxl_text_encoders_give_diffusers_context_and_pooled_embedding() {
 fn sdxl_model_encodes_prompts_as_the_pipeline_and_an_empty_baseline_as_zeros() {
     let reference = Reference::load("sdxl-tiny");
     let model = common::load_model("sdxl-tiny");
-    assert_eq!(model.info().architecture, "SDXL");
+    assert_eq!(model.info().family.name(), "SDXL");
     assert_eq!(model.info().fidelity_table.name, "stable-diffusion-xl");
     let prompts: Vec<String> = reference.json["text_prompts"]
         .as_array()

@@ -456,14 +456,25 @@ fn a_missing_model_is_offered_for_download_and_then_loads() {
         hub.log().is_empty(),
         "nothing is downloaded before the user agrees"
     );
+    // Through accesskit, not the pointer: a pointer click lands where the button was in the
+    // last frame, and once in CI it reached the demo model's button below it instead (the
+    // demo loaded, no file was downloaded).
     harness
         .get_by_role_and_label(Role::Button, "Accept license and download")
-        .click();
+        .click_accesskit();
     step_until(
         &mut harness,
         Duration::from_secs(60),
         "the downloaded model",
         |app| app.model_ready(),
+    );
+    assert_eq!(
+        harness
+            .state()
+            .model_summary()
+            .map(|s| s.identity.name.as_str()),
+        Some("tiny/sd15"),
+        "the downloaded model, not another one, is loaded"
     );
     assert!(!hub.resolved_files("tiny/sd15").is_empty());
 }

@@ -40,6 +40,8 @@ enum Edit {
     Drop,
     /// Zeros of this shape instead.
     Reshape(Vec<usize>),
+    /// The same tensor under another name.
+    Rename(String),
 }
 
 /// Copies a safetensors file, editing tensors and setting the metadata.
@@ -52,9 +54,13 @@ fn rewrite(
     let bytes = std::fs::read(src).unwrap();
     let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut owned = Vec::new();
-    for (name, view) in file.tensors() {
+    for (mut name, view) in file.tensors() {
         let (shape, data) = match edit(&name) {
             Edit::Keep => (view.shape().to_vec(), view.data().to_vec()),
+            Edit::Rename(new) => {
+                name = new;
+                (view.shape().to_vec(), view.data().to_vec())
+            }
             Edit::Drop => continue,
             Edit::Reshape(shape) => {
                 let n: usize = shape.iter().product::<usize>() * (view.dtype().bitsize() / 8);
@@ -75,30 +81,52 @@ fn rewrite(
     safetensors::serialize_to_file(views, metadata, dst).unwrap();
 }
 
+/// Each single file with the diffusers folder holding the same weights.
+const CHECKPOINTS: [(&str, &str); 3] = [
+    ("sd15-ckpt-tiny", "sd15-ckpt-tiny"),
+    ("sd2-ckpt-tiny", "sd2-ckpt-tiny"),
+    ("sdxl-ckpt-tiny", "sdxl-tiny"),
+];
+
 #[test]
 fn the_architecture_read_from_the_tensors_is_the_folders_config() {
-    for (name, family, pad) in [
-        ("sd15-ckpt-tiny", Family::Sd1, "<|endoftext|>"),
-        ("sd2-ckpt-tiny", Family::Sd2, "!"),
-    ] {
-        let folder = model_dir(name);
+    for ((name, folder), (family, pad)) in CHECKPOINTS.into_iter().zip([
+        (Family::Sd1, "<|endoftext|>"),
+        (Family::Sd2, "!"),
+        (Family::Sdxl, "<|endoftext|>"),
+    ]) {
+        let folder = model_dir(folder);
         let checkpoint = Checkpoint::open(&single(name), None).expect("checkpoint opens");
         assert_eq!(checkpoint.family, family, "{name}");
         assert_eq!(checkpoint.family.pad_token(), pad);
         assert_eq!(checkpoint.variant, UnetVariant::TextToImage);
-        let unet = UnetConfig::load(&folder.join("unet/config.json")).unwrap();
+        let mut unet = UnetConfig::load(&folder.join("unet/config.json")).unwrap();
+        let mut vae = VaeConfig::load(&folder.join("vae/config.json")).unwrap();
+        if family == Family::Sdxl {
+            // The native size is no tensor's shape: a file means SDXL's 1024 px, where the
+            // tiny folder says 32 px to keep the tests that use its default size fast.
+            assert_eq!(checkpoint.unet.sample_size, Some(128));
+            unet.sample_size = Some(128);
+            vae.sample_size = checkpoint.vae.sample_size;
+        }
         assert_eq!(checkpoint.unet, unet, "{name} UNet");
-        let vae = VaeConfig::load(&folder.join("vae/config.json")).unwrap();
         assert_eq!(checkpoint.vae, vae, "{name} VAE");
         let text = TextEncoderConfig::load(&folder.join("text_encoder/config.json")).unwrap();
         assert_eq!(checkpoint.text_encoder, text, "{name} text encoder");
+        let second = checkpoint.second_text_encoder.as_ref();
+        assert_eq!(second.is_some(), family == Family::Sdxl, "{name}");
+        if let Some(second) = second {
+            let config = folder.join("text_encoder_2/config.json");
+            assert_eq!(second.config, TextEncoderConfig::load(&config).unwrap());
+            assert_eq!(second.projection_dim, 32);
+        }
     }
 }
 
 #[test]
 fn loading_the_single_file_gives_the_folders_weights_prompts_and_images() {
-    for name in ["sd15-ckpt-tiny", "sd2-ckpt-tiny"] {
-        let folder = load(&model_dir(name));
+    for (name, folder) in CHECKPOINTS {
+        let folder = load(&model_dir(folder));
         let file = load(&single(name));
         // Every UNet weight, by the same diffusers name, bit for bit.
         let (a, b) = (folder.unet_weights(), file.unet_weights());
@@ -120,7 +148,31 @@ fn loading_the_single_file_gives_the_folders_weights_prompts_and_images() {
             );
             assert_eq!(p.tokens, q.tokens, "{name}: tokens of {prompt:?}");
             assert!(same(&p.embedding, &q.embedding), "{name}: embedding");
+            // SDXL's pooled text, from the second encoder's transposed projection.
+            match (&p.pooled, &q.pooled) {
+                (Some(p), Some(q)) => assert!(same(p, q), "{name}: pooled"),
+                (None, None) => {}
+                _ => panic!("{name}: only one has a pooled embedding"),
+            }
         }
+        // An empty baseline is zeros for SDXL, the encoding of "" otherwise, alike.
+        let (p, q) = (
+            folder.encode_prompt("").unwrap(),
+            file.encode_prompt("").unwrap(),
+        );
+        assert!(same(&p.embedding, &q.embedding), "{name}: empty prompt");
+        // The UNet's prediction with the whole conditioning (SDXL: the size numbers too).
+        let latents = NoiseSource::from_seed(4)
+            .normal((1, 4, 8, 8), &Device::Cpu)
+            .unwrap();
+        let t = Tensor::new(&[500f32], &Device::Cpu).unwrap();
+        let predict = |model: &StableDiffusion| {
+            let encoded = model.encode_prompt("a photo of a cat").unwrap();
+            let conditioning = model.condition(&encoded, (8, 8)).unwrap();
+            conditioning.predict(&model.unet, &latents, &t).unwrap()
+        };
+        assert!(same(&predict(&folder), &predict(&file)), "{name}: UNet");
+        assert_eq!(folder.info().family, file.info().family, "{name}");
         // VAE both ways.
         let latents = NoiseSource::from_seed(5)
             .normal((1, 4, 8, 8), &Device::Cpu)
@@ -384,8 +436,10 @@ fn damaged_checkpoints_exit_with_2_and_one_line_naming_the_problem() {
     let to_q = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight";
     let ff = "model.diffusion_model.middle_block.1.transformer_blocks.0.ff.net.2.weight";
     let in_proj = "cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight";
+    let xl_in_proj = "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight";
+    let label_emb = "model.diffusion_model.label_emb.0.0.weight";
     // (model, damaged file, tensor, what is done to it, what the error line must name)
-    let cases: [(&str, &str, &str, Edit, &[&str]); 3] = [
+    let cases: [(&str, &str, &str, Edit, &[&str]); 5] = [
         (
             "sd15-ckpt-tiny",
             "missing.safetensors",
@@ -406,6 +460,20 @@ fn damaged_checkpoints_exit_with_2_and_one_line_naming_the_problem() {
             in_proj,
             Edit::Reshape(vec![47, 16]),
             &[in_proj, "[47, 16]", "[48, 16]"],
+        ),
+        (
+            "sdxl-ckpt-tiny",
+            "xl-missing.safetensors",
+            xl_in_proj,
+            Edit::Drop,
+            &[xl_in_proj, "missing"],
+        ),
+        (
+            "sdxl-ckpt-tiny",
+            "xl-label.safetensors",
+            label_emb,
+            Edit::Reshape(vec![128, 70]),
+            &[label_emb, "70 inputs", "six size"],
         ),
     ];
     for (name, file, target, edit, needles) in cases {
@@ -563,105 +631,34 @@ fn fine_tuning_reads_the_untrained_weights_back_through_the_name_map() {
     }
 }
 
-/// SDXL's single file in the SGM layout (`model.diffusion_model.*` with `label_emb`,
-/// `conditioner.embedders.0.transformer.*`, `conditioner.embedders.1.model.*` with the fused
-/// `in_proj` and the `[in, out]` `text_projection`), read through the name maps with the
-/// folder's configs, gives exactly the folder's UNet and text encoders (the fixture's values
-/// are f16-exact, the file stores f16). Its architecture is not read from the tensors yet,
-/// and loading it as a model still refuses it.
+/// SDXL's refiner (OpenCLIP as embedder 0, no CLIP) is told apart from the base model and
+/// refused in one sentence, as is a base file missing one of its encoders.
 #[test]
-fn sdxl_sgm_weights_read_through_the_name_maps_equal_the_folders() {
-    use unitune::engine::single_file::{NamedWeights, Naming, UnetLayout, WeightsFile};
-    use unitune::engine::text_encoder::TextEncoder;
-    use unitune::engine::unet::{TextTime, UNet};
-    let folder = model_dir("sdxl-tiny");
-    let named = |naming: Naming| {
-        NamedWeights::new(
-            WeightsFile::open(&single("sdxl-ckpt-tiny")).unwrap(),
-            naming,
-        )
-        .var_builder(DType::F32, &Device::Cpu, None)
-    };
-    let from_folder =
-        |component: &str, file: &str| common::f32_weights(&folder.join(component).join(file));
-
-    let config = UnetConfig::load(&folder.join("unet/config.json")).unwrap();
-    let levels: Vec<(usize, bool)> = config
-        .down_blocks
-        .iter()
-        .map(|b| (b.layers, b.attention.is_some()))
-        .collect();
-    let layout = UnetLayout::new("model.diffusion_model.", &levels);
-    let unet_file = UNet::new(&config, named(Naming::LdmUnet(layout))).unwrap();
-    let unet_folder = UNet::new(
-        &config,
-        from_folder("unet", "diffusion_pytorch_model.safetensors"),
-    )
-    .unwrap();
-    let mut noise = NoiseSource::from_seed(3);
-    let sample = noise.normal(&[1, 4, 8, 8], &Device::Cpu).unwrap();
-    let context = noise.normal(&[1, 77, 48], &Device::Cpu).unwrap();
-    let text_time = TextTime {
-        pooled: noise.normal(&[1, 32], &Device::Cpu).unwrap(),
-        size_numbers: Tensor::new(&[[64f32, 64., 0., 0., 64., 64.]], &Device::Cpu).unwrap(),
-    };
-    let t = Tensor::new(&[500f32], &Device::Cpu).unwrap();
-    let run = |unet: &UNet| {
-        unet.forward_with(&sample, &t, &context, Some(&text_time))
-            .unwrap()
-    };
+fn sdxl_files_without_both_text_encoders_are_refused_naming_what_they_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let refiner = dir.path().join("refiner.safetensors");
+    rewrite(&single("sdxl-ckpt-tiny"), &refiner, None, |name| match name
+        .strip_prefix("conditioner.embedders.1.")
+    {
+        Some(rest) => Edit::Rename(format!("conditioner.embedders.0.{rest}")),
+        None if name.starts_with("conditioner.embedders.0.") => Edit::Drop,
+        None => Edit::Keep,
+    });
+    let error = Checkpoint::open(&refiner, None).unwrap_err().to_string();
+    assert!(error.contains("SDXL refiner"), "{error}");
+    let no_open_clip = dir.path().join("no-open-clip.safetensors");
+    rewrite(&single("sdxl-ckpt-tiny"), &no_open_clip, None, |name| {
+        if name.starts_with("conditioner.embedders.1.") {
+            Edit::Drop
+        } else {
+            Edit::Keep
+        }
+    });
+    let error = Checkpoint::open(&no_open_clip, None)
+        .unwrap_err()
+        .to_string();
     assert!(
-        same(&run(&unet_file), &run(&unet_folder)),
-        "the UNets differ"
+        error.contains("lacks a text encoder") && error.contains("embedders.1"),
+        "{error}"
     );
-
-    let ids = Tensor::new(&[[49406u32, 320, 2368, 49407, 0, 0, 0, 0]], &Device::Cpu).unwrap();
-    let first_config = TextEncoderConfig::load(&folder.join("text_encoder/config.json")).unwrap();
-    let first_file = TextEncoder::new(
-        &first_config,
-        named(Naming::Diffusers {
-            prefix: "conditioner.embedders.0.transformer.".into(),
-        }),
-    )
-    .unwrap();
-    let first_folder = TextEncoder::new(
-        &first_config,
-        from_folder("text_encoder", "model.safetensors"),
-    )
-    .unwrap();
-    assert!(same(
-        &first_file.encode_xl(&ids).unwrap().penultimate,
-        &first_folder.encode_xl(&ids).unwrap().penultimate
-    ));
-    let second_config =
-        TextEncoderConfig::load(&folder.join("text_encoder_2/config.json")).unwrap();
-    let second_file = TextEncoder::with_projection(
-        &second_config,
-        32,
-        named(Naming::OpenClip {
-            prefix: "conditioner.embedders.1.model.".into(),
-        }),
-    )
-    .unwrap();
-    let second_folder = TextEncoder::with_projection(
-        &second_config,
-        32,
-        from_folder("text_encoder_2", "model.safetensors"),
-    )
-    .unwrap();
-    let (a, b) = (
-        second_file.encode_xl(&ids).unwrap(),
-        second_folder.encode_xl(&ids).unwrap(),
-    );
-    assert!(same(&a.penultimate, &b.penultimate));
-    assert!(same(a.pooled.as_ref().unwrap(), b.pooled.as_ref().unwrap()));
-
-    let refused = locate_in_folder(&single("sdxl-ckpt-tiny"))
-        .map_err(|e| e.to_string())
-        .and_then(|files| {
-            StableDiffusion::load(&files, &Device::Cpu, DType::F32).map_err(|e| e.to_string())
-        })
-        .err()
-        .expect("an SDXL file is refused until its pipeline exists");
-    assert!(refused.contains("SDXL"), "{refused}");
 }

@@ -114,11 +114,11 @@ pub struct LoadOptions {
 /// What was loaded, for one line of output and the editor's model panel.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelInfo {
-    /// Detected from a single file's tensors; `None` for a diffusers folder (its configs say).
-    pub family: Option<Family>,
-    /// Which Stable Diffusion this is, for people and recipes: "SD 1.x", "SD 2.x" or "SDXL"
-    /// (a single file's family, or what a folder's text encoders say).
-    pub architecture: &'static str,
+    /// Which Stable Diffusion this is: read from a single file's tensors, or from what a
+    /// folder's text encoders are.
+    pub family: Family,
+    /// A single-file checkpoint (its architecture detected), not a diffusers folder.
+    pub single_file: bool,
     pub variant: UnetVariant,
     pub prediction: PredictionChoice,
     /// What the fidelity slider means for this model: the table its folder names, else
@@ -129,12 +129,13 @@ pub struct ModelInfo {
 impl ModelInfo {
     /// e.g. "SD 2.x (OpenCLIP text encoder), text-to-image, v_prediction (SD 2.x default...)".
     pub fn describe(&self) -> String {
-        let described = match self.family {
-            Some(family) => single_file::describe(family, self.variant, &self.prediction),
-            None => format!(
+        let described = if self.single_file {
+            single_file::describe(self.family, self.variant, &self.prediction)
+        } else {
+            format!(
                 "{} diffusers folder, {}, {}",
-                self.architecture, self.variant, self.prediction
-            ),
+                self.family, self.variant, self.prediction
+            )
         };
         if std::ptr::eq(self.fidelity_table, &STABLE_DIFFUSION) {
             described
@@ -304,8 +305,7 @@ impl StableDiffusion {
                 ComponentWeights::File(weights.clone()),
             ),
             Some(VaeFiles::File { weights }) => {
-                let family = parts.info.family.unwrap_or(Family::Sd1);
-                let (config, named) = single_file::open_vae_file(weights, family)?;
+                let (config, named) = single_file::open_vae_file(weights, parts.info.family)?;
                 (config, ComponentWeights::Named(named))
             }
         };
@@ -686,13 +686,13 @@ fn diffusers_parts(files: &DiffusersFiles, options: &LoadOptions) -> Result<Part
     )?;
     Ok(Parts {
         info: ModelInfo {
-            family: None,
-            architecture: match (&second_text, text_encoder_config.activation) {
-                (Some(_), _) => "SDXL",
+            family: match (&second_text, text_encoder_config.activation) {
+                (Some(_), _) => Family::Sdxl,
                 // OpenCLIP's text tower (SD 2.x) uses exact GELU, OpenAI CLIP (SD 1.x) quick GELU.
-                (None, TextActivation::Gelu) => Family::Sd2.name(),
-                (None, _) => Family::Sd1.name(),
+                (None, TextActivation::Gelu) => Family::Sd2,
+                (None, _) => Family::Sd1,
             },
+            single_file: false,
             variant: variant_of(&unet),
             prediction,
             fidelity_table: fidelity_table_of(
@@ -788,28 +788,44 @@ fn force_zeros_for_empty_prompt(model_index: Option<&serde_json::Value>) -> bool
         .unwrap_or(true)
 }
 
-/// A single-file checkpoint: the architecture from its tensors, the bundled tokenizer.
+/// A single-file checkpoint: the architecture from its tensors, the bundled tokenizer (SDXL's
+/// second tokenizer is the same vocabulary padded with `!`).
 fn checkpoint_parts(file: &Path, options: &LoadOptions) -> Result<Parts> {
     let checkpoint = Checkpoint::open(file, options.prediction_type)?;
     let tokenizer = ClipTokenizer::bundled(
         checkpoint.family.pad_token(),
         checkpoint.text_encoder.max_position_embeddings,
     )?;
+    let second_text = match checkpoint.second_text_encoder {
+        Some(second) => Some(SecondTextParts {
+            tokenizer: ClipTokenizer::bundled("!", second.config.max_position_embeddings)?,
+            config: second.config,
+            projection_dim: second.projection_dim,
+            weights: ComponentWeights::Named(second.weights),
+        }),
+        None => None,
+    };
     Ok(Parts {
         info: ModelInfo {
-            family: Some(checkpoint.family),
-            architecture: checkpoint.family.name(),
+            family: checkpoint.family,
+            single_file: true,
             variant: checkpoint.variant,
             prediction: checkpoint.prediction,
-            fidelity_table: &STABLE_DIFFUSION,
+            fidelity_table: if second_text.is_some() {
+                &STABLE_DIFFUSION_XL
+            } else {
+                &STABLE_DIFFUSION
+            },
         },
         unet: checkpoint.unet,
         text_encoder_config: checkpoint.text_encoder,
         scheduler: checkpoint.scheduler,
         tokenizer,
         text_weights: ComponentWeights::Named(checkpoint.text_encoder_weights),
-        second_text: None,
-        zero_empty_prompt: false,
+        // A single file has no model_index.json: SDXL base's setting (and the pipeline's
+        // default) holds.
+        zero_empty_prompt: second_text.is_some(),
+        second_text,
         vae: (
             checkpoint.vae,
             ComponentWeights::Named(checkpoint.vae_weights),

@@ -196,7 +196,7 @@ impl EditService {
             precision: dtype_name(dtype),
             prediction_type: model.config.scheduler.prediction_type.as_str(),
             description: model.info().describe(),
-            architecture: model.info().architecture,
+            architecture: model.info().family.name(),
             instruct: is_instruct_model(&model),
             fidelity_table: model.info().fidelity_table,
             lora_changes: (model.loras().unet.len(), model.loras().text_encoder.len()),

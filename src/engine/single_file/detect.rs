@@ -1,5 +1,5 @@
 //! What a single-file checkpoint is, read from its tensors: the family (SD 1.x with OpenAI
-//! CLIP or SD 2.x with OpenCLIP), the UNet's variant (in-painting with 9 input channels,
+//! CLIP, SD 2.x with OpenCLIP, SDXL with both), the UNet's variant (in-painting with 9 input channels,
 //! InstructPix2Pix with 8) and every architecture number the shapes tell. What they cannot
 //! tell (head counts, activations, norm groups and eps, the noise schedule) follows the
 //! family's convention, taken from the real configs in `assets/arch/`. The configs are then
@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::names::{Naming, UnetLayout};
 use super::weights::{NamedWeights, WeightsFile};
-use super::{Family, UnetVariant};
+use super::{Family, SecondTextEncoder, UnetVariant};
 use crate::engine::config::{
     PredictionType, SchedulerConfig, TextEncoderConfig, UnetConfig, VaeConfig,
 };
@@ -21,19 +21,25 @@ const UNET_PREFIX: &str = "model.diffusion_model.";
 const VAE_PREFIX: &str = "first_stage_model.";
 const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
 const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
+/// SDXL's (SGM's) text encoders: CLIP ViT-L in transformers' names, OpenCLIP ViT-bigG in its own.
+const SDXL_CLIP_PREFIX: &str = "conditioner.embedders.0.transformer.";
+const SDXL_OPEN_CLIP_PREFIX: &str = "conditioner.embedders.1.model.";
 
 /// OpenCLIP ViT-H/14's text tower has 24 layers; SD 2.x reads the penultimate one's output,
 /// so a file holding all 24 uses 23 (diffusers ignores `resblocks.23` by name). A file
 /// converted from diffusers holds only the layers used.
 const OPEN_CLIP_FULL_DEPTH: usize = 24;
 
-/// The family's conventions: the real configs of SD 1.5 and SD 2.1.
+/// The family's conventions: the real configs of SD 1.5, SD 2.1 and SDXL base.
 struct Conventions {
     unet: &'static str,
     vae: &'static str,
     text_encoder: &'static str,
     scheduler: &'static str,
 }
+
+/// SDXL's second text encoder's convention (OpenCLIP ViT-bigG as `CLIPTextModelWithProjection`).
+const SDXL_TEXT_ENCODER_2: &str = include_str!("../../../assets/arch/sdxl/text_encoder_2.json");
 
 const SD1: Conventions = Conventions {
     unet: include_str!("../../../assets/arch/sd15/unet.json"),
@@ -49,27 +55,36 @@ const SD2: Conventions = Conventions {
     scheduler: include_str!("../../../assets/arch/sd21/scheduler.json"),
 };
 
+const SDXL: Conventions = Conventions {
+    unet: include_str!("../../../assets/arch/sdxl/unet.json"),
+    vae: include_str!("../../../assets/arch/sdxl/vae.json"),
+    text_encoder: include_str!("../../../assets/arch/sdxl/text_encoder.json"),
+    scheduler: include_str!("../../../assets/arch/sdxl/scheduler.json"),
+};
+
 impl Family {
     fn conventions(self) -> &'static Conventions {
         match self {
             Family::Sd1 => &SD1,
             Family::Sd2 => &SD2,
+            Family::Sdxl => &SDXL,
         }
     }
 
-    /// Attention heads of a UNet block of `channels`: SD 1.x has 8 everywhere, SD 2.x heads
-    /// 64 wide.
+    /// Attention heads of a UNet block of `channels`: SD 1.x has 8 everywhere, SD 2.x and
+    /// SDXL heads 64 wide (SGM's `num_head_channels: 64`).
     fn unet_heads(self, channels: usize) -> usize {
         match self {
             Family::Sd1 => 8,
-            Family::Sd2 => (channels / 64).max(1),
+            Family::Sd2 | Family::Sdxl => (channels / 64).max(1),
         }
     }
 
     /// The UNet's sample size: 64 (512 px) for SD 1.x and SD 2.x base, 96 (768 px) for the
-    /// v-prediction SD 2.x.
+    /// v-prediction SD 2.x, 128 (1024 px) for SDXL.
     fn sample_size(self, prediction: PredictionType) -> usize {
         match (self, prediction) {
+            (Family::Sdxl, _) => 128,
             (Family::Sd2, PredictionType::VPrediction) => 96,
             _ => 64,
         }
@@ -106,9 +121,16 @@ pub(super) fn detect_family(file: &WeightsFile) -> Result<Family> {
         return Ok(Family::Sd2);
     }
     let has = |prefix: &str| file.has_prefix(prefix);
-    let what = if has("conditioner.embedders.") {
-        "it looks like SDXL (conditioner.embedders.*), which unitune does not run; use a \
-         Stable Diffusion 1.x or 2.x checkpoint"
+    if has(SDXL_CLIP_PREFIX) && has(SDXL_OPEN_CLIP_PREFIX) {
+        return Ok(Family::Sdxl);
+    }
+    let what = if has("conditioner.embedders.0.model.") {
+        "it is an SDXL refiner (its only text encoder is OpenCLIP), which refines finished \
+         images rather than editing them; use an SDXL base checkpoint"
+    } else if has("conditioner.embedders.") {
+        "it looks like SDXL but lacks a text encoder: SDXL checkpoints hold both \
+         conditioner.embedders.0.transformer.* (CLIP) and conditioner.embedders.1.model.* \
+         (OpenCLIP)"
     } else if has(UNET_PREFIX) {
         "it has no text encoder (neither cond_stage_model.transformer.* for SD 1.x nor \
          cond_stage_model.model.* for SD 2.x)"
@@ -145,11 +167,14 @@ struct Level {
     depth: Option<usize>,
 }
 
-/// The UNet read from `model.diffusion_model.*`: its config and name map.
+/// The UNet read from `model.diffusion_model.*`: its config and name map. `pooled_dim` is
+/// SDXL's pooled text width (the second encoder's projection), which with the six size
+/// numbers makes `label_emb`'s input.
 pub(super) fn detect_unet(
     file: &WeightsFile,
     family: Family,
     prediction: PredictionType,
+    pooled_dim: Option<usize>,
 ) -> Result<(UnetConfig, NamedWeights, UnetVariant)> {
     let p = UNET_PREFIX;
     let path = file.path();
@@ -278,6 +303,9 @@ pub(super) fn detect_unet(
             "sample_size": family.sample_size(prediction),
         }),
     );
+    if let Some(pooled_dim) = pooled_dim {
+        set(&mut config, text_time(file, pooled_dim)?);
+    }
     let config = UnetConfig::from_json(&config.to_string(), path)?;
     let layout = UnetLayout::new(
         p,
@@ -291,6 +319,29 @@ pub(super) fn detect_unet(
         NamedWeights::new(file.clone(), Naming::LdmUnet(layout)),
         variant,
     ))
+}
+
+/// SDXL's added conditioning, read from `label_emb.0.0` (diffusers' `add_embedding.linear_1`):
+/// its input is the pooled text followed by six size numbers, each embedded
+/// `addition_time_embed_dim` wide.
+fn text_time(file: &WeightsFile, pooled_dim: usize) -> Result<Value> {
+    let name = format!("{UNET_PREFIX}label_emb.0.0.weight");
+    let input = dim(file, &name, 1, 2)?;
+    let per_number = input.checked_sub(pooled_dim).map(|rest| rest / 6);
+    match per_number {
+        Some(per_number) if per_number > 0 && pooled_dim + 6 * per_number == input => Ok(json!({
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": per_number,
+            "projection_class_embeddings_input_dim": input,
+        })),
+        _ => Err(problem(
+            file.path(),
+            format!(
+                "the tensor {name} takes {input} inputs, which is not the pooled text \
+                 ({pooled_dim}) and six size embeddings"
+            ),
+        )),
+    }
 }
 
 /// How a VAE's names are laid out in `file`: LDM (`encoder.down.0.block.0`) or diffusers
@@ -373,18 +424,23 @@ pub(super) fn detect_vae(
     Ok((config, weights))
 }
 
-/// The text encoder (CLIP for SD 1.x, OpenCLIP for SD 2.x).
+/// The text encoder (CLIP for SD 1.x and SDXL's first, OpenCLIP for SD 2.x).
 pub(super) fn detect_text_encoder(
     file: &WeightsFile,
     family: Family,
 ) -> Result<(TextEncoderConfig, NamedWeights)> {
     let (naming, token, position, layers, fc1) = match family {
-        Family::Sd1 => {
-            let t = |name: &str| format!("{CLIP_PREFIX}text_model.{name}");
+        Family::Sd1 | Family::Sdxl => {
+            let prefix = if family == Family::Sdxl {
+                SDXL_CLIP_PREFIX
+            } else {
+                CLIP_PREFIX
+            };
+            let t = |name: &str| format!("{prefix}text_model.{name}");
             let layers = file.count(|i| t(&format!("encoder.layers.{i}.layer_norm1.weight")));
             (
                 Naming::Diffusers {
-                    prefix: CLIP_PREFIX.to_owned(),
+                    prefix: prefix.to_owned(),
                 },
                 t("embeddings.token_embedding.weight"),
                 t("embeddings.position_embedding.weight"),
@@ -411,11 +467,65 @@ pub(super) fn detect_text_encoder(
             )
         }
     };
-    let vocab_size = dim(file, &token, 0, 2)?;
-    let hidden = dim(file, &token, 1, 2)?;
-    let positions = dim(file, &position, 0, 2)?;
-    let intermediate = dim(file, &fc1, 0, 2)?;
-    let mut config = convention(family.conventions().text_encoder);
+    let config = text_encoder_config(
+        file,
+        convention(family.conventions().text_encoder),
+        [&token, &position, &fc1],
+        layers,
+    )?;
+    Ok((config, NamedWeights::new(file.clone(), naming)))
+}
+
+/// SDXL's second text encoder: OpenCLIP ViT-bigG with its projection. Every layer is kept (SDXL
+/// reads the penultimate one's output and pools the last one's).
+pub(super) fn detect_second_text_encoder(file: &WeightsFile) -> Result<SecondTextEncoder> {
+    let t = |name: &str| format!("{SDXL_OPEN_CLIP_PREFIX}{name}");
+    let layers = file.count(|i| t(&format!("transformer.resblocks.{i}.ln_1.weight")));
+    let config = text_encoder_config(
+        file,
+        convention(SDXL_TEXT_ENCODER_2),
+        [
+            &t("token_embedding.weight"),
+            &t("positional_embedding"),
+            &t("transformer.resblocks.0.mlp.c_fc.weight"),
+        ],
+        layers,
+    )?;
+    // OpenCLIP keeps the projection as the matrix that multiplies from the right.
+    let projection = t("text_projection");
+    if dim(file, &projection, 0, 2)? != config.hidden_size {
+        return Err(problem(
+            file.path(),
+            format!(
+                "the tensor {projection} does not take the {}-wide text its encoder makes",
+                config.hidden_size
+            ),
+        ));
+    }
+    Ok(SecondTextEncoder {
+        projection_dim: dim(file, &projection, 1, 2)?,
+        config,
+        weights: NamedWeights::new(
+            file.clone(),
+            Naming::OpenClip {
+                prefix: SDXL_OPEN_CLIP_PREFIX.to_owned(),
+            },
+        ),
+    })
+}
+
+/// A CLIP text encoder's config: the `convention` with the sizes read from its token and
+/// position embeddings and its first MLP (`[token, position, fc1]`).
+fn text_encoder_config(
+    file: &WeightsFile,
+    mut config: Value,
+    [token, position, fc1]: [&str; 3],
+    layers: usize,
+) -> Result<TextEncoderConfig> {
+    let vocab_size = dim(file, token, 0, 2)?;
+    let hidden = dim(file, token, 1, 2)?;
+    let positions = dim(file, position, 0, 2)?;
+    let intermediate = dim(file, fc1, 0, 2)?;
     set(
         &mut config,
         json!({
@@ -428,8 +538,7 @@ pub(super) fn detect_text_encoder(
             "max_position_embeddings": positions,
         }),
     );
-    let config = TextEncoderConfig::from_json(&config.to_string(), file.path())?;
-    Ok((config, NamedWeights::new(file.clone(), naming)))
+    TextEncoderConfig::from_json(&config.to_string(), file.path())
 }
 
 /// The family's noise schedule with `prediction`.

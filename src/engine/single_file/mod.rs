@@ -1,6 +1,8 @@
 //! Single-file checkpoints in the original LDM layout (what AUTOMATIC1111 and ComfyUI keep):
 //! `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and `cond_stage_model.*`
-//! (CLIP for SD 1.x, OpenCLIP for SD 2.x). The architecture is read from the tensors
+//! (CLIP for SD 1.x, OpenCLIP for SD 2.x), or SDXL's SGM layout, whose text encoders are
+//! `conditioner.embedders.0.transformer.*` (CLIP ViT-L) and `conditioner.embedders.1.model.*`
+//! (OpenCLIP ViT-bigG with its projection). The architecture is read from the tensors
 //! ([`detect`]), the engine's diffusers names are mapped onto the file's ([`names`]) and the
 //! tensors are read through that map ([`weights`]), each once.
 
@@ -25,24 +27,27 @@ pub enum Family {
     Sd1,
     /// SD 2.x: OpenCLIP ViT-H text encoder (`cond_stage_model.model.*`).
     Sd2,
+    /// SDXL: CLIP ViT-L and OpenCLIP ViT-bigG (`conditioner.embedders.{0,1}.*`), the UNet
+    /// conditioned on the pooled text and the size numbers (`label_emb`).
+    Sdxl,
 }
 
 impl Family {
-    /// The tokenizer's padding token: SD 2.x pads with `!` (id 0), SD 1.x with the end token.
+    /// The (first) tokenizer's padding token: SD 2.x pads with `!` (id 0), SD 1.x with the
+    /// end token, as SDXL's first tokenizer does (its second pads with `!`).
     pub fn pad_token(self) -> &'static str {
         match self {
-            Family::Sd1 => "<|endoftext|>",
+            Family::Sd1 | Family::Sdxl => "<|endoftext|>",
             Family::Sd2 => "!",
         }
     }
-}
 
-impl Family {
-    /// "SD 1.x" or "SD 2.x".
+    /// "SD 1.x", "SD 2.x" or "SDXL": what recipes and the model panel call it.
     pub fn name(self) -> &'static str {
         match self {
             Family::Sd1 => "SD 1.x",
             Family::Sd2 => "SD 2.x",
+            Family::Sdxl => "SDXL",
         }
     }
 }
@@ -97,10 +102,21 @@ pub struct Checkpoint {
     pub unet: UnetConfig,
     pub vae: VaeConfig,
     pub text_encoder: TextEncoderConfig,
+    /// SDXL's second text encoder (OpenCLIP ViT-bigG); `None` for SD 1.x and 2.x.
+    pub second_text_encoder: Option<SecondTextEncoder>,
     pub scheduler: SchedulerConfig,
     pub unet_weights: NamedWeights,
     pub vae_weights: NamedWeights,
     pub text_encoder_weights: NamedWeights,
+}
+
+/// SDXL's second text encoder as a single file holds it.
+#[derive(Debug, Clone)]
+pub struct SecondTextEncoder {
+    pub config: TextEncoderConfig,
+    /// The pooled embedding's width (`text_projection`'s output).
+    pub projection_dim: usize,
+    pub weights: NamedWeights,
 }
 
 impl Checkpoint {
@@ -110,14 +126,28 @@ impl Checkpoint {
         let file = WeightsFile::open(path)?;
         let family = detect::detect_family(&file)?;
         let prediction = choose_prediction(family, &file, prediction);
-        let (unet, unet_weights, variant) =
-            detect::detect_unet(&file, family, prediction.prediction_type)?;
-        let (vae, vae_weights) = detect::detect_vae(&file, detect::vae_naming(&file)?, family)?;
         let (text_encoder, text_encoder_weights) = detect::detect_text_encoder(&file, family)?;
-        if unet.cross_attention_dim != text_encoder.hidden_size {
+        let second_text_encoder = match family {
+            Family::Sdxl => Some(detect::detect_second_text_encoder(&file)?),
+            Family::Sd1 | Family::Sd2 => None,
+        };
+        let pooled_dim = second_text_encoder.as_ref().map(|s| s.projection_dim);
+        let (unet, unet_weights, variant) =
+            detect::detect_unet(&file, family, prediction.prediction_type, pooled_dim)?;
+        let (vae, vae_weights) = detect::detect_vae(&file, detect::vae_naming(&file)?, family)?;
+        let text_width = text_encoder.hidden_size
+            + second_text_encoder
+                .as_ref()
+                .map_or(0, |s| s.config.hidden_size);
+        if unet.cross_attention_dim != text_width {
+            let encoders = if second_text_encoder.is_some() {
+                "its two text encoders joined are"
+            } else {
+                "its text encoder is"
+            };
             return Err(unet_weights.error(format!(
-                "its UNet attends to {}-wide text but its text encoder is {} wide",
-                unet.cross_attention_dim, text_encoder.hidden_size
+                "its UNet attends to {}-wide text but {encoders} {text_width} wide",
+                unet.cross_attention_dim
             )));
         }
         let scheduler = detect::scheduler(family, prediction.prediction_type, path)?;
@@ -128,6 +158,7 @@ impl Checkpoint {
             unet,
             vae,
             text_encoder,
+            second_text_encoder,
             scheduler,
             unet_weights,
             vae_weights,
@@ -144,10 +175,11 @@ impl Checkpoint {
 /// One line naming a model's family, variant and prediction type.
 pub fn describe(family: Family, variant: UnetVariant, prediction: &PredictionChoice) -> String {
     let encoder = match family {
-        Family::Sd1 => "CLIP",
-        Family::Sd2 => "OpenCLIP",
+        Family::Sd1 => "CLIP text encoder",
+        Family::Sd2 => "OpenCLIP text encoder",
+        Family::Sdxl => "CLIP and OpenCLIP text encoders",
     };
-    format!("{family} ({encoder} text encoder), {variant}, {prediction}")
+    format!("{family} ({encoder}), {variant}, {prediction}")
 }
 
 /// A standalone VAE file (`--vae`), in LDM or diffusers names: its config and weights.
@@ -211,6 +243,7 @@ fn choose_prediction(
     } else {
         match family {
             Family::Sd1 => (PredictionType::Epsilon, "SD 1.x default".to_owned()),
+            Family::Sdxl => (PredictionType::Epsilon, "SDXL default".to_owned()),
             Family::Sd2 => (
                 PredictionType::VPrediction,
                 "SD 2.x default, the 768 px model; --prediction-type epsilon for 512 px ones"
