@@ -517,7 +517,8 @@ fn an_sdxl_model_fine_tunes_in_every_mode_and_edits() {
         assert!(a1111.1.contains("Model family: SDXL"), "{}", a1111.1);
         assert_eq!(recipe["model_prompt"], "beikkpic a cat wearing sunglasses");
     }
-    // Its LoRA naming is not written yet: refused in one line, before any fine-tuning.
+    // A lora-mode fine-tune exports under kohya's SDXL names (the UNet's SGM paths), which
+    // the next edit applies (tests/lora.rs checks the values).
     let lora = unitune(
         &[
             "tune",
@@ -535,12 +536,36 @@ fn an_sdxl_model_fine_tunes_in_every_mode_and_edits() {
         ],
         h,
     );
-    assert_ne!(lora.code, 0);
+    assert_eq!(lora.code, 0, "{}", lora.stderr);
+    let (layers, metadata) =
+        unitune::engine::lora::read_kohya_file(&h.join("photo.safetensors")).unwrap();
     assert!(
-        lora.stderr.contains("Stable Diffusion XL"),
-        "{}",
-        lora.stderr
+        layers
+            .iter()
+            .all(|l| l.name.starts_with("lora_unet_input_blocks_")
+                || l.name.starts_with("lora_unet_middle_block_")
+                || l.name.starts_with("lora_unet_output_blocks_")),
+        "{:?}",
+        layers.iter().map(|l| &l.name).collect::<Vec<_>>()
     );
-    assert!(!lora.stderr.contains("step 1/"), "{}", lora.stderr);
-    assert!(!h.join("photo.safetensors").exists());
+    assert_eq!(metadata["ss_base_model_version"], "sdxl_base_v1-0");
+    let applied = unitune(
+        &[
+            "generate",
+            "--model",
+            &m,
+            "--lora",
+            "photo.safetensors",
+            "-p",
+            "beikkpic",
+            "--sampling-steps",
+            "1",
+            "--device",
+            "cpu",
+            "-o",
+            "applied.png",
+        ],
+        h,
+    );
+    assert_eq!(applied.code, 0, "{}", applied.stderr);
 }

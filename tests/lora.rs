@@ -3,7 +3,8 @@
 //! `load_lora_weights` (UNet and text encoder, at weight 1 and 0.5) within 1e-4; exporting its
 //! factors rewrites it name for name and bit for bit; a fine-tune in lora mode exported and
 //! applied to the base model reproduces the fine-tuned UNet; the untrained values read back
-//! for the adapter carry the LoRA; bad files are refused in one sentence.
+//! for the adapter carry the LoRA; bad files are refused in one sentence. The same for SDXL's
+//! kohya naming (tests/fixtures/make_sdxl_lora_fixtures.py), UNet and both text encoders.
 
 mod common;
 
@@ -21,6 +22,7 @@ use unitune::engine::lora::{
 };
 use unitune::engine::noise::NoiseSource;
 use unitune::engine::optim::OptimizerSettings;
+use unitune::engine::unet::TextTime;
 use unitune::model_files::{LoraChoice, ModelFiles};
 
 /// diffusers applies the LoRA unfused (`W x + s B (A x)`); unitune merges it into `W` once.
@@ -89,6 +91,179 @@ fn an_applied_lora_reproduces_diffusers_load_lora_weights() {
         &reference.f32("unet_out_base"),
     );
     assert!(change > 100.0 * TOLERANCE, "{change}");
+}
+
+fn sdxl_lora() -> PathBuf {
+    fixtures().join("models/sdxl-tiny-lora.safetensors")
+}
+
+fn load_sdxl_with(loras: &[(&Path, f64)]) -> unitune::engine::Result<StableDiffusion> {
+    let files = ModelFiles {
+        loras: files_with(loras).loras,
+        ..model_files("sdxl-tiny")
+    };
+    StableDiffusion::load(&files, &Device::Cpu, DType::F32)
+}
+
+/// The UNet's output (with SDXL's added conditioning) and both text encoders' (penultimate
+/// states, pooled projection) on the fixture's inputs, each named as the reference names it
+/// (without the `_base` / `_lora` suffix).
+fn sdxl_outputs(model: &StableDiffusion, reference: &Reference) -> Vec<(&'static str, Tensor)> {
+    let text_time = TextTime {
+        pooled: reference.f32("unet_in_text_embeds"),
+        size_numbers: reference.f32("unet_in_time_ids"),
+    };
+    let unet = model
+        .unet
+        .forward_with(
+            &reference.f32("unet_in_sample"),
+            &reference.f32("unet_in_timesteps"),
+            &reference.f32("unet_in_encoder_hidden_states"),
+            Some(&text_time),
+        )
+        .unwrap();
+    let ids = reference.tensor("te_in_ids").to_dtype(DType::U32).unwrap();
+    let first = model.text_encoder.encode_xl(&ids).unwrap();
+    let second = model
+        .second_text
+        .as_ref()
+        .expect("SDXL")
+        .encoder
+        .encode_xl(&ids)
+        .unwrap();
+    vec![
+        ("unet_out", unet),
+        ("te1_out_penultimate", first.penultimate),
+        ("te2_out_penultimate", second.penultimate),
+        ("te2_out_pooled", second.pooled.expect("projected")),
+    ]
+}
+
+/// An SDXL LoRA in kohya's naming (the UNet's SGM paths, `lora_te1_`, `lora_te2_`), written
+/// by tests/fixtures/make_sdxl_lora_fixtures.py, changes the UNet and both text encoders as
+/// diffusers' `StableDiffusionXLPipeline.load_lora_weights` does; with the UNet's layers
+/// under diffusers paths instead (as some tools write them) it is the same LoRA.
+#[test]
+fn an_sdxl_lora_reproduces_diffusers_load_lora_weights_in_the_unet_and_both_encoders() {
+    let reference = Reference::load("sdxl-lora");
+    for (weight, suffix) in [(0.0, "base"), (1.0, "lora")] {
+        let model = load_sdxl_with(&[(&sdxl_lora(), weight)]).unwrap();
+        for (name, output) in sdxl_outputs(&model, &reference) {
+            assert_close(
+                &format!("{name} at LoRA weight {weight}"),
+                &output,
+                &reference.f32(&format!("{name}_{suffix}")),
+                TOLERANCE,
+            );
+        }
+    }
+    for name in ["unet_out", "te1_out_penultimate", "te2_out_pooled"] {
+        let change = max_abs_diff(
+            &reference.f32(&format!("{name}_lora")),
+            &reference.f32(&format!("{name}_base")),
+        );
+        assert!(change > 100.0 * TOLERANCE, "{name}: {change}");
+    }
+
+    let (layers, metadata) = read_kohya_file(&sdxl_lora()).unwrap();
+    let renamed: Vec<KohyaLayer> = layers
+        .into_iter()
+        .map(|mut layer| {
+            for entry in reference.json["layers"].as_array().unwrap() {
+                let kohya = |key: &str| {
+                    let module = entry[key].as_str().unwrap().replace('.', "_");
+                    format!("lora_{}_{module}", entry["component"].as_str().unwrap())
+                };
+                if layer.name == kohya("module") {
+                    layer.name = kohya("diffusers_module");
+                }
+            }
+            layer
+        })
+        .collect();
+    assert!(renamed.iter().any(|l| l.name.contains("down_blocks_1")));
+    let dir = tempfile::tempdir().unwrap();
+    let diffusers_named = dir.path().join("diffusers-named.safetensors");
+    write_kohya_file(&diffusers_named, &renamed, &metadata).unwrap();
+    let model = load_sdxl_with(&[(&diffusers_named, 1.0)]).unwrap();
+    let (name, unet) = sdxl_outputs(&model, &reference).remove(0);
+    assert_close(name, &unet, &reference.f32("unet_out_lora"), TOLERANCE);
+}
+
+/// A LoRA for the other family is refused in one sentence saying so, whichever way round.
+#[test]
+fn a_lora_for_the_other_family_is_refused_saying_which_it_is_for() {
+    let on_sdxl = load_sdxl_with(&[(&fixture_lora(), 1.0)])
+        .err()
+        .expect("refused");
+    assert!(
+        on_sdxl
+            .to_string()
+            .contains("the LoRA is for SD 1.x/2.x and this model is SDXL"),
+        "{on_sdxl}"
+    );
+    let on_sd15 = load_with(&[(&sdxl_lora(), 1.0)]).err().expect("refused");
+    assert!(
+        on_sd15
+            .to_string()
+            .contains("the LoRA is for SDXL and this model is SD 1.x/2.x"),
+        "{on_sd15}"
+    );
+}
+
+/// A lora-mode fine-tune of SDXL, exported under kohya's SDXL names and applied to the base
+/// model, reproduces the fine-tuned UNet.
+#[test]
+fn an_exported_sdxl_lora_fine_tune_applied_to_the_base_reproduces_the_fine_tuned_unet() {
+    let reference = Reference::load("sdxl-lora");
+    let mut model = load_sdxl_with(&[]).unwrap();
+    let settings = tiny_settings(TrainMode::Lora { rank: 2 });
+    let policy = CachePolicy {
+        cache: None,
+        model_identity: "test",
+    };
+    let tuned = tune_photo(&mut model, &photo(), &settings, &policy, None, &mut |_| {
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    tuned.select(2).unwrap();
+    let (_, tuned_out) = sdxl_outputs(&model, &reference).remove(0);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("photo.safetensors");
+    let info = LoraExportInfo {
+        output_name: "photo",
+        base_model_name: "sdxl-tiny",
+        base_model_fingerprint: "abc",
+        recipe_json: "{}",
+        token: "beikkpic",
+        steps: 2,
+        created_unix_secs: 0,
+    };
+    export_tuned(&tuned, &model.config, &path, &info).unwrap();
+    let (layers, metadata) = read_kohya_file(&path).unwrap();
+    assert!(
+        layers
+            .iter()
+            .any(|l| l.name == "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"),
+        "{:?}",
+        layers.iter().map(|l| &l.name).collect::<Vec<_>>()
+    );
+    assert!(!layers.iter().any(|l| l.name.contains("down_blocks")));
+    assert_eq!(metadata["ss_base_model_version"], "sdxl_base_v1-0");
+    assert_eq!(
+        metadata["modelspec.architecture"],
+        "stable-diffusion-xl-v1-base/lora"
+    );
+    let applied = load_sdxl_with(&[(&path, 1.0)]).unwrap();
+    let (_, applied_out) = sdxl_outputs(&applied, &reference).remove(0);
+    let base_out = sdxl_outputs(&load_sdxl_with(&[]).unwrap(), &reference)
+        .remove(0)
+        .1;
+    assert!(
+        max_abs_diff(&tuned_out, &base_out) > 1e-3,
+        "the fine-tune changed nothing"
+    );
+    assert_close("base + exported SDXL LoRA", &applied_out, &tuned_out, 1e-5);
 }
 
 #[test]
@@ -383,6 +558,23 @@ pub fn bad_loras(dir: &Path) -> Vec<(PathBuf, &'static str)> {
                 ],
             ),
             "`lora_unet_input_blocks_1_1_proj_in`, which this model does not have",
+        ),
+        (
+            write_lora(
+                dir,
+                "sdxl.safetensors",
+                &[
+                    (
+                        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+                        vec![4, 32],
+                    ),
+                    (
+                        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight",
+                        vec![32, 4],
+                    ),
+                ],
+            ),
+            "the LoRA is for SDXL and this model is SD 1.x/2.x",
         ),
         (
             write_lora(

@@ -304,9 +304,6 @@ pub fn edit_command(
         },
     };
     let mut service = load_service(global, snapshot_cache(&args.training)?)?;
-    if args.export_lora.is_some() {
-        service.check_lora_export_model()?;
-    }
     note_other_model(asked.recipe_model.as_ref(), &service);
     service.check_kind(asked.kind)?;
     let plan = service.plan(asked.kind, &asked.knobs, &asked.training.snapshot_steps);

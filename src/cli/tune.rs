@@ -63,9 +63,6 @@ pub fn tune_command(global: &GlobalOptions, args: &TuneArgs, cancel: &CancelFlag
     }
     let size = requested_size(args.size.as_deref())?;
     let (photo, mut service) = photo_and_service(global, &args.image, &args.training, size)?;
-    if args.export_lora.is_some() {
-        service.check_lora_export_model()?;
-    }
     let request = TuneRequest {
         photo: &photo.rgb,
         settings: &settings,
@@ -146,7 +143,6 @@ pub fn export_lora_command(
     }
     let size = requested_size(args.size.as_deref())?;
     let (photo, mut service) = photo_and_service(global, &args.image, &args.training, size)?;
-    service.check_lora_export_model()?;
     let request = TuneRequest {
         photo: &photo.rgb,
         settings: &settings,

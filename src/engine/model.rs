@@ -17,7 +17,7 @@ use super::config::{
 };
 use super::error::{EngineError, Result};
 use super::fidelity::{FidelityTable, STABLE_DIFFUSION, STABLE_DIFFUSION_XL};
-use super::lora::AppliedLoras;
+use super::lora::{AppliedLoras, LoraNames, LoraTargets};
 use super::noise::NoiseSource;
 use super::scheduler::DdimScheduler;
 use super::single_file::{
@@ -326,42 +326,68 @@ impl StableDiffusion {
         let (mut unet, mut unet_weights) =
             parts.unet_source.build_unet(&config.unet, dtype, device)?;
         let build_text = |vb: VarBuilder| TextEncoder::new(&config.text_encoder, vb);
-        if parts.second_text.is_some() && !files.loras.is_empty() {
-            return Err(EngineError::InvalidRequest(
-                "LoRAs cannot be applied to Stable Diffusion XL models yet; load the model without --lora".into(),
-            ));
-        }
-        let second_text = match parts.second_text {
-            Some(second) => Some(SecondText {
-                encoder: second
-                    .weights
-                    .build("second text encoder", dtype, device, |vb| {
-                        TextEncoder::with_projection(&second.config, second.projection_dim, vb)
-                    })?,
-                tokenizer: second.tokenizer,
-            }),
-            None => None,
+        let build_second = |second: &SecondTextParts, vb: VarBuilder| {
+            TextEncoder::with_projection(&second.config, second.projection_dim, vb)
         };
-        let (text_encoder, loras) = if files.loras.is_empty() {
+        let (text_encoder, second_encoder, loras) = if files.loras.is_empty() {
             let encoder = parts
                 .text_weights
                 .build("text encoder", dtype, device, build_text)?;
-            (encoder, AppliedLoras::default())
+            let second = match &parts.second_text {
+                Some(s) => Some(
+                    s.weights
+                        .build("second text encoder", dtype, device, |vb| {
+                            build_second(s, vb)
+                        })?,
+                ),
+                None => None,
+            };
+            (encoder, second, AppliedLoras::default())
         } else {
-            // LoRAs change weights: both models are built again around the merged tensors.
+            // LoRAs change weights: the models are built again around the merged tensors.
             let mut text_weights =
                 parts
                     .text_weights
                     .tensors("text encoder", dtype, device, build_text)?;
-            let loras = AppliedLoras::load(&files.loras, &unet_weights, &text_weights)?;
+            let mut second_weights = match &parts.second_text {
+                Some(s) => Some(
+                    s.weights
+                        .tensors("second text encoder", dtype, device, |vb| {
+                            build_second(s, vb)
+                        })?,
+                ),
+                None => None,
+            };
+            let targets = LoraTargets {
+                unet: &unet_weights,
+                text_encoder: &text_weights,
+                second_text_encoder: second_weights.as_ref(),
+            };
+            let names = LoraNames::for_unet(&config.unet);
+            let loras = AppliedLoras::load(&files.loras, &names, &targets)?;
             loras.text_encoder.merge_into(&mut text_weights)?;
             loras.unet.merge_into(&mut unet_weights)?;
             let encoder = build_text(VarBuilder::from_tensors(text_weights, dtype, device))?;
+            let second = match (&parts.second_text, second_weights.as_mut()) {
+                (Some(s), Some(weights)) => {
+                    loras.second_text_encoder.merge_into(weights)?;
+                    let vb = VarBuilder::from_tensors(std::mem::take(weights), dtype, device);
+                    Some(build_second(s, vb)?)
+                }
+                _ => None,
+            };
             unet = UNet::new(
                 &config.unet,
                 VarBuilder::from_tensors(unet_weights.clone(), dtype, device),
             )?;
-            (encoder, loras)
+            (encoder, second, loras)
+        };
+        let second_text = match (parts.second_text, second_encoder) {
+            (Some(second), Some(encoder)) => Some(SecondText {
+                encoder,
+                tokenizer: second.tokenizer,
+            }),
+            _ => None,
         };
         let unet_source = parts.unet_source.with_deltas(loras.unet.clone());
         let vae_dtype = if dtype == DType::F16 && config.vae.force_upcast {

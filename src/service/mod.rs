@@ -578,23 +578,10 @@ impl EditService {
         Ok((output.image, recipe))
     }
 
-    /// Refuses a LoRA export from a model whose LoRA naming is not written yet (SDXL: kohya
-    /// names its UNet modules in the original layout and has two text encoders), before the
-    /// fine-tune it would come from.
-    pub fn check_lora_export_model(&self) -> Result<()> {
-        if self.summary.architecture == "SDXL" {
-            return Err(ServiceError::Invalid(
-                "LoRA export from Stable Diffusion XL fine-tunes is not supported yet; edit without --export-lora".into(),
-            ));
-        }
-        Ok(())
-    }
-
     /// Writes the current fine-tune's snapshot after `steps` steps (a fine-tune in lora mode)
     /// as a kohya-format LoRA file at `path`, with metadata naming the base model, the recipe
     /// and the photo by name only.
     pub fn export_lora(&self, path: &Path, steps: usize, photo_name: Option<&str>) -> Result<()> {
-        self.check_lora_export_model()?;
         let tuned = self.tuned.as_ref().ok_or_else(|| {
             ServiceError::Invalid(
                 "nothing has been fine-tuned yet; fine-tune in the lora training mode first".into(),

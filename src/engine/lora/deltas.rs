@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
-use super::Component;
-use super::kohya::{KohyaLayer, kohya_name, read_kohya_file, refused};
+use super::kohya::{KohyaLayer, read_kohya_file, refused};
+use super::{Component, LoraNames};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::finite::all_finite;
 use crate::model_files::LoraChoice;
@@ -80,72 +80,78 @@ impl WeightDeltas {
     }
 }
 
-/// The LoRAs applied to a model: the changes to its UNet and to its text encoder.
+/// The LoRAs applied to a model: the changes to its UNet and to its text encoders.
 #[derive(Debug, Clone, Default)]
 pub struct AppliedLoras {
     pub unet: WeightDeltas,
     pub text_encoder: WeightDeltas,
+    /// SDXL's second text encoder.
+    pub second_text_encoder: WeightDeltas,
+}
+
+/// A model part's weights by diffusers name (only their shapes are used).
+pub struct LoraTargets<'a> {
+    pub unet: &'a HashMap<String, Tensor>,
+    pub text_encoder: &'a HashMap<String, Tensor>,
+    /// SDXL's second text encoder.
+    pub second_text_encoder: Option<&'a HashMap<String, Tensor>>,
 }
 
 impl AppliedLoras {
-    /// Reads each chosen file and matches its layers to the weights of `unet` and
-    /// `text_encoder` (diffusers names; only their shapes are used). Refuses, naming a key or
-    /// tensor, any layer the model lacks or whose shape does not fit.
-    pub fn load(
-        choices: &[LoraChoice],
-        unet: &HashMap<String, Tensor>,
-        text_encoder: &HashMap<String, Tensor>,
-    ) -> Result<Self> {
-        let index = |component: Component, weights: &HashMap<String, Tensor>| {
-            weights
-                .iter()
-                .filter_map(|(name, t)| {
-                    let module = name.strip_suffix(".weight")?;
-                    Some((
-                        kohya_name(component, module),
-                        (name.clone(), t.dims().to_vec()),
-                    ))
-                })
-                .collect::<HashMap<_, _>>()
-        };
-        let unet_index = index(Component::Unet, unet);
-        let text_index = index(Component::TextEncoder, text_encoder);
-        let mut unet_changes: HashMap<String, Vec<Factors>> = HashMap::new();
-        let mut text_changes: HashMap<String, Vec<Factors>> = HashMap::new();
+    /// Reads each chosen file and matches its layers, named as `names` says, to the weights
+    /// of `targets`. Refuses, naming a key or tensor, any layer the model lacks or whose
+    /// shape does not fit.
+    pub fn load(choices: &[LoraChoice], names: &LoraNames, targets: &LoraTargets) -> Result<Self> {
+        let parts = [
+            (Component::Unet, Some(targets.unet)),
+            (Component::TextEncoder, Some(targets.text_encoder)),
+            (Component::SecondTextEncoder, targets.second_text_encoder),
+        ];
+        // Every name a file may use, to (part, weight name, shape).
+        let mut index: HashMap<String, (usize, String, Vec<usize>)> = HashMap::new();
+        for (part, (component, weights)) in parts.iter().enumerate() {
+            for (name, tensor) in weights.iter().flat_map(|w| w.iter()) {
+                let Some(module) = name.strip_suffix(".weight") else {
+                    continue;
+                };
+                for layer in names.accepted(*component, module) {
+                    index.insert(layer, (part, name.clone(), tensor.dims().to_vec()));
+                }
+            }
+        }
+        let mut changes: [HashMap<String, Vec<Factors>>; 3] = Default::default();
         for choice in choices {
             let (layers, _) = read_kohya_file(&choice.path)?;
             for layer in layers {
-                let (index, changes) = if layer.name.starts_with(Component::Unet.prefix()) {
-                    (&unet_index, &mut unet_changes)
-                } else {
-                    (&text_index, &mut text_changes)
-                };
-                let Some((target, shape)) = index.get(&layer.name) else {
+                let Some((part, target, shape)) = index.get(&layer.name) else {
+                    let why = names.other_family(&layer.name).unwrap_or(
+                        "which this model does not have; it was made for another kind of model",
+                    );
                     return Err(refused(
                         &choice.path,
-                        format!(
-                            "changes `{}`, which this model does not have; it was made for another kind of model",
-                            layer.name
-                        ),
+                        format!("changes `{}`, {why}", layer.name),
                     ));
                 };
                 let factors = fit(&layer, target, shape, choice.weight)
                     .map_err(|problem| refused(&choice.path, problem))?;
-                changes.entry(target.clone()).or_default().push(factors);
+                changes[*part]
+                    .entry(target.clone())
+                    .or_default()
+                    .push(factors);
             }
         }
+        let [unet, text_encoder, second_text_encoder] = changes.map(|by_weight| WeightDeltas {
+            by_weight: Arc::new(by_weight),
+        });
         Ok(Self {
-            unet: WeightDeltas {
-                by_weight: Arc::new(unet_changes),
-            },
-            text_encoder: WeightDeltas {
-                by_weight: Arc::new(text_changes),
-            },
+            unet,
+            text_encoder,
+            second_text_encoder,
         })
     }
 
     pub fn is_empty(&self) -> bool {
-        self.unet.is_empty() && self.text_encoder.is_empty()
+        self.unet.is_empty() && self.text_encoder.is_empty() && self.second_text_encoder.is_empty()
     }
 }
 

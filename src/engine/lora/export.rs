@@ -6,8 +6,8 @@ use std::path::Path;
 
 use candle_core::Tensor;
 
-use super::Component;
-use super::kohya::{KohyaLayer, kohya_name, write_kohya_file};
+use super::kohya::{KohyaLayer, write_kohya_file};
+use super::{Component, LoraNames};
 use crate::engine::config::{PipelineConfig, PredictionType, TextActivation};
 use crate::engine::edit::TunedPhoto;
 use crate::engine::error::{EngineError, Result};
@@ -43,9 +43,12 @@ pub fn output_name(path: &std::path::Path) -> String {
 }
 
 /// The adapter's factors (`<module>.lora_A.weight` [rank, in] and `.lora_B.weight`
-/// [out, rank], UNet modules) as kohya layers. The project's UNet adds `B (A x)` unscaled, so
-/// alpha = rank (scale 1) reproduces it exactly.
-pub fn layers_from_adapter_values(values: &[(String, Tensor)]) -> Result<Vec<KohyaLayer>> {
+/// [out, rank], UNet modules) as kohya layers named as `names` says. The project's UNet adds
+/// `B (A x)` unscaled, so alpha = rank (scale 1) reproduces it exactly.
+pub fn layers_from_adapter_values(
+    values: &[(String, Tensor)],
+    names: &LoraNames,
+) -> Result<Vec<KohyaLayer>> {
     let by_name: HashMap<&str, &Tensor> = values.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let mut layers = Vec::new();
     for (name, down) in values {
@@ -61,7 +64,7 @@ pub fn layers_from_adapter_values(values: &[(String, Tensor)]) -> Result<Vec<Koh
             })?;
         let rank = down.dims().first().copied().unwrap_or(0);
         layers.push(KohyaLayer {
-            name: kohya_name(Component::Unet, module),
+            name: names.layer(Component::Unet, module),
             down: down.clone(),
             up: (*up).clone(),
             alpha: Some(rank as f64),
@@ -81,13 +84,16 @@ pub fn kohya_metadata(
     rank: usize,
     info: &LoraExportInfo,
 ) -> HashMap<String, String> {
-    let sd2 = config.text_encoder.activation != TextActivation::QuickGelu;
+    let sdxl = config.unet.text_time.is_some();
+    let sd2 = !sdxl && config.text_encoder.activation != TextActivation::QuickGelu;
     let v_prediction = config.scheduler.prediction_type == PredictionType::VPrediction;
     let side = config.native_image_side().unwrap_or(512);
-    let (base_version, architecture) = match (sd2, v_prediction) {
-        (false, _) => ("sd_v1", "stable-diffusion-v1/lora"),
-        (true, false) => ("sd_v2", "stable-diffusion-v2-512/lora"),
-        (true, true) => ("sd_v2", "stable-diffusion-v2-768-v/lora"),
+    // What kohya's sd-scripts write for each base.
+    let (base_version, architecture) = match (sdxl, sd2, v_prediction) {
+        (true, _, _) => ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
+        (false, false, _) => ("sd_v1", "stable-diffusion-v1/lora"),
+        (false, true, false) => ("sd_v2", "stable-diffusion-v2-512/lora"),
+        (false, true, true) => ("sd_v2", "stable-diffusion-v2-768-v/lora"),
     };
     let date = chrono_like_date(info.created_unix_secs);
     let title = format!("{} (UniTune)", info.output_name);
@@ -202,7 +208,7 @@ pub fn export_tuned(
             info.steps
         )));
     }
-    let layers = layers_from_adapter_values(&values)?;
+    let layers = layers_from_adapter_values(&values, &LoraNames::for_unet(&config.unet))?;
     // Half-precision fine-tunes are written in the dtype they trained in; every tool reads
     // any float type.
     write_kohya_file(path, &layers, &kohya_metadata(config, rank, info))

@@ -7,7 +7,6 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use safetensors::SafeTensors;
 
-use super::Component;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::finetune::write_safetensors;
 
@@ -32,11 +31,6 @@ impl KohyaLayer {
     }
 }
 
-/// The kohya name of a diffusers module path (`down_blocks.0.attentions.0.proj_in`).
-pub fn kohya_name(component: Component, module: &str) -> String {
-    format!("{}{}", component.prefix(), module.replace('.', "_"))
-}
-
 /// The error for a file that is not a LoRA unitune can apply.
 pub(super) fn refused(path: &Path, problem: impl Into<String>) -> EngineError {
     EngineError::Lora {
@@ -56,8 +50,6 @@ fn unsupported_key(key: &str) -> String {
     .any(|k| key.contains(k))
     {
         "a LyCORIS (LoHa, LoKr, LoCon with a middle factor, or full-difference) tensor"
-    } else if key.starts_with("lora_te1_") || key.starts_with("lora_te2_") {
-        "for SDXL's two text encoders"
     } else {
         "not a plain LoRA tensor"
     };
@@ -97,9 +89,8 @@ pub fn read_kohya_file(path: &Path) -> Result<(Vec<KohyaLayer>, HashMap<String, 
     names.sort();
     for key in names {
         let (layer, suffix) = key.split_once('.').unwrap_or((key, ""));
-        if !(layer.starts_with("lora_unet_") || layer.starts_with("lora_te_"))
-            || ![DOWN, UP, ALPHA].contains(&suffix)
-        {
+        let prefixes = ["lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"];
+        if !prefixes.iter().any(|p| layer.starts_with(p)) || ![DOWN, UP, ALPHA].contains(&suffix) {
             return Err(refused(path, unsupported_key(key)));
         }
         let view = tensors

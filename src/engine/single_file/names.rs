@@ -147,6 +147,12 @@ impl UnetLayout {
         }
     }
 
+    /// The LDM (SGM) name of the UNet tensor diffusers calls `name`, under this layout's
+    /// prefix; `None` when the layout has no place for it.
+    pub fn ldm_name(&self, name: &str) -> Option<String> {
+        self.source(name).map(|source| source.name)
+    }
+
     fn source(&self, name: &str) -> Option<Source> {
         if let Some((_, ldm)) = UNET_TOP.iter().find(|(d, _)| *d == name) {
             return Some(Source::plain(format!("{}{ldm}", self.prefix)));
