@@ -11,6 +11,9 @@ memory do not depend on the values), same sizes, same batch layout:
   of two so that optimizer state allocation is not timed; full fine-tuning with AdamW and
   with Adafactor (the UniTune paper's optimizer);
 - sampling_step: one classifier-free-guided DDIM step (UNet on a batch of 2);
+- SDXL (`--arch sdxl`): both text encoders (their penultimate states joined, the pooled
+  projection), the UNet's added conditioning (pooled text and the six size numbers of the
+  working size) in every UNet call, and `StableDiffusionXLImg2ImgPipeline` for the run's edit;
 - vae_encode / vae_decode at the image size;
 - unitune_run: a whole UniTune run as diffusers code would do it: fine-tune N steps at batch
   4, saving the trained weights at the paper's 1/8, 1/4, 1/2 and full ladder, then one img2img
@@ -48,7 +51,7 @@ ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--arch", default="sd15", choices=["sd15", "sd21"])
+    p.add_argument("--arch", default="sd15", choices=["sd15", "sd21", "sdxl"])
     p.add_argument("--size", default=None, help="WxH, default the architecture's native size")
     p.add_argument("--precision", default="f32", choices=["f32", "f16", "bf16"])
     p.add_argument("--modes", default="full,attention,cross-kv,lora")
@@ -207,13 +210,13 @@ class Trainer:
         else:
             self.unet.disable_gradient_checkpointing()
 
-    def loss(self, latents, noise, timesteps, context, scheduler):
+    def loss(self, latents, noise, timesteps, prompt, scheduler):
         import torch
         import torch.nn.functional as F
 
         noisy = scheduler.add_noise(latents, noise, timesteps)
         with torch.autocast(self.device, dtype=self.compute, enabled=self.autocast):
-            pred = self.unet(noisy, timesteps, context).sample
+            pred = self.unet(noisy, timesteps, prompt.context, added_cond_kwargs=prompt.added).sample
         return F.mse_loss(pred.float(), noise.float())
 
 
@@ -228,16 +231,63 @@ def build(args, device):
     vae_dtype = torch.float32 if (precision == "f16" and vae_config.get("force_upcast", True)) else compute
     vae = random_pipeline.build_vae(args.arch, vae_dtype, device)
     text_encoder = random_pipeline.build_text_encoder(args.arch, compute, device)
+    text_encoder_2 = None
+    if random_pipeline.has_second_text_encoder(args.arch):
+        text_encoder_2 = random_pipeline.build_text_encoder_2(args.arch, compute, device)
     scheduler = random_pipeline.build_scheduler(args.arch)
-    return unet, vae, text_encoder, scheduler
+    return unet, vae, (text_encoder, text_encoder_2), scheduler
 
 
-def encode_prompt(text_encoder, tokenizer, prompt, device):
+class Prompt:
+    """What the UNet is conditioned on: the context, and SDXL's added conditioning (pooled text
+    and size numbers) or None."""
+
+    def __init__(self, context, added=None):
+        self.context = context
+        self.added = added
+
+    def to(self, dtype):
+        added = None if self.added is None else {k: v.to(dtype) for k, v in self.added.items()}
+        return Prompt(self.context.to(dtype), added)
+
+    def repeat(self, n):
+        added = None if self.added is None else {k: v.repeat(n, 1) for k, v in self.added.items()}
+        return Prompt(self.context.repeat(n, 1, 1), added)
+
+    @staticmethod
+    def cat(prompts):
+        import torch
+
+        added = None
+        if prompts[0].added is not None:
+            added = {k: torch.cat([p.added[k] for p in prompts]) for k in prompts[0].added}
+        return Prompt(torch.cat([p.context for p in prompts]), added)
+
+
+def encode_prompt(encoders, tokenizers, prompt, device, size):
+    """SD: the text encoder's last state. SDXL: as StableDiffusionXLPipeline.encode_prompt
+    (both encoders' penultimate states joined, the second's pooled projection, the size numbers
+    of an uncropped image at `size` = (height, width); an empty prompt is zeros, as
+    force_zeros_for_empty_prompt makes the negative prompt)."""
     import torch
 
-    ids = tokenizer(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    def ids(tokenizer):
+        return tokenizer(prompt, padding="max_length", max_length=77, truncation=True,
+                         return_tensors="pt").input_ids.to(device)
+
+    first, second = encoders
     with torch.no_grad():
-        return text_encoder(ids.to(device))[0]
+        if second is None:
+            return Prompt(first(ids(tokenizers[0]))[0])
+        h, w = size
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=first.dtype, device=device)
+        a = first(ids(tokenizers[0]), output_hidden_states=True)
+        b = second(ids(tokenizers[1]), output_hidden_states=True)
+        context = torch.cat([a.hidden_states[-2], b.hidden_states[-2]], dim=-1)
+        pooled = b.text_embeds
+        if not prompt:
+            context, pooled = torch.zeros_like(context), torch.zeros_like(pooled)
+        return Prompt(context, {"text_embeds": pooled, "time_ids": time_ids})
 
 
 def main():
@@ -247,7 +297,7 @@ def main():
 
     torch.manual_seed(0)
     device = args.device
-    side = 768 if args.arch == "sd21" else 512
+    side = {"sd21": 768, "sdxl": 1024}.get(args.arch, 512)
     width, height = (int(v) for v in args.size.split("x")) if args.size else (side, side)
     modes = [m for m in args.modes.split(",") if m]
     # LoRA adds adapters to the UNet in place: measure it last.
@@ -257,12 +307,17 @@ def main():
 
     probe.reset_peak()
     t0 = time.perf_counter()
-    unet, vae, text_encoder, scheduler = build(args, device)
+    unet, vae, encoders, scheduler = build(args, device)
     sync(device)
     load = {"seconds": time.perf_counter() - t0, "memory_bytes": probe.current()}
-    tokenizer = CLIPTokenizer(str(REPO / "assets/clip-tokenizer/vocab.json"),
-                              str(REPO / "assets/clip-tokenizer/merges.txt"))
-    context = encode_prompt(text_encoder, tokenizer, "beikkpic", device)
+    vocab = (str(REPO / "assets/clip-tokenizer/vocab.json"), str(REPO / "assets/clip-tokenizer/merges.txt"))
+    # SDXL's second tokenizer is the same vocabulary padded with `!`.
+    tokenizers = (CLIPTokenizer(*vocab), CLIPTokenizer(*vocab, pad_token="!"))
+
+    def encode(prompt):
+        return encode_prompt(encoders, tokenizers, prompt, device, (height, width))
+
+    context = encode("beikkpic")
     latent_shape = (1, 4, height // 8, width // 8)
     results = []
 
@@ -307,7 +362,7 @@ def main():
     def train(trainer, kind, steps, micro, on_step=None):
         optimizer = optimizer_for(trainer.params, kind)
         passes = 4 // micro
-        ctx = context.to(trainer.compute if trainer.autocast else torch.float32).repeat(micro, 1, 1)
+        ctx = context.to(trainer.compute if trainer.autocast else torch.float32).repeat(micro)
         for step in range(1, steps + 1):
             for _ in range(passes):
                 shape = (micro,) + latent_shape[1:]
@@ -349,9 +404,7 @@ def main():
     if "sample" in measures:
         model = sampling_unet()
         compute = dtype_of(args.precision)
-        uncond = encode_prompt(text_encoder, tokenizer, "", device)
-        cond = encode_prompt(text_encoder, tokenizer, "a photo of a cat", device)
-        both = torch.cat([uncond, cond]).to(compute)
+        both = Prompt.cat([encode(""), encode("a photo of a cat")]).to(compute)
         scheduler.set_timesteps(3)
         marks = []
 
@@ -359,7 +412,8 @@ def main():
             latents = randn(latent_shape, compute)
             with torch.no_grad():
                 for t in scheduler.timesteps:
-                    out = model(torch.cat([latents] * 2), t, both).sample
+                    out = model(torch.cat([latents] * 2), t, both.context,
+                                added_cond_kwargs=both.added).sample
                     base, prompted = out.chunk(2)
                     guided = base + 7.5 * (prompted - base)
                     latents = scheduler.step(guided, t, latents).prev_sample
@@ -392,7 +446,7 @@ def main():
             report(name, m)
 
     if "run" in measures and args.steps > 0:
-        from diffusers import StableDiffusionImg2ImgPipeline
+        from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
         from PIL import Image
         from safetensors.torch import save_file
 
@@ -416,10 +470,17 @@ def main():
             train(trainer, "adafactor", args.steps, args.micro_batch, keep)
             sync(device)
             timing["tune"] = time.perf_counter() - t0
-            pipe = StableDiffusionImg2ImgPipeline(
-                vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=sampling_unet(),
-                scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                requires_safety_checker=False)
+            if encoders[1] is None:
+                pipe = StableDiffusionImg2ImgPipeline(
+                    vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0], unet=sampling_unet(),
+                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                    requires_safety_checker=False)
+            else:
+                pipe = StableDiffusionXLImg2ImgPipeline(
+                    vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
+                    tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=sampling_unet(),
+                    scheduler=scheduler, requires_aesthetics_score=False,
+                    force_zeros_for_empty_prompt=True)
             pipe.set_progress_bar_config(disable=True)
             pipe("beikkpic a cat wearing sunglasses", image=photo, strength=0.9, guidance_scale=7.5,
                  num_inference_steps=args.sampling_steps, output_type="np")

@@ -42,6 +42,20 @@ def build_text_encoder(arch: str, dtype, device):
     return CLIPTextModel(config).to(device=device, dtype=dtype)
 
 
+def has_second_text_encoder(arch: str) -> bool:
+    """SDXL: OpenCLIP ViT-bigG with its projection beside CLIP ViT-L."""
+    return (ARCH_DIR / arch / "text_encoder_2.json").exists()
+
+
+def build_text_encoder_2(arch: str, dtype, device):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(3)
+    config = CLIPTextConfig(**load_config(arch, "text_encoder_2"))
+    return CLIPTextModelWithProjection(config).to(device=device, dtype=dtype)
+
+
 def build_scheduler(arch: str):
     from diffusers import DDIMScheduler
 

@@ -12,9 +12,11 @@ pub fn all_finite(tensor: &Tensor) -> Result<bool> {
     all_finite_together(std::slice::from_ref(tensor))
 }
 
-/// `x - x` for every element: 0 where finite, NaN elsewhere.
+/// `x - x` for every element: 0 where finite, NaN elsewhere. Detached first: on a trained
+/// variable the ops would record a graph, and each kept sum would hold its f32 copies alive
+/// until all are summed (4 GB at once for SD 1.5's full fine-tune).
 fn zero_where_finite(tensor: &Tensor) -> candle_core::Result<Tensor> {
-    let wide = tensor.to_dtype(DType::F32)?;
+    let wide = tensor.detach().to_dtype(DType::F32)?;
     wide.sub(&wide.clone())
 }
 

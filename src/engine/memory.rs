@@ -84,6 +84,16 @@ pub fn tune_allocator() {
     }
 }
 
+/// Calls [`release_free_memory`] when dropped: declared before what it should outlive's
+/// owner, it runs after that is freed, on every way out of the scope.
+pub struct ReleaseFreeMemoryOnDrop;
+
+impl Drop for ReleaseFreeMemoryOnDrop {
+    fn drop(&mut self) {
+        release_free_memory();
+    }
+}
+
 /// Returns the memory malloc keeps for reuse to the system (after a job, before measuring).
 pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -37,6 +37,12 @@ impl GradientAccumulator {
         }
     }
 
+    /// Sums from now on in `dtype`; only between steps (when there is nothing to convert).
+    pub fn sum_in(&mut self, dtype: DType) {
+        debug_assert!(self.sums.iter().all(Option::is_none));
+        self.dtype = Some(dtype);
+    }
+
     /// Adds every gradient `store` holds for one of our variables.
     pub(super) fn absorb(&mut self, store: &GradStore) -> Result<()> {
         for (id, &i) in &self.index {

@@ -16,10 +16,10 @@ pub(super) struct LossScaler {
     good_steps: usize,
 }
 
-/// What unscaling found.
+/// What checking a step's scaled gradients found.
 pub(super) enum Unscaled {
-    /// Finite gradients, ready for the update.
-    Finite(Vec<Tensor>),
+    /// Finite gradients: the update multiplies them by `factor` (one over the scale).
+    Finite { factor: f64 },
     /// They overflowed: the scale was halved and the step must be redone.
     Overflowed,
 }
@@ -56,15 +56,13 @@ impl LossScaler {
         self.scale
     }
 
-    /// Divides the scale out of the gradients. Consumed one by one: each sum is freed as soon
-    /// as it is unscaled, never a second full set of gradients (3.4 GB for SD 1.5's full
-    /// fine-tune). An overflow halves the scale; one below the minimum is a divergence.
-    pub fn unscale(&mut self, grads: Vec<Tensor>) -> Result<Unscaled> {
-        let grads = grads
-            .into_iter()
-            .map(|g| g / self.scale)
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        if !all_finite(&grads)? {
+    /// Checks the step's gradients, still scaled, and says what divides the scale out of them.
+    /// The division itself happens in the optimizer, per gradient in f32
+    /// ([`crate::engine::optim::Optimizer::step_scaled`]): dividing here would need a second
+    /// set of gradients, and in f16 would round away the small ones. An overflow halves the
+    /// scale; one below the minimum is a divergence.
+    pub fn unscale(&mut self, grads: &[Tensor]) -> Result<Unscaled> {
+        if !all_finite(grads)? {
             self.scale /= 2.0;
             self.good_steps = 0;
             if self.scale < Self::MINIMUM {
@@ -72,19 +70,21 @@ impl LossScaler {
             }
             return Ok(Unscaled::Overflowed);
         }
+        let factor = 1.0 / self.scale;
         self.good_steps += 1;
         if self.good_steps.is_multiple_of(Self::GROWTH_INTERVAL) {
             self.scale *= 2.0;
         }
-        Ok(Unscaled::Finite(grads))
+        Ok(Unscaled::Finite { factor })
     }
 }
 
 /// True when every gradient is finite (one device-to-host read for all of them).
 fn all_finite(grads: &[Tensor]) -> Result<bool> {
+    // Squared in f32: a finite f16 gradient above 256 squares to infinity in f16.
     let norms = grads
         .iter()
-        .map(|g| g.sqr()?.sum_all())
+        .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
         .collect::<candle_core::Result<Vec<_>>>()?;
     let total = Tensor::stack(&norms, 0)?.sum_all()?.to_dtype(DType::F32)?;
     Ok(total.to_scalar::<f32>()?.is_finite())
@@ -103,19 +103,23 @@ mod tests {
     fn an_overflow_halves_the_scale_and_good_steps_grow_it() {
         let mut scaler = LossScaler::for_dtype(DType::F16).unwrap();
         assert!(LossScaler::for_dtype(DType::BF16).is_none());
-        match scaler.unscale(grads(8192.0)).unwrap() {
-            Unscaled::Finite(g) => {
-                assert_eq!(g[0].to_vec1::<f32>().unwrap(), [2.0; 3]);
-            }
+        match scaler.unscale(&grads(8192.0)).unwrap() {
+            Unscaled::Finite { factor } => assert_eq!(factor, 1.0 / 4096.0),
             Unscaled::Overflowed => panic!("finite gradients"),
         }
+        // 300 squared is beyond f16's range; the gradient itself is not.
+        let f16 = grads(300.0)[0].to_dtype(DType::F16).unwrap();
         assert!(matches!(
-            scaler.unscale(grads(f32::INFINITY)).unwrap(),
+            scaler.unscale(&[f16]).unwrap(),
+            Unscaled::Finite { .. }
+        ));
+        assert!(matches!(
+            scaler.unscale(&grads(f32::INFINITY)).unwrap(),
             Unscaled::Overflowed
         ));
         assert_eq!(scaler.state(), (2048.0, 0));
         for _ in 0..LossScaler::GROWTH_INTERVAL {
-            scaler.unscale(grads(1.0)).unwrap();
+            scaler.unscale(&grads(1.0)).unwrap();
         }
         assert_eq!(scaler.state(), (4096.0, LossScaler::GROWTH_INTERVAL));
     }
@@ -124,9 +128,9 @@ mod tests {
     fn gradients_that_never_become_finite_are_a_divergence() {
         let mut scaler = LossScaler::for_dtype(DType::F16).unwrap();
         let error = loop {
-            match scaler.unscale(grads(f32::NAN)) {
+            match scaler.unscale(&grads(f32::NAN)) {
                 Ok(Unscaled::Overflowed) => continue,
-                Ok(Unscaled::Finite(_)) => panic!("NaN is not finite"),
+                Ok(Unscaled::Finite { .. }) => panic!("NaN is not finite"),
                 Err(error) => break error,
             }
         };

@@ -69,10 +69,13 @@ pub fn training_bytes(
         OptimizerKind::Adafactor => factored * 4,
         OptimizerKind::AdamW => values * 8,
     };
-    // Summed gradients in f32, plus as much again in the compute dtype: a full fine-tune in
-    // f16 peaked 1.7 GB (the size of its half-precision weights) above the masters, the sums
-    // and the optimizer's state (docs/performance.md).
-    let gradients = 4 + dtype.size_in_bytes() as u64;
+    // Gradients: summed in f32 over several passes, or kept in the compute dtype when one
+    // pass is the whole batch (see `TrainingRun::attempt`).
+    let gradients = if micro >= settings.batch_size {
+        dtype.size_in_bytes() as u64
+    } else {
+        4
+    };
     let state = values * (master + gradients) + optimizer;
     let factor = model.config.vae.downscale_factor().max(1);
     let latent_pixels = ((width / factor) * (height / factor)) as u64;

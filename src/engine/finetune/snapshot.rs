@@ -96,10 +96,13 @@ impl Snapshot {
                 }
                 Ok(())
             }
-            Data::Base { source, keys } => keys
-                .iter()
-                .enumerate()
-                .try_for_each(|(i, key)| f(i, &source.read_host(key)?)),
+            Data::Base { source, keys } => {
+                // One mapping for the whole read, dropped after it.
+                let _held = source.weights().file.map()?;
+                keys.iter()
+                    .enumerate()
+                    .try_for_each(|(i, key)| f(i, &source.read_host(key)?))
+            }
         }
     }
 
