@@ -282,9 +282,10 @@ fn the_prediction_type_comes_from_the_flag_then_the_metadata_then_the_family() {
 }
 
 /// A VAE file in LDM names without prefix, as `vae-ft-mse-840000-ema-pruned.safetensors`.
-fn ldm_vae_file(dir: &Path) -> PathBuf {
-    let path = dir.join("vae-ldm.safetensors");
-    let bytes = std::fs::read(single("sd2-ckpt-tiny")).unwrap();
+/// The VAE of the single file `checkpoint`, alone in LDM names, as VAE files are shared.
+fn ldm_vae_file(dir: &Path, checkpoint: &str) -> PathBuf {
+    let path = dir.join(format!("{checkpoint}-vae.safetensors"));
+    let bytes = std::fs::read(single(checkpoint)).unwrap();
     let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let views: Vec<(String, TensorView)> = file
         .tensors()
@@ -318,7 +319,7 @@ fn a_replacement_vae_decodes_like_the_folder_whose_vae_was_replaced() {
 
     let sd2_vae = model_dir("sd2-ckpt-tiny/vae");
     for vae in [
-        ldm_vae_file(dir.path()),
+        ldm_vae_file(dir.path(), "sd2-ckpt-tiny"),
         single("sd2-ckpt-tiny"),
         sd2_vae.join("diffusion_pytorch_model.fp16.safetensors"),
         sd2_vae.clone(),
@@ -344,6 +345,37 @@ fn a_replacement_vae_decodes_like_the_folder_whose_vae_was_replaced() {
         locate_vae(&sd2_vae).unwrap(),
         VaeFiles::Folder { .. }
     ));
+}
+
+/// An SDXL VAE file given with `--vae` is read with SDXL's conventions (scaling 0.13025, not
+/// SD's 0.18215), for a folder and for a single file alike.
+#[test]
+fn an_sdxl_vae_file_replaces_an_sdxl_models_vae_with_sdxls_scaling() {
+    let dir = tempfile::tempdir().unwrap();
+    let vae = ldm_vae_file(dir.path(), "sdxl-ckpt-tiny");
+    let latents = NoiseSource::from_seed(9)
+        .normal((1, 4, 8, 8), &Device::Cpu)
+        .unwrap();
+    let expected = load(&model_dir("sdxl-tiny"))
+        .decode_latents(&latents)
+        .unwrap();
+    for model in [model_dir("sdxl-tiny"), single("sdxl-ckpt-tiny")] {
+        let mut files = locate_in_folder(&model).unwrap();
+        files.vae_replacement = Some(locate_vae(&vae).expect("VAE located"));
+        let loaded = StableDiffusion::load(&files, &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(
+            loaded.config.vae.scaling_factor,
+            0.13025,
+            "{}",
+            model.display()
+        );
+        assert_eq!(
+            loaded.decode_latents(&latents).unwrap(),
+            expected,
+            "{}",
+            model.display()
+        );
+    }
 }
 
 #[test]
@@ -550,7 +582,9 @@ fn the_cli_generates_the_same_image_from_the_file_as_from_the_folder() {
     );
     // --vae with the LDM file as the folder with that VAE.
     let dir = tempfile::tempdir().unwrap();
-    let vae = ldm_vae_file(dir.path()).display().to_string();
+    let vae = ldm_vae_file(dir.path(), "sd2-ckpt-tiny")
+        .display()
+        .to_string();
     let swapped = dir.path().join("swapped");
     copy_dir(&model_dir("sd15-ckpt-tiny"), &swapped);
     std::fs::remove_dir_all(swapped.join("vae")).unwrap();

@@ -312,7 +312,9 @@ def main():
     load = {"seconds": time.perf_counter() - t0, "memory_bytes": probe.current()}
     vocab = (str(REPO / "assets/clip-tokenizer/vocab.json"), str(REPO / "assets/clip-tokenizer/merges.txt"))
     # SDXL's second tokenizer is the same vocabulary padded with `!`.
-    tokenizers = (CLIPTokenizer(*vocab), CLIPTokenizer(*vocab, pad_token="!"))
+    # model_max_length: the pipelines pad and truncate to it (built from files, it is unset).
+    tokenizers = (CLIPTokenizer(*vocab, model_max_length=77),
+                  CLIPTokenizer(*vocab, pad_token="!", model_max_length=77))
 
     def encode(prompt):
         return encode_prompt(encoders, tokenizers, prompt, device, (height, width))
