@@ -105,15 +105,13 @@ fn load_sdxl_with(loras: &[(&Path, f64)]) -> unitune::engine::Result<StableDiffu
     StableDiffusion::load(&files, &Device::Cpu, DType::F32)
 }
 
-/// The UNet's output (with SDXL's added conditioning) and both text encoders' (penultimate
-/// states, pooled projection) on the fixture's inputs, each named as the reference names it
-/// (without the `_base` / `_lora` suffix).
-fn sdxl_outputs(model: &StableDiffusion, reference: &Reference) -> Vec<(&'static str, Tensor)> {
+/// The UNet's output, with SDXL's added conditioning, on the fixture's inputs.
+fn sdxl_unet_out(model: &StableDiffusion, reference: &Reference) -> Tensor {
     let text_time = TextTime {
         pooled: reference.f32("unet_in_text_embeds"),
         size_numbers: reference.f32("unet_in_time_ids"),
     };
-    let unet = model
+    model
         .unet
         .forward_with(
             &reference.f32("unet_in_sample"),
@@ -121,7 +119,14 @@ fn sdxl_outputs(model: &StableDiffusion, reference: &Reference) -> Vec<(&'static
             &reference.f32("unet_in_encoder_hidden_states"),
             Some(&text_time),
         )
-        .unwrap();
+        .unwrap()
+}
+
+/// The UNet's output and both text encoders' (penultimate states, pooled projection) on the
+/// fixture's inputs, each named as the reference names it (without the `_base` / `_lora`
+/// suffix).
+fn sdxl_outputs(model: &StableDiffusion, reference: &Reference) -> Vec<(&'static str, Tensor)> {
+    let unet = sdxl_unet_out(model, reference);
     let ids = reference.tensor("te_in_ids").to_dtype(DType::U32).unwrap();
     let first = model.text_encoder.encode_xl(&ids).unwrap();
     let second = model
@@ -186,8 +191,12 @@ fn an_sdxl_lora_reproduces_diffusers_load_lora_weights_in_the_unet_and_both_enco
     let diffusers_named = dir.path().join("diffusers-named.safetensors");
     write_kohya_file(&diffusers_named, &renamed, &metadata).unwrap();
     let model = load_sdxl_with(&[(&diffusers_named, 1.0)]).unwrap();
-    let (name, unet) = sdxl_outputs(&model, &reference).remove(0);
-    assert_close(name, &unet, &reference.f32("unet_out_lora"), TOLERANCE);
+    assert_close(
+        "UNet with diffusers-named layers",
+        &sdxl_unet_out(&model, &reference),
+        &reference.f32("unet_out_lora"),
+        TOLERANCE,
+    );
 }
 
 /// A LoRA for the other family is refused in one sentence saying so, whichever way round.
@@ -217,6 +226,7 @@ fn a_lora_for_the_other_family_is_refused_saying_which_it_is_for() {
 fn an_exported_sdxl_lora_fine_tune_applied_to_the_base_reproduces_the_fine_tuned_unet() {
     let reference = Reference::load("sdxl-lora");
     let mut model = load_sdxl_with(&[]).unwrap();
+    let base_out = sdxl_unet_out(&model, &reference);
     let settings = tiny_settings(TrainMode::Lora { rank: 2 });
     let policy = CachePolicy {
         cache: None,
@@ -227,7 +237,7 @@ fn an_exported_sdxl_lora_fine_tune_applied_to_the_base_reproduces_the_fine_tuned
     })
     .unwrap();
     tuned.select(2).unwrap();
-    let (_, tuned_out) = sdxl_outputs(&model, &reference).remove(0);
+    let tuned_out = sdxl_unet_out(&model, &reference);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("photo.safetensors");
     let info = LoraExportInfo {
@@ -255,10 +265,7 @@ fn an_exported_sdxl_lora_fine_tune_applied_to_the_base_reproduces_the_fine_tuned
         "stable-diffusion-xl-v1-base/lora"
     );
     let applied = load_sdxl_with(&[(&path, 1.0)]).unwrap();
-    let (_, applied_out) = sdxl_outputs(&applied, &reference).remove(0);
-    let base_out = sdxl_outputs(&load_sdxl_with(&[]).unwrap(), &reference)
-        .remove(0)
-        .1;
+    let applied_out = sdxl_unet_out(&applied, &reference);
     assert!(
         max_abs_diff(&tuned_out, &base_out) > 1e-3,
         "the fine-tune changed nothing"
@@ -512,6 +519,18 @@ fn write_lora(dir: &Path, name: &str, tensors: &[(&str, Vec<usize>)]) -> PathBuf
     path
 }
 
+/// A file with one rank-4 layer `name` for a 32-wide weight.
+fn rank_4_layer(dir: &Path, file: &str, name: &str) -> PathBuf {
+    write_lora(
+        dir,
+        file,
+        &[
+            (&format!("{name}.lora_down.weight"), vec![4, 32]),
+            (&format!("{name}.lora_up.weight"), vec![32, 4]),
+        ],
+    )
+}
+
 /// The refusals, each one sentence naming what is wrong (the CLI's exit code 2 is checked
 /// in tests/cli_unitune.rs).
 pub fn bad_loras(dir: &Path) -> Vec<(PathBuf, &'static str)> {
@@ -543,36 +562,14 @@ pub fn bad_loras(dir: &Path) -> Vec<(PathBuf, &'static str)> {
             "hada_w1_a",
         ),
         (
-            write_lora(
-                dir,
-                "ldm.safetensors",
-                &[
-                    (
-                        "lora_unet_input_blocks_1_1_proj_in.lora_down.weight",
-                        vec![4, 32],
-                    ),
-                    (
-                        "lora_unet_input_blocks_1_1_proj_in.lora_up.weight",
-                        vec![32, 4],
-                    ),
-                ],
-            ),
+            rank_4_layer(dir, "ldm.safetensors", "lora_unet_input_blocks_1_1_proj_in"),
             "`lora_unet_input_blocks_1_1_proj_in`, which this model does not have",
         ),
         (
-            write_lora(
+            rank_4_layer(
                 dir,
                 "sdxl.safetensors",
-                &[
-                    (
-                        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
-                        vec![4, 32],
-                    ),
-                    (
-                        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight",
-                        vec![32, 4],
-                    ),
-                ],
+                "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
             ),
             "the LoRA is for SDXL and this model is SD 1.x/2.x",
         ),

@@ -333,15 +333,15 @@ impl StableDiffusion {
             let encoder = parts
                 .text_weights
                 .build("text encoder", dtype, device, build_text)?;
-            let second = match &parts.second_text {
-                Some(s) => Some(
-                    s.weights
-                        .build("second text encoder", dtype, device, |vb| {
-                            build_second(s, vb)
-                        })?,
-                ),
-                None => None,
-            };
+            let second = parts
+                .second_text
+                .as_ref()
+                .map(|s| {
+                    s.weights.build("second text encoder", dtype, device, |vb| {
+                        build_second(s, vb)
+                    })
+                })
+                .transpose()?;
             (encoder, second, AppliedLoras::default())
         } else {
             // LoRAs change weights: the models are built again around the merged tensors.
@@ -349,15 +349,16 @@ impl StableDiffusion {
                 parts
                     .text_weights
                     .tensors("text encoder", dtype, device, build_text)?;
-            let mut second_weights = match &parts.second_text {
-                Some(s) => Some(
+            let second_weights = parts
+                .second_text
+                .as_ref()
+                .map(|s| {
                     s.weights
                         .tensors("second text encoder", dtype, device, |vb| {
                             build_second(s, vb)
-                        })?,
-                ),
-                None => None,
-            };
+                        })
+                })
+                .transpose()?;
             let targets = LoraTargets {
                 unet: &unet_weights,
                 text_encoder: &text_weights,
@@ -368,11 +369,13 @@ impl StableDiffusion {
             loras.text_encoder.merge_into(&mut text_weights)?;
             loras.unet.merge_into(&mut unet_weights)?;
             let encoder = build_text(VarBuilder::from_tensors(text_weights, dtype, device))?;
-            let second = match (&parts.second_text, second_weights.as_mut()) {
-                (Some(s), Some(weights)) => {
-                    loras.second_text_encoder.merge_into(weights)?;
-                    let vb = VarBuilder::from_tensors(std::mem::take(weights), dtype, device);
-                    Some(build_second(s, vb)?)
+            let second = match (&parts.second_text, second_weights) {
+                (Some(s), Some(mut weights)) => {
+                    loras.second_text_encoder.merge_into(&mut weights)?;
+                    Some(build_second(
+                        s,
+                        VarBuilder::from_tensors(weights, dtype, device),
+                    )?)
                 }
                 _ => None,
             };

@@ -289,10 +289,11 @@ impl NamedWeights {
     /// The named tensor on the CPU in the file's own dtype (snapshot reads).
     pub fn read_host(&self, name: &str) -> Result<Tensor> {
         let source = self.locate(name).map_err(|e| self.error(e))?;
-        let dtype = self
-            .file
-            .map()
-            .and_then(|mapped| Ok(mapped.get(&source.name)?.dtype()))
+        // Held through the load below: one mapping for both.
+        let mapped = self.file.map().map_err(|e| self.error(e))?;
+        let dtype = mapped
+            .get(&source.name)
+            .map(|v| v.dtype())
             .map_err(|e| self.error(e))
             .and_then(|d| DType::try_from(d).map_err(|e| self.error(e)))?;
         let fused = Mutex::new(HashMap::new());
