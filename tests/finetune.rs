@@ -230,6 +230,7 @@ fn events_of(
             TuneEvent::CacheDamaged(reason) => format!("damaged {reason}"),
             TuneEvent::CacheWriteFailed(reason) => format!("write failed {reason}"),
             TuneEvent::Preparing => "preparing".into(),
+            TuneEvent::Notice(sentence) => format!("notice {sentence}"),
         });
         if stop {
             ControlFlow::Break(())
@@ -632,4 +633,47 @@ fn the_micro_batch_is_the_largest_that_fits() {
         ..settings
     };
     assert!(training_bytes(&model, &lora, 1, size) < needs[0]);
+}
+
+/// Where the asked training mode does not fit at one photo per pass, the heaviest lighter one
+/// that does is trained instead (SDXL's full fine-tune on a 12 GB card); where it fits, or
+/// nothing lighter does, the mode stays.
+#[test]
+fn a_mode_too_large_for_the_device_gives_way_to_the_heaviest_lighter_one() {
+    use unitune::engine::finetune::{lighter_mode_that_fits, training_bytes};
+    let model = load_model("sd15-tiny");
+    let size = (64, 64);
+    let settings = TuneSettings {
+        mode: TrainMode::Full,
+        ..TuneSettings::default()
+    };
+    let needs = |mode| {
+        let settings = TuneSettings {
+            mode,
+            ..settings.clone()
+        };
+        training_bytes(&model, &settings, 1, size)
+    };
+    let lora = TrainMode::Lora { rank: 4 };
+    let fits = |available| lighter_mode_that_fits(&model, &settings, size, available);
+    assert_eq!(fits(needs(TrainMode::Full)), None);
+    assert_eq!(fits(needs(TrainMode::Full) - 1), Some(TrainMode::Attention));
+    assert_eq!(
+        fits(needs(TrainMode::Attention) - 1),
+        Some(TrainMode::CrossKv)
+    );
+    // On the tiny model LoRA's rank-4 factors are larger than the cross-attention keys and
+    // values (at full size they hold a twentieth as many): below cross-kv nothing fits.
+    assert!(needs(lora) > needs(TrainMode::CrossKv));
+    assert_eq!(fits(needs(TrainMode::CrossKv) - 1), None);
+    // A lighter mode asked for gives way to the next one.
+    let attention = TuneSettings {
+        mode: TrainMode::Attention,
+        ..settings.clone()
+    };
+    let short = needs(TrainMode::Attention) - 1;
+    assert_eq!(
+        lighter_mode_that_fits(&model, &attention, size, short),
+        Some(TrainMode::CrossKv)
+    );
 }

@@ -586,6 +586,7 @@ fn measure_run(
             settings,
             size: WorkingSize::AsIs,
             reconstruct_every: None,
+            lighter_mode_if_short: false,
         };
         service
             .tune(&request, &mut on_event)

@@ -323,6 +323,7 @@ pub fn edit_command(
             settings: &settings,
             size,
             reconstruct_every: None,
+            lighter_mode_if_short: true,
         };
         tune_with_progress(&mut service, &request, cancel)?;
         if let Some(path) = &args.export_lora {
@@ -574,6 +575,7 @@ pub fn grid_command(global: &GlobalOptions, args: &GridArgs, cancel: &CancelFlag
         settings: &settings,
         size,
         reconstruct_every: None,
+        lighter_mode_if_short: true,
     };
     let tuned = tune_with_progress(&mut service, &request, cancel)?;
 

@@ -217,6 +217,7 @@ pub fn eval_command(global: &GlobalOptions, args: &EvalArgs, cancel: &CancelFlag
             settings: &settings,
             size,
             reconstruct_every: None,
+            lighter_mode_if_short: false,
         };
         let tuned = tune_with_progress(&mut service, &request, cancel)?;
         // Every sample of this scene: from its fine-tune, stopping between steps on Ctrl-C.

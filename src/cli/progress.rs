@@ -91,6 +91,7 @@ pub(super) fn tune_with_progress(
                     );
                 }
             }
+            TuneEvent::Notice(sentence) => say(sentence.to_owned()),
             TuneEvent::CacheWriteFailed(reason) => eprintln!(
                 "warning: the snapshots could not be cached ({reason}); going on without the cache"
             ),

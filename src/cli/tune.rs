@@ -68,6 +68,7 @@ pub fn tune_command(global: &GlobalOptions, args: &TuneArgs, cancel: &CancelFlag
         settings: &settings,
         size,
         reconstruct_every: None,
+        lighter_mode_if_short: true,
     };
     let tuned = tune_with_progress(&mut service, &request, cancel)?;
     match &tuned.cache_dir {
@@ -148,6 +149,7 @@ pub fn export_lora_command(
         settings: &settings,
         size,
         reconstruct_every: None,
+        lighter_mode_if_short: true,
     };
     let mut on_event = |event: TuneEvent| {
         if let TuneEvent::CacheHit(dir) = event {

@@ -119,6 +119,8 @@ pub enum TuneEvent<'a> {
         dir: &'a std::path::Path,
         evicted: usize,
     },
+    /// One sentence the person should read (the service chose differently than asked).
+    Notice(&'a str),
     /// The snapshot after this many steps was kept: it can be edited with from now on, even if
     /// the fine-tune is stopped later.
     SnapshotKept(usize),

@@ -155,7 +155,24 @@ pub struct Optimizer {
     states: Vec<ParamState>,
     /// Float32 copies of the half-precision parameters (`None` for float32 ones).
     masters: Vec<Option<Tensor>>,
+    /// Which variables the step in progress has updated (all false between steps).
+    updated: Vec<bool>,
     steps_taken: usize,
+}
+
+/// An optimizer over no variables: what a run's field holds while its optimizer is lent to a
+/// backward pass that updates segment by segment.
+impl Default for Optimizer {
+    fn default() -> Self {
+        Self {
+            settings: OptimizerSettings::default(),
+            vars: Vec::new(),
+            states: Vec::new(),
+            masters: Vec::new(),
+            updated: Vec::new(),
+            steps_taken: 0,
+        }
+    }
 }
 
 impl Optimizer {
@@ -193,6 +210,7 @@ impl Optimizer {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             settings: *settings,
+            updated: vec![false; vars.len()],
             vars,
             states,
             masters,
@@ -208,7 +226,8 @@ impl Optimizer {
 
     /// [`Self::step`] with each gradient multiplied by `grad_scale` once it is in f32: how an
     /// f16 loss scale is divided out without rounding the true, smaller gradients to f16
-    /// (where those below 6e-5 lose precision and those below 6e-8 vanish).
+    /// (where those below 6e-5 lose precision and those below 6e-8 vanish). Variables the step
+    /// in progress already updated ([`Self::update`]) keep that update.
     pub fn step_scaled(&mut self, grads: &[Tensor], grad_scale: f64) -> Result<()> {
         if grads.len() != self.vars.len() {
             return Err(EngineError::InvalidRequest(format!(
@@ -218,14 +237,28 @@ impl Optimizer {
             )));
         }
         // Checked up front so that a bad call changes nothing.
-        for (index, (var, grad)) in self.vars.iter().zip(grads).enumerate() {
-            if var.dims() != grad.dims() {
-                return Err(EngineError::InvalidRequest(format!(
-                    "gradient {index} has shape {:?} but its parameter has shape {:?}",
-                    grad.dims(),
-                    var.dims()
-                )));
+        for (index, grad) in grads.iter().enumerate() {
+            self.check_shape(index, grad)?;
+        }
+        for (index, grad) in grads.iter().enumerate() {
+            if !self.updated[index] {
+                self.update(index, grad, grad_scale)?;
             }
+        }
+        self.finish_step()
+    }
+
+    /// Updates variable `index` alone, as part of the step in progress (whose number is
+    /// [`Self::steps_taken`] + 1 until [`Self::finish_step`]): how a step is applied segment
+    /// by segment while backward still runs. Each variable takes one update per step; a second
+    /// one is refused.
+    pub fn update(&mut self, index: usize, grad: &Tensor, grad_scale: f64) -> Result<()> {
+        self.check_shape(index, grad)?;
+        if self.updated[index] {
+            return Err(EngineError::InvalidRequest(format!(
+                "parameter {index} was already updated in step {}; a step updates each parameter once",
+                self.steps_taken + 1
+            )));
         }
         let step = self.steps_taken + 1;
         let OptimizerSettings {
@@ -233,65 +266,110 @@ impl Optimizer {
             weight_decay,
             ..
         } = self.settings;
-        for (((var, grad), state), master) in self
-            .vars
-            .iter()
-            .zip(grads)
-            .zip(&mut self.states)
-            .zip(&mut self.masters)
-        {
-            let grad = grad.detach().to_dtype(DType::F32)?;
-            let grad = if grad_scale == 1.0 {
-                grad
-            } else {
-                grad.affine(grad_scale, 0.0)?
-            };
-            let param = match master {
-                Some(master) => master.clone(),
-                None => var.as_detached_tensor().to_dtype(DType::F32)?,
-            };
-            let updated = match state {
-                ParamState::Adafactor(second_moment) => {
-                    let update =
-                        adafactor_update(second_moment, &grad, step)?.affine(learning_rate, 0.0)?;
-                    let param = if weight_decay != 0.0 {
-                        (&param + param.affine(-weight_decay * learning_rate, 0.0)?)?
-                    } else {
-                        param
-                    };
-                    (param - update)?
-                }
-                ParamState::AdamW {
-                    exp_avg,
-                    exp_avg_sq,
-                } => {
-                    let param = if weight_decay != 0.0 {
-                        param.affine(1.0 - learning_rate * weight_decay, 0.0)?
-                    } else {
-                        param
-                    };
-                    // exp_avg.lerp_(grad, 1 - beta1): for a weight below 0.5 torch computes
-                    // self + weight * (end - self).
-                    *exp_avg =
-                        (&*exp_avg + (&grad - &*exp_avg)?.affine(1.0 - ADAMW_BETA1, 0.0)?)?;
-                    // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                    *exp_avg_sq = (exp_avg_sq.affine(ADAMW_BETA2, 0.0)?
-                        + (grad.affine(1.0 - ADAMW_BETA2, 0.0)? * &grad)?)?;
-                    let bias_correction1 = 1.0 - ADAMW_BETA1.powi(step_i32(step));
-                    let bias_correction2 = 1.0 - ADAMW_BETA2.powi(step_i32(step));
-                    let step_size = learning_rate / bias_correction1;
-                    let denom =
-                        (exp_avg_sq.sqrt()? / bias_correction2.sqrt())?.affine(1.0, ADAMW_EPS)?;
-                    // param.addcdiv_(exp_avg, denom, value=-step_size)
-                    (param + (exp_avg.affine(-step_size, 0.0)? / denom)?)?
-                }
-            };
-            var.set(&updated.to_dtype(var.dtype())?)?;
-            if let Some(master) = master {
-                *master = updated;
+        let var = &self.vars[index];
+        let grad = grad.detach().to_dtype(DType::F32)?;
+        let grad = if grad_scale == 1.0 {
+            grad
+        } else {
+            grad.affine(grad_scale, 0.0)?
+        };
+        let master = &mut self.masters[index];
+        let param = match master {
+            Some(master) => master.clone(),
+            None => var.as_detached_tensor().to_dtype(DType::F32)?,
+        };
+        let updated = match &mut self.states[index] {
+            ParamState::Adafactor(second_moment) => {
+                let update =
+                    adafactor_update(second_moment, &grad, step)?.affine(learning_rate, 0.0)?;
+                let param = if weight_decay != 0.0 {
+                    (&param + param.affine(-weight_decay * learning_rate, 0.0)?)?
+                } else {
+                    param
+                };
+                (param - update)?
             }
+            ParamState::AdamW {
+                exp_avg,
+                exp_avg_sq,
+            } => {
+                let param = if weight_decay != 0.0 {
+                    param.affine(1.0 - learning_rate * weight_decay, 0.0)?
+                } else {
+                    param
+                };
+                // exp_avg.lerp_(grad, 1 - beta1): for a weight below 0.5 torch computes
+                // self + weight * (end - self).
+                *exp_avg = (&*exp_avg + (&grad - &*exp_avg)?.affine(1.0 - ADAMW_BETA1, 0.0)?)?;
+                // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                *exp_avg_sq = (exp_avg_sq.affine(ADAMW_BETA2, 0.0)?
+                    + (grad.affine(1.0 - ADAMW_BETA2, 0.0)? * &grad)?)?;
+                let bias_correction1 = 1.0 - ADAMW_BETA1.powi(step_i32(step));
+                let bias_correction2 = 1.0 - ADAMW_BETA2.powi(step_i32(step));
+                let step_size = learning_rate / bias_correction1;
+                let denom =
+                    (exp_avg_sq.sqrt()? / bias_correction2.sqrt())?.affine(1.0, ADAMW_EPS)?;
+                // param.addcdiv_(exp_avg, denom, value=-step_size)
+                (param + (exp_avg.affine(-step_size, 0.0)? / denom)?)?
+            }
+        };
+        var.set(&updated.to_dtype(var.dtype())?)?;
+        if let Some(master) = master {
+            *master = updated;
         }
-        self.steps_taken = step;
+        self.updated[index] = true;
+        Ok(())
+    }
+
+    /// Ends the step in progress once every variable took its update; an error names the
+    /// first one that did not.
+    pub fn finish_step(&mut self) -> Result<()> {
+        if let Some(index) = self.pending().next() {
+            return Err(EngineError::InvalidRequest(format!(
+                "parameter {index} took no update in step {}",
+                self.steps_taken + 1
+            )));
+        }
+        self.updated.fill(false);
+        self.steps_taken += 1;
+        Ok(())
+    }
+
+    /// The variables the step in progress has not updated yet, by index.
+    pub fn pending(&self) -> impl Iterator<Item = usize> + '_ {
+        self.updated
+            .iter()
+            .enumerate()
+            .filter(|(_, done)| !**done)
+            .map(|(index, _)| index)
+    }
+
+    /// True when the step in progress has updated some variables (so the weights are no
+    /// longer those after the last whole step).
+    pub fn step_begun(&self) -> bool {
+        self.updated.iter().any(|done| *done)
+    }
+
+    /// Whether variable `index` took its update in the step in progress.
+    pub fn is_updated(&self, index: usize) -> bool {
+        self.updated[index]
+    }
+
+    fn check_shape(&self, index: usize, grad: &Tensor) -> Result<()> {
+        let var = self.vars.get(index).ok_or_else(|| {
+            EngineError::InvalidRequest(format!(
+                "the optimizer has {} parameters, not {}",
+                self.vars.len(),
+                index + 1
+            ))
+        })?;
+        if var.dims() != grad.dims() {
+            return Err(EngineError::InvalidRequest(format!(
+                "gradient {index} has shape {:?} but its parameter has shape {:?}",
+                grad.dims(),
+                var.dims()
+            )));
+        }
         Ok(())
     }
 
@@ -379,6 +457,7 @@ impl Optimizer {
             }
         }
         self.steps_taken = state.steps_taken;
+        self.updated.fill(false);
         Ok(())
     }
 

@@ -278,6 +278,9 @@ impl EditSession {
                     ));
                 }
             }
+            JobEvent::Notice { message, .. } => {
+                return Some(Notice::info(format!("Note: {message}.")));
+            }
             JobEvent::LoraExported { path, .. } => {
                 self.lora_job = None;
                 return Some(Notice::info(format!("LoRA written to {}.", path.display())));

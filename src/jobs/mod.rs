@@ -144,6 +144,12 @@ pub enum JobEvent {
         id: JobId,
         path: PathBuf,
     },
+    /// One sentence the user should read while the job goes on (a lighter training mode
+    /// chosen to fit the GPU).
+    Notice {
+        id: JobId,
+        message: String,
+    },
     /// One sentence for the user.
     Failed {
         id: JobId,
@@ -163,6 +169,7 @@ impl JobEvent {
             | JobEvent::Finished { id, .. }
             | JobEvent::Tuned { id, .. }
             | JobEvent::LoraExported { id, .. }
+            | JobEvent::Notice { id, .. }
             | JobEvent::Failed { id, .. }
             | JobEvent::Cancelled { id } => *id,
         }

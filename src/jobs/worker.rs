@@ -200,6 +200,12 @@ impl Worker {
                     {
                         cancel.store(true, Ordering::Relaxed);
                     }
+                    if let TuneEvent::Notice(sentence) = event {
+                        let message = sentence.to_owned();
+                        if !out.send(JobEvent::Notice { id, message }) {
+                            cancel.store(true, Ordering::Relaxed);
+                        }
+                    }
                     if let TuneEvent::Progress(p) = event {
                         out.offer_progress(JobEvent::Progress {
                             id,
@@ -223,6 +229,7 @@ impl Worker {
                     settings: &settings,
                     size,
                     reconstruct_every: preview.now().map(|_| RECONSTRUCT_EVERY_STEPS),
+                    lighter_mode_if_short: true,
                 };
                 // A stopped tune's snapshots stay editable in the service.
                 let tuned = self

@@ -44,9 +44,12 @@ use crate::engine::edit::{
     tune_photo,
 };
 use crate::engine::fidelity::FidelityTable;
-use crate::engine::finetune::{SnapshotCache, TrainMode, TuneSettings};
+use crate::engine::finetune::{
+    SnapshotCache, TrainMode, TuneSettings, lighter_mode_that_fits, training_bytes,
+};
 use crate::engine::instruct::{DEFAULT_INSTRUCT_MODEL, is_instruct_model};
 use crate::engine::lora::{LoraExportInfo, export_tuned, output_name};
+use crate::engine::memory::MemoryProbe;
 use crate::engine::model::LoadOptions;
 use crate::engine::precision::dtype_name;
 use crate::engine::region::{self, RegionEstimate, RegionRequest, estimate_region};
@@ -303,6 +306,11 @@ impl EditService {
         on_event: &mut dyn FnMut(TuneEvent) -> ControlFlow<()>,
     ) -> std::result::Result<Tuned, TuneStopped> {
         let working = self.fit(request.photo, request.size)?;
+        let settings = if request.lighter_mode_if_short {
+            self.mode_that_fits(request.settings, working.dimensions(), on_event)
+        } else {
+            request.settings.clone()
+        };
         // The old snapshots belong to another photo or recipe.
         self.tuned = None;
         self.last_region = None;
@@ -314,7 +322,7 @@ impl EditService {
         match tune_photo(
             &mut self.model,
             &working,
-            request.settings,
+            &settings,
             &policy,
             request.reconstruct_every,
             on_event,
@@ -344,6 +352,44 @@ impl EditService {
                     cache_dir,
                 })
             }
+        }
+    }
+
+    /// `settings`, or with the first lighter training mode whose estimate fits the device's
+    /// free memory when `settings`' own does not even at one photo per pass, said in a notice:
+    /// a person asking for the paper's full fine-tune of SDXL on a 12 GB card gets an edit,
+    /// not an out-of-memory error after minutes of loading. Devices that cannot tell their
+    /// free memory (Metal) train as asked.
+    fn mode_that_fits(
+        &self,
+        settings: &TuneSettings,
+        (width, height): (u32, u32),
+        on_event: &mut dyn FnMut(TuneEvent) -> ControlFlow<()>,
+    ) -> TuneSettings {
+        let Some(available) = MemoryProbe::new(self.model.device()).available_bytes() else {
+            return settings.clone();
+        };
+        let size = (width as usize, height as usize);
+        let Some(mode) = lighter_mode_that_fits(&self.model, settings, size, available) else {
+            return settings.clone();
+        };
+        let asked = training_bytes(&self.model, settings, 1, size);
+        let gb = |bytes: u64| bytes as f64 / 1e9;
+        let place = if self.model.device().is_cpu() {
+            "this computer"
+        } else {
+            "the GPU"
+        };
+        let _ = on_event(TuneEvent::Notice(&format!(
+            "the {} fine-tune needs about {:.1} GB and {place} has {:.1} GB free, so the photo is learned in {} mode instead",
+            settings.mode.name(),
+            gb(asked),
+            gb(available),
+            mode.name()
+        )));
+        TuneSettings {
+            mode,
+            ..settings.clone()
         }
     }
 

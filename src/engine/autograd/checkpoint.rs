@@ -14,7 +14,7 @@ type Segment = dyn Fn(&[Tensor]) -> Result<Tensor> + Send + Sync;
 
 /// `segment(inputs)`, with the segment's activations recomputed in backward instead of kept.
 ///
-/// The gradients of the variables the segment reads reach the [`super::GradientAccumulator`]
+/// The gradients of the variables the segment reads reach the [`super::GradientSink`]
 /// of the running [`super::accumulate_gradients`]; a plain `backward()` through a checkpoint is
 /// an error. A segment must be deterministic (the UNet's are: no dropout).
 pub fn checkpoint<F>(inputs: &[&Tensor], segment: F) -> Result<Tensor>

@@ -10,7 +10,8 @@
 //!   path in an op whose backward computes only what is asked for (see `layers`).
 //! - **Gradient checkpointing** ([`checkpoint`]): a segment's activations are recomputed during
 //!   backward instead of being stored, and the gradients of the parameters inside it go
-//!   straight into the caller's [`GradientAccumulator`].
+//!   straight into the caller's [`GradientSink`] (a [`GradientAccumulator`], or fine-tuning's
+//!   update of each segment as its gradients arrive).
 //!
 //! candle keeps `Tensor::op` private, so no backward pass can be written outside candle; these
 //! pieces plug into candle's own through its public custom-op interface.
@@ -25,7 +26,7 @@ use candle_core::Tensor;
 
 pub use checkpoint::checkpoint;
 pub use function::{Backward, with_backward};
-pub use gradients::{GradientAccumulator, accumulate_gradients};
+pub use gradients::{GradientAccumulator, GradientSink, accumulate_gradients};
 
 thread_local! {
     static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };

@@ -62,7 +62,13 @@ impl LossScaler {
     /// set of gradients, and in f16 would round away the small ones. An overflow halves the
     /// scale; one below the minimum is a divergence.
     pub fn unscale(&mut self, grads: &[Tensor]) -> Result<Unscaled> {
-        if !all_finite(grads)? {
+        self.record(all_finite(grads)?)
+    }
+
+    /// [`Self::unscale`] for a step whose gradients were checked elsewhere (segment by
+    /// segment, as they arrived): `finite` is whether all of them were.
+    pub fn record(&mut self, finite: bool) -> Result<Unscaled> {
+        if !finite {
             self.scale /= 2.0;
             self.good_steps = 0;
             if self.scale < Self::MINIMUM {

@@ -2,12 +2,11 @@
 //! never see an out-of-memory error for the default settings).
 //!
 //! Estimated, not measured, so it errs on the large side: what training keeps for the trained
-//! weights (f32 master copies for half precision, the summed gradients, the optimizer's
-//! state), plus the activations of the passes, which grow with the micro-batch and the image.
+//! weights (f32 master copies for half precision, the gradients, the optimizer's state), plus the activations of the passes, which grow with the micro-batch and the image.
 
 use candle_core::DType;
 
-use super::mode::TrainMode;
+use super::mode::{DEFAULT_LORA_RANK, TrainMode};
 use super::tune::TuneSettings;
 use crate::engine::model::StableDiffusion;
 use crate::engine::optim::OptimizerKind;
@@ -18,6 +17,10 @@ use crate::engine::optim::OptimizerKind;
 /// without checkpointing, over 64x64 latent pixels; rounded up by a tenth.
 const CHECKPOINTED_BYTES_PER_LATENT_PIXEL: u64 = 180_000;
 const PLAIN_BYTES_PER_LATENT_PIXEL: u64 = 650_000;
+/// The largest checkpointed segment's share of the UNet's weights: each of SDXL's ten-block
+/// transformers at its lowest level holds 13.7% (SD 1.5's largest, a resnet at 1280 channels
+/// in the first up block, 5.7%).
+const LARGEST_SEGMENT_SHARE: f64 = 0.15;
 /// Kept free for the sampler, the VAE and the allocator's slack.
 const HEADROOM_BYTES: u64 = 1 << 30;
 
@@ -69,14 +72,17 @@ pub fn training_bytes(
         OptimizerKind::Adafactor => factored * 4,
         OptimizerKind::AdamW => values * 8,
     };
-    // Gradients: summed in f32 over several passes, or kept in the compute dtype when one
-    // pass is the whole batch (see `TrainingRun::attempt`).
-    let gradients = if micro >= settings.batch_size {
-        dtype.size_in_bytes() as u64
+    // Gradients: summed in f32 over several passes. One pass that is the whole batch updates
+    // each checkpointed segment as its gradients arrive (see `segment_updates`), so it holds
+    // the largest segment's at most; without checkpointing, all of them at the end of backward.
+    let gradients = if micro < settings.batch_size {
+        values * 4
+    } else if settings.checkpointing {
+        (values as f64 * LARGEST_SEGMENT_SHARE) as u64 * dtype.size_in_bytes() as u64
     } else {
-        4
+        values * dtype.size_in_bytes() as u64
     };
-    let state = values * (master + gradients) + optimizer;
+    let state = values * master + gradients + optimizer;
     let factor = model.config.vae.downscale_factor().max(1);
     let latent_pixels = ((width / factor) * (height / factor)) as u64;
     let per_pixel = if settings.checkpointing {
@@ -104,4 +110,36 @@ pub fn choose_micro_batch(
         .filter(|m| settings.batch_size.is_multiple_of(*m))
         .find(|&m| training_bytes(model, settings, m, size) <= available)
         .unwrap_or(1)
+}
+
+/// The training mode to use instead of `settings.mode` when that does not fit in `available`
+/// bytes even at one photo per pass: the heaviest lighter mode whose estimate fits (attention,
+/// then cross-kv, then LoRA), the most of the paper's fine-tune the device holds. `None` when
+/// the asked mode fits, or when nothing lighter does.
+pub fn lighter_mode_that_fits(
+    model: &StableDiffusion,
+    settings: &TuneSettings,
+    size: (usize, usize),
+    available: u64,
+) -> Option<TrainMode> {
+    let needs = |mode| {
+        let settings = TuneSettings {
+            mode,
+            ..settings.clone()
+        };
+        training_bytes(model, &settings, 1, size)
+    };
+    // A heavier mode than the asked one cannot fit where the asked one does not.
+    if needs(settings.mode) <= available {
+        return None;
+    }
+    [
+        TrainMode::Attention,
+        TrainMode::CrossKv,
+        TrainMode::Lora {
+            rank: DEFAULT_LORA_RANK,
+        },
+    ]
+    .into_iter()
+    .find(|&mode| needs(mode) <= available)
 }

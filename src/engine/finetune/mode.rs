@@ -3,6 +3,9 @@
 use std::fmt;
 use std::str::FromStr;
 
+/// The LoRA rank when none is given (the editor's, and `--train-mode lora`'s).
+pub const DEFAULT_LORA_RANK: usize = 4;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TrainMode {
     /// Every UNet weight, as the paper does. The most faithful, the most memory.
@@ -69,7 +72,9 @@ impl FromStr for TrainMode {
             "full" => Ok(TrainMode::Full),
             "attention" => Ok(TrainMode::Attention),
             "cross-kv" | "crosskv" | "cross_kv" => Ok(TrainMode::CrossKv),
-            "lora" => Ok(TrainMode::Lora { rank: 4 }),
+            "lora" => Ok(TrainMode::Lora {
+                rank: DEFAULT_LORA_RANK,
+            }),
             other => Err(format!(
                 "unknown training mode `{other}` (use full, attention, cross-kv or lora)"
             )),

@@ -10,8 +10,9 @@ use super::adapter::Adapter;
 use super::loss::denoising_loss;
 use super::loss_scale::{LossScaler, Unscaled};
 use super::memory_plan::choose_micro_batch;
+use super::segment_updates::SegmentUpdates;
 use super::tune::{TrainingState, TuneSettings};
-use crate::engine::autograd::{GradientAccumulator, accumulate_gradients, no_grad};
+use crate::engine::autograd::{GradientAccumulator, GradientSink, accumulate_gradients, no_grad};
 use crate::engine::conditioning::Conditioning;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::finite::all_finite_together;
@@ -36,13 +37,13 @@ pub struct TrainingBatch<'a> {
 }
 
 /// One forward and backward pass of the denoising loss; the gradients of `weight` times the
-/// loss are added to `accumulator`. Returns the loss.
-pub fn training_pass(
+/// loss go to `sink` (summed by a [`GradientAccumulator`]). Returns the loss.
+pub fn training_pass<S: GradientSink + Default>(
     model: &StableDiffusion,
     unet: &UNet,
     batch: &TrainingBatch,
     weight: f64,
-    accumulator: &mut GradientAccumulator,
+    sink: &mut S,
 ) -> Result<f32> {
     let loss = denoising_loss(
         unet,
@@ -54,7 +55,7 @@ pub fn training_pass(
         None,
     )?;
     let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-    accumulate_gradients(&(loss * weight)?, accumulator)?;
+    accumulate_gradients(&(loss * weight)?, sink)?;
     Ok(value)
 }
 
@@ -238,7 +239,14 @@ impl<'a> TrainingRun<'a> {
             .to_dtype(dtype)?;
         let target_noise = draw.target_noise.to_dtype(dtype)?;
         loop {
-            match self.attempt(&latents, &target_noise, &draw.timesteps)? {
+            let attempt = self
+                .attempt(&latents, &target_noise, &draw.timesteps)
+                .map_err(|mut failed| {
+                    // A step updated segment by segment may have changed some weights already.
+                    failed.weights_intact &= !self.optimizer.step_begun();
+                    failed
+                })?;
+            match attempt {
                 Attempt::Updated { loss } => return Ok(loss),
                 Attempt::Overflowed => {}
                 Attempt::OutOfMemory => self.use_smaller_passes()?,
@@ -252,46 +260,95 @@ impl<'a> TrainingRun<'a> {
         target_noise: &Tensor,
         timesteps: &[usize],
     ) -> std::result::Result<Attempt, StepFailed> {
-        let batch = self.settings.batch_size;
-        let micro = self.micro_batch;
-        let passes = batch / micro;
+        if self.micro_batch == self.settings.batch_size {
+            self.attempt_in_one_pass(latents, target_noise, timesteps)
+        } else {
+            self.attempt_in_passes(latents, target_noise, timesteps)
+        }
+    }
+
+    /// The step as one pass over the whole batch (what `--micro-batch auto` picks when it
+    /// fits): each segment's variables are updated as backward reaches them, so no whole set
+    /// of gradients is ever held (see `segment_updates`).
+    fn attempt_in_one_pass(
+        &mut self,
+        latents: &Tensor,
+        target_noise: &Tensor,
+        timesteps: &[usize],
+    ) -> std::result::Result<Attempt, StepFailed> {
         let scale = self.loss_scale.map_or(1.0, |s| s.scale());
-        // Several passes sum their gradients in f32, so that adding them loses nothing. One
-        // pass (the whole batch at once, what `--micro-batch auto` picks when it fits) has
-        // nothing to add: its gradients stay in the compute dtype as backward made them, half
-        // the memory of f32 sums (1.7 GB for SD 1.5's full fine-tune in f16), and reach f32
-        // one at a time in the optimizer.
-        let dtype = self.model.dtype();
-        self.accumulator
-            .sum_in(if passes == 1 { dtype } else { wide(dtype) });
+        let mut updates = SegmentUpdates::new(std::mem::take(&mut self.optimizer), 1.0 / scale);
+        let pass = self.pass(0, latents, target_noise, timesteps, scale, &mut updates);
+        let overflowed = updates.overflowed();
+        self.optimizer = updates.into_optimizer();
+        let loss = match pass {
+            Ok(loss) => loss,
+            Err(EngineError::OutOfMemory)
+                if self.settings.auto_micro_batch && self.micro_batch > 1 =>
+            {
+                return Ok(Attempt::OutOfMemory);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let finite = !overflowed && loss.is_finite();
+        match self.loss_scale.as_mut() {
+            Some(scaler) => {
+                if let Unscaled::Overflowed = scaler.record(finite)? {
+                    return Ok(Attempt::Overflowed);
+                }
+            }
+            None if !finite => return Err(self.diverged(loss).into()),
+            None => {}
+        }
+        if let Some(index) = self.optimizer.pending().next() {
+            return Err(unreached(&self.adapter.names()[index]).into());
+        }
+        self.optimizer.finish_step()?;
+        Ok(Attempt::Updated { loss })
+    }
+
+    /// The step as several passes, their gradients summed in f32 (which loses nothing between
+    /// passes), then one update.
+    fn attempt_in_passes(
+        &mut self,
+        latents: &Tensor,
+        target_noise: &Tensor,
+        timesteps: &[usize],
+    ) -> std::result::Result<Attempt, StepFailed> {
+        let passes = self.settings.batch_size / self.micro_batch;
+        let scale = self.loss_scale.map_or(1.0, |s| s.scale());
+        let mut accumulator = std::mem::take(&mut self.accumulator);
         let mut loss_total = 0f32;
         for pass in 0..passes {
-            let range = pass * micro..(pass + 1) * micro;
-            let inputs = TrainingBatch {
-                latents: &latents.narrow(0, range.start, micro)?,
-                noise: &target_noise.narrow(0, range.start, micro)?,
-                timesteps: &timesteps[range],
-                text: &self.text,
-            };
             // Each pass is a mean over its micro-batch; scale so the sum is the batch mean.
             let weight = scale / passes as f64;
-            match training_pass(
-                self.model,
-                &self.unet,
-                &inputs,
+            match self.pass(
+                pass,
+                latents,
+                target_noise,
+                timesteps,
                 weight,
-                &mut self.accumulator,
+                &mut accumulator,
             ) {
                 Ok(loss) => loss_total += loss,
                 // The estimate was too hopeful: the step again in smaller passes.
-                Err(EngineError::OutOfMemory) if self.settings.auto_micro_batch && micro > 1 => {
-                    self.accumulator.take();
+                Err(EngineError::OutOfMemory)
+                    if self.settings.auto_micro_batch && self.micro_batch > 1 =>
+                {
+                    accumulator.take();
+                    self.accumulator = accumulator;
                     return Ok(Attempt::OutOfMemory);
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    accumulator.take();
+                    self.accumulator = accumulator;
+                    return Err(e.into());
+                }
             }
         }
-        let grads = collect_gradients(self.adapter, self.accumulator.take())?;
+        let sums = accumulator.take();
+        self.accumulator = accumulator;
+        let grads = collect_gradients(self.adapter, sums)?;
         let mut grad_scale = 1.0;
         match self.loss_scale.as_mut() {
             Some(scaler) => match scaler.unscale(&grads)? {
@@ -314,6 +371,28 @@ impl<'a> TrainingRun<'a> {
         Ok(Attempt::Updated {
             loss: loss_total / passes as f32,
         })
+    }
+
+    /// Pass number `pass` of the step (its slice of the batch), its gradients times `weight`
+    /// into `sink`.
+    fn pass<S: GradientSink + Default>(
+        &self,
+        pass: usize,
+        latents: &Tensor,
+        target_noise: &Tensor,
+        timesteps: &[usize],
+        weight: f64,
+        sink: &mut S,
+    ) -> Result<f32> {
+        let micro = self.micro_batch;
+        let range = pass * micro..(pass + 1) * micro;
+        let inputs = TrainingBatch {
+            latents: &latents.narrow(0, range.start, micro)?,
+            noise: &target_noise.narrow(0, range.start, micro)?,
+            timesteps: &timesteps[range],
+            text: &self.text,
+        };
+        training_pass(self.model, &self.unet, &inputs, weight, sink)
     }
 
     /// Why the run stopped: its numbers stopped being numbers, most often from a learning rate
@@ -381,12 +460,10 @@ impl StepDraw {
 fn collect_gradients(adapter: &Adapter, sums: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
     sums.into_iter()
         .zip(adapter.names())
-        .map(|(sum, name)| {
-            sum.ok_or_else(|| {
-                EngineError::InvalidRequest(format!(
-                    "no gradient reached {name}; it cannot be trained"
-                ))
-            })
-        })
+        .map(|(sum, name)| sum.ok_or_else(|| unreached(name)))
         .collect()
+}
+
+fn unreached(name: &str) -> EngineError {
+    EngineError::InvalidRequest(format!("no gradient reached {name}; it cannot be trained"))
 }
