@@ -107,6 +107,7 @@ fn edit_once(cache: &SnapshotCache, photo: &Arc<image::RgbImage>) -> bool {
         settings: &recipe,
         size,
         reconstruct_every: None,
+        lighter_mode_if_short: false,
     };
     let tuned = service.tune(&tune, &mut quiet).expect("tuning");
     let spec = EditSpec {

@@ -479,6 +479,65 @@ fn a_missing_model_is_offered_for_download_and_then_loads() {
     assert!(!hub.resolved_files("tiny/sd15").is_empty());
 }
 
+/// SD 1.5, missing, offers SDXL beside it; switching shows SDXL's license and size, fetches
+/// nothing until accepted, and then loads SDXL (the tiny one, served as SDXL base).
+#[test]
+fn the_model_panel_offers_sdxl_beside_sd15_with_its_license_first() {
+    let hub = fake_hub::FakeHub::start(vec![fake_hub::FakeRepo::from_folder(
+        unitune::jobs::SDXL_MODEL,
+        &common::model_dir("sdxl-tiny"),
+    )]);
+    let setup = Setup::new(2);
+    let mut options = setup.options(None);
+    options.model.model = unitune::jobs::DEFAULT_MODEL.into();
+    options.model.hub = hub.options(setup.hub_cache.path());
+    let mut harness = Harness::builder()
+        .with_size([1100.0, 760.0])
+        .build_eframe(move |cc| EditorApp::new(cc, options));
+    let wait_for = |harness: &mut Harness<EditorApp>, label: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while harness
+            .query_by_role_and_label(Role::Button, label)
+            .is_none()
+        {
+            assert!(Instant::now() < deadline, "no button {label}");
+            harness.step();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_for(&mut harness, "Use Stable Diffusion XL");
+    assert!(
+        harness.query_by_label_contains("about 2.1 GB").is_some(),
+        "SD 1.5's own download is offered beside it"
+    );
+    harness
+        .get_by_role_and_label(Role::Button, "Use Stable Diffusion XL")
+        .click_accesskit();
+    wait_for(&mut harness, "Use Stable Diffusion 1.5");
+    assert!(harness.query_by_label_contains("about 7.0 GB").is_some());
+    assert!(
+        harness
+            .query_by_label_contains("License (read before downloading)")
+            .is_some()
+    );
+    assert!(
+        hub.log().is_empty(),
+        "nothing is fetched before the user agrees"
+    );
+    harness
+        .get_by_label_contains("Accept license and download")
+        .click_accesskit();
+    step_until(
+        &mut harness,
+        Duration::from_secs(60),
+        "SDXL downloaded and loaded",
+        |app| app.model_ready(),
+    );
+    let summary = harness.state().model_summary().unwrap();
+    assert_eq!(summary.identity.name, unitune::jobs::SDXL_MODEL);
+    assert!(!hub.resolved_files(unitune::jobs::SDXL_MODEL).is_empty());
+}
+
 #[test]
 fn the_demo_model_loads_offline_opens_a_scene_and_edits_it() {
     // No model on the machine, and no network.

@@ -22,6 +22,9 @@ pub enum ModelStatus {
     Missing {
         model: String,
         message: String,
+        /// The GPU's memory, when the model would run on one: SDXL is suggested first on a
+        /// card that holds it.
+        gpu_bytes: Option<u64>,
     },
     Failed {
         model: String,
@@ -163,8 +166,13 @@ impl ModelState {
                     self.runner = Some(ready.runner);
                     return Some(model);
                 }
-                LoadEvent::NotOnMachine { message } => {
-                    ended(self, ModelStatus::Missing { model, message });
+                LoadEvent::NotOnMachine { message, gpu_bytes } => {
+                    let status = ModelStatus::Missing {
+                        model,
+                        message,
+                        gpu_bytes,
+                    };
+                    ended(self, status);
                     return None;
                 }
                 LoadEvent::Failed { message } => {
@@ -175,7 +183,12 @@ impl ModelState {
                     let message =
                         "download cancelled; what was downloaded is kept and resumes next time"
                             .into();
-                    ended(self, ModelStatus::Missing { model, message });
+                    let status = ModelStatus::Missing {
+                        model,
+                        message,
+                        gpu_bytes: None,
+                    };
+                    ended(self, status);
                     return None;
                 }
             }

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, bounded};
 
 use super::{JobRunner, PreviewMode, RunnerOptions, SnapshotCache};
+use crate::engine::device::{DeviceChoice, open_device};
+use crate::engine::memory::MemoryProbe;
 use crate::engine::preview::TinyPreview;
 use crate::imaging::one_line;
 use crate::model_files::{self, DownloadProgress, HubOptions, ModelFilesError, TINY_VAE_REPO};
@@ -62,9 +64,10 @@ pub enum LoadEvent {
     },
     Ready(Box<ReadyModel>),
     /// The model is not on this machine and downloading was not allowed: one sentence on
-    /// what is missing and what to do.
+    /// what is missing and what to do, and the GPU's memory (which model to suggest).
     NotOnMachine {
         message: String,
+        gpu_bytes: Option<u64>,
     },
     Failed {
         message: String,
@@ -171,6 +174,16 @@ impl LoadOutbox {
     }
 }
 
+/// The memory of the GPU the model would run on; `None` on the CPU and where the device cannot
+/// tell (Metal). Opening the device is what loading does first anyway.
+fn gpu_memory(choice: DeviceChoice) -> Option<u64> {
+    let device = open_device(choice).ok()?;
+    if device.is_cpu() {
+        return None;
+    }
+    MemoryProbe::new(&device).total_bytes()
+}
+
 fn load(request: &LoadRequest, cancel: &Arc<AtomicBool>, outbox: &LoadOutbox) -> LoadEvent {
     let failed = |message: String| LoadEvent::Failed { message };
     let spec = match model_files::parse_model_arg(&request.model.model) {
@@ -206,6 +219,7 @@ fn load(request: &LoadRequest, cancel: &Arc<AtomicBool>, outbox: &LoadOutbox) ->
                 message: format!(
                     "{spec} is not on this machine yet; download it or choose a model folder"
                 ),
+                gpu_bytes: gpu_memory(request.model.device),
             };
         }
         Err(ServiceError::ModelFiles(e)) if matches!(*e, ModelFilesError::Cancelled) => {

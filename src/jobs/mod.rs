@@ -43,8 +43,8 @@ pub use crate::engine::preview::PreviewMode;
 use crate::engine::preview::{Previews, TinyPreview};
 pub use crate::engine::region::DEFAULT_THRESHOLD;
 pub use crate::model_files::{
-    DEFAULT_MODEL, DEMO_MODEL, HubOptions, LoraChoice, ModelSpec, approximate_download_bytes,
-    demo_model_dir, license_notice, parse_model_arg,
+    DEFAULT_MODEL, DEMO_MODEL, HubOptions, LoraChoice, ModelSpec, SDXL_MODEL,
+    approximate_download_bytes, demo_model_dir, license_notice, parse_model_arg, suggests_sdxl,
 };
 pub use crate::recipe::{Recipe, RecipeSettings, RegionSetting};
 pub use crate::service::plan::FIDELITY_RANGE;

@@ -40,8 +40,8 @@ pub use layout::{
 };
 pub use lora::LoraChoice;
 pub use notice::{
-    DEFAULT_MODEL_DOWNLOAD_BYTES, SDXL_MODEL, SDXL_MODEL_DOWNLOAD_BYTES,
-    approximate_download_bytes, license_notice,
+    DEFAULT_MODEL_DOWNLOAD_BYTES, SDXL_MODEL, SDXL_MODEL_DOWNLOAD_BYTES, SDXL_SUGGESTED_GPU_BYTES,
+    approximate_download_bytes, license_notice, suggests_sdxl,
 };
 pub use progress::{DownloadProgress, NoProgress, TerminalProgress};
 pub use spec::{

@@ -14,6 +14,16 @@ pub const SDXL_MODEL: &str = "stabilityai/stable-diffusion-xl-base-1.0";
 /// 0.25 GB, VAE 0.17 GB, plus small configs).
 pub const SDXL_MODEL_DOWNLOAD_BYTES: u64 = 6_950_000_000;
 
+/// GPU memory from which SDXL is suggested before SD 1.5: a 12 GB card (which reports a little
+/// under 12 GiB) holds SDXL's UNet in half precision and trains it in the lighter modes.
+pub const SDXL_SUGGESTED_GPU_BYTES: u64 = 11 << 30;
+
+/// Whether to suggest SDXL first to someone whose model would run on a GPU with `gpu_bytes`
+/// (`None`: the CPU, or a device that cannot tell, where SD 1.5 is the practical choice).
+pub fn suggests_sdxl(gpu_bytes: Option<u64>) -> bool {
+    gpu_bytes.is_some_and(|bytes| bytes >= SDXL_SUGGESTED_GPU_BYTES)
+}
+
 /// The license a user accepts by downloading this model, when we know it.
 pub fn license_notice(spec: &ModelSpec) -> Option<&'static str> {
     match spec {
@@ -68,5 +78,18 @@ mod tests {
             Some(SDXL_MODEL_DOWNLOAD_BYTES)
         );
         assert_eq!(approximate_download_bytes(&hub("someone/model")), None);
+    }
+
+    /// A 12 GB card (reported as 12 GiB, or a little less once the driver takes its share)
+    /// is steered to SDXL; an 8 GB card, the CPU and an unknown device are not.
+    #[test]
+    fn sdxl_is_suggested_from_a_12_gb_card() {
+        const GIB: u64 = 1 << 30;
+        assert!(suggests_sdxl(Some(12 * GIB)));
+        assert!(suggests_sdxl(Some(11 * GIB + GIB / 2)));
+        assert!(suggests_sdxl(Some(80 * GIB)));
+        assert!(!suggests_sdxl(Some(8 * GIB)));
+        assert!(!suggests_sdxl(Some(10 * GIB)));
+        assert!(!suggests_sdxl(None));
     }
 }
