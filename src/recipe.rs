@@ -32,6 +32,18 @@ pub struct TuneRecipe {
     pub micro_batch_size: usize,
     pub token: String,
     pub seed: u64,
+    /// False when the half-precision weights trained without f32 master copies (stochastic
+    /// rounding); written only then, and true in recipes from before it existed.
+    #[serde(default = "masters_kept", skip_serializing_if = "is_kept")]
+    pub master_weights: bool,
+}
+
+fn masters_kept() -> bool {
+    true
+}
+
+fn is_kept(master_weights: &bool) -> bool {
+    *master_weights
 }
 
 impl TuneRecipe {
@@ -45,6 +57,7 @@ impl TuneRecipe {
             micro_batch_size: settings.micro_batch_size,
             token: settings.token.clone(),
             seed: settings.seed,
+            master_weights: settings.optimizer.master_weights,
         }
     }
 
@@ -66,6 +79,7 @@ impl TuneRecipe {
             optimizer: OptimizerSettings {
                 kind: self.optimizer.parse::<OptimizerKind>().ok()?,
                 learning_rate: self.learning_rate,
+                master_weights: self.master_weights,
                 ..base.optimizer
             },
             snapshot_steps: self.snapshot_steps.clone(),

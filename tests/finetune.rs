@@ -635,45 +635,63 @@ fn the_micro_batch_is_the_largest_that_fits() {
     assert!(training_bytes(&model, &lora, 1, size) < needs[0]);
 }
 
-/// Where the asked training mode does not fit at one photo per pass, the heaviest lighter one
-/// that does is trained instead (SDXL's full fine-tune on a 12 GB card); where it fits, or
-/// nothing lighter does, the mode stays.
+/// Where the asked training does not fit at one photo per pass, what fits is trained instead:
+/// in half precision the same mode without f32 master weights first (SDXL's full fine-tune on
+/// a 24 GB card), then the heaviest lighter mode (on a 12 GB card); where the asked training
+/// fits, or nothing lighter does, it stays.
 #[test]
-fn a_mode_too_large_for_the_device_gives_way_to_the_heaviest_lighter_one() {
-    use unitune::engine::finetune::{lighter_mode_that_fits, training_bytes};
-    let model = load_model("sd15-tiny");
+fn training_too_large_for_the_device_gives_way_to_the_most_that_fits() {
+    use unitune::engine::finetune::{settings_that_fit, training_bytes};
     let size = (64, 64);
-    let settings = TuneSettings {
+    let full = TuneSettings {
         mode: TrainMode::Full,
         ..TuneSettings::default()
     };
-    let needs = |mode| {
-        let settings = TuneSettings {
-            mode,
-            ..settings.clone()
-        };
-        training_bytes(&model, &settings, 1, size)
+    let with = |mode, master_weights| TuneSettings {
+        mode,
+        optimizer: OptimizerSettings {
+            master_weights,
+            ..full.optimizer
+        },
+        ..full.clone()
     };
     let lora = TrainMode::Lora { rank: 4 };
-    let fits = |available| lighter_mode_that_fits(&model, &settings, size, available);
-    assert_eq!(fits(needs(TrainMode::Full)), None);
-    assert_eq!(fits(needs(TrainMode::Full) - 1), Some(TrainMode::Attention));
-    assert_eq!(
-        fits(needs(TrainMode::Attention) - 1),
-        Some(TrainMode::CrossKv)
-    );
-    // On the tiny model LoRA's rank-4 factors are larger than the cross-attention keys and
-    // values (at full size they hold a twentieth as many): below cross-kv nothing fits.
-    assert!(needs(lora) > needs(TrainMode::CrossKv));
-    assert_eq!(fits(needs(TrainMode::CrossKv) - 1), None);
-    // A lighter mode asked for gives way to the next one.
-    let attention = TuneSettings {
-        mode: TrainMode::Attention,
-        ..settings.clone()
-    };
-    let short = needs(TrainMode::Attention) - 1;
-    assert_eq!(
-        lighter_mode_that_fits(&model, &attention, size, short),
-        Some(TrainMode::CrossKv)
-    );
+    for dtype in [candle_core::DType::F32, candle_core::DType::F16] {
+        let files = common::model_files("sd15-tiny");
+        let model = StableDiffusion::load(&files, &candle_core::Device::Cpu, dtype).unwrap();
+        let needs = |settings: &TuneSettings| training_bytes(&model, settings, 1, size);
+        let fit = |available| {
+            settings_that_fit(&model, &full, size, available)
+                .map(|s| (s.mode, s.optimizer.master_weights))
+        };
+        assert_eq!(fit(needs(&full)), None);
+        if dtype == candle_core::DType::F16 {
+            // Without the masters the full fine-tune needs 4 bytes less per weight.
+            let bare = with(TrainMode::Full, false);
+            assert!(needs(&bare) < needs(&full));
+            assert_eq!(fit(needs(&full) - 1), Some((TrainMode::Full, false)));
+            assert_eq!(fit(needs(&bare) - 1), Some((TrainMode::Attention, true)));
+        } else {
+            // f32 weights are their own masters.
+            assert_eq!(fit(needs(&full) - 1), Some((TrainMode::Attention, true)));
+        }
+        let attention = with(TrainMode::Attention, true);
+        let cross_kv = with(TrainMode::CrossKv, true);
+        assert_eq!(fit(needs(&attention) - 1), Some((TrainMode::CrossKv, true)));
+        // On the tiny model LoRA's rank-4 factors are larger than the cross-attention keys
+        // and values (at full size they hold a twentieth as many): below cross-kv nothing fits.
+        assert!(needs(&with(lora, true)) > needs(&cross_kv));
+        assert_eq!(fit(needs(&cross_kv) - 1), None);
+        // A lighter mode asked for loses its masters first too, then gives way to the next.
+        let expected = if dtype == candle_core::DType::F16 {
+            (TrainMode::Attention, false)
+        } else {
+            (TrainMode::CrossKv, true)
+        };
+        assert_eq!(
+            settings_that_fit(&model, &attention, size, needs(&attention) - 1)
+                .map(|s| (s.mode, s.optimizer.master_weights)),
+            Some(expected)
+        );
+    }
 }

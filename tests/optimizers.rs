@@ -39,6 +39,7 @@ fn settings(kind: OptimizerKind, learning_rate: f64, weight_decay: f64) -> Optim
         kind,
         learning_rate,
         weight_decay,
+        ..OptimizerSettings::default()
     }
 }
 
@@ -231,6 +232,41 @@ fn small_updates_accumulate_in_the_master_copy_of_bf16_weights() {
     // 200 updates of 1e-4 make 0.02: a few bf16 steps.
     assert!(moved > 0.01, "bf16 weights moved by {moved}");
     assert_eq!(optimizer.vars()[0].dtype(), DType::BF16);
+}
+
+/// Without master copies the bf16 weights are the only copy, and the same 200 updates of 1e-4
+/// (each a fortieth of bf16's spacing below 1.0) still move them by 0.02 on average, rounded
+/// in stochastically; rounded to nearest they would never move.
+#[test]
+fn without_masters_small_updates_are_rounded_in_stochastically() {
+    let ones = Tensor::ones((16, 64), DType::BF16, &Device::Cpu).unwrap();
+    let var = Var::from_tensor(&ones).unwrap();
+    let settings = OptimizerSettings {
+        master_weights: false,
+        ..settings(OptimizerKind::Adafactor, 1e-4, 0.0)
+    };
+    let mut optimizer = Optimizer::new(&settings, vec![var]).unwrap();
+    assert_eq!(
+        optimizer.state_bytes(),
+        (16 + 64) * 4,
+        "no master copy is kept"
+    );
+    let grad = Tensor::ones((16, 64), DType::BF16, &Device::Cpu).unwrap();
+    for _ in 0..200 {
+        optimizer.step(std::slice::from_ref(&grad)).unwrap();
+    }
+    let weights = optimizer.vars()[0].as_tensor();
+    assert_eq!(weights.dtype(), DType::BF16);
+    let mean = weights
+        .to_dtype(DType::F32)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    // Each weight walks randomly around 0.98 by about 2 bf16 spacings (0.009); the mean of
+    // 1024 by a thirtieth of that.
+    assert!((mean - 0.98).abs() < 1e-3, "bf16 weights' mean {mean}");
 }
 
 /// 0.5 * sum((w - target)^2) for a matrix and a vector, via candle's own backward pass.

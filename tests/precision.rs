@@ -92,7 +92,7 @@ fn tuning_recipe(micro_batch_size: usize) -> TuneSettings {
     }
 }
 
-fn tune(dtype: DType, micro_batch_size: usize) -> (Vec<f32>, StableDiffusion, Adapter) {
+fn tune(dtype: DType, settings: &TuneSettings) -> (Vec<f32>, StableDiffusion, Adapter) {
     let mut model = load("sd15-tiny", dtype);
     let adapter = Adapter::attach(
         &mut model,
@@ -101,13 +101,12 @@ fn tune(dtype: DType, micro_batch_size: usize) -> (Vec<f32>, StableDiffusion, Ad
     )
     .unwrap();
     let photo = tuning_photo();
-    let settings = tuning_recipe(micro_batch_size);
     let mut losses = Vec::new();
     let mut observer = |p: &TuneProgress| {
         losses.push(p.loss);
         ControlFlow::Continue(())
     };
-    let snapshots = fine_tune(&model, &adapter, &photo, &settings, &mut observer).unwrap();
+    let snapshots = fine_tune(&model, &adapter, &photo, settings, &mut observer).unwrap();
     for snapshot in &snapshots {
         for t in snapshot.tensors().unwrap() {
             assert_eq!(t.dtype(), dtype, "snapshots keep the compute precision");
@@ -116,20 +115,33 @@ fn tune(dtype: DType, micro_batch_size: usize) -> (Vec<f32>, StableDiffusion, Ad
     (losses, model, adapter)
 }
 
-/// Both ways a step's gradients reach the optimizer: summed in f32 over two passes, and kept
-/// in f16 from the one pass that is the whole batch (the loss scale divided out in f32).
+/// Every way a step's gradients reach the weights: summed in f32 over two passes, and
+/// applied segment by segment from the one pass that is the whole batch (the loss scale
+/// divided out in f32), into f32 master weights; and without masters, rounded into the f16
+/// weights stochastically.
 #[test]
 fn f16_fine_tuning_follows_f32() {
-    for micro in [1, 2] {
-        let (full, _, _) = tune(DType::F32, micro);
-        let (half, model, adapter) = tune(DType::F16, micro);
+    let without_masters = |settings: TuneSettings| TuneSettings {
+        optimizer: OptimizerSettings {
+            master_weights: false,
+            ..settings.optimizer
+        },
+        ..settings
+    };
+    for (case, settings) in [
+        ("micro-batch 1", tuning_recipe(1)),
+        ("micro-batch 2", tuning_recipe(2)),
+        ("no masters", without_masters(tuning_recipe(2))),
+    ] {
+        let (full, _, _) = tune(DType::F32, &settings);
+        let (half, model, adapter) = tune(DType::F16, &settings);
         assert_eq!(half.len(), 4);
-        eprintln!("micro-batch {micro}: losses f16 {half:?}, f32 {full:?}");
+        eprintln!("{case}: losses f16 {half:?}, f32 {full:?}");
         for (step, (h, f)) in half.iter().zip(&full).enumerate() {
             let relative = f64::from((h - f).abs() / f.abs());
             assert!(
                 relative <= LOSS_TOLERANCE,
-                "micro-batch {micro}, step {}: f16 loss {h} vs f32 loss {f} ({relative:e} relative)",
+                "{case}, step {}: f16 loss {h} vs f32 loss {f} ({relative:e} relative)",
                 step + 1
             );
         }
@@ -148,51 +160,58 @@ fn trained_weights_moved(model: &StableDiffusion, adapter: &Adapter) {
 }
 
 /// In f16 a stopped fine-tune continues exactly too: the float32 master weights and the loss
-/// scale are part of what is saved (without the masters the continued run drifts).
+/// scale are part of what is saved (without them the continued run drifts), and without
+/// master weights the stochastic rounding repeats itself (it is keyed by step and weight).
 #[test]
 fn a_stopped_f16_fine_tune_continues_exactly() {
     use unitune::engine::edit::{CachePolicy, TuneEvent, tune_photo};
     use unitune::engine::finetune::SnapshotCache;
     let photo = tuning_photo();
-    let settings = TuneSettings {
-        auto_micro_batch: false,
-        ..tuning_recipe(2)
-    };
-    let run = |cache: &SnapshotCache, stop_at: Option<usize>| {
-        let mut model = load("sd15-tiny", DType::F16);
-        let policy = CachePolicy {
-            cache: Some(cache),
-            model_identity: "sd15-tiny",
-        };
-        let result = tune_photo(
-            &mut model,
-            &photo,
-            &settings,
-            &policy,
-            None,
-            &mut |e| match e {
-                TuneEvent::Progress(p) if Some(p.step) == stop_at => ControlFlow::Break(()),
-                _ => ControlFlow::Continue(()),
+    for master_weights in [true, false] {
+        let settings = TuneSettings {
+            auto_micro_batch: false,
+            optimizer: OptimizerSettings {
+                master_weights,
+                ..tuning_recipe(2).optimizer
             },
+            ..tuning_recipe(2)
+        };
+        let run = |cache: &SnapshotCache, stop_at: Option<usize>| {
+            let mut model = load("sd15-tiny", DType::F16);
+            let policy = CachePolicy {
+                cache: Some(cache),
+                model_identity: "sd15-tiny",
+            };
+            let result = tune_photo(
+                &mut model,
+                &photo,
+                &settings,
+                &policy,
+                None,
+                &mut |e| match e {
+                    TuneEvent::Progress(p) if Some(p.step) == stop_at => ControlFlow::Break(()),
+                    _ => ControlFlow::Continue(()),
+                },
+            );
+            result.map(|tuned| {
+                tuned.snapshots[1]
+                    .tensors()
+                    .unwrap()
+                    .iter()
+                    .map(|t| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap())
+                    .map(|t| t.to_vec1::<f32>().unwrap())
+                    .collect::<Vec<_>>()
+            })
+        };
+        let straight_dir = tempfile::tempdir().unwrap();
+        let straight = run(&SnapshotCache::new(straight_dir.path()), None).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cache = SnapshotCache::new(dir.path());
+        assert!(run(&cache, Some(3)).is_err());
+        let resumed = run(&cache, None).unwrap();
+        assert!(
+            resumed == straight,
+            "the continued f16 run's last snapshot differs (master weights {master_weights})"
         );
-        result.map(|tuned| {
-            tuned.snapshots[1]
-                .tensors()
-                .unwrap()
-                .iter()
-                .map(|t| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap())
-                .map(|t| t.to_vec1::<f32>().unwrap())
-                .collect::<Vec<_>>()
-        })
-    };
-    let straight_dir = tempfile::tempdir().unwrap();
-    let straight = run(&SnapshotCache::new(straight_dir.path()), None).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let cache = SnapshotCache::new(dir.path());
-    assert!(run(&cache, Some(3)).is_err());
-    let resumed = run(&cache, None).unwrap();
-    assert!(
-        resumed == straight,
-        "the continued f16 run's last snapshot differs"
-    );
+    }
 }

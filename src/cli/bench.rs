@@ -177,6 +177,7 @@ pub fn bench_command(global: &GlobalOptions, args: &BenchArgs, cancel: &CancelFl
                     "name": "step", "mode": mode.name(), "batch": settings.batch_size,
                     "micro_batch": micro, "optimizer": options.optimizer.as_str(),
                     "checkpointing": settings.checkpointing,
+                    "master_weights": options.master_weights,
                 })),
             );
         }
@@ -218,7 +219,7 @@ pub fn bench_command(global: &GlobalOptions, args: &BenchArgs, cancel: &CancelFl
                 "name": "unitune_run", "mode": options.run_mode.name(), "tune_steps": args.steps,
                 "snapshots": settings.snapshot_steps, "micro_batch": micro,
                 "sampling_steps": args.sampling_steps, "optimizer": options.optimizer.as_str(),
-                "tune_seconds": tune_seconds,
+                "master_weights": options.master_weights, "tune_seconds": tune_seconds,
             })),
         );
     }
@@ -289,6 +290,7 @@ struct BenchOptions {
     height: u32,
     micro_batch_size: usize,
     auto_micro_batch: bool,
+    master_weights: bool,
 }
 
 impl BenchOptions {
@@ -322,6 +324,7 @@ impl BenchOptions {
             height,
             micro_batch_size,
             auto_micro_batch,
+            master_weights: !args.no_master_weights,
         })
     }
 
@@ -332,6 +335,7 @@ impl BenchOptions {
             mode,
             optimizer: OptimizerSettings {
                 kind: self.optimizer,
+                master_weights: self.master_weights,
                 ..OptimizerSettings::default()
             },
             snapshot_steps,

@@ -95,6 +95,7 @@ pub(super) fn training_choice(options: &TrainingOptions) -> Result<TrainingChoic
         mode,
         optimizer: options.optimizer.parse().map_err(usage)?,
         learning_rate: options.lr,
+        master_weights: !options.no_master_weights,
         snapshot_steps: options.snapshots.clone(),
         micro_batch,
         token: options.token.clone(),

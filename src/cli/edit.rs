@@ -184,6 +184,7 @@ fn asked(args: &EditArgs, given: Given) -> Result<Asked> {
             mode: settings.mode,
             optimizer: settings.optimizer.kind,
             learning_rate: settings.optimizer.learning_rate,
+            master_weights: settings.optimizer.master_weights,
             snapshot_steps: settings.snapshot_steps.clone(),
             batch_size: settings.batch_size,
             token: settings.token.clone(),
@@ -199,6 +200,9 @@ fn asked(args: &EditArgs, given: Given) -> Result<Asked> {
         }
         if !given("lr") {
             training.learning_rate = from_recipe.learning_rate;
+        }
+        if !given("no_master_weights") {
+            training.master_weights = from_recipe.master_weights;
         }
         if !given("snapshots") {
             training.snapshot_steps = from_recipe.snapshot_steps;

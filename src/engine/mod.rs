@@ -22,6 +22,7 @@ pub mod precision;
 pub mod preview;
 pub mod random_model;
 pub mod region;
+pub mod rounding;
 pub mod sampling;
 pub mod scheduler;
 pub mod single_file;

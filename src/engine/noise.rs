@@ -29,6 +29,15 @@ impl NoiseSource {
         Tensor::from_vec(values, shape, &Device::Cpu)?.to_device(device)
     }
 
+    /// Uniform f32 noise in [0, 1) of `shape`, on `device`.
+    pub fn uniform(&mut self, shape: impl Into<Shape>, device: &Device) -> Result<Tensor> {
+        let shape = shape.into();
+        let values: Vec<f32> = (0..shape.elem_count())
+            .map(|_| self.rng.random::<f32>())
+            .collect();
+        Tensor::from_vec(values, shape, &Device::Cpu)?.to_device(device)
+    }
+
     /// A uniform integer in `0..end` (training timesteps).
     pub fn below(&mut self, end: usize) -> usize {
         self.rng.random_range(0..end)

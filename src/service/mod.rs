@@ -45,7 +45,7 @@ use crate::engine::edit::{
 };
 use crate::engine::fidelity::FidelityTable;
 use crate::engine::finetune::{
-    SnapshotCache, TrainMode, TuneSettings, lighter_mode_that_fits, training_bytes,
+    SnapshotCache, TrainMode, TuneSettings, settings_that_fit, training_bytes,
 };
 use crate::engine::instruct::{DEFAULT_INSTRUCT_MODEL, is_instruct_model};
 use crate::engine::lora::{LoraExportInfo, export_tuned, output_name};
@@ -307,7 +307,7 @@ impl EditService {
     ) -> std::result::Result<Tuned, TuneStopped> {
         let working = self.fit(request.photo, request.size)?;
         let settings = if request.lighter_mode_if_short {
-            self.mode_that_fits(request.settings, working.dimensions(), on_event)
+            self.settings_that_fit_device(request.settings, working.dimensions(), on_event)
         } else {
             request.settings.clone()
         };
@@ -355,12 +355,12 @@ impl EditService {
         }
     }
 
-    /// `settings`, or with the first lighter training mode whose estimate fits the device's
-    /// free memory when `settings`' own does not even at one photo per pass, said in a notice:
-    /// a person asking for the paper's full fine-tune of SDXL on a 12 GB card gets an edit,
-    /// not an out-of-memory error after minutes of loading. Devices that cannot tell their
-    /// free memory (Metal) train as asked.
-    fn mode_that_fits(
+    /// `settings`, or lighter ones that fit the device's free memory when `settings` do not
+    /// even at one photo per pass ([`settings_that_fit`]), said in a notice: a person asking
+    /// for the paper's full fine-tune of SDXL on a 24 GB card trains it without f32 master
+    /// weights, and on a 12 GB card a lighter mode, instead of an out-of-memory error after
+    /// minutes of loading. Devices that cannot tell their free memory (Metal) train as asked.
+    fn settings_that_fit_device(
         &self,
         settings: &TuneSettings,
         (width, height): (u32, u32),
@@ -370,7 +370,7 @@ impl EditService {
             return settings.clone();
         };
         let size = (width as usize, height as usize);
-        let Some(mode) = lighter_mode_that_fits(&self.model, settings, size, available) else {
+        let Some(lighter) = settings_that_fit(&self.model, settings, size, available) else {
             return settings.clone();
         };
         let asked = training_bytes(&self.model, settings, 1, size);
@@ -380,17 +380,21 @@ impl EditService {
         } else {
             "the GPU"
         };
+        let instead = if lighter.mode == settings.mode {
+            "so its weights are trained in half precision alone, without f32 copies".to_owned()
+        } else {
+            format!(
+                "so the photo is learned in {} mode instead",
+                lighter.mode.name()
+            )
+        };
         let _ = on_event(TuneEvent::Notice(&format!(
-            "the {} fine-tune needs about {:.1} GB and {place} has {:.1} GB free, so the photo is learned in {} mode instead",
+            "the {} fine-tune needs about {:.1} GB and {place} has {:.1} GB free, {instead}",
             settings.mode.name(),
             gb(asked),
             gb(available),
-            mode.name()
         )));
-        TuneSettings {
-            mode,
-            ..settings.clone()
-        }
+        lighter
     }
 
     /// The photo's fine-tune from the cache alone, never training: `Ok(None)` when the cache

@@ -51,6 +51,9 @@ pub struct TrainingChoice {
     pub mode: TrainMode,
     pub optimizer: OptimizerKind,
     pub learning_rate: f64,
+    /// Keep f32 master copies of half-precision weights (see
+    /// [`OptimizerSettings::master_weights`]).
+    pub master_weights: bool,
     /// Step counts after which snapshots are kept, in any order; the largest is the length.
     pub snapshot_steps: Vec<usize>,
     /// Photos per optimizer step (the paper's 4).
@@ -71,6 +74,7 @@ impl Default for TrainingChoice {
             mode: paper.mode,
             optimizer: paper.optimizer.kind,
             learning_rate: paper.optimizer.learning_rate,
+            master_weights: paper.optimizer.master_weights,
             snapshot_steps: PAPER_SNAPSHOTS.to_vec(),
             batch_size: paper.batch_size,
             micro_batch: MicroBatch::Auto,
@@ -97,6 +101,7 @@ impl TrainingChoice {
             optimizer: OptimizerSettings {
                 kind: self.optimizer,
                 learning_rate: self.learning_rate,
+                master_weights: self.master_weights,
                 ..OptimizerSettings::default()
             },
             snapshot_steps,

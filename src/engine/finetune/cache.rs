@@ -463,14 +463,20 @@ impl SnapshotCache {
 }
 
 /// The recipe as it enters the key. The micro-batch size is not in it: it changes how the
-/// batch is computed, not what it computes.
+/// batch is computed, not what it computes. Training without master weights is named only
+/// when on, so the keys of every earlier recipe stay as they were.
 fn recipe_text(settings: &TuneSettings) -> String {
     let mode = match settings.mode {
         super::TrainMode::Lora { rank } => format!("lora:{rank}"),
         other => other.name().to_string(),
     };
+    let masters = if settings.optimizer.master_weights {
+        ""
+    } else {
+        ";masters=off"
+    };
     format!(
-        "mode={mode};optimizer={};lr={:e};wd={:e};steps={:?};batch={};token={:?};seed={}",
+        "mode={mode};optimizer={};lr={:e};wd={:e};steps={:?};batch={};token={:?};seed={}{masters}",
         settings.optimizer.kind.as_str(),
         settings.optimizer.learning_rate,
         settings.optimizer.weight_decay,

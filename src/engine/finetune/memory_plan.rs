@@ -9,7 +9,7 @@ use candle_core::DType;
 use super::mode::{DEFAULT_LORA_RANK, TrainMode};
 use super::tune::TuneSettings;
 use crate::engine::model::StableDiffusion;
-use crate::engine::optim::OptimizerKind;
+use crate::engine::optim::{OptimizerKind, OptimizerSettings};
 
 /// Activation bytes per latent pixel per sample of one pass in f32 (halved in f16 and bf16),
 /// from SD 1.5's UNet at 512 px measured by `unitune bench` (docs/performance.md): 0.62 to
@@ -63,7 +63,8 @@ pub fn training_bytes(
 ) -> u64 {
     let (values, factored) = trained_values(model, settings.mode);
     let dtype = model.dtype();
-    let master = if matches!(dtype, DType::F16 | DType::BF16) {
+    let half = matches!(dtype, DType::F16 | DType::BF16);
+    let master = if half && settings.optimizer.master_weights {
         4
     } else {
         0
@@ -112,34 +113,39 @@ pub fn choose_micro_batch(
         .unwrap_or(1)
 }
 
-/// The training mode to use instead of `settings.mode` when that does not fit in `available`
-/// bytes even at one photo per pass: the heaviest lighter mode whose estimate fits (attention,
-/// then cross-kv, then LoRA), the most of the paper's fine-tune the device holds. `None` when
-/// the asked mode fits, or when nothing lighter does.
-pub fn lighter_mode_that_fits(
+/// What to train instead of `settings` when they do not fit in `available` bytes even at one
+/// photo per pass: first the same mode without f32 master weights (half precision only: the
+/// paper's full fine-tune, updates rounded in stochastically), then the heaviest lighter mode
+/// whose estimate fits (attention, cross-kv, LoRA). `None` when `settings` fit, or when nothing
+/// lighter does.
+pub fn settings_that_fit(
     model: &StableDiffusion,
     settings: &TuneSettings,
     size: (usize, usize),
     available: u64,
-) -> Option<TrainMode> {
-    let needs = |mode| {
-        let settings = TuneSettings {
-            mode,
-            ..settings.clone()
-        };
-        training_bytes(model, &settings, 1, size)
-    };
-    // A heavier mode than the asked one cannot fit where the asked one does not.
-    if needs(settings.mode) <= available {
+) -> Option<TuneSettings> {
+    let fits = |settings: &TuneSettings| training_bytes(model, settings, 1, size) <= available;
+    if fits(settings) {
         return None;
     }
-    [
+    let half = matches!(model.dtype(), DType::F16 | DType::BF16);
+    let without_masters = (half && settings.optimizer.master_weights).then(|| TuneSettings {
+        optimizer: OptimizerSettings {
+            master_weights: false,
+            ..settings.optimizer
+        },
+        ..settings.clone()
+    });
+    let lighter = [
         TrainMode::Attention,
         TrainMode::CrossKv,
         TrainMode::Lora {
             rank: DEFAULT_LORA_RANK,
         },
     ]
-    .into_iter()
-    .find(|&mode| needs(mode) <= available)
+    .map(|mode| TuneSettings {
+        mode,
+        ..settings.clone()
+    });
+    without_masters.into_iter().chain(lighter).find(fits)
 }

@@ -122,7 +122,7 @@ mod tests {
         let settings = OptimizerSettings {
             kind: OptimizerKind::AdamW,
             learning_rate: 1e-2,
-            weight_decay: 0.0,
+            ..OptimizerSettings::default()
         };
         Optimizer::new(&settings, vars.iter().map(|v| (*v).clone()).collect()).unwrap()
     }
