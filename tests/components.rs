@@ -55,7 +55,7 @@ fn text_embeddings_match_transformers() {
         let model = load_model(name);
         let reference = Reference::load(name);
         let ids = reference.tensor("token_ids").to_dtype(DType::U32).unwrap();
-        let got = model.text_encoder.forward(&ids).unwrap();
+        let got = model.text_encoders().unwrap().first.forward(&ids).unwrap();
         assert_close(
             &format!("{name} text embeddings"),
             &got,

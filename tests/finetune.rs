@@ -91,14 +91,22 @@ fn fine_tuning_learns_the_photo_like_figure_3() {
     let adapter =
         Adapter::attach(&mut model, TrainMode::Full, &mut NoiseSource::from_seed(1)).unwrap();
     let before = reconstruction_error(&model, &photo);
+    // The prompt is encoded once, before the first step: the text encoders are not in memory
+    // while the UNet trains.
+    let mut encoders_resident = Vec::new();
+    let mut observer = |_: &TuneProgress| {
+        encoders_resident.push(model.text_encoders_resident());
+        ControlFlow::Continue(())
+    };
     let snapshots = fine_tune(
         &model,
         &adapter,
         &photo,
         &settings(TrainMode::Full, &[16, 128]),
-        &mut quiet,
+        &mut observer,
     )
     .unwrap();
+    assert_eq!(encoders_resident, [false; 128]);
     assert_eq!(
         snapshots.iter().map(|s| s.steps).collect::<Vec<_>>(),
         [16, 128]

@@ -63,7 +63,7 @@ fn unet_out(model: &StableDiffusion, reference: &Reference) -> Tensor {
 
 fn text_out(model: &StableDiffusion, reference: &Reference) -> Tensor {
     let ids = reference.tensor("te_in_ids").to_dtype(DType::U32).unwrap();
-    model.text_encoder.forward(&ids).unwrap()
+    model.text_encoders().unwrap().first.forward(&ids).unwrap()
 }
 
 #[test]
@@ -128,12 +128,12 @@ fn sdxl_unet_out(model: &StableDiffusion, reference: &Reference) -> Tensor {
 fn sdxl_outputs(model: &StableDiffusion, reference: &Reference) -> Vec<(&'static str, Tensor)> {
     let unet = sdxl_unet_out(model, reference);
     let ids = reference.tensor("te_in_ids").to_dtype(DType::U32).unwrap();
-    let first = model.text_encoder.encode_xl(&ids).unwrap();
-    let second = model
-        .second_text
+    let encoders = model.text_encoders().unwrap();
+    let first = encoders.first.encode_xl(&ids).unwrap();
+    let second = encoders
+        .second
         .as_ref()
         .expect("SDXL")
-        .encoder
         .encode_xl(&ids)
         .unwrap();
     vec![
@@ -156,6 +156,17 @@ fn an_sdxl_lora_reproduces_diffusers_load_lora_weights_in_the_unet_and_both_enco
         for (name, output) in sdxl_outputs(&model, &reference) {
             assert_close(
                 &format!("{name} at LoRA weight {weight}"),
+                &output,
+                &reference.f32(&format!("{name}_{suffix}")),
+                TOLERANCE,
+            );
+        }
+        // Released while a fine-tune trains, the encoders are built again with the LoRA.
+        model.release_text_encoders();
+        assert!(!model.text_encoders_resident());
+        for (name, output) in sdxl_outputs(&model, &reference) {
+            assert_close(
+                &format!("{name} at LoRA weight {weight}, encoders built again"),
                 &output,
                 &reference.f32(&format!("{name}_{suffix}")),
                 TOLERANCE,

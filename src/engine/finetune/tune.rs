@@ -234,6 +234,8 @@ pub fn fine_tune_from(
     // kept for reuse (see `tune_allocator`), so that the edit after it does not peak on top.
     let _release = ReleaseFreeMemoryOnDrop;
     let mut run = TrainingRun::prepare(model, adapter, photo, settings, resume)?;
+    // The prompt is encoded; the text encoders are not needed again until the next edit.
+    model.release_text_encoders();
     if observer.proceed().is_break() {
         return Err(EngineError::Cancelled);
     }
