@@ -14,7 +14,12 @@
 //! written back in the parameter's own dtype, in place (`Var::set`), so every tensor that
 //! shares a var's storage sees it. A half-precision parameter also gets a float32 master
 //! copy that the updates accumulate in: an update of 1e-4 times a weight is below bf16's
-//! resolution (2^-8) and would otherwise round away.
+//! resolution (2^-8) and would otherwise round away; without masters
+//! ([`OptimizerSettings::master_weights`] off) the update is rounded in stochastically
+//! instead (see `rounding`). A step can also be applied one variable at a time while backward
+//! still runs ([`Optimizer::update`], then [`Optimizer::finish_step`]; see
+//! `finetune::segment_updates`): every update is per variable, with no global norm, so the
+//! result is the same.
 
 use std::fmt;
 use std::str::FromStr;

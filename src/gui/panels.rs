@@ -382,35 +382,35 @@ fn model_section(ui: &mut Ui, app: &EditorApp, commands: &mut Vec<Command>) {
 /// the download, and it runs on smaller cards and on the CPU). Switching shows the other's
 /// license and size before anything is fetched.
 fn other_family(ui: &mut Ui, model: &str, gpu_bytes: Option<u64>, commands: &mut Vec<Command>) {
-    let switch_to = |commands: &mut Vec<Command>, to: &str| {
-        commands.push(Command::SwitchModel(to.to_string()));
-    };
-    if model == DEFAULT_MODEL {
+    let clicked = if model == DEFAULT_MODEL {
         let label = "Use Stable Diffusion XL";
         let hint = "Stable Diffusion XL base: better edits, at 1024 px; about 7 GB to download, for a GPU with 12 GB or more";
-        if let Some(gpu) = gpu_bytes.filter(|_| suggests_sdxl(gpu_bytes)) {
-            ui.label(
-                RichText::new(format!(
-                    "Your GPU has {}: Stable Diffusion XL makes better edits, at 1024 px.",
-                    bytes_text(gpu)
-                ))
-                .strong(),
-            );
-            if ui.button(label).on_hover_text(hint).clicked() {
-                switch_to(commands, SDXL_MODEL);
+        match gpu_bytes {
+            Some(gpu) if suggests_sdxl(gpu_bytes) => {
+                ui.label(
+                    RichText::new(format!(
+                        "Your GPU has {}: Stable Diffusion XL makes better edits, at 1024 px.",
+                        bytes_text(gpu)
+                    ))
+                    .strong(),
+                );
+                ui.button(label).on_hover_text(hint).clicked()
             }
-        } else if ui.small_button(label).on_hover_text(hint).clicked() {
-            switch_to(commands, SDXL_MODEL);
+            _ => ui.small_button(label).on_hover_text(hint).clicked(),
         }
-    } else if model == SDXL_MODEL
-        && ui
-            .small_button("Use Stable Diffusion 1.5")
+        .then_some(SDXL_MODEL)
+    } else if model == SDXL_MODEL {
+        ui.small_button("Use Stable Diffusion 1.5")
             .on_hover_text(
                 "About 2.1 GB to download; runs on GPUs with 6 GB and on the CPU, at 512 px",
             )
             .clicked()
-    {
-        switch_to(commands, DEFAULT_MODEL);
+            .then_some(DEFAULT_MODEL)
+    } else {
+        None
+    };
+    if let Some(other) = clicked {
+        commands.push(Command::SwitchModel(other.to_string()));
     }
 }
 
