@@ -643,13 +643,13 @@ fn the_micro_batch_is_the_largest_that_fits() {
     assert!(training_bytes(&model, &lora, 1, size) < needs[0]);
 }
 
-/// Where the asked training does not fit at one photo per pass, what fits is trained instead:
+/// Where the asked training does not fit at any micro-batch, what fits is trained instead:
 /// in half precision the same mode without f32 master weights first (SDXL's full fine-tune on
 /// a 24 GB card), then the heaviest lighter mode (on a 12 GB card); where the asked training
 /// fits, or nothing lighter does, it stays.
 #[test]
 fn training_too_large_for_the_device_gives_way_to_the_most_that_fits() {
-    use unitune::engine::finetune::{settings_that_fit, training_bytes};
+    use unitune::engine::finetune::{least_training_bytes, settings_that_fit};
     let size = (64, 64);
     let full = TuneSettings {
         mode: TrainMode::Full,
@@ -667,7 +667,7 @@ fn training_too_large_for_the_device_gives_way_to_the_most_that_fits() {
     for dtype in [candle_core::DType::F32, candle_core::DType::F16] {
         let files = common::model_files("sd15-tiny");
         let model = StableDiffusion::load(&files, &candle_core::Device::Cpu, dtype).unwrap();
-        let needs = |settings: &TuneSettings| training_bytes(&model, settings, 1, size);
+        let needs = |settings: &TuneSettings| least_training_bytes(&model, settings, size);
         let fit = |available| {
             settings_that_fit(&model, &full, size, available)
                 .map(|s| (s.mode, s.optimizer.master_weights))

@@ -45,7 +45,7 @@ use crate::engine::edit::{
 };
 use crate::engine::fidelity::FidelityTable;
 use crate::engine::finetune::{
-    SnapshotCache, TrainMode, TuneSettings, settings_that_fit, training_bytes,
+    SnapshotCache, TrainMode, TuneSettings, least_training_bytes, settings_that_fit,
 };
 use crate::engine::instruct::{DEFAULT_INSTRUCT_MODEL, is_instruct_model};
 use crate::engine::lora::{LoraExportInfo, export_tuned, output_name};
@@ -356,7 +356,7 @@ impl EditService {
     }
 
     /// `settings`, or lighter ones that fit the device's free memory when `settings` do not
-    /// even at one photo per pass ([`settings_that_fit`]), said in a notice: a person asking
+    /// at any micro-batch ([`settings_that_fit`]), said in a notice: a person asking
     /// for the paper's full fine-tune of SDXL on a 24 GB card trains it without f32 master
     /// weights, and on a 12 GB card a lighter mode, instead of an out-of-memory error after
     /// minutes of loading. Devices that cannot tell their free memory (Metal) train as asked.
@@ -373,7 +373,7 @@ impl EditService {
         let Some(lighter) = settings_that_fit(&self.model, settings, size, available) else {
             return settings.clone();
         };
-        let asked = training_bytes(&self.model, settings, 1, size);
+        let asked = least_training_bytes(&self.model, settings, size);
         let gb = |bytes: u64| bytes as f64 / 1e9;
         let place = if self.model.device().is_cpu() {
             "this computer"

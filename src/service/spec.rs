@@ -89,8 +89,8 @@ pub struct TuneRequest<'a> {
     /// Every how many steps the progress carries the model's reconstruction of the photo (one
     /// extra UNet call each); `None` for none.
     pub reconstruct_every: Option<usize>,
-    /// When the training mode does not fit the device's free memory even at one photo per
-    /// pass (SDXL's full fine-tune on a 12 GB card), train the first lighter mode that does,
+    /// When the training does not fit the device's free memory at any micro-batch (SDXL's
+    /// full fine-tune on a 12 GB card), train the first lighter settings that do,
     /// said in a [`crate::engine::edit::TuneEvent::Notice`], instead of failing: on where a
     /// person edits, off where the mode itself is what is measured (bench, eval).
     pub lighter_mode_if_short: bool,

@@ -113,8 +113,24 @@ pub fn choose_micro_batch(
         .unwrap_or(1)
 }
 
-/// What to train instead of `settings` when they do not fit in `available` bytes even at one
-/// photo per pass: first the same mode without f32 master weights (half precision only: the
+/// The least a fine-tune with `settings` needs beyond the loaded model, over the micro-batches
+/// it may use (the divisors of the batch up to `settings.micro_batch_size`). Not always one
+/// photo per pass: a pass that is the whole batch sums no gradients, and for a large model's
+/// full fine-tune the sums (4 bytes per weight) outweigh three more photos' activations.
+pub fn least_training_bytes(
+    model: &StableDiffusion,
+    settings: &TuneSettings,
+    size: (usize, usize),
+) -> u64 {
+    (1..=settings.micro_batch_size.min(settings.batch_size))
+        .filter(|m| settings.batch_size.is_multiple_of(*m))
+        .map(|micro| training_bytes(model, settings, micro, size))
+        .min()
+        .unwrap_or_else(|| training_bytes(model, settings, 1, size))
+}
+
+/// What to train instead of `settings` when they do not fit in `available` bytes at any
+/// micro-batch ([`least_training_bytes`]): first the same mode without f32 master weights (half precision only: the
 /// paper's full fine-tune, updates rounded in stochastically), then the heaviest lighter mode
 /// whose estimate fits (attention, cross-kv, LoRA). `None` when `settings` fit, or when nothing
 /// lighter does.
@@ -124,7 +140,7 @@ pub fn settings_that_fit(
     size: (usize, usize),
     available: u64,
 ) -> Option<TuneSettings> {
-    let fits = |settings: &TuneSettings| training_bytes(model, settings, 1, size) <= available;
+    let fits = |settings: &TuneSettings| least_training_bytes(model, settings, size) <= available;
     if fits(settings) {
         return None;
     }

@@ -15,7 +15,9 @@ mod tune;
 pub use adapter::Adapter;
 pub use cache::{CacheEntry, CacheLookup, DEFAULT_MAX_BYTES, ResumePoint, SnapshotCache};
 pub use loss::denoising_loss;
-pub use memory_plan::{choose_micro_batch, settings_that_fit, training_bytes};
+pub use memory_plan::{
+    choose_micro_batch, least_training_bytes, settings_that_fit, training_bytes,
+};
 pub use mode::{DEFAULT_LORA_RANK, TrainMode};
 pub use snapshot::{IN_MEMORY_LIMIT_BYTES, Snapshot, write_safetensors};
 pub use step::{TrainingBatch, training_pass};
