@@ -137,6 +137,19 @@ fn step_until(
     harness.step();
 }
 
+/// Steps until a button labelled `label` is shown (30 s at most).
+fn wait_for_button(harness: &mut Harness<'_, EditorApp>, label: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while harness
+        .query_by_role_and_label(Role::Button, label)
+        .is_none()
+    {
+        assert!(Instant::now() < deadline, "no button {label:?} offered");
+        harness.step();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Steps until the editor shows a notice starting with `prefix` (30 s at most); returns it.
 fn wait_for_notice(harness: &mut Harness<'_, EditorApp>, prefix: &str) -> String {
     step_until(harness, Duration::from_secs(30), prefix, |app| {
@@ -442,15 +455,7 @@ fn a_missing_model_is_offered_for_download_and_then_loads() {
     let mut harness = Harness::builder()
         .with_size([1100.0, 760.0])
         .build_eframe(move |cc| EditorApp::new(cc, options));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while harness
-        .query_by_role_and_label(Role::Button, "Accept license and download")
-        .is_none()
-    {
-        assert!(Instant::now() < deadline, "no download offered");
-        harness.step();
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_button(&mut harness, "Accept license and download");
     assert!(!harness.state().model_ready());
     assert!(
         hub.log().is_empty(),
@@ -494,18 +499,7 @@ fn the_model_panel_offers_sdxl_beside_sd15_with_its_license_first() {
     let mut harness = Harness::builder()
         .with_size([1100.0, 760.0])
         .build_eframe(move |cc| EditorApp::new(cc, options));
-    let wait_for = |harness: &mut Harness<EditorApp>, label: &str| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while harness
-            .query_by_role_and_label(Role::Button, label)
-            .is_none()
-        {
-            assert!(Instant::now() < deadline, "no button {label}");
-            harness.step();
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    };
-    wait_for(&mut harness, "Use Stable Diffusion XL");
+    wait_for_button(&mut harness, "Use Stable Diffusion XL");
     assert!(
         harness.query_by_label_contains("about 2.1 GB").is_some(),
         "SD 1.5's own download is offered beside it"
@@ -513,7 +507,7 @@ fn the_model_panel_offers_sdxl_beside_sd15_with_its_license_first() {
     harness
         .get_by_role_and_label(Role::Button, "Use Stable Diffusion XL")
         .click_accesskit();
-    wait_for(&mut harness, "Use Stable Diffusion 1.5");
+    wait_for_button(&mut harness, "Use Stable Diffusion 1.5");
     assert!(harness.query_by_label_contains("about 7.0 GB").is_some());
     assert!(
         harness
@@ -547,15 +541,7 @@ fn the_demo_model_loads_offline_opens_a_scene_and_edits_it() {
     let mut harness = Harness::builder()
         .with_size([1100.0, 760.0])
         .build_eframe(move |cc| EditorApp::new(cc, options));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while harness
-        .query_by_role_and_label(Role::Button, "Demo model (offline)")
-        .is_none()
-    {
-        assert!(Instant::now() < deadline, "no demo model offered");
-        harness.step();
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_button(&mut harness, "Demo model (offline)");
     harness
         .get_by_role_and_label(Role::Button, "Demo model (offline)")
         .click();

@@ -17,7 +17,7 @@ use super::config::{
 };
 use super::error::{EngineError, Result};
 use super::fidelity::{FidelityTable, STABLE_DIFFUSION, STABLE_DIFFUSION_XL};
-use super::lora::{AppliedLoras, LoraNames, LoraTargets};
+use super::lora::{AppliedLoras, LoraNames, LoraTargets, WeightDeltas};
 use super::noise::NoiseSource;
 use super::scheduler::DdimScheduler;
 use super::single_file::{
@@ -72,6 +72,93 @@ struct TextEncoderSlot {
     built: Mutex<Option<Arc<TextEncoders>>>,
     first: ComponentWeights,
     second: Option<(TextEncoderConfig, usize, ComponentWeights)>,
+}
+
+/// Both encoders' tensors by name (the second's for SDXL), as LoRAs find their targets.
+type TextTensors = (HashMap<String, Tensor>, Option<HashMap<String, Tensor>>);
+
+const FIRST_TEXT_ENCODER: &str = "text encoder";
+const SECOND_TEXT_ENCODER: &str = "second text encoder";
+
+impl TextEncoderSlot {
+    /// Every tensor each encoder reads, by name.
+    fn read(
+        &self,
+        config: &TextEncoderConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<TextTensors> {
+        let first = self
+            .first
+            .tensors(FIRST_TEXT_ENCODER, dtype, device, |vb| {
+                TextEncoder::new(config, vb)
+            })?;
+        let second = self
+            .second
+            .as_ref()
+            .map(|(config, projection_dim, source)| {
+                source.tensors(SECOND_TEXT_ENCODER, dtype, device, |vb| {
+                    TextEncoder::with_projection(config, *projection_dim, vb)
+                })
+            })
+            .transpose()?;
+        Ok((first, second))
+    }
+
+    /// Both encoders with `loras` merged in: at load (from `read`, the tensors the LoRAs
+    /// were checked against, when there are LoRAs) and after a release.
+    fn build(
+        &self,
+        config: &TextEncoderConfig,
+        loras: &AppliedLoras,
+        read: Option<TextTensors>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<TextEncoders> {
+        let (first_read, second_read) = read.map_or((None, None), |(f, s)| (Some(f), s));
+        let first = build_merged(
+            &self.first,
+            FIRST_TEXT_ENCODER,
+            &loras.text_encoder,
+            first_read,
+            (dtype, device),
+            |vb| TextEncoder::new(config, vb),
+        )?;
+        let second = self
+            .second
+            .as_ref()
+            .map(|(config, projection_dim, source)| {
+                build_merged(
+                    source,
+                    SECOND_TEXT_ENCODER,
+                    &loras.second_text_encoder,
+                    second_read,
+                    (dtype, device),
+                    |vb| TextEncoder::with_projection(config, *projection_dim, vb),
+                )
+            })
+            .transpose()?;
+        Ok(TextEncoders { first, second })
+    }
+}
+
+/// `build` over `source`'s tensors with `deltas` (LoRA changes) merged in, reading them only
+/// when they are not in `read` already and there is something to merge.
+fn build_merged<T>(
+    source: &ComponentWeights,
+    component: &'static str,
+    deltas: &WeightDeltas,
+    read: Option<HashMap<String, Tensor>>,
+    (dtype, device): (DType, &Device),
+    build: impl Fn(VarBuilder) -> candle_core::Result<T>,
+) -> Result<T> {
+    let mut weights = match read {
+        Some(weights) => weights,
+        None if deltas.is_empty() => return source.build(component, dtype, device, build),
+        None => source.tensors(component, dtype, device, &build)?,
+    };
+    deltas.merge_into(&mut weights)?;
+    Ok(build(VarBuilder::from_tensors(weights, dtype, device))?)
 }
 
 /// A prompt's text-encoder output `[1, 77, hidden]` (for SDXL both encoders' penultimate
@@ -333,66 +420,6 @@ impl StableDiffusion {
         // The UNet's tensors are kept by name: fine-tuning rebuilds the UNet around them.
         let (mut unet, mut unet_weights) =
             parts.unet_source.build_unet(&config.unet, dtype, device)?;
-        let build_text = |vb: VarBuilder| TextEncoder::new(&config.text_encoder, vb);
-        let build_second = |second: &SecondTextParts, vb: VarBuilder| {
-            TextEncoder::with_projection(&second.config, second.projection_dim, vb)
-        };
-        let (text_encoder, second_encoder, loras) = if files.loras.is_empty() {
-            let encoder = parts
-                .text_weights
-                .build("text encoder", dtype, device, build_text)?;
-            let second = parts
-                .second_text
-                .as_ref()
-                .map(|s| {
-                    s.weights.build("second text encoder", dtype, device, |vb| {
-                        build_second(s, vb)
-                    })
-                })
-                .transpose()?;
-            (encoder, second, AppliedLoras::default())
-        } else {
-            // LoRAs change weights: the models are built again around the merged tensors.
-            let mut text_weights =
-                parts
-                    .text_weights
-                    .tensors("text encoder", dtype, device, build_text)?;
-            let second_weights = parts
-                .second_text
-                .as_ref()
-                .map(|s| {
-                    s.weights
-                        .tensors("second text encoder", dtype, device, |vb| {
-                            build_second(s, vb)
-                        })
-                })
-                .transpose()?;
-            let targets = LoraTargets {
-                unet: &unet_weights,
-                text_encoder: &text_weights,
-                second_text_encoder: second_weights.as_ref(),
-            };
-            let names = LoraNames::for_unet(&config.unet);
-            let loras = AppliedLoras::load(&files.loras, &names, &targets)?;
-            loras.text_encoder.merge_into(&mut text_weights)?;
-            loras.unet.merge_into(&mut unet_weights)?;
-            let encoder = build_text(VarBuilder::from_tensors(text_weights, dtype, device))?;
-            let second = match (&parts.second_text, second_weights) {
-                (Some(s), Some(mut weights)) => {
-                    loras.second_text_encoder.merge_into(&mut weights)?;
-                    Some(build_second(
-                        s,
-                        VarBuilder::from_tensors(weights, dtype, device),
-                    )?)
-                }
-                _ => None,
-            };
-            unet = UNet::new(
-                &config.unet,
-                VarBuilder::from_tensors(unet_weights.clone(), dtype, device),
-            )?;
-            (encoder, second, loras)
-        };
         let (second_tokenizer, second_source) = match parts.second_text {
             Some(second) => (
                 Some(second.tokenizer),
@@ -401,13 +428,32 @@ impl StableDiffusion {
             None => (None, None),
         };
         let text = TextEncoderSlot {
-            built: Mutex::new(Some(Arc::new(TextEncoders {
-                first: text_encoder,
-                second: second_encoder,
-            }))),
+            built: Mutex::new(None),
             first: parts.text_weights,
             second: second_source,
         };
+        let (loras, text_read) = if files.loras.is_empty() {
+            (AppliedLoras::default(), None)
+        } else {
+            // LoRAs change weights: the models are built again around the merged tensors,
+            // read once here for the LoRAs to find their targets in.
+            let (text_weights, second_weights) = text.read(&config.text_encoder, dtype, device)?;
+            let targets = LoraTargets {
+                unet: &unet_weights,
+                text_encoder: &text_weights,
+                second_text_encoder: second_weights.as_ref(),
+            };
+            let names = LoraNames::for_unet(&config.unet);
+            let loras = AppliedLoras::load(&files.loras, &names, &targets)?;
+            loras.unet.merge_into(&mut unet_weights)?;
+            unet = UNet::new(
+                &config.unet,
+                VarBuilder::from_tensors(unet_weights.clone(), dtype, device),
+            )?;
+            (loras, Some((text_weights, second_weights)))
+        };
+        let encoders = text.build(&config.text_encoder, &loras, text_read, dtype, device)?;
+        *text.built.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(encoders));
         let unet_source = parts.unet_source.with_deltas(loras.unet.clone());
         let vae_dtype = if dtype == DType::F16 && config.vae.force_upcast {
             DType::F32
@@ -527,7 +573,8 @@ impl StableDiffusion {
         if let Some(encoders) = built.as_ref() {
             return Ok(encoders.clone());
         }
-        let encoders = Arc::new(self.build_text_encoders()?);
+        let (config, dtype, device) = (&self.config.text_encoder, self.dtype, &self.device);
+        let encoders = Arc::new(self.text.build(config, &self.loras, None, dtype, device)?);
         *built = Some(encoders.clone());
         Ok(encoders)
     }
@@ -547,40 +594,6 @@ impl StableDiffusion {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_some()
-    }
-
-    fn build_text_encoders(&self) -> Result<TextEncoders> {
-        let (dtype, device) = (self.dtype, &self.device);
-        let config = &self.config.text_encoder;
-        let build_first = |vb: VarBuilder| TextEncoder::new(config, vb);
-        let first = if self.loras.text_encoder.is_empty() {
-            self.text
-                .first
-                .build("text encoder", dtype, device, build_first)?
-        } else {
-            let mut weights =
-                self.text
-                    .first
-                    .tensors("text encoder", dtype, device, build_first)?;
-            self.loras.text_encoder.merge_into(&mut weights)?;
-            build_first(VarBuilder::from_tensors(weights, dtype, device))?
-        };
-        let second = match &self.text.second {
-            None => None,
-            Some((config, projection_dim, source)) => {
-                let build =
-                    |vb: VarBuilder| TextEncoder::with_projection(config, *projection_dim, vb);
-                let component = "second text encoder";
-                Some(if self.loras.second_text_encoder.is_empty() {
-                    source.build(component, dtype, device, build)?
-                } else {
-                    let mut weights = source.tensors(component, dtype, device, build)?;
-                    self.loras.second_text_encoder.merge_into(&mut weights)?;
-                    build(VarBuilder::from_tensors(weights, dtype, device))?
-                })
-            }
-        };
-        Ok(TextEncoders { first, second })
     }
 
     /// Tokenizes and encodes one prompt.

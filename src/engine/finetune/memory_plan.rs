@@ -2,7 +2,8 @@
 //! never see an out-of-memory error for the default settings).
 //!
 //! Estimated, not measured, so it errs on the large side: what training keeps for the trained
-//! weights (f32 master copies for half precision, the gradients, the optimizer's state), plus the activations of the passes, which grow with the micro-batch and the image.
+//! weights (f32 master copies for half precision, the gradients, the optimizer's state),
+//! plus the activations of the passes, which grow with the micro-batch and the image.
 
 use candle_core::DType;
 
@@ -130,10 +131,10 @@ pub fn least_training_bytes(
 }
 
 /// What to train instead of `settings` when they do not fit in `available` bytes at any
-/// micro-batch ([`least_training_bytes`]): first the same mode without f32 master weights (half precision only: the
-/// paper's full fine-tune, updates rounded in stochastically), then the heaviest lighter mode
-/// whose estimate fits (attention, cross-kv, LoRA). `None` when `settings` fit, or when nothing
-/// lighter does.
+/// micro-batch ([`least_training_bytes`]): first the same mode without f32 master weights
+/// (which only half precision has: the paper's full fine-tune, updates rounded in
+/// stochastically), then the heaviest lighter mode whose estimate fits (attention, cross-kv,
+/// LoRA). `None` when `settings` fit, or when nothing lighter does.
 pub fn settings_that_fit(
     model: &StableDiffusion,
     settings: &TuneSettings,
@@ -144,8 +145,8 @@ pub fn settings_that_fit(
     if fits(settings) {
         return None;
     }
-    let half = matches!(model.dtype(), DType::F16 | DType::BF16);
-    let without_masters = (half && settings.optimizer.master_weights).then(|| TuneSettings {
+    // In f32 this needs what `settings` need, so it never fits where they do not.
+    let without_masters = settings.optimizer.master_weights.then(|| TuneSettings {
         optimizer: OptimizerSettings {
             master_weights: false,
             ..settings.optimizer

@@ -120,7 +120,6 @@ pub(super) struct TrainingRun<'a> {
     pub micro_batch: usize,
     optimizer: Optimizer,
     loss_scale: Option<LossScaler>,
-    accumulator: GradientAccumulator,
     /// The noised photo latents and timestep the reconstruction denoises.
     reconstruction: (Tensor, usize),
 }
@@ -193,7 +192,6 @@ impl<'a> TrainingRun<'a> {
             micro_batch,
             optimizer,
             loss_scale,
-            accumulator: GradientAccumulator::new(adapter.vars(), wide(dtype)),
             reconstruction,
         })
     }
@@ -317,7 +315,9 @@ impl<'a> TrainingRun<'a> {
     ) -> std::result::Result<Attempt, StepFailed> {
         let passes = self.settings.batch_size / self.micro_batch;
         let scale = self.loss_scale.map_or(1.0, |s| s.scale());
-        let mut accumulator = std::mem::take(&mut self.accumulator);
+        // Per attempt: an attempt that fails drops what it summed with it.
+        let dtype = self.model.dtype();
+        let mut accumulator = GradientAccumulator::new(self.adapter.vars(), wide(dtype));
         let mut loss_total = 0f32;
         for pass in 0..passes {
             // Each pass is a mean over its micro-batch; scale so the sum is the batch mean.
@@ -335,19 +335,12 @@ impl<'a> TrainingRun<'a> {
                 Err(EngineError::OutOfMemory)
                     if self.settings.auto_micro_batch && self.micro_batch > 1 =>
                 {
-                    accumulator.take();
-                    self.accumulator = accumulator;
                     return Ok(Attempt::OutOfMemory);
                 }
-                Err(e) => {
-                    accumulator.take();
-                    self.accumulator = accumulator;
-                    return Err(e.into());
-                }
+                Err(e) => return Err(e.into()),
             }
         }
         let sums = accumulator.take();
-        self.accumulator = accumulator;
         let grads = collect_gradients(self.adapter, sums)?;
         let mut grad_scale = 1.0;
         match self.loss_scale.as_mut() {
@@ -414,11 +407,6 @@ impl<'a> TrainingRun<'a> {
             .unwrap_or(1);
         self.text = self.prompt.repeat(self.micro_batch)?;
         Ok(())
-    }
-
-    /// Drops what a failed step accumulated.
-    pub fn discard_gradients(&mut self) {
-        self.accumulator.take();
     }
 
     /// The model's current reconstruction of the photo (scaled latents `[1, 4, h, w]`): one

@@ -251,7 +251,6 @@ pub fn fine_tune_from(
             Ok(loss) => loss,
             Err(failed) => {
                 if failed.weights_intact && run.steps_taken() > 0 {
-                    run.discard_gradients();
                     let before = TrainingState {
                         loss_scale: scale_before,
                         ..run.state()
