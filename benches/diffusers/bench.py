@@ -472,6 +472,8 @@ def main():
             train(trainer, "adafactor", args.steps, args.micro_batch, keep)
             sync(device)
             timing["tune"] = time.perf_counter() - t0
+            # The fine-tune's own peak, before the edit's VAE decode (as `unitune bench`).
+            timing["tune_peak"] = probe.peak()
             if encoders[1] is None:
                 pipe = StableDiffusionImg2ImgPipeline(
                     vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0], unet=sampling_unet(),
@@ -492,7 +494,7 @@ def main():
         m.update({"name": "unitune_run", "mode": args.run_mode, "tune_steps": args.steps,
                   "snapshots": ladder, "micro_batch": args.micro_batch,
                   "sampling_steps": args.sampling_steps, "optimizer": "adafactor",
-                  "tune_seconds": timing.get("tune")})
+                  "tune_seconds": timing.get("tune"), "tune_peak_bytes": timing.get("tune_peak")})
         report("unitune_run", m)
 
     device_name = device

@@ -205,7 +205,7 @@ pub fn bench_command(global: &GlobalOptions, args: &BenchArgs, cancel: &CancelFl
     if wants("run") && args.steps > 0 {
         stop_if_cancelled(cancel)?;
         let settings = options.tune_settings(options.run_mode, ladder(args.steps));
-        let (m, tune_seconds, micro) = measure_run(
+        let (m, parts) = measure_run(
             &mut service,
             &probe,
             &settings,
@@ -217,9 +217,10 @@ pub fn bench_command(global: &GlobalOptions, args: &BenchArgs, cancel: &CancelFl
             "unitune_run",
             m.json(json!({
                 "name": "unitune_run", "mode": options.run_mode.name(), "tune_steps": args.steps,
-                "snapshots": settings.snapshot_steps, "micro_batch": micro,
+                "snapshots": settings.snapshot_steps, "micro_batch": parts.micro_batch,
                 "sampling_steps": args.sampling_steps, "optimizer": options.optimizer.as_str(),
-                "master_weights": options.master_weights, "tune_seconds": tune_seconds,
+                "master_weights": options.master_weights, "tune_seconds": parts.tune_seconds,
+                "tune_peak_bytes": parts.tune_peak_bytes,
             })),
         );
     }
@@ -579,11 +580,12 @@ fn measure_run(
     photo: &RgbImage,
     sampling_steps: usize,
     cancel: &CancelFlag,
-) -> Result<(Measured, f64, usize)> {
+) -> Result<(Measured, RunParts)> {
     let cache_dir = tempfile::tempdir()?;
     service.set_cache(Some(SnapshotCache::new(cache_dir.path())));
     let device = service.engine().device().clone();
     let mut tune_seconds = 0.0;
+    let mut tune_peak_bytes = None;
     let mut micro_batch = settings.micro_batch_size;
     let photo = std::sync::Arc::new(photo.clone());
     let m = measure(probe, &device, || {
@@ -606,6 +608,9 @@ fn measure_run(
             .map_err(|stopped| stopped.error)?;
         device.synchronize()?;
         tune_seconds = started.elapsed().as_secs_f64();
+        // The fine-tune's own peak (the memory targets are the fine-tune's); the run's peak
+        // also holds the edit's VAE decode.
+        tune_peak_bytes = probe.peak_bytes();
         let spec = EditSpec {
             knobs: EditKnobs {
                 tune_steps: Some(settings.total_steps()),
@@ -623,5 +628,19 @@ fn measure_run(
         Ok(None)
     })?;
     service.set_cache(None);
-    Ok((m, tune_seconds, micro_batch))
+    Ok((
+        m,
+        RunParts {
+            tune_seconds,
+            tune_peak_bytes,
+            micro_batch,
+        },
+    ))
+}
+
+/// What a whole run's measurement reports beside its time and peak.
+struct RunParts {
+    tune_seconds: f64,
+    tune_peak_bytes: Option<u64>,
+    micro_batch: usize,
 }

@@ -233,9 +233,8 @@ pub fn fine_tune_from(
     // 6 GB for SD 1.5's full fine-tune in f16) goes back to the system when the run ends, not
     // kept for reuse (see `tune_allocator`), so that the edit after it does not peak on top.
     let _release = ReleaseFreeMemoryOnDrop;
+    // Encodes the prompt and the photo, and lets the text encoders go.
     let mut run = TrainingRun::prepare(model, adapter, photo, settings, resume)?;
-    // The prompt is encoded; the text encoders are not needed again until the next edit.
-    model.release_text_encoders();
     if observer.proceed().is_break() {
         return Err(EngineError::Cancelled);
     }
