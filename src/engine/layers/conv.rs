@@ -83,15 +83,64 @@ fn convolve(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    let y = if x.device().is_cpu() && stride == 1 {
-        shifted_matmul_conv(x, &Taps::forward(w)?, padding)?
-    } else {
-        x.conv2d(w, padding, stride, 1, 1)?
-    };
+    if x.device().is_cpu() && stride == 1 {
+        return banded_conv(x, &Taps::forward(w)?, b, padding, BAND_BYTES);
+    }
+    with_bias(x.conv2d(w, padding, stride, 1, 1)?, b)
+}
+
+fn with_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     match b {
         Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
         None => Ok(y),
     }
+}
+
+/// Output bytes a CPU convolution computes in one piece; larger outputs are made a band of
+/// rows at a time (see [`banded_conv`]). 64 MB keeps each band's matrix products large (about
+/// 120 rows of a 1024 px image with 128 channels).
+const BAND_BYTES: usize = 64 << 20;
+
+/// A stride-1 CPU convolution (with its bias) made `band_bytes` of output rows at a time and
+/// written into one output buffer, with the same result as in one piece.
+///
+/// In one piece, a convolution holds its input, the input's padded copy, the output over
+/// padded rows and the cropped output, and the output again with the bias added: at the VAE's
+/// 1024 px stages (128 to 256 channels, 0.5 to 1 GB per tensor) that was most of SDXL's VAE
+/// encode and decode peaks, which decide whether a fine-tune fits a 12 GB card. In bands only
+/// the input and the output are whole.
+fn banded_conv(
+    x: &Tensor,
+    taps: &Taps,
+    b: Option<&Tensor>,
+    padding: usize,
+    band_bytes: usize,
+) -> Result<Tensor> {
+    let (batch, c_in, h, width) = x.dims4()?;
+    let (c_out, k) = (taps.outputs()?, taps.k);
+    let (h_out, w_out) = (h + 2 * padding + 1 - k, width + 2 * padding + 1 - k);
+    let row_bytes = batch * c_in.max(c_out) * (width + 2 * padding) * x.dtype().size_in_bytes();
+    let band = (band_bytes / row_bytes.max(1)).max(1);
+    if band >= h_out {
+        return with_bias(
+            shifted_matmul_conv(x, taps, (padding, padding), padding)?,
+            b,
+        );
+    }
+    let out = Tensor::zeros((batch, c_out, h_out, w_out), x.dtype(), x.device())?;
+    for first in (0..h_out).step_by(band) {
+        let rows = band.min(h_out - first);
+        // Output row r reads input rows r - padding to r - padding + k - 1; those outside the
+        // image are the padding's zeros.
+        let start = first as isize - padding as isize;
+        let end = start + (rows + k - 1) as isize;
+        let (lo, hi) = (start.max(0) as usize, end.min(h as isize) as usize);
+        let (top, bottom) = ((lo as isize - start) as usize, (end - hi as isize) as usize);
+        let slab = x.narrow(2, lo, hi - lo)?;
+        let y = with_bias(shifted_matmul_conv(&slab, taps, (top, bottom), padding)?, b)?;
+        out.slice_set(&y.contiguous()?, 2, first)?;
+    }
+    Ok(out)
 }
 
 /// Outputs per sample (over whole padded rows) below which a convolution copies its input's
@@ -156,17 +205,25 @@ impl Taps {
 /// (measured at batch 2: 320 channels at 64x64 94 ms with accumulating taps, 121 ms with the
 /// taps summed by candle's ops, 207 ms with patches; 1280 channels at 16x16 122 ms with taps,
 /// 103 ms with patches; 2560 to 1280 at 8x8 90 ms against 52 ms).
-fn shifted_matmul_conv(x: &Tensor, taps: &Taps, padding: usize) -> Result<Tensor> {
+///
+/// `rows_padding` is the zero rows above and below the input (the padding, or for a band of a
+/// larger image, what of it falls outside the image); `padding` the zero columns each side.
+fn shifted_matmul_conv(
+    x: &Tensor,
+    taps: &Taps,
+    rows_padding: (usize, usize),
+    padding: usize,
+) -> Result<Tensor> {
     let (batch, c_in, h, width) = x.dims4()?;
     let (c_out, k) = (taps.outputs()?, taps.k);
-    if k == 1 && padding == 0 {
+    if k == 1 && padding == 0 && rows_padding == (0, 0) {
         return taps
             .tap(0, 0)?
             .broadcast_left(batch)?
             .matmul(&x.reshape((batch, c_in, h * width))?)?
             .reshape((batch, c_out, h, width));
     }
-    let rows = PaddedRows::new(x, padding, k)?;
+    let rows = PaddedRows::new(x, rows_padding, padding, k)?;
     if !taps.transposed && rows.run() < SMALL_IMAGE_RUN {
         // Few outputs per tap: gathering the taps' strided weights for each small product
         // costs more than copying the windows (small at these sizes) into one patch matrix
@@ -226,19 +283,20 @@ struct PaddedRows {
 }
 
 impl PaddedRows {
-    fn new(x: &Tensor, padding: usize, k: usize) -> Result<Self> {
+    /// `(top, bottom)` zero rows and `padding` zero columns each side.
+    fn new(x: &Tensor, (top, bottom): (usize, usize), padding: usize, k: usize) -> Result<Self> {
         let (batch, channels, h, width) = x.dims4()?;
         let row = width + 2 * padding;
         // One spare row at the bottom keeps the last tap's window inside the buffer.
-        let rows = h + 2 * padding + 1;
+        let rows = h + top + bottom + 1;
         let flat = x
-            .pad_with_zeros(2, padding, padding + 1)?
+            .pad_with_zeros(2, top, bottom + 1)?
             .pad_with_zeros(3, padding, padding)?
             .reshape((batch, channels, rows * row))?;
         Ok(Self {
             flat,
             row,
-            h_out: h + 2 * padding + 1 - k,
+            h_out: rows - k,
             w_out: width + 2 * padding + 1 - k,
         })
     }
@@ -337,7 +395,8 @@ impl ConvBackward {
         let k = w.dim(2)?;
         if self.stride == 1 && grad.device().is_cpu() {
             let taps = Taps::input_gradient(w)?;
-            return shifted_matmul_conv(grad, &taps, k - 1 - self.padding);
+            let padding = k - 1 - self.padding;
+            return shifted_matmul_conv(grad, &taps, (padding, padding), padding);
         }
         if self.stride == 1 {
             // A stride-1 convolution's input gradient is the "full" convolution of the output
@@ -382,7 +441,7 @@ impl ConvBackward {
         }
         // Per tap, the output gradient against the window the tap read (both over whole padded
         // rows; the gradient is zero in the columns that are not outputs): no patch copies.
-        let rows = PaddedRows::new(x, self.padding, k)?;
+        let rows = PaddedRows::new(x, (self.padding, self.padding), self.padding, k)?;
         let grad_rows =
             grad.pad_with_zeros(3, 0, rows.row - w_out)?
                 .reshape((batch, c_out, rows.run()))?;
@@ -485,6 +544,48 @@ mod tests {
                     diffs.iter().all(|d| *d <= 1e-2),
                     "f16 {size:?} {shape:?}: {diffs:?}"
                 );
+            }
+        }
+        Ok(())
+    }
+
+    /// A convolution made in bands of rows (down to one row per band, and bands whose reach
+    /// crosses the top or bottom edge) equals candle's in one piece, for 3x3 with and without
+    /// padding and 1x1, in f64 and in f32 on an image large enough for the accumulating taps.
+    #[test]
+    fn a_convolution_in_bands_equals_one_in_one_piece() -> Result<()> {
+        let device = Device::Cpu;
+        for (dtype, (h, w), tolerance) in
+            [(DType::F64, (9, 6), 1e-12), (DType::F32, (40, 60), 1e-5)]
+        {
+            let x = Tensor::randn(0f64, 1.0, (2, 5, h, w), &device)?.to_dtype(dtype)?;
+            for (k, padding) in [(3, 1), (3, 0), (1, 0)] {
+                let weight = Tensor::randn(0f64, 0.3, (7, 5, k, k), &device)?.to_dtype(dtype)?;
+                let bias = Tensor::randn(0f64, 0.3, 7, &device)?.to_dtype(dtype)?;
+                let theirs = x
+                    .to_dtype(DType::F64)?
+                    .conv2d(&weight.to_dtype(DType::F64)?, padding, 1, 1, 1)?
+                    .broadcast_add(&bias.to_dtype(DType::F64)?.reshape((1, 7, 1, 1))?)?;
+                let scale = theirs.abs()?.max_all()?.to_scalar::<f64>()?;
+                let row_bytes = 2 * 7 * (w + 2 * padding) * dtype.size_in_bytes();
+                for rows_per_band in [1, 2, 4, h] {
+                    let ours = banded_conv(
+                        &x,
+                        &Taps::forward(&weight)?,
+                        Some(&bias),
+                        padding,
+                        rows_per_band * row_bytes,
+                    )?;
+                    assert_eq!(ours.dims(), theirs.dims());
+                    let diff = (ours.to_dtype(DType::F64)? - &theirs)?
+                        .abs()?
+                        .max_all()?
+                        .to_scalar::<f64>()?;
+                    assert!(
+                        diff <= tolerance * scale,
+                        "{dtype:?} k {k} padding {padding}, {rows_per_band} rows per band: {diff} (scale {scale})"
+                    );
+                }
             }
         }
         Ok(())
