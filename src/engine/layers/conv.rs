@@ -83,10 +83,15 @@ fn convolve(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    if x.device().is_cpu() && stride == 1 {
-        return banded_conv(x, &Taps::forward(w)?, b, padding, BAND_BYTES);
+    if stride != 1 {
+        return with_bias(x.conv2d(w, padding, stride, 1, 1)?, b);
     }
-    with_bias(x.conv2d(w, padding, stride, 1, 1)?, b)
+    let kernel = if x.device().is_cpu() {
+        Kernel::Taps
+    } else {
+        Kernel::Candle
+    };
+    banded_conv(x, w, b, padding, kernel, BAND_BYTES)
 }
 
 fn with_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
@@ -96,36 +101,67 @@ fn with_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     }
 }
 
-/// Output bytes a CPU convolution computes in one piece; larger outputs are made a band of
-/// rows at a time (see [`banded_conv`]). 64 MB keeps each band's matrix products large (about
-/// 120 rows of a 1024 px image with 128 channels).
+/// How the pieces of a stride-1 convolution are computed.
+#[derive(Debug, Clone, Copy)]
+enum Kernel {
+    /// [`shifted_matmul_conv`] (the CPU).
+    Taps,
+    /// candle's `conv2d`, which on CUDA and Metal copies every input pixel's `k * k`
+    /// neighbourhood into one patch matrix (im2col) first.
+    Candle,
+}
+
+/// What a convolution may hold at once beyond its input and output; larger ones are made a
+/// band of rows at a time (see [`banded_conv`]). 64 MB keeps each band's matrix products
+/// large: about 120 rows of a 1024 px image with 128 channels on the CPU.
 const BAND_BYTES: usize = 64 << 20;
 
-/// A stride-1 CPU convolution (with its bias) made `band_bytes` of output rows at a time and
-/// written into one output buffer, with the same result as in one piece.
+/// A stride-1 convolution (with its bias) made a band of output rows at a time, each holding
+/// at most about `band_bytes`, and written into one output buffer: the same result as in one
+/// piece.
 ///
-/// In one piece, a convolution holds its input, the input's padded copy, the output over
-/// padded rows and the cropped output, and the output again with the bias added: at the VAE's
-/// 1024 px stages (128 to 256 channels, 0.5 to 1 GB per tensor) that was most of SDXL's VAE
-/// encode and decode peaks, which decide whether a fine-tune fits a 12 GB card. In bands only
-/// the input and the output are whole.
+/// In one piece, a convolution on the CPU holds its input, the input's padded copy, the output
+/// over padded rows, the cropped output and the output again with the bias added; candle's
+/// convolution on a GPU holds a patch matrix 9 times its input (9.4 GB for a 256-channel
+/// 1024 px layer in f32). At the VAE's 1024 px stages (0.5 to 1 GB per tensor) that made most
+/// of SDXL's VAE encode and decode peaks, which decide whether a fine-tune and an edit fit a
+/// 12 GB card. In bands only the input and the output are whole.
 fn banded_conv(
     x: &Tensor,
-    taps: &Taps,
+    w: &Tensor,
     b: Option<&Tensor>,
     padding: usize,
+    kernel: Kernel,
     band_bytes: usize,
 ) -> Result<Tensor> {
     let (batch, c_in, h, width) = x.dims4()?;
-    let (c_out, k) = (taps.outputs()?, taps.k);
+    let (c_out, _, k, _) = w.dims4()?;
     let (h_out, w_out) = (h + 2 * padding + 1 - k, width + 2 * padding + 1 - k);
-    let row_bytes = batch * c_in.max(c_out) * (width + 2 * padding) * x.dtype().size_in_bytes();
+    // What one output row holds while it is made: its output and its padded input row, and
+    // with candle's kernel the patch matrix's k * k input rows.
+    let row_channels = match kernel {
+        Kernel::Taps => c_in.max(c_out),
+        Kernel::Candle => (c_in * k * k).max(c_out),
+    };
+    let row_bytes = batch * row_channels * (width + 2 * padding) * x.dtype().size_in_bytes();
     let band = (band_bytes / row_bytes.max(1)).max(1);
+    let taps = Taps::forward(w)?;
+    // One piece: `slab` with `(top, bottom)` zero rows and `padding` zero columns around it.
+    let piece = |slab: &Tensor, (top, bottom): (usize, usize)| -> Result<Tensor> {
+        let y = match kernel {
+            Kernel::Taps => shifted_matmul_conv(slab, &taps, (top, bottom), padding)?,
+            Kernel::Candle if (top, bottom) == (padding, padding) => {
+                slab.conv2d(w, padding, 1, 1, 1)?
+            }
+            Kernel::Candle => slab
+                .pad_with_zeros(2, top, bottom)?
+                .pad_with_zeros(3, padding, padding)?
+                .conv2d(w, 0, 1, 1, 1)?,
+        };
+        with_bias(y, b)
+    };
     if band >= h_out {
-        return with_bias(
-            shifted_matmul_conv(x, taps, (padding, padding), padding)?,
-            b,
-        );
+        return piece(x, (padding, padding));
     }
     let out = Tensor::zeros((batch, c_out, h_out, w_out), x.dtype(), x.device())?;
     for first in (0..h_out).step_by(band) {
@@ -136,8 +172,7 @@ fn banded_conv(
         let end = start + (rows + k - 1) as isize;
         let (lo, hi) = (start.max(0) as usize, end.min(h as isize) as usize);
         let (top, bottom) = ((lo as isize - start) as usize, (end - hi as isize) as usize);
-        let slab = x.narrow(2, lo, hi - lo)?;
-        let y = with_bias(shifted_matmul_conv(&slab, taps, (top, bottom), padding)?, b)?;
+        let y = piece(&x.narrow(2, lo, hi - lo)?, (top, bottom))?;
         out.slice_set(&y.contiguous()?, 2, first)?;
     }
     Ok(out)
@@ -551,7 +586,8 @@ mod tests {
 
     /// A convolution made in bands of rows (down to one row per band, and bands whose reach
     /// crosses the top or bottom edge) equals candle's in one piece, for 3x3 with and without
-    /// padding and 1x1, in f64 and in f32 on an image large enough for the accumulating taps.
+    /// padding and 1x1, in f64 and in f32 on an image large enough for the accumulating taps,
+    /// with both kernels (the GPU's, candle's own, runs here on the CPU).
     #[test]
     fn a_convolution_in_bands_equals_one_in_one_piece() -> Result<()> {
         let device = Device::Cpu;
@@ -568,12 +604,21 @@ mod tests {
                     .broadcast_add(&bias.to_dtype(DType::F64)?.reshape((1, 7, 1, 1))?)?;
                 let scale = theirs.abs()?.max_all()?.to_scalar::<f64>()?;
                 let row_bytes = 2 * 7 * (w + 2 * padding) * dtype.size_in_bytes();
-                for rows_per_band in [1, 2, 4, h] {
+                for (kernel, rows_per_band) in [Kernel::Taps, Kernel::Candle]
+                    .into_iter()
+                    .flat_map(|kernel| [1, 2, 4, h].map(|rows| (kernel, rows)))
+                {
+                    // As `banded_conv` counts: the patch matrix holds k * k input rows.
+                    let row_bytes = match kernel {
+                        Kernel::Taps => row_bytes,
+                        Kernel::Candle => row_bytes / 7 * (5 * k * k).max(7),
+                    };
                     let ours = banded_conv(
                         &x,
-                        &Taps::forward(&weight)?,
+                        &weight,
                         Some(&bias),
                         padding,
+                        kernel,
                         rows_per_band * row_bytes,
                     )?;
                     assert_eq!(ours.dims(), theirs.dims());
@@ -583,7 +628,7 @@ mod tests {
                         .to_scalar::<f64>()?;
                     assert!(
                         diff <= tolerance * scale,
-                        "{dtype:?} k {k} padding {padding}, {rows_per_band} rows per band: {diff} (scale {scale})"
+                        "{kernel:?} {dtype:?} k {k} padding {padding}, {rows_per_band} rows per band: {diff} (scale {scale})"
                     );
                 }
             }
