@@ -592,8 +592,9 @@ impl StableDiffusion {
             .take();
         drop(released);
         // Freed, their weights would stay with malloc (`memory::tune_allocator` keeps freed
-        // memory for reuse), and the VAE encode after this allocates its large activations
-        // afresh: SDXL's fine-tune at 1024 px peaked at 10.2 GB instead of 9.x.
+        // memory for reuse) while the fine-tune's VAE encode after this allocates its large
+        // activations afresh, beside them: about 0.8 GB of the 1.6 GB of SDXL's encoders was
+        // still counted in that encode's peak (SDXL lora at 1024 px in f16).
         super::memory::release_free_memory();
     }
 
