@@ -142,7 +142,7 @@ impl<'a> TrainingRun<'a> {
         let prompt = no_grad(|| model.conditioning(&settings.token, (latent_h, latent_w)))?;
         // The prompt is encoded once and the text encoders are not needed again until the next
         // edit. They leave before the photo's VAE encode, the fine-tune's largest moment
-        // otherwise: SDXL's encoders are 1.6 GB and its VAE encode at 1024 px takes 3.8 GB.
+        // otherwise: SDXL's encoders are 1.6 GB and its VAE encode at 1024 px takes 2.9 GB.
         model.release_text_encoders();
         // The photo is encoded once; each sample draws its own latent from the distribution.
         let image = model.image_to_tensor(photo)?;
