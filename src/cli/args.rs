@@ -22,7 +22,7 @@ Models are diffusers-format folders (unet/, vae/, text_encoder/, tokenizer/, sch
 and ComfyUI keep them), or Hugging Face hub ids, which are looked up in the standard Hugging Face \
 cache first and downloaded otherwise.\n\n\
 SDXL works at 1024 px and needs a GPU to be practical: in half precision a whole fine-tune \
-peaks at about 8.5 GB with --train lora, CROSS_GB GB with cross-kv (a 12 GB card) and 13.7 GB with \
+peaks at about 8.5 GB with --train lora, 9.6 GB with cross-kv (a 12 GB card) and 13.7 GB with \
 full; on a CPU one fine-tuning step takes about 11 minutes on 2 cores.\n\n\
 Exit codes: 0 success, 2 invalid input or usage, 1 any other failure."
 )]
@@ -405,7 +405,7 @@ pub struct TrainingOptions {
     /// What is trained: full (the paper), attention, cross-kv (cross-attention keys and
     /// values only; the smallest snapshots) or lora. Peak memory of a whole fine-tune in half
     /// precision: SD 1.5 at 512 px about 4.4 GB with cross-kv or lora and 9.6 GB with full;
-    /// SDXL at 1024 px about 8.5 GB with lora, CROSS_GB GB with cross-kv and 13.7 GB with full.
+    /// SDXL at 1024 px about 8.5 GB with lora, 9.6 GB with cross-kv and 13.7 GB with full.
     #[arg(long = "train", value_name = "MODE", default_value = "full")]
     pub train: String,
 
