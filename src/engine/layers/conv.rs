@@ -86,12 +86,11 @@ fn convolve(
     if stride != 1 {
         return with_bias(x.conv2d(w, padding, stride, 1, 1)?, b);
     }
-    let kernel = if x.device().is_cpu() {
-        Kernel::Taps
+    if x.device().is_cpu() {
+        banded_conv(x, w, b, padding, Kernel::Taps, CPU_BAND_BYTES)
     } else {
-        Kernel::Candle
-    };
-    banded_conv(x, w, b, padding, kernel, BAND_BYTES)
+        banded_conv(x, w, b, padding, Kernel::Candle, GPU_BAND_BYTES)
+    }
 }
 
 fn with_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
@@ -112,9 +111,14 @@ enum Kernel {
 }
 
 /// What a convolution may hold at once beyond its input and output; larger ones are made a
-/// band of rows at a time (see [`banded_conv`]). 64 MB keeps each band's matrix products
-/// large: about 120 rows of a 1024 px image with 128 channels on the CPU.
-const BAND_BYTES: usize = 64 << 20;
+/// band of rows at a time (see [`banded_conv`]). On the CPU 64 MB keeps each band's matrix
+/// products large (about 120 rows of a 1024 px image with 128 channels) and the memory it
+/// saves is the machine's.
+const CPU_BAND_BYTES: usize = 64 << 20;
+/// On a GPU the patch matrix is 9 times the input: 512 MB leaves SDXL's UNet convolutions at
+/// 1024 px in one or two pieces (launches and products as large as before) while the VAE's
+/// 1024 px layers, whose patches would take up to 9.4 GB, go in bands of about 50 rows.
+const GPU_BAND_BYTES: usize = 512 << 20;
 
 /// A stride-1 convolution (with its bias) made a band of output rows at a time, each holding
 /// at most about `band_bytes`, and written into one output buffer: the same result as in one
