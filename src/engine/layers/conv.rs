@@ -86,11 +86,12 @@ fn convolve(
     if stride != 1 {
         return with_bias(x.conv2d(w, padding, stride, 1, 1)?, b);
     }
-    if x.device().is_cpu() {
-        banded_conv(x, w, b, padding, Kernel::Taps, CPU_BAND_BYTES)
+    let kernel = if x.device().is_cpu() {
+        Kernel::Taps
     } else {
-        banded_conv(x, w, b, padding, Kernel::Candle, GPU_BAND_BYTES)
-    }
+        Kernel::Candle
+    };
+    banded_conv(x, w, b, padding, kernel, kernel.band_rows(x, w, padding)?)
 }
 
 fn with_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
@@ -110,6 +111,23 @@ enum Kernel {
     Candle,
 }
 
+impl Kernel {
+    /// Output rows per band: as many as the kernel's budget holds ([`CPU_BAND_BYTES`],
+    /// [`GPU_BAND_BYTES`]), at least one.
+    fn band_rows(self, x: &Tensor, w: &Tensor, padding: usize) -> Result<usize> {
+        let (batch, c_in, _, width) = x.dims4()?;
+        let (c_out, _, k, _) = w.dims4()?;
+        // What one output row holds while it is made: its output and its padded input row,
+        // and with candle's kernel the patch matrix's k * k input rows.
+        let (row_channels, budget) = match self {
+            Kernel::Taps => (c_in.max(c_out), CPU_BAND_BYTES),
+            Kernel::Candle => ((c_in * k * k).max(c_out), GPU_BAND_BYTES),
+        };
+        let row_bytes = batch * row_channels * (width + 2 * padding) * x.dtype().size_in_bytes();
+        Ok((budget / row_bytes.max(1)).max(1))
+    }
+}
+
 /// What a convolution may hold at once beyond its input and output; larger ones are made a
 /// band of rows at a time (see [`banded_conv`]). On the CPU 64 MB keeps each band's matrix
 /// products large (about 120 rows of a 1024 px image with 128 channels) and the memory it
@@ -120,9 +138,8 @@ const CPU_BAND_BYTES: usize = 64 << 20;
 /// 1024 px layers, whose patches would take up to 9.4 GB, go in bands of about 50 rows.
 const GPU_BAND_BYTES: usize = 512 << 20;
 
-/// A stride-1 convolution (with its bias) made a band of output rows at a time, each holding
-/// at most about `band_bytes`, and written into one output buffer: the same result as in one
-/// piece.
+/// A stride-1 convolution (with its bias) made `band` output rows at a time and written into
+/// one output buffer: the same result as in one piece.
 ///
 /// In one piece, a convolution on the CPU holds its input, the input's padded copy, the output
 /// over padded rows, the cropped output and the output again with the bias added; candle's
@@ -136,19 +153,11 @@ fn banded_conv(
     b: Option<&Tensor>,
     padding: usize,
     kernel: Kernel,
-    band_bytes: usize,
+    band: usize,
 ) -> Result<Tensor> {
-    let (batch, c_in, h, width) = x.dims4()?;
+    let (batch, _, h, width) = x.dims4()?;
     let (c_out, _, k, _) = w.dims4()?;
     let (h_out, w_out) = (h + 2 * padding + 1 - k, width + 2 * padding + 1 - k);
-    // What one output row holds while it is made: its output and its padded input row, and
-    // with candle's kernel the patch matrix's k * k input rows.
-    let row_channels = match kernel {
-        Kernel::Taps => c_in.max(c_out),
-        Kernel::Candle => (c_in * k * k).max(c_out),
-    };
-    let row_bytes = batch * row_channels * (width + 2 * padding) * x.dtype().size_in_bytes();
-    let band = (band_bytes / row_bytes.max(1)).max(1);
     let taps = Taps::forward(w)?;
     // One piece: `slab` with `(top, bottom)` zero rows and `padding` zero columns around it.
     let piece = |slab: &Tensor, (top, bottom): (usize, usize)| -> Result<Tensor> {
@@ -168,7 +177,7 @@ fn banded_conv(
         return piece(x, (padding, padding));
     }
     let out = Tensor::zeros((batch, c_out, h_out, w_out), x.dtype(), x.device())?;
-    for first in (0..h_out).step_by(band) {
+    for first in (0..h_out).step_by(band.max(1)) {
         let rows = band.min(h_out - first);
         // Output row r reads input rows r - padding to r - padding + k - 1; those outside the
         // image are the padding's zeros.
@@ -607,24 +616,12 @@ mod tests {
                     .conv2d(&weight.to_dtype(DType::F64)?, padding, 1, 1, 1)?
                     .broadcast_add(&bias.to_dtype(DType::F64)?.reshape((1, 7, 1, 1))?)?;
                 let scale = theirs.abs()?.max_all()?.to_scalar::<f64>()?;
-                let row_bytes = 2 * 7 * (w + 2 * padding) * dtype.size_in_bytes();
                 for (kernel, rows_per_band) in [Kernel::Taps, Kernel::Candle]
                     .into_iter()
                     .flat_map(|kernel| [1, 2, 4, h].map(|rows| (kernel, rows)))
                 {
-                    // As `banded_conv` counts: the patch matrix holds k * k input rows.
-                    let row_bytes = match kernel {
-                        Kernel::Taps => row_bytes,
-                        Kernel::Candle => row_bytes / 7 * (5 * k * k).max(7),
-                    };
-                    let ours = banded_conv(
-                        &x,
-                        &weight,
-                        Some(&bias),
-                        padding,
-                        kernel,
-                        rows_per_band * row_bytes,
-                    )?;
+                    let ours =
+                        banded_conv(&x, &weight, Some(&bias), padding, kernel, rows_per_band)?;
                     assert_eq!(ours.dims(), theirs.dims());
                     let diff = (ours.to_dtype(DType::F64)? - &theirs)?
                         .abs()?
