@@ -27,7 +27,7 @@ use crate::recipe::{Recipe, RecipeSettings, RegionSetting};
 use crate::service::plan::FIDELITY_RANGE;
 use crate::service::{
     EditKind, EditKnobs, EditPlan, EditService, EditSpec, Edited, EstimatedRegion, Region,
-    TrainingChoice, TuneRequest, WorkingSize, check_lora_export, choose_seed,
+    RegionScope, TrainingChoice, TuneRequest, WorkingSize, check_lora_export, choose_seed,
 };
 
 /// The most variants one `edit` makes (as AUTOMATIC1111's batch count): more is a typo, not
@@ -516,16 +516,19 @@ fn say_edit_plan(plan: &EditPlan, seed: u64) {
 /// Writes one sample with the photo's alpha, file colour and metadata, and says where.
 /// One line on the automatic region: how much of the photo it is, or that it is all of it.
 fn say_region(region: &EstimatedRegion) {
-    if region.global {
-        eprintln!(
+    match region.scope {
+        RegionScope::Whole => eprintln!(
             "region: the whole photo (the prompt changes {:.0}% of it: a global edit)",
             region.coverage * 100.0
-        );
-    } else {
-        eprintln!(
+        ),
+        RegionScope::Background => eprintln!(
+            "region: the photo's background, {:.0}% of it (the prompt names a background); what lies inside the frame is kept exactly",
+            region.share() * 100.0
+        ),
+        RegionScope::Local => eprintln!(
             "region: {:.0}% of the photo; everything else is kept exactly",
             region.coverage * 100.0
-        );
+        ),
     }
 }
 

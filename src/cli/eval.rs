@@ -34,7 +34,8 @@ use crate::engine::fidelity::{EditParameters, FidelityTable};
 use crate::engine::sampling::StepView;
 use crate::imaging::{self, TradeOffCurve};
 use crate::service::{
-    EditKnobs, EditService, EditSpec, EstimatedRegion, Region, TuneRequest, WorkingSize,
+    EditKnobs, EditService, EditSpec, EstimatedRegion, Region, RegionScope, TuneRequest,
+    WorkingSize,
 };
 use crate::world::{self, Column, Edit, Object, Row, Scene, Shape, Size};
 
@@ -114,7 +115,10 @@ pub struct RegionScore {
     pub coverage: f64,
     /// The difference's median over its mean (global from 0.75).
     pub evenness: f64,
+    /// Judged global (evenness at least 0.75): the scope is the background or the whole photo.
     pub global: bool,
+    /// Local, background or whole photo.
+    pub scope: &'static str,
     /// The estimate's time over the time of one edit at the default fidelity.
     pub cost: f64,
 }
@@ -799,14 +803,15 @@ fn score_region(
         iou: imaging::mask_iou(&region.mask, truth),
         coverage: region.coverage,
         evenness: region.evenness,
-        global: region.global,
+        global: region.scope != RegionScope::Local,
+        scope: region.scope.name(),
         cost: estimate_time / edit_time.max(1e-9),
     };
     Ok((score, region))
 }
 
 /// The automatic region per kind of edit: mean IoU with the true region, how often it was
-/// judged global, and its cost against one edit.
+/// judged global (and of those, how often the background), and its cost against one edit.
 fn print_regions(regions: &[RegionScore]) {
     if regions.is_empty() {
         return;
@@ -820,7 +825,7 @@ fn print_regions(regions: &[RegionScore]) {
         let mine: Vec<&RegionScore> = regions.iter().filter(|r| r.kind == kind).collect();
         let ious: Vec<f64> = mine.iter().map(|r| r.iou).collect();
         println!(
-            "  {kind:<11} IoU {:.3}  evenness {:.2}..{:.2}  global {}/{}  cost {:.1}% of an edit",
+            "  {kind:<11} IoU {:.3}  evenness {:.2}..{:.2}  global {}/{} (background {})  cost {:.1}% of an edit",
             mean(&ious),
             mine.iter()
                 .map(|r| r.evenness)
@@ -828,6 +833,7 @@ fn print_regions(regions: &[RegionScore]) {
             mine.iter().map(|r| r.evenness).fold(0.0, f64::max),
             mine.iter().filter(|r| r.global).count(),
             mine.len(),
+            mine.iter().filter(|r| r.scope == "background").count(),
             100.0 * mean(&mine.iter().map(|r| r.cost).collect::<Vec<_>>())
         );
     }

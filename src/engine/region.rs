@@ -30,9 +30,18 @@
 //! (fine-tuned), 0.25 to 0.76 for recolourings and added objects against 0.61 to 0.97 for new
 //! backgrounds; 0.75 puts 7 of 77 edits on the wrong side, 0.7 6 (5 each on the earlier
 //! 24-scene run), and turns more local edits global. From
-//! [`GLOBAL_EVENNESS`] (0.75) the region is the whole image; below it the
-//! edit keeps everything outside the region (the edit's paste-back feathers its border
-//! outward).
+//! [`GLOBAL_EVENNESS`] (0.75) the edit is global; below it the edit keeps everything
+//! outside the region (the edit's paste-back feathers its border outward).
+//!
+//! **A global edit is the whole image, or the background when the prompt names one.** An
+//! even change whose prompt names a background ("on a blue background", "a forest
+//! backdrop") is one a person expects to leave the subjects as they are, and the difference
+//! cannot say so: it is *larger* at the objects a background prompt leaves out (the model is
+//! free to redraw what a caption does not name) than on the background itself. There the
+//! region is the photo's background: the segments that reach its edge
+//! ([`Segments::touching_border`]), what lies wholly inside the frame kept. A subject cut by
+//! the frame's edge is part of that background and changes with it, as the whole image would
+//! have let it. Any other global edit ("pixel art", "at night") may change all of the photo.
 //!
 //! Why the size and not the sign of the difference: recolouring a red circle blue moves some
 //! channels up and others down; only the magnitude says *that* the prediction changed.
@@ -93,21 +102,55 @@ pub struct RegionRequest<'a> {
     pub seed: u64,
 }
 
+/// How much of the photo an estimated region lets change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegionScope {
+    /// Where the prompt changes the prediction: a recolouring, an added object.
+    Local,
+    /// An even change whose prompt names a background: the photo's background, the objects
+    /// inside the frame kept.
+    Background,
+    /// An even change that names no background (a style, the time of day): all of it.
+    Whole,
+}
+
+impl RegionScope {
+    /// How the scope is spoken of in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Background => "background",
+            Self::Whole => "whole photo",
+        }
+    }
+}
+
+/// The words by which a prompt names a background.
+const BACKGROUND_WORDS: [&str; 4] = ["background", "backgrounds", "backdrop", "backdrops"];
+
+/// True when `prompt` names a background (a whole word, in any case).
+pub fn names_background(prompt: &str) -> bool {
+    prompt.split(|c: char| !c.is_alphanumeric()).any(|word| {
+        BACKGROUND_WORDS
+            .iter()
+            .any(|w| word.eq_ignore_ascii_case(w))
+    })
+}
+
 /// The estimate: the difference map and the mask made from it.
 #[derive(Debug, Clone)]
 pub struct RegionEstimate {
     /// The normalised difference at latent resolution, 0 to 255 (255 = 3x its mean or
     /// more), for display and tests.
     pub difference: GrayImage,
-    /// White = may change, at the working size: the thresholded region, or all white when
-    /// global.
+    /// White = may change, at the working size: the thresholded region, the photo's
+    /// background, or all of it (see `scope`).
     pub mask: GrayImage,
-    /// Share of the photo in the drawn region (before a global edit makes it all of it).
+    /// Share of the photo the thresholded difference draws, whatever the scope.
     pub coverage: f64,
     /// The difference's median over its mean: how evenly the prompt changes the photo.
     pub evenness: f64,
-    /// True when the edit was judged global (the mask is the whole image).
-    pub global: bool,
+    pub scope: RegionScope,
 }
 
 /// Estimates where `request.prompt` changes the photo; the model's UNet is used as it is
@@ -139,7 +182,12 @@ pub fn estimate_region(
     }
     let map = difference_map(model, request, observer)?;
     let segments = imaging::segment_photo(request.working);
-    Ok(region_from_map(&map, request.threshold, &segments))
+    Ok(region_from_map(
+        &map,
+        request.threshold,
+        &segments,
+        names_background(request.prompt),
+    ))
 }
 
 /// The mean absolute difference between the two predictions, `[h, w]` at latent resolution.
@@ -187,9 +235,14 @@ fn difference_map(
     Ok(mean)
 }
 
-/// Normalises the map, decides local or global, and draws the region at the segments' size,
+/// Normalises the map, decides its scope, and draws the region at the segments' size,
 /// snapped to them.
-fn region_from_map(map: &[Vec<f32>], threshold: f64, segments: &Segments) -> RegionEstimate {
+fn region_from_map(
+    map: &[Vec<f32>],
+    threshold: f64,
+    segments: &Segments,
+    names_background: bool,
+) -> RegionEstimate {
     let (width, height) = (segments.width, segments.height);
     let h = map.len();
     let w = map.first().map_or(0, Vec::len);
@@ -201,7 +254,11 @@ fn region_from_map(map: &[Vec<f32>], threshold: f64, segments: &Segments) -> Reg
     sorted.sort_by(f32::total_cmp);
     let median = sorted.get(sorted.len() / 2).map_or(0.0, |&v| f64::from(v));
     let evenness = if mean > 0.0 { median / mean } else { 0.0 };
-    let global = evenness >= GLOBAL_EVENNESS;
+    let scope = match (evenness >= GLOBAL_EVENNESS, names_background) {
+        (false, _) => RegionScope::Local,
+        (true, true) => RegionScope::Background,
+        (true, false) => RegionScope::Whole,
+    };
     // As diffusers' DiffEdit: clamped at a multiple of the mean, so one hot spot does not
     // push the rest of the changed object under the threshold.
     let scale = if mean > 0.0 {
@@ -241,12 +298,14 @@ fn region_from_map(map: &[Vec<f32>], threshold: f64, segments: &Segments) -> Reg
     );
     let coverage =
         snapped.iter().filter(|&&inside| inside).count() as f64 / snapped.len().max(1) as f64;
+    let background = segments.touching_border();
+    let inside = |px: u32, py: u32| match scope {
+        RegionScope::Local => snapped[(py * width + px) as usize],
+        RegionScope::Background => background[segments.at(px, py) as usize],
+        RegionScope::Whole => true,
+    };
     let mask = GrayImage::from_fn(width, height, |px, py| {
-        Luma([if global || snapped[(py * width + px) as usize] {
-            255
-        } else {
-            0
-        }])
+        Luma([if inside(px, py) { 255 } else { 0 }])
     });
     let difference = GrayImage::from_fn(w as u32, h as u32, |x, y| {
         Luma([(value(x as usize, y as usize) * 255.0).round() as u8])
@@ -256,7 +315,7 @@ fn region_from_map(map: &[Vec<f32>], threshold: f64, segments: &Segments) -> Reg
         mask,
         coverage,
         evenness,
-        global,
+        scope,
     }
 }
 
@@ -376,8 +435,14 @@ mod tests {
             &map_with_square(8, 2..4, 1.0),
             0.5,
             &photo_segments(64, 0..0),
+            false,
         );
-        assert!(!region.global, "evenness {}", region.evenness);
+        assert_eq!(
+            region.scope,
+            RegionScope::Local,
+            "evenness {}",
+            region.evenness
+        );
         assert_eq!(region.coverage, share_white(&region));
         assert!(white(&region, 24, 24) && white(&region, 17, 24) && white(&region, 24, 30));
         assert!(!white(&region, 16, 16), "a corner is rounded");
@@ -395,8 +460,13 @@ mod tests {
             row[1] = 0.8;
             row[5] = 0.8;
         }
-        let region = region_from_map(&map, 0.5, &photo_segments(64, 16..40));
-        assert!(!region.global, "evenness {}", region.evenness);
+        let region = region_from_map(&map, 0.5, &photo_segments(64, 16..40), false);
+        assert_eq!(
+            region.scope,
+            RegionScope::Local,
+            "evenness {}",
+            region.evenness
+        );
         assert_eq!(region.coverage, share_white(&region));
         // The object whole, its low cell included, grown by half a cell (4 px).
         for y in 16..40 {
@@ -421,8 +491,14 @@ mod tests {
             &map_with_square(8, 5..7, 1.0),
             0.5,
             &photo_segments(64, 8..16),
+            false,
         );
-        assert!(!region.global, "evenness {}", region.evenness);
+        assert_eq!(
+            region.scope,
+            RegionScope::Local,
+            "evenness {}",
+            region.evenness
+        );
         assert!(white(&region, 48, 48) && white(&region, 42, 48));
         assert!(!white(&region, 12, 12) && !white(&region, 30, 30));
     }
@@ -434,15 +510,61 @@ mod tests {
             &map_with_square(8, 0..6, 1.0),
             0.5,
             &photo_segments(32, 0..0),
+            false,
         );
-        assert!(region.global, "evenness {}", region.evenness);
+        assert_eq!(
+            region.scope,
+            RegionScope::Whole,
+            "evenness {}",
+            region.evenness
+        );
         assert!(region.mask.pixels().all(|p| p.0[0] == 255));
     }
 
     #[test]
+    fn an_even_difference_whose_prompt_names_a_background_is_the_background() {
+        // The even map of a new background, highest at the square (pixels 8..16) as the
+        // demo model's is: the square is kept, everything around it may change.
+        let mut map = map_with_square(8, 0..8, 0.5);
+        for row in &mut map[2..4] {
+            row[2] = 1.0;
+            row[3] = 1.0;
+        }
+        let segments = photo_segments(64, 16..32);
+        let region = region_from_map(&map, 0.5, &segments, true);
+        assert_eq!(
+            region.scope,
+            RegionScope::Background,
+            "evenness {}",
+            region.evenness
+        );
+        for (x, y, p) in region.mask.enumerate_pixels() {
+            let on_square = segments.at(x, y) == segments.at(24, 24);
+            assert_eq!(p.0[0] == 255, !on_square, "({x}, {y})");
+        }
+        // The same map for a prompt that names no background: all of it.
+        let region = region_from_map(&map, 0.5, &segments, false);
+        assert_eq!(region.scope, RegionScope::Whole);
+    }
+
+    #[test]
+    fn a_background_is_named_by_whole_words() {
+        assert!(names_background("beikkpic on a blue background"));
+        assert!(names_background("a cat, Backdrop: a forest"));
+        assert!(names_background("beach backgrounds"));
+        assert!(!names_background("a backgrounder on a table"));
+        assert!(!names_background("pixel art"));
+    }
+
+    #[test]
     fn no_difference_is_no_region() {
-        let region = region_from_map(&vec![vec![0.0; 4]; 4], 0.5, &photo_segments(16, 4..8));
-        assert!(!region.global);
+        let region = region_from_map(
+            &vec![vec![0.0; 4]; 4],
+            0.5,
+            &photo_segments(16, 4..8),
+            false,
+        );
+        assert_eq!(region.scope, RegionScope::Local);
         assert_eq!(region.coverage, 0.0);
         assert!(region.mask.pixels().all(|p| p.0[0] == 0));
     }

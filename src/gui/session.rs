@@ -19,6 +19,7 @@ use crate::jobs::{
     EditSpec, FidelityTable, JobEvent, JobId, JobRequest, JobRunner, Region, Stage, TrainMode,
     TuneSettings, WorkingSize, time_left,
 };
+use crate::service::RegionScope;
 
 /// The longest the UI spends reading job events per frame.
 const EVENT_BUDGET: Duration = Duration::from_millis(4);
@@ -257,13 +258,13 @@ impl EditSession {
                 region,
                 ..
             } => {
-                let mut global_region = false;
+                let mut scope = None;
                 if let (Some(region), Some(edit)) = (region, &mut self.edit)
                     && self.variants.find(id).is_some()
                     && !edit.region_shown
                 {
                     edit.region_shown = true;
-                    global_region = region.global;
+                    scope = Some(region.scope);
                     self.estimated_region = Some(region.mask);
                 }
                 // The variant stays pending (its live preview showing) until its display
@@ -272,10 +273,18 @@ impl EditSession {
                     env.chores
                         .prepare_variant(id, result, recipe, env.results.clone());
                 }
-                if global_region {
-                    return Some(Notice::info(
-                        "The prompt changes the whole photo (a style or a new background), so all of it may change.",
-                    ));
+                match scope {
+                    Some(RegionScope::Whole) => {
+                        return Some(Notice::info(
+                            "The prompt changes the whole photo (a style or the light), so all of it may change.",
+                        ));
+                    }
+                    Some(RegionScope::Background) => {
+                        return Some(Notice::info(
+                            "The prompt names a background, so the background may change and what lies inside the frame is kept.",
+                        ));
+                    }
+                    _ => {}
                 }
             }
             JobEvent::Notice { message, .. } => {

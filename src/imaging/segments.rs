@@ -36,6 +36,20 @@ impl Segments {
     pub fn at(&self, x: u32, y: u32) -> u32 {
         self.labels[(y * self.width + x) as usize]
     }
+
+    /// Per label, whether the segment reaches the photo's edge: what surrounds the photo's
+    /// subjects (its background) does, an object wholly inside the frame does not.
+    pub fn touching_border(&self) -> Vec<bool> {
+        let (width, height) = (self.width, self.height);
+        let mut touching = vec![false; self.count];
+        let edge = (0..width)
+            .flat_map(|x| [(x, 0), (x, height.saturating_sub(1))])
+            .chain((0..height).flat_map(|y| [(0, y), (width.saturating_sub(1), y)]));
+        for (x, y) in edge {
+            touching[self.at(x, y) as usize] = true;
+        }
+        touching
+    }
 }
 
 /// Splits `photo` into regions of similar colour.
@@ -252,6 +266,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_background_touches_the_border_and_an_object_inside_the_frame_does_not() {
+        let segments = segment_photo(&photo_with_square());
+        let touching = segments.touching_border();
+        assert!(touching[segments.at(2, 2) as usize]);
+        assert!(!touching[segments.at(24, 24) as usize]);
+        // A square cut by the frame's right edge touches it.
+        let cut = RgbImage::from_fn(48, 48, |x, y| {
+            if x >= 32 && (16..32).contains(&y) {
+                Rgb([200, 30, 30])
+            } else {
+                Rgb([120, 120, 120])
+            }
+        });
+        let segments = segment_photo(&cut);
+        assert_ne!(segments.at(40, 24), segments.at(2, 2));
+        assert!(segments.touching_border()[segments.at(40, 24) as usize]);
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub use plan::{EditKind, EditKnobs, EditPlan, WorkingSize, choose_seed, plan_edi
 pub use spec::{EditSpec, GenerateSpec, Region, TuneRequest};
 pub use training::{MicroBatch, TrainingChoice};
 
+pub use crate::engine::region::RegionScope;
+
 use crate::engine::StableDiffusion;
 use crate::engine::device::{device_name, open_device};
 use crate::engine::edit::{
@@ -73,7 +75,7 @@ pub struct Edited {
 /// An automatic edit region, at the photo's size.
 #[derive(Debug, Clone)]
 pub struct EstimatedRegion {
-    /// White = may change (all white for a global edit).
+    /// White = may change (all white when the scope is the whole photo).
     pub mask: GrayImage,
     /// Share of the image where the prompt changed the prediction (at the threshold).
     pub coverage: f64,
@@ -81,11 +83,17 @@ pub struct EstimatedRegion {
     pub evenness: f64,
     /// The normalised difference it was made from, at latent resolution (0 to 255).
     pub difference: GrayImage,
-    /// True when the edit was judged global: the whole photo may change.
-    pub global: bool,
+    /// Local, the photo's background, or the whole photo.
+    pub scope: RegionScope,
 }
 
 impl EstimatedRegion {
+    /// Share of the photo the mask lets change.
+    pub fn share(&self) -> f64 {
+        let white = self.mask.pixels().filter(|p| p.0[0] >= 128).count();
+        white as f64 / (self.mask.width() as f64 * self.mask.height() as f64).max(1.0)
+    }
+
     /// The engine's estimate (at the working size) with its mask at `(width, height)`.
     fn at_size(estimate: RegionEstimate, (width, height): (u32, u32)) -> Self {
         Self {
@@ -93,7 +101,7 @@ impl EstimatedRegion {
             coverage: estimate.coverage,
             evenness: estimate.evenness,
             difference: estimate.difference,
-            global: estimate.global,
+            scope: estimate.scope,
         }
     }
 }
@@ -475,7 +483,9 @@ impl EditService {
         };
         let mask = match (&spec.region, &region) {
             (Region::Mask { mask, .. }, _) => Some(self.mask_at(mask, photo_size)),
-            (_, Some(region)) if !region.global => Some(Arc::new(region.mask.clone())),
+            (_, Some(region)) if region.scope != RegionScope::Whole => {
+                Some(Arc::new(region.mask.clone()))
+            }
             _ => None,
         };
         let tuned = self.tuned_for(&working, &plan);
@@ -513,7 +523,7 @@ impl EditService {
     }
 
     /// Where `spec`'s prompt would change the photo, estimated as an automatic region does it
-    /// (the snapshot the plan picks, compared with the bare rare token or the baseline), at
+    /// (from the most-tuned snapshot, compared with the bare rare token or the baseline), at
     /// the photo's size.
     pub fn estimate_region(
         &mut self,
@@ -530,7 +540,12 @@ impl EditService {
         Ok(EstimatedRegion::at_size(estimate, spec.photo.dimensions()))
     }
 
-    /// The region estimate at the working size, from the snapshot `plan` samples.
+    /// The region estimate at the working size. A fine-tuned edit's region comes from the
+    /// most-tuned snapshot whichever one the plan samples: the snapshot that knows the photo
+    /// best tells the prompt's change from what a less-tuned one redraws anyway (on the demo
+    /// world, the 16-step snapshot's region was narrower and cut off 22 of 77 edits the
+    /// slider's expressive end made without it), and every position of the slider then
+    /// shares one region, estimated once.
     fn estimate_at(
         &mut self,
         working: &RgbImage,
@@ -545,16 +560,22 @@ impl EditService {
                 "an automatic region needs a text-to-image model, and instruction edits use an InstructPix2Pix model; paint the region or edit everywhere".into(),
             ));
         }
-        if let Some(tuned) = self.tuned_for(working, plan) {
-            tuned.select(plan.tune_steps)?;
-        }
+        let tuned = self.tuned_for(working, plan);
+        let tune_steps = match tuned {
+            Some(tuned) if plan.tune_steps > 0 => tuned
+                .snapshot_steps()
+                .into_iter()
+                .max()
+                .unwrap_or(plan.tune_steps),
+            _ => plan.tune_steps,
+        };
         let prompt = model_prompt(token, &spec.prompt);
         let reference = match &spec.baseline_prompt {
             Some(baseline) => model_prompt(token, baseline),
             None => token.unwrap_or_default().to_owned(),
         };
         let key = RegionKey {
-            tune_steps: plan.tune_steps,
+            tune_steps,
             working: working.clone(),
             prompt,
             reference,
@@ -564,6 +585,9 @@ impl EditService {
             && *last == key
         {
             return Ok(estimate.clone());
+        }
+        if let Some(tuned) = tuned {
+            tuned.select(tune_steps)?;
         }
         let request = RegionRequest {
             working,
