@@ -721,8 +721,9 @@ pub struct EditArgs {
     pub baseline_prompt: Option<String>,
 
     /// Where the edit may change the photo; everywhere else it comes back exactly: `auto`
-    /// (the default for descriptions: estimated from the prompt, only what it changes; a
-    /// global edit such as a new style or background is the whole photo), `all` (the paper's
+    /// (the default for descriptions: estimated from the prompt, only what it changes; a new
+    /// background is the photo's background, other global edits such as a style the whole
+    /// photo), `all` (the paper's
     /// mask-free edit; the default for --instruct), or a mask FILE (white may change, black
     /// and transparent are kept; resized to the photo). `--mask FILE` is the same as
     /// `--region FILE`. Write `./auto` for a file named auto.
