@@ -16,10 +16,9 @@ use super::results::ResultFiles;
 use super::textures::{self, VariantTextures};
 use super::variants::{FIRST_POSITIONS, VariantSet, VariantSettings, VariantState};
 use crate::jobs::{
-    EditSpec, FidelityTable, JobEvent, JobId, JobRequest, JobRunner, Region, Stage, TrainMode,
-    TuneSettings, WorkingSize, time_left,
+    EditSpec, FidelityTable, JobEvent, JobId, JobRequest, JobRunner, Region, RegionScope, Stage,
+    TrainMode, TuneSettings, WorkingSize, time_left,
 };
-use crate::service::RegionScope;
 
 /// The longest the UI spends reading job events per frame.
 const EVENT_BUDGET: Duration = Duration::from_millis(4);

@@ -41,7 +41,7 @@ pub use crate::engine::instruct::DEFAULT_INSTRUCT_MODEL;
 pub use crate::engine::precision::Precision;
 pub use crate::engine::preview::PreviewMode;
 use crate::engine::preview::{Previews, TinyPreview};
-pub use crate::engine::region::DEFAULT_THRESHOLD;
+pub use crate::engine::region::{DEFAULT_THRESHOLD, RegionScope};
 pub use crate::model_files::{
     DEFAULT_MODEL, DEMO_MODEL, HubOptions, LoraChoice, ModelSpec, SDXL_MODEL,
     approximate_download_bytes, demo_model_dir, license_notice, parse_model_arg, suggests_sdxl,
