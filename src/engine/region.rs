@@ -167,7 +167,8 @@ pub struct RegionEstimate {
     /// White = may change, at the working size: the thresholded region, the photo's
     /// background, or all of it (see `scope`).
     pub mask: GrayImage,
-    /// Share of the photo the thresholded difference draws, whatever the scope.
+    /// Share of the photo the local region (snapped to the segments) covers, whatever the
+    /// scope.
     pub coverage: f64,
     /// The difference's median over its mean: how evenly the prompt changes the photo.
     pub evenness: f64,
