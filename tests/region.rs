@@ -21,6 +21,17 @@ fn demo_model() -> StableDiffusion {
         .expect("the demo model loads")
 }
 
+/// The demo model behind the edit service, on the CPU.
+fn demo_service() -> unitune::service::EditService {
+    let request = unitune::service::ModelRequest {
+        device: unitune::engine::device::DeviceChoice::Cpu,
+        hash_memo: None,
+        ..unitune::service::ModelRequest::new("demo")
+    };
+    unitune::service::EditService::load(&request, None, &mut unitune::model_files::NoProgress)
+        .unwrap()
+}
+
 /// The region of `edit` on `scene`, estimated from the edited scene's caption against the
 /// photo's (or against `reference` when given).
 fn estimate(
@@ -324,15 +335,9 @@ impl unitune::engine::sampling::StepObserver for StageCount {
 #[test]
 fn the_variants_of_one_prompt_share_one_region_estimate() {
     use std::sync::Arc;
-    use unitune::service::{EditKnobs, EditService, EditSpec, ModelRequest, Region, WorkingSize};
+    use unitune::service::{EditKnobs, EditSpec, Region, WorkingSize};
 
-    let request = ModelRequest {
-        device: unitune::engine::device::DeviceChoice::Cpu,
-        hash_memo: None,
-        ..ModelRequest::new("demo")
-    };
-    let mut service =
-        EditService::load(&request, None, &mut unitune::model_files::NoProgress).unwrap();
+    let mut service = demo_service();
     let (scene, edit) = local_cases().remove(0);
     let photo = Arc::new(scene.render());
     let recoloured = world::caption(&edit.apply(&scene).unwrap());
@@ -395,17 +400,9 @@ fn the_variants_of_one_prompt_share_one_region_estimate() {
 fn every_snapshot_of_a_fine_tune_shares_the_most_tuned_snapshots_region() {
     use std::sync::Arc;
     use unitune::engine::finetune::TuneSettings;
-    use unitune::service::{
-        EditKnobs, EditService, EditSpec, ModelRequest, TuneRequest, WorkingSize,
-    };
+    use unitune::service::{EditKnobs, EditSpec, TuneRequest, WorkingSize};
 
-    let request = ModelRequest {
-        device: unitune::engine::device::DeviceChoice::Cpu,
-        hash_memo: None,
-        ..ModelRequest::new("demo")
-    };
-    let mut service =
-        EditService::load(&request, None, &mut unitune::model_files::NoProgress).unwrap();
+    let mut service = demo_service();
     let (scene, edit) = local_cases().remove(0);
     let photo = Arc::new(scene.render());
     let settings = TuneSettings {

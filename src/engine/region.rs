@@ -313,16 +313,17 @@ fn region_from_map(
         .iter()
         .map(|&v| mean > 0.0 && v >= threshold)
         .collect();
+    let background = segments.touching_border();
     let snapped = snap_to_segments(
         &values,
         &thresholded,
         threshold,
         segments,
+        &background,
         width as f64 / w as f64,
     );
     let coverage =
         snapped.iter().filter(|&&inside| inside).count() as f64 / snapped.len().max(1) as f64;
-    let background = segments.touching_border();
     let inside = |px: u32, py: u32| match scope {
         RegionScope::Local => snapped[(py * width + px) as usize],
         RegionScope::Background => background[segments.at(px, py) as usize],
@@ -345,13 +346,15 @@ fn region_from_map(
 
 /// The thresholded pixels snapped to the photo's segments: its objects (segments inside the
 /// frame) whose mean value reaches [`object_threshold`] whole, grown by [`GROW_CELLS`], no
-/// other object, and the thresholded pixels of the background (segments reaching the frame)
-/// farther than [`SPILL_CELLS`] from a taken object (latent cells of `cell_px` pixels).
+/// other object, and the thresholded pixels of the background (`background`, per label: the
+/// segments reaching the frame) farther than [`SPILL_CELLS`] from a taken object (latent
+/// cells of `cell_px` pixels).
 fn snap_to_segments(
     values: &[f64],
     thresholded: &[bool],
     threshold: f64,
     segments: &Segments,
+    background: &[bool],
     cell_px: f64,
 ) -> Vec<bool> {
     let mut sums = vec![(0.0f64, 0usize); segments.count];
@@ -360,11 +363,10 @@ fn snap_to_segments(
         *sum += value;
         *count += 1;
     }
-    let background = segments.touching_border();
     let object_threshold = object_threshold(threshold);
     let taken: Vec<bool> = sums
         .iter()
-        .zip(&background)
+        .zip(background)
         // A segment without any difference is never taken, even at threshold 0.
         .map(|(&(sum, count), &background)| {
             !background && sum > 0.0 && sum / count as f64 >= object_threshold
