@@ -18,8 +18,9 @@
 //!    default) is taken whole and grown by [`GROW_CELLS`], the soft edge the model redraws;
 //!    any other is kept whole. The model redraws objects the prompt does not ask about too
 //!    (it is free to, where a prompt does not name them), but less than the one it asks
-//!    about, whose change reaches the top of the scale. On the background (the segments
-//!    reaching the frame) the thresholded pixels stay where they are farther than
+//!    about, whose change reaches the top of the scale. On the background
+//!    ([`Segments::background`]: the segments reaching the frame and the fragments of the
+//!    same colour beside them) the thresholded pixels stay where they are farther than
 //!    [`SPILL_CELLS`] latent cells from a taken object (nearer, they are its halo): an added
 //!    object is drawn where the photo has no segment for it yet. On the demo world's first
 //!    6 rendered scenes (fine-tuned), recolourings' IoU with the true region went from 0.59
@@ -43,8 +44,9 @@
 //! backdrop") is one a person expects to leave the subjects as they are, and the difference
 //! cannot say so: it is *larger* at the objects a background prompt leaves out (the model is
 //! free to redraw what a caption does not name) than on the background itself. There the
-//! region is the photo's background: the segments that reach its edge
-//! ([`Segments::touching_border`]), what lies wholly inside the frame kept. A subject cut by
+//! region is the photo's background ([`Segments::background`]): the segments that reach its
+//! edge, and the fragments of a blotchy background beside them that are its colour; the
+//! objects wholly inside the frame are kept. A subject cut by
 //! the frame's edge is part of that background and changes with it, as the whole image would
 //! have let it. Such a prompt asks for a change across the photo, so it counts as global
 //! from a lower evenness, [`BACKGROUND_EVENNESS`] (0.6). Any other global edit ("pixel art",
@@ -313,7 +315,7 @@ fn region_from_map(
         .iter()
         .map(|&v| mean > 0.0 && v >= threshold)
         .collect();
-    let background = segments.touching_border();
+    let background = segments.background();
     let snapped = snap_to_segments(
         &values,
         &thresholded,
@@ -344,11 +346,11 @@ fn region_from_map(
     }
 }
 
-/// The thresholded pixels snapped to the photo's segments: its objects (segments inside the
-/// frame) whose mean value reaches [`object_threshold`] whole, grown by [`GROW_CELLS`], no
-/// other object, and the thresholded pixels of the background (`background`, per label: the
-/// segments reaching the frame) farther than [`SPILL_CELLS`] from a taken object (latent
-/// cells of `cell_px` pixels).
+/// The thresholded pixels snapped to the photo's segments: its objects (the segments not in
+/// the background) whose mean value reaches [`object_threshold`] whole, grown by
+/// [`GROW_CELLS`], no other object, and the thresholded pixels of the background
+/// (`background`, per label: [`Segments::background`]) farther than [`SPILL_CELLS`] from a
+/// taken object (latent cells of `cell_px` pixels).
 fn snap_to_segments(
     values: &[f64],
     thresholded: &[bool],
@@ -618,6 +620,30 @@ mod tests {
         // The same map for a prompt that names no background: all of it.
         let region = region_from_map(&map, 0.5, &segments, false);
         assert_eq!(region.scope, RegionScope::Whole);
+    }
+
+    #[test]
+    fn a_new_background_takes_the_fragments_of_the_old_one_inside_the_frame() {
+        // A model's drawn background is blotchy: a patch of it the frame does not reach is its
+        // own segment, but of the background's colour, so it changes with the background.
+        let photo = RgbImage::from_fn(64, 64, |x, y| {
+            let on =
+                |r: std::ops::Range<u32>, s: std::ops::Range<u32>| r.contains(&x) && s.contains(&y);
+            if on(24..40, 24..40) {
+                Rgb([220, 20, 20])
+            } else if on(4..16, 8..56) {
+                Rgb([128, 128, 146])
+            } else {
+                Rgb([128, 128, 128])
+            }
+        });
+        let segments = imaging::segment_photo(&photo);
+        let patch = segments.at(10, 30);
+        assert_ne!(patch, segments.at(1, 1), "the patch is its own segment");
+        let region = region_from_map(&map_with_square(8, 0..8, 0.5), 0.5, &segments, true);
+        assert_eq!(region.scope, RegionScope::Background);
+        assert!(white(&region, 10, 30) && white(&region, 1, 1));
+        assert!(!white(&region, 32, 32), "the object is kept");
     }
 
     #[test]
