@@ -20,7 +20,7 @@ const T0_VALUES: &str = "0.6,0.8,1.0";
 const MIN_RECONSTRUCTION_GAIN: f64 = 0.4;
 const MIN_FIDELITY_GAIN: f64 = 0.15;
 /// Measured on this slice (AMD EPYC, 2 cores): at the default fidelity the automatic region
-/// keeps 0.81 of what was not asked for against plain UniTune's 0.58, both at success 0.50
+/// keeps 0.805 of what was not asked for against plain UniTune's 0.577, both at success 0.50
 /// (3 of 6 edits); 0.65 before a new background's region was the photo's background and the
 /// photo's objects all or nothing (the 77-edit benchmark's paired gain is in
 /// docs/edit-quality.md).

@@ -522,7 +522,7 @@ fn say_region(region: &EstimatedRegion) {
             region.coverage * 100.0
         ),
         RegionScope::Background => eprintln!(
-            "region: the photo's background, {:.0}% of it (the prompt names a background); what lies inside the frame is kept exactly",
+            "region: the photo's background, {:.0}% of it (the prompt names a background); the objects on it are kept exactly",
             region.share() * 100.0
         ),
         RegionScope::Local => eprintln!(

@@ -31,9 +31,9 @@
 //! 5. **Short of every kept object by the feather**: the edit's paste-back softens the
 //!    region's border outward by [`imaging::default_feather_radius`], so a region that ended
 //!    at a kept object's edge would blend its rim with the edit (at 64 px, much of a small
-//!    object: on the 30-scene benchmark new backgrounds kept 0.82 of their objects this way,
-//!    where the true region, which leaves the same margin, kept 0.91). The region stops that
-//!    far from every object it keeps, and the object stays exactly the photo's.
+//!    object). The region stops that far from every object it keeps, as the benchmark's true
+//!    region for a new background does, and the object stays exactly the photo's: on the
+//!    30-scene benchmark fidelity at the default went from 0.841 to 0.853, success the same.
 //!
 //! **Local or global.** A threshold relative to the map always finds *something*, so it
 //! cannot say "the whole picture": a global edit ("pixel art", "at night", a new background)

@@ -280,7 +280,7 @@ impl EditSession {
                     }
                     Some(RegionScope::Background) => {
                         return Some(Notice::info(
-                            "The prompt names a background, so the background may change and what lies inside the frame is kept.",
+                            "The prompt names a background, so the background may change and the objects on it are kept.",
                         ));
                     }
                     _ => {}
