@@ -332,27 +332,32 @@ fn region_from_map(
     );
     let coverage =
         snapped.iter().filter(|&&inside| inside).count() as f64 / snapped.len().max(1) as f64;
-    // The photo's objects the region leaves whole: every one for a new background, the
-    // ones not taken for a local edit.
-    let kept_object = |label: usize| match scope {
-        RegionScope::Local => !background[label] && !taken[label],
-        RegionScope::Background => !background[label],
-        RegionScope::Whole => false,
-    };
-    let mut inside: Vec<bool> = match scope {
-        RegionScope::Local => snapped,
-        RegionScope::Background => segments
+    let pixels_of = |per_label: &[bool]| -> Vec<bool> {
+        segments
             .labels
             .iter()
-            .map(|&l| background[l as usize])
-            .collect(),
-        RegionScope::Whole => vec![true; segments.labels.len()],
+            .map(|&l| per_label[l as usize])
+            .collect()
     };
-    let kept: Vec<bool> = segments
-        .labels
-        .iter()
-        .map(|&l| kept_object(l as usize))
-        .collect();
+    // Per scope, the region and (per label) the photo's objects it leaves whole: the ones
+    // not taken for a local edit, every one for a new background, none for the whole photo.
+    let (mut inside, kept_objects): (Vec<bool>, Vec<bool>) = match scope {
+        RegionScope::Local => (
+            snapped,
+            (0..segments.count)
+                .map(|l| !background[l] && !taken[l])
+                .collect(),
+        ),
+        RegionScope::Background => (
+            pixels_of(&background),
+            background.iter().map(|&b| !b).collect(),
+        ),
+        RegionScope::Whole => (
+            vec![true; segments.labels.len()],
+            vec![false; segments.count],
+        ),
+    };
+    let kept = pixels_of(&kept_objects);
     // The region stops short of a kept object by the paste-back's feather, so the object
     // stays exactly as it was, rim included, as a painted mask with a margin would keep it
     // (the benchmark's true region for a new background leaves the same margin).
